@@ -9,6 +9,8 @@ Every granularity is "blocks along the last dimension":
 """
 from __future__ import annotations
 
+import functools
+import json
 import math
 from dataclasses import asdict, dataclass
 
@@ -59,6 +61,14 @@ class QuantSpec:
     @classmethod
     def from_dict(cls, d: dict) -> "QuantSpec":
         return cls(**d)
+
+    def encode(self) -> str:
+        """Compact string form, used as a custom-op attribute (ops take str, not dataclasses)."""
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+
+    @staticmethod
+    def decode(text: str) -> "QuantSpec":
+        return _decode_spec(text)
 
     def describe(self) -> str:
         g = f"g{self.group_size}" if self.group_size else self.granularity
@@ -174,3 +184,8 @@ def dequantize(qt: QuantizedTensor, dtype: torch.dtype = torch.float32) -> torch
 def fake_quantize(x: torch.Tensor, spec: QuantSpec, clip_ratio: float = 1.0) -> torch.Tensor:
     return dequantize(quantize(x, spec, clip_ratio=clip_ratio), x.dtype)
 
+
+
+@functools.lru_cache(maxsize=256)
+def _decode_spec(text: str) -> QuantSpec:
+    return QuantSpec.from_dict(json.loads(text))

@@ -1,0 +1,247 @@
+"""Public API: compile() runs the pipeline and returns a CompiledModel; load() gives a saved one
+back; QuantizationManager / QuantizationProtocol are the seed's facade over the same compiler."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from . import backends  # noqa: F401  (kernel registry)
+from .artifact import ArtifactError, read_artifact, write_artifact
+from .calibration.datasets import as_token_batches, load_texts
+from .config import ConfigError, LayerSettings, QuantConfig
+from .ir.annotations import META_KEY
+from .ir.graph import QuantGraph
+from .ir.kv_plan import KVQuantPlan, build_kv_plan
+from .ir.serialize import graph_from_json, graph_to_json
+from .ir.trace import load_hf_model, trace_model
+from .lowering.registry import REGISTRY, KernelSpec
+from .passes import PIPELINE, DumpIR, PassContext, PassManager, PrintIRAfter
+from .passes.annotate import weight_spec_for
+from .passes.schedule import scheduler_ir
+
+# What the pipeline of this build implements; anything else is refused up front, by name.
+AVAILABLE_CALIBRATION = ("minmax", "percentile")
+
+
+def _check_supported(cfg: QuantConfig) -> None:
+    unsupported = []
+    if cfg.calibration not in AVAILABLE_CALIBRATION:
+        unsupported.append(f"calibration={cfg.calibration!r} (available: {', '.join(AVAILABLE_CALIBRATION)})")
+    if cfg.kv_cache_dtype != "none":
+        unsupported.append(f"kv_cache_dtype={cfg.kv_cache_dtype!r} (no kv_cache_quant pass yet; available: 'none')")
+    if cfg.enable_qat:
+        unsupported.append("enable_qat=True (no fake_quant pass yet)")
+    if cfg.draft_mode:
+        unsupported.append("draft_mode=True (no draft/verify planning yet)")
+    if unsupported:
+        raise ConfigError("this sagequant build cannot compile: " + "; ".join(unsupported))
+
+
+def compile(model, config: QuantConfig | None = None, calibration_data=None, tokenizer=None, *,
+            print_ir_after: list[str] | str | None = None, dump_dir: str | Path | None = None,
+            stop_after: str | None = None, verify_each: bool = True) -> "CompiledModel":
+    """Trace `model` (a transformers causal LM or a local checkpoint dir) and run the pipeline."""
+    cfg = config or QuantConfig()
+    if not isinstance(cfg, QuantConfig):
+        raise ConfigError(f"config must be a QuantConfig, got {type(cfg).__name__}")
+    _check_supported(cfg)
+    if isinstance(model, (str, Path)):
+        if str(model).endswith(".onnx"):
+            raise ConfigError("ONNX input models are not supported by this build; pass a "
+                              "transformers causal LM or a checkpoint directory")
+        model = load_hf_model(model)
+    batches = None
+    if calibration_data is not None:
+        batches = as_token_batches(calibration_data, tokenizer, cfg.calibration_samples,
+                                   cfg.calibration_seq_len)
+    graph = trace_model(model)
+    instruments = []
+    if print_ir_after:
+        instruments.append(PrintIRAfter(print_ir_after))
+    if dump_dir:
+        instruments.append(DumpIR(dump_dir))
+    pm = PassManager(PIPELINE, instruments, verify_each=verify_each, stop_after=stop_after)
+    ctx = PassContext(cfg, batches)
+    graph = pm.run(graph, ctx)
+    return CompiledModel(graph, cfg, build_kv_plan(cfg), pm.history)
+
+
+class CompiledModel:
+    def __init__(self, graph: QuantGraph, config: QuantConfig, kv_plan: KVQuantPlan,
+                 pass_history: list[dict]):
+        self.graph = graph
+        self.config = config
+        self.kv_plan = kv_plan
+        self.pass_history = pass_history
+
+    def __call__(self, input_ids: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+        ids = kwargs.pop("input_ids", input_ids)
+        if kwargs:
+            raise TypeError(f"CompiledModel takes input_ids only, got {sorted(kwargs)}")
+        if not isinstance(ids, torch.Tensor) or ids.dtype not in (torch.int64, torch.int32):
+            raise TypeError("input_ids must be an integer tensor [batch, seq] (or [seq])")
+        if ids.dim() == 1:
+            ids = ids.unsqueeze(0)
+        vocab = self.graph.model_info.get("vocab_size")
+        if vocab is not None and ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+            raise ValueError(f"input_ids out of range [0, {vocab})")
+        with torch.inference_mode():
+            return self.graph(ids.long())
+
+    # ---- what the compiler decided -------------------------------------------------------------
+    def _annotations(self):
+        return [self.graph.annotation(n) for n in self.graph.annotated()]
+
+    @property
+    def kernel_bindings(self) -> dict[str, dict]:
+        return {a.layer: a.kernel.to_dict() for a in self._annotations() if a.kernel}
+
+    @property
+    def scheduler_ir(self) -> list[dict]:
+        return scheduler_ir(self.graph)
+
+    @property
+    def calibration_records(self) -> dict[str, dict]:
+        return {a.layer: {k: r.to_dict() for k, r in a.calibration.items()}
+                for a in self._annotations() if a.calibration}
+
+    def weight_bytes(self) -> dict:
+        """Bytes of linear weights: as compiled vs the same linears in fp16 and fp32."""
+        quantized = float_kept = params_q = params_f = 0
+        for node in self.graph.annotated():
+            ann = self.graph.annotation(node)
+            if ann.scheduler is not None:
+                quantized += ann.scheduler.weight_bytes
+                params_q += ann.kernel.attrs["in_features"] * ann.kernel.attrs["out_features"]
+            elif not ann.quantized and getattr(node.args[1], "op", None) == "get_attr":
+                w = self.graph.attr(node.args[1])
+                float_kept += w.numel() * 2  # kept layers counted at fp16, the deployment dtype
+                params_f += w.numel()
+        fp16_all = 2 * (params_q + params_f)
+        return {"quantized_layers_bytes": quantized, "quantized_layers_fp16_bytes": 2 * params_q,
+                "quantized_layers_ratio_vs_fp16": quantized / max(1, 2 * params_q),
+                "all_linear_bytes": quantized + float_kept, "all_linear_fp16_bytes": fp16_all,
+                "all_linear_ratio_vs_fp16": (quantized + float_kept) / max(1, fp16_all),
+                "bits_per_weight": 8 * quantized / max(1, params_q)}
+
+    def report(self) -> dict:
+        anns = self._annotations()
+        kernels: dict[str, int] = {}
+        for a in anns:
+            if a.kernel:
+                kernels[f"{a.kernel.backend}:{a.kernel.kernel}"] = kernels.get(
+                    f"{a.kernel.backend}:{a.kernel.kernel}", 0) + 1
+        kept = {a.layer: a.skip_reason for a in anns if not a.quantized}
+        return {
+            "scheme": self.config.scheme,
+            "backend": self.config.backend,
+            "priority": self.config.priority,
+            "model": {k: v for k, v in self.graph.model_info.items() if k != "hf_config"},
+            "linear_layers": len(anns),
+            "quantized_layers": sum(a.quantized for a in anns),
+            "kept_in_high_precision": kept,
+            "fallbacks": sorted({a.layer for a in anns if a.kernel and a.kernel.fallback_from}),
+            "kernels": kernels,
+            "weight_bytes": self.weight_bytes(),
+            "passes": self.pass_history,
+            "kv_plan": self.kv_plan.to_dict(),
+            "config": self.config.to_dict(),
+        }
+
+    # ---- persistence -------------------------------------------------------------------------
+    def save(self, directory: str | Path) -> Path:
+        meta = {"config": self.config.to_dict(), "kv_plan": self.kv_plan.to_dict(),
+                "model_info": self.graph.model_info, "pass_history": self.pass_history,
+                "scheduler_ir": self.scheduler_ir, "report": _jsonable(self.report())}
+        return write_artifact(directory, graph_to_json(self.graph.gm), self.graph.state(), meta)
+
+    def export_scheduler_ir(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.scheduler_ir, indent=1))
+
+
+def load(directory: str | Path) -> CompiledModel:
+    graph_json, tensors, meta = read_artifact(directory)
+    try:
+        config = QuantConfig.from_dict(meta["config"])
+        kv_plan = KVQuantPlan.from_dict(meta["kv_plan"])
+        gm = graph_from_json(graph_json, tensors)
+    except (KeyError, ConfigError) as e:
+        raise ArtifactError(f"artifact {str(directory)!r} has invalid metadata: {e}") from None
+    graph = QuantGraph(gm, meta.get("model_info"))
+    graph.verify()
+    return CompiledModel(graph, config, kv_plan, meta.get("pass_history", []))
+
+
+def _jsonable(obj):
+    return json.loads(json.dumps(obj, default=str))
+
+
+# ---- the seed's facade -----------------------------------------------------------------------
+
+class QuantizationProtocol:
+    """The seed's interface: calibrate -> artifact path, load_quantized, select_kernel, report."""
+
+    method: str = ""
+
+    def __init__(self, config: QuantConfig):
+        self.config = config
+        self.compiled: CompiledModel | None = None
+
+    def calibrate(self, model_path, dataset_path, output_dir=None, tokenizer=None) -> Path:
+        from .tools.models import resolve_model
+        model, tok = resolve_model(model_path)
+        texts = load_texts(dataset_path)
+        self.compiled = compile(model, self.config, calibration_data=texts, tokenizer=tokenizer or tok)
+        out = Path(output_dir) if output_dir else Path(f"{Path(str(model_path)).name}-sagequant-"
+                                                       f"{self.config.scheme.lower()}")
+        return self.compiled.save(out)
+
+    def load_quantized(self, artifact_path) -> CompiledModel:
+        self.compiled = load(artifact_path)
+        return self.compiled
+
+    def select_kernel(self, in_features: int = 4096) -> KernelSpec:
+        """The kernel the config's default scheme lowers to for a layer with in_features inputs."""
+        cfg = self.config
+        settings = LayerSettings(cfg.scheme, cfg.weight_format, cfg.activation_format,
+                                 cfg.group_size, cfg.per_channel, cfg.symmetric, cfg.clip_ratio)
+        kernel, _ = REGISTRY.select(cfg.scheme, cfg.backend, cfg.priority,
+                                    weight_spec_for(settings, cfg.scale_precision), in_features,
+                                    layer="<select_kernel>", fallback=cfg.fallback)
+        return kernel
+
+    def report(self) -> dict:
+        if self.compiled is None:
+            raise RuntimeError("nothing compiled or loaded yet: call calibrate() or load_quantized()")
+        return self.compiled.report()
+
+
+class MinMaxProtocol(QuantizationProtocol):
+    method = "minmax"
+
+
+class PercentileProtocol(QuantizationProtocol):
+    method = "percentile"
+
+
+PROTOCOLS = {p.method: p for p in (MinMaxProtocol, PercentileProtocol)}
+
+
+class QuantizationManager:
+    """Chooses the protocol by config.calibration, as the seed describes."""
+
+    def __init__(self, config: QuantConfig):
+        if config.calibration not in PROTOCOLS:
+            raise ConfigError(f"QuantConfig.calibration={config.calibration!r} has no protocol in "
+                              f"this build; available: {', '.join(PROTOCOLS)}")
+        self.config = config
+        self.protocol: QuantizationProtocol = PROTOCOLS[config.calibration](config)
+
+    def __getattr__(self, name):
+        return getattr(self.protocol, name)
+
+
+__all__ = ["compile", "load", "CompiledModel", "QuantizationManager", "QuantizationProtocol",
+           "META_KEY"]

@@ -1,0 +1,110 @@
+"""Artifact directory: graph.json (the lowered graph, no pickle), weights.safetensors, meta.json
+(config, annotations are in the graph, KV plan, report) and manifest.json (sha256 per file).
+
+Writes are atomic: everything goes to a temporary sibling directory, is fsynced, and replaces the
+target with renames, so a crash mid-save leaves the previous artifact intact. Loading verifies
+every checksum before reading anything else.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+ARTIFACT_FORMAT = 1
+FILES = ("graph.json", "weights.safetensors", "meta.json")
+
+
+class ArtifactError(RuntimeError):
+    """An artifact is missing, truncated, tampered with, or from an incompatible version."""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _write_json(path: Path, obj) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=1, allow_nan=False)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_artifact(directory: str | Path, graph_json: dict, tensors: dict[str, torch.Tensor],
+                   meta: dict) -> Path:
+    target = Path(directory).absolute()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        # safetensors refuses aliased storage (tied embeddings): store each storage once.
+        unique, aliases = {}, {}
+        seen: dict[tuple, str] = {}
+        for name, t in tensors.items():
+            key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
+            if key in seen:
+                aliases[name] = seen[key]
+            else:
+                seen[key] = name
+                unique[name] = t.detach().contiguous()
+        save_file(unique, str(tmp / "weights.safetensors"))
+        _write_json(tmp / "graph.json", graph_json)
+        _write_json(tmp / "meta.json", {**meta, "tensor_aliases": aliases})
+        manifest = {"format": ARTIFACT_FORMAT, "producer": "sagequant",
+                    "files": {f: {"sha256": _sha256(tmp / f), "bytes": (tmp / f).stat().st_size}
+                              for f in FILES}}
+        _write_json(tmp / "manifest.json", manifest)
+        backup = None
+        if target.exists():
+            backup = target.with_name(f".{target.name}.old-{os.getpid()}")
+            os.rename(target, backup)
+        os.rename(tmp, target)
+        if backup is not None:
+            shutil.rmtree(backup)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def read_artifact(directory: str | Path) -> tuple[dict, dict[str, torch.Tensor], dict]:
+    d = Path(directory)
+    if not d.is_dir():
+        raise ArtifactError(f"artifact directory {str(d)!r} does not exist")
+    manifest_path = d / "manifest.json"
+    if not manifest_path.is_file():
+        raise ArtifactError(f"{str(d)!r} is not a sagequant artifact: manifest.json is missing")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ArtifactError(f"{manifest_path}: corrupt manifest ({e})") from None
+    if manifest.get("format") != ARTIFACT_FORMAT:
+        raise ArtifactError(f"{manifest_path}: artifact format {manifest.get('format')!r}, "
+                            f"this sagequant reads format {ARTIFACT_FORMAT}")
+    for name in FILES:
+        path = d / name
+        expected = manifest.get("files", {}).get(name, {}).get("sha256")
+        if not path.is_file():
+            raise ArtifactError(f"artifact {str(d)!r} is missing {name}")
+        if expected is None or _sha256(path) != expected:
+            raise ArtifactError(f"checksum mismatch for {path}: the file was modified or truncated "
+                                "after it was written; refusing to load it")
+    try:
+        graph_json = json.loads((d / "graph.json").read_text())
+        meta = json.loads((d / "meta.json").read_text())
+        tensors = load_file(str(d / "weights.safetensors"))
+    except (json.JSONDecodeError, SafetensorError) as e:
+        raise ArtifactError(f"artifact {str(d)!r} is corrupt: {e}") from None
+    for alias, source in meta.pop("tensor_aliases", {}).items():
+        tensors[alias] = tensors[source]
+    return graph_json, tensors, meta

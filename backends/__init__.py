@@ -1,0 +1,3 @@
+"""Backends: kernels and emitters. Importing this package registers every kernel whose module
+imports on this machine (GPU modules must still import on CPU-only machines)."""
+from .reference import kernels as _reference_kernels  # noqa: F401

@@ -1,0 +1,37 @@
+"""Named ops the canonical and quantized IR use, as torch custom ops so graphs stay runnable.
+
+`canonicalize` collapses the ATen spelling of RMSNorm into `sagequant::rms_norm`; `convert`
+writes `sagequant::dequantize_weight` in front of each quantized linear's weight input (the Q/DQ
+form); `lower` then replaces dequantize + linear with a kernel op from the registry.
+"""
+from __future__ import annotations
+
+import torch
+
+from .quant_spec import QuantizedTensor, QuantSpec, dequantize
+
+
+@torch.library.custom_op("sagequant::rms_norm", mutates_args=())
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, weight_offset: float) -> torch.Tensor:
+    """RMSNorm computed in fp32 then cast back, as HF models do; weight_offset=1 is Gemma's (1 + w)."""
+    xf = x.float()
+    normed = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    scale = weight.float() + weight_offset if weight_offset else weight
+    return normed * scale
+
+
+@rms_norm.register_fake
+def _rms_norm_fake(x, weight, eps, weight_offset):
+    return x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype))
+
+
+@torch.library.custom_op("sagequant::dequantize_weight", mutates_args=())
+def dequantize_weight(data: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
+                      spec: str, shape: list[int], out_dtype: torch.dtype) -> torch.Tensor:
+    qt = QuantizedTensor(data, scale, zero_point, tuple(shape), QuantSpec.decode(spec))
+    return dequantize(qt, out_dtype)
+
+
+@dequantize_weight.register_fake
+def _dequantize_weight_fake(data, scale, zero_point, spec, shape, out_dtype):
+    return data.new_empty(shape, dtype=out_dtype)

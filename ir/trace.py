@@ -1,0 +1,116 @@
+"""Frontend: a Hugging Face causal LM -> QuantGraph via torch.export (dynamic batch and sequence)."""
+from __future__ import annotations
+
+import sys
+import traceback
+from pathlib import Path
+
+import torch
+import torch.fx as fx
+from torch.export import Dim
+
+from .graph import QuantGraph
+
+# The exported module holds the model under this attribute; layer names drop the prefix.
+WRAPPER_PREFIX = "model."
+
+
+class TraceError(RuntimeError):
+    """The model could not be captured as a graph; the message names the module and op at fault."""
+
+
+class _LogitsOnly(torch.nn.Module):
+    """Exports the logits path only: no KV cache objects, so the graph is a pure function of ids."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, use_cache=False).logits
+
+
+def load_hf_model(path: str | Path, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """Load a local transformers checkpoint directory; never reaches for a hub."""
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"model path {str(p)!r} does not exist (sagequant loads local "
+                                "checkpoints only: a transformers directory with config.json)")
+    from transformers import AutoModelForCausalLM
+    try:
+        return AutoModelForCausalLM.from_pretrained(str(p), dtype=dtype, local_files_only=True).eval()
+    except Exception as e:
+        raise TraceError(f"could not load a causal LM from {str(p)!r}: {type(e).__name__}: {e}") from e
+
+
+def trace_model(model: torch.nn.Module, example_seq_len: int = 8) -> QuantGraph:
+    if not isinstance(model, torch.nn.Module):
+        raise TraceError(f"expected a torch.nn.Module (a transformers causal LM), got {type(model).__name__}")
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "vocab_size"):
+        raise TraceError(f"{type(model).__name__} has no transformers config with vocab_size; "
+                         "sagequant traces causal LMs that take input_ids and return .logits")
+    model.eval()
+    example = torch.randint(0, min(int(config.vocab_size), 1000), (2, example_seq_len))
+    dims = ({0: Dim.DYNAMIC, 1: Dim.DYNAMIC},)
+    try:
+        with torch.no_grad():
+            exported = torch.export.export(_LogitsOnly(model), (example,), dynamic_shapes=dims, strict=False)
+    except Exception as e:
+        raise TraceError(_explain_failure(e, model)) from e
+    gm = _plain_graph_module(exported.module())
+    info = {
+        "architecture": type(model).__name__,
+        "model_type": getattr(config, "model_type", None),
+        "vocab_size": int(config.vocab_size),
+        "num_hidden_layers": getattr(config, "num_hidden_layers", None),
+        "hf_config": config.to_dict() if hasattr(config, "to_dict") else {},
+    }
+    return QuantGraph(gm, info)
+
+
+def _plain_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
+    """Drop export's pytree calling convention and shape-guard module: forward(input_ids) -> logits."""
+    graph = gm.graph
+    for node in list(graph.nodes):
+        if node.op == "call_module" and node.target == "_guards_fn":
+            graph.erase_node(node)
+    if hasattr(gm, "_guards_fn"):
+        delattr(gm, "_guards_fn")
+    out = next(n for n in graph.nodes if n.op == "output")
+    result = out.args[0]
+    while isinstance(result, (list, tuple)) and len(result) == 1:
+        result = result[0]
+    out.args = (result,)
+    graph._codegen = fx.graph.CodeGen()
+    gm.recompile()
+    return gm
+
+
+def _explain_failure(exc: Exception, model: torch.nn.Module) -> str:
+    """Name the innermost model module executing when export failed, and the failing op/line."""
+    names = {id(m): n or "<root>" for n, m in model.named_modules()}
+    culprit = None
+    frame_line = None
+    for frame, lineno in traceback.walk_tb(exc.__traceback__):
+        self_obj = frame.f_locals.get("self")
+        if isinstance(self_obj, torch.nn.Module) and id(self_obj) in names:
+            culprit = f"{names[id(self_obj)]} ({type(self_obj).__name__})"
+            frame_line = f"{frame.f_code.co_filename}:{lineno} in {frame.f_code.co_name}"
+    first_line = (str(exc).strip().splitlines() or [""])[0][:400]
+    where = f" in module {culprit} at {frame_line}" if culprit else ""
+    return (f"torch.export could not trace {type(model).__name__}{where}: "
+            f"{type(exc).__name__}: {first_line}\n"
+            "What to do: make sure the model runs with use_cache=False on input_ids alone; replace "
+            "data-dependent Python control flow or unsupported ops in that module (or register them "
+            "as torch custom ops); try attn_implementation='sdpa' or 'eager'. "
+            f"(torch {torch.__version__}, python {sys.version.split()[0]})")
+
+
+def layer_name(node: fx.Node) -> str | None:
+    """Module path of the module that emitted node, without the export wrapper's prefix."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return None
+    path = list(stack.values())[-1][0]
+    return path[len(WRAPPER_PREFIX):] if path.startswith(WRAPPER_PREFIX) else path

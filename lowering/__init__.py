@@ -1,0 +1,1 @@
+"""Lowering: kernel registry and pattern -> kernel-node rewriting."""

@@ -1,0 +1,47 @@
+"""calibrate: run the calibration batches through the observed graph, turn every observer into a
+CalibrationRecord on its consumer's annotation, then remove the observers."""
+from __future__ import annotations
+
+import torch
+from tqdm.auto import tqdm
+
+from ..calibration.datasets import CalibrationDataError
+from ..ir.graph import QuantGraph
+from .insert_observers import observer_nodes
+from .manager import PassContext, PassResult, register_pass
+
+
+@register_pass("calibrate", "run calibration data through observers and fill CalibrationRecords",
+               requires=("insert_observers",))
+def calibrate(graph: QuantGraph, ctx: PassContext) -> PassResult:
+    observers = observer_nodes(graph)
+    batches = ctx.calibration_batches
+    needs_data = any(graph.annotation(n).input_spec is not None
+                     for n in graph.annotated() if graph.annotation(n).quantized)
+    if batches is None and needs_data:
+        raise CalibrationDataError(
+            f"scheme {ctx.config.scheme} quantizes activations and needs calibration data: pass "
+            "calibration_data= (texts with a tokenizer, token tensors, or a dataset path)")
+    tokens = 0
+    if batches is not None:
+        if len(batches) == 0:
+            raise CalibrationDataError("calibration data is empty: no batches to calibrate on")
+        with torch.inference_mode():
+            for batch in tqdm(batches, desc="calibrate", unit="batch", leave=False,
+                              disable=len(batches) < 4):
+                graph.gm(batch)
+                tokens += batch.numel()
+    records = 0
+    for obs_node in observers:
+        consumer = next(iter(obs_node.users))
+        ann = graph.annotation(consumer)
+        if batches is not None:
+            observer = graph.gm.get_submodule(obs_node.target)
+            ann.calibration["input"] = observer.record("input", ann.clip_ratio)
+            records += 1
+        obs_node.replace_all_uses_with(obs_node.args[0])
+        graph.graph.erase_node(obs_node)
+        graph.gm.delete_submodule(obs_node.target)
+    graph.recompile()
+    return PassResult(graph, bool(observers), {"records": records, "batches": len(batches or []),
+                                               "tokens": tokens})

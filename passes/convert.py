@@ -1,0 +1,62 @@
+"""convert: round-to-nearest weight quantization into packed storage, expressed as Q/DQ:
+each quantized linear reads its weight through sagequant::dequantize_weight(codes, scale, zp).
+
+The float weight attribute is replaced by three buffers next to it: <layer>.qweight (codes,
+packed two int4 per byte), <layer>.scales and, for asymmetric formats, <layer>.zeros.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..ir import ops  # noqa: F401  (registers sagequant::dequantize_weight)
+from ..ir.annotations import CalibrationRecord
+from ..ir.graph import QuantGraph
+from ..ir.quant_spec import quantize
+from .manager import PassContext, PassResult, register_pass
+
+ATEN = torch.ops.aten
+
+
+def storage_prefix(weight_attr: str) -> str:
+    return weight_attr[: -len(".weight")] if weight_attr.endswith(".weight") else weight_attr
+
+
+@register_pass("convert", "quantize weights (RTN) into packed storage behind dequantize nodes",
+               requires=("annotate",))
+def convert(graph: QuantGraph, ctx: PassContext) -> PassResult:
+    converted, float_bytes, quant_bytes = 0, 0, 0
+    for node in graph.annotated():
+        ann = graph.annotation(node)
+        if not ann.quantized or node.target != ATEN.linear.default:
+            continue
+        w_node = node.args[1]
+        weight = graph.attr(w_node).detach()
+        what = f"weight of {ann.layer}"
+        qt = quantize(weight, ann.weight_spec, clip_ratio=ann.clip_ratio, what=what)
+        ann.calibration["weight"] = _weight_record(weight, ann.clip_ratio)
+        prefix = storage_prefix(w_node.target)
+        names = {"qweight": qt.data, "scales": qt.scale}
+        if qt.zero_point is not None:
+            names["zeros"] = qt.zero_point
+        for suffix, tensor in names.items():
+            graph.set_attr(f"{prefix}.{suffix}", tensor)
+        with graph.graph.inserting_before(node):
+            args = [graph.graph.get_attr(f"{prefix}.{s}") for s in ("qweight", "scales")]
+            zp = graph.graph.get_attr(f"{prefix}.zeros") if qt.zero_point is not None else None
+            dq = graph.graph.call_function(
+                torch.ops.sagequant.dequantize_weight.default,
+                (*args, zp, ann.weight_spec.encode(), list(weight.shape), weight.dtype))
+        node.replace_input_with(w_node, dq)
+        converted += 1
+        float_bytes += weight.numel() * weight.element_size()
+        quant_bytes += qt.nbytes()
+    graph.recompile()
+    return PassResult(graph, converted > 0, {"converted": converted, "float_weight_bytes": float_bytes,
+                                             "quantized_weight_bytes": quant_bytes})
+
+
+def _weight_record(weight: torch.Tensor, clip_ratio: float) -> CalibrationRecord:
+    lo, hi = float(weight.min()), float(weight.max())
+    absmax = max(abs(lo), abs(hi))
+    return CalibrationRecord(tensor="weight", observer="minmax", min=lo, max=hi, absmax=absmax,
+                             clip=absmax * clip_ratio, num_samples=1, num_values=weight.numel())

@@ -1,0 +1,53 @@
+"""lower: replace each dequantize_weight -> linear pair with the kernel node the registry picks
+for (scheme, backend, priority), and record the KernelBinding on the node."""
+from __future__ import annotations
+
+import torch
+
+from .. import backends  # noqa: F401  (fills the registry)
+from ..ir.annotations import KernelBinding
+from ..ir.graph import QuantGraph
+from ..ir.quant_spec import QuantSpec
+from ..lowering.registry import REGISTRY
+from .manager import PassContext, PassResult, register_pass
+
+ATEN = torch.ops.aten
+
+
+@register_pass("lower", "bind quantized linears to registry kernels (explicit fallback only)",
+               requires=("convert",))
+def lower(graph: QuantGraph, ctx: PassContext) -> PassResult:
+    cfg = ctx.config
+    lowered, by_kernel = 0, {}
+    for node in graph.annotated():
+        ann = graph.annotation(node)
+        if not ann.quantized or node.target != ATEN.linear.default:
+            continue
+        x, dq = node.args[0], node.args[1]
+        bias = node.args[2] if len(node.args) > 2 else None
+        if getattr(dq, "target", None) != torch.ops.sagequant.dequantize_weight.default:
+            raise RuntimeError(f"linear {ann.layer} is annotated as quantized but its weight is not "
+                               "a dequantize_weight node; run convert before lower")
+        qweight, scales, zeros, spec_text, shape, act_dtype = dq.args
+        spec = QuantSpec.decode(spec_text)
+        kernel, fallback_from = REGISTRY.select(ann.scheme, cfg.backend, cfg.priority, spec,
+                                                in_features=shape[1], layer=ann.layer,
+                                                fallback=cfg.fallback)
+        with graph.graph.inserting_before(node):
+            knode = graph.graph.call_function(kernel.op, (x, qweight, scales, zeros, bias, spec_text, shape))
+        knode.meta.update(node.meta)
+        ann.kernel = KernelBinding(kernel=kernel.name, backend=kernel.backend, scheme=ann.scheme,
+                                   priority=cfg.priority, fallback_from=fallback_from,
+                                   attrs={"format": spec.format, "group_size": spec.group_size,
+                                          "ragged_last_group": bool(spec.group_size and shape[1] % spec.group_size),
+                                          "packed": spec.fmt.packed, "in_features": shape[1],
+                                          "activation_bytes": act_dtype.itemsize,
+                                          "out_features": shape[0]})
+        node.replace_all_uses_with(knode)
+        graph.graph.erase_node(node)
+        if not dq.users:
+            graph.graph.erase_node(dq)
+        lowered += 1
+        by_kernel[kernel.name] = by_kernel.get(kernel.name, 0) + 1
+    graph.recompile()
+    return PassResult(graph, lowered > 0, {"lowered": lowered, "kernels": by_kernel})

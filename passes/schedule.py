@@ -1,0 +1,36 @@
+"""schedule: annotate every lowered node with Scheduler IR — the seed's `dtype` and `kernel`, plus
+bytes moved and FLOPs per token so a scheduler can batch and order work by cost."""
+from __future__ import annotations
+
+from ..ir.annotations import SchedulerIR
+from ..ir.graph import QuantGraph
+from .manager import PassContext, PassResult, register_pass
+
+
+@register_pass("schedule", "annotate lowered nodes with Scheduler IR (dtype, kernel, bytes, flops)",
+               requires=("lower",))
+def schedule(graph: QuantGraph, ctx: PassContext) -> PassResult:
+    annotated = 0
+    for node in graph.annotated():
+        ann = graph.annotation(node)
+        if ann.kernel is None:
+            continue
+        attrs = ann.kernel.attrs
+        k, n = attrs["in_features"], attrs["out_features"]
+        weight_bytes = sum(int(graph.attr(a).numel() * graph.attr(a).element_size())
+                           for a in node.args[1:4] if getattr(a, "op", None) == "get_attr")
+        ann.scheduler = SchedulerIR(dtype=ann.weight_spec.format, kernel=ann.kernel.kernel,
+                                    weight_bytes=weight_bytes, bytes_per_token=(k + n) * attrs["activation_bytes"],
+                                    flops_per_token=2 * k * n)
+        annotated += 1
+    return PassResult(graph, annotated > 0, {"scheduled": annotated})
+
+
+def scheduler_ir(graph: QuantGraph) -> list[dict]:
+    """Scheduler IR of the whole graph as JSON-ready dicts, in execution order."""
+    out = []
+    for node in graph.annotated():
+        ann = graph.annotation(node)
+        if ann.scheduler is not None:
+            out.append({"node": node.name, "layer": ann.layer, **ann.scheduler.to_dict()})
+    return out

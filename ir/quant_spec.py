@@ -116,14 +116,19 @@ def _expand(params: torch.Tensor, lengths: list[int]) -> torch.Tensor:
     return params.repeat_interleave(torch.tensor(lengths, device=params.device), dim=-1)
 
 
-def _cast_scale(scale: torch.Tensor, spec: QuantSpec, what: str) -> torch.Tensor:
+def _cast_scale(scale: torch.Tensor, spec: QuantSpec, what: str, round_up: bool = False) -> torch.Tensor:
     dtype = SCALE_DTYPES[spec.scale_dtype]
     finfo = torch.finfo(dtype)
     if bool((scale > finfo.max).any()):
         raise QuantizationError(f"{what}: scale {float(scale.max()):.4g} overflows {spec.scale_dtype}; "
                                 "use scale_precision='fp32'")
     # Scales below the dtype's smallest normal lose precision; raising them only shrinks codes.
-    return scale.clamp(min=finfo.tiny).to(dtype)
+    cast = scale.clamp(min=finfo.tiny).to(dtype)
+    if round_up:
+        # A scale rounded down would make the range wider than the codes can span, so its top
+        # element clamps by more than half a step; the next representable scale never does.
+        cast = torch.where(cast.float() < scale, torch.nextafter(cast, torch.full_like(cast, finfo.max)), cast)
+    return cast
 
 
 def compute_qparams(x: torch.Tensor, spec: QuantSpec, clip_ratio: float = 1.0,
@@ -143,7 +148,7 @@ def compute_qparams(x: torch.Tensor, spec: QuantSpec, clip_ratio: float = 1.0,
     hi = (_block_reduce(rows, lengths, torch.amax) * clip_ratio).clamp(min=0)
     span = hi - lo
     scale = torch.where(span > 0, span / (fmt.qmax - fmt.qmin), torch.ones_like(span))
-    scale = _cast_scale(scale, spec, what)
+    scale = _cast_scale(scale, spec, what, round_up=True)
     zero_point = torch.round(fmt.qmin - lo / scale.float()).clamp(fmt.qmin, fmt.qmax)
     return scale, zero_point.to(torch.int32)
 

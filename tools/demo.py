@@ -74,14 +74,14 @@ def format_demo(result: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
-    import argparse
-    p = argparse.ArgumentParser(prog="sagequant demo", description=__doc__)
-    p.add_argument("--max-tokens", type=int, default=20000)
+def add_demo_args(p) -> None:
+    p.add_argument("--max-tokens", type=int, default=20000, help="evaluation tokens (DATA.md protocol)")
     p.add_argument("--window", type=int, default=512)
-    p.add_argument("--calib-samples", type=int, default=32)
+    p.add_argument("--calib-samples", type=int, default=32, help="calibration samples of 512 tokens")
     p.add_argument("--json", help="also write the results as JSON to this path")
-    args = p.parse_args(argv)
+
+
+def run_from_args(args) -> int:
     result = run_demo(args.max_tokens, args.window, args.calib_samples)
     print(format_demo(result))
     if args.json:

@@ -1,0 +1,189 @@
+"""`sagequant` command line: calibrate, compile, eval, report, inspect, demo."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from ..artifact import ArtifactError
+from ..calibration.datasets import CalibrationDataError
+from ..config import ConfigError, QuantConfig
+from ..ir.formats import QuantizationError
+from ..ir.trace import TraceError
+from ..lowering.registry import KernelNotFoundError
+from ..passes import PASSES
+from .demo import add_demo_args, run_from_args
+
+# Errors a user can cause; printed as one clear line instead of a traceback.
+USER_ERRORS = (ConfigError, ArtifactError, CalibrationDataError, QuantizationError, TraceError,
+               KernelNotFoundError, FileNotFoundError)
+
+
+def _config_from_args(args) -> QuantConfig:
+    base = json.loads(Path(args.config).read_text()) if args.config else {}
+    flags = {"weight_dtype": args.weight_dtype, "activation_dtype": args.activation_dtype,
+             "calibration": args.method, "kv_cache_dtype": args.kv_quant, "backend": args.backend,
+             "priority": args.priority, "clip_ratio": args.clip_ratio,
+             "calibration_samples": args.samples, "calibration_seq_len": args.seq_len,
+             "fallback": args.fallback}
+    if args.group_size is not None:
+        flags["group_size"] = None if args.group_size <= 0 else args.group_size
+    if args.asymmetric:
+        flags["symmetric"] = False
+    if args.ignore is not None:
+        flags["ignore"] = args.ignore
+    base.update({k: v for k, v in flags.items() if v is not None})
+    return QuantConfig.from_dict(base)
+
+
+def _add_compile_flags(p: argparse.ArgumentParser, dataset_required: bool) -> None:
+    p.add_argument("--model", required=True, help='"smollm2" (the packaged real model) or a local checkpoint dir')
+    p.add_argument("--dataset", required=dataset_required, help="calibration data: .jsonl (text field) or plain text")
+    p.add_argument("--output", required=True, help="artifact directory to write")
+    p.add_argument("--config", help="QuantConfig JSON file; flags below override its fields")
+    p.add_argument("--method", help="calibration: minmax | percentile | smoothquant | awq | gptq")
+    p.add_argument("--weight-dtype", help="int8 | int4 | fp8 | nf4 | w8a16 | w4a16 | w8a8")
+    p.add_argument("--activation-dtype", help="a16 (fp16/bf16) | int8 | fp8")
+    p.add_argument("--kv-quant", help="none | int8 | fp8")
+    p.add_argument("--group-size", type=int, help="weight group size; 0 for per-channel")
+    p.add_argument("--asymmetric", action="store_true", help="asymmetric weights (uint4/uint8 + zero point)")
+    p.add_argument("--clip-ratio", type=float)
+    p.add_argument("--backend")
+    p.add_argument("--priority", help="latency | throughput | memory")
+    p.add_argument("--fallback", help="backend whose kernels may be used where --backend has none")
+    p.add_argument("--ignore", nargs="*", help="layer patterns kept in high precision (default: lm_head)")
+    p.add_argument("--samples", type=int, help="calibration samples")
+    p.add_argument("--seq-len", type=int, help="calibration sample length in tokens")
+    p.add_argument("--print-ir-after", action="append", metavar="PASS",
+                   help=f"print the IR after PASS (repeatable, or 'all'); passes: {', '.join(PASSES)}")
+    p.add_argument("--stop-after", metavar="PASS", help="stop the pipeline after PASS")
+    p.add_argument("--dump-dir", help="write numbered IR files, one per pass")
+
+
+def cmd_compile(args) -> int:
+    from ..api import compile as sq_compile
+    from ..calibration.datasets import load_texts
+    from .models import resolve_model
+    cfg = _config_from_args(args)
+    texts = load_texts(args.dataset) if args.dataset else None
+    model, tok = resolve_model(args.model)
+    print_after = "all" if args.print_ir_after and "all" in args.print_ir_after else args.print_ir_after
+    cm = sq_compile(model, cfg, calibration_data=texts, tokenizer=tok, print_ir_after=print_after,
+                    dump_dir=args.dump_dir, stop_after=args.stop_after)
+    cm.graph.model_info["source"] = args.model
+    if args.stop_after and args.stop_after != "schedule":
+        print(f"stopped after pass {args.stop_after}; no artifact written")
+        return 0
+    path = cm.save(args.output)
+    _print_report(cm.report())
+    print(f"artifact: {path}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from ..api import load
+    from ..calibration.real_data import evaluation_text
+    from .evaluate import perplexity, tokenize_eval_text
+    from .models import resolve_model
+    if bool(args.artifact) == bool(args.model):
+        raise ConfigError("eval needs exactly one of --artifact DIR or --model MODEL")
+    if args.artifact:
+        cm = load(args.artifact)
+        source = args.tokenizer or cm.graph.model_info.get("source")
+        if source is None:
+            raise ConfigError("the artifact does not record its source model; pass --tokenizer MODEL")
+        _, tok = resolve_model(source)
+        model_fn = cm
+    else:
+        model, tok = resolve_model(args.model)
+        model_fn = lambda ids: model(input_ids=ids, use_cache=False).logits  # noqa: E731
+    text = Path(args.text).read_text(encoding="utf-8") if args.text else evaluation_text()
+    ids = tokenize_eval_text(tok, text, args.max_tokens)
+    import torch
+    with torch.inference_mode():
+        res = perplexity(model_fn, ids, window=args.window, stride=args.stride or args.window, progress=True)
+    print(json.dumps(res.to_dict(), indent=1))
+    return 0
+
+
+def _print_report(rep: dict) -> None:
+    wb = rep["weight_bytes"]
+    print(f"scheme {rep['scheme']} on {rep['backend']} ({rep['priority']}): "
+          f"{rep['quantized_layers']}/{rep['linear_layers']} linear layers quantized")
+    print(f"weights: {wb['quantized_layers_bytes']:,} bytes for quantized layers "
+          f"({wb['quantized_layers_ratio_vs_fp16']:.3f}x fp16, {wb['bits_per_weight']:.2f} bits/weight); "
+          f"all linears {wb['all_linear_ratio_vs_fp16']:.3f}x fp16")
+    print("kernels: " + ", ".join(f"{k} x{v}" for k, v in rep["kernels"].items()))
+    if rep["kept_in_high_precision"]:
+        print("kept in high precision: " + ", ".join(f"{k} ({v})" for k, v in rep["kept_in_high_precision"].items()))
+    if rep["fallbacks"]:
+        print(f"FALLBACK kernels used for {len(rep['fallbacks'])} layers (QuantConfig.fallback)")
+    print("passes: " + "  ".join(f"{p['pass']}={p.get('seconds', 0):.2f}s" for p in rep["passes"]))
+
+
+def cmd_report(args) -> int:
+    from ..api import load
+    rep = load(args.artifact).report()
+    if args.json:
+        print(json.dumps(rep, indent=1, default=str))
+    else:
+        _print_report(rep)
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from ..api import load
+    cm = load(args.artifact)
+    print(cm.graph.format(annotated_only=not args.all))
+    if args.scheduler_ir:
+        print(json.dumps(cm.scheduler_ir, indent=1))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sagequant", description="quantization compiler for LLMs")
+    sub = p.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("calibrate", help="calibrate on a dataset and write a quantized artifact")
+    _add_compile_flags(c, dataset_required=True)
+    c.set_defaults(func=cmd_compile)
+    c = sub.add_parser("compile", help="compile a model (calibration data optional for weight-only schemes)")
+    _add_compile_flags(c, dataset_required=False)
+    c.set_defaults(func=cmd_compile)
+    e = sub.add_parser("eval", help="perplexity of an artifact or a float model")
+    e.add_argument("--artifact")
+    e.add_argument("--model")
+    e.add_argument("--tokenizer", help="model whose tokenizer to use (default: the artifact's source)")
+    e.add_argument("--text", help="evaluation text file (default: the packaged news text)")
+    e.add_argument("--max-tokens", type=int, default=20000)
+    e.add_argument("--window", type=int, default=512)
+    e.add_argument("--stride", type=int)
+    e.set_defaults(func=cmd_eval)
+    r = sub.add_parser("report", help="print an artifact's report")
+    r.add_argument("--artifact", required=True)
+    r.add_argument("--json", action="store_true")
+    r.set_defaults(func=cmd_report)
+    i = sub.add_parser("inspect", help="print an artifact's graph with quantization annotations")
+    i.add_argument("--artifact", required=True)
+    i.add_argument("--all", action="store_true", help="every node, not only annotated ones")
+    i.add_argument("--scheduler-ir", action="store_true", help="also print the Scheduler IR JSON")
+    i.set_defaults(func=cmd_inspect)
+    d = sub.add_parser("demo", help="compile the real SmolLM2 at W8A16 and W4A16 and print the report table")
+    add_demo_args(d)
+    d.set_defaults(func=run_from_args)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except USER_ERRORS as e:
+        print(f"sagequant {args.command}: error: {e}", file=sys.stderr)
+        for note in getattr(e, "__notes__", []):
+            print(f"  {note}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -31,6 +31,7 @@ _CALIBRATIONS = {
     "awq+smoothquant": "smoothquant+awq",
 }
 _KV_DTYPES = {"none": "none", "int8": "int8", "fp8": "fp8", "fp8_e4m3": "fp8"}
+_ACTIVATION_SCALES = {s: s for s in ("dynamic_per_token", "static_per_tensor")}
 _PRIORITIES = {s: s for s in ("latency", "throughput", "memory")}
 _SCALE_PRECISIONS = {s: s for s in ("fp16", "fp32")}
 _FP8_FORMATS = {s: s for s in ("e4m3", "e5m2")}
@@ -164,6 +165,16 @@ class QuantConfig:
     kv_block_size: int = 16
     kv_group_size: int | None = None
     kv_high_precision_layers: list[int] = field(default_factory=list)
+    # Quantized activations: scales computed per token at run time, or one static scale per
+    # tensor from calibration.
+    activation_scale: str = "dynamic_per_token"
+    # Algorithm options (used only by the calibration method that names them).
+    smoothquant_alpha: float | str = 0.5   # migration strength, or "auto" for a per-layer search
+    awq_grid: int = 20                     # scale-ratio grid points of the AWQ search
+    awq_clip: bool = True                  # AWQ's weight clipping search
+    gptq_block_size: int = 128
+    gptq_damp: float = 0.01                # dampening, as a fraction of mean(diag(H))
+    gptq_act_order: bool = False
 
     def __post_init__(self) -> None:
         self.weight_dtype = _choice("weight_dtype", self.weight_dtype, _WEIGHT_DTYPES)
@@ -182,10 +193,27 @@ class QuantConfig:
         self.fp8_format = _choice("fp8_format", self.fp8_format, _FP8_FORMATS)
         self.calibration_samples = _int("calibration_samples", self.calibration_samples, 1)
         self.calibration_seq_len = _int("calibration_seq_len", self.calibration_seq_len, 1)
+        self.activation_scale = _choice("activation_scale", self.activation_scale, _ACTIVATION_SCALES)
+        self._check_algorithm_options()
         self._check_fallback()
         self._check_kv()
         self._check_scheme()
         self._check_overrides()
+
+    def _check_algorithm_options(self) -> None:
+        alpha = self.smoothquant_alpha
+        if alpha != "auto":
+            if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
+                raise _fail("smoothquant_alpha", alpha, "is not supported", "a number in [0, 1] or 'auto'")
+            self.smoothquant_alpha = float(alpha)
+        self.awq_grid = _int("awq_grid", self.awq_grid, 2)
+        self.gptq_block_size = _int("gptq_block_size", self.gptq_block_size, 1)
+        for name in ("awq_clip", "gptq_act_order"):
+            _bool(name, getattr(self, name))
+        damp = self.gptq_damp
+        if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not 0 < damp < 1:
+            raise _fail("gptq_damp", damp, "is not supported", "a number in (0, 1), e.g. 0.01")
+        self.gptq_damp = float(damp)
 
     def _resolve_activation(self, act: str) -> str:
         if act != "w8a8":

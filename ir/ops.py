@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .quant_spec import QuantizedTensor, QuantSpec, dequantize
+from .quant_spec import QuantizedTensor, QuantSpec, dequantize, quantize
 
 
 @torch.library.custom_op("sagequant::rms_norm", mutates_args=())
@@ -35,3 +35,15 @@ def dequantize_weight(data: torch.Tensor, scale: torch.Tensor, zero_point: torch
 @dequantize_weight.register_fake
 def _dequantize_weight_fake(data, scale, zero_point, spec, shape, out_dtype):
     return data.new_empty(shape, dtype=out_dtype)
+
+
+@torch.library.custom_op("sagequant::fake_quantize_activation", mutates_args=())
+def fake_quantize_activation(x: torch.Tensor, spec: str, scale: torch.Tensor | None) -> torch.Tensor:
+    """Q/DQ of an activation: per-token scales computed from x (dynamic), or a calibrated static scale."""
+    q = QuantSpec.decode(spec)
+    return dequantize(quantize(x, q, scale=scale, what="activation"), x.dtype)
+
+
+@fake_quantize_activation.register_fake
+def _fake_quantize_activation_fake(x, spec, scale):
+    return torch.empty_like(x)

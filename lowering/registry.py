@@ -29,6 +29,7 @@ class KernelSpec:
     group_sizes: tuple[int, ...] | None = None  # None: any group size, or none
     ragged_groups: bool = True      # can it take a last group shorter than group_size?
     available: Callable[[], str | None] = field(default=lambda: None)  # reason it cannot run here
+    activation_quant: bool = False  # takes (act_spec, act_scale) after the weight arguments
 
     def rejects(self, weight_spec: QuantSpec, in_features: int) -> str | None:
         """Why this kernel cannot run the given weight here, or None when it can."""

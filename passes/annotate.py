@@ -41,7 +41,9 @@ def _annotation_for(graph: QuantGraph, node, name: str, cfg: QuantConfig) -> Nod
     weight_spec = weight_spec_for(settings, cfg.scale_precision)
     input_spec = None
     if settings.activation_format:
-        input_spec = QuantSpec(settings.activation_format, "per_tensor", None, True, "fp32")
+        dynamic = cfg.activation_scale == "dynamic_per_token"
+        input_spec = QuantSpec(settings.activation_format, "per_token" if dynamic else "per_tensor",
+                               None, True, "fp32", dynamic=dynamic)
     return NodeAnnotation(name, scheme=settings.scheme, weight_spec=weight_spec,
                           input_spec=input_spec, clip_ratio=settings.clip_ratio)
 

@@ -16,12 +16,13 @@ from .manager import PassContext, PassResult, register_pass
 def calibrate(graph: QuantGraph, ctx: PassContext) -> PassResult:
     observers = observer_nodes(graph)
     batches = ctx.calibration_batches
-    needs_data = any(graph.annotation(n).input_spec is not None
-                     for n in graph.annotated() if graph.annotation(n).quantized)
-    if batches is None and needs_data:
+    static = [graph.annotation(n).layer for n in graph.annotated()
+              if graph.annotation(n).input_spec is not None and not graph.annotation(n).input_spec.dynamic]
+    if batches is None and static:
         raise CalibrationDataError(
-            f"scheme {ctx.config.scheme} quantizes activations and needs calibration data: pass "
-            "calibration_data= (texts with a tokenizer, token tensors, or a dataset path)")
+            f"static activation scales ({len(static)} layers, e.g. {static[0]}) need calibration "
+            "data: pass calibration_data= (texts with a tokenizer, token tensors, or a dataset "
+            "path), or use QuantConfig.activation_scale='dynamic_per_token'")
     tokens = 0
     if batches is not None:
         if len(batches) == 0:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..ir import ops  # noqa: F401  (registers sagequant::dequantize_weight)
+from ..calibration.datasets import CalibrationDataError
 from ..ir.annotations import CalibrationRecord
 from ..ir.graph import QuantGraph
 from ..ir.quant_spec import quantize
@@ -47,12 +48,36 @@ def convert(graph: QuantGraph, ctx: PassContext) -> PassResult:
                 torch.ops.sagequant.dequantize_weight.default,
                 (*args, zp, ann.weight_spec.encode(), list(weight.shape), weight.dtype))
         node.replace_input_with(w_node, dq)
+        if ann.input_spec is not None:
+            _quantize_input(graph, node, ann, prefix)
         converted += 1
         float_bytes += weight.numel() * weight.element_size()
         quant_bytes += qt.nbytes()
     graph.recompile()
     return PassResult(graph, converted > 0, {"converted": converted, "float_weight_bytes": float_bytes,
                                              "quantized_weight_bytes": quant_bytes})
+
+
+def _quantize_input(graph: QuantGraph, node, ann, prefix: str) -> None:
+    """Q/DQ on the activation input: dynamic per-token, or the static scale calibration chose."""
+    spec = ann.input_spec
+    scale_node = None
+    if not spec.dynamic:
+        record = ann.calibration.get("input")
+        if record is None:
+            raise CalibrationDataError(f"{ann.layer}: static activation scale needs a calibration "
+                                       "record of its input; run calibrate with data first")
+        clip = record.clip if record.clip > 0 else 1.0
+        scale = spec.fmt.symmetric_scale(torch.tensor([[clip]], dtype=torch.float32))
+        record.scale = float(scale)
+        graph.set_attr(f"{prefix}.input_scale", scale)
+        with graph.graph.inserting_before(node):
+            scale_node = graph.graph.get_attr(f"{prefix}.input_scale")
+    x = node.args[0]
+    with graph.graph.inserting_before(node):
+        fq = graph.graph.call_function(torch.ops.sagequant.fake_quantize_activation.default,
+                                       (x, spec.encode(), scale_node))
+    node.replace_input_with(x, fq)
 
 
 def _weight_record(weight: torch.Tensor, clip_ratio: float) -> CalibrationRecord:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from .. import backends  # noqa: F401  (fills the registry)
+from ..ir import ops  # noqa: F401  (registers the Q/DQ ops matched here)
 from ..ir.annotations import KernelBinding
 from ..ir.graph import QuantGraph
 from ..ir.quant_spec import QuantSpec
@@ -12,6 +13,7 @@ from ..lowering.registry import REGISTRY
 from .manager import PassContext, PassResult, register_pass
 
 ATEN = torch.ops.aten
+FAKE_QUANT = torch.ops.sagequant.fake_quantize_activation.default
 
 
 @register_pass("lower", "bind quantized linears to registry kernels (explicit fallback only)",
@@ -33,8 +35,16 @@ def lower(graph: QuantGraph, ctx: PassContext) -> PassResult:
         kernel, fallback_from = REGISTRY.select(ann.scheme, cfg.backend, cfg.priority, spec,
                                                 in_features=shape[1], layer=ann.layer,
                                                 fallback=cfg.fallback)
+        args = [x, qweight, scales, zeros, bias, spec_text, shape]
+        fq = x if getattr(x, "target", None) == FAKE_QUANT else None
+        if kernel.activation_quant != (fq is not None):
+            raise RuntimeError(f"{ann.layer}: kernel {kernel.name} "
+                               f"{'expects' if kernel.activation_quant else 'cannot take'} a quantized "
+                               "activation input; annotate/convert disagree with the registry row")
+        if fq is not None:
+            args = [fq.args[0], *args[1:], fq.args[1], fq.args[2]]
         with graph.graph.inserting_before(node):
-            knode = graph.graph.call_function(kernel.op, (x, qweight, scales, zeros, bias, spec_text, shape))
+            knode = graph.graph.call_function(kernel.op, tuple(args))
         knode.meta.update(node.meta)
         ann.kernel = KernelBinding(kernel=kernel.name, backend=kernel.backend, scheme=ann.scheme,
                                    priority=cfg.priority, fallback_from=fallback_from,
@@ -42,11 +52,13 @@ def lower(graph: QuantGraph, ctx: PassContext) -> PassResult:
                                           "ragged_last_group": bool(spec.group_size and shape[1] % spec.group_size),
                                           "packed": spec.fmt.packed, "in_features": shape[1],
                                           "activation_bytes": act_dtype.itemsize,
+                                          "activation": fq.args[1] if fq is not None else None,
                                           "out_features": shape[0]})
         node.replace_all_uses_with(knode)
         graph.graph.erase_node(node)
-        if not dq.users:
-            graph.graph.erase_node(dq)
+        for consumed in (dq, fq):
+            if consumed is not None and not consumed.users:
+                graph.graph.erase_node(consumed)
         lowered += 1
         by_kernel[kernel.name] = by_kernel.get(kernel.name, 0) + 1
     graph.recompile()

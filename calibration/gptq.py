@@ -1,0 +1,218 @@
+"""GPTQ (Frantar et al. 2022, "GPTQ: Accurate Post-Training Quantization for Generative
+Pre-trained Transformers"): the tensor math only, no graph plumbing.
+
+For a linear layer y = x Wᵀ with calibration inputs X, GPTQ quantizes W column by column and
+spreads each column's rounding error over the columns not yet quantized so that the layer output
+error ‖X Wᵀ - X Qᵀ‖² = tr((W-Q) H (W-Q)ᵀ) · n/2 stays small, where H = (2/n) Σ x xᵀ.
+
+With U the upper Cholesky factor of H⁻¹ (H⁻¹ = Uᵀ U), quantizing column i to q gives
+  err = (w_i - q) / U[i, i]        W[:, j] -= err · U[i, j]   for j > i
+(lazily: within a block of `block_size` columns, and once per block for the columns after it).
+
+Scales come from `ir.quant_spec` so the rounding, scale-dtype rounding and saturation are exactly
+the format's; the result is a QuantizedTensor in the normal layout (contiguous groups along the
+input dimension, ragged last group allowed), re-quantized from the GPTQ values and checked to
+reproduce its codes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..ir.quant_spec import (
+    SCALE_DTYPES, QuantizedTensor, QuantSpec, block_lengths, compute_qparams, dequantize, quantize)
+
+# Cholesky retries: damping x10 each time, after the first try.
+DAMP_RETRIES = 3
+
+
+class GPTQError(ValueError):
+    """GPTQ cannot run as asked: bad inputs, NaN/Inf activations, or a Hessian it cannot invert."""
+
+
+class HessianAccumulator:
+    """Running H = (2/n) Σ x xᵀ over all activation rows seen so far, kept in float64.
+
+    Each batch rescales the old average instead of summing raw outer products, so the values stay
+    O(x²) however many rows arrive: H *= n_old/n_new; H += (2/n_new) XᵀX.
+    """
+
+    def __init__(self, in_features: int, what: str = "activation"):
+        if in_features < 1:
+            raise GPTQError(f"HessianAccumulator.in_features={in_features} must be >= 1")
+        self.in_features = in_features
+        self.what = what  # names the tensor in errors, e.g. "input of model.layers.0.mlp.up_proj"
+        self.n = 0
+        self._h: torch.Tensor | None = None
+
+    def add(self, x: torch.Tensor) -> None:
+        """Add one batch of activations [..., in_features] (all leading dims are rows)."""
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
+            raise GPTQError(f"{self.what}: activation shape {tuple(x.shape)} has last dim "
+                            f"{x.shape[-1] if x.dim() else None}, expected {self.in_features}")
+        rows = x.detach().reshape(-1, self.in_features).to(torch.float64)
+        if not bool(torch.isfinite(rows).all()):
+            n_nan, n_inf = int(torch.isnan(rows).sum()), int(torch.isinf(rows).sum())
+            raise GPTQError(f"{self.what}: calibration batch {self.n} rows in contains {n_nan} NaN "
+                            f"and {n_inf} Inf values; check the calibration data and float model")
+        k = rows.shape[0]
+        if k == 0:
+            return
+        if self._h is None:
+            self._h = torch.zeros(self.in_features, self.in_features, dtype=torch.float64,
+                                  device=rows.device)
+        n_new = self.n + k
+        self._h *= self.n / n_new
+        self._h += (2.0 / n_new) * (rows.T @ rows.to(self._h.device))
+        self.n = n_new
+
+    @property
+    def hessian(self) -> torch.Tensor:
+        """H [in, in] float64 (a copy)."""
+        if self._h is None:
+            raise GPTQError(f"{self.what}: Hessian requested before any activation rows were added")
+        return self._h.clone()
+
+
+@dataclass
+class GPTQResult:
+    qtensor: QuantizedTensor
+    dequantized: torch.Tensor  # [out, in] in the weight's dtype; == dequantize(qtensor, dtype)
+    loss: float                # Σ_columns ½ Σ_rows err² / Hinv_chol[i,i]², the paper's objective
+    damping: float             # damp fraction actually used (after escalation), × mean(diag H)
+    act_order: bool
+
+
+def reconstruction_error(weight: torch.Tensor, dequantized: torch.Tensor,
+                         hessian: torch.Tensor) -> float:
+    """tr((W-Q) H (W-Q)ᵀ): with H from HessianAccumulator, 2/n × the squared layer output error."""
+    d = (weight.to(torch.float64) - dequantized.to(torch.float64))
+    return float(((d @ hessian.to(torch.float64)) * d).sum())
+
+
+def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, *,
+                  block_size: int = 128, damp: float = 0.01, act_order: bool = False,
+                  clip_ratio: float = 1.0, min_samples: int | None = None,
+                  n_samples: int | None = None, what: str = "weight") -> GPTQResult:
+    """Quantize weight [out, in] with the GPTQ error compensation driven by hessian [in, in].
+
+    per_group without act_order: a group's scale is taken from its current (error-updated)
+    columns when its first column is reached. With act_order, columns go in order of decreasing
+    diag(H) and group scales are fixed up front from the weight ("static groups"), so groups stay
+    contiguous in the original column order. per_channel / per_tensor: scales up front. Input
+    columns that never see activation (H[i,i] == 0) are zeroed and excluded from the scales.
+    """
+    _check_inputs(weight, hessian, spec, block_size, damp, clip_ratio, min_samples, n_samples, what)
+    n_cols = weight.shape[1]
+    W = weight.detach().to(torch.float32).clone()
+    H = hessian.detach().to(torch.float64).clone()
+    dead = torch.diagonal(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+
+    lazy_groups = spec.granularity == "per_group" and not act_order
+    if lazy_groups:
+        n_groups = len(block_lengths(n_cols, spec))
+        S = torch.empty(W.shape[0], n_groups, dtype=SCALE_DTYPES[spec.scale_dtype], device=W.device)
+        Z = None if spec.symmetric else torch.empty(W.shape[0], n_groups, dtype=torch.int32,
+                                                    device=W.device)
+    else:
+        S, Z = compute_qparams(W, spec, clip_ratio, what)
+
+    perm = (torch.argsort(torch.diagonal(H), descending=True, stable=True) if act_order
+            else torch.arange(n_cols))
+    W, H = W[:, perm.to(W.device)], H[perm][:, perm]
+    Hinv, damp_used = _inverse_cholesky(H, damp, what)
+    Hinv = Hinv.to(device=W.device, dtype=torch.float32)
+    orig = perm.tolist()
+
+    Q = torch.zeros_like(W)
+    losses = torch.zeros(W.shape[0], dtype=torch.float32, device=W.device)
+    for i1 in range(0, n_cols, block_size):
+        i2 = min(i1 + block_size, n_cols)
+        W1 = W[:, i1:i2].clone()
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = orig[i1 + i]
+            if lazy_groups and col % spec.group_size == 0:
+                # Without act_order col == i1 + i: the group is this column and the next ones.
+                g_end = min(col + spec.group_size, n_cols)
+                cur = W1[:, i:g_end - i1]
+                if g_end > i2:  # the group runs past this block: apply the block's errors so far
+                    rest = W[:, i2:g_end] - Err1[:, :i] @ Hinv[i1:i1 + i, i2:g_end]
+                    cur = torch.cat([cur, rest], dim=1)
+                s, z = compute_qparams(cur, spec, clip_ratio, what)
+                S[:, col // spec.group_size] = s[:, 0]
+                if Z is not None:
+                    Z[:, col // spec.group_size] = z[:, 0]
+            s_col, z_col = _column_params(S, Z, spec, col)
+            w = W1[:, i]
+            q = dequantize(quantize(w.unsqueeze(1), spec, s_col, z_col, what=what))[:, 0]
+            d = Hinv1[i, i]
+            Q[:, i1 + i] = q
+            losses += (w - q) ** 2 / d ** 2 / 2
+            err = (w - q) / d
+            W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
+            Err1[:, i] = err
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+
+    Q = Q[:, torch.argsort(perm).to(Q.device)]
+    qtensor = quantize(Q, spec, S, Z, what=what)
+    if not torch.equal(dequantize(qtensor), Q):
+        raise GPTQError(f"{what}: internal error: re-quantizing the GPTQ values with their own "
+                        f"scales did not reproduce the codes ({spec.describe()})")
+    return GPTQResult(qtensor=qtensor, dequantized=dequantize(qtensor, weight.dtype),
+                      loss=float(losses.sum()), damping=damp_used, act_order=act_order)
+
+
+def _check_inputs(weight, hessian, spec, block_size, damp, clip_ratio, min_samples, n_samples, what):
+    if min_samples is not None and n_samples is not None and n_samples < min_samples:
+        raise GPTQError(f"{what}: calibration set too small for a stable Hessian: {n_samples} rows, "
+                        f"need ≥ {min_samples}; pass more calibration samples")
+    if weight.dim() != 2:
+        raise GPTQError(f"{what}: GPTQ needs a 2-D weight [out, in], got shape {tuple(weight.shape)}")
+    n = weight.shape[1]
+    if tuple(hessian.shape) != (n, n):
+        raise GPTQError(f"{what}: hessian shape {tuple(hessian.shape)} does not match weight "
+                        f"{tuple(weight.shape)}; expected {(n, n)}")
+    if spec.granularity == "per_token" or spec.dynamic:
+        raise GPTQError(f"{what}: spec {spec.describe()} (granularity={spec.granularity}, "
+                        f"dynamic={spec.dynamic}) is an activation spec; GPTQ quantizes weights")
+    if block_size < 1:
+        raise GPTQError(f"{what}: block_size={block_size} must be >= 1")
+    if not damp > 0:
+        raise GPTQError(f"{what}: damp={damp} must be > 0, e.g. 0.01")
+    if not 0 < clip_ratio <= 1:
+        raise GPTQError(f"{what}: clip_ratio={clip_ratio} must be in (0, 1]")
+    for name, t in (("weight", weight), ("hessian", hessian)):
+        if not bool(torch.isfinite(t).all()):
+            raise GPTQError(f"{what}: {name} contains {int(torch.isnan(t).sum())} NaN and "
+                            f"{int(torch.isinf(t).sum())} Inf values; GPTQ cannot use it")
+
+
+def _inverse_cholesky(H: torch.Tensor, damp: float, what: str) -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor of (H + λI)⁻¹, λ = damp · mean(diag H), damp x10 on failure."""
+    mean_diag = float(torch.diagonal(H).mean())
+    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    tried = []
+    for attempt in range(DAMP_RETRIES + 1):
+        d = damp * 10 ** attempt
+        tried.append(d)
+        L, info = torch.linalg.cholesky_ex(H + d * mean_diag * eye)
+        if int(info) == 0:
+            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+            if int(info) == 0 and bool(torch.isfinite(U).all()):
+                return U, d
+    raise GPTQError(f"{what}: Hessian is not positive definite even with damping "
+                    f"{', '.join(f'{d:g}' for d in tried)} × mean(diag H) ({mean_diag:.4g}); "
+                    "collect more calibration samples (more rows than input features)")
+
+
+def _column_params(S, Z, spec: QuantSpec, col: int):
+    """Scale / zero point that apply to original input column `col`, shaped for a [out, 1] slice."""
+    if spec.granularity == "per_group":
+        g = col // spec.group_size
+        return S[:, g:g + 1], (None if Z is None else Z[:, g:g + 1])
+    return S, Z

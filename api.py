@@ -22,7 +22,7 @@ from .passes.annotate import weight_spec_for
 from .passes.schedule import scheduler_ir
 
 # What the pipeline of this build implements; anything else is refused up front, by name.
-AVAILABLE_CALIBRATION = ("minmax", "percentile")
+AVAILABLE_CALIBRATION = ("minmax", "percentile", "gptq")
 
 
 def _check_supported(cfg: QuantConfig) -> None:
@@ -226,7 +226,11 @@ class PercentileProtocol(QuantizationProtocol):
     method = "percentile"
 
 
-PROTOCOLS = {p.method: p for p in (MinMaxProtocol, PercentileProtocol)}
+class GPTQProtocol(QuantizationProtocol):
+    method = "gptq"
+
+
+PROTOCOLS = {p.method: p for p in (MinMaxProtocol, PercentileProtocol, GPTQProtocol)}
 
 
 class QuantizationManager:

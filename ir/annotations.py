@@ -89,6 +89,9 @@ class NodeAnnotation:
     calibration: dict[str, CalibrationRecord] = field(default_factory=dict)
     kernel: KernelBinding | None = None
     scheduler: SchedulerIR | None = None
+    # (scale, zero_point) chosen by a weight-rounding algorithm (GPTQ) for convert to use as is;
+    # transient: once convert has run, the codes and scales live in the graph's buffers.
+    weight_qparams: tuple | None = field(default=None, repr=False, compare=False)
 
     @property
     def quantized(self) -> bool:

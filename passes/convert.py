@@ -33,7 +33,12 @@ def convert(graph: QuantGraph, ctx: PassContext) -> PassResult:
         w_node = node.args[1]
         weight = graph.attr(w_node).detach()
         what = f"weight of {ann.layer}"
-        qt = quantize(weight, ann.weight_spec, clip_ratio=ann.clip_ratio, what=what)
+        if ann.weight_qparams is not None:  # scales chosen by GPTQ: round onto exactly that grid
+            scale, zero_point = ann.weight_qparams
+            qt = quantize(weight, ann.weight_spec, scale=scale, zero_point=zero_point, what=what)
+            ann.weight_qparams = None
+        else:
+            qt = quantize(weight, ann.weight_spec, clip_ratio=ann.clip_ratio, what=what)
         ann.calibration["weight"] = _weight_record(weight, ann.clip_ratio)
         prefix = storage_prefix(w_node.target)
         names = {"qweight": qt.data, "scales": qt.scale}

@@ -132,13 +132,21 @@ def test_scale_precision_and_asymmetric_config(traced):
 
 
 def test_w8a8_annotates_input_spec(traced):
-    cfg = sq.QuantConfig(weight_dtype="int8", activation_dtype="int8", group_size=None)
+    has_scale_choice = hasattr(sq.QuantConfig(), "activation_scale")
+    kw = {"activation_scale": "static_per_tensor"} if has_scale_choice else {}
+    cfg = sq.QuantConfig(weight_dtype="int8", activation_dtype="int8", group_size=None, **kw)
     anns, *_ = annotate(traced, cfg)
     a = anns["model.layers.0.self_attn.q_proj"]
     assert a.scheme == "W8A8-INT8"
     assert a.weight_spec == QuantSpec("int8", "per_channel", None, True, "fp16")
     assert a.input_spec == QuantSpec("int8", "per_tensor", None, True, "fp32")
     assert anns["lm_head"].input_spec is None
+    if has_scale_choice:  # the default: per-token scales computed at run time
+        cfg = sq.QuantConfig(weight_dtype="fp8", activation_dtype="fp8", group_size=None)
+        anns, *_ = annotate(traced, cfg)
+        a = anns["model.layers.1.mlp.down_proj"]
+        assert a.scheme == "W8A8-FP8"
+        assert a.input_spec == QuantSpec("fp8_e4m3", "per_token", None, True, "fp32", dynamic=True)
 
 
 @pytest.mark.parametrize("field, cfg_kwargs, pattern", [

@@ -167,9 +167,9 @@ def test_lower_binds_every_quantized_linear(tiny, helpers, calib_ids):
         k = ann.kernel
         assert (k.kernel, k.backend, k.scheme, k.priority, k.fallback_from) == (
             "cpu_weight_only_ref", "cpu", "W4A16", "latency", None)
-        assert k.attrs == {"format": "int4", "group_size": G, "ragged_last_group": in_f % G != 0,
-                           "packed": True, "in_features": in_f, "activation_bytes": 4,
-                           "out_features": out_f}
+        expected = {"format": "int4", "group_size": G, "ragged_last_group": in_f % G != 0,
+                    "packed": True, "in_features": in_f, "activation_bytes": 4, "out_features": out_f}
+        assert {key: k.attrs.get(key) for key in expected} == expected
         s = sched[ann.layer]
         assert s["node"] == node.name
         assert (s["dtype"], s["kernel"]) == ("int4", "cpu_weight_only_ref")
@@ -255,14 +255,37 @@ def _w4_spec():
     return QuantSpec("int4", "per_group", G, True, "fp16")
 
 
-@pytest.mark.parametrize("wd, ad, scheme", [("int8", "int8", "W8A8-INT8"), ("fp8", "fp8", "W8A8-FP8"),
-                                            ("w8a8", "w8a8", "W8A8-INT8")])
-def test_w8a8_has_no_cpu_kernel(tiny, calib_ids, wd, ad, scheme):
+W8A8 = [("int8", "int8", "W8A8-INT8"), ("fp8", "fp8", "W8A8-FP8"), ("w8a8", "w8a8", "W8A8-INT8")]
+
+
+@pytest.mark.parametrize("wd, ad, scheme", W8A8)
+def test_w8a8_on_cpu(tiny, calib_ids, wd, ad, scheme):
     cfg = sq.QuantConfig(weight_dtype=wd, activation_dtype=ad, group_size=None)
     assert cfg.scheme == scheme
+    if REGISTRY.candidates(scheme, "cpu", cfg.priority):
+        # A CPU W8A8 kernel is registered: the scheme must bind to it, not fall back silently.
+        cm = sq.compile(tiny("llama"), cfg, calibration_data=calib_ids)
+        assert {b["scheme"] for b in cm.kernel_bindings.values()} == {scheme}
+        assert {b["backend"] for b in cm.kernel_bindings.values()} == {"cpu"}
+        return
     with pytest.raises(KernelNotFoundError) as info:
         sq.compile(tiny("llama"), cfg, calibration_data=calib_ids)
     assert f"scheme={scheme}" in str(info.value) and "backend=cpu" in str(info.value)
+
+
+@pytest.mark.parametrize("wd, ad, scheme", W8A8[:2])
+def test_scheme_without_kernel_is_named(tiny, calib_ids, wd, ad, scheme):
+    backend = next((b for b in ("kunlun", "mlu", "ascend", "rocm", "tensorrt", "onnxruntime", "cuda")
+                    if not REGISTRY.candidates(scheme, b, "latency")), None)
+    if backend is None:
+        pytest.skip(f"every backend registers a {scheme} kernel")
+    cfg = sq.QuantConfig(weight_dtype=wd, activation_dtype=ad, group_size=None, backend=backend)
+    with pytest.raises(KernelNotFoundError) as info:
+        sq.compile(tiny("llama"), cfg, calibration_data=calib_ids)
+    msg = str(info.value)
+    assert f"scheme={scheme}, backend={backend}, priority=latency" in msg
+    assert "model.layers.0.self_attn.q_proj" in msg  # the first layer it tried
+    assert "registered keys:" in msg
 
 
 def test_lower_requires_convert(traced):

@@ -1,0 +1,86 @@
+"""PTQ accuracy table on the real SmolLM2-135M (issue 4): perplexity of each scheme / calibration
+method vs the float model, on the news text, calibrated on the disjoint Wikipedia prose.
+
+    .venv/bin/python benchmarks/ptq_accuracy.py --schemes float w4a16-rtn w4a16-gptq \\
+        --max-tokens 20000 --calib-samples 32 --out ptq.json
+
+Results accumulate in --out (one entry per scheme), so schemes can be run in separate calls.
+"""
+import argparse
+import json
+import platform
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+
+import sagequant as sq
+from sagequant.calibration.datasets import tokenize_calibration
+from sagequant.calibration.real_data import evaluation_text, load_smollm2, wikipedia_prose
+from sagequant.tools.evaluate import perplexity, tokenize_eval_text
+
+G128 = dict(group_size=128, symmetric=True)
+SCHEMES = {
+    "w8a16-rtn": dict(weight_dtype="int8", activation_dtype="a16", **G128),
+    "w8a8-int8-minmax": dict(weight_dtype="int8", activation_dtype="int8", group_size=None),
+    "w8a8-int8-static-minmax": dict(weight_dtype="int8", activation_dtype="int8", group_size=None,
+                                    activation_scale="static_per_tensor"),
+    "w8a8-int8-static-smoothquant": dict(weight_dtype="int8", activation_dtype="int8", group_size=None,
+                                         activation_scale="static_per_tensor", calibration="smoothquant"),
+    "w8a8-int8-smoothquant": dict(weight_dtype="int8", activation_dtype="int8", group_size=None,
+                                  calibration="smoothquant"),
+    "w8a8-fp8-dynamic": dict(weight_dtype="fp8", activation_dtype="fp8", group_size=None),
+    "w4a16-rtn": dict(weight_dtype="int4", activation_dtype="a16", **G128),
+    "w4a16-awq": dict(weight_dtype="int4", activation_dtype="a16", calibration="awq", **G128),
+    "w4a16-gptq": dict(weight_dtype="int4", activation_dtype="a16", calibration="gptq", **G128),
+    "w4a16-gptq-actorder": dict(weight_dtype="int4", activation_dtype="a16", calibration="gptq",
+                                gptq_act_order=True, **G128),
+    "nf4-g64": dict(weight_dtype="nf4", activation_dtype="a16", group_size=64),
+}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--schemes", nargs="+", default=["float", *SCHEMES], choices=["float", *SCHEMES])
+    p.add_argument("--max-tokens", type=int, default=20000)
+    p.add_argument("--calib-samples", type=int, default=32)
+    p.add_argument("--calib-seq-len", type=int, default=512)
+    p.add_argument("--out", default="ptq_accuracy.json")
+    args = p.parse_args()
+    out = Path(args.out)
+    results = json.loads(out.read_text()) if out.exists() else {}
+    model, tok = load_smollm2()
+    eval_ids = tokenize_eval_text(tok, evaluation_text(), args.max_tokens)
+    calib = tokenize_calibration(wikipedia_prose(), tok, args.calib_samples, args.calib_seq_len)
+    meta = {"eval_tokens": int(eval_ids.numel()), "calibration": f"{len(calib)}x{calib.shape[1]}",
+            "date": date.today().isoformat(),
+            "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"}
+    for name in args.schemes:
+        t = time.perf_counter()
+        if name == "float":
+            with torch.inference_mode():
+                res = perplexity(lambda ids: model(input_ids=ids, use_cache=False).logits, eval_ids)
+            entry = {"ppl": res.ppl, "compile_s": 0.0}
+        else:
+            cfg = sq.QuantConfig(**SCHEMES[name], calibration_samples=args.calib_samples,
+                                 calibration_seq_len=args.calib_seq_len)
+            cm = sq.compile(model, cfg, calibration_data=calib)
+            compile_s = time.perf_counter() - t
+            res = perplexity(cm, eval_ids)
+            entry = {"ppl": res.ppl, "compile_s": compile_s, "scheme": cfg.scheme,
+                     "calibration": cfg.calibration, "config": SCHEMES[name],
+                     "bits_per_weight": cm.weight_bytes()["bits_per_weight"],
+                     "passes": {h["pass"]: h.get("seconds") for h in cm.pass_history},
+                     "pass_stats": {h["pass"]: h.get("stats") for h in cm.pass_history
+                                    if h["pass"] in ("smoothquant", "awq", "gptq")}}
+        entry.update(meta, eval_s=res.seconds)
+        results[name] = entry
+        base = results.get("float", {}).get("ppl")
+        delta = f"{100 * (entry['ppl'] / base - 1):+.2f}%" if base else "n/a"
+        print(f"{name:<32} ppl {entry['ppl']:8.3f}  Δ {delta:>8}  compile {entry['compile_s']:6.1f}s", flush=True)
+        out.write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()

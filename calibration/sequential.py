@@ -1,0 +1,134 @@
+"""Sequential, memory-bounded execution of a QuantGraph: one decoder block at a time over all
+calibration samples, caching between blocks only the values later blocks read.
+
+Decoder blocks are found from the graph, not from a per-architecture table: they are the
+repeated modules `<prefix>.<i>` of one class (model.layers.0, model.layers.1, ... for Llama-style
+models; transformer.h.0, ... for GPT-2). Nodes are grouped into segments — prologue (embedding,
+rotary tables, masks), one segment per block, epilogue — and a pass can act between segments,
+e.g. GPTQ quantizes block i before block i+1 sees its output, so peak memory is about one block's
+activations for all samples plus the inter-block cache, not the whole model's.
+"""
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from typing import Callable
+
+import torch
+import torch.fx as fx
+
+from ..ir.graph import QuantGraph
+from ..ir.trace import WRAPPER_PREFIX
+
+_INDEXED = re.compile(r"^(.*)\.(\d+)$")
+
+
+class SequentialError(RuntimeError):
+    pass
+
+
+def decoder_block_prefixes(graph: QuantGraph) -> list[str]:
+    """Module paths of the repeated blocks, in index order (wrapper prefix included)."""
+    by_parent: dict[str, dict[int, str]] = defaultdict(dict)
+    for node in graph.graph.nodes:
+        for path, cls in (node.meta.get("nn_module_stack") or {}).values():
+            m = _INDEXED.match(path)
+            if m:
+                by_parent[m.group(1)][int(m.group(2))] = cls if isinstance(cls, str) else cls.__name__
+    best: list[str] = []
+    for parent, members in by_parent.items():
+        if len(members) >= 2 and len(set(members.values())) == 1 and len(members) > len(best):
+            best = [f"{parent}.{i}" for i in sorted(members)]
+    return best
+
+
+def _block_of(node: fx.Node, index: dict[str, int]) -> int | None:
+    for path, _ in (node.meta.get("nn_module_stack") or {}).values():
+        if path in index:
+            return index[path]
+    return None
+
+
+class SequentialRunner:
+    def __init__(self, graph: QuantGraph):
+        self.graph = graph
+        prefixes = decoder_block_prefixes(graph)
+        if not prefixes:
+            raise SequentialError("no repeated decoder blocks found in the graph (no module path "
+                                  "<parent>.<i> repeated with one class); sequential calibration "
+                                  "needs a block-structured model")
+        self.block_names = [p[len(WRAPPER_PREFIX):] if p.startswith(WRAPPER_PREFIX) else p for p in prefixes]
+        index = {p: i for i, p in enumerate(prefixes)}
+        # segment 0: prologue, 1..B: blocks, B+1: epilogue
+        self.segments: list[list[fx.Node]] = [[] for _ in range(len(prefixes) + 2)]
+        current, last = 0, len(prefixes)
+        for node in graph.graph.nodes:
+            if node.op in ("output", "get_attr", "placeholder"):
+                continue
+            b = _block_of(node, index)
+            if b is not None:
+                if b + 1 < current:
+                    raise SequentialError(f"node {node.name} of block {b} comes after segment "
+                                          f"{current} started; blocks interleave")
+                current = b + 1
+            elif current == last and node.meta.get("nn_module_stack"):
+                current = last + 1  # a module outside the blocks after the last one: epilogue
+            self.segments[current].append(node)
+        self.placeholders = [n for n in graph.graph.nodes if n.op == "placeholder"]
+        seg_of = {n: s for s, nodes in enumerate(self.segments) for n in nodes}
+        # Last segment that reads each value: after it, the value leaves the cache.
+        self.last_use = {n: max((seg_of.get(u, len(self.segments)) for u in n.users), default=-1)
+                         for n in seg_of}
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.segments) - 2
+
+    def block_nodes(self, block: int) -> list[fx.Node]:
+        return self.segments[block + 1]
+
+    def start(self, batches: list[torch.Tensor], run_prologue: bool = True) -> list[dict]:
+        """One value cache per sample, after the prologue (segment 0) unless run_prologue=False."""
+        if not batches:
+            raise SequentialError("no calibration batches to run")
+        caches = [{self.placeholders[0]: b} for b in batches]
+        if run_prologue:
+            self.run_segment(0, caches)
+        return caches
+
+    def run_block(self, block: int, caches: list[dict],
+                  hooks: dict[fx.Node, Callable[[fx.Node, tuple, torch.Tensor], None]] | None = None) -> None:
+        """Run block `block` for every sample, calling hooks[node](node, args, out) per sample."""
+        self.run_segment(block + 1, caches, hooks or {})
+
+    def run_segment(self, seg: int, caches: list[dict], hooks: dict | None = None,
+                    commit: bool = True) -> None:
+        """Run segment `seg` over every sample's cache. commit=False only observes (hooks fire,
+        the caches stay as they were), so the segment can run again after its weights change."""
+        nodes = self.segments[seg]
+        hooks = hooks or {}
+        with torch.inference_mode():
+            for original in caches:
+                cache = original if commit else dict(original)
+                for node in nodes:
+                    args = fx.node.map_arg(node.args, lambda n: self._value(n, cache))
+                    kwargs = fx.node.map_arg(node.kwargs, lambda n: self._value(n, cache))
+                    if node.op == "call_module":
+                        out = self.graph.gm.get_submodule(node.target)(*args, **kwargs)
+                    else:
+                        out = node.target(*args, **kwargs)
+                    if node in hooks:
+                        hooks[node](node, args, out)
+                    cache[node] = out
+                if commit:
+                    for n in [n for n in cache if self.last_use.get(n, -1) <= seg and n.op != "placeholder"]:
+                        del cache[n]
+
+    def _value(self, node: fx.Node, cache: dict):
+        if node.op == "get_attr":
+            return self.graph.attr(node)  # read now: a pass may have replaced the weight
+        try:
+            return cache[node]
+        except KeyError:
+            raise SequentialError(f"value of {node.name} is not cached: it was freed or never computed "
+                                  "(segment order broken)") from None

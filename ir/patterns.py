@@ -1,0 +1,73 @@
+"""Graph patterns shared by the smoothing passes (SmoothQuant, AWQ): "balance groups" — a
+producer whose output channels can absorb a per-channel scale s, and the quantized linears that
+consume exactly that output, whose weight columns absorb s in return.
+
+  norm  -> linear, linear, ...      rms_norm / layer_norm output read only by linears (q/k/v,
+                                    gate/up, GPT-2 c_attn / c_fc): the norm weight (and bias) / s
+  linear -> mul(act(.), .) -> linear  up_proj -> down_proj in gated MLPs: up_proj rows / s
+
+Matched on graph structure and op meaning, never on module names; a producer whose output has
+any other reader (a residual add, a non-linear op) does not form a group, because scaling it
+would change that reader.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+
+from .graph import QuantGraph
+
+ATEN = torch.ops.aten
+RMS_NORM = "rms_norm"
+LAYER_NORM = "layer_norm"
+LINEAR = "linear"
+
+
+@dataclass
+class BalanceGroup:
+    kind: str                      # rms_norm | layer_norm | linear (the producer's kind)
+    producer: fx.Node              # the norm node, or the producing linear node
+    consumers: list[fx.Node] = field(default_factory=list)  # quantized linear nodes sharing one input
+
+    @property
+    def input_node(self) -> fx.Node:
+        return self.consumers[0].args[0]
+
+    def describe(self, graph: QuantGraph) -> str:
+        names = ", ".join(graph.annotation(c).layer for c in self.consumers)
+        prod = graph.annotation(self.producer).layer if self.kind == LINEAR else self.producer.name
+        return f"{self.kind} {prod} -> [{names}]"
+
+
+def _is_quantized_linear(graph: QuantGraph, node) -> bool:
+    ann = graph.annotation(node) if isinstance(node, fx.Node) else None
+    return node.target == ATEN.linear.default and ann is not None and ann.quantized
+
+
+def balance_groups(graph: QuantGraph) -> list[BalanceGroup]:
+    groups = []
+    for node in graph.graph.nodes:
+        if node.op != "call_function":
+            continue
+        if node.target == torch.ops.sagequant.rms_norm.default:
+            kind = RMS_NORM
+        elif node.target == ATEN.layer_norm.default and len(node.args) > 2 and node.args[2] is not None:
+            kind = LAYER_NORM
+        else:
+            continue
+        users = list(node.users)
+        if users and all(_is_quantized_linear(graph, u) and u.args[0] is node for u in users):
+            groups.append(BalanceGroup(kind, node, users))
+    for down in graph.nodes(ATEN.linear.default):
+        if not _is_quantized_linear(graph, down):
+            continue
+        mul = down.args[0]
+        if not (isinstance(mul, fx.Node) and mul.target == ATEN.mul.Tensor and len(mul.users) == 1):
+            continue
+        ups = [a for a in mul.args if isinstance(a, fx.Node) and _is_quantized_linear(graph, a)
+               and len(a.users) == 1]
+        if len(ups) == 1:
+            groups.append(BalanceGroup(LINEAR, ups[0], [down]))
+    return groups

@@ -1,0 +1,81 @@
+"""gptq: Hessian-based sequential rounding (calibration/gptq.py holds the math), block by block.
+
+The graph runs one segment (prologue, decoder block i, epilogue) at a time over all calibration
+samples (calibration/sequential.py). For each segment holding quantized linears: run it once
+observing their inputs (Hessians), quantize them with GPTQ, then run it again so the next block
+sees the outputs of the already-quantized block — the inputs of block i+1 come from quantized
+block i. Peak memory is the inter-block cache plus one block's activations and Hessians.
+
+GPTQ's scales are left on the annotation so convert rounds onto exactly the chosen grid.
+"""
+from __future__ import annotations
+
+import resource
+
+import torch
+from tqdm.auto import tqdm
+
+from ..calibration.datasets import CalibrationDataError
+from ..calibration.gptq import HessianAccumulator, gptq_quantize, reconstruction_error
+from ..calibration.sequential import SequentialRunner
+from ..ir.graph import QuantGraph
+from ..ir.quant_spec import dequantize, quantize
+from .manager import PassContext, PassResult, register_pass
+
+ATEN = torch.ops.aten
+# Fewer calibration rows than this many times a layer's input width gives a poorly conditioned
+# Hessian; damping handles it, but the user is told rather than silently served a bad result.
+MIN_ROWS_PER_INPUT = 1
+
+
+@register_pass("gptq", "GPTQ weight rounding, sequential over decoder blocks", requires=("annotate",))
+def gptq(graph: QuantGraph, ctx: PassContext) -> PassResult:
+    cfg = ctx.config
+    if cfg.calibration != "gptq":
+        return PassResult(graph, False, {"skipped": f"calibration={cfg.calibration}"})
+    if not ctx.calibration_batches:
+        raise CalibrationDataError("GPTQ needs calibration data (its Hessians come from layer inputs); "
+                                   "pass calibration_data=")
+    runner = SequentialRunner(graph)
+    caches = runner.start(ctx.calibration_batches, run_prologue=False)
+    rss_before = _peak_rss_mb()
+    stats = {"layers": 0, "blocks": runner.num_blocks, "rtn_error": 0.0, "gptq_error": 0.0}
+    for seg in tqdm(range(len(runner.segments)), desc="gptq", unit="segment", leave=False):
+        targets = [n for n in runner.segments[seg] if n.target == ATEN.linear.default
+                   and graph.annotation(n) is not None and graph.annotation(n).quantized]
+        if targets:
+            hessians = {n: HessianAccumulator(graph.attr(n.args[1]).shape[1], f"input of "
+                                              f"{graph.annotation(n).layer}") for n in targets}
+            hooks = {n: (lambda node, args, out: hessians[node].add(args[0])) for n in targets}
+            runner.run_segment(seg, caches, hooks, commit=False)
+            for node in targets:
+                _quantize_layer(graph, node, hessians[node], cfg, stats)
+        runner.run_segment(seg, caches)
+    stats["peak_rss_mb"] = _peak_rss_mb()
+    stats["peak_rss_growth_mb"] = round(stats["peak_rss_mb"] - rss_before, 1)
+    return PassResult(graph, stats["layers"] > 0, stats)
+
+
+def _quantize_layer(graph: QuantGraph, node, acc: HessianAccumulator, cfg, stats: dict) -> None:
+    ann = graph.annotation(node)
+    w_node = node.args[1]
+    readers = [n for n in graph.graph.nodes if n.op == "get_attr" and n.target == w_node.target
+               for _ in n.users]
+    if len(readers) > 1:
+        raise ValueError(f"GPTQ would rewrite the weight {w_node.target} of {ann.layer}, which other "
+                         "ops also read (tied embeddings?); keep that layer in QuantConfig.ignore")
+    weight = graph.attr(w_node).detach()
+    result = gptq_quantize(weight.float(), acc.hessian, ann.weight_spec, block_size=cfg.gptq_block_size,
+                           damp=cfg.gptq_damp, act_order=cfg.gptq_act_order, clip_ratio=ann.clip_ratio,
+                           min_samples=MIN_ROWS_PER_INPUT * weight.shape[1], n_samples=acc.n,
+                           what=f"weight of {ann.layer}")
+    rtn = dequantize(quantize(weight.float(), ann.weight_spec, clip_ratio=ann.clip_ratio))
+    stats["rtn_error"] += reconstruction_error(weight.float(), rtn, acc.hessian)
+    stats["gptq_error"] += reconstruction_error(weight.float(), result.dequantized.float(), acc.hessian)
+    stats["layers"] += 1
+    graph.set_attr(w_node.target, result.dequantized.to(weight.dtype))
+    ann.weight_qparams = (result.qtensor.scale, result.qtensor.zero_point)
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0

@@ -22,7 +22,7 @@ from .passes.annotate import weight_spec_for
 from .passes.schedule import scheduler_ir
 
 # What the pipeline of this build implements; anything else is refused up front, by name.
-AVAILABLE_CALIBRATION = ("minmax", "percentile", "gptq")
+AVAILABLE_CALIBRATION = ("minmax", "percentile", "smoothquant", "awq", "smoothquant+awq", "gptq")
 
 
 def _check_supported(cfg: QuantConfig) -> None:
@@ -65,7 +65,9 @@ def compile(model, config: QuantConfig | None = None, calibration_data=None, tok
     pm = PassManager(PIPELINE, instruments, verify_each=verify_each, stop_after=stop_after)
     ctx = PassContext(cfg, batches)
     graph = pm.run(graph, ctx)
-    return CompiledModel(graph, cfg, build_kv_plan(cfg), pm.history)
+    compiled = CompiledModel(graph, cfg, build_kv_plan(cfg), pm.history)
+    compiled.source_model = model
+    return compiled
 
 
 class CompiledModel:
@@ -75,6 +77,7 @@ class CompiledModel:
         self.config = config
         self.kv_plan = kv_plan
         self.pass_history = pass_history
+        self.source_model: torch.nn.Module | None = None  # the float model, when compiled here
 
     def __call__(self, input_ids: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
         ids = kwargs.pop("input_ids", input_ids)
@@ -149,6 +152,16 @@ class CompiledModel:
             "kv_plan": self.kv_plan.to_dict(),
             "config": self.config.to_dict(),
         }
+
+    def error_report(self, input_ids: torch.Tensor, reference: torch.nn.Module | None = None) -> list[dict]:
+        """Per quantized layer: SQNR / relative MSE of its output vs the float model, worst first."""
+        from .tools.error_report import layer_errors
+        reference = reference if reference is not None else self.source_model
+        if reference is None:
+            raise ValueError("error_report needs the float model: pass reference= (a loaded artifact "
+                             "does not carry its float weights)")
+        ids = input_ids.unsqueeze(0) if input_ids.dim() == 1 else input_ids
+        return layer_errors(self, reference, ids)
 
     # ---- persistence -------------------------------------------------------------------------
     def save(self, directory: str | Path) -> Path:
@@ -230,7 +243,20 @@ class GPTQProtocol(QuantizationProtocol):
     method = "gptq"
 
 
-PROTOCOLS = {p.method: p for p in (MinMaxProtocol, PercentileProtocol, GPTQProtocol)}
+class SmoothQuantProtocol(QuantizationProtocol):
+    method = "smoothquant"
+
+
+class AWQProtocol(QuantizationProtocol):
+    method = "awq"
+
+
+class SmoothQuantAWQProtocol(QuantizationProtocol):
+    method = "smoothquant+awq"
+
+
+PROTOCOLS = {p.method: p for p in (MinMaxProtocol, PercentileProtocol, GPTQProtocol, SmoothQuantProtocol,
+                                   AWQProtocol, SmoothQuantAWQProtocol)}
 
 
 class QuantizationManager:

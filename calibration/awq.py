@@ -104,7 +104,7 @@ def awq_search_scales(x: torch.Tensor, weights: list[torch.Tensor], weight_spec:
     w_all = torch.cat(weights, dim=0)
     numel = x.shape[0] * w_all.shape[0]
     losses: list[float] = []
-    best = (math.inf, 0.0, torch.ones(x.shape[1]))
+    best = (math.inf, 0.0, torch.ones(x.shape[1], device=x.device))
     for i in range(grid):
         ratio = i / grid
         s = awq_candidate_scales(x_mean_abs, ratio)
@@ -122,7 +122,7 @@ def _sample_tokens(x: torch.Tensor, n: int) -> torch.Tensor:
     """n rows evenly spread over x (all rows when x has no more than n)."""
     if x.shape[0] <= n:
         return x
-    return x[torch.linspace(0, x.shape[0] - 1, n).round().long()]
+    return x[torch.linspace(0, x.shape[0] - 1, n, device=x.device).round().long()]
 
 
 def _group_sq_error(x_groups: torch.Tensor, delta: torch.Tensor, n_groups: int, g: int) -> torch.Tensor:
@@ -159,12 +159,12 @@ def awq_search_clip(x: torch.Tensor, weight: torch.Tensor, weight_spec: QuantSpe
     n_groups, g = len(lengths), lengths[0]
     x_pad = torch.nn.functional.pad(x, (0, n_groups * g - n_in))
     x_groups = x_pad.reshape(x.shape[0], n_groups, g).transpose(0, 1).contiguous()
-    lens = torch.tensor(lengths)
+    lens = torch.tensor(lengths, device=w.device)
     shrinks = torch.linspace(1.0, 1.0 - max_shrink, grid) if grid > 1 else torch.ones(1)
 
-    best_shrink = torch.ones(n_out, n_groups)
-    best_err = torch.empty(n_out, n_groups, dtype=torch.float64)
-    rtn_err = torch.empty(n_out, n_groups, dtype=torch.float64)
+    best_shrink = torch.ones(n_out, n_groups, device=w.device)
+    best_err = torch.empty(n_out, n_groups, dtype=torch.float64, device=w.device)
+    rtn_err = torch.empty_like(best_err)
     rows = max(1, _CHUNK_ELEMENTS // max(n_in, n_groups * x.shape[0]))
     for r0 in range(0, n_out, rows):
         wc = w[r0:r0 + rows]

@@ -46,6 +46,31 @@ def _is_quantized_linear(graph: QuantGraph, node) -> bool:
     return node.target == ATEN.linear.default and ann is not None and ann.quantized
 
 
+_RESHAPES = (ATEN.view.default, ATEN.reshape.default, ATEN._unsafe_view.default)
+
+
+def _linear_readers(graph: QuantGraph, node: fx.Node) -> list[fx.Node] | None:
+    """The quantized linears reading node's channels, looking through reshapes that keep the last
+    (channel) dim (GPT-2 flattens to [-1, C] before its projections); None if anything else reads it."""
+    found = []
+    for u in node.users:
+        if _is_quantized_linear(graph, u) and u.args[0] is node:
+            found.append(u)
+        elif u.target in _RESHAPES and _keeps_last_dim(node, u):
+            inner = _linear_readers(graph, u)
+            if not inner:
+                return None
+            found.extend(inner)
+        else:
+            return None
+    return found or None
+
+
+def _keeps_last_dim(src: fx.Node, reshape: fx.Node) -> bool:
+    a, b = src.meta.get("val"), reshape.meta.get("val")
+    return a is not None and b is not None and a.shape[-1] == b.shape[-1]
+
+
 def balance_groups(graph: QuantGraph) -> list[BalanceGroup]:
     groups = []
     for node in graph.graph.nodes:
@@ -57,9 +82,9 @@ def balance_groups(graph: QuantGraph) -> list[BalanceGroup]:
             kind = LAYER_NORM
         else:
             continue
-        users = list(node.users)
-        if users and all(_is_quantized_linear(graph, u) and u.args[0] is node for u in users):
-            groups.append(BalanceGroup(kind, node, users))
+        consumers = _linear_readers(graph, node)
+        if consumers:
+            groups.append(BalanceGroup(kind, node, consumers))
     for down in graph.nodes(ATEN.linear.default):
         if not _is_quantized_linear(graph, down):
             continue
@@ -71,3 +96,47 @@ def balance_groups(graph: QuantGraph) -> list[BalanceGroup]:
         if len(ups) == 1:
             groups.append(BalanceGroup(LINEAR, ups[0], [down]))
     return groups
+
+
+def _readers(graph: QuantGraph, target: str) -> int:
+    return sum(len(n.users) for n in graph.graph.nodes if n.op == "get_attr" and n.target == target)
+
+
+def _attr_target(node, what: str) -> str:
+    if not (isinstance(node, fx.Node) and node.op == "get_attr"):
+        raise ValueError(f"{what} is not a parameter of the graph; cannot fold a scale into it")
+    return node.target
+
+
+def fold_group_scales(graph: QuantGraph, group: BalanceGroup, scales: torch.Tensor) -> None:
+    """Divide the producer's output channels by `scales` and multiply every consumer's columns by
+    them: float-equivalent (up to rounding), so the group's outputs are unchanged."""
+    from ..calibration.smoothquant import fold_into_linear_rows, fold_into_norm, scale_consumer_columns
+    where = group.describe(graph)
+    p = group.producer
+    if group.kind == RMS_NORM:
+        w = _attr_target(p.args[1], f"norm weight of {where}")
+        _check_private(graph, w, where)
+        graph.set_attr(w, fold_into_norm(graph.attr(w), scales, float(p.args[3])))
+    else:
+        w_arg, b_arg = (p.args[2], p.args[3]) if group.kind == LAYER_NORM else (
+            p.args[1], p.args[2] if len(p.args) > 2 else None)
+        w = _attr_target(w_arg, f"producer weight of {where}")
+        b = _attr_target(b_arg, f"producer bias of {where}") if b_arg is not None else None
+        for t in (w, b):
+            if t is not None:
+                _check_private(graph, t, where)
+        new_w, new_b = fold_into_linear_rows(graph.attr(w), graph.attr(b) if b else None, scales)
+        graph.set_attr(w, new_w)
+        if b is not None:
+            graph.set_attr(b, new_b)
+    for c in group.consumers:
+        t = _attr_target(c.args[1], f"weight of {graph.annotation(c).layer}")
+        _check_private(graph, t, where)
+        graph.set_attr(t, scale_consumer_columns(graph.attr(t), scales))
+
+
+def _check_private(graph: QuantGraph, target: str, where: str) -> None:
+    if _readers(graph, target) != 1:
+        raise ValueError(f"cannot fold scales of {where}: tensor {target} is read by "
+                         f"{_readers(graph, target)} ops (shared or tied weight)")

@@ -39,7 +39,6 @@ def calibrate(graph: QuantGraph, ctx: PassContext) -> PassResult:
         if batches is not None:
             observer = graph.gm.get_submodule(obs_node.target)
             ann.calibration["input"] = observer.record("input", ann.clip_ratio)
-            ctx.activation_stats[ann.layer] = observer.stats()
             records += 1
         obs_node.replace_all_uses_with(obs_node.args[0])
         graph.graph.erase_node(obs_node)

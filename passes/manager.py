@@ -27,8 +27,6 @@ class PassContext:
     config: QuantConfig
     calibration_batches: list | None = None
     ran: list[str] = field(default_factory=list)
-    # Transient per-layer activation statistics from calibrate (not saved in artifacts).
-    activation_stats: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -88,6 +88,12 @@ def test_chunked_rows_give_the_same_loss(monkeypatch):
     monkeypatch.setattr(awq, "_CHUNK_ELEMENTS", 64 * 7)  # 7 rows per chunk, ragged last chunk
     chunked = awq_search_scales(x, ws, G32, grid=4)
     assert chunked.losses == pytest.approx(whole.losses, rel=1e-9)
+    monkeypatch.undo()
+    clip_whole = awq_search_clip(x, ws[0], G32, grid=5)
+    monkeypatch.setattr(awq, "_CHUNK_ELEMENTS", 64 * 7)  # one output row per chunk
+    clip_chunked = awq_search_clip(x, ws[0], G32, grid=5)
+    assert torch.equal(clip_chunked.shrink, clip_whole.shrink)
+    assert clip_chunked.loss == pytest.approx(clip_whole.loss, rel=1e-9)
 
 
 def test_folded_scales_are_exact_in_float64():

@@ -11,6 +11,8 @@ from sagequant.ir.formats import QuantizationError
 from sagequant.passes import PassContext, PassManager
 from sagequant.passes.insert_observers import OBSERVER_PREFIX
 
+Q0 = "model.layers.0.self_attn.q_proj"
+
 
 def _batches():
     g = torch.Generator().manual_seed(5)
@@ -133,29 +135,23 @@ def test_percentile_clip_below_minmax_in_compile(fresh_tiny, calib_ids):
         assert b["observer"] == "percentile"
         assert (a["min"], a["max"]) == (b["min"], b["max"])
         assert b["clip"] < a["clip"], layer
-    q0 = "model.layers.0.self_attn.q_proj"
-    assert pc[q0]["input"]["clip"] < 0.75 * mm[q0]["input"]["clip"]
+    assert pc[Q0]["input"]["clip"] < 0.75 * mm[Q0]["input"]["clip"]
 
 
-def test_clip_ratio_scales_clip(tiny, calib_ids):
+def test_clip_ratio_scales_clip(tiny, compiled):
     model = tiny("llama")
-    full = sq.compile(model, sq.QuantConfig(group_size=32), calibration_data=calib_ids)
-    half = sq.compile(model, sq.QuantConfig(group_size=32, clip_ratio=0.5), calibration_data=calib_ids)
+    full, half = compiled("llama", group_size=32), compiled("llama", group_size=32, clip_ratio=0.5)
     rf, rh = full.calibration_records, half.calibration_records
     for layer in rf:
         for t in ("input", "weight"):
             assert rh[layer][t]["absmax"] == rf[layer][t]["absmax"]
             assert rh[layer][t]["clip"] == pytest.approx(0.5 * rf[layer][t]["clip"], rel=1e-7)
     # The weight scales follow the clipped range: fp16(0.5 * group absmax / 7).
-    node = next(n for n in half.graph.annotated() if half.graph.annotation(n).layer == q0_name())
+    node = next(n for n in half.graph.annotated() if half.graph.annotation(n).layer == Q0)
     scales = half.graph.attr(node.args[2])
-    w = model.get_submodule(q0_name()).weight.detach().double()
+    w = model.get_submodule(Q0).weight.detach().double()
     absmax = w.abs().reshape(w.shape[0], -1, 32).amax(-1)
     torch.testing.assert_close(scales, (0.5 * absmax / 7).half(), rtol=0, atol=0)
-
-
-def q0_name():
-    return "model.layers.0.self_attn.q_proj"
 
 
 def test_clip_ratio_override_per_layer(tiny, calib_ids):

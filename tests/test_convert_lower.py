@@ -7,11 +7,13 @@ import pytest
 import torch
 
 import sagequant as sq
+from sagequant.ir.quant_spec import QuantSpec
 from sagequant.lowering.registry import REGISTRY, KernelNotFoundError
 from sagequant.passes import PassContext, PassManager
 
-# Custom ops are looked up when used, never cached at import: pytest's importlib mode imports the
-# repository root a second time (as package "main"), which re-registers them as new OpOverloads.
+
+# Custom ops are looked up (or compared by name) when used, never cached at import: a second import
+# of the package re-registers them as new OpOverloads (see the note in conftest.py).
 def DQ(*args):
     return torch.ops.sagequant.dequantize_weight.default(*args)
 
@@ -148,9 +150,9 @@ def test_int8_per_channel_storage(traced):
 
 
 # ------------------------------------------------------------------------ lower/schedule
-def test_lower_binds_every_quantized_linear(tiny, helpers, calib_ids):
+def test_lower_binds_every_quantized_linear(tiny, helpers, compiled):
     model = tiny("llama", **helpers.RAGGED)
-    cm = sq.compile(model, sq.QuantConfig(group_size=G), calibration_data=calib_ids)
+    cm = compiled("llama", helpers.RAGGED, group_size=G)
     counts = cm.graph.op_counts()
     assert "sagequant.dequantize_weight.default" not in counts
     assert counts["sagequant.weight_only_linear_ref.default"] == 14
@@ -184,10 +186,11 @@ def test_lower_binds_every_quantized_linear(tiny, helpers, calib_ids):
 
 @pytest.mark.parametrize("arch, kw, symmetric", [
     ("llama", "ragged", True), ("llama", "ragged", False), ("gpt2", None, True), ("gemma3", None, True)])
-def test_compiled_logits_match_float64_dequantized_model(tiny, helpers, calib_ids, eval_ids,
+def test_compiled_logits_match_float64_dequantized_model(tiny, helpers, compiled, eval_ids,
                                                          arch, kw, symmetric):
-    model = tiny(arch, **(helpers.RAGGED if kw else {}))
-    cm = sq.compile(model, sq.QuantConfig(group_size=G, symmetric=symmetric), calibration_data=calib_ids)
+    model_kw = helpers.RAGGED if kw else {}
+    model = tiny(arch, **model_kw)
+    cm = compiled(arch, model_kw, group_size=G, symmetric=symmetric)
     deq = {}
     for node in cm.graph.annotated():
         layer = cm.graph.annotation(node).layer
@@ -204,12 +207,11 @@ def test_compiled_logits_match_float64_dequantized_model(tiny, helpers, calib_id
     assert rel_err(float_logits, expected) > 1e-3  # quantization did change the model
 
 
-def test_w8a16_much_closer_to_float_than_w4a16(tiny, calib_ids, eval_ids):
-    model = tiny("llama")
+def test_w8a16_much_closer_to_float_than_w4a16(tiny, compiled, eval_ids):
     with torch.no_grad():
-        ref = model(eval_ids).logits
-    w4 = sq.compile(model, sq.QuantConfig(group_size=G), calibration_data=calib_ids)
-    w8 = sq.compile(model, sq.QuantConfig(weight_dtype="int8", group_size=None), calibration_data=calib_ids)
+        ref = tiny("llama")(eval_ids).logits
+    w4 = compiled("llama", group_size=G)
+    w8 = compiled("llama", weight_dtype="int8", group_size=None)
     assert w8.report()["scheme"] == "W8A16"
     e4, e8 = rel_err(w4(eval_ids), ref), rel_err(w8(eval_ids), ref)
     assert 0 < e8 < e4 / 4, (e4, e8)
@@ -232,12 +234,12 @@ def test_cuda_without_fallback_lists_registered_keys(tiny, calib_ids):
     assert any("'lower'" in n for n in info.value.__notes__)
 
 
-def test_cuda_with_cpu_fallback(tiny, calib_ids, eval_ids):
+def test_cuda_with_cpu_fallback(tiny, compiled, calib_ids, eval_ids):
     model = tiny("llama")
-    if any(s.rejects(_w4_spec(), 64) is None
-           for s in REGISTRY.candidates("W4A16", "cuda", "latency")):
+    w4 = QuantSpec("int4", "per_group", G, True, "fp16")
+    if any(s.rejects(w4, 64) is None for s in REGISTRY.candidates("W4A16", "cuda", "latency")):
         pytest.skip("a CUDA W4A16 kernel is usable here: no fallback happens")
-    cpu = sq.compile(model, sq.QuantConfig(group_size=G), calibration_data=calib_ids)
+    cpu = compiled("llama", group_size=G)
     fb = sq.compile(model, sq.QuantConfig(group_size=G, backend="cuda", fallback="cpu"),
                     calibration_data=calib_ids)
     rep = fb.report()
@@ -248,11 +250,6 @@ def test_cuda_with_cpu_fallback(tiny, calib_ids, eval_ids):
     for b in fb.kernel_bindings.values():
         assert b["backend"] == "cpu" and b["fallback_from"] == "cuda"
     assert torch.equal(fb(eval_ids), cpu(eval_ids))
-
-
-def _w4_spec():
-    from sagequant.ir.quant_spec import QuantSpec
-    return QuantSpec("int4", "per_group", G, True, "fp16")
 
 
 W8A8 = [("int8", "int8", "W8A8-INT8"), ("fp8", "fp8", "W8A8-FP8"), ("w8a8", "w8a8", "W8A8-INT8")]
@@ -286,6 +283,22 @@ def test_scheme_without_kernel_is_named(tiny, calib_ids, wd, ad, scheme):
     assert f"scheme={scheme}, backend={backend}, priority=latency" in msg
     assert "model.layers.0.self_attn.q_proj" in msg  # the first layer it tried
     assert "registered keys:" in msg
+
+
+def test_compile_leaves_the_eager_model_untouched(fresh_tiny, calib_ids, eval_ids):
+    model = fresh_tiny("gpt2")  # Conv1D weights get transposed and the lm_head is tied
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        logits = model(eval_ids).logits
+    cm = sq.compile(model, sq.QuantConfig(group_size=G, ignore=[]), calibration_data=calib_ids)
+    after = model.state_dict()
+    assert before.keys() == after.keys()
+    for k in before:
+        assert torch.equal(before[k], after[k]), k
+    with torch.no_grad():
+        assert torch.equal(model(eval_ids).logits, logits)
+    assert cm.report()["quantized_layers"] == 9  # lm_head too: nothing ignored
+    assert rel_err(cm(eval_ids), logits) < 0.2
 
 
 def test_lower_requires_convert(traced):

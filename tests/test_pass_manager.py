@@ -4,7 +4,6 @@ import io
 import warnings
 
 import pytest
-import torch
 
 import sagequant as sq
 from sagequant.ir.graph import GraphVerificationError
@@ -32,9 +31,14 @@ def _break_graph(graph, ctx):
 BREAK = Pass("break_graph", _break_graph, "inserts a get_attr to a missing attribute")
 
 
+CORE = ["canonicalize", "annotate", "insert_observers", "calibrate", "convert", "lower", "schedule"]
+
+
 def test_pipeline_is_registered_in_order():
-    assert PIPELINE == ["canonicalize", "annotate", "insert_observers", "calibrate", "convert",
-                        "lower", "schedule"]
+    # Algorithm passes (smoothquant, awq, gptq, ...) may sit between these; the core order holds.
+    assert [p for p in PIPELINE if p in CORE] == CORE
+    assert PIPELINE[0] == "canonicalize" and PIPELINE[-1] == "schedule"
+    assert len(set(PIPELINE)) == len(PIPELINE)
     assert set(PIPELINE) <= set(PASSES)
     for name in PIPELINE:
         assert PASSES[name].name == name and PASSES[name].summary
@@ -44,7 +48,7 @@ def test_full_pipeline_ran_and_history(traced, calib_ids):
     pm, ctx, graph = run(traced, PIPELINE, batches=list(calib_ids.split(1)))
     assert ctx.ran == PIPELINE
     assert [h["pass"] for h in pm.history] == PIPELINE
-    assert all(h["modified"] is True for h in pm.history)
+    assert all(h["modified"] is True for h in pm.history if h["pass"] in CORE)
     assert set(pm.timing.seconds) == set(PIPELINE)
     assert all(s >= 0 for s in pm.timing.seconds.values())
     for h in pm.history:
@@ -125,12 +129,15 @@ def test_dump_ir_numbered_files(traced, calib_ids, tmp_path):
     pm, ctx, graph = run(traced, PIPELINE, batches=list(calib_ids.split(1)), instruments=[DumpIR(d)])
     names = sorted(p.name for p in d.iterdir())
     assert names == [f"{i + 1:03d}_{p}.txt" for i, p in enumerate(PIPELINE)]
-    assert (d / "007_schedule.txt").read_text() == graph.format() + "\n"
-    canon = (d / "001_canonicalize.txt").read_text()
+    def dump(name):
+        return (d / f"{PIPELINE.index(name) + 1:03d}_{name}.txt").read_text()
+    assert dump("schedule") == graph.format() + "\n"
+    canon = dump("canonicalize")
     assert "sagequant.rms_norm.default" in canon and "sq_observer" not in canon
-    assert "call_module[sq_observer_0]" in (d / "003_insert_observers.txt").read_text()
-    assert "dequantize_weight" in (d / "005_convert.txt").read_text()
-    assert "dequantize_weight" not in (d / "006_lower.txt").read_text()
+    assert "call_module[sq_observer_0]" in dump("insert_observers")
+    assert "sq_observer" not in dump("calibrate")
+    assert "dequantize_weight" in dump("convert")
+    assert "dequantize_weight" not in dump("lower")
 
 
 def test_compile_dump_dir(tiny, tmp_path):

@@ -138,6 +138,17 @@ def cmd_inspect(args) -> int:
     print(cm.graph.format(annotated_only=not args.all))
     if args.scheduler_ir:
         print(json.dumps(cm.scheduler_ir, indent=1))
+    if args.errors:
+        from ..calibration.datasets import tokenize_calibration
+        from ..calibration.real_data import wikipedia_prose
+        from .error_report import format_errors
+        from .models import resolve_model
+        source = args.reference or cm.graph.model_info.get("source")
+        if source is None:
+            raise ConfigError("the artifact does not record its source model; pass --reference MODEL")
+        model, tok = resolve_model(source)
+        ids = tokenize_calibration(wikipedia_prose(), tok, 1, args.error_tokens)
+        print(format_errors(cm.error_report(ids, reference=model), top=args.top))
     return 0
 
 
@@ -167,6 +178,11 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--artifact", required=True)
     i.add_argument("--all", action="store_true", help="every node, not only annotated ones")
     i.add_argument("--scheduler-ir", action="store_true", help="also print the Scheduler IR JSON")
+    i.add_argument("--errors", action="store_true",
+                   help="per-layer SQNR of quantized outputs vs the float model, worst first")
+    i.add_argument("--reference", help="float model for --errors (default: the artifact's source)")
+    i.add_argument("--error-tokens", type=int, default=256, help="tokens of Wikipedia prose to measure on")
+    i.add_argument("--top", type=int, help="print only the worst N layers")
     i.set_defaults(func=cmd_inspect)
     d = sub.add_parser("demo", help="compile the real SmolLM2 at W8A16 and W4A16 and print the report table")
     add_demo_args(d)

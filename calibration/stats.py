@@ -1,0 +1,64 @@
+"""Activation statistics for the smoothing passes, gathered with forward hooks on the sequential
+runner (one decoder block at a time, so memory stays about one block's activations)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+
+from ..ir.formats import QuantizationError
+from ..ir.graph import QuantGraph
+from .sequential import SequentialRunner
+
+
+@dataclass
+class ActivationStats:
+    """Per input channel statistics of one tensor (a linear's input), and a sample of its rows."""
+
+    channel_absmax: torch.Tensor       # [in]
+    channel_mean_abs: torch.Tensor     # [in]
+    rows: torch.Tensor | None          # [n, in] rows sampled evenly across batches, or None
+
+    def scaled(self, scales: torch.Tensor) -> "ActivationStats":
+        """Statistics of x / s, after a smoothing fold divided the producer by s."""
+        return ActivationStats(self.channel_absmax / scales, self.channel_mean_abs / scales,
+                               None if self.rows is None else self.rows / scales)
+
+
+class _Accumulator:
+    def __init__(self, what: str, keep_rows: int, n_batches: int):
+        self.what = what
+        self.per_batch = -(-keep_rows // n_batches) if keep_rows else 0
+        self.absmax = self.abs_sum = None
+        self.count = 0
+        self.rows: list[torch.Tensor] = []
+
+    def add(self, x: torch.Tensor) -> None:
+        rows = x.detach().reshape(-1, x.shape[-1]).float()
+        if not bool(torch.isfinite(rows).all()):
+            raise QuantizationError(f"calibration activation {self.what} contains NaN/Inf")
+        absmax, abs_sum = rows.abs().amax(0), rows.abs().sum(0)
+        self.absmax = absmax if self.absmax is None else torch.maximum(self.absmax, absmax)
+        self.abs_sum = abs_sum if self.abs_sum is None else self.abs_sum + abs_sum
+        self.count += rows.shape[0]
+        if self.per_batch:
+            step = max(1, rows.shape[0] // self.per_batch)
+            self.rows.append(rows[::step][: self.per_batch].clone())
+
+    def result(self) -> ActivationStats:
+        return ActivationStats(self.absmax, self.abs_sum / self.count,
+                               torch.cat(self.rows) if self.rows else None)
+
+
+def collect_input_stats(graph: QuantGraph, batches: list[torch.Tensor], consumers: list[fx.Node],
+                        keep_rows: int = 0) -> dict[fx.Node, ActivationStats]:
+    """Statistics of args[0] of each consumer node over all batches, in one sequential run."""
+    accs = {n: _Accumulator(f"input of {graph.annotation(n).layer if graph.annotation(n) else n.name}",
+                            keep_rows, len(batches)) for n in consumers}
+    hooks = {n: (lambda node, args, out: accs[node].add(args[0])) for n in consumers}
+    runner = SequentialRunner(graph)
+    caches = runner.start(batches, run_prologue=False)
+    for seg in range(len(runner.segments)):
+        runner.run_segment(seg, caches, hooks)
+    return {n: a.result() for n, a in accs.items() if a.count}

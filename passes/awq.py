@@ -1,0 +1,72 @@
+"""awq: activation-aware weight quantization (calibration/awq.py holds the search math).
+
+For every balance group (ir/patterns.py) the pass searches the per-channel scale s = mean|x|^r
+(grid over r) that minimises the group's output error after quantizing W·s, folds 1/s into the
+producer and s into the consumers (float-equivalent), then optionally searches a clip per weight
+group that minimises the layer output error and clamps the weights to it; convert's
+round-to-nearest then lands on AWQ's grid. Statistics come from one sequential run over the
+calibration data, on a fixed sample of input rows per distinct linear input.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..calibration.awq import awq_search_clip, awq_search_scales
+from ..calibration.datasets import CalibrationDataError
+from ..calibration.stats import collect_input_stats
+from ..config import ConfigError
+from ..ir.graph import QuantGraph
+from ..ir.patterns import balance_groups, fold_group_scales
+from .manager import PassContext, PassResult, register_pass
+
+ATEN = torch.ops.aten
+METHODS = ("awq", "smoothquant+awq")
+SEARCH_ROWS = 512
+
+
+@register_pass("awq", "activation-aware scale search folded into producers, then weight clip search",
+               requires=("annotate",))
+def awq(graph: QuantGraph, ctx: PassContext) -> PassResult:
+    cfg = ctx.config
+    if cfg.calibration not in METHODS:
+        return PassResult(graph, False, {"skipped": f"calibration={cfg.calibration}"})
+    if cfg.activation_format is not None:
+        raise ConfigError(f"QuantConfig.calibration={cfg.calibration!r}: AWQ protects salient weight "
+                          f"channels for weight-only schemes (W4A16, W8A16, NF4-A16, FP8-W8A16); "
+                          f"scheme {cfg.scheme} quantizes activations: use calibration='smoothquant'")
+    if not ctx.calibration_batches:
+        raise CalibrationDataError("AWQ needs calibration data (its search runs on layer inputs); "
+                                   "pass calibration_data=")
+    linears = [n for n in graph.nodes(ATEN.linear.default)
+               if graph.annotation(n) is not None and graph.annotation(n).quantized]
+    first_reader = {}
+    for n in linears:
+        first_reader.setdefault(n.args[0], n)
+    raw = collect_input_stats(graph, ctx.calibration_batches, list(first_reader.values()), SEARCH_ROWS)
+    stats = {inp: raw[node] for inp, node in first_reader.items()}
+    groups = balance_groups(graph)
+    rtn_loss = awq_loss = 0.0
+    for group in groups:
+        st = stats[group.input_node]
+        spec = graph.annotation(group.consumers[0]).weight_spec
+        found = awq_search_scales(st.rows, [graph.attr(c.args[1]) for c in group.consumers], spec,
+                                  grid=cfg.awq_grid, x_mean_abs=st.channel_mean_abs)
+        fold_group_scales(graph, group, found.scales)
+        stats[group.input_node] = st.scaled(found.scales)
+        rtn_loss += found.rtn_loss
+        awq_loss += found.loss
+    clipped, clip_rtn, clip_loss = 0, 0.0, 0.0
+    if cfg.awq_clip:
+        for node in linears:
+            ann = graph.annotation(node)
+            target = node.args[1].target
+            clip = awq_search_clip(stats[node.args[0]].rows, graph.attr(target), ann.weight_spec,
+                                   grid=cfg.awq_grid)
+            graph.set_attr(target, clip.weight)
+            clipped += 1
+            clip_rtn += clip.rtn_loss
+            clip_loss += clip.loss
+    graph.gm.recompile()
+    return PassResult(graph, True, {"groups": len(groups), "scale_loss_rtn": rtn_loss,
+                                    "scale_loss_awq": awq_loss, "clipped_layers": clipped,
+                                    "clip_loss_rtn": clip_rtn, "clip_loss_awq": clip_loss})

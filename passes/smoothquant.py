@@ -1,0 +1,62 @@
+"""smoothquant: migrate activation outliers into the weights before activation quantization.
+
+For every balance group (ir/patterns.py: norm -> linears, up_proj -> down_proj) it measures the
+per-channel |x| maxima of the group's input over the calibration data (one sequential run), picks
+s = max|X|^α / max|W|^(1-α) (calibration/smoothquant.py; α from QuantConfig.smoothquant_alpha, or
+searched per group when it is "auto"), and folds 1/s into the producer and s into the consumers'
+columns. The graph computes the same function in float; only the ranges the quantizers see change.
+It runs before the observers, so calibrated activation scales see the smoothed tensors.
+"""
+from __future__ import annotations
+
+from ..calibration.datasets import CalibrationDataError
+from ..calibration.smoothquant import search_alpha, smoothing_scales
+from ..calibration.stats import collect_input_stats
+from ..config import ConfigError
+from ..ir.graph import QuantGraph
+from ..ir.patterns import balance_groups, fold_group_scales
+from .manager import PassContext, PassResult, register_pass
+
+METHODS = ("smoothquant", "smoothquant+awq")
+SEARCH_ROWS = 512
+
+
+@register_pass("smoothquant", "fold per-channel smoothing scales into norm / linear producers",
+               requires=("annotate",))
+def smoothquant(graph: QuantGraph, ctx: PassContext) -> PassResult:
+    cfg = ctx.config
+    if cfg.calibration not in METHODS:
+        return PassResult(graph, False, {"skipped": f"calibration={cfg.calibration}"})
+    if cfg.calibration == "smoothquant" and cfg.activation_format is None:
+        raise ConfigError(f"QuantConfig.calibration='smoothquant' smooths activations for activation "
+                          f"quantization, but scheme {cfg.scheme} keeps 16-bit activations; use it "
+                          "with W8A8-INT8 / W8A8-FP8, or calibration='awq' / 'smoothquant+awq'")
+    if not ctx.calibration_batches:
+        raise CalibrationDataError("SmoothQuant needs calibration data for its activation maxima; "
+                                   "pass calibration_data=")
+    groups = balance_groups(graph)
+    if not groups:
+        raise ValueError("SmoothQuant found no norm -> linear or linear -> linear group to smooth in "
+                         "this graph; nothing would change")
+    auto = cfg.smoothquant_alpha == "auto"
+    stats = collect_input_stats(graph, ctx.calibration_batches, [g.consumers[0] for g in groups],
+                                keep_rows=SEARCH_ROWS if auto else 0)
+    alphas = {}
+    for group in groups:
+        st = stats[group.consumers[0]]
+        weights = [graph.attr(c.args[1]) for c in group.consumers]
+        alpha = cfg.smoothquant_alpha
+        if auto:
+            ann = graph.annotation(group.consumers[0])
+            act_spec = ann.input_spec or _act_spec_for_search(ann)
+            alpha, _ = search_alpha(st.rows, weights, act_spec, ann.weight_spec, act_absmax=st.channel_absmax)
+        fold_group_scales(graph, group, smoothing_scales(st.channel_absmax, weights, alpha))
+        alphas[group.describe(graph)] = alpha
+    graph.gm.recompile()
+    return PassResult(graph, True, {"groups": len(groups), "alpha": alphas if auto else cfg.smoothquant_alpha})
+
+
+def _act_spec_for_search(ann):
+    """Weight-only schemes combined with AWQ still smooth toward an int8 per-token activation."""
+    from ..ir.quant_spec import QuantSpec
+    return QuantSpec("int8", "per_token", None, True, "fp32", dynamic=True)

@@ -1,0 +1,156 @@
+"""Tiny random transformers models shared by the compiler tests.
+
+Builders are deterministic (own RNG seed) and perturb every 1-D parameter (norm weights, biases)
+so a pass that drops a norm scale, a Gemma (1 + w) offset or a bias changes the logits.
+Traced graphs and models are cached per session; `traced` hands out deep copies, because passes
+rewrite graphs in place.
+"""
+from __future__ import annotations
+
+import copy
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import sagequant
+
+# The repository root is the package and holds an __init__.py, so pytest (importlib mode) collects
+# the root directory as a Package and imports that __init__.py a second time under the directory's
+# name ("main"). That second copy re-registers every sagequant:: custom op, so op objects cached at
+# import time (kernel registry rows, module constants) stop being the ones torch.ops returns, and
+# identity checks in passes fail only under pytest. Point pytest at the one real package instead.
+_ROOT = Path(__file__).resolve().parents[1]
+if Path(sagequant.__file__).resolve().parent == _ROOT:
+    sys.modules.setdefault(_ROOT.name, sagequant)
+
+VOCAB = 128
+# Hidden 80 with group 32 gives ragged groups (32, 32, 16); intermediate 99 is odd, so packed
+# int4 rows need a padding nibble and down_proj has groups (32, 32, 32, 3).
+RAGGED = dict(hidden_size=80, intermediate_size=99, head_dim=16)
+
+
+def _llama_like(config_cls, model_cls, **kw):
+    base = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    base.update(kw)
+    return model_cls(config_cls(**base))
+
+
+def _build(arch: str, **kw) -> torch.nn.Module:
+    import transformers as tf
+    if arch == "llama":
+        return _llama_like(tf.LlamaConfig, tf.LlamaForCausalLM, **kw)
+    if arch == "qwen2":
+        return _llama_like(tf.Qwen2Config, tf.Qwen2ForCausalLM, **kw)
+    if arch == "mistral":
+        return _llama_like(tf.MistralConfig, tf.MistralForCausalLM, **kw)
+    if arch == "gemma3":
+        kw.setdefault("head_dim", 16)
+        return _llama_like(tf.Gemma3TextConfig, tf.Gemma3ForCausalLM, **kw)
+    if arch == "gpt2":
+        base = dict(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=64)
+        base.update(kw)
+        return tf.GPT2LMHeadModel(tf.GPT2Config(**base))
+    raise ValueError(f"unknown tiny arch {arch!r}")
+
+
+def build_tiny(arch: str, seed: int = 0, **kw) -> torch.nn.Module:
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = _build(arch, **kw).eval()
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.dim() == 1:
+                    p.add_(0.2 * torch.randn_like(p))
+    return model
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _single_thread():
+    """Tiny GEMMs gain nothing from intra-op threads, and on a loaded 2-core box the OpenMP
+    hand-off costs ~10 ms per op (0.2 s per forward instead of 1 ms)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+_MODELS: dict = {}
+_TRACED: dict = {}
+
+
+def _key(arch, kw):
+    return (arch, tuple(sorted(kw.items())))
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """tiny(arch, **config_overrides) -> a cached eval-mode model (do not mutate it)."""
+    def get(arch: str, **kw):
+        key = _key(arch, kw)
+        if key not in _MODELS:
+            _MODELS[key] = build_tiny(arch, **kw)
+        return _MODELS[key]
+    return get
+
+
+@pytest.fixture(scope="session")
+def fresh_tiny():
+    """fresh_tiny(arch, **config_overrides) -> a new model the test may modify."""
+    return build_tiny
+
+
+@pytest.fixture(scope="session")
+def traced(tiny):
+    """traced(arch, **config_overrides) -> (model, a private deep copy of its traced QuantGraph)."""
+    from sagequant.ir.trace import trace_model
+
+    def get(arch: str, **kw):
+        key = _key(arch, kw)
+        model = tiny(arch, **kw)
+        if key not in _TRACED:
+            _TRACED[key] = trace_model(model)
+        return model, copy.deepcopy(_TRACED[key])
+    return get
+
+
+@pytest.fixture(scope="session")
+def calib_ids():
+    """Calibration token ids [4, 16] (one [1, 16] batch per row), fixed seed."""
+    g = torch.Generator().manual_seed(1234)
+    return torch.randint(0, VOCAB, (4, 16), generator=g)
+
+
+@pytest.fixture(scope="session")
+def eval_ids():
+    g = torch.Generator().manual_seed(99)
+    return torch.randint(0, VOCAB, (2, 11), generator=g)
+
+
+@pytest.fixture(scope="session")
+def compiled(tiny, calib_ids):
+    """compiled(arch="llama", model_kw=None, **QuantConfig kwargs) -> a cached CompiledModel,
+    calibrated on calib_ids. Shared across tests: only call, save, report or inspect it."""
+    import json
+
+    cache: dict = {}
+
+    def get(arch: str = "llama", model_kw: dict | None = None, **cfg_kw):
+        key = (_key(arch, model_kw or {}), json.dumps(cfg_kw, sort_keys=True))
+        if key not in cache:
+            cfg = sagequant.QuantConfig(**cfg_kw)
+            cache[key] = sagequant.compile(tiny(arch, **(model_kw or {})), cfg, calibration_data=calib_ids)
+        return cache[key]
+    return get
+
+
+@pytest.fixture(scope="session")
+def helpers():
+    """Small helpers tests cannot import from conftest under --import-mode=importlib."""
+    class H:
+        RAGGED = RAGGED
+        VOCAB = VOCAB
+        build_tiny = staticmethod(build_tiny)
+    return H

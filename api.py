@@ -14,7 +14,7 @@ from .config import ConfigError, LayerSettings, QuantConfig
 from .ir.annotations import META_KEY
 from .ir.graph import QuantGraph
 from .ir.kv_plan import KVQuantPlan, build_kv_plan
-from .ir.serialize import graph_from_json, graph_to_json
+from .ir.serialize import GraphSerializationError, graph_from_json, graph_to_json
 from .ir.trace import load_hf_model, trace_model
 from .lowering.registry import REGISTRY, KernelSpec
 from .passes import PIPELINE, DumpIR, PassContext, PassManager, PrintIRAfter
@@ -182,6 +182,8 @@ def load(directory: str | Path) -> CompiledModel:
         gm = graph_from_json(graph_json, tensors)
     except (KeyError, ConfigError) as e:
         raise ArtifactError(f"artifact {str(directory)!r} has invalid metadata: {e}") from None
+    except GraphSerializationError as e:
+        raise ArtifactError(f"artifact {str(directory)!r} cannot be loaded by this build: {e}") from None
     graph = QuantGraph(gm, meta.get("model_info"))
     graph.verify()
     return CompiledModel(graph, config, kv_plan, meta.get("pass_history", []))

@@ -68,7 +68,12 @@ def write_artifact(directory: str | Path, graph_json: dict, tensors: dict[str, t
         if target.exists():
             backup = target.with_name(f".{target.name}.old-{os.getpid()}")
             os.rename(target, backup)
-        os.rename(tmp, target)
+        try:
+            os.rename(tmp, target)
+        except BaseException:
+            if backup is not None:  # put the previous artifact back where it was
+                os.rename(backup, target)
+            raise
         if backup is not None:
             shutil.rmtree(backup)
     except BaseException:
@@ -102,7 +107,9 @@ def read_artifact(directory: str | Path) -> tuple[dict, dict[str, torch.Tensor],
     try:
         graph_json = json.loads((d / "graph.json").read_text())
         meta = json.loads((d / "meta.json").read_text())
-        tensors = load_file(str(d / "weights.safetensors"))
+        # Copies: the file's tensors are only 8-byte aligned, and some CPU kernels round
+        # differently on unaligned memory, which would break bit-identical reloads.
+        tensors = {k: v.clone() for k, v in load_file(str(d / "weights.safetensors")).items()}
     except (json.JSONDecodeError, SafetensorError) as e:
         raise ArtifactError(f"artifact {str(d)!r} is corrupt: {e}") from None
     for alias, source in meta.pop("tensor_aliases", {}).items():

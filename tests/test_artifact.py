@@ -50,11 +50,6 @@ def test_round_trip_bit_identical(compiled, helpers, eval_ids, tmp_path, which):
         assert (tmp_path / "art" / f).read_bytes() == (tmp_path / "again" / f).read_bytes()
 
 
-@pytest.mark.xfail(strict=True, reason="load() is not bit-exact for one-token inputs (decode): "
-                   "read_artifact hands safetensors.load_file tensors to the graph as they are; their "
-                   "storage is only 8-byte aligned inside the file buffer, and the CPU GEMV used for "
-                   "a single row (float lm_head) rounds differently on unaligned data (~5e-8); "
-                   "cloning the loaded tensors into fresh storage makes it bit-exact")
 def test_single_token_round_trip(compiled, helpers, tmp_path):
     mismatched = []
     for which, cfg in CONFIGS.items():
@@ -202,9 +197,6 @@ def test_failed_json_write_keeps_previous_artifact(compiled, saved, monkeypatch)
     assert _leftovers(saved.parent, saved.name) == []
 
 
-@pytest.mark.xfail(strict=True, reason="artifact.write_artifact: when the final rename of the new "
-                   "artifact into place fails, the previous artifact has already been renamed to "
-                   ".<name>.old-<pid> and is not restored, so the target path no longer loads")
 def test_failed_final_rename_keeps_previous_artifact(compiled, saved, monkeypatch):
     real_rename = os.rename
 
@@ -257,10 +249,6 @@ def test_graph_with_foreign_call_target_is_refused(saved, target, words):
         sq.load(saved)
 
 
-@pytest.mark.xfail(strict=True, reason="api.load only wraps KeyError/ConfigError: a graph.json naming an "
-                   "op this build does not register (an artifact from a newer build or another "
-                   "backend) raises ir.serialize.GraphSerializationError, not ArtifactError, and the "
-                   "message does not name the artifact directory")
 def test_graph_from_incompatible_build_is_artifact_error(saved):
     _rewrite(saved, "graph.json", _retarget_kernel({"op": "sagequant.marlin_w4a16.default"}))
     with pytest.raises(sq.ArtifactError, match=str(saved)):

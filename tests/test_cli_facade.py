@@ -103,5 +103,5 @@ def test_quantization_manager_facade(checkpoint, tmp_path):
     shapes = [(b["attrs"]["out_features"], b["attrs"]["in_features"]) for b in loaded.kernel_bindings.values()]
     rows, weights = sum(o for o, _ in shapes), sum(o * i for o, i in shapes)
     assert mgr.report()["weight_bytes"]["bits_per_weight"] == pytest.approx(8 + 16 * rows / weights, rel=1e-9)
-    with pytest.raises(sq.ConfigError, match="awq.*available: minmax, percentile"):
-        sq.QuantizationManager(sq.QuantConfig(calibration="awq"))
+    for method in ("minmax", "percentile", "smoothquant", "awq", "gptq", "smoothquant+awq"):
+        assert sq.QuantizationManager(sq.QuantConfig(calibration=method)).protocol.method == method

@@ -1,0 +1,189 @@
+"""Pure-Python planning for the CUDA kernels: which path runs at which M, block shapes, split-K,
+group geometry, and layout conversions to peers' formats. No triton, no GPU: tested on CPU.
+
+Thresholds are constants so the H100 run (benchmarks/cuda_kernels.py) can retune them in one
+place; `choose()` is the only function that reads them.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import torch
+
+from ...ir.quant_spec import QuantSpec
+
+# --- weight-only path thresholds, by M = tokens in the batch (tuned on an H100 run) -----------
+GEMV_MAX_M = 1            # M <= this: CUDA-core GEMV (no tensor cores, split-K)
+SPLITK_MAX_M = 16         # M <= this: tensor-core kernel with BLOCK_M=16 and split-K
+DEQUANT_MM_MIN_M = 1024   # M >= this: dequantize to a 16-bit scratch, then cuBLAS
+DEQUANT_CHUNK_BYTES = 32 << 20  # dequantize this many bytes of 16-bit weight per cuBLAS call
+# Programs (tiles x splits) to aim for, as waves over the multiprocessors.
+MEMORY_BOUND_WAVES = 4    # small M: many loads in flight
+COMPUTE_BOUND_WAVES = 1
+MIN_K_BLOCKS_PER_SPLIT = 4
+BIG_GROUP = 1 << 30       # the kernels' GROUP for per-channel / per-tensor scales: one "group"
+# Group sizes the Triton kernels take: a K block (power of two >= 16) must lie in one group.
+GROUP_SIZES = (16, 32, 64, 128, 256, 512, 1024)
+PATHS = ("gemv", "splitk", "tiled", "dequant_mm")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How one weight-only GEMM runs. block_* are the tile (rows of x, output features, K)."""
+
+    path: str
+    block_m: int = 16
+    block_n: int = 64
+    block_k: int = 64
+    split_k: int = 1
+    num_warps: int = 4
+    num_stages: int = 3
+    group_m: int = 8        # tiled: launch order swizzle, for L2 reuse of x and weight tiles
+    chunk_n: int = 0        # dequant_mm: output features per dequantize+GEMM chunk (0: all)
+
+    def describe(self) -> str:
+        if self.path == "dequant_mm":
+            return f"dequant_mm(chunk_n={self.chunk_n or 'all'})"
+        return (f"{self.path}(BM={self.block_m},BN={self.block_n},BK={self.block_k},"
+                f"split={self.split_k},w={self.num_warps},s={self.num_stages})")
+
+
+def kernel_group(spec: QuantSpec, in_features: int) -> int:
+    """GROUP the kernels divide K offsets by: the group size, or BIG_GROUP for one scale per row."""
+    if spec.granularity == "per_group":
+        return spec.group_size
+    return BIG_GROUP
+
+
+def group_rejects(spec: QuantSpec) -> str | None:
+    if spec.granularity == "per_group" and spec.group_size not in GROUP_SIZES:
+        return (f"group_size {spec.group_size}: the Triton kernels need a power of two in "
+                f"{GROUP_SIZES} (a K block must lie inside one group)")
+    return None
+
+
+def block_k_for(group: int, bits: int, preferred: int) -> int:
+    """Largest power-of-two K block <= preferred that divides the group (ragged tails masked)."""
+    bk = min(preferred, group)
+    if bits == 4:
+        bk = max(bk, 32)  # 16 packed bytes per row: the narrowest load worth issuing
+        bk = min(bk, group) if group >= 16 else bk
+    return max(16, bk)
+
+
+def split_k_for(tiles: int, k_blocks: int, sm_count: int, waves: float) -> int:
+    """Split K so tiles x splits reaches `waves` of programs, keeping a few K blocks per split."""
+    want = math.ceil(waves * sm_count / max(tiles, 1))
+    most = max(1, k_blocks // MIN_K_BLOCKS_PER_SPLIT)
+    split = max(1, min(want, most))
+    per = math.ceil(k_blocks / split)
+    return math.ceil(k_blocks / per)  # no empty split
+
+
+def choose(m: int, n: int, k: int, *, bits: int, group: int, sm_count: int = 132) -> Plan:
+    """Shape-aware path and tile choice for a weight-only GEMM [m, k] x [n, k]^T."""
+    if m <= 0:
+        raise ValueError(f"choose(): M must be >= 1, got {m}")
+    if m >= DEQUANT_MM_MIN_M:
+        rows = max(128, (DEQUANT_CHUNK_BYTES // (2 * k)) // 128 * 128)
+        return Plan("dequant_mm", chunk_n=0 if rows >= n else rows)
+    if m <= GEMV_MAX_M:
+        plan = Plan("gemv", block_m=1, block_n=64, block_k=block_k_for(group, bits, 128),
+                    num_warps=4, num_stages=1)
+        waves = MEMORY_BOUND_WAVES
+    elif m <= SPLITK_MAX_M:
+        plan = Plan("splitk", block_m=16, block_n=64, block_k=block_k_for(group, bits, 128),
+                    num_warps=4, num_stages=4)
+        waves = MEMORY_BOUND_WAVES
+    else:
+        bm = 32 if m <= 32 else 64 if m <= 64 else 128
+        bn = 64 if bm <= 32 else 128
+        plan = Plan("tiled", block_m=bm, block_n=bn, block_k=block_k_for(group, bits, 64),
+                    num_warps=4 if bm <= 64 else 8, num_stages=4 if bm <= 64 else 3)
+        waves = COMPUTE_BOUND_WAVES
+    tiles = math.ceil(m / plan.block_m) * math.ceil(n / plan.block_n)
+    if plan.path == "gemv":
+        tiles = m * math.ceil(n / plan.block_n)
+    split = split_k_for(tiles, math.ceil(k / plan.block_k), sm_count, waves)
+    return replace(plan, split_k=split)
+
+
+def k_blocks_per_split(k: int, block_k: int, split_k: int) -> tuple[int, int]:
+    """(K blocks per split, actual splits) for a requested split; every split gets work."""
+    blocks = math.ceil(k / block_k)
+    per = math.ceil(blocks / max(1, split_k))
+    return per, math.ceil(blocks / per)
+
+
+def scale_strides(scales: torch.Tensor, out_features: int) -> tuple[int, int]:
+    """(stride over output features, stride over groups) of a [N, G] or per-tensor [1, 1] scale."""
+    if scales.dim() != 2:
+        raise ValueError(f"scales must be 2-D [out_features, n_groups], got {tuple(scales.shape)}")
+    sn = 0 if scales.shape[0] == 1 and out_features != 1 else scales.stride(0)
+    sg = 0 if scales.shape[1] == 1 else scales.stride(1)
+    return sn, sg
+
+
+# --- FP8 / INT8 activation scale layouts -----------------------------------------------------
+
+def scaled_mm_scales(act_scale: torch.Tensor, w_scale: torch.Tensor, m: int, n: int
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scales in the form torch._scaled_mm takes: two fp32 scalars (tensor-wise), or a [M, 1]
+    and a [1, N] fp32 pair (row-wise) when either side has one scale per row/channel."""
+    a = act_scale.float().reshape(-1)
+    b = w_scale.float().reshape(-1)
+    if a.numel() == 1 and b.numel() == 1:
+        return a.reshape(()), b.reshape(())
+    a = a.expand(m) if a.numel() == 1 else a
+    b = b.expand(n) if b.numel() == 1 else b
+    return a.reshape(m, 1).contiguous(), b.reshape(1, n).contiguous()
+
+
+def int_mm_rows(m: int) -> int:
+    """torch._int_mm on CUDA needs more than 16 rows and a multiple of 8: rows to pad M to."""
+    return max(32, math.ceil(m / 8) * 8)
+
+
+# --- peer layout: torch's int4 tinygemm (torch._weight_int4pack_mm) -------------------------
+
+TINYGEMM_GROUPS = (32, 64, 128, 256)
+TINYGEMM_INNER_K_TILES = 8
+
+
+def tinygemm_rejects(spec: QuantSpec, n: int, k: int) -> str | None:
+    if spec.format not in ("int4", "uint4") or spec.granularity != "per_group":
+        return f"tinygemm takes group-wise int4/uint4 weights, not {spec.describe()}"
+    if spec.group_size not in TINYGEMM_GROUPS:
+        return f"tinygemm group size must be in {TINYGEMM_GROUPS}, got {spec.group_size}"
+    if k % (TINYGEMM_INNER_K_TILES * 16) or n % 8:
+        return f"tinygemm needs K % {TINYGEMM_INNER_K_TILES * 16} == 0 and N % 8 == 0 (N={n}, K={k})"
+    return None
+
+
+def to_tinygemm(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                spec: QuantSpec, dtype: torch.dtype = torch.bfloat16
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Our packed int4 ([N, K/2] uint8, element 2i in the low nibble, signed two's complement, or
+    uint4 with zero points) -> tinygemm's input: uint8 [N, K/2] holding unsigned codes u = q + 8
+    with element 2i in the HIGH nibble, and scales_and_zeros [G, N, 2] where w = (u - 8) * s + z.
+
+    Symmetric: u - 8 = q, so z = 0. Asymmetric (u in 0..15, w = (u - zp) * s): z = (8 - zp) * s.
+    """
+    data = qweight ^ 0x88 if spec.format == "int4" else qweight  # signed nibble -> q + 8
+    swapped = ((data & 0x0F) << 4) | (data >> 4)
+    s = scales.float()
+    z = torch.zeros_like(s) if zeros is None else (8.0 - zeros.float()) * s
+    sz = torch.stack((s.t(), z.t()), dim=-1).to(dtype).contiguous()
+    return swapped.to(torch.uint8).contiguous(), sz
+
+
+def dequantize_tinygemm_reference(packed_hi_first: torch.Tensor, scales_and_zeros: torch.Tensor,
+                                  group: int, k: int) -> torch.Tensor:
+    """Float32 weights tinygemm computes from `to_tinygemm`'s output (for tests)."""
+    hi = (packed_hi_first >> 4).to(torch.int32)
+    lo = (packed_hi_first & 0xF).to(torch.int32)
+    u = torch.stack((hi, lo), dim=-1).flatten(-2)[:, :k].float()
+    s = scales_and_zeros[..., 0].float().t().repeat_interleave(group, dim=1)[:, :k]
+    z = scales_and_zeros[..., 1].float().t().repeat_interleave(group, dim=1)[:, :k]
+    return (u - 8.0) * s + z

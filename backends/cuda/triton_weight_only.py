@@ -1,0 +1,263 @@
+"""Triton weight-only GEMMs on the stored layout: y[M, N] = x[M, K] @ dequant(W[N, K])^T (+ bias).
+
+W is read as stored by ir.formats: int4/uint4 packed two per byte along K (element 2i in the low
+nibble, int4 two's complement, odd K padded with a zero nibble), int8/uint8 or fp8 one per byte;
+scales [N, G] (fp16/bf16/fp32), zero points [N, G] int32 for uint formats; the last group may be
+short (ragged: masked, never read past K).
+
+Three kernels, picked per call by layout.choose(M, N, K):
+  _wo_gemv_kernel   M tiny: CUDA-core dot products, [BLOCK_N, BLOCK_K] weight tile per step,
+                    split-K over a grid axis; memory-bound, no tensor cores.
+  _wo_mma_kernel    tensor cores: the codes tile is unpacked/dequantized in registers, then
+                    tl.dot with the x tile; the group scale is applied once per K block to the
+                    fp32 partial product (a K block never straddles a group). BLOCK_M=16 with
+                    split-K serves small M ("splitk"), BLOCK_M 32..128 large M ("tiled").
+  _dequant_kernel   very large M: write the 16-bit weight (a chunk of rows at a time, so the
+                    scratch stays small) and let cuBLAS do the GEMM ("dequant_mm").
+Split-K writes fp32 partials [S, M, N] that _splitk_reduce sums in a fixed order (deterministic).
+This module imports triton at the top; backends/cuda/kernels.py imports it lazily.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ...ir.quant_spec import QuantSpec
+from . import layout
+from .hardware import sm_count
+
+TORCH_TO_TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+
+@triton.jit
+def _codes(w_ptr, offs_n, k0, N, K, stride_wn, BITS: tl.constexpr, SIGNED: tl.constexpr,
+           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """[BLOCK_N, BLOCK_K] codes of W from column k0 (0 past N and K): int8 for signed 4-bit,
+    uint8 for unsigned, the stored dtype for 8-bit."""
+    if BITS == 4:
+        offs_b = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+        offs_b = tl.max_contiguous(tl.multiple_of(offs_b, BLOCK_K // 2), BLOCK_K // 2)
+        mask = (offs_n[:, None] < N) & (offs_b[None, :] < (K + 1) // 2)
+        b = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_b[None, :], mask=mask, other=0)
+        if SIGNED:  # sign-extend each nibble with int8 shifts (Python ints stay int8)
+            b = b.to(tl.int8, bitcast=True)
+            lo = (b << 4) >> 4
+            hi = b >> 4
+        else:
+            lo = b & 0xF
+            hi = b >> 4
+        codes = tl.reshape(tl.join(lo, hi), (BLOCK_N, BLOCK_K))  # element 2i low, 2i+1 high
+    else:
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        offs_k = tl.max_contiguous(tl.multiple_of(offs_k, BLOCK_K), BLOCK_K)
+        mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
+        codes = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :], mask=mask, other=0)
+    return codes
+
+
+@triton.jit
+def _group_params(s_ptr, z_ptr, offs_n, k0, N, GROUP, stride_sn, stride_sg, stride_zn, stride_zg,
+                  ASYM: tl.constexpr):
+    """Scale (fp32) and zero point (fp32; 0 when symmetric) of the group holding column k0."""
+    g = k0 // GROUP
+    s = tl.load(s_ptr + offs_n * stride_sn + g * stride_sg, mask=offs_n < N, other=0).to(tl.float32)
+    if ASYM:
+        z = tl.load(z_ptr + offs_n * stride_zn + g * stride_zg, mask=offs_n < N, other=0).to(tl.float32)
+    else:
+        z = tl.zeros_like(s)
+    return s, z
+
+
+@triton.jit
+def _wo_mma_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, GROUP, k_per_split,
+                   stride_xm, stride_wn, stride_sn, stride_sg, stride_zn, stride_zg, stride_om,
+                   BITS: tl.constexpr, SIGNED: tl.constexpr, ASYM: tl.constexpr,
+                   HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * num_n
+    first_m = (pid // per_group) * GROUP_M
+    size_m = min(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % size_m
+    pid_n = (pid % per_group) // size_m
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    dot_dtype = x_ptr.dtype.element_ty
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    k_lo = pid_k * k_per_split
+    k_hi = min(k_lo + k_per_split, K)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+                    mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
+        codes = _codes(w_ptr, offs_n, k0, N, K, stride_wn, BITS, SIGNED, BLOCK_N, BLOCK_K)
+        s, z = _group_params(s_ptr, z_ptr, offs_n, k0, N, GROUP, stride_sn, stride_sg,
+                             stride_zn, stride_zg, ASYM)
+        w = codes.to(dot_dtype)
+        if ASYM:
+            w = w - z.to(dot_dtype)[:, None]  # exact: |u - z| <= 255 fits fp16 and bf16
+        part = tl.dot(x, tl.trans(w))
+        acc += part * s[None, :]
+    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    if SPLIT:  # fp32 partials [S, M, N]; bias and cast happen in _splitk_reduce
+        tl.store(out_ptr + pid_k * M * N + offs_m[:, None] * N + offs_n[None, :], acc, mask=mask)
+    else:
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :],
+                 acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _wo_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, GROUP, k_per_split,
+                    stride_xm, stride_wn, stride_sn, stride_sg, stride_zn, stride_zg, stride_om,
+                    BITS: tl.constexpr, SIGNED: tl.constexpr, ASYM: tl.constexpr,
+                    HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_K: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    m = tl.program_id(2)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    k_lo = pid_k * k_per_split
+    k_hi = min(k_lo + k_per_split, K)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + m * stride_xm + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
+        codes = _codes(w_ptr, offs_n, k0, N, K, stride_wn, BITS, SIGNED, BLOCK_N, BLOCK_K)
+        s, z = _group_params(s_ptr, z_ptr, offs_n, k0, N, GROUP, stride_sn, stride_sg,
+                             stride_zn, stride_zg, ASYM)
+        w = codes.to(tl.float32)
+        if ASYM:
+            w = w - z[:, None]
+        acc += tl.sum(w * x[None, :], axis=1) * s
+    if SPLIT:
+        tl.store(out_ptr + pid_k * M * N + m * N + offs_n, acc, mask=offs_n < N)
+    else:
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
+        tl.store(out_ptr + m * stride_om + offs_n, acc.to(out_ptr.dtype.element_ty), mask=offs_n < N)
+
+
+@triton.jit
+def _splitk_reduce(ws_ptr, b_ptr, out_ptr, MN, N, S, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < MN
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in range(S):
+        acc += tl.load(ws_ptr + s * MN + offs, mask=mask, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs % N, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _dequant_kernel(w_ptr, s_ptr, z_ptr, out_ptr, n0, N, K, GROUP,
+                    stride_wn, stride_sn, stride_sg, stride_zn, stride_zg,
+                    BITS: tl.constexpr, SIGNED: tl.constexpr, ASYM: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Rows [n0, N) of W as 16-bit values, written to out[(n - n0), k] (row-major, ld = K)."""
+    offs_n = n0 + tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k0 = tl.program_id(1) * BLOCK_K
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    codes = _codes(w_ptr, offs_n, k0, N, K, stride_wn, BITS, SIGNED, BLOCK_N, BLOCK_K)
+    s, z = _group_params(s_ptr, z_ptr, offs_n, k0, N, GROUP, stride_sn, stride_sg,
+                         stride_zn, stride_zg, ASYM)
+    w = (codes.to(tl.float32) - z[:, None]) * s[:, None]
+    mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
+    tl.store(out_ptr + (offs_n - n0)[:, None] * K + offs_k[None, :],
+             w.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _operands(x2, qweight, scales, zeros, spec: QuantSpec, n: int, k: int):
+    """Kernel arguments shared by every path: (w, s, z, GROUP, strides, constexpr flags)."""
+    fmt = spec.fmt
+    sn, sg = layout.scale_strides(scales, n)
+    zt = zeros if zeros is not None else scales
+    zn, zg = layout.scale_strides(zt, n)
+    w = qweight.view(torch.uint8) if fmt.kind == "float" and False else qweight
+    flags = dict(BITS=fmt.bits, SIGNED=fmt.kind == "int" and fmt.qmin < 0, ASYM=zeros is not None)
+    return w, zt, layout.kernel_group(spec, k), (sn, sg, zn, zg), flags
+
+
+def weight_only_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                       zeros: torch.Tensor | None, bias: torch.Tensor | None, spec: QuantSpec,
+                       shape: list[int], plan: layout.Plan | None = None) -> torch.Tensor:
+    """x [..., K] (fp16/bf16) times the stored weight of `shape` [N, K]; `plan` forces a path."""
+    n, k = shape
+    if x.dtype not in TORCH_TO_TL:
+        raise TypeError(f"CUDA weight-only kernels take fp16/bf16 activations, got {x.dtype}")
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if m == 0:
+        return out.reshape(*x.shape[:-1], n)
+    w, zt, group, (sn, sg, zn, zg), flags = _operands(x2, qweight, scales, zeros, spec, n, k)
+    plan = plan or layout.choose(m, n, k, bits=flags["BITS"], group=group,
+                                 sm_count=sm_count(x.device))
+    b = bias if bias is not None else out
+    if plan.path == "dequant_mm":
+        _dequant_mm(x2, w, scales, zt, bias, out, n, k, group, (sn, sg, zn, zg), flags, plan)
+        return out.reshape(*x.shape[:-1], n)
+    per, splits = layout.k_blocks_per_split(k, plan.block_k, plan.split_k)
+    split = splits > 1
+    dst = torch.empty((splits, m, n), dtype=torch.float32, device=x.device) if split else out
+    args = (x2, w, scales, zt, b, dst, m, n, k, group, per * plan.block_k,
+            x2.stride(0), w.stride(0), sn, sg, zn, zg, out.stride(0))
+    if plan.path == "gemv":
+        grid = (triton.cdiv(n, plan.block_n), splits, m)
+        _wo_gemv_kernel[grid](*args, **flags, HAS_BIAS=bias is not None, SPLIT=split,
+                              BLOCK_N=plan.block_n, BLOCK_K=plan.block_k,
+                              num_warps=plan.num_warps, num_stages=plan.num_stages)
+    else:
+        grid = (triton.cdiv(m, plan.block_m) * triton.cdiv(n, plan.block_n), splits)
+        _wo_mma_kernel[grid](*args, **flags, HAS_BIAS=bias is not None, SPLIT=split,
+                             BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, BLOCK_K=plan.block_k,
+                             GROUP_M=plan.group_m, num_warps=plan.num_warps,
+                             num_stages=plan.num_stages)
+    if split:
+        block = 1024
+        _splitk_reduce[(triton.cdiv(m * n, block),)](dst, b, out, m * n, n, splits,
+                                                      HAS_BIAS=bias is not None, BLOCK=block)
+    return out.reshape(*x.shape[:-1], n)
+
+
+def dequantize_weight(qweight, scales, zeros, spec: QuantSpec, shape: list[int],
+                      dtype: torch.dtype, rows: tuple[int, int] | None = None,
+                      out: torch.Tensor | None = None) -> torch.Tensor:
+    """Rows [r0, r1) of the 16-bit weight (all rows by default), as the reference dequantizes."""
+    n, k = shape
+    r0, r1 = rows or (0, n)
+    w, zt, group, (sn, sg, zn, zg), flags = _operands(None, qweight, scales, zeros, spec, n, k)
+    out = out if out is not None else torch.empty((r1 - r0, k), dtype=dtype, device=qweight.device)
+    bn, bk = 32, layout.block_k_for(group, flags["BITS"], 128)
+    grid = (triton.cdiv(r1 - r0, bn), triton.cdiv(k, bk))
+    _dequant_kernel[grid](w, scales, zt, out, r0, r1, k, group, w.stride(0), sn, sg, zn, zg,
+                          **flags, BLOCK_N=bn, BLOCK_K=bk, num_warps=4)
+    return out
+
+
+def _dequant_mm(x2, w, scales, zt, bias, out, n, k, group, strides, flags, plan) -> None:
+    """Dequantize `chunk_n` rows at a time into one reused scratch, then cuBLAS into out[:, rows]
+    (a column slice with leading dimension N: cuBLAS writes it in place)."""
+    spec_rows = plan.chunk_n or n
+    scratch = torch.empty((min(spec_rows, n), k), dtype=x2.dtype, device=x2.device)
+    sn, sg, zn, zg = strides
+    bn, bk = 32, layout.block_k_for(group, flags["BITS"], 128)
+    for r0 in range(0, n, spec_rows):
+        r1 = min(n, r0 + spec_rows)
+        wc = scratch[: r1 - r0]
+        grid = (triton.cdiv(r1 - r0, bn), triton.cdiv(k, bk))
+        _dequant_kernel[grid](w, scales, zt, wc, r0, r1, k, group, w.stride(0), sn, sg, zn, zg,
+                              **flags, BLOCK_N=bn, BLOCK_K=bk, num_warps=4)
+        dst = out if (r0 == 0 and r1 == n) else out[:, r0:r1]
+        if bias is not None:
+            torch.addmm(bias[r0:r1], x2, wc.t(), out=dst)
+        else:
+            torch.mm(x2, wc.t(), out=dst)

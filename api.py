@@ -173,6 +173,14 @@ class CompiledModel:
     def export_scheduler_ir(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.scheduler_ir, indent=1))
 
+    def export(self, path: str | Path, format: str = "onnx", weight_format: str = "qdq",
+               **options) -> Path:
+        """Write the compiled model as ONNX (weight_format "qdq" | "matmulnbits") or as TensorRT
+        explicit-quantization ONNX (format="tensorrt", engine_path=... builds an engine where
+        TensorRT and a GPU are present). See sagequant.tools.export."""
+        from .tools.export import export
+        return export(self, path, format=format, weight_format=weight_format, **options)
+
 
 def load(directory: str | Path) -> CompiledModel:
     graph_json, tensors, meta = read_artifact(directory)

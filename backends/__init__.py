@@ -1,3 +1,4 @@
 """Backends: kernels and emitters. Importing this package registers every kernel whose module
 imports on this machine (GPU modules must still import on CPU-only machines)."""
 from .reference import kernels as _reference_kernels  # noqa: F401
+from .cuda import kernels as _cuda_kernels  # noqa: F401

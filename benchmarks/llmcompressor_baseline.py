@@ -31,6 +31,7 @@ import hashlib
 import json
 import os
 import platform
+import signal
 import sys
 import time
 import traceback
@@ -91,6 +92,23 @@ def recipe_for(name: str, group_size: int | None):
     raise ValueError(name)
 
 
+def cpu_only_workarounds() -> list[str]:
+    """Patches needed to run on a machine without an accelerator; each is recorded."""
+    if torch.accelerator.is_available():
+        return []
+    from llmcompressor.pipelines.cache import IntermediatesCache
+
+    # AWQModifier._apply_smoothing pins every cached batch (for faster host->device copies)
+    # with no accelerator check; on CPU-only torch Tensor.pin_memory() raises
+    # "RuntimeError: Cannot access accelerator device when none is available." Pinning only
+    # affects transfer speed, never values, so make it a no-op here.
+    IntermediatesCache.pin_memory = lambda self, *args, **kwargs: None
+    return ["CPU-only torch: llmcompressor.pipelines.cache.IntermediatesCache.pin_memory "
+            "patched to a no-op; without it AWQModifier fails in _apply_smoothing with "
+            "'RuntimeError: Cannot access accelerator device when none is available.' "
+            "(pinning only speeds host->device copies; values unchanged)"]
+
+
 def calibration_dataset(calib: torch.Tensor):
     from datasets import Dataset
     return Dataset.from_dict({"input_ids": calib.tolist(),
@@ -117,7 +135,16 @@ def quantized_linear_summary(model) -> dict:
     return counts
 
 
-def run_scheme(name, base_model, tok, calib, eval_ids, group_size, n_samples, seq_len):
+class OneshotTimeout(Exception):
+    pass
+
+
+def _alarm(signum, frame):
+    raise OneshotTimeout()
+
+
+def run_scheme(name, base_model, tok, calib, eval_ids, group_size, n_samples, seq_len,
+               timeout_s):
     from llmcompressor import oneshot
 
     model = copy.deepcopy(base_model)
@@ -125,12 +152,22 @@ def run_scheme(name, base_model, tok, calib, eval_ids, group_size, n_samples, se
     data = calibration_dataset(calib[:n_samples])
     t = time.perf_counter()
     try:
-        model = oneshot(model=model, recipe=recipe, dataset=data, processor=tok,
-                        num_calibration_samples=n_samples, max_seq_length=seq_len,
-                        shuffle_calibration_samples=False, batch_size=1)
+        # SIGALRM interrupts oneshot between torch ops when it runs past timeout_s.
+        signal.signal(signal.SIGALRM, _alarm)
+        signal.alarm(int(timeout_s) if timeout_s else 0)
+        try:
+            model = oneshot(model=model, recipe=recipe, dataset=data, processor=tok,
+                            num_calibration_samples=n_samples, max_seq_length=seq_len,
+                            shuffle_calibration_samples=False, batch_size=1)
+        finally:
+            signal.alarm(0)
         oneshot_s = time.perf_counter() - t
         model.eval()
         res = evaluate(model, eval_ids)
+    except OneshotTimeout:
+        return {"status": "timeout", "stage_seconds": time.perf_counter() - t,
+                "error": f"oneshot ran past {timeout_s} s with {n_samples} calibration samples",
+                "traceback_tail": "", "recipe": [repr(m) for m in recipe]}
     except Exception as e:  # recorded, not hidden
         return {"status": "failed", "stage_seconds": time.perf_counter() - t,
                 "error": f"{type(e).__name__}: {e}"[:4000],
@@ -159,6 +196,10 @@ def main() -> None:
                    help="per-scheme calibration sample count override (e.g. w4a16-awq=16)")
     p.add_argument("--w4-group-sizes", type=int, nargs="+", default=[128, 64],
                    help="W4A16 group sizes tried in order; the first that works is the result")
+    p.add_argument("--scheme-timeout", type=float, default=1500,
+                   help="seconds one oneshot may take; past it the scheme is retried with half "
+                        "the calibration samples (down to --min-calib-samples). 0: no limit")
+    p.add_argument("--min-calib-samples", type=int, default=4)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default="/tmp/bench/llmc.json")
     args = p.parse_args()
@@ -168,6 +209,7 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
 
+    workarounds = cpu_only_workarounds()
     t0 = time.perf_counter()
     model, tok = load_smollm2()  # fp32, transformers dequantizes the Q4_1 GGUF
     # oneshot's validate_model re-reads AutoConfig.from_pretrained(model.config.name_or_path);
@@ -201,7 +243,7 @@ def main() -> None:
                                   "(quant_method gguf, already dequantized to fp32) removed "
                                   "from that copy, else oneshot refuses the model",
                                   "tokenizer passed as oneshot(processor=...) so none is "
-                                  "loaded from disk"]},
+                                  "loaded from disk"] + workarounds},
                "float": None, "schemes": {}}
 
     def save():
@@ -221,22 +263,31 @@ def main() -> None:
         sizes = args.w4_group_sizes if name in W4_SCHEMES else [None]
         attempts = []
         for gs in sizes:
-            print(f"== {name} group={gs} calib={n}x{args.calib_seq_len}", file=sys.stderr,
-                  flush=True)
-            entry = run_scheme(name, model, tok, calib, eval_ids, gs, n, args.calib_seq_len)
-            print(f"   -> {entry['status']} "
-                  f"{entry.get('ppl', entry.get('error', ''))!s:.300}", file=sys.stderr,
-                  flush=True)
+            n_try = n
+            while True:
+                print(f"== {name} group={gs} calib={n_try}x{args.calib_seq_len}",
+                      file=sys.stderr, flush=True)
+                entry = run_scheme(name, model, tok, calib, eval_ids, gs, n_try,
+                                   args.calib_seq_len, args.scheme_timeout)
+                print(f"   -> {entry['status']} "
+                      f"{entry.get('ppl', entry.get('error', ''))!s:.300}", file=sys.stderr,
+                      flush=True)
+                if entry["status"] != "timeout" or n_try // 2 < args.min_calib_samples:
+                    break
+                attempts.append({"group_size": gs, "calib_samples": n_try,
+                                 "error": entry["error"], "traceback_tail": ""})
+                n_try //= 2
             if entry["status"] == "ok":
                 entry["delta_pct"] = delta_pct(base, entry["ppl"])
                 break
-            attempts.append({"group_size": gs, "error": entry["error"],
+            attempts.append({"group_size": gs, "calib_samples": n_try, "error": entry["error"],
                              "traceback_tail": entry["traceback_tail"]})
         entry["deviations"] = []
         for a in attempts:
-            entry["deviations"].append(f"group_size={a['group_size']} failed: {a['error']}")
+            entry["deviations"].append(f"group_size={a['group_size']} with "
+                                       f"{a['calib_samples']} samples failed: {a['error']}")
         if n != args.calib_samples:
-            entry["deviations"].append(f"calibration lowered to {n} samples")
+            entry["deviations"].append(f"calibration set to {n} samples (--scheme-calib-samples)")
         if entry["status"] == "ok" and entry.get("group_size") not in (None, 128):
             entry["deviations"].append(
                 f"ran at group_size={entry['group_size']} instead of 128 (finer groups: "

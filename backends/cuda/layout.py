@@ -21,7 +21,7 @@ DEQUANT_CHUNK_BYTES = 32 << 20  # dequantize this many bytes of 16-bit weight pe
 # Programs (tiles x splits) to aim for, as waves over the multiprocessors.
 MEMORY_BOUND_WAVES = 4    # small M: many loads in flight
 COMPUTE_BOUND_WAVES = 1
-MIN_K_BLOCKS_PER_SPLIT = 4
+MIN_K_BLOCKS_PER_SPLIT = 2
 BIG_GROUP = 1 << 30       # the kernels' GROUP for per-channel / per-tensor scales: one "group"
 # Group sizes the Triton kernels take: a K block (power of two >= 16) must lie in one group.
 GROUP_SIZES = (16, 32, 64, 128, 256, 512, 1024)
@@ -41,12 +41,14 @@ class Plan:
     num_stages: int = 3
     group_m: int = 8        # tiled: launch order swizzle, for L2 reuse of x and weight tiles
     chunk_n: int = 0        # dequant_mm: output features per dequantize+GEMM chunk (0: all)
+    swap_ab: bool = False   # tensor-core paths: compute out^T = W x^T (weight tile as MMA A)
 
     def describe(self) -> str:
         if self.path == "dequant_mm":
             return f"dequant_mm(chunk_n={self.chunk_n or 'all'})"
         return (f"{self.path}(BM={self.block_m},BN={self.block_n},BK={self.block_k},"
-                f"split={self.split_k},w={self.num_warps},s={self.num_stages})")
+                f"split={self.split_k},w={self.num_warps},s={self.num_stages}"
+                f"{',swap' if self.swap_ab else ''})")
 
 
 def kernel_group(spec: QuantSpec, in_features: int) -> int:
@@ -54,6 +56,20 @@ def kernel_group(spec: QuantSpec, in_features: int) -> int:
     if spec.granularity == "per_group":
         return spec.group_size
     return BIG_GROUP
+
+
+def weight_rows(qweight: torch.Tensor, spec: QuantSpec, n: int, k: int) -> torch.Tensor:
+    """Stored codes as a row-major [N, bytes per row] tensor. Per-tensor specs store one flat row
+    [1, N*K] (packed across rows for 4-bit): a free view, except 4-bit with odd K."""
+    per_row = (k + 1) // 2 if spec.fmt.bits == 4 else k
+    if tuple(qweight.shape) == (n, per_row) and qweight.stride(-1) == 1:
+        return qweight
+    if (spec.granularity == "per_tensor" and qweight.is_contiguous()
+            and qweight.numel() == n * per_row and (spec.fmt.bits == 8 or k % 2 == 0)):
+        return qweight.reshape(n, per_row)
+    raise ValueError(f"{spec.describe()} weight of shape {[n, k]} must be stored as a row-major "
+                     f"[{n}, {per_row}] tensor, got {tuple(qweight.shape)} with strides "
+                     f"{qweight.stride()}")
 
 
 def group_rejects(spec: QuantSpec) -> str | None:
@@ -64,12 +80,12 @@ def group_rejects(spec: QuantSpec) -> str | None:
 
 
 def block_k_for(group: int, bits: int, preferred: int) -> int:
-    """Largest power-of-two K block <= preferred that divides the group (ragged tails masked)."""
-    bk = min(preferred, group)
-    if bits == 4:
-        bk = max(bk, 32)  # 16 packed bytes per row: the narrowest load worth issuing
-        bk = min(bk, group) if group >= 16 else bk
-    return max(16, bk)
+    """K block: a power of two in [16, preferred] dividing the group, so it lies in one group.
+    (`bits` is kept for callers that want wider 4-bit blocks; 16 packed bytes is the floor.)"""
+    bk = max(16, min(preferred, group))
+    if bits == 4 and group >= 32:
+        bk = max(bk, 32)
+    return bk
 
 
 def split_k_for(tiles: int, k_blocks: int, sm_count: int, waves: float) -> int:
@@ -81,32 +97,55 @@ def split_k_for(tiles: int, k_blocks: int, sm_count: int, waves: float) -> int:
     return math.ceil(k_blocks / per)  # no empty split
 
 
-def choose(m: int, n: int, k: int, *, bits: int, group: int, sm_count: int = 132) -> Plan:
-    """Shape-aware path and tile choice for a weight-only GEMM [m, k] x [n, k]^T."""
+def path_for(m: int) -> str:
+    """The weight-only path for M rows (tokens): the thresholds above, in one place."""
     if m <= 0:
-        raise ValueError(f"choose(): M must be >= 1, got {m}")
-    if m >= DEQUANT_MM_MIN_M:
-        rows = max(128, (DEQUANT_CHUNK_BYTES // (2 * k)) // 128 * 128)
-        return Plan("dequant_mm", chunk_n=0 if rows >= n else rows)
+        raise ValueError(f"weight-only GEMM: M must be >= 1, got {m}")
     if m <= GEMV_MAX_M:
+        return "gemv"
+    if m <= SPLITK_MAX_M:
+        return "splitk"
+    return "tiled" if m < DEQUANT_MM_MIN_M else "dequant_mm"
+
+
+def plan_for(path: str, m: int, n: int, k: int, *, bits: int, group: int,
+             sm_count: int = 132) -> Plan:
+    """Tiles and split-K of `path` for a GEMM [m, k] x [n, k]^T (any path runs any M)."""
+    if path == "dequant_mm":
+        return Plan("dequant_mm", chunk_n=dequant_chunk_rows(n, k, DEQUANT_CHUNK_BYTES))
+    if path == "gemv":
         plan = Plan("gemv", block_m=1, block_n=64, block_k=block_k_for(group, bits, 128),
-                    num_warps=4, num_stages=1)
-        waves = MEMORY_BOUND_WAVES
-    elif m <= SPLITK_MAX_M:
+                    num_warps=4, num_stages=2)
+        tiles, waves = m * math.ceil(n / plan.block_n), MEMORY_BOUND_WAVES
+    elif path == "splitk":
         plan = Plan("splitk", block_m=16, block_n=64, block_k=block_k_for(group, bits, 128),
                     num_warps=4, num_stages=4)
-        waves = MEMORY_BOUND_WAVES
-    else:
+        tiles, waves = math.ceil(m / 16) * math.ceil(n / 64), MEMORY_BOUND_WAVES
+    elif path == "tiled":
         bm = 32 if m <= 32 else 64 if m <= 64 else 128
         bn = 64 if bm <= 32 else 128
         plan = Plan("tiled", block_m=bm, block_n=bn, block_k=block_k_for(group, bits, 64),
                     num_warps=4 if bm <= 64 else 8, num_stages=4 if bm <= 64 else 3)
-        waves = COMPUTE_BOUND_WAVES
-    tiles = math.ceil(m / plan.block_m) * math.ceil(n / plan.block_n)
-    if plan.path == "gemv":
-        tiles = m * math.ceil(n / plan.block_n)
+        tiles, waves = math.ceil(m / bm) * math.ceil(n / bn), COMPUTE_BOUND_WAVES
+    else:
+        raise ValueError(f"unknown weight-only path {path!r}; valid: {', '.join(PATHS)}")
     split = split_k_for(tiles, math.ceil(k / plan.block_k), sm_count, waves)
     return replace(plan, split_k=split)
+
+
+def dequant_chunk_rows(n: int, k: int, chunk_bytes: int) -> int:
+    """Rows per dequantize+GEMM chunk: equal chunks of at most ~chunk_bytes of 16-bit weight,
+    a multiple of 128 rows (0: the whole weight in one chunk)."""
+    chunks = math.ceil(2 * n * k / max(chunk_bytes, 1))
+    if chunks <= 1:
+        return 0
+    rows = math.ceil(math.ceil(n / chunks) / 128) * 128
+    return 0 if rows >= n else rows
+
+
+def choose(m: int, n: int, k: int, *, bits: int, group: int, sm_count: int = 132) -> Plan:
+    """Shape-aware path and tile choice for a weight-only GEMM [m, k] x [n, k]^T."""
+    return plan_for(path_for(m), m, n, k, bits=bits, group=group, sm_count=sm_count)
 
 
 def k_blocks_per_split(k: int, block_k: int, split_k: int) -> tuple[int, int]:

@@ -32,9 +32,10 @@ TORCH_TO_TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 @triton.jit
 def _codes(w_ptr, offs_n, k0, N, K, stride_wn, BITS: tl.constexpr, SIGNED: tl.constexpr,
-           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """[BLOCK_N, BLOCK_K] codes of W from column k0 (0 past N and K): int8 for signed 4-bit,
-    uint8 for unsigned, the stored dtype for 8-bit."""
+           FP8: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """[BLOCK_N, BLOCK_K] codes of W from column k0 (0 past N and K): int8 for signed formats,
+    uint8 for unsigned, fp8 (bytes read as uint8, then bitcast: 0x00 is +0.0) for FP8 1=e4m3
+    2=e5m2."""
     if BITS == 4:
         offs_b = k0 // 2 + tl.arange(0, BLOCK_K // 2)
         offs_b = tl.max_contiguous(tl.multiple_of(offs_b, BLOCK_K // 2), BLOCK_K // 2)
@@ -53,6 +54,12 @@ def _codes(w_ptr, offs_n, k0, N, K, stride_wn, BITS: tl.constexpr, SIGNED: tl.co
         offs_k = tl.max_contiguous(tl.multiple_of(offs_k, BLOCK_K), BLOCK_K)
         mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
         codes = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :], mask=mask, other=0)
+        if FP8 == 1:
+            codes = codes.to(tl.float8e4nv, bitcast=True)
+        elif FP8 == 2:
+            codes = codes.to(tl.float8e5, bitcast=True)
+        elif SIGNED:
+            codes = codes.to(tl.int8, bitcast=True)
     return codes
 
 
@@ -69,12 +76,15 @@ def _group_params(s_ptr, z_ptr, offs_n, k0, N, GROUP, stride_sn, stride_sg, stri
     return s, z
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])  # one compile for every M
 def _wo_mma_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, GROUP, k_per_split,
                    stride_xm, stride_wn, stride_sn, stride_sg, stride_zn, stride_zg, stride_om,
-                   BITS: tl.constexpr, SIGNED: tl.constexpr, ASYM: tl.constexpr,
+                   BITS: tl.constexpr, SIGNED: tl.constexpr, FP8: tl.constexpr, ASYM: tl.constexpr,
                    HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                   SWAP_AB: tl.constexpr):
+    """SWAP_AB computes out^T = W x^T: the dequantized tile is the MMA's A operand (registers
+    on Hopper) and M is its N side, which suits small M."""
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     num_m = tl.cdiv(M, BLOCK_M)
@@ -87,21 +97,29 @@ def _wo_mma_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, GROUP, k
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     dot_dtype = x_ptr.dtype.element_ty
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if SWAP_AB:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     k_lo = pid_k * k_per_split
     k_hi = min(k_lo + k_per_split, K)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
                     mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
-        codes = _codes(w_ptr, offs_n, k0, N, K, stride_wn, BITS, SIGNED, BLOCK_N, BLOCK_K)
+        codes = _codes(w_ptr, offs_n, k0, N, K, stride_wn, BITS, SIGNED, FP8, BLOCK_N, BLOCK_K)
         s, z = _group_params(s_ptr, z_ptr, offs_n, k0, N, GROUP, stride_sn, stride_sg,
                              stride_zn, stride_zg, ASYM)
-        w = codes.to(dot_dtype)
-        if ASYM:
-            w = w - z.to(dot_dtype)[:, None]  # exact: |u - z| <= 255 fits fp16 and bf16
-        part = tl.dot(x, tl.trans(w))
-        acc += part * s[None, :]
+        if ASYM:  # unsigned codes go through fp32 (exact); |u - z| <= 255 fits fp16 and bf16
+            w = (codes.to(tl.float32) - z[:, None]).to(dot_dtype)
+        else:
+            w = codes.to(dot_dtype)
+        if SWAP_AB:
+            acc += tl.dot(w, tl.trans(x)) * s[:, None]
+        else:
+            acc += tl.dot(x, tl.trans(w)) * s[None, :]
+    if SWAP_AB:
+        acc = tl.trans(acc)
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     if SPLIT:  # fp32 partials [S, M, N]; bias and cast happen in _splitk_reduce
         tl.store(out_ptr + pid_k * M * N + offs_m[:, None] * N + offs_n[None, :], acc, mask=mask)
@@ -112,10 +130,10 @@ def _wo_mma_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, GROUP, k
                  acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])  # one compile for every M
 def _wo_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, GROUP, k_per_split,
                     stride_xm, stride_wn, stride_sn, stride_sg, stride_zn, stride_zg, stride_om,
-                    BITS: tl.constexpr, SIGNED: tl.constexpr, ASYM: tl.constexpr,
+                    BITS: tl.constexpr, SIGNED: tl.constexpr, FP8: tl.constexpr, ASYM: tl.constexpr,
                     HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr,
                     BLOCK_K: tl.constexpr):
     pid_n = tl.program_id(0)
@@ -128,7 +146,7 @@ def _wo_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, GROUP, 
     for k0 in range(k_lo, k_hi, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + m * stride_xm + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
-        codes = _codes(w_ptr, offs_n, k0, N, K, stride_wn, BITS, SIGNED, BLOCK_N, BLOCK_K)
+        codes = _codes(w_ptr, offs_n, k0, N, K, stride_wn, BITS, SIGNED, FP8, BLOCK_N, BLOCK_K)
         s, z = _group_params(s_ptr, z_ptr, offs_n, k0, N, GROUP, stride_sn, stride_sg,
                              stride_zn, stride_zg, ASYM)
         w = codes.to(tl.float32)
@@ -143,7 +161,7 @@ def _wo_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, GROUP, 
         tl.store(out_ptr + m * stride_om + offs_n, acc.to(out_ptr.dtype.element_ty), mask=offs_n < N)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["MN"])  # one compile for every M
 def _splitk_reduce(ws_ptr, b_ptr, out_ptr, MN, N, S, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < MN
@@ -155,16 +173,16 @@ def _splitk_reduce(ws_ptr, b_ptr, out_ptr, MN, N, S, HAS_BIAS: tl.constexpr, BLO
     tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n0", "N"])  # one compile for every M
 def _dequant_kernel(w_ptr, s_ptr, z_ptr, out_ptr, n0, N, K, GROUP,
                     stride_wn, stride_sn, stride_sg, stride_zn, stride_zg,
-                    BITS: tl.constexpr, SIGNED: tl.constexpr, ASYM: tl.constexpr,
+                    BITS: tl.constexpr, SIGNED: tl.constexpr, FP8: tl.constexpr, ASYM: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Rows [n0, N) of W as 16-bit values, written to out[(n - n0), k] (row-major, ld = K)."""
     offs_n = n0 + tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     k0 = tl.program_id(1) * BLOCK_K
     offs_k = k0 + tl.arange(0, BLOCK_K)
-    codes = _codes(w_ptr, offs_n, k0, N, K, stride_wn, BITS, SIGNED, BLOCK_N, BLOCK_K)
+    codes = _codes(w_ptr, offs_n, k0, N, K, stride_wn, BITS, SIGNED, FP8, BLOCK_N, BLOCK_K)
     s, z = _group_params(s_ptr, z_ptr, offs_n, k0, N, GROUP, stride_sn, stride_sg,
                          stride_zn, stride_zg, ASYM)
     w = (codes.to(tl.float32) - z[:, None]) * s[:, None]
@@ -173,14 +191,22 @@ def _dequant_kernel(w_ptr, s_ptr, z_ptr, out_ptr, n0, N, K, GROUP,
              w.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _operands(x2, qweight, scales, zeros, spec: QuantSpec, n: int, k: int):
-    """Kernel arguments shared by every path: (w, s, z, GROUP, strides, constexpr flags)."""
+def _operands(qweight, scales, zeros, spec: QuantSpec, n: int, k: int):
+    """Arguments every path shares: (weight, zero points or a dummy, GROUP, strides, flags)."""
     fmt = spec.fmt
+    if fmt.kind == "codebook":
+        raise NotImplementedError(f"{spec.format} weights have no Triton kernel")
+    qweight = layout.weight_rows(qweight, spec, n, k)
+    why = layout.group_rejects(spec)
+    if why:
+        raise ValueError(why)
     sn, sg = layout.scale_strides(scales, n)
     zt = zeros if zeros is not None else scales
     zn, zg = layout.scale_strides(zt, n)
-    w = qweight.view(torch.uint8) if fmt.kind == "float" and False else qweight
-    flags = dict(BITS=fmt.bits, SIGNED=fmt.kind == "int" and fmt.qmin < 0, ASYM=zeros is not None)
+    fp8 = {"fp8_e4m3": 1, "fp8_e5m2": 2}.get(spec.format, 0)
+    flags = dict(BITS=fmt.bits, SIGNED=fmt.kind == "int" and fmt.qmin < 0, FP8=fp8,
+                 ASYM=zeros is not None)
+    w = qweight.view(torch.uint8)  # every format as bytes; the kernel reinterprets
     return w, zt, layout.kernel_group(spec, k), (sn, sg, zn, zg), flags
 
 
@@ -198,7 +224,7 @@ def weight_only_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0:
         return out.reshape(*x.shape[:-1], n)
-    w, zt, group, (sn, sg, zn, zg), flags = _operands(x2, qweight, scales, zeros, spec, n, k)
+    w, zt, group, (sn, sg, zn, zg), flags = _operands(qweight, scales, zeros, spec, n, k)
     plan = plan or layout.choose(m, n, k, bits=flags["BITS"], group=group,
                                  sm_count=sm_count(x.device))
     b = bias if bias is not None else out
@@ -219,7 +245,7 @@ def weight_only_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
         grid = (triton.cdiv(m, plan.block_m) * triton.cdiv(n, plan.block_n), splits)
         _wo_mma_kernel[grid](*args, **flags, HAS_BIAS=bias is not None, SPLIT=split,
                              BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, BLOCK_K=plan.block_k,
-                             GROUP_M=plan.group_m, num_warps=plan.num_warps,
+                             GROUP_M=plan.group_m, SWAP_AB=plan.swap_ab, num_warps=plan.num_warps,
                              num_stages=plan.num_stages)
     if split:
         block = 1024
@@ -234,28 +260,30 @@ def dequantize_weight(qweight, scales, zeros, spec: QuantSpec, shape: list[int],
     """Rows [r0, r1) of the 16-bit weight (all rows by default), as the reference dequantizes."""
     n, k = shape
     r0, r1 = rows or (0, n)
-    w, zt, group, (sn, sg, zn, zg), flags = _operands(None, qweight, scales, zeros, spec, n, k)
+    w, zt, group, strides, flags = _operands(qweight, scales, zeros, spec, n, k)
     out = out if out is not None else torch.empty((r1 - r0, k), dtype=dtype, device=qweight.device)
+    _launch_dequant(w, scales, zt, out, r0, r1, k, group, strides, flags)
+    return out
+
+
+def _launch_dequant(w, scales, zt, out, r0, r1, k, group, strides, flags) -> None:
+    sn, sg, zn, zg = strides
     bn, bk = 32, layout.block_k_for(group, flags["BITS"], 128)
     grid = (triton.cdiv(r1 - r0, bn), triton.cdiv(k, bk))
     _dequant_kernel[grid](w, scales, zt, out, r0, r1, k, group, w.stride(0), sn, sg, zn, zg,
                           **flags, BLOCK_N=bn, BLOCK_K=bk, num_warps=4)
-    return out
 
 
 def _dequant_mm(x2, w, scales, zt, bias, out, n, k, group, strides, flags, plan) -> None:
-    """Dequantize `chunk_n` rows at a time into one reused scratch, then cuBLAS into out[:, rows]
-    (a column slice with leading dimension N: cuBLAS writes it in place)."""
-    spec_rows = plan.chunk_n or n
-    scratch = torch.empty((min(spec_rows, n), k), dtype=x2.dtype, device=x2.device)
-    sn, sg, zn, zg = strides
-    bn, bk = 32, layout.block_k_for(group, flags["BITS"], 128)
-    for r0 in range(0, n, spec_rows):
-        r1 = min(n, r0 + spec_rows)
+    """Dequantize `chunk_n` rows at a time into one reused scratch (small enough to stay in L2
+    while cuBLAS reads it), then GEMM into out[:, rows]: a column slice with leading dimension
+    N, which cuBLAS writes in place."""
+    step = plan.chunk_n or n
+    scratch = torch.empty((min(step, n), k), dtype=x2.dtype, device=x2.device)
+    for r0 in range(0, n, step):
+        r1 = min(n, r0 + step)
         wc = scratch[: r1 - r0]
-        grid = (triton.cdiv(r1 - r0, bn), triton.cdiv(k, bk))
-        _dequant_kernel[grid](w, scales, zt, wc, r0, r1, k, group, w.stride(0), sn, sg, zn, zg,
-                              **flags, BLOCK_N=bn, BLOCK_K=bk, num_warps=4)
+        _launch_dequant(w, scales, zt, wc, r0, r1, k, group, strides, flags)
         dst = out if (r0 == 0 and r1 == n) else out[:, r0:r1]
         if bias is not None:
             torch.addmm(bias[r0:r1], x2, wc.t(), out=dst)

@@ -8,7 +8,6 @@ lowered graph: codes in our storage (4-bit packed per row, element 2i in the low
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 
 import numpy as np
@@ -55,6 +54,15 @@ class QLinearInfo:
                            f"{constraint}" + (f"; {instead}" if instead else ""))
 
 
+def info_from_annotation(ann) -> QLinearInfo:
+    """What an emitter's checks read (layer, specs, shape) from a lowered node's annotation, with
+    no tensors: exports are refused before the slow capture, not after it."""
+    attrs = ann.kernel.attrs
+    return QLinearInfo(layer=ann.layer, spec=ann.weight_spec, act_spec=ann.input_spec,
+                       out_features=int(attrs["out_features"]), in_features=int(attrs["in_features"]),
+                       codes=None, scales=None, zeros=None, act_scale=None)
+
+
 def decode(node) -> QLinearInfo:
     """Read a graphsurgeon placeholder node (its weight inputs are Constants) into numpy."""
     spec = QuantSpec.decode(node.attrs["spec"])
@@ -94,36 +102,19 @@ def _has_input(node, i: int) -> bool:
 
 def _const(node, i: int) -> np.ndarray:
     import onnx_graphsurgeon as gs
+    from onnx import numpy_helper
+    from onnx_graphsurgeon.ir.tensor import LazyValues
     t = node.inputs[i]
     if not isinstance(t, gs.Constant):
         raise ExportError(f"layer {node.attrs.get('layer', node.name)}: input {i} ({t.name}) of "
                           "the quantized linear is not a constant initializer")
+    if isinstance(t._values, LazyValues):  # read the proto: graphsurgeon would upcast fp8 values
+        return numpy_helper.to_array(t._values.tensor)
     return t.values
 
 
 def _torch_compatible(a: np.ndarray) -> np.ndarray:
     """fp8 storage arrives as ml_dtypes arrays; torch reads their bytes as uint8."""
     if a.dtype.kind == "V" or a.dtype.name.startswith("float8"):
-        return a.view(np.uint8)
-    return np.ascontiguousarray(a)
-
-
-def encode_spec(spec: QuantSpec | None) -> str:
-    return "" if spec is None else json.dumps(spec.to_dict(), sort_keys=True, separators=(",", ":"))
-
-
-def expand_blocks(params: np.ndarray, info: QLinearInfo) -> np.ndarray:
-    """[N, n_blocks] -> [N, K], each block's value repeated over its (possibly ragged) elements."""
-    lengths = block_lengths(info.in_features, info.spec)
-    return np.repeat(params, lengths, axis=1)
-
-
-def dequantized_weight(info: QLinearInfo) -> np.ndarray:
-    """The float weight [N, K] the torch kernels compute, in float64 (for checks and tests)."""
-    codes = info.codes.astype(np.float64)
-    if info.spec.format == "nf4":
-        from ...ir.formats import NF4_CODEBOOK
-        codes = np.asarray(NF4_CODEBOOK, dtype=np.float64)[info.codes]
-    if info.zeros is not None:
-        codes = codes - expand_blocks(info.zeros, info)
-    return codes * expand_blocks(info.scales.astype(np.float64), info)
+        return np.array(a.view(np.uint8))
+    return np.array(a)  # a writable copy: torch refuses read-only numpy buffers

@@ -1,0 +1,151 @@
+"""Compile every Triton kernel configuration the CUDA backend launches for an sm_90a target, on
+any machine with triton (no GPU): catches compile errors before a GPU run and reports what the
+compiler made of each (shared memory, registers and spills from ptxas, which MMA instructions).
+
+    python -m sagequant.backends.cuda.aot_check [--sass] [--arch 90]
+
+Exit status 1 when a configuration fails to compile or spills registers.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+
+from . import layout
+
+QWEN2_7B = ((3584, 3584), (512, 3584), (37888, 3584), (3584, 18944))
+WO_FLAGS = {  # format -> constexpr flags of the weight-only kernels
+    "int4": dict(BITS=4, SIGNED=True, FP8=0, ASYM=False),
+    "uint4": dict(BITS=4, SIGNED=False, FP8=0, ASYM=True),
+    "int8": dict(BITS=8, SIGNED=True, FP8=0, ASYM=False),
+    "fp8_e4m3": dict(BITS=8, SIGNED=False, FP8=1, ASYM=False),
+}
+
+
+def _signature(fn, types: dict, constexprs: dict) -> dict:
+    """Triton signature: every parameter typed, i32 unless named in `types`."""
+    return {name: "constexpr" if name in constexprs else types.get(name, "i32")
+            for name in fn.arg_names}
+
+
+def weight_only_plans() -> list:
+    plans = set()
+    for n, k in QWEN2_7B:
+        for m in (1, 8, 16, 64, 256, 1024):
+            for path in ("gemv", "splitk", "tiled"):
+                plans.add(layout.plan_for(path, m, n, k, bits=4, group=128))
+    extra = []
+    for p in plans:  # the sweep's alternatives
+        if p.path != "gemv":
+            extra += [replace(p, swap_ab=True), replace(p, block_n=128), replace(p, block_k=64)]
+    return sorted({replace(p, split_k=1) for p in plans | set(extra)}, key=lambda p: p.describe())
+
+
+def configs():
+    """(kernel name, fn, types, constexprs, options) for every configuration launched."""
+    from . import triton_w8a8 as w8
+    from . import triton_weight_only as wo
+    for dt in ("bf16", "fp16"):
+        for fmt, flags in WO_FLAGS.items():
+            for plan in weight_only_plans():
+                for split in (False, True):
+                    if dt == "fp16" and (split or plan.swap_ab):
+                        continue
+                    types = {"x_ptr": f"*{dt}", "w_ptr": "*u8", "s_ptr": "*fp16",
+                             "z_ptr": "*i32" if flags["ASYM"] else "*fp16", "b_ptr": f"*{dt}",
+                             "out_ptr": "*fp32" if split else f"*{dt}"}
+                    opts = dict(num_warps=plan.num_warps, num_stages=plan.num_stages)
+                    if plan.path == "gemv":
+                        const = dict(flags, HAS_BIAS=True, SPLIT=split, BLOCK_N=plan.block_n,
+                                     BLOCK_K=plan.block_k)
+                        yield f"gemv {fmt} {dt} {plan.describe()} split={split}", \
+                            wo._wo_gemv_kernel, types, const, opts
+                    else:
+                        const = dict(flags, HAS_BIAS=True, SPLIT=split, BLOCK_M=plan.block_m,
+                                     BLOCK_N=plan.block_n, BLOCK_K=plan.block_k,
+                                     GROUP_M=plan.group_m, SWAP_AB=plan.swap_ab)
+                        yield f"mma {fmt} {dt} {plan.describe()} split={split}", \
+                            wo._wo_mma_kernel, types, const, opts
+            types = {"w_ptr": "*u8", "s_ptr": "*fp16", "z_ptr": "*i32", "out_ptr": f"*{dt}"}
+            yield f"dequant {fmt} {dt}", wo._dequant_kernel, types, \
+                dict(flags, BLOCK_N=32, BLOCK_K=128), dict(num_warps=4)
+        yield f"splitk_reduce {dt}", wo._splitk_reduce, \
+            {"ws_ptr": "*fp32", "b_ptr": f"*{dt}", "out_ptr": f"*{dt}"}, \
+            dict(HAS_BIAS=True, BLOCK=1024), dict(num_warps=4)
+        for qdt, qmax in (("i8", 127.0), ("fp8e4nv", 448.0)):
+            for static in (False, True):
+                for single, block in ((True, 4096), (False, 4096), (True, 128)):
+                    types = {"x_ptr": f"*{dt}", "q_ptr": f"*{qdt}", "s_ptr": "*fp32",
+                             "static_ptr": "*fp32"}
+                    const = dict(QMAX=qmax, INT8=qdt == "i8", STATIC=static, SINGLE=single,
+                                 BLOCK_K=block)
+                    yield f"act_quant {qdt} {dt} static={static} single={single} {block}", \
+                        w8._act_quant_kernel, types, const, \
+                        dict(num_warps=8 if block >= 4096 else 4)
+        for m in (1, 64, 256):
+            cfg = w8.int8_gemm_config(m, 3584, 3584)
+            cfg.pop("split_k")
+            opts = dict(num_warps=cfg.pop("num_warps"), num_stages=cfg.pop("num_stages"))
+            for grouped in (False, True):
+                for split in (False, True):
+                    types = {"a_ptr": "*i8", "b_ptr": "*i8", "sa_ptr": "*fp32", "sb_ptr": "*fp16",
+                             "bias_ptr": f"*{dt}", "out_ptr": "*fp32" if split else f"*{dt}"}
+                    const = dict(cfg, GROUPED=grouped, HAS_BIAS=True, SPLIT=split, GROUP_M=8)
+                    yield f"int8_gemm {dt} M={m} grouped={grouped} split={split} {cfg}", \
+                        w8._int8_gemm_kernel, types, const, opts
+
+
+def _ptxas_report(ptx: str, arch: int) -> tuple[int, int, int]:
+    """(registers, spill store bytes, spill load bytes) from ptxas -v."""
+    import triton.backends.nvidia as nv
+    ptxas = Path(nv.__file__).parent / "bin" / "ptxas"
+    with tempfile.TemporaryDirectory() as d:
+        src = Path(d) / "k.ptx"
+        src.write_text(ptx)
+        run = subprocess.run([str(ptxas), "-v", f"--gpu-name=sm_{arch}a", str(src), "-o",
+                              str(Path(d) / "k.cubin")], capture_output=True, text=True)
+    text = run.stdout + run.stderr
+    regs = re.search(r"Used (\d+) registers", text)
+    spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
+    return (int(regs.group(1)) if regs else -1,
+            int(spill.group(1)) if spill else 0, int(spill.group(2)) if spill else 0)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--arch", type=int, default=90)
+    ap.add_argument("--filter", default="", help="only configurations whose name contains this")
+    args = ap.parse_args(argv)
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    target = GPUTarget("cuda", args.arch, 32)
+    bad = total = 0
+    for name, fn, types, const, opts in configs():
+        if args.filter not in name:
+            continue
+        total += 1
+        try:
+            src = ASTSource(fn=fn, signature=_signature(fn, types, const), constexprs=const)
+            kernel = triton.compile(src, target=target, options=opts)
+            ptx = kernel.asm["ptx"]
+            regs, st, ld = _ptxas_report(ptx, args.arch)
+            mma = ("wgmma" if "wgmma" in ptx else "mma.sync" if "mma.sync" in ptx else "-")
+            ok = st == 0 and ld == 0
+            line = (f"regs={regs:3d} spill={st}/{ld} smem={kernel.metadata.shared:6d} "
+                    f"mma={mma:8s} {name}")
+        except Exception as err:  # report and go on: one broken config must not hide the rest
+            ok, line = False, f"COMPILE ERROR {name}: {type(err).__name__}: {str(err)[:400]}"
+        bad += not ok
+        print(("ok   " if ok else "FAIL ") + line, flush=True)
+    print(f"aot_check: {total - bad} passed, {bad} failed (sm_{args.arch}a)")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,164 @@
+"""Self-check of the CUDA kernels against the float64 reference numerics, on small shapes chosen
+to hit every edge: each weight-only path and format, ragged last groups, odd K (a padding
+nibble), forced split-K and chunked dequantize, bias, 3-D inputs; the activation quantizer (codes
+and scales bit-for-bit), the fused INT8 GEMM and the FP8 torch._scaled_mm path.
+
+    python -m sagequant.backends.cuda.selfcheck              # on the GPU
+    python -m sagequant.backends.cuda.selfcheck --interpret  # on CPU, Triton's interpreter
+
+Prints one line per case; exit status 1 when any case fails. Under the interpreter, activations
+are fp16 (it has no bf16) and FP8 activation codes are not compared (its fp8 cast rounds
+differently from the GPU's round-to-nearest-even).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import replace
+
+import torch
+
+from ...ir.quant_spec import QuantSpec, dequantize, quantize
+from . import layout
+
+TOL = 3e-3  # fp16/bf16 output rounding dominates: ~2e-4 (fp16) .. 2e-3 (bf16)
+WEIGHT_CASES = [  # (format, granularity, group, symmetric, N, K)
+    ("int4", "per_group", 32, True, 48, 200),     # ragged: 6 x 32 + 8
+    ("int4", "per_group", 64, True, 40, 161),     # odd K: padding nibble, 2 x 64 + 33
+    ("uint4", "per_group", 32, False, 40, 96),
+    ("int8", "per_channel", None, True, 40, 96),
+    ("int8", "per_tensor", None, True, 24, 64),
+    ("uint8", "per_group", 16, False, 24, 80),
+    ("fp8_e4m3", "per_channel", None, True, 40, 96),
+    ("fp8_e5m2", "per_group", 32, True, 24, 64),
+]
+
+
+def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
+    if not bool(torch.isfinite(out).all()):
+        return float("inf")
+    return float((out.double() - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+def weight_only_cases(device, dtype):
+    from . import triton_weight_only as two
+    for i, (fmt, gran, g, sym, n, k) in enumerate(WEIGHT_CASES):
+        gen = torch.Generator().manual_seed(i)
+        spec = QuantSpec(fmt, gran, g, sym, "fp16")
+        qt = quantize(torch.randn(n, k, generator=gen), spec)
+        w64 = dequantize(qt, torch.float64)
+        data, scale = qt.data.to(device), qt.scale.to(device)
+        zero = None if qt.zero_point is None else qt.zero_point.to(device)
+        group = layout.kernel_group(spec, k)
+        rows = two.dequantize_weight(data, scale, zero, spec, [n, k], dtype, rows=(8, n))
+        err = _rel(rows.cpu(), w64[8:])
+        yield f"dequantize_weight {spec.describe()} rows 8..{n}", err, err <= TOL
+        for path, m in (("gemv", 3), ("splitk", 5), ("tiled", 37), ("dequant_mm", 9)):
+            for variant in ("plain", "split", "bias3d", "swap"):
+                plan = layout.plan_for(path, m, n, k, bits=spec.fmt.bits, group=group, sm_count=4)
+                if variant == "split":
+                    plan = replace(plan, split_k=3, chunk_n=16)
+                if variant == "swap":
+                    if path not in ("splitk", "tiled"):
+                        continue
+                    plan = replace(plan, swap_ab=True, split_k=2)
+                x = torch.randn(m, k, generator=gen).to(dtype)
+                bias = torch.randn(n, generator=gen).to(dtype) if variant == "bias3d" else None
+                xin = x.reshape(1, m, k) if variant == "bias3d" else x
+                ref = x.double() @ w64.t() + (0 if bias is None else bias.double())
+                out = two.weight_only_linear(xin.to(device), data, scale, zero,
+                                             None if bias is None else bias.to(device), spec,
+                                             [n, k], plan=plan)
+                err = _rel(out.reshape(m, n).cpu(), ref)
+                yield f"wo {spec.describe()} N={n} K={k} {plan.describe()} {variant}", err, err <= TOL
+
+
+def activation_cases(device, dtype, interpret):
+    from . import triton_w8a8 as w8
+    gen = torch.Generator().manual_seed(7)
+    for fmt in ("int8", "fp8_e4m3"):
+        for k in (100, 9000):  # one-pass and looped rows
+            x = (torch.randn(6, k, generator=gen) * 3).to(dtype)
+            x[2] = 0  # an all-zero row gets scale 1
+            for static in (None, torch.tensor([[0.05]])):
+                gran = "per_tensor" if static is not None else "per_token"
+                spec = QuantSpec(fmt, gran, None, True, "fp32", dynamic=static is None)
+                ref = quantize(x, spec, scale=static)
+                q, s = w8.quantize_activation(x.to(device), fmt,
+                                              None if static is None else static.to(device))
+                same = (q.cpu().view(torch.uint8).reshape(-1)
+                        == ref.data.view(torch.uint8).reshape(-1)).float().mean().item()
+                scales_ok = static is not None or torch.equal(s.cpu(), ref.scale)
+                exact = same == 1.0 or (interpret and fmt != "int8")
+                yield (f"act-quant {fmt} K={k} {gran} codes equal {same:.4f} scales equal "
+                       f"{scales_ok}"), 1.0 - same, bool(exact and scales_ok)
+
+
+def w8a8_cases(device, dtype):
+    """The GEMMs on the reference's own activation codes, so only the GEMM is compared."""
+    from . import triton_w8a8 as w8
+    gen = torch.Generator().manual_seed(11)
+    cases = [(gran, g, fmt, act) for gran, g in (("per_channel", None), ("per_group", 32),
+                                                 ("per_tensor", None))
+             for fmt in ("int8", "fp8_e4m3") for act in ("per_token", "per_tensor")
+             if not (fmt == "fp8_e4m3" and gran == "per_group")]
+    dev = lambda t: t.to(device)  # noqa: E731
+    for gran, g, fmt, act in cases:
+        n, k, m = 48, 128, 19
+        wspec = QuantSpec(fmt, gran, g, True, "fp16")
+        qt = quantize(torch.randn(n, k, generator=gen), wspec)
+        x = torch.randn(m, k, generator=gen).to(dtype)
+        bias = torch.randn(n, generator=gen).to(dtype)
+        aspec = QuantSpec(fmt, act, None, True, "fp32", dynamic=act == "per_token")
+        xq = quantize(x, aspec, scale=None if act == "per_token" else torch.tensor([[0.03]]))
+        codes = xq.data.reshape(m, k)
+        wq = layout.weight_rows(qt.data, wspec, n, k)
+        ref = dequantize(xq, torch.float64).reshape(m, k) @ dequantize(qt, torch.float64).t() \
+            + bias.double()
+        name = f"w8a8 {fmt} weight {gran}{'' if g is None else g} act {act} bias"
+        if fmt == "int8":
+            out = w8.int8_linear(dev(codes), dev(xq.scale), dev(wq), dev(qt.scale),
+                                 layout.kernel_group(wspec, k), dev(bias), dtype)
+            split = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=2, split_k=3)
+            alt = w8.int8_linear(dev(codes), dev(xq.scale), dev(wq), dev(qt.scale),
+                                 layout.kernel_group(wspec, k), dev(bias), dtype, config=split)
+            err = _rel(alt.cpu(), ref)
+            yield name + " split-K 3", err, err <= TOL
+            if gran != "per_group" and device == "cuda":
+                alt = w8.int8_linear_int_mm(dev(codes), dev(xq.scale), dev(wq),
+                                            dev(qt.scale), dev(bias), dtype)
+                err = _rel(alt.cpu(), ref)
+                yield name + " torch._int_mm", err, err <= TOL
+        else:
+            out = w8.fp8_linear(dev(codes), dev(xq.scale), dev(wq), dev(qt.scale),
+                                dev(bias), dtype, fast_accum=False)
+        err = _rel(out.cpu(), ref)
+        yield name, err, err <= 5e-3
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description="CUDA kernel self-check")
+    ap.add_argument("--interpret", action="store_true", help="CPU tensors, Triton interpreter")
+    args = ap.parse_args(argv)
+    if args.interpret:
+        from .interpret import enable_triton_interpreter
+        enable_triton_interpreter()
+        device, dtype = "cpu", torch.float16
+    elif torch.cuda.is_available():
+        device, dtype = "cuda", torch.bfloat16
+    else:
+        print("selfcheck: no CUDA device; run with --interpret (needs triton)", file=sys.stderr)
+        return 2
+    failed = total = 0
+    for cases in (weight_only_cases(device, dtype), activation_cases(device, dtype, args.interpret),
+                  w8a8_cases(device, dtype)):
+        for name, err, ok in cases:
+            total += 1
+            failed += not ok
+            print(f"{'ok  ' if ok else 'FAIL'} {err:.2e} {name}", flush=True)
+    print(f"selfcheck: {total - failed} passed, {failed} failed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

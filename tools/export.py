@@ -1,0 +1,140 @@
+"""Export a CompiledModel: ONNX (QDQ or MatMulNBits) and TensorRT explicit-quantization ONNX, plus
+the ONNX Runtime helpers the parity checks use.
+
+    cm.export("m.onnx", format="onnx", weight_format="qdq" | "matmulnbits")
+    cm.export("m.trt.onnx", format="tensorrt", engine_path="m.plan")  # engine: needs TensorRT + GPU
+
+The graph is captured once (backends/onnxruntime/capture.py) with each quantized linear as a
+placeholder, then the chosen emitter rewrites the placeholders; everything else in the model
+(embedding, norms, attention, a float lm_head) is what torch.onnx writes for the lowered graph.
+The file is written atomically (temporary name, then rename).
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..backends.onnxruntime.qlinear import ExportError
+
+FORMATS = ("onnx", "tensorrt")
+WEIGHT_FORMATS = ("qdq", "matmulnbits")
+_EXTERNAL_DATA_BYTES = 1 << 30  # protobuf files stop at 2 GiB; weights move beside the file sooner
+
+
+def export(compiled, path: str | Path, format: str = "onnx", weight_format: str = "qdq", *,
+           accuracy_level: int = 0, engine_path: str | Path | None = None, captured=None) -> Path:
+    """Write `compiled` to `path`; returns the path. Raises ExportError naming the layer, scheme and
+    constraint when the format cannot express the model. `captured`: a `capture(compiled.graph)`
+    result to reuse (capturing is the slow step; every format is emitted from the same capture)."""
+    _check_args(format, weight_format, engine_path)
+    model = to_onnx(compiled, format, weight_format, accuracy_level=accuracy_level, captured=captured)
+    out = _save(model, Path(path))
+    if engine_path is not None:
+        from ..backends.tensorrt.explicit_quant import build_engine
+        build_engine(out, engine_path)
+    return out
+
+
+def to_onnx(compiled, format: str = "onnx", weight_format: str = "qdq", accuracy_level: int = 0,
+            captured=None):
+    """The exported onnx.ModelProto, not written anywhere."""
+    _check_args(format, weight_format)
+    from ..backends.onnxruntime.capture import capture
+    from ..backends.onnxruntime.emit import rewrite
+    if format == "tensorrt":
+        from ..backends.tensorrt.explicit_quant import check_rules, check_tensorrt, emit_tensorrt
+        check, emit = check_tensorrt, emit_tensorrt
+    elif weight_format == "matmulnbits":
+        from ..backends.onnxruntime.matmulnbits import check_matmulnbits, make_emit_matmulnbits
+        check, emit = check_matmulnbits, make_emit_matmulnbits(accuracy_level)
+    else:
+        from ..backends.onnxruntime.qdq import check_qdq, emit_qdq
+        check, emit = check_qdq, emit_qdq
+    check_exportable(compiled, check)
+    meta = {"sagequant.scheme": compiled.config.scheme, "sagequant.format": format,
+            "sagequant.weight_format": weight_format,
+            "sagequant.config": json.dumps(compiled.config.to_dict(), default=str)}
+    model = rewrite(captured if captured is not None else capture(compiled.graph), emit, meta)
+    if format == "tensorrt":
+        violations = check_rules(model)
+        if violations:  # the emitter promises these rules; a violation is our bug, say which
+            raise ExportError("internal: the TensorRT export breaks its Q/DQ rules: " + "; ".join(violations[:5]))
+    return model
+
+
+def check_exportable(compiled, check) -> None:
+    """Run an emitter's per-layer check on every quantized layer before anything is captured."""
+    from ..backends.onnxruntime.qlinear import info_from_annotation
+    for node in compiled.graph.annotated():
+        ann = compiled.graph.annotation(node)
+        if ann.quantized and ann.kernel is not None:
+            check(info_from_annotation(ann))
+
+
+def _check_args(format: str, weight_format: str, engine_path=None) -> None:
+    if format not in FORMATS:
+        raise ExportError(f"export format={format!r} is not supported; valid: {', '.join(FORMATS)}")
+    if weight_format not in WEIGHT_FORMATS:
+        raise ExportError(f"weight_format={weight_format!r} is not supported; valid: "
+                          f"{', '.join(WEIGHT_FORMATS)} (format='onnx' only)")
+    if format == "tensorrt" and weight_format != "qdq":
+        raise ExportError("format='tensorrt' writes Q/DQ only; weight_format='matmulnbits' is an "
+                          "ONNX Runtime contrib op TensorRT does not read")
+    if engine_path is not None and format != "tensorrt":
+        raise ExportError("engine_path is for format='tensorrt'")
+
+
+def _save(model, path: Path) -> Path:
+    import onnx
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    external = model.ByteSize() > _EXTERNAL_DATA_BYTES
+    try:
+        if external:
+            onnx.save_model(model, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=f"{path.name}.data", size_threshold=1024)
+        else:
+            onnx.save_model(model, str(tmp))
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+# ---- running exports in ONNX Runtime -------------------------------------------------------------
+
+def onnxruntime_session(path_or_model, exact: bool = True, threads: int | None = None):
+    """A CPU InferenceSession. exact=True pins ONNX Runtime's DQ+MatMul -> MatMulNBits fusion to
+    accuracy level 0 (float accumulation, what the torch path computes); its default, level 4,
+    quantizes activations to int8 inside the fused kernel."""
+    import onnxruntime as ort
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    if exact:
+        so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
+    if threads:
+        so.intra_op_num_threads = threads
+    src = path_or_model if isinstance(path_or_model, (str, Path)) else path_or_model.SerializeToString()
+    return ort.InferenceSession(str(src) if isinstance(src, Path) else src, so,
+                                providers=["CPUExecutionProvider"])
+
+
+def run_logits(session, input_ids: torch.Tensor) -> torch.Tensor:
+    ids = input_ids.unsqueeze(0) if input_ids.dim() == 1 else input_ids
+    (logits,) = session.run(["logits"], {"input_ids": ids.long().numpy()})
+    return torch.from_numpy(np.asarray(logits))
+
+
+def parity(compiled, session, input_ids: torch.Tensor) -> dict:
+    """Logits of the torch path vs the ONNX Runtime session on the same ids."""
+    ref = compiled(input_ids).float()
+    got = run_logits(session, input_ids).float()
+    diff = (got - ref).abs()
+    return {"max_abs": float(diff.max()), "mean_abs": float(diff.mean()),
+            "max_rel": float(diff.max() / ref.abs().max().clamp(min=1e-12)),
+            "argmax_agree": float((got.argmax(-1) == ref.argmax(-1)).float().mean())}

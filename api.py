@@ -206,10 +206,9 @@ def _jsonable(obj):
 class QuantizationProtocol:
     """The seed's interface: calibrate -> artifact path, load_quantized, select_kernel, report."""
 
-    method: str = ""
-
     def __init__(self, config: QuantConfig):
         self.config = config
+        self.method = config.calibration
         self.compiled: CompiledModel | None = None
 
     def calibrate(self, model_path, dataset_path, output_dir=None, tokenizer=None) -> Path:
@@ -241,43 +240,16 @@ class QuantizationProtocol:
         return self.compiled.report()
 
 
-class MinMaxProtocol(QuantizationProtocol):
-    method = "minmax"
-
-
-class PercentileProtocol(QuantizationProtocol):
-    method = "percentile"
-
-
-class GPTQProtocol(QuantizationProtocol):
-    method = "gptq"
-
-
-class SmoothQuantProtocol(QuantizationProtocol):
-    method = "smoothquant"
-
-
-class AWQProtocol(QuantizationProtocol):
-    method = "awq"
-
-
-class SmoothQuantAWQProtocol(QuantizationProtocol):
-    method = "smoothquant+awq"
-
-
-PROTOCOLS = {p.method: p for p in (MinMaxProtocol, PercentileProtocol, GPTQProtocol, SmoothQuantProtocol,
-                                   AWQProtocol, SmoothQuantAWQProtocol)}
-
-
 class QuantizationManager:
-    """Chooses the protocol by config.calibration, as the seed describes."""
+    """Chooses the protocol by config.calibration, as the seed describes: every method runs
+    through the same compiler, so the protocol is the compiler configured for that method."""
 
     def __init__(self, config: QuantConfig):
-        if config.calibration not in PROTOCOLS:
+        if config.calibration not in AVAILABLE_CALIBRATION:
             raise ConfigError(f"QuantConfig.calibration={config.calibration!r} has no protocol in "
-                              f"this build; available: {', '.join(PROTOCOLS)}")
+                              f"this build; available: {', '.join(AVAILABLE_CALIBRATION)}")
         self.config = config
-        self.protocol: QuantizationProtocol = PROTOCOLS[config.calibration](config)
+        self.protocol = QuantizationProtocol(config)
 
     def __getattr__(self, name):
         return getattr(self.protocol, name)

@@ -114,6 +114,17 @@ def _str_list(name: str, value: Any) -> list[str]:
     return list(value)
 
 
+def strict_from_dict(cls, data: Mapping[str, Any]):
+    """Build a dataclass from a mapping, refusing unknown keys by name (a typo must fail)."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{cls.__name__}.from_dict needs a mapping, got {type(data).__name__}")
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in data if k not in names]
+    if unknown:
+        raise ConfigError(f"{cls.__name__} has no field {unknown[0]!r}; valid fields: {', '.join(names)}")
+    return cls(**data)
+
+
 def layer_matches(layer_name: str, pattern: str) -> bool:
     """True when glob `pattern` matches the whole name or a dotted suffix of it.
 
@@ -360,14 +371,7 @@ class QuantConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> QuantConfig:
-        if not isinstance(data, Mapping):
-            raise ConfigError(f"QuantConfig.from_dict needs a mapping, got {type(data).__name__}")
-        names = [f.name for f in dataclasses.fields(cls)]
-        unknown = [k for k in data if k not in names]
-        if unknown:
-            raise ConfigError(f"QuantConfig has no field {unknown[0]!r}; valid fields: "
-                              f"{', '.join(names)}")
-        return cls(**data)
+        return strict_from_dict(cls, data)
 
     @classmethod
     def from_json(cls, text: str) -> QuantConfig:

@@ -10,7 +10,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from sagequant.config import KV_BLOCK_SIZES, ConfigError, QuantConfig
+from ..config import KV_BLOCK_SIZES, ConfigError, QuantConfig, strict_from_dict
 
 KV_DTYPES = ("none", "int8", "fp8")
 _SCALE_BYTES = {"fp16": 2, "fp32": 4}
@@ -78,14 +78,7 @@ class KVQuantPlan:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> KVQuantPlan:
-        if not isinstance(data, Mapping):
-            raise ConfigError(f"KVQuantPlan.from_dict needs a mapping, got {type(data).__name__}")
-        names = [f.name for f in dataclasses.fields(cls)]
-        unknown = [k for k in data if k not in names]
-        if unknown:
-            raise ConfigError(f"KVQuantPlan has no field {unknown[0]!r}; valid fields: "
-                              f"{', '.join(names)}")
-        return cls(**data)
+        return strict_from_dict(cls, data)
 
 
 def build_kv_plan(config: QuantConfig) -> KVQuantPlan:

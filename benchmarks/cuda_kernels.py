@@ -199,11 +199,11 @@ def sweep_cases():
     in each group."""
     small = [{}, dict(block_n=32), dict(block_n=128), dict(block_k=64), dict(num_warps=8),
              dict(split_mult=2), dict(split_mult=0.5)]
-    splitk = small + [dict(swap_ab=True), dict(swap_ab=True, block_n=128), dict(num_stages=3),
-                      dict(num_stages=6)]
+    splitk = small + [dict(swap_ab=True), dict(swap_ab=True, block_n=128), dict(scale_w=True),
+                      dict(num_stages=3), dict(num_stages=6)]
     gemv = small + [dict(num_warps=2), dict(block_n=16, num_warps=2), dict(num_stages=1),
                     dict(num_stages=3)]
-    tiled = [{}, dict(swap_ab=True), dict(block_m=64, block_n=64, block_k=128),
+    tiled = [{}, dict(swap_ab=True), dict(scale_w=False), dict(block_m=64, block_n=64, block_k=128),
              dict(block_m=128, block_n=128, block_k=128), dict(block_m=128, block_n=256),
              dict(block_m=64, block_n=256, num_warps=8), dict(num_stages=4), dict(num_stages=2),
              dict(split_mult=2), dict(swap_ab=True, block_n=256, num_warps=8)]

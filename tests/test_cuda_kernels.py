@@ -240,3 +240,11 @@ def test_kernels_in_triton_interpreter():
                          capture_output=True, text=True, timeout=1200)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert ", 0 failed" in run.stdout
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
+def test_kernels_compile_for_sm90():
+    """Every configuration choose() launches compiles for sm_90a (no GPU needed)."""
+    run = subprocess.run([sys.executable, "-m", "sagequant.backends.cuda.aot_check", "--defaults"],
+                         capture_output=True, text=True, timeout=1200)
+    assert run.returncode == 0 and ", 0 failed" in run.stdout, run.stdout[-3000:] + run.stderr[-2000:]

@@ -42,13 +42,15 @@ class Plan:
     group_m: int = 8        # tiled: launch order swizzle, for L2 reuse of x and weight tiles
     chunk_n: int = 0        # dequant_mm: output features per dequantize+GEMM chunk (0: all)
     swap_ab: bool = False   # tensor-core paths: compute out^T = W x^T (weight tile as MMA A)
+    scale_w: bool = False   # tensor-core paths, group scales: scale the weight tile before the
+    #                         MMA (one accumulator) instead of each K block's fp32 product
 
     def describe(self) -> str:
         if self.path == "dequant_mm":
             return f"dequant_mm(chunk_n={self.chunk_n or 'all'})"
         return (f"{self.path}(BM={self.block_m},BN={self.block_n},BK={self.block_k},"
                 f"split={self.split_k},w={self.num_warps},s={self.num_stages}"
-                f"{',swap' if self.swap_ab else ''})")
+                f"{',swap' if self.swap_ab else ''}{',scale_w' if self.scale_w else ''})")
 
 
 def kernel_group(spec: QuantSpec, in_features: int) -> int:
@@ -125,7 +127,8 @@ def plan_for(path: str, m: int, n: int, k: int, *, bits: int, group: int,
         bm = 32 if m <= 32 else 64 if m <= 64 else 128
         bn = 64 if bm <= 32 else 128
         plan = Plan("tiled", block_m=bm, block_n=bn, block_k=block_k_for(group, bits, 64),
-                    num_warps=4 if bm <= 64 else 8, num_stages=4 if bm <= 64 else 3)
+                    num_warps=4 if bm <= 64 else 8, num_stages=4 if bm <= 64 else 3,
+                    scale_w=True)
         tiles, waves = math.ceil(m / bm) * math.ceil(n / bn), COMPUTE_BOUND_WAVES
     else:
         raise ValueError(f"unknown weight-only path {path!r}; valid: {', '.join(PATHS)}")

@@ -54,7 +54,7 @@ def weight_only_cases(device, dtype):
         err = _rel(rows.cpu(), w64[8:])
         yield f"dequantize_weight {spec.describe()} rows 8..{n}", err, err <= TOL
         for path, m in (("gemv", 3), ("splitk", 5), ("tiled", 37), ("dequant_mm", 9)):
-            for variant in ("plain", "split", "bias3d", "swap"):
+            for variant in ("plain", "split", "bias3d", "swap", "scale_w"):
                 plan = layout.plan_for(path, m, n, k, bits=spec.fmt.bits, group=group, sm_count=4)
                 if variant == "split":
                     plan = replace(plan, split_k=3, chunk_n=16)
@@ -62,6 +62,10 @@ def weight_only_cases(device, dtype):
                     if path not in ("splitk", "tiled"):
                         continue
                     plan = replace(plan, swap_ab=True, split_k=2)
+                if variant == "scale_w":
+                    if path not in ("splitk", "tiled"):
+                        continue
+                    plan = replace(plan, scale_w=not plan.scale_w, swap_ab=path == "splitk")
                 x = torch.randn(m, k, generator=gen).to(dtype)
                 bias = torch.randn(n, generator=gen).to(dtype) if variant == "bias3d" else None
                 xin = x.reshape(1, m, k) if variant == "bias3d" else x

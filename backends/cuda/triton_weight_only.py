@@ -31,15 +31,16 @@ TORCH_TO_TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 
 @triton.jit
-def _codes(w_ptr, offs_n, k0, N, K, stride_wn, BITS: tl.constexpr, SIGNED: tl.constexpr,
+def _codes(w_ptr, offs_n, k0, N, K, KB, stride_wn, BITS: tl.constexpr, SIGNED: tl.constexpr,
            FP8: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """[BLOCK_N, BLOCK_K] codes of W from column k0 (0 past N and K): int8 for signed formats,
     uint8 for unsigned, fp8 (bytes read as uint8, then bitcast: 0x00 is +0.0) for FP8 1=e4m3
-    2=e5m2."""
+    2=e5m2. KB = stored bytes per row, a separate argument so that the JIT sees it divisible
+    by 16 and the mask stays uniform over 16-byte vectors (wide loads)."""
     if BITS == 4:
         offs_b = k0 // 2 + tl.arange(0, BLOCK_K // 2)
         offs_b = tl.max_contiguous(tl.multiple_of(offs_b, BLOCK_K // 2), BLOCK_K // 2)
-        mask = (offs_n[:, None] < N) & (offs_b[None, :] < (K + 1) // 2)
+        mask = (offs_n[:, None] < N) & (offs_b[None, :] < KB)
         b = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_b[None, :], mask=mask, other=0)
         if SIGNED:  # sign-extend each nibble with int8 shifts (Python ints stay int8)
             b = b.to(tl.int8, bitcast=True)
@@ -77,14 +78,17 @@ def _group_params(s_ptr, z_ptr, offs_n, k0, N, GROUP, stride_sn, stride_sg, stri
 
 
 @triton.jit(do_not_specialize=["M"])  # one compile for every M
-def _wo_mma_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, GROUP, k_per_split,
+def _wo_mma_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, KB, GROUP, k_per_split,
                    stride_xm, stride_wn, stride_sn, stride_sg, stride_zn, stride_zg, stride_om,
                    BITS: tl.constexpr, SIGNED: tl.constexpr, FP8: tl.constexpr, ASYM: tl.constexpr,
                    HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                   SWAP_AB: tl.constexpr):
+                   SWAP_AB: tl.constexpr, SCALE: tl.constexpr):
     """SWAP_AB computes out^T = W x^T: the dequantized tile is the MMA's A operand (registers
-    on Hopper) and M is its N side, which suits small M."""
+    on Hopper) and M is its N side, which suits small M. SCALE says where group scales apply:
+    0 to each K block's fp32 product (exact; a second accumulator), 1 to the weight tile before
+    the MMA (rounded to 16 bits like the reference op; one accumulator), 2 once at the end (one
+    scale per row: per-channel / per-tensor)."""
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     num_m = tl.cdiv(M, BLOCK_M)
@@ -107,17 +111,32 @@ def _wo_mma_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, GROUP, k
         offs_k = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
                     mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
-        codes = _codes(w_ptr, offs_n, k0, N, K, stride_wn, BITS, SIGNED, FP8, BLOCK_N, BLOCK_K)
+        codes = _codes(w_ptr, offs_n, k0, N, K, KB, stride_wn, BITS, SIGNED, FP8, BLOCK_N,
+                       BLOCK_K)
         s, z = _group_params(s_ptr, z_ptr, offs_n, k0, N, GROUP, stride_sn, stride_sg,
                              stride_zn, stride_zg, ASYM)
-        if ASYM:  # unsigned codes go through fp32 (exact); |u - z| <= 255 fits fp16 and bf16
+        if SCALE == 1:
+            w = ((codes.to(tl.float32) - z[:, None]) * s[:, None]).to(dot_dtype)
+        elif ASYM:  # unsigned codes go through fp32 (exact); |u - z| <= 255 fits fp16 and bf16
             w = (codes.to(tl.float32) - z[:, None]).to(dot_dtype)
         else:
             w = codes.to(dot_dtype)
         if SWAP_AB:
-            acc += tl.dot(w, tl.trans(x)) * s[:, None]
+            if SCALE == 0:
+                acc += tl.dot(w, tl.trans(x)) * s[:, None]
+            else:
+                acc = tl.dot(w, tl.trans(x), acc)
         else:
-            acc += tl.dot(x, tl.trans(w)) * s[None, :]
+            if SCALE == 0:
+                acc += tl.dot(x, tl.trans(w)) * s[None, :]
+            else:
+                acc = tl.dot(x, tl.trans(w), acc)
+    if SCALE == 2:
+        s_row = tl.load(s_ptr + offs_n * stride_sn, mask=offs_n < N, other=0).to(tl.float32)
+        if SWAP_AB:
+            acc = acc * s_row[:, None]
+        else:
+            acc = acc * s_row[None, :]
     if SWAP_AB:
         acc = tl.trans(acc)
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
@@ -131,7 +150,7 @@ def _wo_mma_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, GROUP, k
 
 
 @triton.jit(do_not_specialize=["M"])  # one compile for every M
-def _wo_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, GROUP, k_per_split,
+def _wo_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, KB, GROUP, k_per_split,
                     stride_xm, stride_wn, stride_sn, stride_sg, stride_zn, stride_zg, stride_om,
                     BITS: tl.constexpr, SIGNED: tl.constexpr, FP8: tl.constexpr, ASYM: tl.constexpr,
                     HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -146,7 +165,8 @@ def _wo_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, GROUP, 
     for k0 in range(k_lo, k_hi, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + m * stride_xm + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
-        codes = _codes(w_ptr, offs_n, k0, N, K, stride_wn, BITS, SIGNED, FP8, BLOCK_N, BLOCK_K)
+        codes = _codes(w_ptr, offs_n, k0, N, K, KB, stride_wn, BITS, SIGNED, FP8, BLOCK_N,
+                       BLOCK_K)
         s, z = _group_params(s_ptr, z_ptr, offs_n, k0, N, GROUP, stride_sn, stride_sg,
                              stride_zn, stride_zg, ASYM)
         w = codes.to(tl.float32)
@@ -174,7 +194,7 @@ def _splitk_reduce(ws_ptr, b_ptr, out_ptr, MN, N, S, HAS_BIAS: tl.constexpr, BLO
 
 
 @triton.jit(do_not_specialize=["n0", "N"])  # one compile for every M
-def _dequant_kernel(w_ptr, s_ptr, z_ptr, out_ptr, n0, N, K, GROUP,
+def _dequant_kernel(w_ptr, s_ptr, z_ptr, out_ptr, n0, N, K, KB, GROUP,
                     stride_wn, stride_sn, stride_sg, stride_zn, stride_zg,
                     BITS: tl.constexpr, SIGNED: tl.constexpr, FP8: tl.constexpr, ASYM: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -182,13 +202,19 @@ def _dequant_kernel(w_ptr, s_ptr, z_ptr, out_ptr, n0, N, K, GROUP,
     offs_n = n0 + tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     k0 = tl.program_id(1) * BLOCK_K
     offs_k = k0 + tl.arange(0, BLOCK_K)
-    codes = _codes(w_ptr, offs_n, k0, N, K, stride_wn, BITS, SIGNED, FP8, BLOCK_N, BLOCK_K)
+    codes = _codes(w_ptr, offs_n, k0, N, K, KB, stride_wn, BITS, SIGNED, FP8, BLOCK_N,
+                   BLOCK_K)
     s, z = _group_params(s_ptr, z_ptr, offs_n, k0, N, GROUP, stride_sn, stride_sg,
                          stride_zn, stride_zg, ASYM)
     w = (codes.to(tl.float32) - z[:, None]) * s[:, None]
     mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
     tl.store(out_ptr + (offs_n - n0)[:, None] * K + offs_k[None, :],
              w.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def scale_mode(group: int, k: int, plan: layout.Plan) -> int:
+    """_wo_mma_kernel's SCALE: 2 one scale per row, else 1 scale the tile, 0 scale the product."""
+    return 2 if group >= k else 1 if plan.scale_w else 0
 
 
 def _operands(qweight, scales, zeros, spec: QuantSpec, n: int, k: int):
@@ -234,7 +260,7 @@ def weight_only_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
     per, splits = layout.k_blocks_per_split(k, plan.block_k, plan.split_k)
     split = splits > 1
     dst = torch.empty((splits, m, n), dtype=torch.float32, device=x.device) if split else out
-    args = (x2, w, scales, zt, b, dst, m, n, k, group, per * plan.block_k,
+    args = (x2, w, scales, zt, b, dst, m, n, k, w.shape[1], group, per * plan.block_k,
             x2.stride(0), w.stride(0), sn, sg, zn, zg, out.stride(0))
     if plan.path == "gemv":
         grid = (triton.cdiv(n, plan.block_n), splits, m)
@@ -245,8 +271,9 @@ def weight_only_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
         grid = (triton.cdiv(m, plan.block_m) * triton.cdiv(n, plan.block_n), splits)
         _wo_mma_kernel[grid](*args, **flags, HAS_BIAS=bias is not None, SPLIT=split,
                              BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, BLOCK_K=plan.block_k,
-                             GROUP_M=plan.group_m, SWAP_AB=plan.swap_ab, num_warps=plan.num_warps,
-                             num_stages=plan.num_stages)
+                             GROUP_M=plan.group_m, SWAP_AB=plan.swap_ab,
+                             SCALE=scale_mode(group, k, plan),
+                             num_warps=plan.num_warps, num_stages=plan.num_stages)
     if split:
         block = 1024
         _splitk_reduce[(triton.cdiv(m * n, block),)](dst, b, out, m * n, n, splits,
@@ -270,8 +297,8 @@ def _launch_dequant(w, scales, zt, out, r0, r1, k, group, strides, flags) -> Non
     sn, sg, zn, zg = strides
     bn, bk = 32, layout.block_k_for(group, flags["BITS"], 128)
     grid = (triton.cdiv(r1 - r0, bn), triton.cdiv(k, bk))
-    _dequant_kernel[grid](w, scales, zt, out, r0, r1, k, group, w.stride(0), sn, sg, zn, zg,
-                          **flags, BLOCK_N=bn, BLOCK_K=bk, num_warps=4)
+    _dequant_kernel[grid](w, scales, zt, out, r0, r1, k, w.shape[1], group, w.stride(0), sn, sg,
+                          zn, zg, **flags, BLOCK_N=bn, BLOCK_K=bk, num_warps=4)
 
 
 def _dequant_mm(x2, w, scales, zt, bias, out, n, k, group, strides, flags, plan) -> None:

@@ -37,6 +37,11 @@ SCHEMES = {
     "w4a16-gptq-actorder": dict(weight_dtype="int4", activation_dtype="a16", calibration="gptq",
                                 gptq_act_order=True, **G128),
     "nf4-g64": dict(weight_dtype="nf4", activation_dtype="a16", group_size=64),
+    # group 64 divides every SmolLM2 layer: the setting llm-compressor can run (it refuses the
+    # ragged 576 = 4 x 128 + 64 groups of g128), for a like-for-like comparison
+    "w4a16-rtn-g64": dict(weight_dtype="int4", activation_dtype="a16", group_size=64),
+    "w4a16-awq-g64": dict(weight_dtype="int4", activation_dtype="a16", calibration="awq", group_size=64),
+    "w4a16-gptq-g64": dict(weight_dtype="int4", activation_dtype="a16", calibration="gptq", group_size=64),
 }
 
 

@@ -45,9 +45,11 @@ from sagequant.calibration.real_data import evaluation_text, load_smollm2, wikip
 from sagequant.tools.evaluate import delta_pct, perplexity, tokenize_eval_text
 
 IGNORE = ["lm_head"]
-W4_SCHEMES = ("w4a16-rtn", "w4a16-gptq", "w4a16-awq")
-ALL_SCHEMES = ("w4a16-rtn", "w4a16-gptq", "w4a16-awq", "w8a8-int8-smoothquant-gptq",
-               "w8a8-fp8-dynamic")
+W4_SCHEMES = ("w4a16-rtn", "w4a16-gptq", "w4a16-awq", "w4a16-gptq-no-actorder")
+DEFAULT_SCHEMES = ("w4a16-rtn", "w4a16-gptq", "w4a16-awq", "w8a8-int8-smoothquant-gptq",
+                   "w8a8-fp8-dynamic")
+# Optional extra: GPTQ without llm-compressor's default "static" activation ordering.
+ALL_SCHEMES = DEFAULT_SCHEMES + ("w4a16-gptq-no-actorder",)
 
 
 def versions() -> dict:
@@ -78,8 +80,10 @@ def recipe_for(name: str, group_size: int | None):
 
     if name == "w4a16-rtn":
         return [QuantizationModifier(**w4_kwargs(group_size), ignore=IGNORE)]
-    if name == "w4a16-gptq":
+    if name == "w4a16-gptq":  # llm-compressor defaults: actorder "static", dampening 0.01
         return [GPTQModifier(**w4_kwargs(group_size), ignore=IGNORE)]
+    if name == "w4a16-gptq-no-actorder":
+        return [GPTQModifier(**w4_kwargs(group_size), ignore=IGNORE, actorder=None)]
     if name == "w4a16-awq":
         # 0.14: AWQ is a transform (scale search + folding); quantization is applied by the
         # QuantizationModifier that follows it, whose scheme AWQ's search uses.
@@ -188,7 +192,7 @@ def run_scheme(name, base_model, tok, calib, eval_ids, group_size, n_samples, se
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--schemes", nargs="+", default=list(ALL_SCHEMES), choices=ALL_SCHEMES)
+    p.add_argument("--schemes", nargs="+", default=list(DEFAULT_SCHEMES), choices=ALL_SCHEMES)
     p.add_argument("--max-tokens", type=int, default=20000)
     p.add_argument("--calib-samples", type=int, default=32)
     p.add_argument("--calib-seq-len", type=int, default=512)

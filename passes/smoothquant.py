@@ -15,10 +15,13 @@ from ..calibration.stats import collect_input_stats
 from ..config import ConfigError
 from ..ir.graph import QuantGraph
 from ..ir.patterns import balance_groups, fold_group_scales
+from ..ir.quant_spec import QuantSpec
 from .manager import PassContext, PassResult, register_pass
 
 METHODS = ("smoothquant", "smoothquant+awq")
 SEARCH_ROWS = 512
+# Weight-only schemes smoothed before AWQ search alpha against int8 per-token activations.
+SEARCH_ACT_SPEC = QuantSpec("int8", "per_token", None, True, "fp32", dynamic=True)
 
 
 @register_pass("smoothquant", "fold per-channel smoothing scales into norm / linear producers",
@@ -48,15 +51,10 @@ def smoothquant(graph: QuantGraph, ctx: PassContext) -> PassResult:
         alpha = cfg.smoothquant_alpha
         if auto:
             ann = graph.annotation(group.consumers[0])
-            act_spec = ann.input_spec or _act_spec_for_search(ann)
+            act_spec = ann.input_spec or SEARCH_ACT_SPEC
             alpha, _ = search_alpha(st.rows, weights, act_spec, ann.weight_spec, act_absmax=st.channel_absmax)
         fold_group_scales(graph, group, smoothing_scales(st.channel_absmax, weights, alpha))
         alphas[group.describe(graph)] = alpha
     graph.gm.recompile()
     return PassResult(graph, True, {"groups": len(groups), "alpha": alphas if auto else cfg.smoothquant_alpha})
 
-
-def _act_spec_for_search(ann):
-    """Weight-only schemes combined with AWQ still smooth toward an int8 per-token activation."""
-    from ..ir.quant_spec import QuantSpec
-    return QuantSpec("int8", "per_token", None, True, "fp32", dynamic=True)

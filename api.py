@@ -21,6 +21,8 @@ from .passes import PIPELINE, DumpIR, PassContext, PassManager, PrintIRAfter
 from .passes.annotate import weight_spec_for
 from .passes.schedule import scheduler_ir
 
+
+
 def _check_supported(cfg: QuantConfig) -> None:
     """Config features this build's pipeline has no pass for are refused up front, by name."""
     unsupported = []
@@ -32,6 +34,7 @@ def _check_supported(cfg: QuantConfig) -> None:
         unsupported.append("draft_mode=True (no draft/verify planning yet)")
     if unsupported:
         raise ConfigError("this sagequant build cannot compile: " + "; ".join(unsupported))
+
 
 def compile(model, config: QuantConfig | None = None, calibration_data=None, tokenizer=None, *,
             print_ir_after: list[str] | str | None = None, dump_dir: str | Path | None = None,
@@ -62,6 +65,7 @@ def compile(model, config: QuantConfig | None = None, calibration_data=None, tok
     compiled = CompiledModel(graph, cfg, build_kv_plan(cfg), pm.history)
     compiled.source_model = model
     return compiled
+
 
 class CompiledModel:
     def __init__(self, graph: QuantGraph, config: QuantConfig, kv_plan: KVQuantPlan,
@@ -174,6 +178,7 @@ class CompiledModel:
         from .tools.export import export
         return export(self, path, format=format, weight_format=weight_format, **options)
 
+
 def load(directory: str | Path) -> CompiledModel:
     graph_json, tensors, meta = read_artifact(directory)
     try:
@@ -188,8 +193,10 @@ def load(directory: str | Path) -> CompiledModel:
     graph.verify()
     return CompiledModel(graph, config, kv_plan, meta.get("pass_history", []))
 
+
 def _jsonable(obj):
     return json.loads(json.dumps(obj, default=str))
+
 
 # ---- the seed's facade -----------------------------------------------------------------------
 
@@ -229,6 +236,7 @@ class QuantizationProtocol:
             raise RuntimeError("nothing compiled or loaded yet: call calibrate() or load_quantized()")
         return self.compiled.report()
 
+
 class QuantizationManager:
     """Chooses the protocol by config.calibration, as the seed describes: every method runs
     through the same compiler, so the protocol is the compiler configured for that method."""
@@ -239,6 +247,7 @@ class QuantizationManager:
 
     def __getattr__(self, name):
         return getattr(self.protocol, name)
+
 
 __all__ = ["compile", "load", "CompiledModel", "QuantizationManager", "QuantizationProtocol",
            "META_KEY"]

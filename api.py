@@ -22,7 +22,6 @@ from .passes.annotate import weight_spec_for
 from .passes.schedule import scheduler_ir
 
 
-
 def _check_supported(cfg: QuantConfig) -> None:
     """Config features this build's pipeline has no pass for are refused up front, by name."""
     unsupported = []

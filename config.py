@@ -32,6 +32,8 @@ _CALIBRATIONS = {
 }
 _KV_DTYPES = {"none": "none", "int8": "int8", "fp8": "fp8", "fp8_e4m3": "fp8"}
 _ACTIVATION_SCALES = {s: s for s in ("dynamic_per_token", "static_per_tensor")}
+_OBSERVERS = {**{s: s for s in ("minmax", "moving_average", "percentile", "mse", "histogram")},
+              "entropy": "histogram"}
 _PRIORITIES = {s: s for s in ("latency", "throughput", "memory")}
 _SCALE_PRECISIONS = {s: s for s in ("fp16", "fp32")}
 _FP8_FORMATS = {s: s for s in ("e4m3", "e5m2")}
@@ -179,6 +181,8 @@ class QuantConfig:
     # Quantized activations: scales computed per token at run time, or one static scale per
     # tensor from calibration.
     activation_scale: str = "dynamic_per_token"
+    # Activation range observer; None picks percentile for calibration='percentile', else minmax.
+    observer: str | None = None
     # Algorithm options (used only by the calibration method that names them).
     smoothquant_alpha: float | str = 0.5   # migration strength, or "auto" for a per-layer search
     awq_grid: int = 20                     # scale-ratio grid points of the AWQ search
@@ -206,6 +210,7 @@ class QuantConfig:
         self.calibration_seq_len = _int("calibration_seq_len", self.calibration_seq_len, 1)
         self.activation_scale = _choice("activation_scale", self.activation_scale, _ACTIVATION_SCALES)
         self._check_algorithm_options()
+        self._check_observer()
         self._check_fallback()
         self._check_kv()
         self._check_scheme()
@@ -225,6 +230,33 @@ class QuantConfig:
         if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not 0 < damp < 1:
             raise _fail("gptq_damp", damp, "is not supported", "a number in (0, 1), e.g. 0.01")
         self.gptq_damp = float(damp)
+
+    def _check_observer(self) -> None:
+        if self.observer is None:
+            return
+        self.observer = _choice("observer", self.observer, _OBSERVERS)
+        if self.calibration == "percentile" and self.observer != "percentile":
+            raise ConfigError(
+                f"QuantConfig.observer={self.observer!r} contradicts QuantConfig.calibration="
+                f"'percentile' (which means the percentile observer); set observer=None or "
+                f"'percentile', or pick another calibration")
+        if self.observer in ("mse", "histogram") and self.activation_dtype == "a16":
+            raise ConfigError(
+                f"QuantConfig.observer={self.observer!r} optimises the clip of quantized "
+                f"activations, but activation_dtype={self.activation_dtype!r} keeps them 16-bit; "
+                "use it with activation_dtype int8 or fp8, or observer minmax / moving_average / "
+                "percentile")
+        if self.observer == "histogram" and self.activation_dtype == "fp8":
+            raise ConfigError(
+                "QuantConfig.observer='histogram' (entropy calibration) is defined for int8 "
+                "activations, not fp8; use observer='mse' or 'percentile' with fp8")
+
+    @property
+    def observer_kind(self) -> str:
+        """The activation observer calibration uses (QuantConfig.observer or its default)."""
+        if self.observer is not None:
+            return self.observer
+        return "percentile" if self.calibration == "percentile" else "minmax"
 
     def _resolve_activation(self, act: str) -> str:
         if act != "w8a8":

@@ -2,7 +2,7 @@
 call_module nodes); `calibrate` runs data through them and removes them again."""
 from __future__ import annotations
 
-from ..calibration.observers import observer_for
+from ..calibration.observers import FORMAT_AWARE_OBSERVERS, observer_for
 from ..ir.graph import QuantGraph
 from .manager import PassContext, PassResult, register_pass
 
@@ -18,7 +18,14 @@ def insert_observers(graph: QuantGraph, ctx: PassContext) -> PassResult:
         if not ann.quantized:
             continue
         name = f"{OBSERVER_PREFIX}{inserted}"
-        graph.gm.add_module(name, observer_for(ctx.config.calibration, f"input of {ann.layer}"))
+        kind, fmt = ctx.config.observer_kind, None
+        if ann.input_spec is not None:
+            fmt = ann.input_spec.fmt
+        elif kind in FORMAT_AWARE_OBSERVERS:
+            # 16-bit inputs (a per-layer override) have no format to optimise a clip for; their
+            # record only documents the range, and says minmax.
+            kind = "minmax"
+        graph.gm.add_module(name, observer_for(kind, f"input of {ann.layer}", fmt))
         x = node.args[0]
         with graph.graph.inserting_before(node):
             obs = graph.graph.call_module(name, (x,))

@@ -58,6 +58,22 @@ _VALID_SCHEMES = (
     "W8A8-FP8 (weight_dtype fp8|w8a8, activation_dtype fp8)"
 )
 _QAT_SCHEMES = ("W8A16", "W4A16", "FP8-W8A16", "W8A8-INT8", "W8A8-FP8")
+_GUARD_MODES = {s: s for s in ("enforce", "report", "off")}
+# Accuracy-guard bounds per scheme (passes/guard.py), loose enough for legitimate quantization of
+# each scheme and tight enough to stop a collapse: KL(float || quantized) and delta loss in nats
+# per token on the held-back sequences, top-1 agreement as a fraction, and every quantized layer's
+# own output SQNR (its scheme's bound). QuantConfig.guard_bounds overrides any of them.
+GUARD_BOUND_KEYS = ("max_kl", "max_delta_loss", "min_top1", "min_layer_sqnr_db")
+GUARD_DEFAULTS = {
+    "W8A16": {"max_kl": 0.05, "max_delta_loss": 0.05, "min_top1": 0.8, "min_layer_sqnr_db": 25.0},
+    "FP8-W8A16": {"max_kl": 0.1, "max_delta_loss": 0.1, "min_top1": 0.75, "min_layer_sqnr_db": 18.0},
+    "W8A8-INT8": {"max_kl": 0.3, "max_delta_loss": 0.3, "min_top1": 0.6, "min_layer_sqnr_db": 12.0},
+    "W8A8-FP8": {"max_kl": 0.3, "max_delta_loss": 0.3, "min_top1": 0.6, "min_layer_sqnr_db": 12.0},
+    "W4A16": {"max_kl": 1.0, "max_delta_loss": 1.0, "min_top1": 0.5, "min_layer_sqnr_db": 8.0},
+    "NF4-A16": {"max_kl": 1.0, "max_delta_loss": 1.0, "min_top1": 0.5, "min_layer_sqnr_db": 8.0},
+}
+# What mixed precision may raise a sensitive layer to (passes/mixed_precision.py).
+PRECISION_UPGRADES = ("int8", "fp8", "float")
 OVERRIDE_KEYS = ("weight_dtype", "activation_dtype", "group_size", "symmetric", "per_channel",
                  "clip_ratio")
 SKIP = "skip"
@@ -107,6 +123,12 @@ def _clip(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
             or not 0.0 < value <= 1.0:
         raise _fail(name, value, "is out of range", "a finite float in (0, 1]")
+    return float(value)
+
+
+def _finite(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise _fail(name, value, "is not a finite number", "a finite int or float")
     return float(value)
 
 
@@ -190,6 +212,18 @@ class QuantConfig:
     gptq_block_size: int = 128
     gptq_damp: float = 0.01                # dampening, as a fraction of mean(diag(H))
     gptq_act_order: bool = False
+    # Accuracy guard: the last `guard_samples` calibration sequences are held back from calibration
+    # and float vs quantized is measured on them; "enforce" fails the compile past a bound,
+    # "report" only records, "off" does neither.
+    guard: str = "enforce"
+    guard_samples: int = 2
+    guard_bounds: dict[str, float] = field(default_factory=dict)  # overrides GUARD_DEFAULTS
+    # Mixed precision by budget (at most one target): average bits per weight over the quantized
+    # linears (fp16 for layers kept float), or the largest summed per-layer delta loss (nats).
+    target_bits_per_weight: float | None = None
+    target_max_delta_loss: float | None = None
+    precision_upgrades: list[str] = field(default_factory=lambda: ["int8", "float"])
+    sensitivity_samples: int = 2  # calibration sequences the per-layer sensitivity is measured on
 
     def __post_init__(self) -> None:
         self.weight_dtype = _choice("weight_dtype", self.weight_dtype, _WEIGHT_DTYPES)
@@ -210,6 +244,7 @@ class QuantConfig:
         self.calibration_seq_len = _int("calibration_seq_len", self.calibration_seq_len, 1)
         self.activation_scale = _choice("activation_scale", self.activation_scale, _ACTIVATION_SCALES)
         self._check_algorithm_options()
+        self._check_guard_and_budget()
         self._check_observer()
         self._check_fallback()
         self._check_kv()
@@ -257,6 +292,39 @@ class QuantConfig:
         if self.observer is not None:
             return self.observer
         return "percentile" if self.calibration == "percentile" else "minmax"
+
+    def _check_guard_and_budget(self) -> None:
+        self.guard = _choice("guard", self.guard, _GUARD_MODES)
+        self.guard_samples = _int("guard_samples", self.guard_samples, 1)
+        self.sensitivity_samples = _int("sensitivity_samples", self.sensitivity_samples, 1)
+        if not isinstance(self.guard_bounds, dict):
+            raise _fail("guard_bounds", self.guard_bounds, "must be a dict",
+                        f"{{name: number}} with names {', '.join(GUARD_BOUND_KEYS)}")
+        self.guard_bounds = dict(self.guard_bounds)  # normalised below; the caller's dict untouched
+        for key, value in list(self.guard_bounds.items()):
+            if key not in GUARD_BOUND_KEYS:
+                raise _fail("guard_bounds", {key: value}, "has an unknown bound",
+                            ", ".join(GUARD_BOUND_KEYS))
+            self.guard_bounds[key] = _finite(f"guard_bounds[{key!r}]", value)
+        top1 = self.guard_bounds.get("min_top1")
+        if top1 is not None and not 0 <= top1 <= 1:
+            raise _fail("guard_bounds['min_top1']", top1, "is out of range", "a fraction in [0, 1]")
+        for name in ("target_bits_per_weight", "target_max_delta_loss"):
+            value = getattr(self, name)
+            if value is not None and _finite(name, value) <= 0:
+                raise _fail(name, value, "is not valid", "None or a positive number")
+        if self.target_bits_per_weight is not None and self.target_max_delta_loss is not None:
+            raise ConfigError("QuantConfig.target_bits_per_weight and target_max_delta_loss are both "
+                              "set; mixed precision meets one target: set only one of them")
+        ups = _str_list("precision_upgrades", self.precision_upgrades)
+        bad = [u for u in ups if u not in PRECISION_UPGRADES]
+        if bad or len(set(ups)) != len(ups):
+            raise _fail("precision_upgrades", ups, "is not valid",
+                        f"distinct entries of {', '.join(PRECISION_UPGRADES)}")
+
+    def guard_bound(self, name: str, scheme: str) -> float:
+        """The guard's bound `name` for layers / models of `scheme`: guard_bounds, else the default."""
+        return self.guard_bounds.get(name, GUARD_DEFAULTS[scheme][name])
 
     def _resolve_activation(self, act: str) -> str:
         if act != "w8a8":

@@ -1,4 +1,4 @@
-"""`sagequant export --artifact DIR --format onnx|tensorrt --output PATH [--weight-format ...]`."""
+"""`sagequant export --artifact DIR --format onnx|tensorrt|compressed-tensors --output PATH [...]`."""
 import json
 
 import onnx
@@ -29,3 +29,16 @@ def test_export_errors_are_one_line(compiled, tmp_path, capsys):
     rc = main(["export", "--artifact", str(tmp_path / "nf4"), "--output", str(tmp_path / "x.onnx"),
                "--format", "tflite"])
     assert rc == 2 and "format='tflite' is not supported; valid: onnx, tensorrt" in capsys.readouterr().err
+
+
+def test_export_compressed_tensors_with_check(compiled, tmp_path, capsys):
+    cm = compiled("llama", weight_dtype="fp8", activation_dtype="fp8", group_size=None)
+    cm.save(tmp_path / "art")
+    out = tmp_path / "ckpt"
+    rc = main(["export", "--artifact", str(tmp_path / "art"), "--format", "compressed-tensors",
+               "--output", str(out), "--check", "--check-tokens", "9"])
+    text = capsys.readouterr().out
+    assert rc == 0 and (out / "model.safetensors").exists()
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["format"] == "float-quantized"
+    res = json.loads(text.split("transformers (compressed-tensors) vs torch logits: ")[1])
+    assert res["max_abs"] < 1e-3 and res["argmax_agree"] == 1.0

@@ -136,16 +136,22 @@ def cmd_report(args) -> int:
 
 def cmd_export(args) -> int:
     from ..api import load
-    from .export import export, onnxruntime_session, parity
+    from .export import checkpoint_parity, export, onnxruntime_session, parity
     cm = load(args.artifact)
+    checkpoint = args.format == "compressed-tensors"
     out = export(cm, args.output, format=args.format, weight_format=args.weight_format,
                  accuracy_level=args.accuracy_level, engine_path=args.engine)
-    print(f"{args.format} export ({args.weight_format}) of {cm.config.scheme}: {out}")
+    print(f"{args.format} export ({'checkpoint' if checkpoint else args.weight_format}) of "
+          f"{cm.config.scheme}: {out}")
     if args.check:
         import torch
         vocab = int(cm.graph.model_info.get("vocab_size") or 2)
         ids = torch.randint(0, vocab, (1, args.check_tokens), generator=torch.Generator().manual_seed(0))
-        print("onnxruntime vs torch logits: " + json.dumps(parity(cm, onnxruntime_session(out), ids)))
+        if checkpoint:
+            print("transformers (compressed-tensors) vs torch logits: "
+                  + json.dumps(checkpoint_parity(cm, out, ids)))
+        else:
+            print("onnxruntime vs torch logits: " + json.dumps(parity(cm, onnxruntime_session(out), ids)))
     return 0
 
 
@@ -201,16 +207,18 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--error-tokens", type=int, default=256, help="tokens of Wikipedia prose to measure on")
     i.add_argument("--top", type=int, help="print only the worst N layers")
     i.set_defaults(func=cmd_inspect)
-    x = sub.add_parser("export", help="write an artifact as ONNX (QDQ / MatMulNBits) or TensorRT ONNX")
+    x = sub.add_parser("export", help="write an artifact as ONNX (QDQ / MatMulNBits), TensorRT ONNX "
+                       "or a compressed-tensors checkpoint")
     x.add_argument("--artifact", required=True)
-    x.add_argument("--format", default="onnx", help="onnx | tensorrt")
-    x.add_argument("--output", required=True, help="the .onnx file to write")
+    x.add_argument("--format", default="onnx", help="onnx | tensorrt | compressed-tensors")
+    x.add_argument("--output", required=True, help="the .onnx file (or checkpoint directory) to write")
     x.add_argument("--weight-format", default="qdq", help="qdq | matmulnbits (format onnx)")
     x.add_argument("--accuracy-level", type=int, default=0,
                    help="MatMulNBits accuracy_level: 0 float accumulation (default), 4 int8 activations")
     x.add_argument("--engine", help="also build a TensorRT engine here (needs tensorrt and a GPU)")
     x.add_argument("--check", action="store_true",
-                   help="run the export in onnxruntime and print its logit difference to the torch path")
+                   help="run the export (onnxruntime, or transformers for a checkpoint) and print its "
+                   "logit difference to the torch path")
     x.add_argument("--check-tokens", type=int, default=32)
     x.set_defaults(func=cmd_export)
     d = sub.add_parser("demo", help="compile the real SmolLM2 at W8A16 and W4A16 and print the report table")

@@ -1,8 +1,9 @@
-"""Export a CompiledModel: ONNX (QDQ or MatMulNBits) and TensorRT explicit-quantization ONNX, plus
-the ONNX Runtime helpers the parity checks use.
+"""Export a CompiledModel: ONNX (QDQ or MatMulNBits), TensorRT explicit-quantization ONNX and
+compressed-tensors checkpoints, plus the ONNX Runtime helpers the parity checks use.
 
     cm.export("m.onnx", format="onnx", weight_format="qdq" | "matmulnbits")
     cm.export("m.trt.onnx", format="tensorrt", engine_path="m.plan")  # engine: needs TensorRT + GPU
+    cm.export("m-ct/", format="compressed-tensors", tokenizer=tok)    # a directory vLLM loads
 
 The graph is captured once (backends/onnxruntime/capture.py) with each quantized linear as a
 placeholder, then the chosen emitter rewrites the placeholders; everything else in the model
@@ -20,17 +21,24 @@ import torch
 
 from ..backends.onnxruntime.qlinear import ExportError
 
-FORMATS = ("onnx", "tensorrt")
+FORMATS = ("onnx", "tensorrt", "compressed-tensors")
 WEIGHT_FORMATS = ("qdq", "matmulnbits")
 _EXTERNAL_DATA_BYTES = 1 << 30  # protobuf files stop at 2 GiB; weights move beside the file sooner
 
 
 def export(compiled, path: str | Path, format: str = "onnx", weight_format: str = "qdq", *,
-           accuracy_level: int = 0, engine_path: str | Path | None = None, captured=None) -> Path:
+           accuracy_level: int = 0, engine_path: str | Path | None = None, captured=None,
+           tokenizer=None) -> Path:
     """Write `compiled` to `path`; returns the path. Raises ExportError naming the layer, scheme and
     constraint when the format cannot express the model. `captured`: a `capture(compiled.graph)`
-    result to reuse (capturing is the slow step; every format is emitted from the same capture)."""
+    result to reuse (capturing is the slow step; every ONNX format is emitted from the same capture).
+    format="compressed-tensors" writes a directory (tokenizer files too when `tokenizer` is given)."""
     _check_args(format, weight_format, engine_path)
+    if format == "compressed-tensors":
+        from ..backends.compressed_tensors.checkpoint import write_checkpoint
+        return write_checkpoint(compiled, path, tokenizer=tokenizer)
+    if tokenizer is not None:
+        raise ExportError("tokenizer= is for format='compressed-tensors'; ONNX exports take input_ids")
     model = to_onnx(compiled, format, weight_format, accuracy_level=accuracy_level, captured=captured)
     out = _save(model, Path(path))
     if engine_path is not None:
@@ -43,6 +51,9 @@ def to_onnx(compiled, format: str = "onnx", weight_format: str = "qdq", accuracy
             captured=None):
     """The exported onnx.ModelProto, not written anywhere."""
     _check_args(format, weight_format)
+    if format == "compressed-tensors":
+        raise ExportError("format='compressed-tensors' is a checkpoint directory, not an ONNX model; "
+                          "use export(compiled, directory, format='compressed-tensors')")
     from ..backends.onnxruntime.capture import capture
     from ..backends.onnxruntime.emit import rewrite
     if format == "tensorrt":
@@ -81,6 +92,9 @@ def _check_args(format: str, weight_format: str, engine_path=None) -> None:
     if weight_format not in WEIGHT_FORMATS:
         raise ExportError(f"weight_format={weight_format!r} is not supported; valid: "
                           f"{', '.join(WEIGHT_FORMATS)} (format='onnx' only)")
+    if format == "compressed-tensors" and weight_format != "qdq":
+        raise ExportError("weight_format is for format='onnx'; compressed-tensors picks its own "
+                          "(pack-quantized, int-quantized, float-quantized) from the scheme")
     if format == "tensorrt" and weight_format != "qdq":
         raise ExportError("format='tensorrt' writes Q/DQ only; weight_format='matmulnbits' is an "
                           "ONNX Runtime contrib op TensorRT does not read")
@@ -132,8 +146,21 @@ def run_logits(session, input_ids: torch.Tensor) -> torch.Tensor:
 
 def parity(compiled, session, input_ids: torch.Tensor) -> dict:
     """Logits of the torch path vs the ONNX Runtime session on the same ids."""
-    ref = compiled(input_ids).float()
-    got = run_logits(session, input_ids).float()
+    return _compare(compiled(input_ids).float(), run_logits(session, input_ids).float())
+
+
+def checkpoint_parity(compiled, directory: str | Path, input_ids: torch.Tensor) -> dict:
+    """Logits of the torch path vs the compressed-tensors checkpoint loaded by transformers."""
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32,
+                                                 local_files_only=True).eval()
+    ids = input_ids.unsqueeze(0) if input_ids.dim() == 1 else input_ids
+    with torch.no_grad():
+        got = model(ids.long()).logits.float()
+    return _compare(compiled(ids).float(), got)
+
+
+def _compare(ref: torch.Tensor, got: torch.Tensor) -> dict:
     diff = (got - ref).abs()
     return {"max_abs": float(diff.max()), "mean_abs": float(diff.mean()),
             "max_rel": float(diff.max() / ref.abs().max().clamp(min=1e-12)),

@@ -1,0 +1,1 @@
+"""compressed-tensors checkpoint emitter (vLLM / transformers loadable)."""

@@ -25,7 +25,13 @@ MIN_K_BLOCKS_PER_SPLIT = 2
 BIG_GROUP = 1 << 30       # the kernels' GROUP for per-channel / per-tensor scales: one "group"
 # Group sizes the Triton kernels take: a K block (power of two >= 16) must lie in one group.
 GROUP_SIZES = (16, 32, 64, 128, 256, 512, 1024)
-PATHS = ("gemv", "splitk", "tiled", "dequant_mm")
+PATHS = ("gemv", "splitk", "tiled", "dequant_mm", "gemv4", "mma4")
+# 4-bit weights read as int32 words (triton_words): int4/uint4/NF4 with K % 8 == 0.
+WORD_FORMATS = ("int4", "uint4", "nf4")
+WORD_PATHS = ("gemv4", "mma4")
+WORD_GEMV_MAX_M = 1       # M <= this: the word GEMV (CUDA cores)
+WORD_MMA_MAX_M = 64       # M <= this: the word tensor-core kernel (int4/uint4; NF4 at any M)
+WORD_MMA_MIN_BLOCK_K = 128  # its 8 per-plane dots need >= 16 words per K block
 
 
 @dataclass(frozen=True)
@@ -99,10 +105,41 @@ def split_k_for(tiles: int, k_blocks: int, sm_count: int, waves: float) -> int:
     return math.ceil(k_blocks / per)  # no empty split
 
 
-def path_for(m: int) -> str:
-    """The weight-only path for M rows (tokens): the thresholds above, in one place."""
+def word_rejects(fmt: str, k: int, group: int, block_k: int) -> str | None:
+    """Why the int32-word kernels cannot run this weight with K blocks of `block_k` elements."""
+    if fmt not in WORD_FORMATS:
+        return f"the 4-bit word kernels read {'/'.join(WORD_FORMATS)} weights, not {fmt}"
+    if k % 8:
+        return f"the 4-bit word kernels need in_features % 8 == 0 (int32 words), got {k}"
+    if group % block_k:
+        return (f"the 4-bit word kernels need K blocks ({block_k}) inside one group; "
+                f"group_size {group} is not a multiple")
+    return None
+
+
+def word_path_for(m: int, k: int, fmt: str, group: int) -> str | None:
+    """The word kernel for M rows of a 4-bit weight, or None where the byte kernels serve."""
+    if word_rejects(fmt, k, group, 16) is not None:
+        return None
+    mma_ok = word_rejects(fmt, k, group, WORD_MMA_MIN_BLOCK_K) is None
+    if m <= WORD_GEMV_MAX_M:
+        return "gemv4"
+    if mma_ok and (m <= WORD_MMA_MAX_M or fmt == "nf4"):
+        return "mma4"
+    return None
+
+
+def path_for(m: int, k: int = 0, fmt: str = "", group: int = BIG_GROUP) -> str:
+    """The weight-only path for M rows (tokens): the thresholds above, in one place. NF4 has
+    only the word kernels; it raises where they cannot take the weight."""
     if m <= 0:
         raise ValueError(f"weight-only GEMM: M must be >= 1, got {m}")
+    word = word_path_for(m, k, fmt, group) if fmt else None
+    if word:
+        return word
+    if fmt == "nf4":
+        raise ValueError(word_rejects(fmt, k, group, 16 if m <= WORD_GEMV_MAX_M else
+                                      WORD_MMA_MIN_BLOCK_K) or "NF4: no kernel")
     if m <= GEMV_MAX_M:
         return "gemv"
     if m <= SPLITK_MAX_M:
@@ -115,7 +152,17 @@ def plan_for(path: str, m: int, n: int, k: int, *, bits: int, group: int,
     """Tiles and split-K of `path` for a GEMM [m, k] x [n, k]^T (any path runs any M)."""
     if path == "dequant_mm":
         return Plan("dequant_mm", chunk_n=dequant_chunk_rows(n, k, DEQUANT_CHUNK_BYTES))
-    if path == "gemv":
+    if path == "gemv4":
+        plan = Plan("gemv4", block_m=1, block_n=32, block_k=min(128, group), num_warps=4,
+                    num_stages=2)
+        tiles, waves = m * math.ceil(n / plan.block_n), MEMORY_BOUND_WAVES
+    elif path == "mma4":
+        bm = 16 if m <= 16 else 32 if m <= 32 else 64
+        plan = Plan("mma4", block_m=bm, block_n=64, block_k=WORD_MMA_MIN_BLOCK_K, num_warps=4,
+                    num_stages=3)
+        tiles = math.ceil(m / bm) * math.ceil(n / plan.block_n)
+        waves = MEMORY_BOUND_WAVES if m <= WORD_MMA_MAX_M else COMPUTE_BOUND_WAVES
+    elif path == "gemv":
         plan = Plan("gemv", block_m=1, block_n=64, block_k=block_k_for(group, bits, 128),
                     num_warps=4, num_stages=2)
         tiles, waves = m * math.ceil(n / plan.block_n), MEMORY_BOUND_WAVES
@@ -146,9 +193,11 @@ def dequant_chunk_rows(n: int, k: int, chunk_bytes: int) -> int:
     return 0 if rows >= n else rows
 
 
-def choose(m: int, n: int, k: int, *, bits: int, group: int, sm_count: int = 132) -> Plan:
+def choose(m: int, n: int, k: int, *, bits: int, group: int, sm_count: int = 132,
+           fmt: str = "") -> Plan:
     """Shape-aware path and tile choice for a weight-only GEMM [m, k] x [n, k]^T."""
-    return plan_for(path_for(m), m, n, k, bits=bits, group=group, sm_count=sm_count)
+    return plan_for(path_for(m, k, fmt, group), m, n, k, bits=bits, group=group,
+                    sm_count=sm_count)
 
 
 def k_blocks_per_split(k: int, block_k: int, split_k: int) -> tuple[int, int]:

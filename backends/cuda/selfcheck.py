@@ -77,6 +77,48 @@ def weight_only_cases(device, dtype):
                 yield f"wo {spec.describe()} N={n} K={k} {plan.describe()} {variant}", err, err <= TOL
 
 
+WORD_CASES = [  # (format, granularity, group, symmetric, N, K): K % 8 == 0, groups >= 128 blocks
+    ("int4", "per_group", 128, True, 40, 320),    # ragged: 2 x 128 + 64
+    ("uint4", "per_group", 128, False, 24, 256),
+    ("nf4", "per_group", 128, True, 40, 384),
+    ("nf4", "per_group", 64, True, 24, 192),      # gemv4 only (mma4 needs 128-element blocks)
+    ("int4", "per_channel", None, True, 24, 264),
+]
+
+
+def word_cases(device, dtype):
+    """The int32-word kernels (gemv4, mma4) on every 4-bit format, forced and by choose()."""
+    from . import triton_weight_only as two
+    for i, (fmt, gran, g, sym, n, k) in enumerate(WORD_CASES):
+        gen = torch.Generator().manual_seed(100 + i)
+        spec = QuantSpec(fmt, gran, g, sym, "fp16")
+        qt = quantize(torch.randn(n, k, generator=gen), spec)
+        w64 = dequantize(qt, torch.float64)
+        data, scale = qt.data.to(device), qt.scale.to(device)
+        zero = None if qt.zero_point is None else qt.zero_point.to(device)
+        group = layout.kernel_group(spec, k)
+        runs = [("gemv4", 1, {}), ("gemv4", 3, dict(split_k=3)), ("auto", 1, {})]
+        if layout.word_rejects(fmt, k, group, layout.WORD_MMA_MIN_BLOCK_K) is None:
+            runs += [("mma4", 5, {}), ("mma4", 5, dict(split_k=2)), ("mma4", 37, {}),
+                     ("mma4", 70, dict(block_m=32, block_n=32)), ("auto", 9, {})]
+        for path, m, over in runs:
+            for with_bias in (False, True):
+                plan = None if path == "auto" else replace(layout.plan_for(
+                    path, m, n, k, bits=4, group=group, sm_count=4), **over)
+                x = torch.randn(m, k, generator=gen).to(dtype)
+                bias = torch.randn(n, generator=gen).to(dtype) if with_bias else None
+                xin = x.reshape(1, m, k) if with_bias else x
+                ref = x.double() @ w64.t() + (0 if bias is None else bias.double())
+                out = two.weight_only_linear(xin.to(device), data, scale, zero,
+                                             None if bias is None else bias.to(device), spec,
+                                             [n, k], plan=plan)
+                err = _rel(out.reshape(m, n).cpu(), ref)
+                name = plan.describe() if plan else "auto " + layout.choose(
+                    m, n, k, bits=4, group=group, fmt=fmt).describe()
+                yield (f"word {spec.describe()} N={n} K={k} M={m} {name}"
+                       f"{' bias3d' if with_bias else ''}"), err, err <= TOL
+
+
 def activation_cases(device, dtype, interpret):
     from . import triton_w8a8 as w8
     gen = torch.Generator().manual_seed(7)
@@ -154,7 +196,8 @@ def main(argv=None) -> int:
         print("selfcheck: no CUDA device; run with --interpret (needs triton)", file=sys.stderr)
         return 2
     failed = total = 0
-    for cases in (weight_only_cases(device, dtype), activation_cases(device, dtype, args.interpret),
+    for cases in (word_cases(device, dtype), weight_only_cases(device, dtype),
+                  activation_cases(device, dtype, args.interpret),
                   w8a8_cases(device, dtype)):
         for name, err, ok in cases:
             total += 1

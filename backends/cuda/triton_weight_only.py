@@ -5,7 +5,8 @@ nibble, int4 two's complement, odd K padded with a zero nibble), int8/uint8 or f
 scales [N, G] (fp16/bf16/fp32), zero points [N, G] int32 for uint formats; the last group may be
 short (ragged: masked, never read past K).
 
-Three kernels, picked per call by layout.choose(M, N, K):
+Three kernels, picked per call by layout.choose(M, N, K) (4-bit weights with K % 8 == 0 go to
+the int32-word kernels of triton_words at small M, NF4 at every M):
   _wo_gemv_kernel   M tiny: CUDA-core dot products, [BLOCK_N, BLOCK_K] weight tile per step,
                     split-K over a grid axis; memory-bound, no tensor cores.
   _wo_mma_kernel    tensor cores: the codes tile is unpacked/dequantized in registers, then
@@ -221,7 +222,8 @@ def _operands(qweight, scales, zeros, spec: QuantSpec, n: int, k: int):
     """Arguments every path shares: (weight, zero points or a dummy, GROUP, strides, flags)."""
     fmt = spec.fmt
     if fmt.kind == "codebook":
-        raise NotImplementedError(f"{spec.format} weights have no Triton kernel")
+        raise ValueError(f"{spec.format} weights run only on the 4-bit word kernels "
+                         f"(layout.word_rejects says why they cannot take this one)")
     qweight = layout.weight_rows(qweight, spec, n, k)
     why = layout.group_rejects(spec)
     if why:
@@ -250,9 +252,15 @@ def weight_only_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0:
         return out.reshape(*x.shape[:-1], n)
+    group = layout.kernel_group(spec, k)
+    plan = plan or layout.choose(m, n, k, bits=spec.fmt.bits, group=group,
+                                 sm_count=sm_count(x.device), fmt=spec.format)
+    if plan.path in layout.WORD_PATHS:
+        from .triton_words import word_linear
+        word_linear(x2, layout.weight_rows(qweight, spec, n, k), scales, zeros, bias, out,
+                    spec.format, group, plan)
+        return out.reshape(*x.shape[:-1], n)
     w, zt, group, (sn, sg, zn, zg), flags = _operands(qweight, scales, zeros, spec, n, k)
-    plan = plan or layout.choose(m, n, k, bits=flags["BITS"], group=group,
-                                 sm_count=sm_count(x.device))
     b = bias if bias is not None else out
     if plan.path == "dequant_mm":
         _dequant_mm(x2, w, scales, zt, bias, out, n, k, group, (sn, sg, zn, zg), flags, plan)

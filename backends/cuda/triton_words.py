@@ -1,0 +1,178 @@
+"""4-bit weight-only GEMMs that read the packed weight as int32 words: int4, uint4 and NF4.
+
+Viewed as little-endian int32, word j of a row holds elements 8j..8j+7, element 8j+p in bits
+4p..4p+3 (ir.formats packs element 2i in the low nibble of byte i), so a [N, K/2] uint8 weight
+is a free [N, K/8] int32 view when K % 8 == 0: 16-byte loads carry 32 weights.
+
+A nibble u becomes a float without an integer-to-float conversion: OR-ed into the mantissa of
+2**23 it reads as the fp32 2**23 + u exactly, and one subtraction leaves u - 8 (int4, whose words
+are XOR-ed with 0x88888888 first: q + 8 == q ^ 8 on a nibble) or u - zero point (uint4). NF4
+looks u up in its 16-entry code book (L1-resident). Group scales multiply the fp32 partial sum
+of each K block (a block never straddles a group), so the arithmetic before them is exact.
+
+  _gemv_kernel  M = 1: CUDA-core dot products, [BLOCK_N, BLOCK_KW] words per step, split-K.
+  _mma_kernel   small M: the 8 nibble planes of a word tile feed tensor-core dots against
+                the matching x columns (x[8j + p] for plane p), swap-AB (M is the MMA's N
+                side), split-K; the same kernel tiles any M.
+Split-K writes fp32 partials [S, M, N] that triton_weight_only._splitk_reduce sums in a fixed
+order (deterministic). This module imports triton at the top; kernels.py imports it lazily.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import layout
+from .triton_weight_only import _splitk_reduce
+
+KINDS = {"int4": 0, "uint4": 1, "nf4": 2}
+
+
+@triton.jit
+def _plane(w, P: tl.constexpr, z, book_ptr, KIND: tl.constexpr):
+    """Nibble P of every word of `w` as fp32 (w pre-flipped for int4; z the zero points)."""
+    u = (w >> (4 * P)) & 0xF
+    if KIND == 2:
+        return tl.load(book_ptr + u)
+    f = (u | 0x4B000000).to(tl.float32, bitcast=True)
+    if KIND == 0:
+        return f - 8388616.0  # 2**23 + 8
+    return f - (z + 8388608.0)
+
+
+@triton.jit
+def _group(s_ptr, z_ptr, offs_n, n_ok, g, stride_sn, stride_sg, stride_zn, stride_zg,
+           KIND: tl.constexpr):
+    s = tl.load(s_ptr + offs_n * stride_sn + g * stride_sg, mask=n_ok, other=0).to(tl.float32)
+    if KIND == 1:
+        z = tl.load(z_ptr + offs_n * stride_zn + g * stride_zg, mask=n_ok, other=0).to(tl.float32)
+    else:
+        z = s
+    return s, z
+
+
+@triton.jit(do_not_specialize=["M"])
+def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, book_ptr, b_ptr, out_ptr, M, N, KW, GROUP,
+                 words_per_split, stride_xm, stride_wn, stride_sn, stride_sg, stride_zn,
+                 stride_zg, stride_om, KIND: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    m = tl.program_id(2)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    offs_j = tl.arange(0, BLOCK_KW)
+    acc = tl.zeros((BLOCK_N, BLOCK_KW), dtype=tl.float32)
+    lo = pid_k * words_per_split
+    hi = min(lo + words_per_split, KW)
+    for w0 in range(lo, hi, BLOCK_KW):
+        cols = w0 + offs_j
+        c_ok = cols < hi
+        w = tl.load(w_ptr + offs_n[:, None] * stride_wn + cols[None, :],
+                    mask=n_ok[:, None] & c_ok[None, :], other=0)
+        if KIND == 0:
+            w = w ^ -2004318072  # 0x88888888: flip the sign bit of all 8 nibbles
+        s, z = _group(s_ptr, z_ptr, offs_n, n_ok, (w0 * 8) // GROUP, stride_sn, stride_sg,
+                      stride_zn, stride_zg, KIND)
+        blk = tl.zeros((BLOCK_N, BLOCK_KW), dtype=tl.float32)
+        for p in tl.static_range(8):
+            xp = tl.load(x_ptr + m * stride_xm + cols * 8 + p, mask=c_ok, other=0.0)
+            blk += _plane(w, p, z[:, None], book_ptr, KIND) * xp.to(tl.float32)[None, :]
+        acc += blk * s[:, None]
+    out = tl.sum(acc, axis=1)
+    if SPLIT:
+        tl.store(out_ptr + pid_k * M * N + m * N + offs_n, out, mask=n_ok)
+    else:
+        if HAS_BIAS:
+            out += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+        tl.store(out_ptr + m * stride_om + offs_n, out.to(out_ptr.dtype.element_ty), mask=n_ok)
+
+
+@triton.jit(do_not_specialize=["M"])
+def _mma_kernel(x_ptr, w_ptr, s_ptr, z_ptr, book_ptr, b_ptr, out_ptr, M, N, KW, GROUP,
+                words_per_split, stride_xm, stride_wn, stride_sn, stride_sg, stride_zn, stride_zg,
+                stride_om, KIND: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    n_ok = offs_n < N
+    m_ok = offs_m < M
+    offs_j = tl.arange(0, BLOCK_KW)
+    dot_dtype = x_ptr.dtype.element_ty
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    lo = pid_k * words_per_split
+    hi = min(lo + words_per_split, KW)
+    for w0 in range(lo, hi, BLOCK_KW):
+        cols = w0 + offs_j
+        c_ok = cols < hi
+        w = tl.load(w_ptr + offs_n[:, None] * stride_wn + cols[None, :],
+                    mask=n_ok[:, None] & c_ok[None, :], other=0)
+        if KIND == 0:
+            w = w ^ -2004318072  # 0x88888888: flip the sign bit of all 8 nibbles
+        s, z = _group(s_ptr, z_ptr, offs_n, n_ok, (w0 * 8) // GROUP, stride_sn, stride_sg,
+                      stride_zn, stride_zg, KIND)
+        part = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        for p in tl.static_range(8):
+            xp = tl.load(x_ptr + offs_m[None, :] * stride_xm + cols[:, None] * 8 + p,
+                         mask=m_ok[None, :] & c_ok[:, None], other=0.0)
+            wp = _plane(w, p, z[:, None], book_ptr, KIND).to(dot_dtype)
+            part = tl.dot(wp, xp, part)
+        acc += part * s[:, None]
+    acc = tl.trans(acc)  # [BLOCK_M, BLOCK_N]
+    mask = m_ok[:, None] & n_ok[None, :]
+    if SPLIT:
+        tl.store(out_ptr + pid_k * M * N + offs_m[:, None] * N + offs_n[None, :], acc, mask=mask)
+    else:
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :],
+                 acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+_BOOKS: dict = {}
+
+
+def _book(device: torch.device) -> torch.Tensor:
+    """The NF4 code book as fp32 on `device` (one copy per device, made outside any graph)."""
+    if device not in _BOOKS:
+        from ...ir.formats import NF4_CODEBOOK
+        _BOOKS[device] = torch.tensor(NF4_CODEBOOK, dtype=torch.float32, device=device)
+    return _BOOKS[device]
+
+
+def word_linear(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                zeros: torch.Tensor | None, bias: torch.Tensor | None, out: torch.Tensor,
+                fmt: str, group: int, plan: layout.Plan) -> None:
+    """out[M, N] = x2[M, K] @ dequant(W)^T (+ bias) for a 4-bit weight stored [N, K/2] uint8;
+    plan.path is "gemv4" or "mma4", plan.block_k counts elements (8 per word)."""
+    m, k = x2.shape
+    n = out.shape[1]
+    why = layout.word_rejects(fmt, k, group, plan.block_k)
+    if why:
+        raise ValueError(why)
+    w = qweight.view(torch.uint8).view(torch.int32)  # [N, K/8]; the view checks alignment
+    kw, bkw = k // 8, plan.block_k // 8
+    per, splits = layout.k_blocks_per_split(kw, bkw, plan.split_k)
+    split = splits > 1
+    dst = torch.empty((splits, m, n), dtype=torch.float32, device=x2.device) if split else out
+    sn, sg = layout.scale_strides(scales, n)
+    zt = zeros if zeros is not None else scales
+    zn, zg = layout.scale_strides(zt, n)
+    book = _book(x2.device) if fmt == "nf4" else scales
+    b = bias if bias is not None else out
+    args = (x2, w, scales, zt, book, b, dst, m, n, kw, group, per * bkw, x2.stride(0), w.stride(0),
+            sn, sg, zn, zg, out.stride(0))
+    flags = dict(KIND=KINDS[fmt], HAS_BIAS=bias is not None, SPLIT=split, BLOCK_N=plan.block_n,
+                 BLOCK_KW=bkw, num_warps=plan.num_warps, num_stages=plan.num_stages)
+    if plan.path == "gemv4":
+        _gemv_kernel[(triton.cdiv(n, plan.block_n), splits, m)](*args, **flags)
+    else:
+        grid = (triton.cdiv(n, plan.block_n), splits, triton.cdiv(m, plan.block_m))
+        _mma_kernel[grid](*args, **flags, BLOCK_M=plan.block_m)
+    if split:
+        _splitk_reduce[(triton.cdiv(m * n, 1024),)](dst, b, out, m * n, n, splits,
+                                                     HAS_BIAS=bias is not None, BLOCK=1024)

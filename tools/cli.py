@@ -1,4 +1,4 @@
-"""`sagequant` command line: calibrate, compile, eval, report, inspect, export, demo."""
+"""`sagequant` command line: calibrate, compile, eval, report, inspect, export, engine, demo."""
 from __future__ import annotations
 
 import argparse
@@ -14,12 +14,14 @@ from ..ir.trace import TraceError
 from ..lowering.registry import KernelNotFoundError
 from ..backends.onnxruntime.qlinear import ExportError
 from ..passes import PASSES
+from ..serving.cli import USER_ERRORS as SERVING_ERRORS, add_engine_parser
 from .demo import add_demo_args, run_from_args
 
 # Errors a user can cause; printed as one clear line instead of a traceback.
 USER_ERRORS = (ConfigError, ArtifactError, CalibrationDataError, QuantizationError, TraceError,
                KernelNotFoundError, FileNotFoundError)
 USER_ERRORS += (ExportError,)
+USER_ERRORS += SERVING_ERRORS
 
 
 def _config_from_args(args) -> QuantConfig:
@@ -126,12 +128,30 @@ def _print_report(rep: dict) -> None:
 
 def cmd_report(args) -> int:
     from ..api import load
-    rep = load(args.artifact).report()
+    cm = load(args.artifact)
+    rep = cm.report()
     if args.json:
         print(json.dumps(rep, indent=1, default=str))
     else:
         _print_report(rep)
+    if args.html:
+        _html_report(cm, args)
     return 0
+
+
+def _html_report(cm, args) -> None:
+    from .html_report import accuracy_and_errors, write_html_report
+    reference = args.reference or cm.graph.model_info.get("source")
+    accuracy = errors = None
+    missing = None if reference else "the artifact records no source model; pass --reference MODEL"
+    if reference:
+        accuracy, errors = accuracy_and_errors(cm, reference, args.eval_tokens)
+    if accuracy:
+        print(f"accuracy: ppl {accuracy['float_ppl']:.3f} (float) -> {accuracy['quantized_ppl']:.3f} "
+              f"({accuracy['delta_pct']:+.2f}%) on {accuracy['tokens']} tokens of {accuracy['text']}")
+    else:
+        print(f"accuracy: not measured ({missing or 'requested --eval-tokens 0'})")
+    print(f"HTML report: {write_html_report(cm, args.html, accuracy, errors, missing)}")
 
 
 def cmd_export(args) -> int:
@@ -196,6 +216,12 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("report", help="print an artifact's report")
     r.add_argument("--artifact", required=True)
     r.add_argument("--json", action="store_true")
+    r.add_argument("--html", metavar="DIR", help="write DIR/report.html with accuracy, memory, kernels "
+                   "and plots (per-layer error, activation ranges vs clip, weight bytes)")
+    r.add_argument("--reference", help="float model for accuracy and per-layer error (default: the "
+                   "artifact's source)")
+    r.add_argument("--eval-tokens", type=int, default=2048,
+                   help="news-text tokens for float vs quantized perplexity (0: skip)")
     r.set_defaults(func=cmd_report)
     i = sub.add_parser("inspect", help="print an artifact's graph with quantization annotations")
     i.add_argument("--artifact", required=True)
@@ -221,6 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "logit difference to the torch path")
     x.add_argument("--check-tokens", type=int, default=32)
     x.set_defaults(func=cmd_export)
+    add_engine_parser(sub)
     d = sub.add_parser("demo", help="compile the real SmolLM2 at W8A16 and W4A16 and print the report table")
     add_demo_args(d)
     d.set_defaults(func=run_from_args)

@@ -22,3 +22,17 @@ def resolve_model(spec):
         raise FileNotFoundError(f"no tokenizer in {str(path)!r} ({type(e).__name__}); text "
                                 "calibration/evaluation needs one") from e
     return model, tok
+
+
+def resolve_tokenizer(spec):
+    """The tokenizer alone (no weights loaded) of "smollm2" or a local checkpoint directory."""
+    from transformers import AutoTokenizer
+    if str(spec).lower() in PACKAGED:
+        from ..calibration.real_data import smollm2_gguf
+        directory, filename = smollm2_gguf()
+        return AutoTokenizer.from_pretrained(directory, gguf_file=filename)
+    try:
+        return AutoTokenizer.from_pretrained(str(spec), local_files_only=True)
+    except Exception as e:
+        raise FileNotFoundError(f"no tokenizer in {str(spec)!r} ({type(e).__name__}); pass "
+                                "--tokenizer with a checkpoint directory that has one") from e

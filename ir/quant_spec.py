@@ -186,6 +186,16 @@ def dequantize(qt: QuantizedTensor, dtype: torch.dtype = torch.float32) -> torch
     return values.reshape(qt.shape).to(dtype)
 
 
+# QLoRA-style double quantization of per-block scales: the scales, flattened, in blocks of 256
+# with one fp32 scale and zero point each; uint8 asymmetric because scales are all positive.
+SCALE_DOUBLE_QUANT = QuantSpec("uint8", "per_group", group_size=256, symmetric=False, scale_dtype="fp32")
+
+
+def double_quantize_scales(scale: torch.Tensor, what: str = "scales") -> QuantizedTensor:
+    """Quantize a [rows, n_blocks] scale tensor as one [1, rows * n_blocks] row (SCALE_DOUBLE_QUANT)."""
+    return quantize(scale.float().reshape(1, -1), SCALE_DOUBLE_QUANT, what=what)
+
+
 def fake_quantize(x: torch.Tensor, spec: QuantSpec, clip_ratio: float = 1.0) -> torch.Tensor:
     return dequantize(quantize(x, spec, clip_ratio=clip_ratio), x.dtype)
 

@@ -2,7 +2,10 @@
 each quantized linear reads its weight through sagequant::dequantize_weight(codes, scale, zp).
 
 The float weight attribute is replaced by three buffers next to it: <layer>.qweight (codes,
-packed two int4 per byte), <layer>.scales and, for asymmetric formats, <layer>.zeros.
+packed two int4 per byte), <layer>.scales and, for asymmetric formats, <layer>.zeros. With
+QuantConfig.nf4_double_quant the NF4 scales are themselves stored quantized
+(<layer>.scales_q / scales_scale / scales_zero) and dequantized by a second dequantize_weight
+node feeding the first, so the graph states exactly what the kernel reads.
 """
 from __future__ import annotations
 
@@ -12,7 +15,7 @@ from ..ir import ops  # noqa: F401  (registers sagequant::dequantize_weight)
 from ..calibration.datasets import CalibrationDataError
 from ..ir.annotations import CalibrationRecord
 from ..ir.graph import QuantGraph
-from ..ir.quant_spec import quantize
+from ..ir.quant_spec import SCALE_DOUBLE_QUANT, dequantize, double_quantize_scales, quantize
 from .manager import PassContext, PassResult, register_pass
 
 ATEN = torch.ops.aten
@@ -41,26 +44,49 @@ def convert(graph: QuantGraph, ctx: PassContext) -> PassResult:
             qt = quantize(weight, ann.weight_spec, clip_ratio=ann.clip_ratio, what=what)
         ann.calibration["weight"] = _weight_record(weight, ann.clip_ratio)
         prefix = storage_prefix(w_node.target)
-        names = {"qweight": qt.data, "scales": qt.scale}
+        scale_q = None
+        if ctx.config.nf4_double_quant and ann.weight_spec.format == "nf4":
+            scale_q = double_quantize_scales(qt.scale, what=f"scales of {ann.layer}")
+            # Re-encode against the scales the kernel will actually read.
+            scale = dequantize(scale_q).reshape(qt.scale.shape).to(qt.scale.dtype)
+            qt = quantize(weight, ann.weight_spec, scale=scale, what=what)
+        names = {"qweight": qt.data}
+        if scale_q is None:
+            names["scales"] = qt.scale
+        else:
+            names.update({"scales_q": scale_q.data, "scales_scale": scale_q.scale,
+                          "scales_zero": scale_q.zero_point})
         if qt.zero_point is not None:
             names["zeros"] = qt.zero_point
         for suffix, tensor in names.items():
             graph.set_attr(f"{prefix}.{suffix}", tensor)
         with graph.graph.inserting_before(node):
-            args = [graph.graph.get_attr(f"{prefix}.{s}") for s in ("qweight", "scales")]
+            qweight = graph.graph.get_attr(f"{prefix}.qweight")
+            scales = (graph.graph.get_attr(f"{prefix}.scales") if scale_q is None
+                      else _dequantize_scales_node(graph, prefix, qt.scale))
             zp = graph.graph.get_attr(f"{prefix}.zeros") if qt.zero_point is not None else None
             dq = graph.graph.call_function(
                 torch.ops.sagequant.dequantize_weight.default,
-                (*args, zp, ann.weight_spec.encode(), list(weight.shape), weight.dtype))
+                (qweight, scales, zp, ann.weight_spec.encode(), list(weight.shape), weight.dtype))
         node.replace_input_with(w_node, dq)
         if ann.input_spec is not None:
             _quantize_input(graph, node, ann, prefix)
         converted += 1
         float_bytes += weight.numel() * weight.element_size()
-        quant_bytes += qt.nbytes()
+        quant_bytes += qt.nbytes() if scale_q is None else (
+            qt.nbytes() - qt.scale.numel() * qt.scale.element_size() + scale_q.nbytes())
     graph.recompile()
     return PassResult(graph, converted > 0, {"converted": converted, "float_weight_bytes": float_bytes,
                                              "quantized_weight_bytes": quant_bytes})
+
+
+def _dequantize_scales_node(graph: QuantGraph, prefix: str, scale: torch.Tensor):
+    """dequantize_weight(scales_q, scales_scale, scales_zero) reshaped to the scales' shape."""
+    args = [graph.graph.get_attr(f"{prefix}.{s}") for s in ("scales_q", "scales_scale", "scales_zero")]
+    flat = graph.graph.call_function(
+        torch.ops.sagequant.dequantize_weight.default,
+        (*args, SCALE_DOUBLE_QUANT.encode(), [1, scale.numel()], scale.dtype))
+    return graph.graph.call_function(ATEN.reshape.default, (flat, list(scale.shape)))
 
 
 def _quantize_input(graph: QuantGraph, node, ann, prefix: str) -> None:

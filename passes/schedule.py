@@ -18,12 +18,28 @@ def schedule(graph: QuantGraph, ctx: PassContext) -> PassResult:
         attrs = ann.kernel.attrs
         k, n = attrs["in_features"], attrs["out_features"]
         weight_bytes = sum(int(graph.attr(a).numel() * graph.attr(a).element_size())
-                           for a in node.args[1:4] if getattr(a, "op", None) == "get_attr")
+                           for a in _stored_weight_tensors(node.args[1:4]))
         ann.scheduler = SchedulerIR(dtype=ann.weight_spec.format, kernel=ann.kernel.kernel,
                                     weight_bytes=weight_bytes, bytes_per_token=(k + n) * attrs["activation_bytes"],
                                     flops_per_token=2 * k * n)
         annotated += 1
     return PassResult(graph, annotated > 0, {"scheduled": annotated})
+
+
+def _stored_weight_tensors(args) -> list:
+    """The get_attr nodes behind a kernel's weight operands, also through nodes computed from
+    stored tensors (e.g. double-quantized NF4 scales dequantized in the graph)."""
+    found, stack, seen = [], [a for a in args if hasattr(a, "op")], set()
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.op == "get_attr":
+            found.append(n)
+        elif n.op == "call_function":
+            stack.extend(a for a in n.all_input_nodes)
+    return found
 
 
 def scheduler_ir(graph: QuantGraph) -> list[dict]:

@@ -1,7 +1,11 @@
 """KVQuantPlan: how the KV cache is quantized, shared by the kv_cache_quant pass and the KV pool.
 
 The cache is paged in blocks of `block_size` tokens; each (block, head) stores its values in
-`dtype` plus one scale per `group_size` channels of the head (one per head when None).
+`dtype` plus one scale per `group_size` channels of the head (one per head when None). The
+layout (`layout()`, also in the JSON) is what a paged KV pool and a prefix cache share:
+  codes   [num_blocks, kv_heads, block_size, head_dim], 1 byte per element (int8 / fp8 e4m3)
+  scales  [num_blocks, kv_heads, head_dim / group_size], scale_precision
+Layers in high_precision_layers keep a 16-bit cache (float on the CPU reference) with no scales.
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ from typing import Any, Mapping
 from ..config import KV_BLOCK_SIZES, ConfigError, QuantConfig, strict_from_dict
 
 KV_DTYPES = ("none", "int8", "fp8")
+# The numeric format (ir/formats.py) each quantized KV dtype stores its codes in.
+KV_CODE_FORMATS = {"int8": "int8", "fp8": "fp8_e4m3"}
 _SCALE_BYTES = {"fp16": 2, "fp32": 4}
 
 
@@ -71,14 +77,47 @@ class KVQuantPlan:
             raise ConfigError(f"KVQuantPlan.high_precision_layers names layers {bad} that do not "
                               f"exist; valid: 0..{num_layers - 1} (num_layers={num_layers})")
 
+    @property
+    def code_format(self) -> str | None:
+        """Name of the ir.formats format of the stored codes; None for an unquantized cache."""
+        return KV_CODE_FORMATS.get(self.dtype)
+
+    def layer_dtype(self, layer: int) -> str:
+        return "none" if layer in self.high_precision_layers else self.dtype
+
+    def check_head_dim(self, head_dim: int) -> None:
+        """Raise when group_size does not split a head into whole groups."""
+        if self.group_size is not None and head_dim % self.group_size:
+            raise ConfigError(f"KVQuantPlan.group_size={self.group_size} does not divide the "
+                              f"model's head_dim={head_dim}; valid: None (one scale per head) or "
+                              f"a divisor of {head_dim}")
+
+    def layout(self) -> dict[str, str]:
+        """Block and scale layout of the cache storage (shape order, dtypes), as documented above."""
+        if not self.enabled:
+            return {"codes": "[num_blocks, kv_heads, block_size, head_dim] 16-bit (no scales)",
+                    "scales": "none"}
+        per = f"head_dim/{self.group_size}" if self.group_size else "1"
+        return {"codes": f"[num_blocks, kv_heads, block_size={self.block_size}, head_dim] "
+                         f"{self.code_format}, 1 byte/element",
+                "scales": f"[num_blocks, kv_heads, {per}] {self.scale_precision}, one per "
+                          f"(block, head, channel group) over the block's tokens"}
+
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["high_precision_layers"] = list(self.high_precision_layers)
+        data["layout"] = self.layout()
         return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> KVQuantPlan:
-        return strict_from_dict(cls, data)
+        fields = dict(data)
+        layout = fields.pop("layout", None)
+        plan = strict_from_dict(cls, fields)
+        if layout is not None and layout != plan.layout():
+            raise ConfigError(f"KVQuantPlan layout {layout!r} does not match this build's layout "
+                              f"for the plan: {plan.layout()!r}")
+        return plan
 
 
 def build_kv_plan(config: QuantConfig) -> KVQuantPlan:

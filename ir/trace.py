@@ -1,12 +1,14 @@
 """Frontend: a Hugging Face causal LM -> QuantGraph via torch.export (dynamic batch and sequence)."""
 from __future__ import annotations
 
+import inspect
 import sys
 import traceback
 from pathlib import Path
 
 import torch
 import torch.fx as fx
+import torch.utils._pytree as pytree
 from torch.export import Dim
 
 from .graph import QuantGraph
@@ -20,14 +22,19 @@ class TraceError(RuntimeError):
 
 
 class _LogitsOnly(torch.nn.Module):
-    """Exports the logits path only: no KV cache objects, so the graph is a pure function of ids."""
+    """Exports the logits path only: no KV cache objects, so the graph is a pure function of ids
+    (and of explicit position ids, which the model then uses for rotary / learned positions)."""
 
     def __init__(self, model: torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=input_ids, use_cache=False).logits
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        return self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
+
+
+def _accepts_position_ids(model: torch.nn.Module) -> bool:
+    return "position_ids" in inspect.signature(model.forward).parameters
 
 
 def load_hf_model(path: str | Path, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
@@ -52,21 +59,49 @@ def trace_model(model: torch.nn.Module, example_seq_len: int = 8) -> QuantGraph:
                          "sagequant traces causal LMs that take input_ids and return .logits")
     model.eval()
     example = torch.randint(0, min(int(config.vocab_size), 1000), (2, example_seq_len))
-    dims = ({0: Dim.DYNAMIC, 1: Dim.DYNAMIC},)
+    args, dims = (example,), ({0: Dim.DYNAMIC, 1: Dim.DYNAMIC},)
+    with_positions = _accepts_position_ids(model)
+    if with_positions:
+        args += (torch.arange(example_seq_len).expand(2, -1).contiguous(),)
+        dims += ({0: Dim.DYNAMIC, 1: Dim.DYNAMIC},)
     try:
         with torch.no_grad():
-            exported = torch.export.export(_LogitsOnly(model), (example,), dynamic_shapes=dims, strict=False)
+            exported = torch.export.export(_LogitsOnly(model), args, dynamic_shapes=dims, strict=False)
     except Exception as e:
         raise TraceError(_explain_failure(e, model)) from e
     gm = _plain_graph_module(exported.module())
+    positions = _default_positions(gm) if with_positions else None
     info = {
         "architecture": type(model).__name__,
         "model_type": getattr(config, "model_type", None),
         "vocab_size": int(config.vocab_size),
         "num_hidden_layers": getattr(config, "num_hidden_layers", None),
         "hf_config": config.to_dict() if hasattr(config, "to_dict") else {},
+        # The node holding positions 0..seq-1 [batch, seq]: runtime/kv_cache makes it an input.
+        "position_ids_node": positions,
     }
     return QuantGraph(gm, info)
+
+
+def _default_positions(gm: fx.GraphModule) -> str:
+    """Replace the position_ids placeholder by positions computed from input_ids (0..seq-1 on
+    every row, on input_ids' device), so the graph keeps its forward(input_ids) signature and
+    the KV-cache pass finds one node to turn back into an input. Returns that node's name."""
+    graph = gm.graph
+    ids, placeholder = [n for n in graph.nodes if n.op == "placeholder"]
+    with graph.inserting_after(placeholder):
+        ones = graph.call_function(torch.ops.aten.ones_like.default, (ids,))
+    with graph.inserting_after(ones):
+        cumsum = graph.call_function(torch.ops.aten.cumsum.default, (ones, 1))
+    with graph.inserting_after(cumsum):
+        positions = graph.call_function(torch.ops.aten.sub.Tensor, (cumsum, 1))
+    placeholder.replace_all_uses_with(positions)
+    graph.erase_node(placeholder)
+    gm.recompile()
+    # Export's input check (a forward pre-hook) compares calls with the traced signature.
+    if hasattr(gm, "_in_spec"):
+        gm._in_spec = pytree.tree_flatten(((ids.meta.get("val"),), {}))[1]
+    return positions.name
 
 
 def _plain_graph_module(gm: fx.GraphModule) -> fx.GraphModule:

@@ -1,0 +1,212 @@
+"""GenerationEngine: continuous batching over a paged (optionally quantized) KV cache.
+
+Each step admits waiting requests (one prefill forward each, first token sampled from it) while
+slots and KV blocks allow, then runs one decode forward for every running request as a single
+batch of rows with different lengths. A request is admitted only when blocks for its prompt plus
+max_new_tokens are free, and they are reserved then, so a running request never runs out of
+cache; finished or aborted requests give their blocks back at once.
+"""
+from __future__ import annotations
+
+import math
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from ..backends.reference import kv_attention as _kv_attention_ref  # noqa: F401  (registers the CPU kernel)
+from ..lowering.attention import select_attention_kernel
+from .context import AttentionStep, attention_step
+from .kv_pool import PagedKVPool
+from .step_graph import attention_nodes, embedding_weight, kv_geometry, step_graph
+
+DEFAULT_KV_BUDGET_BYTES = 1 << 30  # default pool size cap when num_kv_blocks is not given
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    request_id: str
+    token_id: int
+    finished: bool
+    finish_reason: str | None  # "stop" (a stop token), "length" (max_new_tokens), or None
+
+
+@dataclass
+class _Request:
+    rid: str
+    prompt: list[int]
+    max_new: int
+    temperature: float
+    top_p: float
+    stop: frozenset[int]
+    slot: int = -1
+    generated: list[int] = field(default_factory=list)
+
+
+class GenerationEngine:
+    def __init__(self, compiled, max_batch: int = 8, max_seq_len: int | None = None,
+                 num_kv_blocks: int | None = None, device=None, seed: int = 0,
+                 extra_tokens_per_request: int = 0):
+        """extra_tokens_per_request: cache room reserved beyond prompt + max_new_tokens (a
+        speculative verifier writes up to k draft tokens past what it keeps)."""
+        if not (isinstance(max_batch, int) and max_batch >= 1):
+            raise ValueError(f"max_batch={max_batch!r} must be an int >= 1")
+        self.compiled = compiled
+        self.graph = step_graph(compiled)
+        emb = embedding_weight(self.graph)
+        self.device = torch.device(device) if device is not None else emb.device
+        if self.device != emb.device:
+            raise ValueError(f"engine device {self.device} differs from the model's {emb.device}: "
+                             "compile (or load) the model on the device it should run on")
+        info = self.graph.model_info
+        self.vocab_size = int(info["vocab_size"])
+        cfg = info.get("hf_config") or {}
+        limit = cfg.get("max_position_embeddings") or cfg.get("n_positions")
+        max_seq_len = max_seq_len or limit
+        if not (isinstance(max_seq_len, int) and max_seq_len >= 2):
+            raise ValueError(f"max_seq_len={max_seq_len!r} must be an int >= 2 (the model config "
+                             "gives no max_position_embeddings to default to)")
+        if limit and max_seq_len > limit:
+            raise ValueError(f"max_seq_len={max_seq_len} exceeds the model's {limit} positions")
+        self.max_batch, self.max_seq_len = max_batch, max_seq_len
+        self.extra_tokens = extra_tokens_per_request
+        plan = compiled.kv_plan
+        kv_heads, head_dim = kv_geometry(self.graph)
+        layer_dtypes = [n.args[6] for n in attention_nodes(self.graph)]
+        blocks_per_seq = math.ceil((max_seq_len + self.extra_tokens) / plan.block_size)
+        if num_kv_blocks is None:
+            probe = PagedKVPool(plan, layer_dtypes, kv_heads, head_dim, 1, 1, emb.dtype, torch.device("meta"))
+            per_block = probe.bytes_per_token() * plan.block_size
+            num_kv_blocks = max(blocks_per_seq, min(max_batch * blocks_per_seq,
+                                                    int(DEFAULT_KV_BUDGET_BYTES // per_block)))
+        self.pool = PagedKVPool(plan, layer_dtypes, kv_heads, head_dim, num_kv_blocks, max_batch,
+                                emb.dtype, self.device)
+        self.kernel = select_attention_kernel(plan, head_dim, self.device.type,
+                                              getattr(compiled.config, "priority", "latency"))
+        self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        self.waiting: deque[_Request] = deque()
+        self.running: dict[str, _Request] = {}
+        self._ids = set()
+        self._free_slots = list(range(max_batch - 1, -1, -1))
+        self.tokens_generated = 0
+
+    # ---- requests ---------------------------------------------------------------------------
+    def add_request(self, prompt_ids, max_new_tokens: int, temperature: float = 0.0,
+                    top_p: float = 1.0, stop_token_ids=(), request_id: str | None = None) -> str:
+        prompt = _token_list(prompt_ids, self.vocab_size, "prompt_ids")
+        if not prompt:
+            raise ValueError("prompt_ids is empty; generation needs at least one prompt token")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an int >= 1")
+        if len(prompt) + max_new_tokens > self.max_seq_len:
+            raise ValueError(f"prompt ({len(prompt)} tokens) + max_new_tokens ({max_new_tokens}) "
+                             f"exceeds max_seq_len={self.max_seq_len}")
+        need = self.pool.blocks_for(len(prompt) + max_new_tokens + self.extra_tokens)
+        if need > self.pool.num_blocks:
+            raise ValueError(f"request needs {need} KV blocks; the pool has {self.pool.num_blocks}")
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or \
+                not math.isfinite(temperature) or temperature < 0:
+            raise ValueError(f"temperature={temperature!r} must be a finite number >= 0")
+        if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
+            raise ValueError(f"top_p={top_p!r} must be in (0, 1]")
+        stop = frozenset(_token_list(stop_token_ids, self.vocab_size, "stop_token_ids"))
+        rid = request_id if request_id is not None else uuid.uuid4().hex
+        if not isinstance(rid, str) or not rid:
+            raise ValueError(f"request_id={rid!r} must be a non-empty string")
+        if rid in self._ids:
+            raise ValueError(f"request_id {rid!r} is already in use")
+        self._ids.add(rid)
+        self.waiting.append(_Request(rid, prompt, max_new_tokens, float(temperature), float(top_p), stop))
+        return rid
+
+    def abort(self, request_id: str) -> bool:
+        """Drop a waiting or running request and free its KV blocks; False if it is unknown or
+        already finished."""
+        for req in list(self.waiting):
+            if req.rid == request_id:
+                self.waiting.remove(req)
+                self._ids.discard(request_id)
+                return True
+        req = self.running.get(request_id)
+        if req is None:
+            return False
+        self._finish(req)
+        return True
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def stats(self) -> dict:
+        return {"kv_blocks_used": self.pool.num_blocks - self.pool.free_blocks,
+                "kv_blocks_total": self.pool.num_blocks, "running": len(self.running),
+                "waiting": len(self.waiting), "tokens_generated": self.tokens_generated,
+                "kv_bytes_per_token": self.pool.bytes_per_token()}
+
+    # ---- stepping ---------------------------------------------------------------------------
+    def step(self) -> list[TokenEvent]:
+        events = []
+        while self.waiting and self._free_slots and self.pool.free_blocks >= self.pool.blocks_for(
+                len(self.waiting[0].prompt) + self.waiting[0].max_new + self.extra_tokens):
+            req = self.waiting.popleft()
+            req.slot = self._free_slots.pop()
+            self.pool.open(req.slot, len(req.prompt) + req.max_new + self.extra_tokens)
+            self.running[req.rid] = req
+            logits = self.forward([req.slot], torch.tensor([req.prompt], device=self.device))
+            events.append(self._emit(req, logits[0, -1]))
+        batch = list(self.running.values())
+        if batch:
+            last = torch.tensor([[r.generated[-1]] for r in batch], device=self.device)
+            logits = self.forward([r.slot for r in batch], last)
+            events.extend(self._emit(r, logits[i, -1]) for i, r in enumerate(batch))
+        return events
+
+    def forward(self, slots: list[int], tokens: torch.Tensor) -> torch.Tensor:
+        """Logits [rows, new, vocab] of `tokens` [rows, new] appended to each slot's cache."""
+        starts = [self.pool.lengths[s] for s in slots]
+        step = AttentionStep(self.pool, slots, starts, self.kernel)
+        with torch.inference_mode(), attention_step(step):
+            logits = self.graph.gm(tokens, step.positions(tokens.shape[1], self.device))
+        self.pool.advance(slots, tokens.shape[1])
+        return logits
+
+    def _emit(self, req: _Request, logits: torch.Tensor) -> TokenEvent:
+        token = self.sample(logits, req.temperature, req.top_p)
+        req.generated.append(token)
+        self.tokens_generated += 1
+        reason = "stop" if token in req.stop else "length" if len(req.generated) >= req.max_new else None
+        if reason:
+            self._finish(req)
+        return TokenEvent(req.rid, token, reason is not None, reason)
+
+    def _finish(self, req: _Request) -> None:
+        self.running.pop(req.rid, None)
+        self.pool.free(req.slot)
+        self._free_slots.append(req.slot)
+        self._ids.discard(req.rid)
+
+    def sample(self, logits: torch.Tensor, temperature: float, top_p: float) -> int:
+        if temperature == 0:
+            return int(torch.argmax(logits))
+        probs = torch.softmax(logits.double() / temperature, dim=-1)
+        if top_p < 1:
+            sorted_p, order = torch.sort(probs, descending=True)
+            keep = (torch.cumsum(sorted_p, 0) - sorted_p) < top_p   # always keeps the top token
+            probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
+        return int(torch.multinomial(probs, 1, generator=self.generator))
+
+
+def _token_list(ids, vocab: int, what: str) -> list[int]:
+    if isinstance(ids, torch.Tensor):
+        if ids.dim() > 1 or ids.dtype.is_floating_point or ids.dtype == torch.bool:
+            raise ValueError(f"{what} must be a 1-D integer tensor or a list of ints")
+        ids = ids.tolist()
+    try:
+        out = list(ids)
+    except TypeError:
+        raise ValueError(f"{what} must be a list of ints, got {type(ids).__name__}") from None
+    bad = [t for t in out if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab]
+    if bad:
+        raise ValueError(f"{what} holds {len(bad)} entries that are not token ids in [0, {vocab}): "
+                         f"{bad[:5]}")
+    return out

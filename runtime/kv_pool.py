@@ -1,0 +1,175 @@
+"""Paged KV pool: per layer, fixed-size blocks of `block_size` tokens shared by all sequences,
+stored as the KVQuantPlan says (1-byte codes + per (block, head, group) scales, or 16-bit/float
+for high-precision layers), and a block table per sequence slot.
+
+Quantized blocks are written whole: the open (last, partly filled) block of each sequence is
+kept in a small float tail and re-quantized from it on every write, so a block's codes always
+equal quantize(its tokens) with the block's own absmax, whether the tokens came in one prefill
+or one decode step at a time. Full blocks never change again (a prefix cache can share them).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..ir.kv_plan import KVQuantPlan
+from ..ir.kv_quant import dequantize_blocks, kv_spec, quantize_blocks
+from ..ir.quant_spec import SCALE_DTYPES, QuantSpec
+
+
+class KVCacheFull(RuntimeError):
+    """Not enough free blocks for a sequence."""
+
+
+@dataclass
+class LayerCache:
+    k: torch.Tensor                      # [num_blocks, kv_heads, block_size, head_dim]
+    v: torch.Tensor
+    k_scale: torch.Tensor | None         # [num_blocks, kv_heads, n_groups] (quantized layers)
+    v_scale: torch.Tensor | None
+    tail: torch.Tensor | None            # [max_seqs, 2, kv_heads, block_size, head_dim] float
+    spec: QuantSpec | None
+
+    @property
+    def quantized(self) -> bool:
+        return self.spec is not None
+
+
+class PagedKVPool:
+    def __init__(self, plan: KVQuantPlan, layer_dtypes: list[str], kv_heads: int, head_dim: int,
+                 num_blocks: int, max_seqs: int, dtype: torch.dtype, device: torch.device):
+        """layer_dtypes: "none" / "int8" / "fp8" per layer, as the kv_cache_quant pass set them;
+        the plan gives the block size, scale groups and scale precision."""
+        plan.validate_layers(len(layer_dtypes))
+        plan.check_head_dim(head_dim)
+        self.layer_dtypes = list(layer_dtypes)
+        if num_blocks < 1 or max_seqs < 1:
+            raise ValueError(f"num_blocks={num_blocks} and max_seqs={max_seqs} must be >= 1")
+        self.plan, self.block_size, self.dtype, self.device = plan, plan.block_size, dtype, device
+        self.num_blocks, self.kv_heads, self.head_dim = num_blocks, kv_heads, head_dim
+        self.layers = [self._layer(dt, max_seqs) for dt in layer_dtypes]
+        self._free = list(range(num_blocks - 1, -1, -1))
+        self.blocks: dict[int, list[int]] = {}   # slot -> its blocks, in order
+        self.lengths: dict[int, int] = {}        # slot -> tokens cached
+
+    def _layer(self, dtype: str, max_seqs: int) -> LayerCache:
+        shape = (self.num_blocks, self.kv_heads, self.block_size, self.head_dim)
+        if dtype == "none":
+            return LayerCache(torch.zeros(shape, dtype=self.dtype, device=self.device),
+                              torch.zeros(shape, dtype=self.dtype, device=self.device),
+                              None, None, None, None)
+        spec = kv_spec(dtype, self.plan.scale_precision)
+        groups = self.head_dim // (self.plan.group_size or self.head_dim)
+        codes = lambda: torch.zeros(shape, dtype=spec.fmt.storage_dtype, device=self.device)  # noqa: E731
+        scales = lambda: torch.ones(shape[:2] + (groups,), dtype=SCALE_DTYPES[spec.scale_dtype], device=self.device)  # noqa: E731
+        tail = torch.zeros((max_seqs, 2) + shape[1:], dtype=self.dtype, device=self.device)
+        return LayerCache(codes(), codes(), scales(), scales(), tail, spec)
+
+    # ---- sequences --------------------------------------------------------------------------
+    def blocks_for(self, n_tokens: int) -> int:
+        return math.ceil(n_tokens / self.block_size)
+
+    @property
+    def free_blocks(self) -> int:
+        return len(self._free)
+
+    def open(self, slot: int, capacity: int) -> None:
+        """Reserve blocks for `capacity` tokens of a new sequence in `slot`."""
+        if slot in self.blocks:
+            raise ValueError(f"KV slot {slot} is already in use")
+        need = self.blocks_for(capacity)
+        if need > len(self._free):
+            raise KVCacheFull(f"sequence needs {need} KV blocks ({capacity} tokens), "
+                              f"{len(self._free)} of {self.num_blocks} free")
+        self.blocks[slot] = [self._free.pop() for _ in range(need)]
+        self.lengths[slot] = 0
+
+    def free(self, slot: int) -> None:
+        self._free.extend(reversed(self.blocks.pop(slot, [])))
+        self.lengths.pop(slot, None)
+
+    def truncate(self, slot: int, length: int) -> None:
+        """Forget tokens from `length` on (rejected speculative tokens). When the cut falls inside
+        an already full quantized block, that block's dequantized values become the open tail."""
+        old = self.lengths[slot]
+        if not 0 <= length <= old:
+            raise ValueError(f"truncate to {length} tokens; slot {slot} holds {old}")
+        off = length % self.block_size
+        if off and length // self.block_size < (old - 1) // self.block_size:
+            block = self.blocks[slot][length // self.block_size]
+            for cache in self.layers:
+                if cache.quantized:
+                    cache.tail[slot, 0] = dequantize_blocks(cache.k[block], cache.k_scale[block], self.dtype)
+                    cache.tail[slot, 1] = dequantize_blocks(cache.v[block], cache.v_scale[block], self.dtype)
+        self.lengths[slot] = length
+
+    def block_table(self, slots: list[int]) -> torch.Tensor:
+        """[len(slots), max blocks] int32 on the pool's device (rows padded with 0)."""
+        width = max(len(self.blocks[s]) for s in slots)
+        rows = [self.blocks[s] + [0] * (width - len(self.blocks[s])) for s in slots]
+        return torch.tensor(rows, dtype=torch.int32, device=self.device)
+
+    # ---- storage ----------------------------------------------------------------------------
+    def bytes_per_token(self) -> float:
+        """Bytes of K and V storage (codes + scales) per cached token, all layers."""
+        total = 0
+        for c in self.layers:
+            for t in (c.k, c.v, c.k_scale, c.v_scale):
+                total += 0 if t is None else t.numel() * t.element_size()
+        return total / (self.num_blocks * self.block_size)
+
+    def write(self, layer: int, slots: list[int], starts: list[int], k: torch.Tensor,
+              v: torch.Tensor) -> None:
+        """Store new k, v [batch, kv_heads, new_tokens, head_dim] at positions starts[b].. of each
+        row's sequence; sequence lengths advance after the last layer wrote."""
+        cache = self.layers[layer]
+        s = k.shape[2]
+        for slot, start in zip(slots, starts):
+            if start + s > len(self.blocks[slot]) * self.block_size:
+                raise KVCacheFull(f"slot {slot}: {start + s} tokens exceed its reserved "
+                                  f"{len(self.blocks[slot]) * self.block_size}")
+        if not cache.quantized:
+            pos = torch.tensor(starts, device=k.device)[:, None] + torch.arange(s, device=k.device)
+            table = self.block_table(slots).long()
+            blk = table.gather(1, pos // self.block_size)
+            cache.k[blk, :, pos % self.block_size] = k.transpose(1, 2).to(self.dtype)
+            cache.v[blk, :, pos % self.block_size] = v.transpose(1, 2).to(self.dtype)
+            return
+        for row, (slot, start) in enumerate(zip(slots, starts)):
+            self._write_quantized(cache, slot, start, k[row], v[row])
+
+    def _write_quantized(self, cache: LayerCache, slot: int, start: int, k: torch.Tensor,
+                         v: torch.Tensor) -> None:
+        bs, s = self.block_size, k.shape[1]
+        first, last = start // bs, (start + s - 1) // bs
+        n = last - first + 1
+        for i, (new, codes, scales) in enumerate(((k, cache.k, cache.k_scale), (v, cache.v, cache.v_scale))):
+            buf = torch.zeros(self.kv_heads, n * bs, self.head_dim, dtype=self.dtype, device=new.device)
+            off = start % bs
+            if off:
+                buf[:, :off] = cache.tail[slot, i, :, :off]
+            buf[:, off:off + s] = new.to(self.dtype)
+            blocks = buf.reshape(self.kv_heads, n, bs, self.head_dim).transpose(0, 1)
+            c, sc = quantize_blocks(blocks, cache.spec, self.plan.group_size,
+                                    what=f"KV cache of slot {slot}")
+            ids = torch.tensor(self.blocks[slot][first:last + 1], device=codes.device)
+            codes[ids] = c
+            scales[ids] = sc
+            cache.tail[slot, i] = blocks[-1]
+
+    def advance(self, slots: list[int], n_tokens: int) -> None:
+        for slot in slots:
+            self.lengths[slot] += n_tokens
+
+    def gather(self, layer: int, slot: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first `length` cached tokens of a sequence, dequantized: k, v [kv_heads, length, D]."""
+        cache = self.layers[layer]
+        ids = torch.tensor(self.blocks[slot][:self.blocks_for(length)], device=cache.k.device)
+        out = []
+        for codes, scales in ((cache.k, cache.k_scale), (cache.v, cache.v_scale)):
+            blocks = codes[ids] if scales is None else dequantize_blocks(codes[ids], scales[ids], self.dtype)
+            out.append(blocks.transpose(0, 1).reshape(self.kv_heads, -1, self.head_dim)[:, :length])
+        return out[0], out[1]
+

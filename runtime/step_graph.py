@@ -1,0 +1,60 @@
+"""The graph an engine runs: a copy of a compiled model's graph (sharing its weight tensors)
+rewritten by the kv_cache and kv_cache_quant passes into forward(input_ids, position_ids) ->
+logits that reads and writes a paged KV pool."""
+from __future__ import annotations
+
+import copy
+import weakref
+
+import torch
+import torch.fx as fx
+
+from ..ir.graph import QuantGraph
+from ..passes.manager import PassContext, PassManager
+from .context import paged_attention
+from ..passes import kv_cache, kv_cache_quant  # noqa: F401,E402  (registers the passes it runs)
+
+STEP_PASSES = ["kv_cache", "kv_cache_quant"]
+_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def step_graph(compiled, config=None) -> QuantGraph:
+    """The cache-aware graph of `compiled` for its config (or `config`, e.g. another KV plan)."""
+    config = config or compiled.config
+    key = config.to_json()
+    per_model = _CACHE.setdefault(compiled, {})
+    if key not in per_model:
+        src = compiled.graph
+        gm = fx.GraphModule(src.gm, copy.deepcopy(src.graph))
+        graph = QuantGraph(gm, copy.deepcopy(src.model_info))
+        per_model[key] = PassManager(STEP_PASSES).run(graph, PassContext(config))
+    return per_model[key]
+
+
+def attention_nodes(graph: QuantGraph) -> list[fx.Node]:
+    return graph.nodes(paged_attention)
+
+
+def kv_geometry(graph: QuantGraph) -> tuple[int, int]:
+    """(kv_heads, head_dim) of the cache: from the traced k shapes, else from the model config."""
+    k = attention_nodes(graph)[0].args[1]
+    if "val" in k.meta:
+        return int(k.meta["val"].shape[1]), int(k.meta["val"].shape[-1])
+    cfg = graph.model_info.get("hf_config") or {}
+    heads = cfg.get("num_attention_heads") or cfg.get("n_head")
+    kv_heads = cfg.get("num_key_value_heads") or heads
+    hidden = cfg.get("hidden_size") or cfg.get("n_embd")
+    head_dim = cfg.get("head_dim") or (hidden // heads if hidden and heads else None)
+    if not (kv_heads and head_dim):
+        raise ValueError("cannot tell the KV cache's heads and head_dim: the graph carries no "
+                         "shapes and the model config names neither num_key_value_heads / "
+                         "num_attention_heads nor head_dim / hidden_size")
+    return int(kv_heads), int(head_dim)
+
+
+def embedding_weight(graph: QuantGraph) -> torch.Tensor:
+    """The token embedding table: its dtype is the activation dtype, its device the model's."""
+    emb = graph.nodes(torch.ops.aten.embedding.default)
+    if not emb:
+        raise ValueError("the graph has no aten.embedding: cannot tell the activation dtype")
+    return graph.attr(emb[0].args[0])

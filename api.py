@@ -25,12 +25,8 @@ from .passes.schedule import scheduler_ir
 def _check_supported(cfg: QuantConfig) -> None:
     """Config features this build's pipeline has no pass for are refused up front, by name."""
     unsupported = []
-    if cfg.kv_cache_dtype != "none":
-        unsupported.append(f"kv_cache_dtype={cfg.kv_cache_dtype!r} (no kv_cache_quant pass yet; available: 'none')")
     if cfg.enable_qat:
         unsupported.append("enable_qat=True (no fake_quant pass yet)")
-    if cfg.draft_mode:
-        unsupported.append("draft_mode=True (no draft/verify planning yet)")
     if unsupported:
         raise ConfigError("this sagequant build cannot compile: " + "; ".join(unsupported))
 
@@ -48,6 +44,16 @@ def compile(model, config: QuantConfig | None = None, calibration_data=None, tok
             raise ConfigError("ONNX input models are not supported by this build; pass a "
                               "transformers causal LM or a checkpoint directory")
         model = load_hf_model(model)
+    if cfg.draft_mode:
+        # Two compiled paths from one config: the verify model (the config's own scheme) and a
+        # lighter draft (runtime.speculative.draft_and_verify_configs), used by SpeculativeDecoder.
+        from .runtime.speculative import draft_and_verify_configs
+        draft_cfg, verify_cfg = draft_and_verify_configs(cfg)
+        options = dict(print_ir_after=print_ir_after, dump_dir=dump_dir, stop_after=stop_after,
+                       verify_each=verify_each)
+        verify = compile(model, verify_cfg, calibration_data, tokenizer, **options)
+        verify.draft = compile(model, draft_cfg, calibration_data, tokenizer, **options)
+        return verify
     batches = None
     if calibration_data is not None:
         batches = as_token_batches(calibration_data, tokenizer, cfg.calibration_samples,
@@ -61,7 +67,10 @@ def compile(model, config: QuantConfig | None = None, calibration_data=None, tok
     pm = PassManager(PIPELINE, instruments, verify_each=verify_each, stop_after=stop_after)
     ctx = PassContext(cfg, batches)
     graph = pm.run(graph, ctx)
-    compiled = CompiledModel(graph, cfg, build_kv_plan(cfg), pm.history)
+    kv_plan = build_kv_plan(cfg)
+    if graph.model_info.get("num_hidden_layers"):
+        kv_plan.validate_layers(graph.model_info["num_hidden_layers"])
+    compiled = CompiledModel(graph, cfg, kv_plan, pm.history)
     compiled.source_model = model
     return compiled
 
@@ -74,6 +83,7 @@ class CompiledModel:
         self.kv_plan = kv_plan
         self.pass_history = pass_history
         self.source_model: torch.nn.Module | None = None  # the float model, when compiled here
+        self.draft: CompiledModel | None = None  # draft_mode: the lighter draft path
 
     def __call__(self, input_ids: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
         ids = kwargs.pop("input_ids", input_ids)
@@ -88,6 +98,25 @@ class CompiledModel:
             raise ValueError(f"input_ids out of range [0, {vocab})")
         with torch.inference_mode():
             return self.graph(ids.long())
+
+    def generate(self, input_ids, max_new_tokens: int = 32, temperature: float = 0.0,
+                 top_p: float = 1.0, stop_token_ids=(), pad_token_id: int = 0,
+                 **engine_options) -> torch.Tensor:
+        """Prompt rows [batch, seq] (or [seq]) followed by their generated tokens, decoded with
+        the (quantized) KV cache by a GenerationEngine; rows that stop early are padded with
+        pad_token_id. engine_options go to GenerationEngine (max_batch, max_seq_len, ...)."""
+        from .runtime import GenerationEngine
+        ids = input_ids if isinstance(input_ids, torch.Tensor) else torch.tensor(input_ids)
+        rows = (ids.unsqueeze(0) if ids.dim() == 1 else ids).tolist()
+        engine_options.setdefault("max_batch", max(1, len(rows)))
+        engine = GenerationEngine(self, **engine_options)
+        rids = [engine.add_request(r, max_new_tokens, temperature, top_p, stop_token_ids) for r in rows]
+        out = {rid: list(row) for rid, row in zip(rids, rows)}
+        while engine.has_work():
+            for event in engine.step():
+                out[event.request_id].append(event.token_id)
+        width = max(len(v) for v in out.values())
+        return torch.tensor([out[r] + [pad_token_id] * (width - len(out[r])) for r in rids])
 
     # ---- what the compiler decided -------------------------------------------------------------
     def _annotations(self):

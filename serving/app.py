@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .engine_loop import EngineLoop, ServerOverloaded, Submission
 from .metrics import CONTENT_TYPE, ServerMetrics
@@ -54,14 +55,23 @@ def build_app(loop: EngineLoop, served: ServedModel) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
-        metrics.requests.labels(request.url.path, "400").inc()
         message = _validation_message(exc)
         if any(e.get("type") == "json_invalid" for e in exc.errors()):
             try:
                 (await request.body()).decode("utf-8")
             except UnicodeDecodeError as e:
-                message = f"request body is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})"
-        return JSONResponse(error_body(400, message, "invalid_request_error"), 400)
+                message = _not_utf8(e)
+        return _error(request, 400, message, "invalid_request_error")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        # FastAPI's own errors (404, 405, unparsable body) in the same shape as ours
+        message = _not_utf8(exc.__cause__) if isinstance(exc.__cause__, UnicodeDecodeError) else str(exc.detail)
+        return _error(request, exc.status_code, message, "invalid_request_error")
+
+    def _error(request: Request, status: int, message: str, type_: str) -> JSONResponse:
+        metrics.requests.labels(request.url.path, str(status)).inc()
+        return JSONResponse(error_body(status, message, type_), status)
 
     @app.get("/health")
     async def health():
@@ -144,6 +154,10 @@ def _validation_message(exc: RequestValidationError) -> str:
         msg = err.get("msg", "invalid").removeprefix("Value error, ")
         parts.append(f"{where}: {msg}" if where else msg)
     return "; ".join(parts) or "invalid request"
+
+
+def _not_utf8(e: UnicodeDecodeError) -> str:
+    return f"request body is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})"
 
 
 def _check_model(served: ServedModel, name: str) -> None:

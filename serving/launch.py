@@ -123,13 +123,17 @@ def context_length(cm, opts: ServeOptions) -> int:
 
 
 def build_server(opts: ServeOptions):
-    """-> (FastAPI app, ServedModel): compile/load, then the engine and its loop."""
-    from ..runtime import GenerationEngine
+    """-> (FastAPI app, ServedModel): compile or load, then the engine and its loop."""
     from ..tools.models import resolve_tokenizer
+    cm, tok_source = load_compiled(opts)
+    return make_app(cm, resolve_tokenizer(tok_source), opts)
+
+
+def make_app(cm, tokenizer, opts: ServeOptions):
+    """The server of an already compiled model: engine, engine loop, FastAPI app."""
+    from ..runtime import GenerationEngine
     from .app import ServedModel, build_app
     from .engine_loop import EngineLoop
-    cm, tok_source = load_compiled(opts)
-    tokenizer = resolve_tokenizer(tok_source)
     ctx = context_length(cm, opts)
     engine = GenerationEngine(cm, max_batch=opts.max_batch, max_seq_len=ctx,
                               num_kv_blocks=opts.num_kv_blocks,

@@ -93,7 +93,11 @@ def cmd_start(args) -> int:
         return _start_background(args)
     from .launch import bind, build_server, run
     sock = bind(args.host, args.port)  # fail on a taken port before the (long) compile
-    app, served = build_server(serve_options(args))
+    try:
+        app, served = build_server(serve_options(args))
+    except BaseException:
+        sock.close()
+        raise
     run(app, served, sock, state_dir(args.state_dir), args.log_file, args.log_level)
     return 0
 

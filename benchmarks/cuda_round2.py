@@ -27,6 +27,7 @@ import cuda_bench_lib as lib  # noqa: E402
 SHAPES = {"gate_up": (37888, 3584), "down": (3584, 18944), "q_o": (3584, 3584), "k_v": (512, 3584)}
 MS = (1, 8, 16, 64, 256, 1024, 4096)
 GROUP = 128
+MIN_M = {"w4a16:dequant4_mm": 64}
 TOL = {"wo": 5e-3, "nf4-bnb": 5e-3, "fp8": 1e-2}
 
 
@@ -93,9 +94,16 @@ def variants(ops):
 
     def byte_path(x, a, s):  # round 1's choice (byte kernels), for before/after in one run
         spec = s.specs["int4"]
-        path = layout.path_for(x.shape[0])
+        path = layout.path_for(x.shape[0])  # no format given: the byte kernels
         plan = layout.plan_for(path, x.shape[0], s.n, s.k, bits=4, group=GROUP)
         return two.weight_only_linear(x, a[0], a[1], None, None, spec, [s.n, s.k], plan=plan)
+
+    def forced(path):
+        def call(x, a, s):
+            plan = layout.plan_for(path, x.shape[0], s.n, s.k, bits=4, group=GROUP)
+            return two.weight_only_linear(x, a[0], a[1], None, None, s.specs["int4"], [s.n, s.k],
+                                          plan=plan)
+        return call
 
     def fp8_fused(x, a, s):
         from sagequant.ir.quant_spec import QuantSpec
@@ -116,6 +124,7 @@ def variants(ops):
         "w4a16": (q_args("int4"), ours("int4"), "int4"),
         "w4a16-round1": (q_args("int4"), byte_path, "int4"),
         "nf4": (q_args("nf4"), ours("nf4"), "nf4"),
+        "w4a16:dequant4_mm": (q_args("int4"), forced("dequant4_mm"), "int4"),
         "w8a8-fp8": (q_args("fp8"), fp8_fused, "fp8"),
         "peer:fp8-mm-only": (q_args("fp8"), fp8_mm_only, "fp8"),
         "peer:tinygemm": (lambda s: tuple(t.clone() for t in s.peers["tinygemm"]),
@@ -167,6 +176,8 @@ def table(res, shapes, budget, l2, ops, ms) -> None:
                 res["errors"].append(f"{vname} {sname} build: {lib.short_error(err)}")
                 continue
             for m in ms:
+                if m < MIN_M.get(vname, 1):
+                    continue
                 x = (torch.randn(m, shape.k, device="cuda")).to(torch.bfloat16)
                 shape.fp8_x = triton_w8a8.quantize_activation(x, "fp8_e4m3")
                 rec = {"variant": vname, "shape": sname, "m": m, "weight_bytes": nbytes}
@@ -188,10 +199,8 @@ def sweep_plans(path, m, shape):
     base = layout.plan_for(path, m, shape.n, shape.k, bits=4, group=GROUP)
     plans = []
     if path == "gemv4":
-        for bn in (16, 32, 64, 128):
-            for w in (2, 4, 8):
-                for st in (1, 2, 3):
-                    plans.append(replace(base, block_n=bn, num_warps=w, num_stages=st))
+        for bn, w in GEMV_TILES.get(shape.name, GEMV_TILES["small"]):
+            plans.append(replace(base, block_n=bn, num_warps=w, num_stages=1))
     else:
         for bn in (32, 64, 128):
             for w in (4, 8):
@@ -199,9 +208,9 @@ def sweep_plans(path, m, shape):
                     plans.append(replace(base, block_n=bn, num_warps=w, num_stages=st))
     out = []
     for p in plans:  # split-K re-derived for the tile, then x2 and /2 around it
-        tiles = max(1, m // p.block_m if path == "mma4" else m) * -(-shape.n // p.block_n)
-        split = layout.split_k_for(tiles, -(-shape.k // p.block_k), 132, layout.MEMORY_BOUND_WAVES)
-        for s in sorted({split, max(1, split // 2), split * 2}):
+        tiles = max(1, -(-m // p.block_m) if path == "mma4" else m) * -(-shape.n // p.block_n)
+        split = layout.split_k_for(tiles, -(-shape.k // p.block_k), 132, 8)
+        for s in sorted({split, max(1, split // 2), max(1, split // 4)}):
             out.append(replace(p, split_k=s))
     return out
 
@@ -281,10 +290,15 @@ def report(res, out: Path) -> str:
     return text
 
 
+GEMV_TILES = {  # (BLOCK_N, warps) around round one's best (BN 128 / 4 warps on the big layers)
+    "gate_up": [(bn, w) for bn in (128, 256, 512) for w in (1, 2, 4, 8)],
+    "down": [(bn, w) for bn in (64, 128, 256) for w in (2, 4, 8)],
+    "small": [(bn, w) for bn in (16, 32, 64, 128) for w in (2, 4, 8)]}
 SWEEP_CASES = [("gate_up", 1, "gemv4"), ("down", 1, "gemv4"), ("q_o", 1, "gemv4"),
-               ("k_v", 1, "gemv4"), ("gate_up", 16, "mma4"), ("down", 16, "mma4"),
-               ("gate_up", 8, "mma4"), ("down", 8, "mma4"), ("gate_up", 64, "mma4"),
-               ("down", 64, "mma4"), ("q_o", 16, "mma4"), ("gate_up", 32, "mma4")]
+               ("k_v", 1, "gemv4"), ("q_o", 64, "mma4"), ("gate_up", 16, "mma4"),
+               ("down", 16, "mma4"), ("gate_up", 8, "mma4"), ("down", 8, "mma4"),
+               ("gate_up", 64, "mma4"), ("down", 64, "mma4"), ("q_o", 16, "mma4"),
+               ("gate_up", 32, "mma4")]
 
 
 def main() -> None:

@@ -25,13 +25,18 @@ MIN_K_BLOCKS_PER_SPLIT = 2
 BIG_GROUP = 1 << 30       # the kernels' GROUP for per-channel / per-tensor scales: one "group"
 # Group sizes the Triton kernels take: a K block (power of two >= 16) must lie in one group.
 GROUP_SIZES = (16, 32, 64, 128, 256, 512, 1024)
-PATHS = ("gemv", "splitk", "tiled", "dequant_mm", "gemv4", "mma4")
-# 4-bit weights read as int32 words (triton_words): int4/uint4/NF4 with K % 8 == 0.
+PATHS = ("gemv", "splitk", "tiled", "dequant_mm", "gemv4", "mma4", "dequant4_mm")
+# 4-bit weights read as int32 words (triton_words): int4/uint4/NF4 with K % 8 == 0. Thresholds
+# and tiles from the H100 sweep of benchmarks/cuda_round2.py (BENCHMARKS.md §CUDA round 2).
 WORD_FORMATS = ("int4", "uint4", "nf4")
-WORD_PATHS = ("gemv4", "mma4")
+WORD_PATHS = ("gemv4", "mma4", "dequant4_mm")
 WORD_GEMV_MAX_M = 1       # M <= this: the word GEMV (CUDA cores)
-WORD_MMA_MAX_M = 64       # M <= this: the word tensor-core kernel (int4/uint4; NF4 at any M)
-WORD_MMA_MIN_BLOCK_K = 128  # its 8 per-plane dots need >= 16 words per K block
+WORD_MMA_MAX_M = 32       # M <= this: the word tensor-core kernel
+WORD_MMA_NARROW_MAX_M = 64  # ... up to this M when N <= WORD_NARROW_N (few output tiles)
+WORD_NARROW_N = 4096
+NF4_DEQUANT_MIN_M = 64    # NF4 from this M: dequantize (code book) to 16 bits, then cuBLAS
+WORD_MMA_MIN_BLOCK_K = 128  # the MMA kernel's 8 per-plane dots need >= 16 words per K block
+BIG_LAYER = 32 << 20      # N*K from which small-M word kernels aim for 8 waves of programs
 
 
 @dataclass(frozen=True)
@@ -52,8 +57,8 @@ class Plan:
     #                         MMA (one accumulator) instead of each K block's fp32 product
 
     def describe(self) -> str:
-        if self.path == "dequant_mm":
-            return f"dequant_mm(chunk_n={self.chunk_n or 'all'})"
+        if self.path in ("dequant_mm", "dequant4_mm"):
+            return f"{self.path}(chunk_n={self.chunk_n or 'all'})"
         return (f"{self.path}(BM={self.block_m},BN={self.block_n},BK={self.block_k},"
                 f"split={self.split_k},w={self.num_warps},s={self.num_stages}"
                 f"{',swap' if self.swap_ab else ''}{',scale_w' if self.scale_w else ''})")
@@ -117,24 +122,27 @@ def word_rejects(fmt: str, k: int, group: int, block_k: int) -> str | None:
     return None
 
 
-def word_path_for(m: int, k: int, fmt: str, group: int) -> str | None:
+def word_path_for(m: int, n: int, k: int, fmt: str, group: int) -> str | None:
     """The word kernel for M rows of a 4-bit weight, or None where the byte kernels serve."""
     if word_rejects(fmt, k, group, 16) is not None:
         return None
     mma_ok = word_rejects(fmt, k, group, WORD_MMA_MIN_BLOCK_K) is None
     if m <= WORD_GEMV_MAX_M:
         return "gemv4"
-    if mma_ok and (m <= WORD_MMA_MAX_M or fmt == "nf4"):
+    if fmt == "nf4" and m >= NF4_DEQUANT_MIN_M:
+        return "dequant4_mm"
+    max_m = WORD_MMA_NARROW_MAX_M if n <= WORD_NARROW_N else WORD_MMA_MAX_M
+    if mma_ok and (m <= max_m or fmt == "nf4"):
         return "mma4"
-    return None
+    return "dequant4_mm" if fmt == "nf4" else None
 
 
-def path_for(m: int, k: int = 0, fmt: str = "", group: int = BIG_GROUP) -> str:
-    """The weight-only path for M rows (tokens): the thresholds above, in one place. NF4 has
-    only the word kernels; it raises where they cannot take the weight."""
+def path_for(m: int, n: int = 0, k: int = 0, fmt: str = "", group: int = BIG_GROUP) -> str:
+    """The weight-only path for M rows (tokens) of an [n, k] weight: the thresholds above, in
+    one place. NF4 has only the word kernels; it raises where they cannot take the weight."""
     if m <= 0:
         raise ValueError(f"weight-only GEMM: M must be >= 1, got {m}")
-    word = word_path_for(m, k, fmt, group) if fmt else None
+    word = word_path_for(m, n, k, fmt, group) if fmt else None
     if word:
         return word
     if fmt == "nf4":
@@ -152,16 +160,21 @@ def plan_for(path: str, m: int, n: int, k: int, *, bits: int, group: int,
     """Tiles and split-K of `path` for a GEMM [m, k] x [n, k]^T (any path runs any M)."""
     if path == "dequant_mm":
         return Plan("dequant_mm", chunk_n=dequant_chunk_rows(n, k, DEQUANT_CHUNK_BYTES))
+    big = n * k >= BIG_LAYER
+    if path == "dequant4_mm":
+        return Plan("dequant4_mm", chunk_n=dequant_chunk_rows(n, k, DEQUANT_CHUNK_BYTES))
     if path == "gemv4":
-        plan = Plan("gemv4", block_m=1, block_n=32, block_k=min(128, group), num_warps=4,
-                    num_stages=2)
-        tiles, waves = m * math.ceil(n / plan.block_n), MEMORY_BOUND_WAVES
+        bn = 128 if n >= 16384 else 64 if n >= 2048 else 16
+        plan = Plan("gemv4", block_m=1, block_n=bn, block_k=min(128, group),
+                    num_warps=8 if bn == 16 else 4, num_stages=1)
+        tiles, waves = m * math.ceil(n / bn), 2 * MEMORY_BOUND_WAVES if big else MEMORY_BOUND_WAVES
     elif path == "mma4":
         bm = 16 if m <= 16 else 32 if m <= 32 else 64
-        plan = Plan("mma4", block_m=bm, block_n=64, block_k=WORD_MMA_MIN_BLOCK_K, num_warps=4,
-                    num_stages=3)
-        tiles = math.ceil(m / bm) * math.ceil(n / plan.block_n)
-        waves = MEMORY_BOUND_WAVES if m <= WORD_MMA_MAX_M else COMPUTE_BOUND_WAVES
+        bn = 128 if big or bm == 64 else 64
+        plan = Plan("mma4", block_m=bm, block_n=bn, block_k=WORD_MMA_MIN_BLOCK_K,
+                    num_warps=8 if bm == 64 else 4, num_stages=2 if bm == 16 else 4)
+        tiles = math.ceil(m / bm) * math.ceil(n / bn)
+        waves = (2 if bm == 64 else 2 * MEMORY_BOUND_WAVES if big else MEMORY_BOUND_WAVES)
     elif path == "gemv":
         plan = Plan("gemv", block_m=1, block_n=64, block_k=block_k_for(group, bits, 128),
                     num_warps=4, num_stages=2)
@@ -196,7 +209,7 @@ def dequant_chunk_rows(n: int, k: int, chunk_bytes: int) -> int:
 def choose(m: int, n: int, k: int, *, bits: int, group: int, sm_count: int = 132,
            fmt: str = "") -> Plan:
     """Shape-aware path and tile choice for a weight-only GEMM [m, k] x [n, k]^T."""
-    return plan_for(path_for(m, k, fmt, group), m, n, k, bits=bits, group=group,
+    return plan_for(path_for(m, n, k, fmt, group), m, n, k, bits=bits, group=group,
                     sm_count=sm_count)
 
 

@@ -97,10 +97,12 @@ def word_cases(device, dtype):
         data, scale = qt.data.to(device), qt.scale.to(device)
         zero = None if qt.zero_point is None else qt.zero_point.to(device)
         group = layout.kernel_group(spec, k)
-        runs = [("gemv4", 1, {}), ("gemv4", 3, dict(split_k=3)), ("auto", 1, {})]
+        runs = [("gemv4", 1, {}), ("gemv4", 3, dict(split_k=3)), ("auto", 1, {}),
+                ("dequant4_mm", 9, dict(chunk_n=16)), ("dequant4_mm", 9, {})]
         if layout.word_rejects(fmt, k, group, layout.WORD_MMA_MIN_BLOCK_K) is None:
             runs += [("mma4", 5, {}), ("mma4", 5, dict(split_k=2)), ("mma4", 37, {}),
-                     ("mma4", 70, dict(block_m=32, block_n=32)), ("auto", 9, {})]
+                     ("mma4", 70, dict(block_m=32, block_n=32)), ("auto", 9, {}),
+                     ("auto", 70, {})]
         for path, m, over in runs:
             for with_bias in (False, True):
                 plan = None if path == "auto" else replace(layout.plan_for(

@@ -11,6 +11,7 @@ looks u up in its 16-entry code book (L1-resident). Group scales multiply the fp
 of each K block (a block never straddles a group), so the arithmetic before them is exact.
 
   _gemv_kernel  M = 1: CUDA-core dot products, [BLOCK_N, BLOCK_KW] words per step, split-K.
+  _dequant_kernel  large M: the 16-bit weight, chunk by chunk, for cuBLAS ("dequant4_mm").
   _mma_kernel   small M: the 8 nibble planes of a word tile feed tensor-core dots against
                 the matching x columns (x[8j + p] for plane p), swap-AB (M is the MMA's N
                 side), split-K; the same kernel tiles any M.
@@ -133,6 +134,34 @@ def _mma_kernel(x_ptr, w_ptr, s_ptr, z_ptr, book_ptr, b_ptr, out_ptr, M, N, KW, 
                  acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _dequant_kernel(w_ptr, s_ptr, z_ptr, book_ptr, out_ptr, N, KW, GROUP, stride_wn, stride_sn,
+                    stride_sg, stride_zn, stride_zg, KIND: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_KW: tl.constexpr):
+    """16-bit W[n, k] (row-major, ld = K) from the words: the 8 planes are joined back into
+    element order (a join tree puts list position i at element bitrev3(i), hence the order)."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    w0 = tl.program_id(1) * BLOCK_KW
+    cols = w0 + tl.arange(0, BLOCK_KW)
+    n_ok = offs_n < N
+    c_ok = cols < KW
+    w = tl.load(w_ptr + offs_n[:, None] * stride_wn + cols[None, :],
+                mask=n_ok[:, None] & c_ok[None, :], other=0)
+    if KIND == 0:
+        w = w ^ -2004318072
+    s, z = _group(s_ptr, z_ptr, offs_n, n_ok, (w0 * 8) // GROUP, stride_sn, stride_sg,
+                  stride_zn, stride_zg, KIND)
+    z2 = z[:, None]
+    t = tl.join(tl.join(tl.join(_plane(w, 0, z2, book_ptr, KIND), _plane(w, 4, z2, book_ptr, KIND)),
+                        tl.join(_plane(w, 2, z2, book_ptr, KIND), _plane(w, 6, z2, book_ptr, KIND))),
+                tl.join(tl.join(_plane(w, 1, z2, book_ptr, KIND), _plane(w, 5, z2, book_ptr, KIND)),
+                        tl.join(_plane(w, 3, z2, book_ptr, KIND), _plane(w, 7, z2, book_ptr, KIND))))
+    vals = tl.reshape(t, (BLOCK_N, BLOCK_KW * 8)) * s[:, None]
+    offs_k = w0 * 8 + tl.arange(0, BLOCK_KW * 8)
+    tl.store(out_ptr + offs_n[:, None] * (KW * 8) + offs_k[None, :],
+             vals.to(out_ptr.dtype.element_ty), mask=n_ok[:, None] & (offs_k[None, :] < KW * 8))
+
+
 _BOOKS: dict = {}
 
 
@@ -148,9 +177,12 @@ def word_linear(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                 zeros: torch.Tensor | None, bias: torch.Tensor | None, out: torch.Tensor,
                 fmt: str, group: int, plan: layout.Plan) -> None:
     """out[M, N] = x2[M, K] @ dequant(W)^T (+ bias) for a 4-bit weight stored [N, K/2] uint8;
-    plan.path is "gemv4" or "mma4", plan.block_k counts elements (8 per word)."""
+    plan.path is "gemv4", "mma4" or "dequant4_mm"; plan.block_k counts elements (8 per word)."""
     m, k = x2.shape
     n = out.shape[1]
+    if plan.path == "dequant4_mm":
+        _dequant_mm(x2, qweight, scales, zeros, bias, out, fmt, group, plan)
+        return
     why = layout.word_rejects(fmt, k, group, plan.block_k)
     if why:
         raise ValueError(why)
@@ -176,3 +208,42 @@ def word_linear(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     if split:
         _splitk_reduce[(triton.cdiv(m * n, 1024),)](dst, b, out, m * n, n, splits,
                                                      HAS_BIAS=bias is not None, BLOCK=1024)
+
+
+def dequantize_words(qweight, scales, zeros, fmt: str, group: int, rows: tuple[int, int], k: int,
+                     out: torch.Tensor) -> torch.Tensor:
+    """Rows [r0, r1) of the 16-bit weight into `out` [r1 - r0, K] (dtype of out)."""
+    r0, r1 = rows
+    bkw = layout.block_k_for(group, 4, 128) // 8
+    why = layout.word_rejects(fmt, k, group, bkw * 8)
+    if why:
+        raise ValueError(why)
+    w = qweight.view(torch.uint8).view(torch.int32)[r0:r1]
+    sc, zt = scales[r0:r1] if scales.shape[0] > 1 else scales, None
+    if zeros is not None:
+        zt = zeros[r0:r1] if zeros.shape[0] > 1 else zeros
+    zt = zt if zt is not None else sc
+    sn, sg = layout.scale_strides(sc, r1 - r0)
+    zn, zg = layout.scale_strides(zt, r1 - r0)
+    book = _book(out.device) if fmt == "nf4" else sc
+    grid = (triton.cdiv(r1 - r0, 32), triton.cdiv(k // 8, bkw))
+    _dequant_kernel[grid](w, sc, zt, book, out, r1 - r0, k // 8, group, w.stride(0), sn, sg, zn,
+                          zg, KIND=KINDS[fmt], BLOCK_N=32, BLOCK_KW=bkw, num_warps=4)
+    return out
+
+
+def _dequant_mm(x2, qweight, scales, zeros, bias, out, fmt, group, plan) -> None:
+    """Large M: dequantize chunk_n rows at a time into one reused 16-bit scratch (kept small, so
+    it stays in L2 for cuBLAS), then GEMM into out[:, rows] (leading dimension N, in place)."""
+    m, k = x2.shape
+    n = out.shape[1]
+    step = plan.chunk_n or n
+    scratch = torch.empty((min(step, n), k), dtype=x2.dtype, device=x2.device)
+    for r0 in range(0, n, step):
+        r1 = min(n, r0 + step)
+        wc = dequantize_words(qweight, scales, zeros, fmt, group, (r0, r1), k, scratch[: r1 - r0])
+        dst = out if (r0 == 0 and r1 == n) else out[:, r0:r1]
+        if bias is not None:
+            torch.addmm(bias[r0:r1], x2, wc.t(), out=dst)
+        else:
+            torch.mm(x2, wc.t(), out=dst)

@@ -2,11 +2,16 @@
 (config, annotations are in the graph, KV plan, report) and manifest.json (sha256 per file).
 
 Writes are atomic: everything goes to a temporary sibling directory, is fsynced, and replaces the
-target with renames, so a crash mid-save leaves the previous artifact intact. Loading verifies
-every checksum before reading anything else.
+target, so a crash mid-save (even kill -9) leaves the previous artifact intact. On Linux the
+replacement is one renameat2(RENAME_EXCHANGE) swap, so the target path always holds a complete
+artifact; elsewhere it is two renames (target -> backup, temporary -> target), and a crash between
+them leaves the previous artifact in the `.NAME.old-PID` sibling. Loading verifies every checksum
+before reading anything else.
 """
 from __future__ import annotations
 
+import ctypes
+import errno
 import hashlib
 import json
 import os
@@ -41,6 +46,21 @@ def _write_json(path: Path, obj) -> None:
         os.fsync(f.fileno())
 
 
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE); False where the C library or
+    the file system does not offer it."""
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
 def write_artifact(directory: str | Path, graph_json: dict, tensors: dict[str, torch.Tensor],
                    meta: dict) -> Path:
     target = Path(directory).absolute()
@@ -64,6 +84,9 @@ def write_artifact(directory: str | Path, graph_json: dict, tensors: dict[str, t
                     "files": {f: {"sha256": _sha256(tmp / f), "bytes": (tmp / f).stat().st_size}
                               for f in FILES}}
         _write_json(tmp / "manifest.json", manifest)
+        if target.exists() and _exchange(tmp, target):
+            shutil.rmtree(tmp)  # it now holds the previous artifact
+            return target
         backup = None
         if target.exists():
             backup = target.with_name(f".{target.name}.old-{os.getpid()}")

@@ -206,6 +206,7 @@ def test_failed_final_rename_keeps_previous_artifact(compiled, saved, monkeypatc
         return real_rename(src, dst)
 
     monkeypatch.setattr(artifact.os, "rename", rename)
+    monkeypatch.setattr(artifact, "_exchange", lambda a, b: False)  # the two-rename path (no renameat2)
     with pytest.raises(OSError):
         compiled("llama", weight_dtype="int8", group_size=None).save(saved)
     monkeypatch.undo()

@@ -19,6 +19,7 @@ from .ir.trace import load_hf_model, trace_model
 from .lowering.registry import REGISTRY, KernelSpec
 from .passes import PIPELINE, DumpIR, PassContext, PassManager, PrintIRAfter
 from .passes.annotate import weight_spec_for
+from .passes.guard import split_held_back
 from .passes.schedule import scheduler_ir
 
 
@@ -54,10 +55,13 @@ def compile(model, config: QuantConfig | None = None, calibration_data=None, tok
         verify = compile(model, verify_cfg, calibration_data, tokenizer, **options)
         verify.draft = compile(model, draft_cfg, calibration_data, tokenizer, **options)
         return verify
-    batches = None
+    batches = held_back = None
     if calibration_data is not None:
-        batches = as_token_batches(calibration_data, tokenizer, cfg.calibration_samples,
-                                   cfg.calibration_seq_len)
+        # Text is cut into calibration_samples windows plus the guard's held-back ones.
+        extra = cfg.guard_samples if cfg.guard != "off" else 0
+        batches, held_back = split_held_back(
+            as_token_batches(calibration_data, tokenizer, cfg.calibration_samples + extra,
+                             cfg.calibration_seq_len), cfg)
     graph = trace_model(model)
     instruments = []
     if print_ir_after:
@@ -65,7 +69,7 @@ def compile(model, config: QuantConfig | None = None, calibration_data=None, tok
     if dump_dir:
         instruments.append(DumpIR(dump_dir))
     pm = PassManager(PIPELINE, instruments, verify_each=verify_each, stop_after=stop_after)
-    ctx = PassContext(cfg, batches)
+    ctx = PassContext(cfg, batches, reference_model=model, held_back_batches=held_back)
     graph = pm.run(graph, ctx)
     kv_plan = build_kv_plan(cfg)
     if graph.model_info.get("num_hidden_layers"):
@@ -176,6 +180,8 @@ class CompiledModel:
             "passes": self.pass_history,
             "kv_plan": self.kv_plan.to_dict(),
             "config": self.config.to_dict(),
+            "accuracy_guard": _pass_stats(self.pass_history, "guard"),
+            "mixed_precision": _pass_stats(self.pass_history, "mixed_precision"),
         }
 
     def error_report(self, input_ids: torch.Tensor, reference: torch.nn.Module | None = None) -> list[dict]:
@@ -186,7 +192,7 @@ class CompiledModel:
             raise ValueError("error_report needs the float model: pass reference= (a loaded artifact "
                              "does not carry its float weights)")
         ids = input_ids.unsqueeze(0) if input_ids.dim() == 1 else input_ids
-        return layer_errors(self, reference, ids)
+        return layer_errors(self.graph, reference, [ids])
 
     # ---- persistence -------------------------------------------------------------------------
     def save(self, directory: str | Path) -> Path:
@@ -220,6 +226,10 @@ def load(directory: str | Path) -> CompiledModel:
     graph = QuantGraph(gm, meta.get("model_info"))
     graph.verify()
     return CompiledModel(graph, config, kv_plan, meta.get("pass_history", []))
+
+
+def _pass_stats(history: list[dict], name: str) -> dict | None:
+    return next((p.get("stats") for p in history if p["pass"] == name), None)
 
 
 def _jsonable(obj):

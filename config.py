@@ -63,14 +63,16 @@ _GUARD_MODES = {s: s for s in ("enforce", "report", "off")}
 # each scheme and tight enough to stop a collapse: KL(float || quantized) and delta loss in nats
 # per token on the held-back sequences, top-1 agreement as a fraction, and every quantized layer's
 # own output SQNR (its scheme's bound). QuantConfig.guard_bounds overrides any of them.
+# Measured on SmolLM2-135M, 2 x 256 held-back Wikipedia tokens, RTN g128 (BENCHMARKS.md, guard):
+# W4A16 KL 0.76, delta loss 0.67, top-1 0.59, worst layer 11.0 dB; W8A16 KL 0.002, worst 35.2 dB.
 GUARD_BOUND_KEYS = ("max_kl", "max_delta_loss", "min_top1", "min_layer_sqnr_db")
 GUARD_DEFAULTS = {
     "W8A16": {"max_kl": 0.05, "max_delta_loss": 0.05, "min_top1": 0.7, "min_layer_sqnr_db": 25.0},
     "FP8-W8A16": {"max_kl": 0.1, "max_delta_loss": 0.1, "min_top1": 0.6, "min_layer_sqnr_db": 18.0},
     "W8A8-INT8": {"max_kl": 0.3, "max_delta_loss": 0.3, "min_top1": 0.5, "min_layer_sqnr_db": 12.0},
     "W8A8-FP8": {"max_kl": 0.3, "max_delta_loss": 0.3, "min_top1": 0.5, "min_layer_sqnr_db": 12.0},
-    "W4A16": {"max_kl": 1.0, "max_delta_loss": 1.0, "min_top1": 0.3, "min_layer_sqnr_db": 8.0},
-    "NF4-A16": {"max_kl": 1.0, "max_delta_loss": 1.0, "min_top1": 0.3, "min_layer_sqnr_db": 8.0},
+    "W4A16": {"max_kl": 1.5, "max_delta_loss": 1.5, "min_top1": 0.3, "min_layer_sqnr_db": 6.0},
+    "NF4-A16": {"max_kl": 1.5, "max_delta_loss": 1.5, "min_top1": 0.3, "min_layer_sqnr_db": 6.0},
 }
 # What mixed precision may raise a sensitive layer to (passes/mixed_precision.py).
 PRECISION_UPGRADES = ("int8", "fp8", "float")

@@ -22,11 +22,14 @@ class PassResult:
 
 @dataclass
 class PassContext:
-    """What passes share besides the graph: the config and the calibration batches."""
+    """What passes share besides the graph: the config, the calibration batches, and for the
+    accuracy guard the float model and the sequences held back from calibration."""
 
     config: QuantConfig
     calibration_batches: list | None = None
     ran: list[str] = field(default_factory=list)
+    reference_model: object | None = None  # the float torch.nn.Module compiled from
+    held_back_batches: list | None = None
 
 
 @dataclass(frozen=True)

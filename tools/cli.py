@@ -13,14 +13,15 @@ from ..ir.formats import QuantizationError
 from ..ir.trace import TraceError
 from ..lowering.registry import KernelNotFoundError
 from ..backends.onnxruntime.qlinear import ExportError
-from ..passes import PASSES
+from ..passes import PASSES, PIPELINE
+from ..passes.guard import AccuracyGuardError
 from ..serving.cli import USER_ERRORS as SERVING_ERRORS, add_engine_parser
 from .demo import add_demo_args, run_from_args
 
 # Errors a user can cause; printed as one clear line instead of a traceback.
 USER_ERRORS = (ConfigError, ArtifactError, CalibrationDataError, QuantizationError, TraceError,
                KernelNotFoundError, FileNotFoundError)
-USER_ERRORS += (ExportError,)
+USER_ERRORS += (ExportError, AccuracyGuardError)
 USER_ERRORS += SERVING_ERRORS
 
 
@@ -30,7 +31,8 @@ def _config_from_args(args) -> QuantConfig:
              "calibration": args.method, "kv_cache_dtype": args.kv_quant, "backend": args.backend,
              "priority": args.priority, "clip_ratio": args.clip_ratio,
              "calibration_samples": args.samples, "calibration_seq_len": args.seq_len,
-             "fallback": args.fallback}
+             "fallback": args.fallback, "guard": args.guard,
+             "target_bits_per_weight": args.target_bits, "target_max_delta_loss": args.target_delta_loss}
     if args.group_size is not None:
         flags["group_size"] = None if args.group_size <= 0 else args.group_size
     if args.asymmetric:
@@ -59,6 +61,11 @@ def _add_compile_flags(p: argparse.ArgumentParser, dataset_required: bool) -> No
     p.add_argument("--ignore", nargs="*", help="layer patterns kept in high precision (default: lm_head)")
     p.add_argument("--samples", type=int, help="calibration samples")
     p.add_argument("--seq-len", type=int, help="calibration sample length in tokens")
+    p.add_argument("--guard", help="accuracy guard on held-back calibration data: enforce (default: fail "
+                   "past the bounds) | report (only record) | off")
+    p.add_argument("--target-bits", type=float, help="mixed precision: average bits per weight budget")
+    p.add_argument("--target-delta-loss", type=float,
+                   help="mixed precision: largest summed per-layer delta loss (nats)")
     p.add_argument("--print-ir-after", action="append", metavar="PASS",
                    help=f"print the IR after PASS (repeatable, or 'all'); passes: {', '.join(PASSES)}")
     p.add_argument("--stop-after", metavar="PASS", help="stop the pipeline after PASS")
@@ -76,7 +83,7 @@ def cmd_compile(args) -> int:
     cm = sq_compile(model, cfg, calibration_data=texts, tokenizer=tok, print_ir_after=print_after,
                     dump_dir=args.dump_dir, stop_after=args.stop_after)
     cm.graph.model_info["source"] = args.model
-    if args.stop_after and args.stop_after != "schedule":
+    if args.stop_after and args.stop_after != PIPELINE[-1]:
         print(f"stopped after pass {args.stop_after}; no artifact written")
         return 0
     path = cm.save(args.output)
@@ -123,6 +130,19 @@ def _print_report(rep: dict) -> None:
         print("kept in high precision: " + ", ".join(f"{k} ({v})" for k, v in rep["kept_in_high_precision"].items()))
     if rep["fallbacks"]:
         print(f"FALLBACK kernels used for {len(rep['fallbacks'])} layers (QuantConfig.fallback)")
+    guard, mixed = rep.get("accuracy_guard"), rep.get("mixed_precision")
+    if guard and "kl" in guard:
+        worst = guard["worst_layers"][0] if guard["worst_layers"] else None
+        print(f"accuracy guard ({guard['mode']}, {guard['held_back']['tokens']} held-back tokens): KL "
+              f"{guard['kl']:.4g}, top-1 agreement {guard['top1_agreement']:.3f}, delta loss "
+              f"{guard['delta_loss']:.4g} nats"
+              + (f", worst layer {worst['layer']} {worst['local_sqnr_db']:.1f} dB" if worst else "")
+              + ("" if guard["passed"] else "; OUTSIDE BOUNDS: " + "; ".join(guard["violations"])))
+    elif guard:
+        print(f"accuracy guard not run: {guard['skipped']}")
+    if mixed and "upgraded" in mixed:
+        print(f"mixed precision: {mixed['layers_per_option']}, {mixed['bits_per_weight']:.2f} bits/weight, "
+              f"predicted delta loss {mixed['predicted_delta_loss']:.4g} nats")
     print("passes: " + "  ".join(f"{p['pass']}={p.get('seconds', 0):.2f}s" for p in rep["passes"]))
 
 
@@ -192,7 +212,29 @@ def cmd_inspect(args) -> int:
         model, tok = resolve_model(source)
         ids = tokenize_calibration(wikipedia_prose(), tok, 1, args.error_tokens)
         print(format_errors(cm.error_report(ids, reference=model), top=args.top))
+    if args.sensitivity:
+        _print_sensitivity(cm, args)
     return 0
+
+
+def _print_sensitivity(cm, args) -> None:
+    """Delta loss of quantizing each layer alone, at the artifact's scheme and upgrades."""
+    from ..calibration.datasets import load_texts, tokenize_calibration
+    from ..calibration.real_data import wikipedia_prose
+    from ..calibration.sensitivity import format_sensitivity
+    from ..passes.mixed_precision import model_sensitivity
+    from .models import resolve_model
+    source = args.reference or cm.graph.model_info.get("source")
+    if source is None:
+        raise ConfigError("the artifact does not record its source model; pass --reference MODEL")
+    model, tok = resolve_model(source)
+    texts = wikipedia_prose() if args.text is None else load_texts(args.text)
+    ids = tokenize_calibration(texts, tok, args.sensitivity_samples, args.error_tokens)
+    cfg = cm.config.replace(overrides={}, target_bits_per_weight=None, target_max_delta_loss=None)
+    base, rows = model_sensitivity(model, cfg, list(ids.split(1)))
+    print(f"float next-token loss {base:.4f} nats on {ids.shape[0]} x {ids.shape[1]} tokens; "
+          "delta loss of quantizing each layer alone, most sensitive first")
+    print(format_sensitivity(rows, top=args.top))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -232,6 +274,11 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--reference", help="float model for --errors (default: the artifact's source)")
     i.add_argument("--error-tokens", type=int, default=256, help="tokens of Wikipedia prose to measure on")
     i.add_argument("--top", type=int, help="print only the worst N layers")
+    i.add_argument("--sensitivity", action="store_true",
+                   help="delta loss of quantizing each linear alone (scheme and precision_upgrades "
+                        "of the artifact's config), most sensitive first")
+    i.add_argument("--sensitivity-samples", type=int, default=2, help="sequences to measure on")
+    i.add_argument("--text", help="text file for --sensitivity (default: the packaged Wikipedia prose)")
     i.set_defaults(func=cmd_inspect)
     x = sub.add_parser("export", help="write an artifact as ONNX (QDQ / MatMulNBits), TensorRT ONNX "
                        "or a compressed-tensors checkpoint")

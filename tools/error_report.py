@@ -21,63 +21,76 @@ from ..ir.annotations import META_KEY
 
 
 class _Capture(fx.Interpreter):
-    def __init__(self, gm, layers: set[str]):
+    """Runs the quantized graph and, at each quantized layer, adds its error energies to `sums`:
+    the float layer on the same input (local) and the float model's output (accumulated)."""
+
+    def __init__(self, gm, reference: torch.nn.Module, float_out: dict, sums: dict):
         super().__init__(gm)
-        self.layers = layers
-        self.outputs: dict[str, torch.Tensor] = {}
-        self.inputs: dict[str, torch.Tensor] = {}
+        self.reference, self.float_out, self.sums = reference, float_out, sums
 
     def run_node(self, n):
         out = super().run_node(n)
         ann = n.meta.get(META_KEY)
-        if ann is not None and ann.layer in self.layers:
-            self.outputs[ann.layer] = out.detach().double()
-            self.inputs[ann.layer] = self.env[n.args[0]].detach()
+        if ann is not None and ann.layer in self.sums:
+            got = out.detach().double()
+            x = self.env[n.args[0]].detach()
+            acc_ref = self.float_out.pop(ann.layer).double().reshape(got.shape)
+            local_ref = self.reference.get_submodule(ann.layer)(x).double().reshape(got.shape)
+            self.float_out.pop(ann.layer)  # what the hook caught of the local call above
+            s = self.sums[ann.layer]
+            s["signal"] += float(local_ref.pow(2).sum())
+            s["noise"] += float((local_ref - got).pow(2).sum())
+            s["acc_signal"] += float(acc_ref.pow(2).sum())
+            s["acc_noise"] += float((acc_ref - got).pow(2).sum())
+            s["max_abs_err"] = max(s["max_abs_err"], float((local_ref - got).abs().max()))
         return out
 
 
-def layer_errors(compiled, reference: torch.nn.Module, input_ids: torch.Tensor) -> list[dict]:
-    anns = [compiled.graph.annotation(n) for n in compiled.graph.annotated()]
-    layers = {a.layer: a for a in anns if a.quantized}
-    float_out: dict[str, torch.Tensor] = {}
-    handles = []
+def layer_errors(graph, reference: torch.nn.Module, batches: list[torch.Tensor],
+                 on_logits=None) -> list[dict]:
+    """Error rows of every quantized layer of `graph` (a QuantGraph) over `batches` of ids, worst
+    first. Energies are summed over the batches, so one layer's outputs are held at a time (a
+    real model's 210 layer outputs at 512 tokens would not fit in double). `on_logits(ids,
+    float_logits, quantized_logits)` is called per batch for callers that also compare logits."""
+    layers = {a.layer: a for a in (graph.annotation(n) for n in graph.annotated()) if a.quantized}
     for name in layers:
         try:
-            module = reference.get_submodule(name)
+            reference.get_submodule(name)
         except AttributeError:
             raise ValueError(f"reference model has no module {name!r}: is it the model this artifact "
                              "was compiled from?") from None
-        handles.append(module.register_forward_hook(
-            lambda mod, args, out, name=name: float_out.__setitem__(name, out.detach().double())))
+    sums = {name: dict.fromkeys(("signal", "noise", "acc_signal", "acc_noise", "max_abs_err"), 0.0)
+            for name in layers}
+    float_out: dict[str, torch.Tensor] = {}
+    handles = [reference.get_submodule(name).register_forward_hook(
+        lambda mod, args, out, name=name: float_out.__setitem__(name, out.detach()))
+        for name in layers]
     try:
         with torch.inference_mode():
-            reference(input_ids=input_ids, use_cache=False)
-            cap = _Capture(compiled.graph.gm, set(layers))
-            cap.run(input_ids)
+            for ids in batches:
+                float_logits = reference(input_ids=ids, use_cache=False).logits
+                quant_logits = _Capture(graph.gm, reference, float_out, sums).run(ids)
+                if on_logits is not None:
+                    on_logits(ids, float_logits, quant_logits)
     finally:
         for h in handles:
             h.remove()
     rows = []
-    with torch.inference_mode():
-        for name, ann in layers.items():
-            got = cap.outputs[name]
-            local_ref = reference.get_submodule(name)(cap.inputs[name]).double().reshape(got.shape)
-            acc_ref = float_out[name].reshape(got.shape)
-            local_db, rel_mse = _sqnr(local_ref, got)
-            rows.append({"layer": name, "scheme": ann.scheme, "weight": ann.weight_spec.describe(),
-                         "local_sqnr_db": local_db, "rel_mse": rel_mse,
-                         "accumulated_sqnr_db": _sqnr(acc_ref, got)[0],
-                         "max_abs_err": float((local_ref - got).abs().max())})
+    for name, ann in layers.items():
+        s = sums[name]
+        rows.append({"layer": name, "scheme": ann.scheme, "weight": ann.weight_spec.describe(),
+                     "local_sqnr_db": _db(s["signal"], s["noise"]),
+                     "rel_mse": s["noise"] / max(s["signal"], 1e-300),
+                     "accumulated_sqnr_db": _db(s["acc_signal"], s["acc_noise"]),
+                     "max_abs_err": s["max_abs_err"]})
     rows.sort(key=lambda r: r["local_sqnr_db"])
     return rows
 
 
-def _sqnr(ref: torch.Tensor, got: torch.Tensor) -> tuple[float, float]:
-    """(SQNR dB, relative MSE) of got against ref."""
-    signal, noise = float(ref.pow(2).sum()), float((ref - got).pow(2).sum())
+def _db(signal: float, noise: float) -> float:
     if noise == 0:
-        return math.inf, 0.0
-    return (10 * math.log10(signal / noise) if signal > 0 else -math.inf), noise / max(signal, 1e-300)
+        return math.inf
+    return 10 * math.log10(signal / noise) if signal > 0 else -math.inf
 
 
 def format_errors(rows: list[dict], top: int | None = None) -> str:

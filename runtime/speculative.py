@@ -115,7 +115,7 @@ class SpeculativeDecoder:
             self.verify.pool.truncate(0, base + 1 + n)
             draft_len = self.draft.pool.lengths[0]
             self.draft.pool.truncate(0, min(draft_len, base + 1 + n))
-            pending = proposal[n:n + 1] if n == k else []
+            pending = proposal[-1:] if n == k else []
             for token in new:
                 out.append(token)
                 if token in stop or len(out) >= max_new:

@@ -1,0 +1,72 @@
+"""KV block quantization against a float64 reference, the plan's layout JSON and its errors."""
+import json
+
+import pytest
+import torch
+
+from sagequant.config import ConfigError
+from sagequant.ir.formats import QuantizationError
+from sagequant.ir.kv_plan import KVQuantPlan
+from sagequant.ir.kv_quant import dequantize_blocks, kv_spec, quantize_blocks
+
+QMAX = {"int8": 127.0, "fp8": 448.0}
+
+
+def _reference(x: torch.Tensor, dtype: str, group: int | None, scale_dtype: torch.dtype):
+    """float64: per (block, head, group) absmax over all tokens of the block -> scale, codes."""
+    n, h, bs, d = x.shape
+    g = group or d
+    xg = x.double().reshape(n, h, bs, d // g, g)
+    scale = (xg.abs().amax(dim=(2, 4)) / QMAX[dtype]).to(scale_dtype)    # [n, h, groups]
+    scaled = xg / scale.double()[:, :, None, :, None]
+    if dtype == "int8":
+        codes = torch.round(scaled).clamp(-128, 127)
+    else:
+        codes = scaled.clamp(-448, 448).float().to(torch.float8_e4m3fn).double()
+    return codes.reshape(x.shape), scale
+
+
+@pytest.mark.parametrize("dtype", ["int8", "fp8"])
+@pytest.mark.parametrize("group", [None, 16])
+@pytest.mark.parametrize("precision", ["fp16", "fp32"])
+def test_blocks_match_float64_reference(dtype, group, precision):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 2, 16, 32, generator=g) * torch.linspace(0.1, 4, 32)  # uneven channels
+    codes, scales = quantize_blocks(x, kv_spec(dtype, precision), group)
+    ref_codes, ref_scale = _reference(x, dtype, group, getattr(torch, {"fp16": "float16", "fp32": "float32"}[precision]))
+    assert codes.element_size() == 1 and scales.shape == (3, 2, 32 // (group or 32))
+    assert torch.equal(scales, ref_scale)
+    assert torch.equal(codes.double(), ref_codes)
+    back = dequantize_blocks(codes, scales, torch.float64)
+    assert torch.allclose(back, ref_codes * ref_scale.double().repeat_interleave(group or 32, -1)[:, :, None, :])
+    # Error bound: half a step for int8; fp8 e4m3 has 3 mantissa bits (relative 2^-4) plus
+    # the subnormal floor.
+    step = ref_scale.double().repeat_interleave(group or 32, -1)[:, :, None, :]
+    err = (back - x.double()).abs()
+    bound = step * 0.5 if dtype == "int8" else x.double().abs() * 2 ** -4 + step * 2 ** -9
+    assert bool((err <= bound * (1 + 1e-6)).all())
+
+
+def test_nan_in_cache_values_is_refused():
+    x = torch.zeros(1, 1, 16, 8)
+    x[0, 0, 3, 2] = float("nan")
+    with pytest.raises(QuantizationError, match="NaN"):
+        quantize_blocks(x, kv_spec("int8", "fp16"), None)
+
+
+def test_group_must_divide_head_dim():
+    with pytest.raises(QuantizationError, match="does not divide head_dim 12"):
+        quantize_blocks(torch.ones(1, 1, 16, 12), kv_spec("fp8", "fp16"), 8)
+    with pytest.raises(ConfigError, match="group_size=8 does not divide the model's head_dim=12"):
+        KVQuantPlan(dtype="int8", group_size=8).check_head_dim(12)
+
+
+def test_plan_json_has_block_and_scale_layout():
+    plan = KVQuantPlan(dtype="fp8", block_size=32, group_size=64, scale_precision="fp32")
+    data = json.loads(json.dumps(plan.to_dict()))
+    assert "block_size=32" in data["layout"]["codes"] and "fp8_e4m3" in data["layout"]["codes"]
+    assert data["layout"]["scales"].startswith("[num_blocks, kv_heads, head_dim/64] fp32")
+    assert KVQuantPlan.from_dict(data) == plan
+    data["layout"]["codes"] = "something else"
+    with pytest.raises(ConfigError, match="layout"):
+        KVQuantPlan.from_dict(data)

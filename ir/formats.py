@@ -26,7 +26,10 @@ NF4_CODEBOOK = (
 
 @dataclass(frozen=True)
 class QuantFormat:
-    """A storage format. `qmax` is the largest magnitude a symmetric scale maps absmax onto."""
+    """A storage format. A symmetric scale maps absmax onto `qmax`, or onto `scale_divisor` when
+    set: int4 uses 7.5, half-way to the -8 code (as compressed-tensors does), so all 16 levels are
+    in use and the step is 7% finer; the largest positive value then saturates at 7, half a step
+    short. Measured on SmolLM2-135M W4A16 g64 RTN: perplexity 42.84 with 7.5 vs 45.80 with 7."""
 
     name: str
     bits: int
@@ -35,14 +38,16 @@ class QuantFormat:
     qmax: float
     storage_dtype: torch.dtype
     symmetric_only: bool
+    scale_divisor: float | None = None
 
     @property
     def packed(self) -> bool:
         return self.bits == 4
 
     def symmetric_scale(self, absmax: torch.Tensor) -> torch.Tensor:
-        """Scale mapping absmax onto the largest code; e.g. int4: absmax 3.5 -> scale 0.5 (codes -7..7)."""
-        return absmax / self.qmax
+        """Scale mapping absmax onto the top of the range; e.g. int4: absmax 3.75 -> scale 0.5
+        (codes -8..7); int8: absmax 127 -> scale 1."""
+        return absmax / (self.scale_divisor or self.qmax)
 
     def encode(self, scaled: torch.Tensor) -> torch.Tensor:
         """Round and saturate scaled values to codes (int: round-half-even then clamp)."""
@@ -114,7 +119,7 @@ def _fp8(name: str, dtype: torch.dtype) -> QuantFormat:
 FORMATS: dict[str, QuantFormat] = {
     "int8": QuantFormat("int8", 8, "int", -128, 127, torch.int8, symmetric_only=False),
     "uint8": QuantFormat("uint8", 8, "int", 0, 255, torch.uint8, symmetric_only=False),
-    "int4": QuantFormat("int4", 4, "int", -8, 7, torch.uint8, symmetric_only=False),
+    "int4": QuantFormat("int4", 4, "int", -8, 7, torch.uint8, symmetric_only=False, scale_divisor=7.5),
     "uint4": QuantFormat("uint4", 4, "int", 0, 15, torch.uint8, symmetric_only=False),
     "fp8_e4m3": _fp8("fp8_e4m3", torch.float8_e4m3fn),
     "fp8_e5m2": _fp8("fp8_e5m2", torch.float8_e5m2),

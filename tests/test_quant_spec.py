@@ -8,6 +8,8 @@ from sagequant.ir.quant_spec import (
     QuantSpec, block_lengths, compute_qparams, dequantize, fake_quantize, quantize)
 
 QRANGE = {"int8": (-128, 127), "uint8": (0, 255), "int4": (-8, 7), "uint4": (0, 15)}
+# What a symmetric scale maps absmax onto: int4 uses the full 16 levels (absmax -> 7.5).
+SYM_TOP = {"int8": 127, "int4": 7.5}
 # Scales are rounded to the scale dtype; below its smallest normal they are raised to it
 # (documented in _cast_scale). fp16 min normal 2**-14, fp32 2**-126.
 ROUND = {"fp16": (np.float16, 2.0 ** -14), "fp32": (np.float32, 2.0 ** -126)}
@@ -46,7 +48,7 @@ def ref_int_quant(x, fmt, gran, g=None, symmetric=True, scale_dtype="fp16", clip
             blk = rows[r, s0:s1]
             if symmetric:
                 amax = max(abs(v) for v in blk) * clip
-                s = ref_round_scale(amax / qmax, scale_dtype) if amax > 0 else 1.0
+                s = ref_round_scale(amax / SYM_TOP[fmt], scale_dtype) if amax > 0 else 1.0
                 s = s if scales is None else float(scales[r, b])
                 z = 0.0
             else:
@@ -56,7 +58,10 @@ def ref_int_quant(x, fmt, gran, g=None, symmetric=True, scale_dtype="fp16", clip
                 z = float(min(max(np.rint(qmin - lo / s), qmin), qmax))
             scale[r, b], zp[r, b] = s, z
             for i in range(s0, s1):
-                codes[r, i] = min(max(int(np.rint(rows[r, i] / s + z)), qmin), qmax)
+                # float32 arithmetic, as documented: with int4's 7.5 divisor absmax lands on an
+                # exact tie (-7.5 -> -8) that float64 would see as -7.4999...
+                v = np.float32(np.float32(rows[r, i]) / np.float32(s)) + np.float32(z)
+                codes[r, i] = min(max(int(np.rint(v)), qmin), qmax)
     deq = np.concatenate([(codes[:, s0:s1] - zp[:, [b]]) * scale[:, [b]]
                           for b, (s0, s1) in enumerate(blocks)], axis=1).reshape(x.shape)
     return codes, scale, (None if symmetric else zp), deq
@@ -129,7 +134,7 @@ def test_ragged_group_shapes_and_last_group_scale():
     qt = quantize(x, QuantSpec("int4", "per_group", group_size=128))
     assert qt.scale.shape == (4, 5) and qt.data.shape == (4, 288)
     for b, (s0, s1) in enumerate([(0, 128), (128, 256), (256, 384), (384, 512), (512, 576)]):
-        want = [float(np.float16(float(x[r, s0:s1].double().abs().max()) / 7)) for r in range(4)]
+        want = [float(np.float16(float(x[r, s0:s1].double().abs().max()) / 7.5)) for r in range(4)]
         assert qt.scale[:, b].double().tolist() == want
     qt = quantize(rand((3, 100), seed=6), QuantSpec("uint4", "per_group", group_size=32, symmetric=False))
     assert qt.scale.shape == qt.zero_point.shape == (3, 4) and qt.data.shape == (3, 50)
@@ -154,10 +159,12 @@ def test_per_token_3d_scales_are_per_token():
 
 # ----------------------------------------------------------------------------- rounding corners
 def test_half_way_codes_round_to_even():
-    # absmax 3.5 -> int4 scale 0.5; 1.25/0.5 = 2.5 -> 2, 1.75/0.5 = 3.5 -> 4
-    qt = quantize(torch.tensor([[3.5, 1.25, 1.75, -1.25, -1.75, 0.25, 0.75]]), QuantSpec("int4", "per_tensor"))
+    # absmax 3.75 -> int4 scale 0.5; 1.25/0.5 = 2.5 -> 2, 1.75/0.5 = 3.5 -> 4; the absmax itself
+    # lands on 7.5 (-> 8, saturated to 7) and its negative on -7.5 -> -8: all 16 codes in use
+    qt = quantize(torch.tensor([[3.75, 1.25, 1.75, -1.25, -1.75, 0.25, 0.75, -3.75]]),
+                  QuantSpec("int4", "per_tensor"))
     assert qt.scale.item() == 0.5
-    assert codes_of(qt).tolist() == [[7, 2, 4, -2, -4, 0, 2]]
+    assert codes_of(qt).tolist() == [[7, 2, 4, -2, -4, 0, 2, -8]]
     qt = quantize(torch.tensor([[2.5, 3.5, -2.5]]), QuantSpec("int8", "per_tensor"), scale=torch.ones(1, 1))
     assert codes_of(qt).tolist() == [[2, 4, -2]]
 

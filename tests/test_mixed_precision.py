@@ -1,0 +1,129 @@
+"""Sensitivity (calibration/sensitivity.py), budget choice (calibration/precision_budget.py) and the
+mixed_precision pass: budgets met on a tiny model, choices lowered per layer, bad inputs."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import sagequant as sq
+from sagequant.calibration.datasets import CalibrationDataError
+from sagequant.calibration.precision_budget import BudgetError, choose_precisions
+from sagequant.config import ConfigError
+from sagequant.ir.quant_spec import fake_quantize
+from sagequant.passes.mixed_precision import model_sensitivity
+
+
+@pytest.fixture(scope="module")
+def ids():
+    return torch.randint(0, 128, (6, 16), generator=torch.Generator().manual_seed(7))
+
+
+def _stats(cm):
+    return cm.report()["mixed_precision"]
+
+
+def test_sensitivity_is_the_loss_change_of_that_layer_alone(tiny, fresh_tiny, ids):
+    cfg = sq.QuantConfig(group_size=32)
+    batches = list(ids[:2].split(1))
+    base, rows = model_sensitivity(tiny("llama"), cfg, batches)
+    row = next(r for r in rows if r["layer"] == "model.layers.0.mlp.down_proj")
+    # Independent float64 check: quantize that one weight in a copy of the HF model.
+    model = fresh_tiny("llama")
+    spec = sq.passes.annotate.weight_spec_for(cfg.layer_settings(row["layer"]), cfg.scale_precision)
+
+    def loss(m):
+        with torch.inference_mode():
+            lp = [m(input_ids=b, use_cache=False).logits.double().log_softmax(-1) for b in batches]
+        return float(sum(-x[0, :-1].gather(-1, b[0, 1:, None]).sum() for x, b in zip(lp, batches))) / 30
+    ref_base = loss(model)
+    with torch.no_grad():
+        w = model.get_submodule(row["layer"]).weight
+        w.copy_(fake_quantize(w, spec))
+    assert base == pytest.approx(ref_base, rel=1e-5)
+    assert row["options"]["W4A16"]["delta_loss"] == pytest.approx(loss(model) - ref_base, rel=1e-3, abs=1e-7)
+    assert row["options"]["W4A16"]["delta_loss"] != 0
+    assert set(row["options"]) == {"W4A16", "W8A16"} and len(rows) == 14
+
+
+def test_bits_budget_is_met_and_each_layer_lowered_at_its_scheme(tiny, ids):
+    cm = sq.compile(tiny("llama"), sq.QuantConfig(group_size=32, target_bits_per_weight=6.0),
+                    calibration_data=ids)
+    mp = _stats(cm)
+    assert mp["bits_per_weight"] <= 6.0
+    # The report's byte count is what was really stored: quantized layers + float-kept at fp16.
+    wb = cm.weight_bytes()
+    lm_head = 128 * 64 * 2
+    assert wb["all_linear_bytes"] - lm_head == mp["bytes"]
+    upgraded = {u["layer"]: u["to"] for u in mp["upgraded"]}
+    assert upgraded and set(upgraded.values()) <= {"W8A16", "float"}
+    for layer, binding in cm.kernel_bindings.items():
+        assert binding["scheme"] == upgraded.get(layer, "W4A16")
+        assert binding["attrs"]["format"] == ("int8" if layer in upgraded else "int4")
+    # The most loss per extra byte is bought first: the most sensitive layer is among the raised.
+    sens = mp["sensitivity"]
+    assert max(sens, key=lambda k: sens[k]["W4A16"]) in upgraded
+    assert all(u["why"].startswith("mixed_precision:") for u in mp["upgraded"])
+
+
+def test_loss_target_keeps_the_chosen_layers_float_and_says_why(tiny, ids):
+    cfg = sq.QuantConfig(group_size=32, target_max_delta_loss=1e-3, precision_upgrades=["float"])
+    cm = sq.compile(tiny("llama"), cfg, calibration_data=ids)
+    mp = _stats(cm)
+    assert mp["predicted_delta_loss"] <= 1e-3 and mp["layers_per_option"]["float"] >= 1
+    kept = cm.report()["kept_in_high_precision"]
+    for u in mp["upgraded"]:
+        assert u["to"] == "float" and kept[u["layer"]] == u["why"]
+        assert u["layer"] not in cm.kernel_bindings
+
+
+def test_choose_precisions_respects_the_budget_on_a_hand_table():
+    def row(name, d4, d8):
+        return {"layer": name, "params": 100, "options": {
+            "W4": {"delta_loss": d4, "bytes": 50}, "W8": {"delta_loss": d8, "bytes": 100},
+            "float": {"delta_loss": 0.0, "bytes": 200}}}
+    rows = [row("a", 0.5, 0.01), row("b", 0.05, 0.0), row("c", 0.3, 0.2)]
+    ladder = ["W4", "W8", "float"]
+    # 6 bits/weight = 225 bytes, 75 over the all-W4 150: room for one W8 (+50); "a" gains most per byte.
+    got = {c.layer: c.label for c in choose_precisions(rows, ladder, bits_per_weight=6.0)}
+    assert got == {"a": "W8", "b": "W4", "c": "W4"}
+    got = {c.layer: c.label for c in choose_precisions(rows, ladder, max_delta_loss=0.1)}
+    assert sum(r["options"][got[r["layer"]]]["delta_loss"] for r in rows) <= 0.1
+    assert got["b"] == "W4"  # never raised: cheaper gains elsewhere reach the target
+
+
+def test_unmeetable_budgets_name_the_best_achievable(tiny, ids):
+    with pytest.raises(BudgetError, match="4.500 bits per weight, the best achievable"):
+        sq.compile(tiny("llama"), sq.QuantConfig(group_size=32, target_bits_per_weight=3.0),
+                   calibration_data=ids)
+    with pytest.raises(BudgetError, match=r"best achievable summed per-layer delta loss is \d"):
+        # No upgrade allowed: the all-W4A16 sum is the best there is.
+        sq.compile(tiny("llama"), sq.QuantConfig(group_size=32, target_max_delta_loss=1e-9,
+                                                 precision_upgrades=[]), calibration_data=ids)
+
+
+@pytest.mark.parametrize("cfg, error, match", [
+    (dict(weight_dtype="fp8", activation_dtype="fp8", group_size=None, target_bits_per_weight=9.0,
+          precision_upgrades=["int8"]), ConfigError, "cannot apply to scheme W8A8-FP8"),
+    (dict(weight_dtype="int8", target_bits_per_weight=9.0), ConfigError, "gives the base scheme W8A16"),
+    (dict(group_size=32, target_bits_per_weight=6.0, overrides={"layers.0.*": {"weight_dtype": "int8"}}),
+     ConfigError, "through QuantConfig.overrides"),
+])
+def test_bad_mixed_precision_configs(tiny, ids, cfg, error, match):
+    with pytest.raises(error, match=match):
+        sq.compile(tiny("llama"), sq.QuantConfig(**cfg), calibration_data=ids)
+
+
+def test_mixed_precision_needs_calibration_data(tiny):
+    with pytest.raises(CalibrationDataError, match="sensitivity"):
+        sq.compile(tiny("llama"), sq.QuantConfig(group_size=32, target_bits_per_weight=6.0))
+
+
+@pytest.mark.parametrize("bad", [
+    {"target_bits_per_weight": float("nan")}, {"target_bits_per_weight": -1},
+    {"target_max_delta_loss": "0.1"}, {"target_bits_per_weight": 5, "target_max_delta_loss": 0.1},
+    {"precision_upgrades": ["int2"]}, {"precision_upgrades": ["int8", "int8"]},
+    {"sensitivity_samples": 0},
+])
+def test_bad_budget_fields_are_rejected(bad):
+    with pytest.raises(ConfigError, match="QuantConfig.(target|precision|sensitivity)"):
+        sq.QuantConfig(**bad)

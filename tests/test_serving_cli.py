@@ -18,23 +18,12 @@ from sagequant.serving.launch import QUANTIZATIONS, ServeOptions, ServingError, 
 from sagequant.serving.state import list_engines, write_entry
 from sagequant.serving.vllm import check_available, missing_requirements, vllm_command
 from sagequant.tools.cli import main
-from sagequant.tools.models import resolve_tokenizer
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory, helpers):
-    """A tiny Llama checkpoint dir with the real SmolLM2 tokenizer (vocab matches)."""
-    tok = resolve_tokenizer("smollm2")
-    d = tmp_path_factory.mktemp("tiny-ckpt")
-    helpers.build_tiny("llama", vocab_size=len(tok)).save_pretrained(d)
-    tok.save_pretrained(d)
-    return d
-
-
-@pytest.fixture(scope="module")
-def artifact(checkpoint, tmp_path_factory):
+def artifact(tiny_checkpoint, tmp_path_factory):
     out = tmp_path_factory.mktemp("art") / "tiny-w8a16"
-    assert main(["compile", "--model", str(checkpoint), "--weight-dtype", "int8",
+    assert main(["compile", "--model", str(tiny_checkpoint), "--weight-dtype", "int8",
                  "--activation-dtype", "a16", "--group-size", "32", "--output", str(out)]) == 0
     return out
 

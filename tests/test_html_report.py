@@ -1,0 +1,71 @@
+"""`sagequant report --artifact DIR --html OUT`: printed accuracy / memory / kernels and an HTML page
+whose plots come from the artifact's own numbers (tiny model: structure only, no accuracy claims)."""
+from __future__ import annotations
+
+import re
+
+import matplotlib.image
+import pytest
+
+import sagequant as sq
+from sagequant.tools.cli import main
+from sagequant.tools.html_report import input_records, weight_bytes_by_kind
+
+
+@pytest.fixture(scope="module")
+def w8a8_artifact(tiny_checkpoint, tmp_path_factory):
+    d = tmp_path_factory.mktemp("report")
+    data = d / "calib.txt"
+    data.write_text("\n\n".join(f"Calibration paragraph {i} about quantized language models "
+                                 "and their activation ranges." for i in range(4)))
+    out = d / "w8a8"
+    # Unfused activation Q/DQ: error_report feeds each layer's captured input to the float module.
+    config = d / "config.json"
+    config.write_text('{"fuse_qdq": false}')
+    assert main(["compile", "--model", str(tiny_checkpoint), "--config", str(config), "--weight-dtype", "w8a8",
+                 "--activation-dtype", "w8a8", "--dataset", str(data), "--samples", "2",
+                 "--seq-len", "16", "--output", str(out)]) == 0
+    return out
+
+
+def test_weight_bytes_by_kind_adds_up(w8a8_artifact):
+    cm = sq.load(w8a8_artifact)
+    kinds = weight_bytes_by_kind(cm)
+    wb = cm.weight_bytes()
+    assert sum(k["compiled"] for k in kinds.values()) == wb["all_linear_bytes"]
+    assert sum(k["fp16"] for k in kinds.values()) == wb["all_linear_fp16_bytes"]
+    assert {"q_proj", "down_proj", "lm_head"} <= set(kinds)
+    assert kinds["lm_head"]["compiled"] == kinds["lm_head"]["fp16"]  # kept in high precision
+    assert kinds["q_proj"]["compiled"] < 0.6 * kinds["q_proj"]["fp16"]  # int8 + scales
+
+
+def test_report_html_with_accuracy_and_plots(w8a8_artifact, tmp_path, capsys):
+    out = tmp_path / "html"
+    assert main(["report", "--artifact", str(w8a8_artifact), "--html", str(out),
+                 "--eval-tokens", "64"]) == 0
+    printed = capsys.readouterr().out
+    assert "scheme W8A8-INT8" in printed and "kernels:" in printed
+    m = re.search(r"accuracy: ppl ([\d.]+) \(float\) -> ([\d.]+) \(([-+][\d.]+)%\) on 64 tokens", printed)
+    assert m, printed
+    page = (out / "report.html").read_text()
+    for png in ("errors.png", "activations.png", "weight_bytes.png"):
+        assert f'src="{png}"' in page
+        img = matplotlib.image.imread(out / png)
+        assert img.shape[0] > 100 and img.shape[1] > 100 and img.std() > 0  # a drawn figure
+    assert f"{float(m.group(1)):.3f}" in page and "Not measured" not in page
+    records = input_records(sq.load(w8a8_artifact))
+    assert len(records) == 14  # 2 layers x 7 quantized linears, lm_head kept
+    assert all(r["clip"] > 0 and r["min"] <= r["max"] for r in records.values())
+
+
+def test_report_html_without_source_says_what_is_missing(tiny, tmp_path, capsys):
+    cfg = sq.QuantConfig(weight_dtype="int4", group_size=32, guard="off")
+    art = sq.compile(tiny("llama"), cfg).save(tmp_path / "a")  # no calibration data
+    assert main(["report", "--artifact", str(art), "--html", str(tmp_path / "h")]) == 0
+    assert "accuracy: not measured (the artifact records no source model; pass --reference MODEL)" \
+        in capsys.readouterr().out
+    page = (tmp_path / "h" / "report.html").read_text()
+    assert page.count("Not measured: the artifact records no source model") == 2
+    assert "No activation calibration records" in page
+    assert (tmp_path / "h" / "weight_bytes.png").is_file()
+    assert not (tmp_path / "h" / "errors.png").exists()

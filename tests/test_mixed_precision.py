@@ -127,3 +127,44 @@ def test_mixed_precision_needs_calibration_data(tiny):
 def test_bad_budget_fields_are_rejected(bad):
     with pytest.raises(ConfigError, match="QuantConfig.(target|precision|sensitivity)"):
         sq.QuantConfig(**bad)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A tiny Llama and a word-level tokenizer on disk, for the CLI."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    words = ("the cat sat on a mat and dog ran to park while bird sang in tree near river " * 3).split()
+    d = tmp_path_factory.mktemp("tiny_llama_mp")
+    vocab = {"[UNK]": 0, "</s>": 1, **{w: i + 2 for i, w in enumerate(dict.fromkeys(words))}}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]", eos_token="</s>").save_pretrained(d)
+    import transformers as tf
+    tf.LlamaForCausalLM(tf.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=96,
+                                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                       eos_token_id=1, bos_token_id=1)).save_pretrained(d)
+    data = d / "calib.txt"
+    data.write_text("\n".join(" ".join(words[i:i + 20]) for i in range(0, 40, 5)))
+    return d, data
+
+
+def test_cli_compile_with_budget_and_inspect_sensitivity(checkpoint, tmp_path, capsys):
+    from sagequant.tools.cli import main as cli
+    model_dir, data = checkpoint
+    out = tmp_path / "art"
+    assert cli(["compile", "--model", str(model_dir), "--dataset", str(data), "--weight-dtype", "int4",
+                "--activation-dtype", "a16", "--group-size", "32", "--samples", "4", "--seq-len", "12",
+                "--target-bits", "6", "--output", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "mixed precision: {'W4A16'" in printed and "accuracy guard (enforce, 24 held-back tokens)" in printed
+    assert cli(["inspect", "--artifact", str(out), "--sensitivity", "--text", str(data),
+                "--sensitivity-samples", "2", "--error-tokens", "12"]) == 0
+    table = capsys.readouterr().out.split("most sensitive first\n")[1].splitlines()
+    assert "dloss W4A16" in table[0] and "dloss W8A16" in table[0] and len(table) == 15
+    first = [float(line.split()[2]) for line in table[1:]]
+    assert first == sorted(first, reverse=True)
+    assert cli(["compile", "--model", str(model_dir), "--dataset", str(data), "--target-bits", "2",
+                "--group-size", "32", "--activation-dtype", "a16", "--samples", "4", "--seq-len", "12",
+                "--output", str(tmp_path / "x")]) == 2
+    assert "cannot be met" in capsys.readouterr().err

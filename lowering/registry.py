@@ -30,6 +30,9 @@ class KernelSpec:
     ragged_groups: bool = True      # can it take a last group shorter than group_size?
     available: Callable[[], str | None] = field(default=lambda: None)  # reason it cannot run here
     activation_quant: bool = False  # takes (act_spec, act_scale) after the weight arguments
+    # The same GEMM reading an activation quantized upstream: (codes, scale, <weight arguments>,
+    # act_spec, out_dtype). fuse_norm_qdq rewrites to it; None: this kernel quantizes its input.
+    prequantized_op: object = None
 
     def rejects(self, weight_spec: QuantSpec, in_features: int) -> str | None:
         """Why this kernel cannot run the given weight here, or None when it can."""

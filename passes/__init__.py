@@ -6,3 +6,7 @@ from .manager import (PASSES, DumpIR, Instrument, Pass, PassContext, PassManager
 
 PIPELINE = ["canonicalize", "annotate", "mixed_precision", "smoothquant", "awq", "insert_observers",
             "calibrate", "gptq", "convert", "lower", "schedule", "guard"]
+
+from . import fuse_norm_qdq  # noqa: F401,E402
+# Last: accuracy checks and scheduler IR see one kernel per linear; the fusion is exact.
+PIPELINE.append("fuse_norm_qdq")

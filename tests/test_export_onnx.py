@@ -154,9 +154,11 @@ def test_w8a8_int8(compiled, eval_ids, scheme):
     cm = compiled("llama", weight_dtype="int8", activation_dtype="int8", group_size=None, **scheme)
     m = to_onnx(cm, "onnx", "qdq")
     ops = _ops(m)
+    # 14 quantized linears read 8 distinct activations (per layer: input norm -> q/k/v, attention
+    # -> o_proj, post norm -> gate/up, gated MLP -> down_proj): one quantizer each, shared.
     if scheme["activation_scale"] == "static_per_tensor":
         # Q/DQ on each quantized activation (per-tensor scale), per-channel DQ on each weight
-        assert ops["QuantizeLinear"] == 14 and ops["DequantizeLinear"] == 28
+        assert ops["QuantizeLinear"] == 8 and ops["DequantizeLinear"] == 8 + 14
         q = _node(m, "model.layers.0.self_attn.q_proj/input_q")
         scale = numpy_helper.to_array(_inits(m)[q.input[1]])
         zero = _inits(m)[q.input[2]]
@@ -166,7 +168,7 @@ def test_w8a8_int8(compiled, eval_ids, scheme):
     else:
         # per-token codes from the row's absmax, an int8 x int8 -> int32 GEMM, then the scales
         assert ops["MatMulInteger"] == 14 and "DequantizeLinear" not in ops
-        assert ops["ReduceMax"] == 14 and ops["Round"] == 14
+        assert ops["ReduceMax"] == 8 and ops["Round"] == 8
     res = parity(cm, onnxruntime_session(m), eval_ids)
     assert res["max_abs"] < PARITY_ATOL and res["argmax_agree"] == 1.0, res
 
@@ -183,7 +185,7 @@ def test_w8a8_fp8_dynamic_and_grouped(compiled, eval_ids):
     inits = _inits(m)
     q = _node(m, "model.layers.0.self_attn.q_proj/weight_dq")
     assert inits[q.input[0]].data_type == TensorProto.FLOAT8E4M3FN and _attrs(q)["block_size"] == 32
-    assert _ops(m)["Cast"] >= 28
+    assert _ops(m)["Cast"] >= 2 * 8  # to float8 and back, once per distinct activation (shared)
     res = parity(cm, onnxruntime_session(m), eval_ids)
     assert res["max_rel"] < FP8_RTOL and res["argmax_agree"] >= 0.95, res
 

@@ -67,7 +67,10 @@ def test_w8a8_int8_static(w8a8, eval_ids):
     m = to_onnx(cm, "tensorrt", captured=cap)
     assert check_rules(m) == []
     ops = _ops(m)
-    assert ops["QuantizeLinear"] == 14 and ops["DequantizeLinear"] == 28
+    # one Q/DQ pair per distinct activation (q/k/v share the norm's, gate/up theirs): 8 for 14 GEMMs
+    assert ops["QuantizeLinear"] == 8 and ops["DequantizeLinear"] == 8 + 14
+    k_mm = _node(m, "model.layers.0.self_attn.k_proj/matmul")
+    assert k_mm.input[0] == _node(m, "model.layers.0.self_attn.q_proj/input_dq").output[0]
     inits = {t.name: t for t in m.graph.initializer}
     dq = _node(m, "model.layers.0.self_attn.q_proj/weight_dq")
     assert inits[dq.input[0]].data_type == TensorProto.INT8 and list(inits[dq.input[0]].dims) == [64, 64]

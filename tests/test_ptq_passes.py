@@ -114,7 +114,8 @@ def test_gptq_artifact_codes_are_gptq_grid(llama, tmp_path):
 
 
 def test_w8a8_lowers_to_activation_kernel(llama):
-    cm = sq.compile(llama, sq.QuantConfig(weight_dtype="fp8", activation_dtype="fp8", group_size=None),
+    cm = sq.compile(llama, sq.QuantConfig(weight_dtype="fp8", activation_dtype="fp8", group_size=None,
+                                          fuse_qdq=False),  # the fused form: test_fuse_norm_qdq.py
                     calibration_data=CAL)
     ops = cm.graph.op_counts()
     assert ops["sagequant.w8a8_linear_ref.default"] == 14

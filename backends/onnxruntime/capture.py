@@ -20,6 +20,7 @@ import torch.fx as fx
 from ...ir.annotations import META_KEY
 from ...ir.graph import QuantGraph
 from ...ir.quant_spec import QuantizedTensor, QuantSpec, dequantize, quantize
+from ...passes.fuse_norm_qdq import unfuse_norm_qdq
 from .qlinear import DOMAIN, OP_TYPE, ExportError
 
 OPSET = 21  # block-quantized DequantizeLinear and INT4/UINT4 tensors need opset 21
@@ -76,6 +77,7 @@ def _export_module(graph: QuantGraph) -> fx.GraphModule:
     env: dict[fx.Node, fx.Node] = {}
     out = new.graph_copy(graph.graph, env)
     new.output(out)
+    unfuse_norm_qdq(new)  # every emitter writes its own activation Q/DQ placement
     for node in list(new.nodes):
         if node.op != "call_function":
             continue

@@ -59,6 +59,7 @@ def rewrite(model, emit_node: Callable, metadata: dict | None = None):
 def _rewrite(gs, onnx, model, emit_node, metadata):
     graph = gs.import_onnx(model)
     placeholders = [n for n in graph.nodes if n.domain == DOMAIN and n.op == OP_TYPE]
+    first_emitted = len(graph.nodes)
     for node in placeholders:
         info = decode(node)
         out = node.outputs[0]
@@ -68,6 +69,9 @@ def _rewrite(gs, onnx, model, emit_node, metadata):
         # Hand the placeholder's output tensor (its name, shape, consumers) to the new last node.
         producer = result.inputs[0]
         producer.outputs[producer.outputs.index(result)] = out
+    emitted = graph.nodes[first_emitted:]
+    graph.toposort()
+    share_identical_nodes(graph, emitted)
     graph.cleanup().toposort()
     exported = gs.export_onnx(graph, do_type_check=True)
     used = {n.domain for n in exported.graph.node}
@@ -83,6 +87,46 @@ def _rewrite(gs, onnx, model, emit_node, metadata):
     if left:
         raise ExportError(f"internal: placeholders left after emission: {left[:3]}")
     return exported
+
+
+def share_identical_nodes(graph, candidates) -> int:
+    """Common-subexpression elimination over the emitted nodes: a node with the same op, attributes
+    and inputs (constants compared by value) as an earlier one is dropped and its consumers read the
+    earlier output. Layers reading one tensor (q/k/v after a norm) thereby share one activation
+    Q/DQ pair (or one per-token quantizer) instead of re-quantizing it per GEMM — the placement
+    TensorRT's explicit quantization expects and the cancelling Q->DQ->Q chains gone.
+    `graph` must be topologically sorted. Returns the number of nodes removed."""
+    import onnx_graphsurgeon as gs
+    candidates = set(map(id, candidates))
+    seen: dict[tuple, object] = {}
+    removed = 0
+    for node in list(graph.nodes):
+        if id(node) not in candidates or len(node.outputs) != 1:
+            continue
+        key = (node.op, node.domain, repr(sorted(node.attrs.items())),
+               tuple(_input_key(gs, t) for t in node.inputs))
+        kept = seen.setdefault(key, node)
+        dup = node.outputs[0]
+        if kept is node or dup in graph.outputs:
+            continue
+        for consumer in list(dup.outputs):
+            for i, t in enumerate(consumer.inputs):
+                if t is dup:
+                    consumer.inputs[i] = kept.outputs[0]
+        node.outputs.clear()
+        node.inputs.clear()
+        removed += 1
+    return removed
+
+
+_SMALL_CONSTANT = 64  # scales and zero points are compared by value; weights are never shared
+
+
+def _input_key(gs, t):
+    if isinstance(t, gs.Constant) and np.prod(t.shape or ()) <= _SMALL_CONSTANT:
+        values = np.asarray(t.values)
+        return ("const", str(values.dtype), values.shape, values.tobytes())
+    return ("tensor", id(t))
 
 
 def layer(graph, op: str, inputs: list, name: str, attrs: dict | None = None, dtype=None,

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from ...config import SCHEMES
+from ...ir.activation_ops import dequantize_activation
 from ...ir.quant_spec import QuantizedTensor, QuantSpec, dequantize, quantize
 from ...lowering.registry import REGISTRY, KernelSpec
 
@@ -55,6 +56,23 @@ def _fake_w8a8(x, qweight, scales, zeros, bias, spec, shape, act_spec, act_scale
     return x.new_empty((*x.shape[:-1], shape[0]))
 
 
+@torch.library.custom_op("sagequant::w8a8_linear_prequantized_ref", mutates_args=())
+def w8a8_linear_prequantized_ref(codes: torch.Tensor, x_scale: torch.Tensor, qweight: torch.Tensor,
+                                 scales: torch.Tensor, zeros: torch.Tensor | None,
+                                 bias: torch.Tensor | None, spec: str, shape: list[int],
+                                 act_spec: str, out_dtype: torch.dtype) -> torch.Tensor:
+    """w8a8_linear_ref on an activation quantized upstream (fuse_norm_qdq): same float64 GEMM."""
+    x = dequantize_activation(codes, x_scale, act_spec, torch.float64)
+    w = dequantize(QuantizedTensor(qweight, scales, zeros, tuple(shape), QuantSpec.decode(spec)), torch.float64)
+    out = torch.nn.functional.linear(x, w, None if bias is None else bias.double())
+    return out.to(out_dtype)
+
+
+@w8a8_linear_prequantized_ref.register_fake
+def _fake_w8a8_prequantized(codes, x_scale, qweight, scales, zeros, bias, spec, shape, act_spec, out_dtype):
+    return codes.new_empty((*codes.shape[:-1], shape[0]), dtype=out_dtype)
+
+
 CPU_W8A8 = REGISTRY.register(KernelSpec(
     name="cpu_w8a8_ref",
     backend="cpu",
@@ -64,4 +82,5 @@ CPU_W8A8 = REGISTRY.register(KernelSpec(
     description="quantize activations (dynamic per-token or static per-tensor), float64 GEMM of "
                 "the dequantized int8/fp8 operands",
     activation_quant=True,
+    prequantized_op=torch.ops.sagequant.w8a8_linear_prequantized_ref.default,
 ))

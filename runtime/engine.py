@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..backends.reference import kv_attention as _kv_attention_ref  # noqa: F401  (registers the CPU kernel)
+from .. import backends  # noqa: F401  (registers the attention kernels)
 from ..lowering.attention import select_attention_kernel
 from .context import AttentionStep, attention_step
 from .kv_pool import PagedKVPool

@@ -163,13 +163,15 @@ class PagedKVPool:
         for slot in slots:
             self.lengths[slot] += n_tokens
 
-    def gather(self, layer: int, slot: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The first `length` cached tokens of a sequence, dequantized: k, v [kv_heads, length, D]."""
-        cache = self.layers[layer]
+    def gather(self, layer: int, slot: int, length: int,
+               dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first `length` cached tokens of a sequence, dequantized to `dtype` (default: the
+        pool's activation dtype): k, v [kv_heads, length, D]."""
+        cache, dtype = self.layers[layer], dtype or self.dtype
         ids = torch.tensor(self.blocks[slot][:self.blocks_for(length)], device=cache.k.device)
         out = []
         for codes, scales in ((cache.k, cache.k_scale), (cache.v, cache.v_scale)):
-            blocks = codes[ids] if scales is None else dequantize_blocks(codes[ids], scales[ids], self.dtype)
+            blocks = codes[ids].to(dtype) if scales is None else dequantize_blocks(codes[ids], scales[ids], dtype)
             out.append(blocks.transpose(0, 1).reshape(self.kv_heads, -1, self.head_dim)[:, :length])
         return out[0], out[1]
 

@@ -1,0 +1,47 @@
+"""CUDA attention over the paged KV cache: decode steps (one new token per sequence) run the
+Triton kernel in triton_kv_attention.py, which reads int8 / fp8 / 16-bit blocks and dequantizes
+in registers; prefill and multi-token verify steps gather + dequantize the blocks and run torch's
+SDPA on the GPU (the reference kernel's math). Imports without a GPU or triton."""
+from __future__ import annotations
+
+import importlib
+
+import torch
+
+from ...lowering.attention import KV_ATTENTION, AttentionKernelSpec
+from ...lowering.registry import REGISTRY
+from ..reference.kv_attention import paged_attention_ref
+from . import hardware
+
+PRIORITIES = ("latency", "throughput", "memory")
+HEAD_DIMS = (16, 32, 64, 128, 256)  # tl.arange needs a power of two; tl.dot needs >= 16
+
+
+def cuda_paged_attention(q: torch.Tensor, step, layer: int, scale: float | None,
+                         window: int) -> torch.Tensor:
+    if q.shape[2] != 1:
+        return paged_attention_ref(q, step, layer, scale, window)
+    hardware.require_cuda_tensors("cuda_paged_decode_attention", q=q)
+    if "block_table" not in step.tensors:   # built once per step, shared by every layer
+        step.tensors["block_table"] = step.pool.block_table(step.slots)
+        lens = [s + 1 for s in step.starts]
+        step.tensors["seq_lens"] = torch.tensor(lens, dtype=torch.int32, device=q.device)
+        step.tensors["max_len"] = max(lens)
+    cache = step.pool.layers[layer]
+    impl = importlib.import_module(f"{__package__}.triton_kv_attention")
+    return impl.paged_decode_attention(q, cache.k, cache.v, cache.k_scale, cache.v_scale,
+                                       step.tensors["block_table"], step.tensors["seq_lens"],
+                                       step.tensors["max_len"], scale, window)
+
+
+CUDA_PAGED_ATTENTION = REGISTRY.register(AttentionKernelSpec(
+    name="cuda_paged_decode_attention",
+    backend="cuda",
+    schemes=(KV_ATTENTION,),
+    priorities=PRIORITIES,
+    op=cuda_paged_attention,
+    description="Triton split-K decode attention over int8 / fp8 / 16-bit paged blocks, "
+                "dequantized in registers; prefill via gathered SDPA",
+    head_dims=HEAD_DIMS,
+    available=hardware.requirement((8, 0), "the paged decode attention kernel", needs_triton=True),
+))

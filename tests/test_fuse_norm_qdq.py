@@ -72,3 +72,10 @@ def test_fused_artifact_round_trip(compiled, eval_ids, tmp_path):
     back = sq.load(cm.save(tmp_path / "art"))
     assert _sq_ops(back) == _sq_ops(cm)
     assert torch.equal(back(eval_ids), cm(eval_ids))
+
+
+def test_error_report_of_a_fused_graph_equals_the_unfused_one(compiled, tiny, eval_ids):
+    """The per-layer report feeds each float layer its float input, through the inverse rewrite."""
+    fused, plain = compiled("llama", **W8A8), compiled("llama", fuse_qdq=False, **W8A8)
+    ids = eval_ids[:1]
+    assert fused.error_report(ids, reference=tiny("llama")) == plain.error_report(ids, reference=tiny("llama"))

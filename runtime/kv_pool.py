@@ -137,8 +137,29 @@ class PagedKVPool:
             cache.k[blk, :, pos % self.block_size] = k.transpose(1, 2).to(self.dtype)
             cache.v[blk, :, pos % self.block_size] = v.transpose(1, 2).to(self.dtype)
             return
+        if s == 1:
+            self._write_quantized_decode(cache, slots, starts, k, v)
+            return
         for row, (slot, start) in enumerate(zip(slots, starts)):
             self._write_quantized(cache, slot, start, k[row], v[row])
+
+    def _write_quantized_decode(self, cache: LayerCache, slots: list[int], starts: list[int],
+                                k: torch.Tensor, v: torch.Tensor) -> None:
+        """One new token per row, all rows at once: the same blocks _write_quantized makes."""
+        dev = k.device
+        rows = torch.arange(len(slots), device=dev)
+        slot_t = torch.tensor(slots, device=dev)
+        pos = torch.tensor(starts, device=dev)
+        off = pos % self.block_size
+        blk = self.block_table(slots).long()[rows, pos // self.block_size]
+        before = torch.arange(self.block_size, device=dev)[None, :] < off[:, None]  # [rows, bs]
+        for i, (new, codes, scales) in enumerate(((k, cache.k, cache.k_scale), (v, cache.v, cache.v_scale))):
+            buf = cache.tail[slot_t, i] * before[:, None, :, None]   # drop what follows the token
+            buf[rows, :, off] = new[:, :, 0].to(self.dtype)
+            c, sc = quantize_blocks(buf, cache.spec, self.plan.group_size, what="KV cache")
+            codes[blk] = c
+            scales[blk] = sc
+            cache.tail[slot_t, i] = buf
 
     def _write_quantized(self, cache: LayerCache, slot: int, start: int, k: torch.Tensor,
                          v: torch.Tensor) -> None:

@@ -70,3 +70,44 @@ def test_plan_json_has_block_and_scale_layout():
     data["layout"]["codes"] = "something else"
     with pytest.raises(ConfigError, match="layout"):
         KVQuantPlan.from_dict(data)
+
+
+@pytest.mark.parametrize("dtype", ["int8", "fp8"])
+def test_pool_blocks_do_not_depend_on_how_tokens_arrived(dtype):
+    """A block's codes are quantize(its tokens) with its own absmax whether its tokens came in
+    one prefill, one at a time, or in a batched decode step next to another sequence."""
+    from sagequant.runtime.kv_pool import PagedKVPool
+
+    g = torch.Generator().manual_seed(3)
+    k = torch.randn(2, 2, 40, 8, generator=g)   # 2 sequences, 2 kv heads, 40 tokens, head_dim 8
+    v = torch.randn(2, 2, 40, 8, generator=g)
+    plan = KVQuantPlan(dtype=dtype, block_size=16, group_size=4)
+
+    def pool():
+        p = PagedKVPool(plan, [dtype], 2, 8, 8, 2, torch.float32, torch.device("cpu"))
+        p.open(0, 40)
+        p.open(1, 40)
+        return p
+
+    whole, single, batched = pool(), pool(), pool()
+    whole.write(0, [0, 1], [0, 0], k, v)
+    for t in range(40):
+        for row in (0, 1):
+            single.write(0, [row], [t], k[row:row + 1, :, t:t + 1], v[row:row + 1, :, t:t + 1])
+    batched.write(0, [0, 1], [0, 0], k[:, :, :7], v[:, :, :7])
+    for t in range(7, 40):
+        batched.write(0, [0, 1], [t, t], k[:, :, t:t + 1], v[:, :, t:t + 1])
+    for other in (single, batched):
+        for name in ("k", "v", "k_scale", "v_scale"):
+            assert torch.equal(getattr(whole.layers[0], name).float(), getattr(other.layers[0], name).float())
+    # Every block (the last one partly filled) holds quantize_blocks of exactly its tokens.
+    spec = kv_spec(dtype, "fp16")
+    for row in (0, 1):
+        for b, block in enumerate(whole.blocks[row]):
+            tokens = k[row, :, 16 * b:16 * b + 16]
+            tokens = torch.nn.functional.pad(tokens, (0, 0, 0, 16 - tokens.shape[1]))
+            codes, scales = quantize_blocks(tokens, spec, 4)
+            assert torch.equal(whole.layers[0].k[block].float(), codes.float())
+            assert torch.equal(whole.layers[0].k_scale[block], scales)
+        got_k, _ = whole.gather(0, row, 40)
+        assert got_k.shape == (2, 40, 8)

@@ -47,18 +47,22 @@ class _Request:
 class GenerationEngine:
     def __init__(self, compiled, max_batch: int = 8, max_seq_len: int | None = None,
                  num_kv_blocks: int | None = None, device=None, seed: int = 0,
-                 extra_tokens_per_request: int = 0):
-        """extra_tokens_per_request: cache room reserved beyond prompt + max_new_tokens (a
-        speculative verifier writes up to k draft tokens past what it keeps)."""
+                 extra_tokens_per_request: int = 0, prefill_chunk: int = 2048):
+        """device: run there (default: where the compiled weights are; another device gets a
+        copy of the weights). extra_tokens_per_request: cache room reserved beyond prompt +
+        max_new_tokens (a speculative verifier writes up to k draft tokens past what it keeps).
+        prefill_chunk: longer prompts are prefilled in chunks of this many tokens."""
         if not (isinstance(max_batch, int) and max_batch >= 1):
             raise ValueError(f"max_batch={max_batch!r} must be an int >= 1")
-        self.compiled = compiled
-        self.graph = step_graph(compiled)
+        if not (isinstance(prefill_chunk, int) and prefill_chunk >= 1):
+            raise ValueError(f"prefill_chunk={prefill_chunk!r} must be an int >= 1")
+        self.compiled, self.prefill_chunk = compiled, prefill_chunk
+        home = embedding_weight(compiled.graph).device
+        self.device = torch.device(device) if device is not None else home
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.graph = step_graph(compiled, device=None if self.device == home else self.device)
         emb = embedding_weight(self.graph)
-        self.device = torch.device(device) if device is not None else emb.device
-        if self.device != emb.device:
-            raise ValueError(f"engine device {self.device} differs from the model's {emb.device}: "
-                             "compile (or load) the model on the device it should run on")
         info = self.graph.model_info
         self.vocab_size = int(info["vocab_size"])
         cfg = info.get("hf_config") or {}
@@ -152,7 +156,9 @@ class GenerationEngine:
             req.slot = self._free_slots.pop()
             self.pool.open(req.slot, len(req.prompt) + req.max_new + self.extra_tokens)
             self.running[req.rid] = req
-            logits = self.forward([req.slot], torch.tensor([req.prompt], device=self.device))
+            prompt = torch.tensor([req.prompt], device=self.device)
+            for begin in range(0, prompt.shape[1], self.prefill_chunk):
+                logits = self.forward([req.slot], prompt[:, begin:begin + self.prefill_chunk])
             events.append(self._emit(req, logits[0, -1]))
         batch = list(self.running.values())
         if batch:

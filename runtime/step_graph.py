@@ -18,17 +18,32 @@ STEP_PASSES = ["kv_cache", "kv_cache_quant"]
 _CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-def step_graph(compiled, config=None) -> QuantGraph:
-    """The cache-aware graph of `compiled` for its config (or `config`, e.g. another KV plan)."""
+def step_graph(compiled, config=None, device: torch.device | None = None) -> QuantGraph:
+    """The cache-aware graph of `compiled` for its config (or `config`, e.g. another KV plan);
+    with `device`, a copy whose weights live there (the compiled model is left as it is)."""
     config = config or compiled.config
-    key = config.to_json()
+    key = (config.to_json(), str(device))
     per_model = _CACHE.setdefault(compiled, {})
     if key not in per_model:
         src = compiled.graph
-        gm = fx.GraphModule(src.gm, copy.deepcopy(src.graph))
+        gm = fx.GraphModule(src.gm, copy.deepcopy(src.graph))  # new containers, same tensors
         graph = QuantGraph(gm, copy.deepcopy(src.model_info))
-        per_model[key] = PassManager(STEP_PASSES).run(graph, PassContext(config))
+        graph = PassManager(STEP_PASSES).run(graph, PassContext(config))
+        if device is not None:
+            _move(graph, device)
+        per_model[key] = graph
     return per_model[key]
+
+
+def _move(graph: QuantGraph, device: torch.device) -> None:
+    """Weights to `device`, and the device constants export baked into the graph (aranges,
+    .to(device) of rotary buffers) rewritten to it."""
+    retarget = lambda a: device if isinstance(a, torch.device) else a  # noqa: E731
+    for node in graph.graph.nodes:
+        node.args = fx.node.map_aggregate(node.args, retarget)
+        node.kwargs = fx.node.map_aggregate(node.kwargs, retarget)
+    graph.gm.to(device)
+    graph.gm.recompile()
 
 
 def attention_nodes(graph: QuantGraph) -> list[fx.Node]:

@@ -29,7 +29,8 @@ def test_greedy_equals_hf_generate(tiny, compiled, arch):
     hf = model.generate(torch.tensor([prompts[0]]), max_new_tokens=12, do_sample=False,
                         pad_token_id=0, eos_token_id=None)
     assert got.tolist() == hf.tolist()
-    batched, reasons = _run(GenerationEngine(cm, max_batch=2), prompts, 12)
+    # Two requests decoded as one batch; the 6-token prompt prefilled in chunks of 4 + 2.
+    batched, reasons = _run(GenerationEngine(cm, max_batch=2, prefill_chunk=4), prompts, 12)
     for p, toks in zip(prompts, batched):
         ref = model.generate(torch.tensor([p]), max_new_tokens=12, do_sample=False,
                              pad_token_id=0, eos_token_id=None)[0, len(p):].tolist()

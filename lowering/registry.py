@@ -34,6 +34,10 @@ class KernelSpec:
     # act_spec, out_dtype). fuse_norm_qdq rewrites to it; None: this kernel quantizes its input.
     prequantized_op: object = None
 
+    def binding_attrs(self, weight_spec: QuantSpec, shape: list[int]) -> dict:
+        """Extra facts the KernelBinding records for this weight (e.g. the per-M dispatch)."""
+        return {}
+
     def rejects(self, weight_spec: QuantSpec, in_features: int) -> str | None:
         """Why this kernel cannot run the given weight here, or None when it can."""
         if self.formats and weight_spec.format not in self.formats:

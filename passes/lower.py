@@ -53,7 +53,8 @@ def lower(graph: QuantGraph, ctx: PassContext) -> PassResult:
                                           "packed": spec.fmt.packed, "in_features": shape[1],
                                           "activation_bytes": act_dtype.itemsize,
                                           "activation": fq.args[1] if fq is not None else None,
-                                          "out_features": shape[0]})
+                                          "out_features": shape[0],
+                                          **kernel.binding_attrs(spec, shape)})
         node.replace_all_uses_with(knode)
         graph.graph.erase_node(node)
         for consumed in (dq, fq):

@@ -45,6 +45,14 @@ class CudaKernelSpec(KernelSpec):
                     f"(required by {self.name})")
         return super().rejects(weight_spec, in_features)
 
+    def binding_attrs(self, weight_spec: QuantSpec, shape: list[int]) -> dict:
+        """Weight-only rows pick their path by M at run time from a fixed table: record it."""
+        if self.op is not torch.ops.sagequant.cuda_weight_only_linear.default:
+            return {}
+        n, k = shape
+        return {"dispatch_by_m": layout.dispatch_table(n, k, weight_spec.format,
+                                                       layout.kernel_group(weight_spec, k))}
+
 
 # --- weight-only: W4A16, W8A16, FP8-W8A16 -------------------------------------------------
 
@@ -133,8 +141,9 @@ def _row(name, schemes, op, description, formats, min_cc, what, **kw) -> CudaKer
 
 W4A16 = _row(
     "cuda_w4a16_triton", ("W4A16",), torch.ops.sagequant.cuda_weight_only_linear.default,
-    "packed int4/uint4 group-wise, fp16/bf16 activations: GEMV (M=1), tensor-core split-K "
-    "(M<=16), tiled tensor-core (M<1024), dequantize+cuBLAS (larger M); ragged groups masked",
+    "packed int4/uint4 group-wise, fp16/bf16 activations; with K % 8 == 0 int32-word GEMV "
+    "(M=1) and tensor-core word kernel (M<=32, <=64 for N<=4096), else byte GEMV / split-K; "
+    "tiled tensor-core (M<1024), dequantize+cuBLAS (larger M); ragged groups masked",
     ("int4", "uint4"), (8, 0), "bf16 tensor-core mma", group_sizes=layout.GROUP_SIZES)
 W8A16 = _row(
     "cuda_w8a16_triton", ("W8A16",), torch.ops.sagequant.cuda_weight_only_linear.default,
@@ -144,6 +153,11 @@ FP8_W8A16 = _row(
     "cuda_fp8_w8a16_triton", ("FP8-W8A16",), torch.ops.sagequant.cuda_weight_only_linear.default,
     "fp8 weights upcast in registers, 16-bit activations, the same kernels as cuda_w4a16_triton",
     ("fp8_e4m3", "fp8_e5m2"), (8, 9), "FP8 conversions", group_sizes=layout.GROUP_SIZES)
+NF4 = _row(
+    "cuda_nf4_triton", ("NF4-A16",), torch.ops.sagequant.cuda_weight_only_linear.default,
+    "NF4 code book weights read as int32 words: GEMV (M=1), tensor-core dots per nibble plane "
+    "(M<64, group >= 128), dequantize+cuBLAS (larger M)",
+    ("nf4",), (8, 0), "bf16 tensor-core mma", group_sizes=layout.GROUP_SIZES, k_multiple=8)
 W8A8_FP8 = _row(
     "cuda_w8a8_fp8_scaled_mm", ("W8A8-FP8",), torch.ops.sagequant.cuda_w8a8_fp8_linear.default,
     "fused per-token (or static) e4m3 activation quantization (Triton), then torch._scaled_mm "
@@ -156,4 +170,4 @@ W8A8_INT8 = _row(
     "with the dequantizing epilogue (scales, bias, cast) fused",
     ("int8",), (8, 0), "int8 tensor-core mma", group_sizes=layout.GROUP_SIZES[1:],
     activation_quant=True)
-ROWS = (W4A16, W8A16, FP8_W8A16, W8A8_FP8, W8A8_INT8)
+ROWS = (W4A16, W8A16, FP8_W8A16, NF4, W8A8_FP8, W8A8_INT8)

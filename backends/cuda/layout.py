@@ -206,6 +206,20 @@ def dequant_chunk_rows(n: int, k: int, chunk_bytes: int) -> int:
     return 0 if rows >= n else rows
 
 
+def dispatch_table(n: int, k: int, fmt: str, group: int) -> list[dict]:
+    """The path every M runs for an [n, k] weight, as contiguous ranges (m_max None: unbounded);
+    lowering records it in the KernelBinding. Paths are constant from DEQUANT_MM_MIN_M up."""
+    rows: list[dict] = []
+    for m in range(1, DEQUANT_MM_MIN_M + 1):
+        path = path_for(m, n, k, fmt, group)
+        if rows and rows[-1]["path"] == path:
+            rows[-1]["m_max"] = m
+        else:
+            rows.append({"m_min": m, "m_max": m, "path": path})
+    rows[-1]["m_max"] = None
+    return rows
+
+
 def choose(m: int, n: int, k: int, *, bits: int, group: int, sm_count: int = 132,
            fmt: str = "") -> Plan:
     """Shape-aware path and tile choice for a weight-only GEMM [m, k] x [n, k]^T."""

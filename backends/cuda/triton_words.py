@@ -4,10 +4,12 @@ Viewed as little-endian int32, word j of a row holds elements 8j..8j+7, element 
 4p..4p+3 (ir.formats packs element 2i in the low nibble of byte i), so a [N, K/2] uint8 weight
 is a free [N, K/8] int32 view when K % 8 == 0: 16-byte loads carry 32 weights.
 
-A nibble u becomes a float without an integer-to-float conversion: OR-ed into the mantissa of
-2**23 it reads as the fp32 2**23 + u exactly, and one subtraction leaves u - 8 (int4, whose words
-are XOR-ed with 0x88888888 first: q + 8 == q ^ 8 on a nibble) or u - zero point (uint4). NF4
-looks u up in its 16-entry code book (L1-resident). Group scales multiply the fp32 partial sum
+A nibble u becomes a float without an integer-to-float conversion: masked in place (bits 4q..4q+3
+of the word, or of the word shifted by 16, q = p % 4) and OR-ed into the mantissa of 2**23 (one
+LOP3) it reads as the fp32 2**23 + u * 16**q exactly, and one subtraction leaves (u - 8) * 16**q
+(int4, whose words are XOR-ed with 0x88888888 first: q + 8 == q ^ 8 on a nibble) or
+(u - zero point) * 16**q (uint4); x is divided by 16**q instead (exact). NF4 looks u up in its
+16-entry code book (L1-resident). Group scales multiply the fp32 partial sum
 of each K block (a block never straddles a group), so the arithmetic before them is exact.
 
   _gemv_kernel  M = 1: CUDA-core dot products, [BLOCK_N, BLOCK_KW] words per step, split-K.
@@ -31,15 +33,41 @@ KINDS = {"int4": 0, "uint4": 1, "nf4": 2}
 
 
 @triton.jit
-def _plane(w, P: tl.constexpr, z, book_ptr, KIND: tl.constexpr):
-    """Nibble P of every word of `w` as fp32 (w pre-flipped for int4; z the zero points)."""
-    u = (w >> (4 * P)) & 0xF
+def _pow16(Q: tl.constexpr):
+    if Q == 0:
+        return 1.0
+    elif Q == 1:
+        return 16.0
+    elif Q == 2:
+        return 256.0
+    else:
+        return 4096.0
+
+
+@triton.jit
+def _plane(w, w_hi, P: tl.constexpr, z, book_ptr, KIND: tl.constexpr, SCALED: tl.constexpr):
+    """Nibble P of every word as fp32; SCALED: times 16**(P % 4) for int4/uint4 (the caller
+    divides fp32 x by it, exactly). Masking the nibble in place and OR-ing 2**23 is one LOP3
+    where shifting it down first would be two; unscaled, the subtraction becomes an FMA by
+    16**-q (exact: f * 16**-q = 2**(23-4q) + u fits fp32). w is pre-flipped for int4,
+    w_hi = w >> 16, z the zero points."""
     if KIND == 2:
-        return tl.load(book_ptr + u)
-    f = (u | 0x4B000000).to(tl.float32, bitcast=True)
-    if KIND == 0:
-        return f - 8388616.0  # 2**23 + 8
-    return f - (z + 8388608.0)
+        return tl.load(book_ptr + ((w >> (4 * P)) & 0xF))
+    Q: tl.constexpr = P % 4
+    src = w if P < 4 else w_hi
+    f = ((src & (0xF << (4 * Q))) | 0x4B000000).to(tl.float32, bitcast=True)
+    off = 8.0 if KIND == 0 else z
+    if SCALED:
+        return f - (8388608.0 + off * _pow16(Q))
+    return f * (1.0 / _pow16(Q)) - (8388608.0 / _pow16(Q) + off)
+
+
+@triton.jit
+def _x_plane(x, P: tl.constexpr, KIND: tl.constexpr):
+    """x for plane P in fp32, divided by the plane's 16**(P % 4) (NF4: unscaled)."""
+    if KIND == 2:
+        return x.to(tl.float32)
+    return x.to(tl.float32) * (1.0 / _pow16(P % 4))
 
 
 @triton.jit
@@ -74,12 +102,14 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, book_ptr, b_ptr, out_ptr, M, N, KW,
                     mask=n_ok[:, None] & c_ok[None, :], other=0)
         if KIND == 0:
             w = w ^ -2004318072  # 0x88888888: flip the sign bit of all 8 nibbles
+        w_hi = w >> 16
         s, z = _group(s_ptr, z_ptr, offs_n, n_ok, (w0 * 8) // GROUP, stride_sn, stride_sg,
                       stride_zn, stride_zg, KIND)
         blk = tl.zeros((BLOCK_N, BLOCK_KW), dtype=tl.float32)
         for p in tl.static_range(8):
             xp = tl.load(x_ptr + m * stride_xm + cols * 8 + p, mask=c_ok, other=0.0)
-            blk += _plane(w, p, z[:, None], book_ptr, KIND) * xp.to(tl.float32)[None, :]
+            wp = _plane(w, w_hi, p, z[:, None], book_ptr, KIND, True)
+            blk += wp * _x_plane(xp, p, KIND)[None, :]
         acc += blk * s[:, None]
     out = tl.sum(acc, axis=1)
     if SPLIT:
@@ -114,13 +144,14 @@ def _mma_kernel(x_ptr, w_ptr, s_ptr, z_ptr, book_ptr, b_ptr, out_ptr, M, N, KW, 
                     mask=n_ok[:, None] & c_ok[None, :], other=0)
         if KIND == 0:
             w = w ^ -2004318072  # 0x88888888: flip the sign bit of all 8 nibbles
+        w_hi = w >> 16
         s, z = _group(s_ptr, z_ptr, offs_n, n_ok, (w0 * 8) // GROUP, stride_sn, stride_sg,
                       stride_zn, stride_zg, KIND)
         part = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-        for p in tl.static_range(8):
+        for p in tl.static_range(8):  # unscaled planes: x stays as given (fp16 has no range)
             xp = tl.load(x_ptr + offs_m[None, :] * stride_xm + cols[:, None] * 8 + p,
                          mask=m_ok[None, :] & c_ok[:, None], other=0.0)
-            wp = _plane(w, p, z[:, None], book_ptr, KIND).to(dot_dtype)
+            wp = _plane(w, w_hi, p, z[:, None], book_ptr, KIND, False).to(dot_dtype)
             part = tl.dot(wp, xp, part)
         acc += part * s[:, None]
     acc = tl.trans(acc)  # [BLOCK_M, BLOCK_N]
@@ -152,10 +183,15 @@ def _dequant_kernel(w_ptr, s_ptr, z_ptr, book_ptr, out_ptr, N, KW, GROUP, stride
     s, z = _group(s_ptr, z_ptr, offs_n, n_ok, (w0 * 8) // GROUP, stride_sn, stride_sg,
                   stride_zn, stride_zg, KIND)
     z2 = z[:, None]
-    t = tl.join(tl.join(tl.join(_plane(w, 0, z2, book_ptr, KIND), _plane(w, 4, z2, book_ptr, KIND)),
-                        tl.join(_plane(w, 2, z2, book_ptr, KIND), _plane(w, 6, z2, book_ptr, KIND))),
-                tl.join(tl.join(_plane(w, 1, z2, book_ptr, KIND), _plane(w, 5, z2, book_ptr, KIND)),
-                        tl.join(_plane(w, 3, z2, book_ptr, KIND), _plane(w, 7, z2, book_ptr, KIND))))
+    h = w >> 16
+    t = tl.join(tl.join(tl.join(_plane(w, h, 0, z2, book_ptr, KIND, False),
+                                _plane(w, h, 4, z2, book_ptr, KIND, False)),
+                        tl.join(_plane(w, h, 2, z2, book_ptr, KIND, False),
+                                _plane(w, h, 6, z2, book_ptr, KIND, False))),
+                tl.join(tl.join(_plane(w, h, 1, z2, book_ptr, KIND, False),
+                                _plane(w, h, 5, z2, book_ptr, KIND, False)),
+                        tl.join(_plane(w, h, 3, z2, book_ptr, KIND, False),
+                                _plane(w, h, 7, z2, book_ptr, KIND, False))))
     vals = tl.reshape(t, (BLOCK_N, BLOCK_KW * 8)) * s[:, None]
     offs_k = w0 * 8 + tl.arange(0, BLOCK_KW * 8)
     tl.store(out_ptr + offs_n[:, None] * (KW * 8) + offs_k[None, :],

@@ -59,6 +59,7 @@ _VALID_SCHEMES = (
 )
 _QAT_SCHEMES = ("W8A16", "W4A16", "FP8-W8A16", "W8A8-INT8", "W8A8-FP8")
 _GUARD_MODES = {s: s for s in ("enforce", "report", "off")}
+_SENSITIVITY_METHODS = {s: s for s in ("measured", "fisher")}
 # Accuracy-guard bounds per scheme (passes/guard.py), loose enough for legitimate quantization of
 # each scheme and tight enough to stop a collapse: KL(float || quantized) and delta loss in nats
 # per token on the held-back sequences, top-1 agreement as a fraction, and every quantized layer's
@@ -230,6 +231,9 @@ class QuantConfig:
     target_max_delta_loss: float | None = None
     precision_upgrades: list[str] = field(default_factory=lambda: ["int8", "float"])
     sensitivity_samples: int = 2  # calibration sequences the per-layer sensitivity is measured on
+    # "measured": one forward per layer and option (exact, slow on large models); "fisher": one
+    # backward pass, second-order estimate with the diagonal empirical Fisher.
+    sensitivity_method: str = "measured"
 
     def __post_init__(self) -> None:
         self.weight_dtype = _choice("weight_dtype", self.weight_dtype, _WEIGHT_DTYPES)
@@ -306,6 +310,7 @@ class QuantConfig:
         self.guard = _choice("guard", self.guard, _GUARD_MODES)
         self.guard_samples = _int("guard_samples", self.guard_samples, 1)
         self.sensitivity_samples = _int("sensitivity_samples", self.sensitivity_samples, 1)
+        self.sensitivity_method = _choice("sensitivity_method", self.sensitivity_method, _SENSITIVITY_METHODS)
         if not isinstance(self.guard_bounds, dict):
             raise _fail("guard_bounds", self.guard_bounds, "must be a dict",
                         f"{{name: number}} with names {', '.join(GUARD_BOUND_KEYS)}")

@@ -15,7 +15,7 @@ import torch
 
 from ..calibration.datasets import CalibrationDataError
 from ..calibration.precision_budget import choose_precisions
-from ..calibration.sensitivity import layer_sensitivity
+from ..calibration.sensitivity import fisher_sensitivity, layer_sensitivity
 from ..config import ConfigError, LayerSettings, QuantConfig
 from ..ir.graph import QuantGraph
 from .annotate import weight_spec_for
@@ -43,7 +43,8 @@ def mixed_precision(graph: QuantGraph, ctx: PassContext) -> PassResult:
     upgrades = upgrade_settings(cfg)
     base_label = cfg.scheme
     batches = ctx.calibration_batches[:cfg.sensitivity_samples]
-    base_loss, rows = layer_sensitivity(graph, batches, layer_options(graph, nodes, cfg, upgrades))
+    base_loss, rows = sensitivity(graph, batches, layer_options(graph, nodes, cfg, upgrades), cfg,
+                                  ctx.reference_model)
     for r in rows:
         r["options"][FLOAT] = {"delta_loss": 0.0, "bytes": r["params"] * FLOAT_BYTES}
     ladder = [base_label, *upgrades]
@@ -65,11 +66,22 @@ def mixed_precision(graph: QuantGraph, ctx: PassContext) -> PassResult:
     counts = {label: sum(c.label == label for c in choices) for label in ladder}
     return PassResult(graph, bool(upgraded), {
         "target": target, "base_scheme": base_label, "ladder": ladder,
-        "sensitivity_sequences": len(batches), "float_loss": base_loss,
+        "sensitivity_method": cfg.sensitivity_method, "sensitivity_sequences": len(batches),
+        "float_loss": base_loss,
         "predicted_delta_loss": sum(c.delta_loss for c in choices),
         "bits_per_weight": 8 * total / params, "bytes": total, "layers_per_option": counts,
         "upgraded": upgraded,
-        "sensitivity": {r["layer"]: {k: v["delta_loss"] for k, v in r["options"].items()} for r in rows}})
+        "sensitivity": rows})
+
+
+def sensitivity(graph: QuantGraph, batches: list, options: dict, cfg: QuantConfig, model):
+    """(float loss, rows) by QuantConfig.sensitivity_method."""
+    if cfg.sensitivity_method == "measured":
+        return layer_sensitivity(graph, batches, options)
+    if model is None:
+        raise ConfigError("QuantConfig.sensitivity_method='fisher' needs the float model (compile a "
+                          "torch module, not a saved graph), or use sensitivity_method='measured'")
+    return fisher_sensitivity(model, graph, batches, options)
 
 
 def _target(cfg: QuantConfig) -> dict | None:
@@ -147,4 +159,4 @@ def model_sensitivity(model, cfg: QuantConfig, batches: list) -> tuple[float, li
     graph = trace_model(model)
     graph = PassManager(["canonicalize", "annotate"]).run(graph, PassContext(cfg, batches))
     nodes = quantized_linears(graph)
-    return layer_sensitivity(graph, batches, layer_options(graph, nodes, cfg, upgrade_settings(cfg)))
+    return sensitivity(graph, batches, layer_options(graph, nodes, cfg, upgrade_settings(cfg)), cfg, model)

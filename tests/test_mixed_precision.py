@@ -60,8 +60,11 @@ def test_bits_budget_is_met_and_each_layer_lowered_at_its_scheme(tiny, ids):
         assert binding["scheme"] == upgraded.get(layer, "W4A16")
         assert binding["attrs"]["format"] == ("int8" if layer in upgraded else "int4")
     # The most loss per extra byte is bought first: the most sensitive layer is among the raised.
-    sens = mp["sensitivity"]
-    assert max(sens, key=lambda k: sens[k]["W4A16"]) in upgraded
+    most = max(mp["sensitivity"], key=lambda r: r["options"]["W4A16"]["delta_loss"])
+    assert most["layer"] in upgraded
+    # The stats keep the whole measured table: the same choice can be recomputed from it.
+    again = choose_precisions(mp["sensitivity"], mp["ladder"], bits_per_weight=6.0)
+    assert {c.layer: c.label for c in again if c.label != "W4A16"} == upgraded
     assert all(u["why"].startswith("mixed_precision:") for u in mp["upgraded"])
 
 
@@ -168,3 +171,18 @@ def test_cli_compile_with_budget_and_inspect_sensitivity(checkpoint, tmp_path, c
                 "--group-size", "32", "--activation-dtype", "a16", "--samples", "4", "--seq-len", "12",
                 "--output", str(tmp_path / "x")]) == 2
     assert "cannot be met" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])  # gpt2: Conv1D weights, stored transposed
+def test_fisher_estimate_tracks_the_measured_sensitivity(tiny, arch):
+    ids = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(7))
+    batches = list(ids.split(1))
+    base, measured = model_sensitivity(tiny(arch), sq.QuantConfig(group_size=32), batches)
+    base_f, fisher = model_sensitivity(tiny(arch), sq.QuantConfig(group_size=32, sensitivity_method="fisher"),
+                                       batches)
+    assert base_f == pytest.approx(base, rel=1e-5)
+    m = torch.tensor([r["options"]["W4A16"]["delta_loss"] for r in measured])
+    f = torch.tensor([r["options"]["W4A16"]["delta_loss"] for r in fisher])
+    assert [r["layer"] for r in measured] == [r["layer"] for r in fisher]
+    assert torch.corrcoef(torch.stack([m, f]))[0, 1] > 0.95
+    assert all(p.requires_grad for p in tiny(arch).parameters())  # the model is left as it was

@@ -9,8 +9,15 @@ the sensitivity measurement use the disjoint Wikipedia prose.
 Results accumulate in --out (one entry per row), so rows can be run in separate calls. Prints a
 Markdown table at the end. Bits per weight count every quantized-or-chosen linear (all but
 lm_head) with its scales; layers kept float count at fp16.
+
+--eval dequantized (the default, for a shared CPU) scores the float model with each quantized
+layer's weight replaced by the compiled model's dequantized codes and scales: for weight-only
+schemes that is the CPU reference kernel's own math (F.linear(x, dequantize(W))) without
+re-dequantizing every call; the largest logit difference to the compiled model on one window is
+recorded with each row. --eval compiled runs the compiled model itself.
 """
 import argparse
+import contextlib
 import json
 import platform
 import time
@@ -22,6 +29,7 @@ import torch
 import sagequant as sq
 from sagequant.calibration.datasets import tokenize_calibration
 from sagequant.calibration.precision_budget import choose_precisions
+from sagequant.ir.quant_spec import QuantizedTensor, QuantSpec, dequantize
 from sagequant.calibration.real_data import evaluation_text, load_smollm2, wikipedia_prose
 from sagequant.tools.evaluate import perplexity, tokenize_eval_text
 
@@ -44,17 +52,24 @@ def main() -> None:
     p.add_argument("--calib-samples", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--sensitivity-samples", type=int, default=2)
+    p.add_argument("--sensitivity-method", default="fisher", choices=["fisher", "measured"],
+                   help="measured costs one forward per layer and option (420 on SmolLM2)")
     p.add_argument("--out", default="mixed_precision_pareto.json")
+    p.add_argument("--eval", default="dequantized", choices=["dequantized", "compiled"])
+    p.add_argument("--guard-samples", type=int, default=2)
+    p.add_argument("--threads", type=int, help="torch threads (1 is faster on a CPU shared by many jobs)")
     args = p.parse_args()
     out = Path(args.out)
     results = json.loads(out.read_text()) if out.exists() else {}
+    if args.threads:
+        torch.set_num_threads(args.threads)
     model, tok = load_smollm2()
     eval_ids = tokenize_eval_text(tok, evaluation_text(), args.max_tokens)
-    guard_samples = sq.QuantConfig().guard_samples
+    guard_samples = args.guard_samples
     calib = tokenize_calibration(wikipedia_prose(), tok, args.calib_samples + guard_samples, args.seq_len)
     meta = {"eval_tokens": int(eval_ids.numel()), "calibration": f"{args.calib_samples}x{args.seq_len}",
             "held_back": f"{guard_samples}x{args.seq_len}",
-            "sensitivity": f"{args.sensitivity_samples}x{args.seq_len}", "date": date.today().isoformat(),
+            "sensitivity": f"{args.sensitivity_method}, {args.sensitivity_samples}x{args.seq_len}", "date": date.today().isoformat(),
             "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"}
     for name in args.rows:
         t = time.perf_counter()
@@ -65,8 +80,9 @@ def main() -> None:
         else:
             # guard='report': the table must show every row's number, not stop at a bad one.
             cfg = sq.QuantConfig(**ROWS[name], calibration_samples=args.calib_samples,
-                                 calibration_seq_len=args.seq_len, guard="report",
-                                 sensitivity_samples=args.sensitivity_samples)
+                                 calibration_seq_len=args.seq_len, guard="report", guard_samples=guard_samples,
+                                 sensitivity_samples=args.sensitivity_samples,
+                                 sensitivity_method=args.sensitivity_method)
             measured = next((e for e in results.values() if e.get("sensitivity")), None)
             if "target_bits_per_weight" in ROWS[name] and measured is not None:
                 # The sensitivity table is the expensive part (one forward per layer and option):
@@ -75,7 +91,12 @@ def main() -> None:
                                   overrides=overrides_for(measured, ROWS[name]["target_bits_per_weight"]))
             cm = sq.compile(model, cfg, calibration_data=calib)
             compile_s = time.perf_counter() - t
-            res = perplexity(cm, eval_ids)
+            if args.eval == "compiled":
+                res, parity = perplexity(cm, eval_ids), None
+            else:
+                with dequantized_weights(model, cm):
+                    res = perplexity(lambda ids: model(input_ids=ids, use_cache=False).logits, eval_ids)
+                    parity = logit_parity(model, cm, eval_ids[:256])
             rep = cm.report()
             wb = rep["weight_bytes"]
             lm_head = next(n for n in cm.graph.annotated() if cm.graph.annotation(n).layer.endswith("lm_head"))
@@ -87,6 +108,7 @@ def main() -> None:
             layers = {"W4A16": schemes.count("W4A16"), "W8A16": schemes.count("W8A16"),
                       "float": len(rep["kept_in_high_precision"]) - 1}  # all kept but lm_head
             entry = {"ppl": res.ppl, "compile_s": compile_s, "config": cfg.to_dict(), "bytes": bytes_,
+                     "eval": args.eval, "max_abs_logit_diff_vs_compiled": parity,
                      "layers": layers,
                      "bits_per_weight": 8 * bytes_ / params,
                      "accuracy_guard": {k: v for k, v in rep["accuracy_guard"].items() if k != "worst_layers"},
@@ -99,6 +121,33 @@ def main() -> None:
               f"{time.perf_counter() - t:6.1f}s", flush=True)
         out.write_text(json.dumps(results, indent=1))
     print(table(results))
+
+
+@contextlib.contextmanager
+def dequantized_weights(model, cm):
+    """`model` with every lowered layer's weight set to the compiled codes x scales (restored after)."""
+    saved = {}
+    try:
+        for node in cm.graph.annotated():
+            ann = cm.graph.annotation(node)
+            if ann.kernel is None:
+                continue
+            _, qweight, scales, zeros, _, spec, shape = node.args[:7]
+            qt = QuantizedTensor(cm.graph.attr(qweight), cm.graph.attr(scales),
+                                 None if zeros is None else cm.graph.attr(zeros), tuple(shape),
+                                 QuantSpec.decode(spec))
+            weight = model.get_submodule(ann.layer).weight
+            saved[weight] = weight.data
+            weight.data = dequantize(qt, weight.dtype)
+        yield model
+    finally:
+        for weight, data in saved.items():
+            weight.data = data
+
+
+def logit_parity(model, cm, ids) -> float:
+    with torch.inference_mode():
+        return float((model(input_ids=ids[None], use_cache=False).logits - cm(ids[None])).abs().max())
 
 
 def overrides_for(measured: dict, bits: float) -> dict:

@@ -1,0 +1,262 @@
+"""Quantized-KV decode speed on one GPU (issue 6 item 5), bf16 KV in the same run.
+
+  kernel   decode attention per layer, Llama-3-8B / Qwen2-7B-like attention (32 query heads,
+           8 kv heads, head_dim 128, block 16): our Triton kernel on bf16 / int8 / fp8 paged
+           blocks, and torch SDPA (flash / efficient, GQA) on a contiguous bf16 cache as the
+           peer; CUDA-graph timing, rotating through layer copies so the KV never sits in L2;
+           the HBM floor is the KV bytes read / measured copy bandwidth.
+  memory   KV bytes per token and the largest batch x context a fixed KV budget holds.
+  e2e      GenerationEngine decode tokens/s of a 7B-shaped Llama (random bf16 weights, the first
+           --e2e-layers layers, vocab 32000) with bf16 / int8 / fp8 KV at each context.
+
+    python benchmarks/kv_decode_speed.py --out kv_speed.json          # H100, < 10 min
+    python benchmarks/kv_decode_speed.py --smoke                      # CPU: tiny shapes, checks
+                                                                      # the script (interpreter)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import statistics
+import time
+
+import torch
+
+HEADS, KV_HEADS, HEAD_DIM, BLOCK = 32, 8, 128, 16
+LAYERS_7B = 32
+KV = ("none", "int8", "fp8")
+
+
+def make_pool(kv: str, copies: int, batch: int, ctx: int, dtype, device, heads=KV_HEADS, d=HEAD_DIM):
+    """A pool with `copies` layers, each holding `batch` sequences of `ctx` random tokens."""
+    from sagequant.ir.kv_plan import KVQuantPlan
+    from sagequant.runtime.kv_pool import PagedKVPool
+    plan = KVQuantPlan(dtype=kv, block_size=BLOCK)
+    per_seq = math.ceil((ctx + 1) / BLOCK)
+    pool = PagedKVPool(plan, [kv] * copies, heads, d, batch * per_seq, batch, dtype, device)
+    random.Random(0).shuffle(pool._free)
+    for s in range(batch):
+        pool.open(s, ctx + 1)
+        pool.lengths[s] = ctx
+    for c in pool.layers:
+        for t in (c.k, c.v):
+            if kv == "none":
+                t.normal_()
+            elif kv == "int8":
+                t.copy_(torch.randint(-127, 128, t.shape, dtype=torch.int8, device=device))
+            else:
+                t.copy_(torch.randn(t.shape, device=device, dtype=torch.float16).mul_(64).to(t.dtype))
+        for t in (c.k_scale, c.v_scale):
+            if t is not None:
+                t.uniform_(0.005, 0.02)
+    return pool
+
+
+def time_calls(fns, reps_target_s=0.02) -> float:
+    """µs per call: CUDA-graph replay of all fns (one per layer copy); plain timing on CPU."""
+    if not torch.cuda.is_available():
+        t0 = time.perf_counter()
+        for f in fns:
+            f()
+        return (time.perf_counter() - t0) * 1e6 / len(fns)
+    for f in fns:
+        f()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for f in fns:
+            f()
+    g.replay()
+    torch.cuda.synchronize()
+    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    s.record(); g.replay(); e.record(); torch.cuda.synchronize()
+    reps = int(min(100, max(1, reps_target_s / max(s.elapsed_time(e) / 1e3, 1e-6))))
+    samples = []
+    for _ in range(3):
+        s.record()
+        for _ in range(reps):
+            g.replay()
+        e.record()
+        torch.cuda.synchronize()
+        samples.append(s.elapsed_time(e) * 1e3 / reps / len(fns))
+    return statistics.median(samples)
+
+
+def bandwidth(device) -> float | None:
+    if device.type != "cuda":
+        return None
+    a = torch.empty(1 << 30, dtype=torch.uint8, device=device)
+    b = torch.empty_like(a)
+    us = time_calls([lambda: b.copy_(a)])
+    return 2 * a.numel() / (us * 1e-6)
+
+
+def kernel_table(contexts, batches, dtype, device, l2_bytes, heads=HEADS, kv_heads=KV_HEADS, d=HEAD_DIM):
+    import importlib
+    impl = importlib.import_module("sagequant.backends.cuda.triton_kv_attention")
+    bw = bandwidth(device)
+    rows = []
+    for ctx in contexts:
+        for batch in batches:
+            row = {"context": ctx, "batch": batch}
+            bf16_bytes = 2 * batch * ctx * kv_heads * d * 2
+            copies = max(1, min(16, math.ceil(4 * l2_bytes / bf16_bytes)))
+            q = torch.randn(batch, heads, 1, d, device=device).to(dtype)
+            for kv in KV:
+                try:
+                    pool = make_pool(kv, copies, batch, ctx, dtype, device, kv_heads, d)
+                except torch.OutOfMemoryError:
+                    row[f"{kv}_us"] = "OOM"
+                    continue
+                table = pool.block_table(list(range(batch)))
+                lens = torch.full((batch,), ctx, dtype=torch.int32, device=device)
+                fns = [lambda c=c: impl.paged_decode_attention(q, c.k, c.v, c.k_scale, c.v_scale, table,
+                                                               lens, ctx, None, 0) for c in pool.layers]
+                row[f"{kv}_us"] = round(time_calls(fns), 2)
+                kv_bytes = pool.bytes_per_token() / copies * batch * ctx
+                row[f"{kv}_floor_us"] = round(kv_bytes / bw * 1e6, 2) if bw else None
+                del pool, fns
+                torch.cuda.empty_cache() if device.type == "cuda" else None
+            # Peer: SDPA over a contiguous bf16 cache (what an unpaged engine would run).
+            try:
+                ks = [torch.randn(batch, kv_heads, ctx, d, device=device, dtype=dtype) for _ in range(copies)]
+                vs = [torch.randn_like(k) for k in ks]
+                fns = [lambda k=k, v=v: torch.nn.functional.scaled_dot_product_attention(
+                    q, k, v, enable_gqa=True) for k, v in zip(ks, vs)]
+                row["sdpa_bf16_us"] = round(time_calls(fns), 2)
+                del ks, vs, fns
+            except (RuntimeError, torch.OutOfMemoryError) as e:
+                row["sdpa_bf16_us"] = f"error: {str(e).splitlines()[0][:80]}"
+            if isinstance(row.get("none_us"), float):
+                for kv in ("int8", "fp8"):
+                    if isinstance(row.get(f"{kv}_us"), float):
+                        row[f"{kv}_speedup_vs_bf16"] = round(row["none_us"] / row[f"{kv}_us"], 2)
+            print(row, flush=True)
+            rows.append(row)
+    return rows
+
+
+def memory_table(budget_gib: float, contexts) -> dict:
+    """Llama-3-8B KV (32 layers x 8 kv heads x 128): bytes/token and max batch per context."""
+    from sagequant.ir.kv_plan import KVQuantPlan
+    from sagequant.runtime.kv_pool import PagedKVPool
+    out = {"budget_GiB": budget_gib}
+    for kv in KV:
+        pool = PagedKVPool(KVQuantPlan(dtype=kv, block_size=BLOCK), [kv] * LAYERS_7B, KV_HEADS, HEAD_DIM,
+                           1, 1, torch.bfloat16, torch.device("meta"))
+        per_token = pool.bytes_per_token()
+        tokens = int(budget_gib * 2**30 // per_token)
+        out[kv] = {"bytes_per_token": per_token, "max_tokens": tokens,
+                   **{f"max_batch_at_{c}": tokens // c for c in contexts}}
+    out["ratio_int8_vs_bf16"] = out["int8"]["bytes_per_token"] / out["none"]["bytes_per_token"]
+    return out
+
+
+def e2e_table(contexts, batches, layers, new_tokens, dtype, device, deadline, tiny=False):
+    import transformers as tf
+
+    import sagequant as sq
+    from sagequant.api import CompiledModel
+    from sagequant.ir.kv_plan import build_kv_plan
+    from sagequant.runtime import GenerationEngine
+    shape = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=HEADS,
+                 num_key_value_heads=KV_HEADS, vocab_size=32000)
+    if tiny:
+        shape = dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
+                     vocab_size=128)
+    cfg = tf.LlamaConfig(num_hidden_layers=layers, max_position_embeddings=max(contexts) + new_tokens + 16,
+                         **shape)
+    torch.manual_seed(0)
+    with torch.device("cpu"):
+        model = tf.LlamaForCausalLM(cfg).to(dtype).eval()
+    t0 = time.perf_counter()
+    cm = sq.compile(model, sq.QuantConfig(ignore=["*"]))   # float weights: the KV is under test
+    print(f"traced + compiled {layers} layers in {time.perf_counter() - t0:.0f}s", flush=True)
+    rows = []
+    for ctx in contexts:
+        for batch in batches:
+            row = {"context": ctx, "batch": batch}
+            for kv in KV:
+                if time.perf_counter() > deadline:
+                    row[kv] = "skipped (time budget)"
+                    continue
+                c2 = cm.config.replace(kv_cache_dtype=kv)
+                engine = GenerationEngine(CompiledModel(cm.graph, c2, build_kv_plan(c2), []), max_batch=batch,
+                                          max_seq_len=ctx + new_tokens + 1, device=device,
+                                          num_kv_blocks=batch * math.ceil((ctx + new_tokens + 1) / BLOCK))
+                g = torch.Generator().manual_seed(1)
+                for _ in range(batch):
+                    engine.add_request(torch.randint(0, shape["vocab_size"], (ctx,), generator=g).tolist(),
+                                       new_tokens)
+                engine.step()          # prefill everyone + the first decode step
+                sync(device)
+                t0 = time.perf_counter()
+                steps = 0
+                while engine.has_work():
+                    engine.step()
+                    steps += 1
+                sync(device)
+                dt = time.perf_counter() - t0
+                row[f"{kv}_tok_s"] = round(batch * steps / dt, 1)
+                row[f"{kv}_ms_per_step"] = round(1e3 * dt / max(steps, 1), 2)
+                del engine
+                torch.cuda.empty_cache() if device.type == "cuda" else None
+            for kv in ("int8", "fp8"):
+                if isinstance(row.get(f"{kv}_tok_s"), float) and isinstance(row.get("none_tok_s"), float):
+                    row[f"{kv}_speedup"] = round(row[f"{kv}_tok_s"] / row["none_tok_s"], 2)
+            print(row, flush=True)
+            rows.append(row)
+    return rows
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--smoke", action="store_true", help="CPU + Triton interpreter, tiny shapes")
+    ap.add_argument("--contexts", type=int, nargs="*", default=[2048, 8192, 32768])
+    ap.add_argument("--batches", type=int, nargs="*", default=[1, 8, 32])
+    ap.add_argument("--e2e-batches", type=int, nargs="*", default=[1, 8])
+    ap.add_argument("--e2e-layers", type=int, default=4)
+    ap.add_argument("--e2e-new-tokens", type=int, default=32)
+    ap.add_argument("--skip-e2e", action="store_true")
+    ap.add_argument("--budget-s", type=float, default=540)
+    ap.add_argument("--kv-budget-gib", type=float, default=60.0)
+    ap.add_argument("--out", default="kv_speed.json")
+    args = ap.parse_args()
+    start = time.perf_counter()
+    if args.smoke:
+        from sagequant.backends.cuda.interpret import enable_triton_interpreter
+        enable_triton_interpreter()
+        device, dtype, l2 = torch.device("cpu"), torch.float16, 1 << 16
+        contexts, batches, e2e_batches = [64, 200], [1, 3], [1, 2]
+    else:
+        if not torch.cuda.is_available():
+            raise SystemExit("needs a CUDA GPU (or --smoke on CPU)")
+        device, dtype = torch.device("cuda"), torch.bfloat16
+        props = torch.cuda.get_device_properties(0)
+        l2 = getattr(props, "L2_cache_size", 50 << 20)
+        contexts, batches, e2e_batches = args.contexts, args.batches, args.e2e_batches
+    env = {"gpu": torch.cuda.get_device_name() if device.type == "cuda" else "cpu (smoke)",
+           "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+    print(env, flush=True)
+    result = {"env": env, "memory": memory_table(args.kv_budget_gib, contexts)}
+    print(json.dumps(result["memory"], indent=1), flush=True)
+    kw = dict(heads=4, kv_heads=2, d=64) if args.smoke else {}
+    result["kernel"] = kernel_table(contexts, batches, dtype, device, l2, **kw)
+    json.dump(result, open(args.out, "w"), indent=1)
+    if not args.skip_e2e:
+        result["e2e"] = e2e_table(contexts, e2e_batches, 2 if args.smoke else args.e2e_layers,
+                                  4 if args.smoke else args.e2e_new_tokens, torch.float32 if args.smoke else dtype,
+                                  device, start + args.budget_s, tiny=args.smoke)
+    json.dump(result, open(args.out, "w"), indent=1)
+    print(f"done in {time.perf_counter() - start:.0f}s -> {args.out}")
+
+
+if __name__ == "__main__":
+    main()

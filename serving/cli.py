@@ -51,6 +51,7 @@ def add_engine_parser(sub) -> None:
     s.add_argument("--start-timeout", type=float, default=900, help="--background: seconds to wait for /health")
     s.add_argument("--state-dir", help="where running engines are recorded (default $SAGEQUANT_STATE_DIR "
                                        "or ~/.cache/sagequant/engines)")
+    s.add_argument("--threads", type=int, help="torch CPU threads of the engine (default: torch's)")
     s.add_argument("--log-level", default="warning")
     s.add_argument("--log-file", help=argparse.SUPPRESS)  # set by --background for its child
     s.set_defaults(func=cmd_start)
@@ -81,6 +82,8 @@ def child_argv(args) -> list[str]:
             argv += ["--" + name.replace("_", "-"), str(value)]
     if args.allow_remote:
         argv.append("--allow-remote")
+    if args.threads is not None:
+        argv += ["--threads", str(args.threads)]
     return argv
 
 
@@ -92,6 +95,9 @@ def cmd_start(args) -> int:
     if args.background:
         return _start_background(args)
     from .launch import bind, build_server, run
+    if args.threads is not None:
+        import torch
+        torch.set_num_threads(args.threads)
     sock = bind(args.host, args.port)  # fail on a taken port before the (long) compile
     try:
         app, served = build_server(serve_options(args))

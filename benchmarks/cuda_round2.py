@@ -244,13 +244,46 @@ def sweep(res, shapes, budget, l2, cases) -> None:
         print(f"sweep {sname} M={m} {path} ({budget.elapsed():.0f}s)", flush=True)
 
 
+FP8_GEMV_CONFIGS = [dict(BLOCK_N=bn, BLOCK_K=128, num_warps=w, num_stages=2)
+                    for bn in (16, 32, 64, 128) for w in (4, 8)]
+
+
+def fp8_sweep(res, shapes, budget, l2) -> None:
+    """Tiles and split-K of the fused W8A8-FP8 decode kernel at M = 1, each checked first."""
+    from sagequant.backends.cuda import triton_fp8_gemv as fg
+    for sname, shape in shapes.items():
+        qt = shape.q["fp8"]
+        args = [(qt.data, qt.scale)] + [(qt.data.clone(), qt.scale.clone()) for _ in range(
+            lib.copies_for(lib.tensor_bytes(qt.data, qt.scale), l2, most=64) - 1)]
+        x = torch.randn(1, shape.k, device="cuda").to(torch.bfloat16)
+        ref = reference(shape, "fp8", x, None)
+        for cfg in FP8_GEMV_CONFIGS:
+            base = fg.gemv_config(shape.n, shape.k)["split_k"] * 64 // cfg["BLOCK_N"]
+            for split in sorted({max(1, base), max(1, base // 2), max(1, base // 4)}):
+                if budget.left() < 0:
+                    break
+                c = {**cfg, "split_k": split}
+                rec = {"shape": sname, "m": 1, "plan": f"fp8gemv{c}"}
+
+                def call(x, a, s, c=c):
+                    return fg.fp8_gemv(x, None, a[0], a[1], None, x.dtype, config=dict(c))
+                try:
+                    err = lib.rel_errors(call(x, args[0], shape), ref)
+                    rec.update(rel_fro=err["rel_fro"], ok=err["finite"] and err["rel_fro"] < 1e-2)
+                    rec.update(time_it(call, x, args, shape))
+                except Exception as e:
+                    rec["error"] = lib.short_error(e)
+                res["sweep"].append(rec)
+        print(f"fp8 sweep {sname} ({budget.elapsed():.0f}s)", flush=True)
+
+
 def report(res, out: Path) -> str:
     (out / "cuda_round2.json").write_text(json.dumps(res, indent=1))
     t = {(r["variant"], r["shape"], r["m"]): r for r in res["timing"]}
     names = list(dict.fromkeys(r["variant"] for r in res["timing"]))
     parts = ["## Environment\n", "\n".join(f"- {k}: {v}" for k, v in res["env"].items())]
     bw = res["env"].get("copy_GBps") or 3000
-    for sname in SHAPES:
+    for sname in SHAPES if res["timing"] else ():
         rows = []
         for m in MS:
             row = [m]
@@ -274,16 +307,15 @@ def report(res, out: Path) -> str:
     parts.append(lib.markdown_table(["variant", "worst rel_fro", "all passed"], [
         [v, worst[v], all(r.get("pass") for r in res["timing"] if r["variant"] == v)] for v in worst]))
     if res["sweep"]:
-        best = {}
+        best, tried = {}, {}
         for r in res["sweep"]:
-            if r.get("ok") and "us" in r:
-                key = (r["shape"], r["m"])
-                if key not in best or r["us"] < best[key]["us"]:
-                    best[key] = r
-        parts.append("\n### Sweep: best word-kernel plan per (shape, M)\n")
-        parts.append(lib.markdown_table(["shape", "M", "best µs", "plan", "plans tried"], [
-            [s, m, b["us"], b["plan"], sum(1 for r in res["sweep"] if (r["shape"], r["m"]) == (s, m))]
-            for (s, m), b in sorted(best.items())]))
+            key = (r["shape"], r["m"], "fp8" if r["plan"].startswith("fp8") else "w4")
+            tried[key] = tried.get(key, 0) + 1
+            if r.get("ok") and "us" in r and (key not in best or r["us"] < best[key]["us"]):
+                best[key] = r
+        parts.append("\n### Sweep: best plan per (shape, M, kernel family)\n")
+        parts.append(lib.markdown_table(["shape", "M", "kernel", "best µs", "plan", "plans tried"], [
+            [s, m, f, b["us"], b["plan"], tried[(s, m, f)]] for (s, m, f), b in sorted(best.items())]))
     parts.append(f"\nerrors: {res['errors'][:10]}\nskipped: {len(res['skipped'])}")
     text = "\n".join(parts)
     (out / "cuda_round2.md").write_text(text)
@@ -308,6 +340,8 @@ def main() -> None:
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--sweep-s", type=float, default=220.0, help="seconds for the sweep")
     ap.add_argument("--shapes", default=",".join(SHAPES))
+    ap.add_argument("--no-table", action="store_true")
+    ap.add_argument("--fp8-sweep", action="store_true")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -328,7 +362,10 @@ def main() -> None:
     shapes = {n: Shape(n, *SHAPES[n], seed=i) for i, n in enumerate(names)}
     if args.sweep:
         sweep(res, shapes, lib.Budget(args.sweep_s), l2, [c for c in SWEEP_CASES if c[0] in shapes])
-    table(res, shapes, budget, l2, ops, MS)
+    if args.fp8_sweep:
+        fp8_sweep(res, shapes, lib.Budget(60), l2)
+    if not args.no_table:
+        table(res, shapes, budget, l2, ops, MS)
     res["env"]["elapsed_s"] = round(budget.elapsed(), 1)
     print(report(res, out))
 

@@ -72,8 +72,13 @@ def _wo_fake(x, qweight, scales, zeros, bias, spec, shape):
 
 # --- W8A8: activation quantization fused in one kernel, then FP8 / INT8 GEMM ---------------
 
-def _activation(x: torch.Tensor, act_spec: str, act_scale: torch.Tensor | None, fmt: str,
-                kernel: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    x2 = x.reshape(-1, x.shape[-1])
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+
+
+def _check_activation(act_spec: str, act_scale: torch.Tensor | None, fmt: str,
+                      kernel: str) -> None:
     spec = QuantSpec.decode(act_spec)
     dynamic = spec.granularity == "per_token" and act_scale is None
     static = spec.granularity == "per_tensor" and act_scale is not None
@@ -81,10 +86,12 @@ def _activation(x: torch.Tensor, act_spec: str, act_scale: torch.Tensor | None, 
         raise ValueError(f"{kernel}: activation spec {spec.describe()} (dynamic={spec.dynamic}, "
                          f"static scale given: {act_scale is not None}) is not supported; it takes "
                          f"{fmt} per-token dynamic scales or one calibrated per-tensor scale")
-    x2 = x.reshape(-1, x.shape[-1])
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
-    return _impl("triton_w8a8").quantize_activation(x2, fmt, act_scale)
+
+
+def _activation(x: torch.Tensor, act_spec: str, act_scale: torch.Tensor | None, fmt: str,
+                kernel: str) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_activation(act_spec, act_scale, fmt, kernel)
+    return _impl("triton_w8a8").quantize_activation(_rows(x), fmt, act_scale)
 
 
 @torch.library.custom_op(f"sagequant::{FP8_OP}", mutates_args=())
@@ -98,6 +105,10 @@ def cuda_w8a8_fp8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.T
         raise ValueError(f"{FP8_OP}: torch._scaled_mm needs out_features and in_features "
                          f"divisible by 16, got {shape}")
     w = layout.weight_rows(qweight, QuantSpec.decode(spec), n, k)
+    if x.numel() // k <= layout.FP8_GEMV_MAX_M:  # decode: quantization fused into a GEMV
+        _check_activation(act_spec, act_scale, "fp8_e4m3", FP8_OP)
+        out = _impl("triton_fp8_gemv").fp8_gemv(_rows(x), act_scale, w, scales, bias, x.dtype)
+        return out.reshape(*x.shape[:-1], n)
     xq, xs = _activation(x, act_spec, act_scale, "fp8_e4m3", FP8_OP)
     out = _impl("triton_w8a8").fp8_linear(xq, xs, w, scales, bias, x.dtype)
     return out.reshape(*x.shape[:-1], n)
@@ -160,8 +171,8 @@ NF4 = _row(
     ("nf4",), (8, 0), "bf16 tensor-core mma", group_sizes=layout.GROUP_SIZES, k_multiple=8)
 W8A8_FP8 = _row(
     "cuda_w8a8_fp8_scaled_mm", ("W8A8-FP8",), torch.ops.sagequant.cuda_w8a8_fp8_linear.default,
-    "fused per-token (or static) e4m3 activation quantization (Triton), then torch._scaled_mm "
-    "with row-wise or tensor-wise scales",
+    "M=1: per-token (or static) e4m3 activation quantization fused into a Triton FP8 GEMV; "
+    "larger M: the quantization kernel, then torch._scaled_mm with row-/tensor-wise scales",
     ("fp8_e4m3",), (8, 9), "FP8 tensor cores (torch._scaled_mm)",
     granularities=("per_tensor", "per_channel"), k_multiple=16, activation_quant=True)
 W8A8_INT8 = _row(

@@ -37,6 +37,7 @@ WORD_NARROW_N = 4096
 NF4_DEQUANT_MIN_M = 64    # NF4 from this M: dequantize (code book) to 16 bits, then cuBLAS
 WORD_MMA_MIN_BLOCK_K = 128  # the MMA kernel's 8 per-plane dots need >= 16 words per K block
 BIG_LAYER = 32 << 20      # N*K from which small-M word kernels aim for 8 waves of programs
+FP8_GEMV_MAX_M = 1        # W8A8-FP8: M <= this runs the fused quantize+GEMV kernel
 
 
 @dataclass(frozen=True)

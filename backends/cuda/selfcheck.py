@@ -184,6 +184,42 @@ def w8a8_cases(device, dtype):
         yield name, err, err <= 5e-3
 
 
+def fp8_gemv_cases(device, dtype, interpret):
+    """The fused W8A8-FP8 decode kernel (quantize x inside the GEMV) against the reference's
+    quantize -> dequantize -> float64 GEMM; 1e-2 because a code that rounds the other way at a
+    tie-breaking boundary moves one element by one e4m3 step. Under the interpreter, whose fp8
+    cast is wrong just below powers of two (31.6 -> 16), the reference dequantizes the codes of
+    triton_w8a8's quantizer (the same rounding code), which tests the GEMV's own logic."""
+    from . import triton_fp8_gemv as fg
+    from . import triton_w8a8 as w8
+    gen = torch.Generator().manual_seed(13)
+    dev = lambda t: None if t is None else t.to(device)  # noqa: E731
+    for gran in ("per_channel", "per_tensor"):
+        for act in ("per_token", "per_tensor"):
+            for n, k, m, cfg in ((48, 320, 1, None), (40, 2100, 2, dict(BLOCK_N=16, BLOCK_K=128,
+                                                                       split_k=3, num_warps=2,
+                                                                       num_stages=1))):
+                wspec = QuantSpec("fp8_e4m3", gran, None, True, "fp16")
+                qt = quantize(torch.randn(n, k, generator=gen), wspec)
+                x = (torch.randn(m, k, generator=gen) * 2).to(dtype)
+                bias = torch.randn(n, generator=gen).to(dtype) if cfg is None else None
+                static = None if act == "per_token" else torch.tensor([[0.02]])
+                aspec = QuantSpec("fp8_e4m3", act, None, True, "fp32", dynamic=static is None)
+                if interpret:
+                    codes, xs = w8.quantize_activation(x, "fp8_e4m3", static)
+                    xdq = codes.double() * xs.double()
+                else:
+                    xdq = dequantize(quantize(x, aspec, scale=static), torch.float64).reshape(m, k)
+                ref = xdq @ dequantize(qt, torch.float64).t()
+                ref = ref + (0 if bias is None else bias.double())
+                wq = layout.weight_rows(qt.data, wspec, n, k)
+                out = fg.fp8_gemv(dev(x), dev(static), dev(wq), dev(qt.scale), dev(bias), dtype,
+                                  config=cfg)
+                err = _rel(out.cpu(), ref)
+                yield (f"fp8 gemv weight {gran} act {act} N={n} K={k} M={m}"
+                       f"{' split 3' if cfg else ' bias'}"), err, err <= 1e-2
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="CUDA kernel self-check")
     ap.add_argument("--interpret", action="store_true", help="CPU tensors, Triton interpreter")
@@ -198,7 +234,8 @@ def main(argv=None) -> int:
         print("selfcheck: no CUDA device; run with --interpret (needs triton)", file=sys.stderr)
         return 2
     failed = total = 0
-    for cases in (word_cases(device, dtype), weight_only_cases(device, dtype),
+    for cases in (word_cases(device, dtype), fp8_gemv_cases(device, dtype, args.interpret),
+                  weight_only_cases(device, dtype),
                   activation_cases(device, dtype, args.interpret),
                   w8a8_cases(device, dtype)):
         for name, err, ok in cases:

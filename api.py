@@ -40,10 +40,15 @@ def compile(model, config: QuantConfig | None = None, calibration_data=None, tok
     if not isinstance(cfg, QuantConfig):
         raise ConfigError(f"config must be a QuantConfig, got {type(cfg).__name__}")
     _check_supported(cfg)
+    if _is_onnx(model):
+        if print_ir_after or dump_dir or stop_after:
+            raise ConfigError("print_ir_after / dump_dir / stop_after apply to the torch pipeline; an "
+                              "ONNX input model lists its steps in pass_history")
+        from .frontends.onnx import compile_onnx
+        batches = None if calibration_data is None else as_token_batches(
+            calibration_data, tokenizer, cfg.calibration_samples, cfg.calibration_seq_len)
+        return compile_onnx(model, cfg, batches)
     if isinstance(model, (str, Path)):
-        if str(model).endswith(".onnx"):
-            raise ConfigError("ONNX input models are not supported by this build; pass a "
-                              "transformers causal LM or a checkpoint directory")
         model = load_hf_model(model)
     if cfg.draft_mode:
         # Two compiled paths from one config: the verify model (the config's own scheme) and a
@@ -77,6 +82,16 @@ def compile(model, config: QuantConfig | None = None, calibration_data=None, tok
     compiled = CompiledModel(graph, cfg, kv_plan, pm.history)
     compiled.source_model = model
     return compiled
+
+
+def _is_onnx(model) -> bool:
+    """An ONNX input model: a path ending in .onnx or an onnx.ModelProto."""
+    if isinstance(model, (str, Path)):
+        return str(model).endswith(".onnx")
+    if isinstance(model, torch.nn.Module):
+        return False
+    import onnx
+    return isinstance(model, onnx.ModelProto)
 
 
 class CompiledModel:

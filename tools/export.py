@@ -33,7 +33,7 @@ def export(compiled, path: str | Path, format: str = "onnx", weight_format: str 
     constraint when the format cannot express the model. `captured`: a `capture(compiled.graph)`
     result to reuse (capturing is the slow step; every ONNX format is emitted from the same capture).
     format="compressed-tensors" writes a directory (tokenizer files too when `tokenizer` is given)."""
-    _check_args(format, weight_format, engine_path)
+    check_args(format, weight_format, engine_path)
     if format == "compressed-tensors":
         from ..backends.compressed_tensors.checkpoint import write_checkpoint
         return write_checkpoint(compiled, path, tokenizer=tokenizer)
@@ -50,27 +50,39 @@ def export(compiled, path: str | Path, format: str = "onnx", weight_format: str 
 def to_onnx(compiled, format: str = "onnx", weight_format: str = "qdq", accuracy_level: int = 0,
             captured=None):
     """The exported onnx.ModelProto, not written anywhere."""
-    _check_args(format, weight_format)
+    check_args(format, weight_format)
     if format == "compressed-tensors":
         raise ExportError("format='compressed-tensors' is a checkpoint directory, not an ONNX model; "
                           "use export(compiled, directory, format='compressed-tensors')")
     from ..backends.onnxruntime.capture import capture
-    from ..backends.onnxruntime.emit import rewrite
-    if format == "tensorrt":
-        from ..backends.tensorrt.explicit_quant import check_rules, check_tensorrt, emit_tensorrt
-        check, emit = check_tensorrt, emit_tensorrt
-    elif weight_format == "matmulnbits":
-        from ..backends.onnxruntime.matmulnbits import check_matmulnbits, make_emit_matmulnbits
-        check, emit = check_matmulnbits, make_emit_matmulnbits(accuracy_level)
-    else:
-        from ..backends.onnxruntime.qdq import check_qdq, emit_qdq
-        check, emit = check_qdq, emit_qdq
+    check, emit = emitter(format, weight_format, accuracy_level)
     check_exportable(compiled, check)
-    meta = {"sagequant.scheme": compiled.config.scheme, "sagequant.format": format,
-            "sagequant.weight_format": weight_format,
-            "sagequant.config": json.dumps(compiled.config.to_dict(), default=str)}
-    model = rewrite(captured if captured is not None else capture(compiled.graph), emit, meta)
+    return emit_placeholders(captured if captured is not None else capture(compiled.graph), emit,
+                             compiled.config, format, weight_format)
+
+
+def emitter(format: str, weight_format: str, accuracy_level: int = 0):
+    """(per-layer check, emit function) of one ONNX output form."""
     if format == "tensorrt":
+        from ..backends.tensorrt.explicit_quant import check_tensorrt, emit_tensorrt
+        return check_tensorrt, emit_tensorrt
+    if weight_format == "matmulnbits":
+        from ..backends.onnxruntime.matmulnbits import check_matmulnbits, make_emit_matmulnbits
+        return check_matmulnbits, make_emit_matmulnbits(accuracy_level)
+    from ..backends.onnxruntime.qdq import check_qdq, emit_qdq
+    return check_qdq, emit_qdq
+
+
+def emit_placeholders(placeholder_model, emit, config, format: str, weight_format: str):
+    """Rewrite a model holding sagequant::QLinear placeholders (captured from a QuantGraph, or
+    built by the ONNX frontend) into the target form; TensorRT output is checked against its rules."""
+    from ..backends.onnxruntime.emit import rewrite
+    meta = {"sagequant.scheme": config.scheme, "sagequant.format": format,
+            "sagequant.weight_format": weight_format,
+            "sagequant.config": json.dumps(config.to_dict(), default=str)}
+    model = rewrite(placeholder_model, emit, meta)
+    if format == "tensorrt":
+        from ..backends.tensorrt.explicit_quant import check_rules
         violations = check_rules(model)
         if violations:  # the emitter promises these rules; a violation is our bug, say which
             raise ExportError("internal: the TensorRT export breaks its Q/DQ rules: " + "; ".join(violations[:5]))
@@ -86,7 +98,7 @@ def check_exportable(compiled, check) -> None:
             check(info_from_annotation(ann))
 
 
-def _check_args(format: str, weight_format: str, engine_path=None) -> None:
+def check_args(format: str, weight_format: str, engine_path=None) -> None:
     if format not in FORMATS:
         raise ExportError(f"export format={format!r} is not supported; valid: {', '.join(FORMATS)}")
     if weight_format not in WEIGHT_FORMATS:

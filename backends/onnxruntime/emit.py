@@ -123,7 +123,11 @@ _SMALL_CONSTANT = 64  # scales and zero points are compared by value; weights ar
 
 
 def _input_key(gs, t):
+    from onnx_graphsurgeon.ir.tensor import LazyValues
     if isinstance(t, gs.Constant) and np.prod(t.shape or ()) <= _SMALL_CONSTANT:
+        if isinstance(t._values, LazyValues):  # 4-bit protos: reading .values would unpack them
+            proto = t._values.tensor
+            return ("proto", proto.data_type, tuple(proto.dims), proto.raw_data)
         values = np.asarray(t.values)
         return ("const", str(values.dtype), values.shape, values.tobytes())
     return ("tensor", id(t))

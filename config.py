@@ -32,6 +32,7 @@ _CALIBRATIONS = {
 }
 _KV_DTYPES = {"none": "none", "int8": "int8", "fp8": "fp8", "fp8_e4m3": "fp8"}
 _ACTIVATION_SCALES = {s: s for s in ("dynamic_per_token", "static_per_tensor")}
+_WEIGHT_OBSERVERS = {s: s for s in ("minmax", "mse")}
 _OBSERVERS = {**{s: s for s in ("minmax", "moving_average", "percentile", "mse", "histogram")},
               "entropy": "histogram"}
 _PRIORITIES = {s: s for s in ("latency", "throughput", "memory")}
@@ -208,6 +209,9 @@ class QuantConfig:
     activation_scale: str = "dynamic_per_token"
     # Activation range observer; None picks percentile for calibration='percentile', else minmax.
     observer: str | None = None
+    # Weight scales: each block's min/max, or the shrink of it with the smallest round-trip MSE
+    # (used by convert's round-to-nearest and by GPTQ's group scales).
+    weight_observer: str = "minmax"
     # Algorithm options (used only by the calibration method that names them).
     smoothquant_alpha: float | str = 0.5   # migration strength, or "auto" for a per-layer search
     awq_grid: int = 20                     # scale-ratio grid points of the AWQ search
@@ -256,6 +260,7 @@ class QuantConfig:
         self._check_algorithm_options()
         self._check_guard_and_budget()
         self._check_observer()
+        self.weight_observer = _choice("weight_observer", self.weight_observer, _WEIGHT_OBSERVERS)
         self._check_fallback()
         self._check_kv()
         self._check_scheme()

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from ..ir.quant_spec import (
-    SCALE_DTYPES, QuantizedTensor, QuantSpec, block_lengths, compute_qparams, dequantize, quantize)
+    SCALE_DTYPES, QuantizedTensor, QuantSpec, block_lengths, dequantize, quantize, weight_qparams)
 
 # Cholesky retries: damping x10 each time, after the first try.
 DAMP_RETRIES = 3
@@ -94,7 +94,8 @@ def reconstruction_error(weight: torch.Tensor, dequantized: torch.Tensor,
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, *,
                   block_size: int = 128, damp: float = 0.01, act_order: bool = False,
                   clip_ratio: float = 1.0, min_samples: int | None = None,
-                  n_samples: int | None = None, what: str = "weight") -> GPTQResult:
+                  n_samples: int | None = None, observer: str = "minmax",
+                  what: str = "weight") -> GPTQResult:
     """Quantize weight [out, in] with the GPTQ error compensation driven by hessian [in, in].
 
     per_group without act_order: a group's scale is taken from its current (error-updated)
@@ -102,6 +103,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, 
     diag(H) and group scales are fixed up front from the weight ("static groups"), so groups stay
     contiguous in the original column order. per_channel / per_tensor: scales up front. Input
     columns that never see activation (H[i,i] == 0) are zeroed and excluded from the scales.
+    `observer` picks how scales come from columns: 'minmax' or 'mse' (ir.quant_spec.weight_qparams).
     """
     _check_inputs(weight, hessian, spec, block_size, damp, clip_ratio, min_samples, n_samples, what)
     n_cols = weight.shape[1]
@@ -118,7 +120,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, 
         Z = None if spec.symmetric else torch.empty(W.shape[0], n_groups, dtype=torch.int32,
                                                     device=W.device)
     else:
-        S, Z = compute_qparams(W, spec, clip_ratio, what)
+        S, Z = weight_qparams(W, spec, clip_ratio, observer, what)
 
     perm = (torch.argsort(torch.diagonal(H), descending=True, stable=True) if act_order
             else torch.arange(n_cols))
@@ -143,7 +145,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, 
                 if g_end > i2:  # the group runs past this block: apply the block's errors so far
                     rest = W[:, i2:g_end] - Err1[:, :i] @ Hinv[i1:i1 + i, i2:g_end]
                     cur = torch.cat([cur, rest], dim=1)
-                s, z = compute_qparams(cur, spec, clip_ratio, what)
+                s, z = weight_qparams(cur, spec, clip_ratio, observer, what)
                 S[:, col // spec.group_size] = s[:, 0]
                 if Z is not None:
                     Z[:, col // spec.group_size] = z[:, 0]

@@ -153,6 +153,43 @@ def compute_qparams(x: torch.Tensor, spec: QuantSpec, clip_ratio: float = 1.0,
     return scale, zero_point.to(torch.int32)
 
 
+# MSE clip search grid: shrink factors 1.0, 0.99, ..., 0.70 of each block's range.
+MSE_SHRINK_STEPS = 31
+MSE_MIN_SHRINK = 0.70
+
+
+def mse_qparams(x: torch.Tensor, spec: QuantSpec, clip_ratio: float = 1.0,
+                what: str = "tensor") -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-block scale (and zero point) minimising ||x - Q(x)||² over shrunk ranges: each block
+    independently takes the shrink in [0.70, 1] × clip_ratio whose round-trip error is smallest.
+    Shrink 1 is plain min/max, so no block ends up worse than round-to-nearest's."""
+    check_finite(x, what)
+    rows = _as_rows(x.detach(), spec).to(torch.float32)
+    lengths = block_lengths(rows.shape[-1], spec)
+    best_scale, best_zp, best_err = None, None, None
+    for shrink in torch.linspace(1.0, MSE_MIN_SHRINK, MSE_SHRINK_STEPS).tolist():
+        scale, zp = compute_qparams(x, spec, clip_ratio * shrink, what)
+        deq = dequantize(quantize(x, spec, scale, zp, what=what))
+        err = _block_reduce((_as_rows(deq, spec).float() - rows) ** 2, lengths, torch.sum)
+        if best_err is None:
+            best_scale, best_zp, best_err = scale.clone(), None if zp is None else zp.clone(), err
+            continue
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_scale = torch.where(better, scale, best_scale)
+        if zp is not None:
+            best_zp = torch.where(better, zp, best_zp)
+    return best_scale, best_zp
+
+
+def weight_qparams(x: torch.Tensor, spec: QuantSpec, clip_ratio: float = 1.0, observer: str = "minmax",
+                   what: str = "tensor") -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Weight scales by QuantConfig.weight_observer: 'minmax' (the block's range) or 'mse'."""
+    if observer == "mse":
+        return mse_qparams(x, spec, clip_ratio, what)
+    return compute_qparams(x, spec, clip_ratio, what)
+
+
 def quantize(x: torch.Tensor, spec: QuantSpec, scale: torch.Tensor | None = None,
              zero_point: torch.Tensor | None = None, clip_ratio: float = 1.0,
              what: str = "tensor") -> QuantizedTensor:

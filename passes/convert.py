@@ -15,7 +15,7 @@ from ..ir import ops  # noqa: F401  (registers sagequant::dequantize_weight)
 from ..calibration.datasets import CalibrationDataError
 from ..ir.annotations import CalibrationRecord
 from ..ir.graph import QuantGraph
-from ..ir.quant_spec import SCALE_DOUBLE_QUANT, dequantize, double_quantize_scales, quantize
+from ..ir.quant_spec import SCALE_DOUBLE_QUANT, dequantize, double_quantize_scales, quantize, weight_qparams
 from .manager import PassContext, PassResult, register_pass
 
 ATEN = torch.ops.aten
@@ -41,8 +41,10 @@ def convert(graph: QuantGraph, ctx: PassContext) -> PassResult:
             qt = quantize(weight, ann.weight_spec, scale=scale, zero_point=zero_point, what=what)
             ann.weight_qparams = None
         else:
-            qt = quantize(weight, ann.weight_spec, clip_ratio=ann.clip_ratio, what=what)
-        ann.calibration["weight"] = _weight_record(weight, ann.clip_ratio)
+            scale, zero_point = weight_qparams(weight, ann.weight_spec, ann.clip_ratio,
+                                               ctx.config.weight_observer, what)
+            qt = quantize(weight, ann.weight_spec, scale=scale, zero_point=zero_point, what=what)
+        ann.calibration["weight"] = _weight_record(weight, ann.clip_ratio, ctx.config.weight_observer)
         prefix = storage_prefix(w_node.target)
         scale_q = None
         if ctx.config.nf4_double_quant and ann.weight_spec.format == "nf4":
@@ -111,8 +113,8 @@ def _quantize_input(graph: QuantGraph, node, ann, prefix: str) -> None:
     node.replace_input_with(x, fq)
 
 
-def _weight_record(weight: torch.Tensor, clip_ratio: float) -> CalibrationRecord:
+def _weight_record(weight: torch.Tensor, clip_ratio: float, observer: str) -> CalibrationRecord:
     lo, hi = float(weight.min()), float(weight.max())
     absmax = max(abs(lo), abs(hi))
-    return CalibrationRecord(tensor="weight", observer="minmax", min=lo, max=hi, absmax=absmax,
+    return CalibrationRecord(tensor="weight", observer=observer, min=lo, max=hi, absmax=absmax,
                              clip=absmax * clip_ratio, num_samples=1, num_values=weight.numel())

@@ -19,7 +19,7 @@ from ..calibration.datasets import CalibrationDataError
 from ..calibration.gptq import HessianAccumulator, gptq_quantize, reconstruction_error
 from ..calibration.sequential import SequentialRunner
 from ..ir.graph import QuantGraph
-from ..ir.quant_spec import dequantize, quantize
+from ..ir.quant_spec import dequantize, quantize, weight_qparams
 from .manager import PassContext, PassResult, register_pass
 
 ATEN = torch.ops.aten
@@ -68,8 +68,9 @@ def _quantize_layer(graph: QuantGraph, node, acc: HessianAccumulator, cfg, stats
     result = gptq_quantize(weight.float(), acc.hessian, ann.weight_spec, block_size=cfg.gptq_block_size,
                            damp=cfg.gptq_damp, act_order=cfg.gptq_act_order, clip_ratio=ann.clip_ratio,
                            min_samples=MIN_ROWS_PER_INPUT * weight.shape[1], n_samples=acc.n,
-                           what=f"weight of {ann.layer}")
-    rtn = dequantize(quantize(weight.float(), ann.weight_spec, clip_ratio=ann.clip_ratio))
+                           observer=cfg.weight_observer, what=f"weight of {ann.layer}")
+    scale, zero_point = weight_qparams(weight.float(), ann.weight_spec, ann.clip_ratio, cfg.weight_observer)
+    rtn = dequantize(quantize(weight.float(), ann.weight_spec, scale, zero_point))
     stats["rtn_error"] += reconstruction_error(weight.float(), rtn, acc.hessian)
     stats["gptq_error"] += reconstruction_error(weight.float(), result.dequantized.float(), acc.hessian)
     stats["layers"] += 1

@@ -189,8 +189,9 @@ class _Generation:
         self.stops = body.stop_strings()
         self.body = body
         self.tokens: list[int] = []
-        self.text = ""      # decoded so far
+        self.text = ""      # complete characters decoded so far
         self.sent = 0       # characters of self.text already given to the client
+        self._window = (0, 0)  # token offsets [prefix, read) of the incremental decode
         self.finished = False
         self.started = time.perf_counter()
         self.channel: asyncio.Queue = asyncio.Queue()
@@ -211,6 +212,8 @@ class _Generation:
             raise
         if first[0] == "rejected":
             raise APIError(400, f"request refused by the engine: {first[1]}")
+        if first[0] == "failed":
+            raise APIError(500, first[1], "engine_error")
         self.metrics.prompt_tokens.inc(len(self.prompt_ids))
 
     async def deltas(self):
@@ -226,7 +229,7 @@ class _Generation:
                 _, token, done, reason = msg
                 self.tokens.append(token)
                 self.metrics.generated_tokens.inc()
-                self.text = self.served.tokenizer.decode(self.tokens, skip_special_tokens=True)
+                self._decode(flush=done)
                 stop_at = self._stop_position()
                 if stop_at is not None:
                     if not done:
@@ -241,6 +244,19 @@ class _Generation:
             if not self.finished:  # the client went away (or the handler was cancelled)
                 self.loop.abort(self.id)
 
+    def _decode(self, flush: bool) -> None:
+        """Append the text the new token completes. Only a short window of tokens is decoded
+        (not the whole output each time), starting one step back so that a token's rendering that
+        depends on its predecessor comes out right; text that ends in an incomplete UTF-8
+        sequence waits for the next token unless the request is finishing."""
+        prefix, read = self._window
+        decode = self.served.tokenizer.decode
+        before = decode(self.tokens[prefix:read], skip_special_tokens=True)
+        after = decode(self.tokens[prefix:], skip_special_tokens=True)
+        if len(after) > len(before) and (flush or not after.endswith("\ufffd")):
+            self.text += after[len(before):]
+            self._window = (read, len(self.tokens))
+
     def _stop_position(self) -> int | None:
         hits = [i for i in (self.text.find(s, max(0, self.sent - len(s))) for s in self.stops) if i >= 0]
         return min(hits) if hits else None
@@ -248,8 +264,6 @@ class _Generation:
     def _ready_text(self, done: bool) -> str:
         end = len(self.text)
         if not done:
-            if self.text.endswith("\ufffd"):  # a multi-byte character still being generated
-                return ""
             # Keep back a tail that could still grow into a stop string.
             hold = max((k for s in self.stops for k in range(1, len(s))
                         if self.text.endswith(s[:k])), default=0)

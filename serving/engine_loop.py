@@ -42,7 +42,7 @@ class Submission:
 #   ("accepted",)                                   the engine took the request
 #   ("rejected", message)                           add_request refused it (ValueError): a 4xx
 #   ("token", token_id, finished, finish_reason)    one generated token
-#   ("failed", message)                             the engine raised during a step: a 5xx
+#   ("failed", message)                             the engine raised (admitting or stepping): a 5xx
 
 
 class EngineLoop:
@@ -124,9 +124,14 @@ class EngineLoop:
             self.engine.add_request(sub.prompt_ids, sub.max_new_tokens, temperature=sub.temperature,
                                     top_p=sub.top_p, stop_token_ids=sub.stop_token_ids,
                                     request_id=sub.request_id)
-        except ValueError as e:
+        except ValueError as e:  # the engine's verdict on the request itself: a 4xx
             self._release()
             self._send(sub, ("rejected", str(e)))
+            return
+        except Exception as e:  # noqa: BLE001 - a server fault must not kill the loop: a 5xx
+            self._release()
+            self._send(sub, ("failed", f"the engine could not take the request: "
+                                       f"{type(e).__name__}: {e}"))
             return
         self._live[sub.request_id] = sub
         self._send(sub, ("accepted",))

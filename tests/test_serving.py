@@ -335,3 +335,36 @@ def test_port_in_use_is_a_clear_error():
             bind("127.0.0.1", taken.getsockname()[1])
     finally:
         taken.close()
+
+
+def test_incremental_decode_never_splits_characters(tokenizer):
+    """Multi-byte characters spread over several byte-level tokens come out whole, and the
+    concatenated deltas equal decoding the whole output at once."""
+    from sagequant.serving.app import ServedModel, _Generation
+    from sagequant.serving.protocol import CompletionRequest
+    text = "Größe: 日本語のテキスト 🎉🚀 naïve café — ok"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) > len(text.split())  # some characters span several tokens
+    gen = _Generation(None, ServedModel("m", tokenizer, 512, len(tokenizer)), None, [1], 64,
+                      CompletionRequest(model="m", prompt="x"))
+    seen = []
+    for i, token in enumerate(ids):
+        gen.tokens.append(token)
+        gen._decode(flush=i == len(ids) - 1)
+        assert "\ufffd" not in gen.text
+        seen.append(gen.text)
+    assert gen.text == tokenizer.decode(ids) == text
+    assert len(set(seen)) < len(seen)  # some steps had to wait for the rest of a character
+
+
+def test_engine_admission_fault_is_500(tiny_compiled, tokenizer):
+    with Server(tiny_compiled, tokenizer, max_batch=2, max_queue=2, max_seq_len=96) as s:
+        engine = s.app.state.loop.engine
+
+        def broken(*args, **kwargs):
+            raise TypeError("unexpected engine fault")
+        engine.add_request = broken
+        r = s.client.post("/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 2})
+        assert r.status_code == 500 and "TypeError: unexpected engine fault" in r.json()["error"]["message"]
+        s.assert_alive()
+        assert s.metrics()["sagequant_requests_in_flight"] == 0

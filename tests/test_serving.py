@@ -368,3 +368,15 @@ def test_engine_admission_fault_is_500(tiny_compiled, tokenizer):
         assert r.status_code == 500 and "TypeError: unexpected engine fault" in r.json()["error"]["message"]
         s.assert_alive()
         assert s.metrics()["sagequant_requests_in_flight"] == 0
+
+
+def test_int8_kv_cache_server(helpers, tokenizer, tiny_compiled, server):
+    model = helpers.build_tiny("llama", vocab_size=len(tokenizer))
+    cm = sq.compile(model, sq.QuantConfig(weight_dtype="int8", activation_dtype="a16",
+                                          kv_cache_dtype="int8", guard="off"))
+    with Server(cm, tokenizer, max_batch=2, max_queue=2, max_seq_len=96) as s:
+        r = s.client.post("/v1/completions", json={"model": "tiny", "prompt": "hello there",
+                                                    "max_tokens": 5, "temperature": 0})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 5
+        kv_int8 = s.metrics()["sagequant_kv_bytes_per_token"]
+    assert 0 < kv_int8 < 0.6 * server.metrics()["sagequant_kv_bytes_per_token"]

@@ -67,6 +67,10 @@ def compile(model, config: QuantConfig | None = None, calibration_data=None, tok
         batches, held_back = split_held_back(
             as_token_batches(calibration_data, tokenizer, cfg.calibration_samples + extra,
                              cfg.calibration_seq_len), cfg)
+    kv_plan = build_kv_plan(cfg)
+    num_layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    if isinstance(num_layers, int):   # fail before the pipeline runs, naming the valid layers
+        kv_plan.validate_layers(num_layers)
     graph = trace_model(model)
     instruments = []
     if print_ir_after:
@@ -76,9 +80,6 @@ def compile(model, config: QuantConfig | None = None, calibration_data=None, tok
     pm = PassManager(PIPELINE, instruments, verify_each=verify_each, stop_after=stop_after)
     ctx = PassContext(cfg, batches, reference_model=model, held_back_batches=held_back)
     graph = pm.run(graph, ctx)
-    kv_plan = build_kv_plan(cfg)
-    if graph.model_info.get("num_hidden_layers"):
-        kv_plan.validate_layers(graph.model_info["num_hidden_layers"])
     compiled = CompiledModel(graph, cfg, kv_plan, pm.history)
     compiled.source_model = model
     return compiled

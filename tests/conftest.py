@@ -166,3 +166,10 @@ def tiny_checkpoint(tmp_path_factory):
     build_tiny("llama", vocab_size=len(tok)).save_pretrained(d)
     tok.save_pretrained(d)
     return d
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """(model, tokenizer) of the real SmolLM2-135M, loaded once per session: share it."""
+    from sagequant.calibration.real_data import load_smollm2
+    return load_smollm2()

@@ -135,3 +135,12 @@ def test_bad_engine_arguments(compiled):
     engine.add_request([1], 2, request_id="x")
     with pytest.raises(ValueError, match="already in use"):
         engine.add_request([1], 2, request_id="x")
+
+
+def test_loaded_artifact_generates_the_same(compiled, tmp_path):
+    """A saved and reloaded model (no traced shapes: the KV geometry comes from its config)."""
+    cm = compiled("llama", kv_cache_dtype="int8")
+    cm.save(tmp_path / "artifact")
+    loaded = sagequant.load(tmp_path / "artifact")
+    prompt = [[9, 8, 7, 6]]
+    assert loaded.generate(prompt, max_new_tokens=10).tolist() == cm.generate(prompt, max_new_tokens=10).tolist()

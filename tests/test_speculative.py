@@ -14,9 +14,8 @@ def test_draft_and_verify_configs():
         draft_and_verify_configs(QuantConfig(weight_dtype="int4", draft_mode=True))
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_speculative_equals_verify_greedy(tiny, arch):
-    cm = sagequant.compile(tiny(arch), QuantConfig(weight_dtype="int8", draft_mode=True))
+def test_speculative_equals_verify_greedy(tiny):
+    cm = sagequant.compile(tiny("qwen2"), QuantConfig(weight_dtype="int8", draft_mode=True))
     assert cm.draft is not None and cm.draft.kv_plan.dtype == "int8"
     prompt = [3, 14, 15, 92, 65]
     reference = cm.generate([prompt], max_new_tokens=24)[0, len(prompt):].tolist()

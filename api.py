@@ -23,23 +23,27 @@ from .passes.guard import split_held_back
 from .passes.schedule import scheduler_ir
 
 
-def _check_supported(cfg: QuantConfig) -> None:
-    """Config features this build's pipeline has no pass for are refused up front, by name."""
-    unsupported = []
-    if cfg.enable_qat:
-        unsupported.append("enable_qat=True (no fake_quant pass yet)")
-    if unsupported:
-        raise ConfigError("this sagequant build cannot compile: " + "; ".join(unsupported))
+def _compile_qat(model, cfg: QuantConfig, train_data, tokenizer, options, instrumented: bool):
+    """enable_qat: calibration_data is the training text; calibration/qat.py trains the FakeQuant
+    graph and lowers it like PTQ."""
+    from .calibration.qat import quantization_aware_training
+    if not cfg.enable_qat:
+        raise ConfigError("compile(qat=QATOptions(...)) needs QuantConfig.enable_qat=True")
+    if instrumented:
+        raise ConfigError("print_ir_after / dump_dir / stop_after apply to PTQ compiles; for QAT run "
+                          "the passes of sagequant.calibration.qat.qat_pipelines() with a PassManager")
+    return quantization_aware_training(model, cfg, train_data, tokenizer, options)
 
 
 def compile(model, config: QuantConfig | None = None, calibration_data=None, tokenizer=None, *,
             print_ir_after: list[str] | str | None = None, dump_dir: str | Path | None = None,
-            stop_after: str | None = None, verify_each: bool = True) -> "CompiledModel":
-    """Trace `model` (a transformers causal LM or a local checkpoint dir) and run the pipeline."""
+            stop_after: str | None = None, verify_each: bool = True, qat=None) -> "CompiledModel":
+    """Trace `model` (a transformers causal LM or a local checkpoint dir) and run the pipeline.
+    With QuantConfig.enable_qat, train first (calibration_data is the training text; `qat` the
+    calibration.qat.QATOptions)."""
     cfg = config or QuantConfig()
     if not isinstance(cfg, QuantConfig):
         raise ConfigError(f"config must be a QuantConfig, got {type(cfg).__name__}")
-    _check_supported(cfg)
     if _is_onnx(model):
         if print_ir_after or dump_dir or stop_after:
             raise ConfigError("print_ir_after / dump_dir / stop_after apply to the torch pipeline; an "
@@ -50,6 +54,9 @@ def compile(model, config: QuantConfig | None = None, calibration_data=None, tok
         return compile_onnx(model, cfg, batches)
     if isinstance(model, (str, Path)):
         model = load_hf_model(model)
+    if cfg.enable_qat or qat is not None:
+        return _compile_qat(model, cfg, calibration_data, tokenizer, qat,
+                            bool(print_ir_after or dump_dir or stop_after))
     if cfg.draft_mode:
         # Two compiled paths from one config: the verify model (the config's own scheme) and a
         # lighter draft (runtime.speculative.draft_and_verify_configs), used by SpeculativeDecoder.

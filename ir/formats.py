@@ -65,6 +65,13 @@ class QuantFormat:
             return _nf4_book(codes.device).to(dtype)[codes.long()]
         return codes.to(dtype)
 
+    def round_trip(self, scaled: torch.Tensor) -> torch.Tensor:
+        """decode(encode(scaled)) as float32 (what fake quantization needs), without materialising
+        the integer codes: int formats round half-even and saturate in float directly."""
+        if self.kind == "int":
+            return torch.round(scaled.float()).clamp_(self.qmin, self.qmax)
+        return self.decode(self.encode(scaled), torch.float32)
+
     def to_storage(self, codes: torch.Tensor) -> torch.Tensor:
         """Codes as stored: packed nibbles for 4-bit formats, else the native storage dtype."""
         if self.packed:

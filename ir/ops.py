@@ -25,6 +25,29 @@ def _rms_norm_fake(x, weight, eps, weight_offset):
     return x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype))
 
 
+def _rms_norm_setup(ctx, inputs, output):
+    x, weight, eps, weight_offset = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.eps, ctx.weight_offset = eps, weight_offset
+
+
+def _rms_norm_backward(ctx, grad):
+    """Analytic RMSNorm gradient (QAT trains through the canonical graph): with r = rsqrt(mean(x^2)
+    + eps), xhat = x r and g = grad * scale, dx = r (g - xhat mean(g xhat)); dweight = sum grad xhat."""
+    x, weight = ctx.saved_tensors
+    xf = x.float()
+    r = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + ctx.eps)
+    xhat = xf * r
+    scale = weight.float() + ctx.weight_offset
+    g = grad.float() * scale
+    dx = r * (g - xhat * (g * xhat).mean(-1, keepdim=True))
+    dweight = (grad.float() * xhat.to(x.dtype).float()).reshape(-1, x.shape[-1]).sum(0)
+    return dx.to(x.dtype), dweight.to(weight.dtype), None, None
+
+
+rms_norm.register_autograd(_rms_norm_backward, setup_context=_rms_norm_setup)
+
+
 @torch.library.custom_op("sagequant::dequantize_weight", mutates_args=())
 def dequantize_weight(data: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
                       spec: str, shape: list[int], out_dtype: torch.dtype) -> torch.Tensor:

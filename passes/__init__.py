@@ -10,3 +10,5 @@ PIPELINE = ["canonicalize", "annotate", "mixed_precision", "smoothquant", "awq",
 from . import fuse_norm_qdq  # noqa: F401,E402
 # Last: accuracy checks and scheduler IR see one kernel per linear; the fusion is exact.
 PIPELINE.append("fuse_norm_qdq")
+# QAT only (calibration/qat.py runs them around training): not in PIPELINE.
+from . import fake_quant, fold_fake_quant  # noqa: F401,E402

@@ -17,6 +17,7 @@ from ..passes import PASSES, PIPELINE
 from ..passes.guard import AccuracyGuardError
 from ..serving.cli import USER_ERRORS as SERVING_ERRORS, add_engine_parser
 from .demo import add_demo_args, run_from_args
+from .qat_cli import add_qat_parser
 
 # Errors a user can cause; printed as one clear line instead of a traceback.
 USER_ERRORS = (ConfigError, ArtifactError, CalibrationDataError, QuantizationError, TraceError,
@@ -298,6 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="compile the real SmolLM2 at W8A16 and W4A16 and print the report table")
     add_demo_args(d)
     d.set_defaults(func=run_from_args)
+    add_qat_parser(sub, _add_compile_flags)
     return p
 
 

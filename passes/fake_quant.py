@@ -1,0 +1,102 @@
+"""fake_quant: for QAT (QuantConfig.enable_qat), turn every quantized linear into a
+FakeQuantLinear module — FakeQuant on its weight and, when the annotation quantizes activations,
+on its input — read from the same QuantSpecs that convert will use.
+
+Each `aten.linear(x, get_attr W, get_attr b)` becomes `call_module[<layer path>](x)`; the module
+sits where W's holder sat (model.model.layers.0.self_attn.q_proj), so the graph keeps the
+model's layer names and peft can target the layers by them. Initial scales are what PTQ would
+use: round-to-nearest of W (or GPTQ's chosen qparams), the calibrated static activation scale.
+`fold_fake_quant` turns the trained modules back into linears before convert.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..calibration.datasets import CalibrationDataError
+from ..calibration.fake_quant import FakeQuantize, FakeQuantLinear
+from ..ir.graph import QuantGraph
+from ..ir.quant_spec import compute_qparams
+from .convert import storage_prefix
+from .manager import PassContext, PassResult, register_pass
+
+ATEN = torch.ops.aten
+# Static activation observers average per-batch ranges; weights track the weight exactly.
+ACTIVATION_AVERAGING = 0.01
+
+
+@register_pass("fake_quant", "QAT: quantized linears -> FakeQuantLinear modules (STE, optional LSQ)",
+               requires=("annotate",))
+def fake_quant(graph: QuantGraph, ctx: PassContext) -> PassResult:
+    cfg = ctx.config
+    if not cfg.enable_qat:
+        return PassResult(graph, False, {"skipped": "enable_qat=False"})
+    inserted = learned = 0
+    for node in graph.annotated():
+        ann = graph.annotation(node)
+        if not ann.quantized or node.target != ATEN.linear.default:
+            continue
+        path = _holder_path(graph, node, ann.layer)
+        weight = graph.attr(node.args[1]).detach()
+        bias = node.args[2] if len(node.args) > 2 else None
+        bias_value = graph.attr(bias).detach() if bias is not None else None
+        if ann.weight_qparams is not None:  # GPTQ chose the grid: start QAT from it
+            scale, zero_point = ann.weight_qparams
+            ann.weight_qparams = None
+        else:
+            scale, zero_point = compute_qparams(weight, ann.weight_spec, ann.clip_ratio,
+                                                f"weight of {ann.layer}")
+        weight_fq = FakeQuantize(ann.weight_spec, scale, zero_point, cfg.qat_learn_scales,
+                                 clip_ratio=ann.clip_ratio, what=f"weight of {ann.layer}")
+        module = FakeQuantLinear(weight, bias_value, weight_fq, _input_fake_quant(ann, cfg))
+        graph.gm.set_submodule(path, module)
+        with graph.graph.inserting_before(node):
+            call = graph.graph.call_module(path, (node.args[0],))
+        call.meta.update(node.meta)
+        node.replace_all_uses_with(call)
+        graph.graph.erase_node(node)
+        inserted += 1
+        learned += sum(fq is not None and fq.learns_scale for fq in (module.weight_fq, module.input_fq))
+    # Not graph.recompile(): it drops attributes no get_attr reads, and the weights now live in
+    # the FakeQuantLinear modules.
+    graph.graph.eliminate_dead_code()
+    graph.graph.lint()
+    graph.gm.recompile()
+    return PassResult(graph, inserted > 0, {"fake_quant_linears": inserted, "learned_scales": learned})
+
+
+def _holder_path(graph: QuantGraph, node, layer: str) -> str:
+    """The module path holding the linear's weight, checked to hold nothing else and be read once."""
+    w_node = node.args[1]
+    bias = node.args[2] if len(node.args) > 2 else None
+    if bias is not None and getattr(bias, "op", None) != "get_attr":
+        raise ValueError(f"QAT: the bias of {layer} is computed in the graph, not a parameter; "
+                         "keep that layer in QuantConfig.ignore")
+    path = storage_prefix(w_node.target)
+    readers = [user for n in graph.graph.nodes if n.op == "get_attr" and n.target == w_node.target
+               for user in n.users]
+    if readers != [node]:
+        raise ValueError(f"QAT would train the weight {w_node.target} of {layer}, which other ops "
+                         "also read (tied embeddings?); keep that layer in QuantConfig.ignore")
+    holder = graph.gm.get_submodule(path)
+    extra = set(holder._parameters) | set(holder._buffers) | set(holder._modules)
+    if extra - {"weight", "bias"}:
+        raise ValueError(f"QAT: the module {path} holding the weight of {layer} also holds "
+                         f"{sorted(extra - {'weight', 'bias'})}; only a plain linear can be replaced")
+    return path
+
+
+def _input_fake_quant(ann, cfg) -> FakeQuantize | None:
+    spec = ann.input_spec
+    if spec is None:
+        return None
+    what = f"input of {ann.layer}"
+    if spec.dynamic:
+        return FakeQuantize(spec, None, None, clip_ratio=ann.clip_ratio, what=what)
+    record = ann.calibration.get("input")
+    if record is None:
+        raise CalibrationDataError(f"{ann.layer}: the static activation scale of QAT starts from "
+                                   "calibration; run calibrate with data before fake_quant")
+    clip = record.clip if record.clip > 0 else 1.0
+    scale = spec.fmt.symmetric_scale(torch.tensor([[clip]], dtype=torch.float32))
+    return FakeQuantize(spec, scale, None, cfg.qat_learn_scales, averaging=ACTIVATION_AVERAGING,
+                        clip_ratio=ann.clip_ratio, what=what)

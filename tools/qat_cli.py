@@ -1,0 +1,57 @@
+"""`sagequant qat`: quantization-aware training on a text dataset, then the same artifact as
+`sagequant compile` (calibration/qat.py does the work)."""
+from __future__ import annotations
+
+import argparse
+
+from ..calibration.qat import LOSSES, QATOptions
+
+
+def add_qat_parser(sub, add_compile_flags) -> None:
+    q = sub.add_parser("qat", help="quantization-aware training (FakeQuant + LoRA), then compile "
+                                   "to the same artifact as PTQ")
+    add_compile_flags(q, dataset_required=True)  # --dataset: the training text (.jsonl / plain)
+    budget = q.add_mutually_exclusive_group()
+    budget.add_argument("--steps", type=int, help="optimizer steps (default 100)")
+    budget.add_argument("--epochs", type=int, help="passes over the training windows instead of --steps")
+    q.add_argument("--lr", type=float, default=QATOptions.lr, help="adapter learning rate")
+    q.add_argument("--scale-lr", type=float, default=QATOptions.scale_lr, help="LSQ scale learning rate")
+    q.add_argument("--batch-size", type=int, default=QATOptions.batch_size)
+    q.add_argument("--train-seq-len", type=int, default=QATOptions.seq_len, help="training window in tokens")
+    q.add_argument("--lora-rank", type=int, default=QATOptions.lora_rank,
+                   help="LoRA rank (peft); 0 trains the quantized layers' weights directly")
+    q.add_argument("--lora-alpha", type=float, default=QATOptions.lora_alpha)
+    q.add_argument("--loss", default=QATOptions.loss, help=f"{' | '.join(LOSSES)} (distill: KL to the float model)")
+    q.add_argument("--warmup-steps", type=int, default=QATOptions.warmup_steps)
+    q.add_argument("--freeze-observers-step", type=int, help="observers stop updating scales from this step")
+    q.add_argument("--no-learn-scales", action="store_true", help="observed scales instead of LSQ-learned ones")
+    q.add_argument("--checkpoint-dir", help="write adapter/scale checkpoints (safetensors) here")
+    q.add_argument("--checkpoint-every", type=int, help="checkpoint every N steps (needs --checkpoint-dir)")
+    q.add_argument("--seed", type=int, default=0)
+    q.set_defaults(func=cmd_qat)
+
+
+def cmd_qat(args: argparse.Namespace) -> int:
+    from ..calibration.datasets import load_texts
+    from .cli import _config_from_args, _print_report
+    from .models import resolve_model
+    from ..calibration.qat import quantization_aware_training
+
+    cfg = _config_from_args(args).replace(enable_qat=True, qat_learn_scales=not args.no_learn_scales)
+    options = QATOptions(
+        steps=None if args.epochs else (args.steps or QATOptions.steps), epochs=args.epochs,
+        lr=args.lr, scale_lr=args.scale_lr, batch_size=args.batch_size, seq_len=args.train_seq_len,
+        lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, loss=args.loss,
+        warmup_steps=args.warmup_steps, freeze_observers_step=args.freeze_observers_step,
+        checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every, seed=args.seed)
+    texts = load_texts(args.dataset)
+    model, tok = resolve_model(args.model)
+    cm = quantization_aware_training(model, cfg, texts, tok, options)
+    cm.graph.model_info["source"] = args.model
+    stats = next(p["stats"] for p in cm.pass_history if p["pass"] == "qat_train")
+    print(f"qat: {stats['steps']} steps, {stats['tokens']:,} tokens, {stats['seconds']:.1f} s; "
+          f"loss {stats['loss_first']:.4f} -> {stats['loss_last']:.4f} ({options.loss})")
+    path = cm.save(args.output)
+    _print_report(cm.report())
+    print(f"artifact: {path}")
+    return 0

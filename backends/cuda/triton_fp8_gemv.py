@@ -69,11 +69,14 @@ def _fp8_gemv_kernel(x_ptr, w_ptr, sw_ptr, static_ptr, b_ptr, out_ptr, M, N, K, 
 
 
 def gemv_config(n: int, k: int, sms: int = 132) -> dict:
-    """Tiles and split-K: 128-byte weight rows per step, enough programs for 8 waves on big
-    layers (the word GEMV's measured sweet spot), 4 on small ones."""
-    block_n = 64 if n >= 2048 else 16
-    waves = 2 * layout.MEMORY_BOUND_WAVES if n * k >= layout.BIG_LAYER else layout.MEMORY_BOUND_WAVES
-    split = layout.split_k_for(triton.cdiv(n, block_n), triton.cdiv(k, 128), sms, waves)
+    """Tiles and split-K from the H100 sweep (BENCHMARKS.md, CUDA round 2): 32 rows of 128 bytes
+    per step, split-K for 8 waves of programs; where the rows alone fill the GPU, split anyway
+    so that a program streams at most 1024 bytes of a row (gate_up: 60.9 µs against 68.5)."""
+    block_n = 32
+    tiles = triton.cdiv(n, block_n)
+    split = layout.split_k_for(tiles, triton.cdiv(k, 128), sms, 2 * layout.MEMORY_BOUND_WAVES)
+    if split == 1:
+        split = triton.cdiv(k, 1024)
     return dict(BLOCK_N=block_n, BLOCK_K=128, split_k=split, num_warps=4, num_stages=2)
 
 

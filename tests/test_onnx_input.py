@@ -96,6 +96,7 @@ def test_smoothquant_fold_is_exact_and_awq_never_worse_than_rtn(onnx_path, calib
                                               calibration="awq", awq_grid=4), calibration_data=calib_ids)
     awq = next(h for h in cm.pass_history if h["pass"] == "awq")["stats"]
     assert awq["groups"] == 4 and all(g["loss"] <= g["rtn_loss"] for g in awq["per_group"].values())
+    assert awq["clipped_layers"] == 14 and awq["clip_loss_awq"] <= awq["clip_loss_rtn"]
 
 
 def test_corrupt_and_truncated_files(onnx_path, tmp_path):

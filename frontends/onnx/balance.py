@@ -2,14 +2,15 @@
 scale gamma (divided by s) and the consumer linears' weights (input rows multiplied by s), for
 every norm -> linears group (graph.norm_groups). The scale math is the torch side's
 (calibration/smoothquant.py, calibration/awq.py); only the folding is ONNX-specific.
-Groups whose producer is not a norm scale (v -> o, up -> down) are not balanced here.
+Groups whose producer is not a norm scale (v -> o, up -> down) are not balanced here; the AWQ
+clip search (QuantConfig.awq_clip) runs on every quantized linear, as on the torch side.
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from ...calibration.awq import awq_search_scales
+from ...calibration.awq import awq_search_clip, awq_search_scales
 from ...calibration.smoothquant import fold_into_norm, scale_consumer_columns, smoothing_scales
 from .graph import NormGroup
 
@@ -47,3 +48,15 @@ def awq(groups: list[NormGroup], stats, grid: int) -> dict:
         _fold(group, result.scales)
         out[group.linears[0].name] = {"ratio": result.ratio, "loss": result.loss, "rtn_loss": result.rtn_loss}
     return out
+
+
+def awq_clip(linears, stats, grid: int) -> dict:
+    """AWQ's weight clip search per (row, group) on every quantized linear's (balanced) input."""
+    losses = {"rtn": 0.0, "clipped": 0.0}
+    for lin in linears:
+        clip = awq_search_clip(stats[lin.x.name].sample(AWQ_ROWS), torch.from_numpy(lin.weight_out_in()),
+                               lin.weight_spec, grid=grid)
+        lin.set_weight_out_in(clip.weight.numpy())
+        losses["rtn"] += clip.rtn_loss
+        losses["clipped"] += clip.loss
+    return {"clipped_layers": len(linears), "clip_loss_rtn": losses["rtn"], "clip_loss_awq": losses["clipped"]}

@@ -124,7 +124,11 @@ def _balance(graph, linears, quantized, cfg, batches, step) -> None:
         result = balance.smoothquant(groups, stats, cfg.smoothquant_alpha)
     else:
         result = balance.awq(groups, stats, cfg.awq_grid)
-    step(cfg.calibration, groups=len(groups), per_group=result)
+    clip = {}
+    if cfg.calibration == "awq" and cfg.awq_clip:  # on the balanced inputs, as the torch side
+        stats = collect(gs.export_onnx(graph), quantized, batches, cfg, keep_rows=balance.AWQ_ROWS)
+        clip = balance.awq_clip(quantized, stats, cfg.awq_grid)
+    step(cfg.calibration, groups=len(groups), per_group=result, **clip)
 
 
 def _quantize(graph, quantized: list[Linear], stats) -> dict[str, int]:

@@ -48,7 +48,6 @@ def onnx_path(tiny, tmp_path_factory):
 
 @pytest.mark.parametrize("cfg", [
     dict(weight_dtype="int4", activation_dtype="a16", group_size=32),
-    dict(weight_dtype="int4", activation_dtype="a16", group_size=32, symmetric=False),
     dict(weight_dtype="int8", activation_dtype="int8", group_size=None),
     dict(weight_dtype="fp8", activation_dtype="fp8", group_size=None, activation_scale="static_per_tensor"),
     dict(weight_dtype="int8", activation_dtype="int8", group_size=None, activation_scale="static_per_tensor",

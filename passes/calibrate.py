@@ -1,5 +1,12 @@
 """calibrate: run the calibration batches through the observed graph, turn every observer into a
-CalibrationRecord on its consumer's annotation, then remove the observers."""
+CalibrationRecord on its consumer's annotation, then remove the observers.
+
+Static activation scales are derived from these records, so then every batch is observed. When no
+scale depends on them (weight-only or dynamic per-token schemes) the records only document the
+ranges for reports, and the first RANGE_ONLY_BATCHES batches are enough: the algorithms that need
+the full data (SmoothQuant, AWQ, GPTQ) collect their own statistics. Each record's num_samples
+says how many batches it saw.
+"""
 from __future__ import annotations
 
 import torch
@@ -9,6 +16,9 @@ from ..calibration.datasets import CalibrationDataError
 from ..ir.graph import QuantGraph
 from .insert_observers import observer_nodes
 from .manager import PassContext, PassResult, register_pass
+
+
+RANGE_ONLY_BATCHES = 4
 
 
 @register_pass("calibrate", "run calibration data through observers and fill CalibrationRecords",
@@ -23,13 +33,14 @@ def calibrate(graph: QuantGraph, ctx: PassContext) -> PassResult:
             f"static activation scales ({len(static)} layers, e.g. {static[0]}) need calibration "
             "data: pass calibration_data= (texts with a tokenizer, token tensors, or a dataset "
             "path), or use QuantConfig.activation_scale='dynamic_per_token'")
-    tokens = 0
+    tokens, observed = 0, []
     if batches is not None:
         if len(batches) == 0:
             raise CalibrationDataError("calibration data is empty: no batches to calibrate on")
+        observed = batches if static else batches[:RANGE_ONLY_BATCHES]
         with torch.inference_mode():
-            for batch in tqdm(batches, desc="calibrate", unit="batch", leave=False,
-                              disable=len(batches) < 4):
+            for batch in tqdm(observed, desc="calibrate", unit="batch", leave=False,
+                              disable=len(observed) < 4):
                 graph.gm(batch)
                 tokens += batch.numel()
     records = 0
@@ -45,4 +56,5 @@ def calibrate(graph: QuantGraph, ctx: PassContext) -> PassResult:
         graph.gm.delete_submodule(obs_node.target)
     graph.recompile()
     return PassResult(graph, bool(observers), {"records": records, "batches": len(batches or []),
+                                               "observed_batches": len(observed) if batches else 0,
                                                "tokens": tokens})

@@ -92,7 +92,8 @@ def test_records_equal_true_input_ranges(tiny):
         in_features = model.get_submodule(layer).in_features
         assert r["num_values"] == n_tokens * in_features
     passes = {p["pass"]: p for p in cm.report()["passes"]}
-    assert passes["calibrate"]["stats"] == {"records": 14, "batches": 3, "tokens": n_tokens}
+    assert passes["calibrate"]["stats"] == {"records": 14, "batches": 3, "observed_batches": 3,
+                                            "tokens": n_tokens}
     assert not _observers(cm.graph)
 
 
@@ -207,3 +208,19 @@ def test_static_activation_scales_need_data(tiny):
 def test_float_calibration_tensor_rejected(tiny):
     with pytest.raises(CalibrationDataError, match="integers"):
         sq.compile(tiny("llama"), sq.QuantConfig(), calibration_data=torch.rand(2, 8))
+
+
+def test_range_only_records_observe_a_few_batches_static_scales_all(fresh_tiny):
+    from sagequant.passes.calibrate import RANGE_ONLY_BATCHES
+    g = torch.Generator().manual_seed(3)
+    data = torch.randint(0, 128, (RANGE_ONLY_BATCHES + 5, 12), generator=g)
+    model = fresh_tiny("llama")
+    weight_only = sq.compile(model, sq.QuantConfig(group_size=32, guard="off"), calibration_data=data)
+    static = sq.compile(model, sq.QuantConfig(weight_dtype="int8", activation_dtype="int8", group_size=None,
+                                              activation_scale="static_per_tensor", guard="off"),
+                        calibration_data=data)
+    stats = lambda cm: next(h["stats"] for h in cm.pass_history if h["pass"] == "calibrate")
+    assert stats(weight_only)["observed_batches"] == RANGE_ONLY_BATCHES
+    assert stats(static)["observed_batches"] == len(data)
+    for cm, n in ((weight_only, RANGE_ONLY_BATCHES), (static, len(data))):
+        assert {r["input"]["num_samples"] for r in cm.calibration_records.values()} == {n}

@@ -63,8 +63,13 @@ def main() -> None:
     results = json.loads(out.read_text()) if out.exists() else {}
     model, tok = load_smollm2()
     eval_ids = tokenize_eval_text(tok, evaluation_text(), args.max_tokens)
-    calib = tokenize_calibration(wikipedia_prose(), tok, args.calib_samples, args.calib_seq_len)
-    meta = {"eval_tokens": int(eval_ids.numel()), "calibration": f"{len(calib)}x{calib.shape[1]}",
+    # The accuracy guard holds back the last guard_samples sequences, so calibration itself still
+    # sees exactly the first --calib-samples windows (the ones llm-compressor gets).
+    guard_samples = sq.QuantConfig().guard_samples
+    calib = tokenize_calibration(wikipedia_prose(), tok, args.calib_samples + guard_samples,
+                                 args.calib_seq_len)
+    meta = {"eval_tokens": int(eval_ids.numel()),
+            "calibration": f"{len(calib) - guard_samples}x{calib.shape[1]}",
             "date": date.today().isoformat(),
             "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"}
     for name in args.schemes:
@@ -74,14 +79,16 @@ def main() -> None:
                 res = perplexity(lambda ids: model(input_ids=ids, use_cache=False).logits, eval_ids)
             entry = {"ppl": res.ppl, "compile_s": 0.0}
         else:
+            # guard='report': the table must show a bad scheme's number, not stop at it.
             cfg = sq.QuantConfig(**SCHEMES[name], calibration_samples=args.calib_samples,
-                                 calibration_seq_len=args.calib_seq_len)
+                                 calibration_seq_len=args.calib_seq_len, guard="report")
             cm = sq.compile(model, cfg, calibration_data=calib)
             compile_s = time.perf_counter() - t
             res = perplexity(cm, eval_ids)
             entry = {"ppl": res.ppl, "compile_s": compile_s, "scheme": cfg.scheme,
                      "calibration": cfg.calibration, "config": SCHEMES[name],
                      "bits_per_weight": cm.weight_bytes()["bits_per_weight"],
+                     "accuracy_guard": cm.report().get("accuracy_guard"),
                      "passes": {h["pass"]: h.get("seconds") for h in cm.pass_history},
                      "pass_stats": {h["pass"]: h.get("stats") for h in cm.pass_history
                                     if h["pass"] in ("smoothquant", "awq", "gptq")}}

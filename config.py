@@ -216,6 +216,8 @@ class QuantConfig:
     smoothquant_alpha: float | str = 0.5   # migration strength, or "auto" for a per-layer search
     awq_grid: int = 20                     # scale-ratio grid points of the AWQ search
     awq_clip: bool = True                  # AWQ's weight clipping search
+    awq_duo_scaling: bool = True           # also search s = mean|x|^r / mean|ŵ|^(1-r)
+    awq_search_rows: int = 2048            # calibration token rows the scale search runs on
     gptq_block_size: int = 128
     gptq_damp: float = 0.01                # dampening, as a fraction of mean(diag(H))
     gptq_act_order: bool = False
@@ -273,8 +275,9 @@ class QuantConfig:
                 raise _fail("smoothquant_alpha", alpha, "is not supported", "a number in [0, 1] or 'auto'")
             self.smoothquant_alpha = float(alpha)
         self.awq_grid = _int("awq_grid", self.awq_grid, 2)
+        self.awq_search_rows = _int("awq_search_rows", self.awq_search_rows, 1)
         self.gptq_block_size = _int("gptq_block_size", self.gptq_block_size, 1)
-        for name in ("awq_clip", "gptq_act_order", "qat_learn_scales", "nf4_double_quant"):
+        for name in ("awq_clip", "awq_duo_scaling", "gptq_act_order", "qat_learn_scales", "nf4_double_quant"):
             _bool(name, getattr(self, name))
         if self.nf4_double_quant and self._weight_kind() != "nf4":
             raise _fail("nf4_double_quant", True, f"needs weight_dtype='nf4' (got "

@@ -8,6 +8,10 @@ size, and the producer of x divides by s, so y = (x / s) Q(W · s)ᵀ. For each 
     loss(r) = Σ_i ||x W_iᵀ - (x / s) Q(W_i · s)ᵀ||² / (n · Σ_i out_i)
 r = 0 is s = 1, plain round-to-nearest, so the chosen loss is never worse than RTN. Worked
 number: mean|x| = (4, 1), r = 0.5 -> s = (2, 1) / sqrt(2) = (1.414, 0.707).
+Duo scaling (as AutoAWQ / llm-compressor) adds the family s = mean|x|^r / mean|ŵ|^(1-r), where ŵ
+is |W| normalised by its quantization group's max and averaged over output rows and consumers:
+channels whose weights are already small relative to their group get scaled up more. With
+duo=True both families are searched (2 · grid candidates) and the lower loss wins.
 
 Clip search. Per (output row, group) shrink the clamp range ±absmax to ±absmax · shrink, for
 shrink from 1 down to 1 - max_shrink, and keep the shrink with the least output error
@@ -43,10 +47,11 @@ class AWQError(ValueError):
 @dataclass
 class AWQScales:
     scales: torch.Tensor          # float32 [in]; divide the producer by it, multiply consumer columns
-    ratio: float                  # chosen exponent r of s = mean|x|^r
+    ratio: float                  # chosen exponent r of s = mean|x|^r (/ mean|ŵ|^(1-r) when duo)
     loss: float                   # output MSE at the chosen ratio
     rtn_loss: float               # output MSE at ratio 0 (s = 1, plain RTN)
-    losses: list[float] = field(default_factory=list)  # per ratio, in grid order
+    losses: list[float] = field(default_factory=list)  # per ratio, in grid order (then duo's)
+    duo: bool = False             # the chosen scales are of the duo family
 
 
 @dataclass
@@ -67,10 +72,25 @@ def _as_rows(x: torch.Tensor, what: str) -> torch.Tensor:
     return x
 
 
-def awq_candidate_scales(x_mean_abs: torch.Tensor, ratio: float) -> torch.Tensor:
-    """s = max(mean|x|, 1e-4)^ratio / sqrt(max · min), float32 [in]."""
+def awq_candidate_scales(x_mean_abs: torch.Tensor, ratio: float,
+                         w_mean: torch.Tensor | None = None) -> torch.Tensor:
+    """s = max(mean|x|, 1e-4)^ratio [/ (w_mean^(1-ratio) + 1e-4)] / sqrt(max · min), float32 [in]."""
     s = x_mean_abs.double().clamp(min=_MIN_MEAN).pow(ratio)
+    if w_mean is not None:
+        s = s / (w_mean.double().pow(1.0 - ratio) + _MIN_MEAN)
     return (s / (s.max() * s.min()).sqrt()).float()
+
+
+def group_normalised_weight_mean(weights: list[torch.Tensor], weight_spec: QuantSpec) -> torch.Tensor:
+    """Per input channel: mean over consumers' rows of |W| / max|W| of its quantization group."""
+    parts = []
+    for w in weights:
+        a = w.detach().abs().float()
+        lengths = block_lengths(a.shape[1], weight_spec) if weight_spec.granularity == "per_group" \
+            else [a.shape[1]]
+        parts.append(torch.cat([p / p.amax(dim=1, keepdim=True).clamp(min=1e-12)
+                                for p in torch.split(a, lengths, dim=1)], dim=1))
+    return torch.cat(parts, dim=0).mean(dim=0)
 
 
 def _sq_error_sum(x: torch.Tensor, delta_w: torch.Tensor) -> float:
@@ -83,7 +103,8 @@ def _sq_error_sum(x: torch.Tensor, delta_w: torch.Tensor) -> float:
 
 
 def awq_search_scales(x: torch.Tensor, weights: list[torch.Tensor], weight_spec: QuantSpec,
-                      grid: int = 20, x_mean_abs: torch.Tensor | None = None) -> AWQScales:
+                      grid: int = 20, x_mean_abs: torch.Tensor | None = None,
+                      duo: bool = False) -> AWQScales:
     """Grid-search the AWQ scale exponent for linears sharing the input x [n, in].
 
     The error x Wᵀ - (x / s) Q(W · s)ᵀ is evaluated as x (W - Q(W · s) / s)ᵀ (the same value,
@@ -104,18 +125,21 @@ def awq_search_scales(x: torch.Tensor, weights: list[torch.Tensor], weight_spec:
     w_all = torch.cat(weights, dim=0)
     numel = x.shape[0] * w_all.shape[0]
     losses: list[float] = []
-    best = (math.inf, 0.0, torch.ones(x.shape[1], device=x.device))
-    for i in range(grid):
-        ratio = i / grid
-        s = awq_candidate_scales(x_mean_abs, ratio)
-        delta = torch.cat([w - fake_quantize(w * s, weight_spec) / s for w in weights], dim=0)
-        loss = _sq_error_sum(x, delta) / numel
-        losses.append(loss)
-        if loss < best[0]:  # strict: ties keep the smaller ratio, RTN first
-            best = (loss, ratio, s)
+    best = (math.inf, 0.0, torch.ones(x.shape[1], device=x.device), False)
+    families = [None, group_normalised_weight_mean(weights, weight_spec)] if duo else [None]
+    for w_mean in families:
+        for i in range(grid):
+            ratio = i / grid
+            s = awq_candidate_scales(x_mean_abs, ratio, w_mean)
+            delta = torch.cat([w - fake_quantize(w * s, weight_spec) / s for w in weights], dim=0)
+            loss = _sq_error_sum(x, delta) / numel
+            losses.append(loss)
+            if loss < best[0]:  # strict: ties keep the earlier candidate, RTN first
+                best = (loss, ratio, s, w_mean is not None)
     if not math.isfinite(best[0]):
         raise AWQError(f"awq_search_scales: no ratio gave a finite loss ({losses})")
-    return AWQScales(scales=best[2], ratio=best[1], loss=best[0], rtn_loss=losses[0], losses=losses)
+    return AWQScales(scales=best[2], ratio=best[1], loss=best[0], rtn_loss=losses[0], losses=losses,
+                     duo=best[3])
 
 
 def _sample_tokens(x: torch.Tensor, n: int) -> torch.Tensor:

@@ -5,7 +5,7 @@ For every balance group (ir/patterns.py) the pass searches the per-channel scale
 producer and s into the consumers (float-equivalent), then optionally searches a clip per weight
 group that minimises the layer output error and clamps the weights to it; convert's
 round-to-nearest then lands on AWQ's grid. Statistics come from one sequential run over the
-calibration data, on a fixed sample of input rows per distinct linear input.
+calibration data, on a fixed sample of QuantConfig.awq_search_rows input rows per distinct linear input.
 """
 from __future__ import annotations
 
@@ -21,7 +21,6 @@ from .manager import PassContext, PassResult, register_pass
 
 ATEN = torch.ops.aten
 METHODS = ("awq", "smoothquant+awq")
-SEARCH_ROWS = 512
 
 
 @register_pass("awq", "activation-aware scale search folded into producers, then weight clip search",
@@ -42,15 +41,19 @@ def awq(graph: QuantGraph, ctx: PassContext) -> PassResult:
     first_reader = {}
     for n in linears:
         first_reader.setdefault(n.args[0], n)
-    raw = collect_input_stats(graph, ctx.calibration_batches, list(first_reader.values()), SEARCH_ROWS)
+    raw = collect_input_stats(graph, ctx.calibration_batches, list(first_reader.values()),
+                              cfg.awq_search_rows)
     stats = {inp: raw[node] for inp, node in first_reader.items()}
     groups = balance_groups(graph)
     rtn_loss = awq_loss = 0.0
+    duo_chosen = 0
     for group in groups:
         st = stats[group.input_node]
         spec = graph.annotation(group.consumers[0]).weight_spec
         found = awq_search_scales(st.rows, [graph.attr(c.args[1]) for c in group.consumers], spec,
-                                  grid=cfg.awq_grid, x_mean_abs=st.channel_mean_abs)
+                                  grid=cfg.awq_grid, x_mean_abs=st.channel_mean_abs,
+                                  duo=cfg.awq_duo_scaling)
+        duo_chosen += found.duo
         fold_group_scales(graph, group, found.scales)
         stats[group.input_node] = st.scaled(found.scales)
         rtn_loss += found.rtn_loss
@@ -67,6 +70,7 @@ def awq(graph: QuantGraph, ctx: PassContext) -> PassResult:
             clip_rtn += clip.rtn_loss
             clip_loss += clip.loss
     graph.gm.recompile()
-    return PassResult(graph, True, {"groups": len(groups), "scale_loss_rtn": rtn_loss,
+    return PassResult(graph, True, {"groups": len(groups), "duo_scales_chosen": duo_chosen,
+                                    "scale_loss_rtn": rtn_loss,
                                     "scale_loss_awq": awq_loss, "clipped_layers": clipped,
                                     "clip_loss_rtn": clip_rtn, "clip_loss_awq": clip_loss})

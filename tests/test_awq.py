@@ -181,3 +181,21 @@ def test_errors():
         awq_search_clip(x, w, QuantSpec("int4", "per_tensor"))
     with pytest.raises(AWQError, match="max_shrink=1.0"):
         awq_search_clip(x, w, G32, max_shrink=1.0)
+
+
+def test_duo_scaling_searches_both_families_and_is_never_worse():
+    from sagequant.calibration.awq import group_normalised_weight_mean
+    x, ws = salient_inputs(), random_weights()
+    plain = awq_search_scales(x, ws, G128)
+    both = awq_search_scales(x, ws, G128, duo=True)
+    assert len(both.losses) == 40 and both.losses[:20] == pytest.approx(plain.losses, rel=1e-12)
+    assert both.loss <= plain.loss and both.loss == min(both.losses)
+    w_mean = group_normalised_weight_mean(ws, G128)
+    assert w_mean.shape == (256,) and bool((w_mean > 0).all()) and bool((w_mean <= 1).all())
+    # the duo family at ratio r, worked by hand in float64
+    r = 0.35
+    s = x.abs().mean(0).double().clamp(min=1e-4).pow(r) / (w_mean.double().pow(1 - r) + 1e-4)
+    torch.testing.assert_close(awq_candidate_scales(x.abs().mean(0), r, w_mean),
+                               (s / (s.max() * s.min()).sqrt()).float())
+    if both.duo:
+        assert both.loss == pytest.approx(direct_loss(x, ws, both.scales, G128), rel=1e-4)

@@ -154,7 +154,8 @@ def memory_table(budget_gib: float, contexts) -> dict:
     return out
 
 
-def e2e_table(contexts, batches, layers, new_tokens, dtype, device, deadline, tiny=False):
+def e2e_table(contexts, batches, layers, new_tokens, dtype, device, deadline, tiny=False,
+              graph_modes=(True, False)):
     import transformers as tf
 
     import sagequant as sq
@@ -178,30 +179,19 @@ def e2e_table(contexts, batches, layers, new_tokens, dtype, device, deadline, ti
     for ctx in contexts:
         for batch in batches:
             row = {"context": ctx, "batch": batch}
-            for kv in KV:
+            for kv, graphs in [(kv, g) for g in graph_modes for kv in KV]:
+                name = kv if graphs else f"{kv}_eager"
                 if time.perf_counter() > deadline:
-                    row[kv] = "skipped (time budget)"
+                    row[name] = "skipped (time budget)"
                     continue
                 c2 = cm.config.replace(kv_cache_dtype=kv)
-                engine = GenerationEngine(CompiledModel(cm.graph, c2, build_kv_plan(c2), []), max_batch=batch,
-                                          max_seq_len=ctx + new_tokens + 1, device=device,
-                                          num_kv_blocks=batch * math.ceil((ctx + new_tokens + 1) / BLOCK))
-                g = torch.Generator().manual_seed(1)
-                for _ in range(batch):
-                    engine.add_request(torch.randint(0, shape["vocab_size"], (ctx,), generator=g).tolist(),
-                                       new_tokens)
-                engine.step()          # prefill everyone + the first decode step
-                sync(device)
-                t0 = time.perf_counter()
-                steps = 0
-                while engine.has_work():
-                    engine.step()
-                    steps += 1
-                sync(device)
-                dt = time.perf_counter() - t0
-                row[f"{kv}_tok_s"] = round(batch * steps / dt, 1)
-                row[f"{kv}_ms_per_step"] = round(1e3 * dt / max(steps, 1), 2)
-                del engine
+                try:
+                    engine = GenerationEngine(CompiledModel(cm.graph, c2, build_kv_plan(c2), []), max_batch=batch,
+                                              max_seq_len=ctx + new_tokens + 1, device=device, cuda_graphs=graphs,
+                                              num_kv_blocks=batch * math.ceil((ctx + new_tokens + 1) / BLOCK))
+                    row.update(_decode_rate(engine, batch, ctx, new_tokens, shape["vocab_size"], device, name))
+                except Exception as e:  # report and go on: one broken mode must not hide the others
+                    row[name] = f"error: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
                 torch.cuda.empty_cache() if device.type == "cuda" else None
             for kv in ("int8", "fp8"):
                 if isinstance(row.get(f"{kv}_tok_s"), float) and isinstance(row.get("none_tok_s"), float):
@@ -209,6 +199,24 @@ def e2e_table(contexts, batches, layers, new_tokens, dtype, device, deadline, ti
             print(row, flush=True)
             rows.append(row)
     return rows
+
+
+def _decode_rate(engine, batch, ctx, new_tokens, vocab, device, name) -> dict:
+    """Prefill `batch` random prompts of `ctx` tokens, then time the decode steps."""
+    g = torch.Generator().manual_seed(1)
+    for _ in range(batch):
+        engine.add_request(torch.randint(0, vocab, (ctx,), generator=g).tolist(), new_tokens)
+    engine.step()          # prefill everyone + the first decode step (captures the graph)
+    engine.step()
+    sync(device)
+    t0 = time.perf_counter()
+    steps = 0
+    while engine.has_work():
+        engine.step()
+        steps += 1
+    sync(device)
+    dt = time.perf_counter() - t0
+    return {f"{name}_tok_s": round(batch * steps / dt, 1), f"{name}_ms_per_step": round(1e3 * dt / max(steps, 1), 2)}
 
 
 def sync(device):
@@ -225,6 +233,7 @@ def main():
     ap.add_argument("--e2e-layers", type=int, default=4)
     ap.add_argument("--e2e-new-tokens", type=int, default=32)
     ap.add_argument("--skip-e2e", action="store_true")
+    ap.add_argument("--skip-kernel", action="store_true")
     ap.add_argument("--budget-s", type=float, default=540)
     ap.add_argument("--kv-budget-gib", type=float, default=60.0)
     ap.add_argument("--out", default="kv_speed.json")
@@ -248,12 +257,14 @@ def main():
     result = {"env": env, "memory": memory_table(args.kv_budget_gib, contexts)}
     print(json.dumps(result["memory"], indent=1), flush=True)
     kw = dict(heads=4, kv_heads=2, d=64) if args.smoke else {}
-    result["kernel"] = kernel_table(contexts, batches, dtype, device, l2, **kw)
+    if not args.skip_kernel:
+        result["kernel"] = kernel_table(contexts, batches, dtype, device, l2, **kw)
     json.dump(result, open(args.out, "w"), indent=1)
     if not args.skip_e2e:
         result["e2e"] = e2e_table(contexts, e2e_batches, 2 if args.smoke else args.e2e_layers,
                                   4 if args.smoke else args.e2e_new_tokens, torch.float32 if args.smoke else dtype,
-                                  device, start + args.budget_s, tiny=args.smoke)
+                                  device, start + args.budget_s, tiny=args.smoke,
+                                  graph_modes=(True, False))
     json.dump(result, open(args.out, "w"), indent=1)
     print(f"done in {time.perf_counter() - start:.0f}s -> {args.out}")
 

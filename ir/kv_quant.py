@@ -12,7 +12,7 @@ import torch
 
 from .formats import QuantizationError
 from .kv_plan import KV_CODE_FORMATS
-from .quant_spec import SCALE_DTYPES, QuantSpec, quantize
+from .quant_spec import SCALE_DTYPES, QuantSpec
 
 
 def kv_spec(dtype: str, scale_precision: str) -> QuantSpec:
@@ -30,15 +30,28 @@ def _groups(head_dim: int, group_size: int | None) -> tuple[int, int]:
 
 
 def quantize_blocks(x: torch.Tensor, spec: QuantSpec, group_size: int | None,
-                    what: str = "KV block") -> tuple[torch.Tensor, torch.Tensor]:
+                    what: str = "KV block", check: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """x [..., heads, block_size, head_dim] float -> (codes like x in the format's storage dtype,
-    scales [..., heads, n_groups] in the spec's scale dtype)."""
+    scales [..., heads, n_groups] in the spec's scale dtype).
+
+    The math is QuantSpec's symmetric per-row path (absmax / qmax, scale cast to its dtype with
+    a floor at the smallest normal, the format's encode). check=False skips the host-side
+    NaN/Inf test so the call can run inside a CUDA graph: a non-finite input (or a scale past the
+    scale dtype's range) then shows as a non-finite scale the caller tests after the step."""
     *lead, heads, bs, d = x.shape
     n_groups, g = _groups(d, group_size)
-    rows = x.reshape(*lead, heads, bs, n_groups, g).movedim(-2, -3).reshape(-1, bs * g)
-    qt = quantize(rows, spec, what=what)
-    codes = qt.data.reshape(*lead, heads, n_groups, bs, g).movedim(-3, -2).reshape(x.shape)
-    return codes, qt.scale.reshape(*lead, heads, n_groups)
+    rows = x.reshape(*lead, heads, bs, n_groups, g).movedim(-2, -3).reshape(-1, bs * g).float()
+    fmt, dtype = spec.fmt, SCALE_DTYPES[spec.scale_dtype]
+    absmax = rows.abs().amax(-1, keepdim=True)
+    # All-zero rows get scale 1 (codes 0); NaN / Inf rows keep a non-finite scale.
+    scale = torch.where(absmax == 0, torch.ones_like(absmax), fmt.symmetric_scale(absmax))
+    scale = scale.clamp(min=torch.finfo(dtype).tiny).to(dtype)   # overflow -> inf, flagged below
+    if check and not bool(torch.isfinite(scale).all()):
+        raise QuantizationError(f"{what}: the values hold NaN/Inf (or exceed the {spec.scale_dtype} "
+                                "scale range); cannot compute cache scales")
+    codes = fmt.to_storage(fmt.encode(rows / scale.float()))
+    codes = codes.reshape(*lead, heads, n_groups, bs, g).movedim(-3, -2).reshape(x.shape)
+    return codes, scale.reshape(*lead, heads, n_groups)
 
 
 def dequantize_blocks(codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-from .kv_pool import PagedKVPool
+from .kv_pool import DecodeIndex, PagedKVPool
 
 
 @dataclass
@@ -18,7 +18,12 @@ class AttentionStep:
     slots: list[int]          # pool slot of each batch row
     starts: list[int]         # tokens already cached for each row (its first new position)
     kernel: object            # the attention KernelSpec chosen for this engine's device
-    tensors: dict = field(default_factory=dict)  # per-step device tensors kernels build once
+    decode: DecodeIndex | None = None  # one-token steps: device-side index, built once per step
+
+    def decode_index(self) -> DecodeIndex:
+        if self.decode is None:
+            self.decode = self.pool.decode_index(self.slots, self.starts)
+        return self.decode
 
     def positions(self, new_tokens: int, device) -> torch.Tensor:
         """[batch, new_tokens] absolute positions of the new tokens."""
@@ -56,5 +61,8 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: in
     if step.pool.layer_dtypes[layer] != kv_dtype:
         raise RuntimeError(f"KV pool stores layer {layer} as {step.pool.layer_dtypes[layer]!r} but "
                            f"the graph says {kv_dtype!r}: build the pool from this graph")
-    step.pool.write(layer, step.slots, step.starts, k, v)
+    if q.shape[2] == 1:
+        step.pool.write_decode(layer, step.decode_index(), k, v)
+    else:
+        step.pool.write(layer, step.slots, step.starts, k, v)
     return step.kernel.op(q, step, layer, scale, window)

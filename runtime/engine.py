@@ -18,6 +18,7 @@ import torch
 from .. import backends  # noqa: F401  (registers the attention kernels)
 from ..lowering.attention import select_attention_kernel
 from .context import AttentionStep, attention_step
+from .cuda_graphs import DecodeGraphs
 from .kv_pool import PagedKVPool
 from .step_graph import attention_nodes, embedding_weight, kv_geometry, step_graph
 
@@ -47,11 +48,14 @@ class _Request:
 class GenerationEngine:
     def __init__(self, compiled, max_batch: int = 8, max_seq_len: int | None = None,
                  num_kv_blocks: int | None = None, device=None, seed: int = 0,
-                 extra_tokens_per_request: int = 0, prefill_chunk: int = 2048):
+                 extra_tokens_per_request: int = 0, prefill_chunk: int = 2048,
+                 cuda_graphs: bool | None = None):
         """device: run there (default: where the compiled weights are; another device gets a
         copy of the weights). extra_tokens_per_request: cache room reserved beyond prompt +
         max_new_tokens (a speculative verifier writes up to k draft tokens past what it keeps).
-        prefill_chunk: longer prompts are prefilled in chunks of this many tokens."""
+        prefill_chunk: longer prompts are prefilled in chunks of this many tokens.
+        cuda_graphs: decode steps from CUDA graphs per padded batch bucket (default: on for a
+        CUDA device; True elsewhere runs the same padded static step eagerly)."""
         if not (isinstance(max_batch, int) and max_batch >= 1):
             raise ValueError(f"max_batch={max_batch!r} must be an int >= 1")
         if not (isinstance(prefill_chunk, int) and prefill_chunk >= 1):
@@ -84,10 +88,13 @@ class GenerationEngine:
             per_block = probe.bytes_per_token() * plan.block_size
             num_kv_blocks = max(blocks_per_seq, min(max_batch * blocks_per_seq,
                                                     int(DEFAULT_KV_BUDGET_BYTES // per_block)))
-        self.pool = PagedKVPool(plan, layer_dtypes, kv_heads, head_dim, num_kv_blocks, max_batch,
-                                emb.dtype, self.device)
+        use_graphs = self.device.type == "cuda" if cuda_graphs is None else bool(cuda_graphs)
+        # Graphs pad batches with a reserved slot and block (one more of each).
+        self.pool = PagedKVPool(plan, layer_dtypes, kv_heads, head_dim, num_kv_blocks + use_graphs,
+                                max_batch + use_graphs, emb.dtype, self.device)
         self.kernel = select_attention_kernel(plan, head_dim, self.device.type,
                                               getattr(compiled.config, "priority", "latency"))
+        self.graphs = DecodeGraphs(self, capture=self.device.type == "cuda") if use_graphs else None
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self.waiting: deque[_Request] = deque()
         self.running: dict[str, _Request] = {}
@@ -107,8 +114,9 @@ class GenerationEngine:
             raise ValueError(f"prompt ({len(prompt)} tokens) + max_new_tokens ({max_new_tokens}) "
                              f"exceeds max_seq_len={self.max_seq_len}")
         need = self.pool.blocks_for(len(prompt) + max_new_tokens + self.extra_tokens)
-        if need > self.pool.num_blocks:
-            raise ValueError(f"request needs {need} KV blocks; the pool has {self.pool.num_blocks}")
+        total = self.stats()["kv_blocks_total"]
+        if need > total:
+            raise ValueError(f"request needs {need} KV blocks; the pool has {total}")
         if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or \
                 not math.isfinite(temperature) or temperature < 0:
             raise ValueError(f"temperature={temperature!r} must be a finite number >= 0")
@@ -142,8 +150,9 @@ class GenerationEngine:
         return bool(self.waiting or self.running)
 
     def stats(self) -> dict:
-        return {"kv_blocks_used": self.pool.num_blocks - self.pool.free_blocks,
-                "kv_blocks_total": self.pool.num_blocks, "running": len(self.running),
+        reserved = 1 if self.graphs else 0   # the graphs' padding block
+        return {"kv_blocks_used": self.pool.num_blocks - self.pool.free_blocks - reserved,
+                "kv_blocks_total": self.pool.num_blocks - reserved, "running": len(self.running),
                 "waiting": len(self.waiting), "tokens_generated": self.tokens_generated,
                 "kv_bytes_per_token": self.pool.bytes_per_token()}
 
@@ -163,7 +172,8 @@ class GenerationEngine:
         batch = list(self.running.values())
         if batch:
             last = torch.tensor([[r.generated[-1]] for r in batch], device=self.device)
-            logits = self.forward([r.slot for r in batch], last)
+            slots = [r.slot for r in batch]
+            logits = self.graphs.decode(slots, last) if self.graphs else self.forward(slots, last)
             events.extend(self._emit(r, logits[i, -1]) for i, r in enumerate(batch))
         return events
 

@@ -37,6 +37,19 @@ class LayerCache:
         return self.spec is not None
 
 
+@dataclass
+class DecodeIndex:
+    """Device tensors of one decode step (one new token per row): everything the cache write
+    and the decode kernel read, so the step needs no host lists (and can be a CUDA graph)."""
+    slots: torch.Tensor            # [rows] int64 pool slots
+    positions: torch.Tensor        # [rows] int64 position of each new token
+    block_table: torch.Tensor      # [rows, width] int32
+    seq_lens: torch.Tensor         # [rows] int32, positions + 1
+    max_len: int                   # upper bound of seq_lens (sizes the kernel launch)
+    nonfinite: torch.Tensor | None = None  # bool [1]: set when a written scale is NaN/Inf;
+                                           # None: check on the host at once
+
+
 class PagedKVPool:
     def __init__(self, plan: KVQuantPlan, layer_dtypes: list[str], kv_heads: int, head_dim: int,
                  num_blocks: int, max_seqs: int, dtype: torch.dtype, device: torch.device):
@@ -130,6 +143,9 @@ class PagedKVPool:
             if start + s > len(self.blocks[slot]) * self.block_size:
                 raise KVCacheFull(f"slot {slot}: {start + s} tokens exceed its reserved "
                                   f"{len(self.blocks[slot]) * self.block_size}")
+        if s == 1:
+            self.write_decode(layer, self.decode_index(slots, starts), k, v)
+            return
         if not cache.quantized:
             pos = torch.tensor(starts, device=k.device)[:, None] + torch.arange(s, device=k.device)
             table = self.block_table(slots).long()
@@ -137,29 +153,37 @@ class PagedKVPool:
             cache.k[blk, :, pos % self.block_size] = k.transpose(1, 2).to(self.dtype)
             cache.v[blk, :, pos % self.block_size] = v.transpose(1, 2).to(self.dtype)
             return
-        if s == 1:
-            self._write_quantized_decode(cache, slots, starts, k, v)
-            return
         for row, (slot, start) in enumerate(zip(slots, starts)):
             self._write_quantized(cache, slot, start, k[row], v[row])
 
-    def _write_quantized_decode(self, cache: LayerCache, slots: list[int], starts: list[int],
-                                k: torch.Tensor, v: torch.Tensor) -> None:
-        """One new token per row, all rows at once: the same blocks _write_quantized makes."""
-        dev = k.device
-        rows = torch.arange(len(slots), device=dev)
-        slot_t = torch.tensor(slots, device=dev)
-        pos = torch.tensor(starts, device=dev)
-        off = pos % self.block_size
-        blk = self.block_table(slots).long()[rows, pos // self.block_size]
-        before = torch.arange(self.block_size, device=dev)[None, :] < off[:, None]  # [rows, bs]
+    def decode_index(self, slots: list[int], starts: list[int]) -> DecodeIndex:
+        """The DecodeIndex of rows appending one token at positions `starts` to `slots`."""
+        pos = torch.tensor(starts, device=self.device)
+        return DecodeIndex(torch.tensor(slots, device=self.device), pos, self.block_table(slots),
+                           (pos + 1).to(torch.int32), max(starts) + 1)
+
+    def write_decode(self, layer: int, index: DecodeIndex, k: torch.Tensor, v: torch.Tensor) -> None:
+        """k, v [rows, kv_heads, 1, head_dim] at index.positions, all rows at once and without
+        host synchronisation when index.nonfinite is set: the blocks _write_quantized makes."""
+        cache, bs = self.layers[layer], self.block_size
+        rows = torch.arange(index.slots.shape[0], device=k.device)
+        off = index.positions % bs
+        blk = index.block_table.long()[rows, index.positions // bs]
+        if not cache.quantized:
+            cache.k[blk, :, off] = k[:, :, 0].to(self.dtype)
+            cache.v[blk, :, off] = v[:, :, 0].to(self.dtype)
+            return
+        before = torch.arange(bs, device=k.device)[None, :] < off[:, None]   # [rows, bs]
         for i, (new, codes, scales) in enumerate(((k, cache.k, cache.k_scale), (v, cache.v, cache.v_scale))):
-            buf = cache.tail[slot_t, i] * before[:, None, :, None]   # drop what follows the token
+            buf = cache.tail[index.slots, i] * before[:, None, :, None]   # drop what follows the token
             buf[rows, :, off] = new[:, :, 0].to(self.dtype)
-            c, sc = quantize_blocks(buf, cache.spec, self.plan.group_size, what="KV cache")
+            c, sc = quantize_blocks(buf, cache.spec, self.plan.group_size, what="KV cache",
+                                    check=index.nonfinite is None)
+            if index.nonfinite is not None:
+                index.nonfinite.logical_or_(~torch.isfinite(sc).all())
             codes[blk] = c
             scales[blk] = sc
-            cache.tail[slot_t, i] = buf
+            cache.tail[index.slots, i] = buf
 
     def _write_quantized(self, cache: LayerCache, slot: int, start: int, k: torch.Tensor,
                          v: torch.Tensor) -> None:

@@ -22,16 +22,11 @@ def cuda_paged_attention(q: torch.Tensor, step, layer: int, scale: float | None,
     if q.shape[2] != 1:
         return paged_attention_ref(q, step, layer, scale, window)
     hardware.require_cuda_tensors("cuda_paged_decode_attention", q=q)
-    if "block_table" not in step.tensors:   # built once per step, shared by every layer
-        step.tensors["block_table"] = step.pool.block_table(step.slots)
-        lens = [s + 1 for s in step.starts]
-        step.tensors["seq_lens"] = torch.tensor(lens, dtype=torch.int32, device=q.device)
-        step.tensors["max_len"] = max(lens)
+    index = step.decode_index()   # built once per step (or static, under CUDA graphs)
     cache = step.pool.layers[layer]
     impl = importlib.import_module(f"{__package__}.triton_kv_attention")
     return impl.paged_decode_attention(q, cache.k, cache.v, cache.k_scale, cache.v_scale,
-                                       step.tensors["block_table"], step.tensors["seq_lens"],
-                                       step.tensors["max_len"], scale, window)
+                                       index.block_table, index.seq_lens, index.max_len, scale, window)
 
 
 CUDA_PAGED_ATTENTION = REGISTRY.register(AttentionKernelSpec(

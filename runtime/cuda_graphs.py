@@ -1,0 +1,101 @@
+"""Decode steps replayed from CUDA graphs, one graph per padded batch bucket (1, 2, 4, ...).
+
+A decode step reads only static device buffers (token ids, positions and a DecodeIndex: slots,
+block table, lengths), which are refilled before each replay; rows beyond the real batch are
+padding that writes into a reserved pad slot and block and is dropped from the logits. Cache
+writes run without host synchronisation; a NaN/Inf in new KV sets a device flag that is checked
+after the replay (one sync per step, which sampling needs anyway).
+
+With capture=False (CPU, tests) the same padded static step runs eagerly.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..ir.formats import QuantizationError
+from .context import AttentionStep, attention_step
+from .kv_pool import DecodeIndex
+
+
+@dataclass
+class _Bucket:
+    ids: torch.Tensor          # [rows, 1]
+    positions: torch.Tensor    # [rows, 1]
+    index: DecodeIndex
+    graph: object = None       # torch.cuda.CUDAGraph once captured
+    logits: torch.Tensor | None = None
+
+
+class DecodeGraphs:
+    def __init__(self, engine, capture: bool):
+        self.engine, self.capture = engine, capture
+        pool = engine.pool
+        self.pad_slot = engine.max_batch          # the pool has one slot more than max_batch
+        pool.open(self.pad_slot, 1)
+        self.pad_block = pool.blocks[self.pad_slot][0]
+        self.width = pool.blocks_for(engine.max_seq_len + engine.extra_tokens)
+        self.sizes = sorted({min(2 ** i, engine.max_batch) for i in range(engine.max_batch.bit_length() + 1)})
+        self.buckets: dict[int, _Bucket] = {}
+
+    def _bucket(self, rows: int) -> _Bucket:
+        size = next(s for s in self.sizes if s >= rows)
+        if size not in self.buckets:
+            dev, long = self.engine.device, torch.int64
+            index = DecodeIndex(torch.zeros(size, dtype=long, device=dev), torch.zeros(size, dtype=long, device=dev),
+                                torch.zeros(size, self.width, dtype=torch.int32, device=dev),
+                                torch.ones(size, dtype=torch.int32, device=dev),
+                                self.width * self.engine.pool.block_size,
+                                torch.zeros(1, dtype=torch.bool, device=dev))
+            self.buckets[size] = _Bucket(torch.zeros(size, 1, dtype=long, device=dev),
+                                         torch.zeros(size, 1, dtype=long, device=dev), index)
+        return self.buckets[size]
+
+    def decode(self, slots: list[int], tokens: torch.Tensor) -> torch.Tensor:
+        """Logits [rows, 1, vocab] of one new token per slot (tokens [rows, 1])."""
+        pool, n = self.engine.pool, len(slots)
+        b = self._bucket(n)
+        pad = b.ids.shape[0] - n
+        starts = [pool.lengths[s] for s in slots]
+        all_slots = slots + [self.pad_slot] * pad
+        table = [pool.blocks[s] + [self.pad_block] * (self.width - len(pool.blocks[s])) for s in all_slots]
+        host = {"slots": torch.tensor(all_slots), "positions": torch.tensor(starts + [0] * pad),
+                "block_table": torch.tensor(table, dtype=torch.int32)}
+        b.index.slots.copy_(host["slots"])
+        b.index.positions.copy_(host["positions"])
+        b.index.block_table.copy_(host["block_table"])
+        b.index.seq_lens.copy_(host["positions"] + 1)
+        b.index.nonfinite.zero_()
+        b.positions.copy_(host["positions"][:, None])
+        b.ids[:n].copy_(tokens)
+        b.ids[n:].zero_()
+        if not self.capture:
+            b.logits = self._forward(b, all_slots, starts + [0] * pad)
+        else:
+            if b.graph is None:
+                self._capture(b, all_slots, starts + [0] * pad)
+            b.graph.replay()
+        if bool(b.index.nonfinite):
+            raise QuantizationError("KV cache: a decode step produced NaN/Inf keys or values "
+                                    "(or values past the scale dtype's range)")
+        pool.advance(slots, 1)
+        return b.logits[:n]
+
+    def _forward(self, b: _Bucket, slots: list[int], starts: list[int]) -> torch.Tensor:
+        step = AttentionStep(self.engine.pool, slots, starts, self.engine.kernel, decode=b.index)
+        with torch.inference_mode(), attention_step(step):
+            return self.engine.graph.gm(b.ids, b.positions)
+
+    def _capture(self, b: _Bucket, slots: list[int], starts: list[int]) -> None:
+        # Warm-up on a side stream (Triton compiles, the allocator settles); the writes it
+        # makes are the ones the replay makes again (same token at the same position).
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self._forward(b, slots, starts)
+        torch.cuda.current_stream().wait_stream(side)
+        b.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(b.graph):
+            b.logits = self._forward(b, slots, starts)

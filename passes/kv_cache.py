@@ -35,7 +35,7 @@ def _is(node, *targets) -> bool:
 def _before_repeat_kv(node: fx.Node) -> fx.Node:
     """x [b, kv_heads, s, d] when node is reshape(expand(unsqueeze(x, 2), [b, kv, rep, s, d])),
     with export's no-op full slices allowed in between; else node itself (no expansion)."""
-    full_slice = lambda n: _is(n, ATEN.slice.Tensor) and tuple(n.args[2:4]) in ((0, 2**63 - 1),)  # noqa: E731
+    full_slice = lambda n: _is(n, ATEN.slice.Tensor) and tuple(n.args[2:4]) == (0, 2**63 - 1)  # noqa: E731
     if not _is(node, ATEN.reshape.default, ATEN.view.default, ATEN._unsafe_view.default):
         return node
     cur = node.args[0]
@@ -70,15 +70,13 @@ def _windows(hf_config: dict, n_layers: int) -> list[int]:
     return [window] * n_layers
 
 
-def _check_sdpa(node: fx.Node, layer: int) -> float | None:
-    args = list(node.args) + [None] * (7 - len(node.args))
-    dropout = node.kwargs.get("dropout_p", args[4] or 0.0)
-    is_causal = node.kwargs.get("is_causal", args[5] or False)
+def _sdpa_scale(node: fx.Node, layer: int) -> float | None:
+    """The attention's softmax scale (None: 1/sqrt(head_dim)); refuses what a cache cannot do."""
+    dropout = node.args[4] if len(node.args) > 4 else node.kwargs.get("dropout_p", 0.0)
     if dropout:
-        raise KVCacheRewriteError(f"attention {node.name} (layer {layer}) has dropout_p={dropout}")
-    if is_causal is not False and node.kwargs.get("attn_mask", args[3]) is not None:
-        raise KVCacheRewriteError(f"attention {node.name}: both is_causal and a mask")
-    return node.kwargs.get("scale", args[6])
+        raise KVCacheRewriteError(f"attention {node.name} (layer {layer}) has dropout_p={dropout}; "
+                                  "generation needs an eval-mode model (dropout 0)")
+    return node.kwargs.get("scale")
 
 
 @register_pass("kv_cache", "attention -> paged_attention over the KV pool; position_ids becomes an input")
@@ -89,11 +87,9 @@ def kv_cache(graph: QuantGraph, ctx: PassContext) -> PassResult:
                                   "needs the model traced with attn_implementation='sdpa'")
     windows = _windows(graph.model_info.get("hf_config") or {}, len(attns))
     _positions_input(graph)
-    kv_heads = set()
     for layer, node in enumerate(attns):
-        scale = _check_sdpa(node, layer)
+        scale = _sdpa_scale(node, layer)
         k, v = _before_repeat_kv(node.args[1]), _before_repeat_kv(node.args[2])
-        kv_heads.add(k.meta["val"].shape[1] if "val" in k.meta else None)
         with graph.graph.inserting_before(node):
             new = graph.graph.call_function(paged_attention, (node.args[0], k, v, layer, scale, windows[layer], "none"))
         new.meta.update({key: node.meta[key] for key in ("val", "nn_module_stack") if key in node.meta})

@@ -86,3 +86,15 @@ def test_rewritten_graph_runs_only_in_an_engine_step(traced):
     with pytest.raises(RuntimeError, match="outside an engine step"):
         graph.gm(ids, torch.arange(3)[None])
     assert isinstance(copy.deepcopy(graph), type(graph))
+
+
+def test_attention_a_cache_cannot_serve_is_refused(traced):
+    _, graph = traced("llama")
+    node = graph.nodes(SDPA)[0]
+    node.args = tuple(node.args[:4]) + (0.1,)
+    with pytest.raises(KVCacheRewriteError, match=r"dropout_p=0.1"):
+        _rewrite(graph)
+    _, graph = traced("llama")
+    graph.model_info["hf_config"] = {"layer_types": ["full_attention", "chunked_attention"]}
+    with pytest.raises(KVCacheRewriteError, match=r"\['chunked_attention'\] are not supported"):
+        _rewrite(graph)

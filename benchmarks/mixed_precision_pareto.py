@@ -42,6 +42,7 @@ ROWS = {
     "mixed-4.5": dict(**W4, group_size=128, target_bits_per_weight=4.5),
     "mixed-5.0": dict(**W4, group_size=128, target_bits_per_weight=5.0),
     "mixed-6.0": dict(**W4, group_size=128, target_bits_per_weight=6.0),
+    "mixed-dloss-0.1": dict(**W4, group_size=128, target_max_delta_loss=0.1),
 }
 
 
@@ -69,7 +70,7 @@ def main() -> None:
     calib = tokenize_calibration(wikipedia_prose(), tok, args.calib_samples + guard_samples, args.seq_len)
     meta = {"eval_tokens": int(eval_ids.numel()), "calibration": f"{args.calib_samples}x{args.seq_len}",
             "held_back": f"{guard_samples}x{args.seq_len}",
-            "sensitivity": f"{args.sensitivity_method}, {args.sensitivity_samples}x{args.seq_len}", "date": date.today().isoformat(),
+            "sensitivity_data": f"{args.sensitivity_method}, {args.sensitivity_samples}x{args.seq_len}", "date": date.today().isoformat(),
             "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"}
     for name in args.rows:
         t = time.perf_counter()
@@ -83,7 +84,7 @@ def main() -> None:
                                  calibration_seq_len=args.seq_len, guard="report", guard_samples=guard_samples,
                                  sensitivity_samples=args.sensitivity_samples,
                                  sensitivity_method=args.sensitivity_method)
-            measured = next((e for e in results.values() if e.get("sensitivity")), None)
+            measured = next((e for e in results.values() if (e.get("mixed_precision") or {}).get("ladder")), None)
             if "target_bits_per_weight" in ROWS[name] and measured is not None:
                 # The sensitivity table is the expensive part (one forward per layer and option):
                 # later budgets reuse the first mixed row's table and give its choice as overrides.

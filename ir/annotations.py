@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+import torch
+
 from .quant_spec import QuantSpec
 
 META_KEY = "sagequant"
@@ -92,6 +94,11 @@ class NodeAnnotation:
     # (scale, zero_point) chosen by a weight-rounding algorithm (GPTQ) for convert to use as is;
     # transient: once convert has run, the codes and scales live in the graph's buffers.
     weight_qparams: tuple | None = field(default=None, repr=False, compare=False)
+    # Per-channel factors SmoothQuant / AWQ folds applied to this layer (transient too): the float
+    # model's input of the layer is graph_input * input_scale and its output graph_output *
+    # output_scale, so the error report compares against the float layer in the graph's space.
+    input_scale: torch.Tensor | None = field(default=None, repr=False, compare=False)
+    output_scale: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
     @property
     def quantized(self) -> bool:

@@ -161,6 +161,9 @@ def test_cli_compile_with_budget_and_inspect_sensitivity(checkpoint, tmp_path, c
                 "--target-bits", "6", "--output", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "mixed precision: {'W4A16'" in printed and "accuracy guard (enforce, 24 held-back tokens)" in printed
+    # Text is cut into --samples windows for calibration plus guard_samples held-back ones.
+    passes = {p["pass"]: p["stats"] for p in sq.load(out).report()["passes"]}
+    assert passes["calibrate"]["batches"] == 4 and passes["guard"]["held_back"]["sequences"] == 2
     assert cli(["inspect", "--artifact", str(out), "--sensitivity", "--text", str(data),
                 "--sensitivity-samples", "2", "--error-tokens", "12"]) == 0
     table = capsys.readouterr().out.split("most sensitive first\n")[1].splitlines()

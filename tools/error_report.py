@@ -8,7 +8,9 @@ Two errors per layer, both SQNR in dB (10·log10 of signal over error energy):
   accumulated  vs the float model's output of that layer on the same ids: the damage of this and
                every earlier layer, as in deployment.
 Quantized outputs and inputs come from running the compiled graph with an fx Interpreter; float
-outputs from forward hooks on the reference model's modules of the same names.
+outputs from forward hooks on the reference model's modules of the same names. Layers a
+SmoothQuant / AWQ fold rescaled are compared in the graph's space through the fold's scales,
+which the compile that folded them records (an artifact loaded from disk does not carry them).
 """
 from __future__ import annotations
 
@@ -34,9 +36,14 @@ class _Capture(fx.Interpreter):
         if ann is not None and ann.layer in self.sums:
             got = out.detach().double()
             x = self.env[n.args[0]].detach()
+            if ann.input_scale is not None:  # back to the float model's input space
+                x = x * ann.input_scale.to(x.dtype)
             acc_ref = self.float_out.pop(ann.layer).double().reshape(got.shape)
             local_ref = self.reference.get_submodule(ann.layer)(x).double().reshape(got.shape)
             self.float_out.pop(ann.layer)  # what the hook caught of the local call above
+            if ann.output_scale is not None:  # into the graph's (smoothed) output space
+                acc_ref = acc_ref / ann.output_scale.double()
+                local_ref = local_ref / ann.output_scale.double()
             s = self.sums[ann.layer]
             s["signal"] += float(local_ref.pow(2).sum())
             s["noise"] += float((local_ref - got).pow(2).sum())

@@ -6,6 +6,8 @@ Starts the engine in the background (real model by default), then:
   overload   3x the server's bound at once: the excess must be 429, the server must stay healthy
   bad        the catalogue of bad inputs (tests/test_serving.py BAD_REQUESTS plus real-model ones)
 and prints one JSON summary (latency p50/p99, time to first token, tokens/s, KV blocks, codes).
+--direct instead runs the same request mix straight through GenerationEngine (no HTTP, no server
+threads): the baseline that shows what the server itself costs.
 
     python benchmarks/serving_load.py --model smollm2 --quantization int8 --requests 200 --concurrency 16
 """
@@ -57,12 +59,48 @@ def pct(values, p):
     return values[min(len(values) - 1, round(p / 100 * (len(values) - 1)))]
 
 
+def request_mix(i, text_words, max_tokens_cycle) -> tuple[str, int]:
+    """(prompt, max_tokens) of request i: mixed prompt lengths and output lengths."""
+    words = 6 + (i * 37) % 120
+    start = (i * 101) % (len(text_words) - 200)
+    return " ".join(text_words[start:start + words]), max_tokens_cycle[i % len(max_tokens_cycle)]
+
+
+def direct_phase(args, text_words) -> dict:
+    """The same requests straight through the engine, all submitted at once (batch max_batch)."""
+    import torch
+
+    import sagequant as sq
+    from sagequant.runtime import GenerationEngine
+    from sagequant.serving.launch import ServeOptions, quant_config
+    from sagequant.tools.models import resolve_model
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tok = resolve_model(args.model)
+    cfg = quant_config(ServeOptions(model=args.model, quantization=args.quantization,
+                                    kv_quant=args.kv_quant))
+    engine = GenerationEngine(sq.compile(model, cfg), max_batch=args.max_batch,
+                              max_seq_len=args.max_seq_len)
+    for i in range(args.requests):
+        prompt, max_tokens = request_mix(i, text_words, args.max_tokens)
+        ids = tok(prompt)["input_ids"]
+        if i % 4 == 3:  # the chat requests of the load phase
+            text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                           add_generation_prompt=True)
+            ids = tok(text, add_special_tokens=False)["input_ids"]
+        engine.add_request(ids, max_tokens, temperature=0.0, stop_token_ids=(tok.eos_token_id,))
+    t0, steps, tokens = time.perf_counter(), 0, 0
+    while engine.has_work():
+        tokens += len(engine.step())
+        steps += 1
+    wall = time.perf_counter() - t0
+    return {"requests": args.requests, "max_batch": args.max_batch, "steps": steps,
+            "generated_tokens": tokens, "wall_seconds": wall, "tokens_per_second": tokens / wall}
+
+
 def load_phase(client, model, n, concurrency, text_words, max_tokens_cycle):
     def one(i):
-        words = 6 + (i * 37) % 120  # mixed prompt lengths
-        start = (i * 101) % (len(text_words) - 200)
-        prompt = " ".join(text_words[start:start + words])
-        max_tokens = max_tokens_cycle[i % len(max_tokens_cycle)]
+        prompt, max_tokens = request_mix(i, text_words, max_tokens_cycle)
         t0 = time.perf_counter()
         if i % 4 == 3:  # streaming chat
             first = None
@@ -170,10 +208,18 @@ def main():
     p.add_argument("--threads", type=int, help="engine torch threads")
     p.add_argument("--max-tokens", type=int, nargs="+", default=[4, 8, 16, 32],
                    help="max_tokens cycled over the requests")
+    p.add_argument("--direct", action="store_true", help="engine only, no server (baseline)")
     p.add_argument("--out", help="write the JSON summary here too")
     args = p.parse_args()
     from sagequant.calibration.real_data import evaluation_text
     words = evaluation_text().split()
+    if args.direct:
+        summary = {"args": vars(args), "direct": direct_phase(args, words)}
+        print(json.dumps(summary, indent=1))
+        if args.out:
+            with open(args.out, "w") as f:
+                f.write(json.dumps(summary, indent=1))
+        return 0
     state = tempfile.mkdtemp(prefix="sagequant-load-")
     entry = start_engine(args, state)
     summary = {"engine": entry, "args": vars(args)}

@@ -166,9 +166,12 @@ def test_w8a8_int8(compiled, eval_ids, scheme):
         record = cm.calibration_records["model.layers.0.self_attn.q_proj"]["input"]
         assert float(scale) == pytest.approx(record["scale"], rel=1e-7)
     else:
-        # per-token codes from the row's absmax, an int8 x int8 -> int32 GEMM, then the scales
+        # per-token codes from the row's absmax, a uint8 (code + 128, zero point 128) x int8 -> int32
+        # GEMM, then the scales
         assert ops["MatMulInteger"] == 14 and "DequantizeLinear" not in ops
         assert ops["ReduceMax"] == 8 and ops["Round"] == 8
+        mmi = _node(m, "model.layers.0.self_attn.q_proj/matmul_integer")
+        assert int(numpy_helper.to_array(_inits(m)[mmi.input[2]])) == 128
     res = parity(cm, onnxruntime_session(m), eval_ids)
     assert res["max_abs"] < PARITY_ATOL and res["argmax_agree"] == 1.0, res
 

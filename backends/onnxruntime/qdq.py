@@ -8,8 +8,9 @@
   W8A8, static activation scale:
       X -> QuantizeLinear(scale, zero 0) -> DequantizeLinear -> MatMul(., DQ(W)) [-> Add bias]
   W8A8 INT8, dynamic per-token, per-channel or per-tensor int8 weights (an integer GEMM):
-      codes = Cast<int8>(Clip(Round(X / s))), s = absmax(row) / 127
-      MatMulInteger(codes, W int8 [K, N]) -> Cast float -> * s -> * weight scale [N] [-> Add bias]
+      codes = Clip(Round(X / s)), s = absmax(row) / 127, stored Cast<uint8>(codes + 128)
+      MatMulInteger(codes_u8, W int8 [K, N], a_zero_point 128) -> Cast float -> * s
+      -> * weight scale [N] [-> Add bias]
   W8A8 dynamic otherwise (grouped weights, FP8): the same per-token codes multiplied back by s
       (fake quantization in float) -> MatMul(., DQ(W)).
 NF4 has no ONNX type: refused.
@@ -61,9 +62,14 @@ def _dynamic_int8_gemm(graph, node, info: QLinearInfo, dtype):
     from onnx import TensorProto
     p = info.layer
     codes, scale = activation_per_token(graph, node.inputs[0], info, dtype)
-    q = layer(graph, "Cast", [codes], f"{p}/input_q", {"to": TensorProto.INT8}, dtype=np.int8)
+    # ONNX Runtime's fast MatMulInteger path is uint8 x int8: store code + 128 with zero point 128
+    # (the GEMM subtracts it back, exactly); int8 x int8 runs ~100x slower on its CPU provider.
+    shifted = layer(graph, "Add", [codes, constant(f"{p}.input_offset", np.asarray(128, dtype=dtype))],
+                    f"{p}/input_offset", dtype=dtype)
+    q = layer(graph, "Cast", [shifted], f"{p}/input_q", {"to": TensorProto.UINT8}, dtype=np.uint8)
     w = constant(f"{p}.weight_quantized", info.codes.T.astype(np.int8))
-    acc = layer(graph, "MatMulInteger", [q, w], f"{p}/matmul_integer", dtype=np.int32)
+    a_zero = constant(f"{p}.input_zero_point", np.asarray(128, dtype=np.uint8))
+    acc = layer(graph, "MatMulInteger", [q, w, a_zero], f"{p}/matmul_integer", dtype=np.int32)
     y = layer(graph, "Cast", [acc], f"{p}/acc_float", {"to": TensorProto.FLOAT}, dtype=np.float32)
     w_scale = info.scales[:, 0] if info.spec.granularity == "per_channel" else info.scales[:1, 0]
     y = layer(graph, "Mul", [y, constant(f"{p}.weight_scale", w_scale.astype(np.float32))],

@@ -250,7 +250,7 @@ FP8_GEMV_CONFIGS = [dict(BLOCK_N=bn, BLOCK_K=128, num_warps=w, num_stages=2)
 
 def fp8_sweep(res, shapes, budget, l2) -> None:
     """Tiles and split-K of the fused W8A8-FP8 decode kernel at M = 1, each checked first."""
-    from sagequant.backends.cuda import triton_fp8_gemv as fg
+    from sagequant.backends.cuda import layout, triton_fp8_gemv as fg
     for sname, shape in shapes.items():
         qt = shape.q["fp8"]
         args = [(qt.data, qt.scale)] + [(qt.data.clone(), qt.scale.clone()) for _ in range(
@@ -258,7 +258,7 @@ def fp8_sweep(res, shapes, budget, l2) -> None:
         x = torch.randn(1, shape.k, device="cuda").to(torch.bfloat16)
         ref = reference(shape, "fp8", x, None)
         for cfg in FP8_GEMV_CONFIGS:
-            base = fg.gemv_config(shape.n, shape.k)["split_k"] * 64 // cfg["BLOCK_N"]
+            base = layout.fp8_gemv_config(shape.n, shape.k)["split_k"] * 64 // cfg["BLOCK_N"]
             for split in sorted({max(1, base), max(1, base // 2), max(1, base // 4)}):
                 if budget.left() < 0:
                     break

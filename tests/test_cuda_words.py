@@ -114,3 +114,12 @@ def test_nf4_row():
     nf4 = QuantSpec("nf4", "per_group", 128, True, "fp16")
     assert "multiple of 8" in row.rejects(nf4, 4100)
     assert "format int4" in row.rejects(QuantSpec("int4", "per_group", 128), 4096)
+
+
+@pytest.mark.parametrize("shape,split", [((37888, 3584), 4), ((3584, 18944), 10),
+                                         ((3584, 3584), 10), ((512, 3584), 14)])
+def test_fp8_decode_config_matches_the_h100_sweep(shape, split):
+    """The sweep's best split per 7B shape (BENCHMARKS.md, CUDA round 2), from the rule."""
+    cfg = layout.fp8_gemv_config(*shape)
+    assert (cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["split_k"]) == (32, 128, split)
+

@@ -68,18 +68,6 @@ def _fp8_gemv_kernel(x_ptr, w_ptr, sw_ptr, static_ptr, b_ptr, out_ptr, M, N, K, 
         tl.store(out_ptr + m * stride_om + offs_n, out.to(out_ptr.dtype.element_ty), mask=n_ok)
 
 
-def gemv_config(n: int, k: int, sms: int = 132) -> dict:
-    """Tiles and split-K from the H100 sweep (BENCHMARKS.md, CUDA round 2): 32 rows of 128 bytes
-    per step, split-K for 8 waves of programs; where the rows alone fill the GPU, split anyway
-    so that a program streams at most 1024 bytes of a row (gate_up: 60.9 µs against 68.5)."""
-    block_n = 32
-    tiles = triton.cdiv(n, block_n)
-    split = layout.split_k_for(tiles, triton.cdiv(k, 128), sms, 2 * layout.MEMORY_BOUND_WAVES)
-    if split == 1:
-        split = triton.cdiv(k, 1024)
-    return dict(BLOCK_N=block_n, BLOCK_K=128, split_k=split, num_warps=4, num_stages=2)
-
-
 def fp8_gemv(x2: torch.Tensor, static_scale: torch.Tensor | None, qweight: torch.Tensor,
              w_scales: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype,
              config: dict | None = None) -> torch.Tensor:
@@ -90,7 +78,7 @@ def fp8_gemv(x2: torch.Tensor, static_scale: torch.Tensor | None, qweight: torch
     out = torch.empty((m, n), dtype=out_dtype, device=x2.device)
     if m == 0:
         return out
-    cfg = dict(config or gemv_config(n, k, sm_count(x2.device)))
+    cfg = dict(config or layout.fp8_gemv_config(n, k, sm_count(x2.device)))
     per, splits = layout.k_blocks_per_split(k, cfg["BLOCK_K"], cfg.pop("split_k"))
     split = splits > 1
     dst = torch.empty((splits, m, n), dtype=torch.float32, device=x2.device) if split else out

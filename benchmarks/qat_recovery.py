@@ -34,8 +34,11 @@ def main() -> None:
     ap.add_argument("--scale-lr", type=float, default=5e-5)
     ap.add_argument("--lora-rank", type=int, default=16)
     ap.add_argument("--loss", default="distill")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (1: on a shared 2-core machine OpenMP hand-offs cost more than they give)")
     ap.add_argument("--out", default="qat_recovery.json")
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
 
     model, tok = load_smollm2()
     eval_ids = tokenize_eval_text(tok, evaluation_text(), args.max_tokens)
@@ -43,8 +46,9 @@ def main() -> None:
     def ppl(fn):
         return perplexity(fn, eval_ids, window=args.window, stride=args.window).ppl
 
+    t0 = time.perf_counter()
     rows = {"float": ppl(lambda ids: model(input_ids=ids, use_cache=False).logits)}
-    print(f"float ppl {rows['float']:.3f}", flush=True)
+    print(f"float ppl {rows['float']:.3f} ({time.perf_counter() - t0:.0f} s)", flush=True)
     cfg = sq.QuantConfig(**SCHEME, guard="off")
     t = time.perf_counter()
     rows["ptq_rtn"] = ppl(sq.compile(model, cfg))

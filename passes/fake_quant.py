@@ -31,6 +31,9 @@ def fake_quant(graph: QuantGraph, ctx: PassContext) -> PassResult:
     if not cfg.enable_qat:
         return PassResult(graph, False, {"skipped": "enable_qat=False"})
     inserted = learned = 0
+    # Linears reading one tensor with one activation spec share its FakeQuant (q/k/v, gate/up), as
+    # they share one calibrated scale in PTQ: one quantization of the tensor, fusable into its norm.
+    shared_inputs: dict = {}
     for node in graph.annotated():
         ann = graph.annotation(node)
         if not ann.quantized or node.target != ATEN.linear.default:
@@ -47,7 +50,11 @@ def fake_quant(graph: QuantGraph, ctx: PassContext) -> PassResult:
                                                 f"weight of {ann.layer}")
         weight_fq = FakeQuantize(ann.weight_spec, scale, zero_point, cfg.qat_learn_scales,
                                  clip_ratio=ann.clip_ratio, what=f"weight of {ann.layer}")
-        module = FakeQuantLinear(weight, bias_value, weight_fq, _input_fake_quant(ann, cfg))
+        key = (node.args[0], ann.input_spec, ann.clip_ratio)
+        if ann.input_spec is not None and key not in shared_inputs:
+            shared_inputs[key] = _input_fake_quant(ann, cfg)
+            learned += shared_inputs[key].learns_scale
+        module = FakeQuantLinear(weight, bias_value, weight_fq, shared_inputs.get(key))
         graph.gm.set_submodule(path, module)
         with graph.graph.inserting_before(node):
             call = graph.graph.call_module(path, (node.args[0],))
@@ -55,13 +62,14 @@ def fake_quant(graph: QuantGraph, ctx: PassContext) -> PassResult:
         node.replace_all_uses_with(call)
         graph.graph.erase_node(node)
         inserted += 1
-        learned += sum(fq is not None and fq.learns_scale for fq in (module.weight_fq, module.input_fq))
+        learned += weight_fq.learns_scale
     # Not graph.recompile(): it drops attributes no get_attr reads, and the weights now live in
     # the FakeQuantLinear modules.
     graph.graph.eliminate_dead_code()
     graph.graph.lint()
     graph.gm.recompile()
-    return PassResult(graph, inserted > 0, {"fake_quant_linears": inserted, "learned_scales": learned})
+    return PassResult(graph, inserted > 0, {"fake_quant_linears": inserted, "learned_scales": learned,
+                                            "shared_input_fake_quants": len(shared_inputs)})
 
 
 def _holder_path(graph: QuantGraph, node, layer: str) -> str:
@@ -85,10 +93,8 @@ def _holder_path(graph: QuantGraph, node, layer: str) -> str:
     return path
 
 
-def _input_fake_quant(ann, cfg) -> FakeQuantize | None:
+def _input_fake_quant(ann, cfg) -> FakeQuantize:
     spec = ann.input_spec
-    if spec is None:
-        return None
     what = f"input of {ann.layer}"
     if spec.dynamic:
         return FakeQuantize(spec, None, None, clip_ratio=ann.clip_ratio, what=what)

@@ -39,7 +39,8 @@ def cmd_qat(args: argparse.Namespace) -> int:
 
     cfg = _config_from_args(args).replace(enable_qat=True, qat_learn_scales=not args.no_learn_scales)
     options = QATOptions(
-        steps=None if args.epochs else (args.steps or QATOptions.steps), epochs=args.epochs,
+        steps=None if args.epochs else (QATOptions.steps if args.steps is None else args.steps),
+        epochs=args.epochs,
         lr=args.lr, scale_lr=args.scale_lr, batch_size=args.batch_size, seq_len=args.train_seq_len,
         lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, loss=args.loss,
         warmup_steps=args.warmup_steps, freeze_observers_step=args.freeze_observers_step,

@@ -1,0 +1,413 @@
+"""End-to-end generation on one GPU (issue 5 item 3): bf16 vs W8A16, W4A16 (g128), W8A8-FP8 and
+W8A8-INT8, every model compiled by `sagequant.compile(..., QuantConfig(backend="cuda"))` with RTN
+(no calibration data) and run by the same GenerationEngine (paged bf16 KV, CUDA-graph decode).
+
+  e2e          per scheme: prefill latency (batch 1, --prefill-len tokens), decode tokens/s at each
+               --batches (--prompt-len prompts, up to --new-tokens new tokens each), the linear
+               weights' bytes as stored, each as a ratio to bf16 measured in the same run.
+  correctness  a tiny Llama: logits of the CUDA-compiled model run on the GPU (prefill of 300
+               tokens, then one decode step: the large-M and the M=1 kernel paths) vs the same
+               RTN model compiled for backend cpu run on CPU by the reference kernels.
+
+Model: Llama-3-8B (default) or Qwen2-7B layer shapes with random weights built here (nothing is
+downloaded), truncated to --layers decoder layers, vocab --vocab (32000 by default, not the real
+128256 / 152064, so the bf16 lm_head does not dominate a 4-layer model). Decode cost is per layer
+plus the embedding/lm_head; the JSON records the lm_head share and an estimate for the full depth:
+    full_ms = head_ms + (gpu_step_ms - head_ms) * full_layers / layers + host_ms
+with gpu_step_ms the decode graph's replay time, head_ms the bf16 lm_head GEMM alone (every
+scheme keeps lm_head bf16) and host_ms the engine's per-step host time (sampling, bookkeeping).
+
+    python3 benchmarks/e2e_generation.py --out "$OUT/e2e.json"   # one H100, < 9 min
+    python3 benchmarks/e2e_generation.py --smoke                 # CPU, tiny shapes, backend cpu
+
+Needs transformers and sagequant's dependencies importable (a bare checkout is imported as the
+`sagequant` package). --budget-s is a deadline: rows past it are recorded as skipped and the
+results are still written; decode rows stop early (recording the steps that ran) to fit it.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import importlib.util
+import json
+import math
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import cuda_bench_lib as lib  # noqa: E402
+
+SHAPES = {  # hidden, MLP, heads, kv heads; full_layers is the real model's depth
+    "llama3-8b": dict(arch="llama", hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
+                      num_key_value_heads=8, full_layers=32),
+    "qwen2-7b": dict(arch="qwen2", hidden_size=3584, intermediate_size=18944, num_attention_heads=28,
+                     num_key_value_heads=4, full_layers=28),
+    "tiny": dict(arch="llama", hidden_size=256, intermediate_size=512, num_attention_heads=4,
+                 num_key_value_heads=2, full_layers=2),
+}
+SCHEMES = {  # RTN: minmax weight scales, no calibration data (dynamic per-token activations)
+    "bf16": dict(ignore=["*"]),
+    "W8A16": dict(weight_dtype="int8", group_size=None),
+    "W4A16": dict(weight_dtype="int4", group_size=128),
+    "W8A8-FP8": dict(weight_dtype="fp8", activation_dtype="fp8", group_size=None),
+    "W8A8-INT8": dict(weight_dtype="int8", activation_dtype="int8", group_size=None),
+}
+CORRECTNESS_TOL = 2e-2  # rel. Frobenius error of logits, GPU kernels vs CPU reference kernels
+CORRECTNESS_PROMPT = 300
+SKIPPED = "skipped (time budget)"
+
+
+def import_sagequant():
+    """The installed sagequant, else this checkout (its root is the package) via a symlink."""
+    if importlib.util.find_spec("sagequant") is None:
+        link = Path(tempfile.mkdtemp()) / "sagequant"
+        link.symlink_to(HERE.parent, target_is_directory=True)
+        sys.path.insert(0, str(link.parent))
+    import sagequant
+    return sagequant
+
+
+def build_model(shape: str, layers: int, vocab: int, max_positions: int, dtype):
+    import transformers as tf
+    s = dict(SHAPES[shape])
+    cls = {"llama": (tf.LlamaConfig, tf.LlamaForCausalLM),
+           "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM)}[s.pop("arch")]
+    s.pop("full_layers")
+    cfg = cls[0](num_hidden_layers=layers, vocab_size=vocab, max_position_embeddings=max_positions,
+                 tie_word_embeddings=False, **s)
+    torch.manual_seed(0)
+    # Initialised on the GPU when there is one (seconds instead of a minute of CPU init), then
+    # compiled from CPU: the engine copies the compiled weights to the GPU.
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = cls[1](cfg).to(dtype).eval()
+    return model.cpu()
+
+
+def compile_scheme(sq, model, scheme: str, backend: str):
+    # guard off: RTN without calibration data has nothing held back to measure the guard on.
+    cfg = sq.QuantConfig(backend=backend, guard="off", **SCHEMES[scheme])
+    return sq.compile(model, cfg)
+
+
+def linear_ops(graph) -> dict[str, int]:
+    """Counts of the sagequant ops the graph calls (the linears' kernels among them)."""
+    out: dict[str, int] = {}
+    for n in graph.graph.nodes:
+        name = str(n.target)
+        if n.op == "call_function" and name.startswith("sagequant."):
+            out[name] = out.get(name, 0) + 1
+    return out
+
+
+def check_kernels(cm, engine_graph, scheme: str, backend: str) -> dict:
+    """Every quantized linear must be bound to a `backend` kernel without fallback, and (on cuda)
+    the graph the engine runs must call no CPU reference linear: a timing of the reference path
+    would be meaningless, so this raises instead."""
+    bindings = cm.kernel_bindings
+    kernels: dict[str, int] = {}
+    for layer, b in bindings.items():
+        kernels[f"{b['backend']}:{b['kernel']}"] = kernels.get(f"{b['backend']}:{b['kernel']}", 0) + 1
+        if b["backend"] != backend or b["fallback_from"]:
+            raise SystemExit(f"{scheme}: layer {layer} is bound to {b['backend']}:{b['kernel']} "
+                             f"(fallback_from={b['fallback_from']}); expected a {backend} kernel")
+    ops = linear_ops(engine_graph)
+    if scheme != "bf16" and not bindings:
+        raise SystemExit(f"{scheme}: no linear was quantized (kernel bindings are empty)")
+    if backend == "cuda":
+        ref = {k: v for k, v in ops.items() if k.endswith("_ref.default")}
+        cuda = sum(v for k, v in ops.items() if ".cuda_" in k and "linear" in k)
+        if ref or cuda != len(bindings):
+            raise SystemExit(f"{scheme}: the engine graph calls reference ops {ref} and {cuda} CUDA "
+                             f"linear ops for {len(bindings)} bound layers; refusing to time it")
+    return {"kernels": kernels, "graph_ops": ops,
+            "dispatch_by_m": next((b["attrs"].get("dispatch_by_m") for b in bindings.values()
+                                   if "dispatch_by_m" in b["attrs"]), None)}
+
+
+def weight_memory(cm, engine_graph) -> dict:
+    """Linear weights as stored (scales and zeros included; kept layers, lm_head among them, in
+    bf16) and every tensor the engine's graph holds (embedding and norms too)."""
+    wb = cm.weight_bytes()
+    storages = {}
+    for t in engine_graph.state().values():
+        if isinstance(t, torch.Tensor):
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return {"linear_bytes": wb["all_linear_bytes"], "decoder_quantized_bytes": wb["quantized_layers_bytes"],
+            "bits_per_weight": wb["bits_per_weight"], "resident_bytes": sum(storages.values())}
+
+
+def new_engine(cm, max_batch: int, max_seq_len: int, device, cuda_graphs: bool):
+    from sagequant.runtime import GenerationEngine
+    blocks = max_batch * math.ceil((max_seq_len + 1) / cm.config.kv_block_size)
+    return GenerationEngine(cm, max_batch=max_batch, max_seq_len=max_seq_len, device=device,
+                            cuda_graphs=cuda_graphs, num_kv_blocks=blocks)
+
+
+def prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (length,), generator=g).tolist() for _ in range(n)]
+
+
+def prefill_ms(engine, length: int, vocab: int, device, reps: int) -> dict:
+    """One request of `length` tokens and max_new_tokens=1: a step is its prefill plus one argmax.
+    The first run compiles the kernels for this M and is not counted."""
+    times = []
+    for i in range(reps + 1):
+        engine.add_request(prompts(1, length, vocab, 10 + i)[0], 1)
+        lib.sync()
+        t0 = time.perf_counter()
+        engine.step()
+        lib.sync()
+        times.append((time.perf_counter() - t0) * 1e3)
+        assert not engine.has_work()
+    return {"prefill_ms": statistics.median(times[1:]), "prefill_reps": reps}
+
+
+def decode_rate(engine, batch: int, prompt_len: int, new_tokens: int, vocab: int, device,
+                stop_at: float) -> dict:
+    """Prefill `batch` prompts, run two decode steps (graph capture), then time decode steps until
+    done or `stop_at`; on a GPU also the captured step's replay alone (no host work)."""
+    rids = [engine.add_request(p, new_tokens) for p in prompts(batch, prompt_len, vocab, batch)]
+    engine.step()
+    engine.step()
+    lib.sync()
+    t0, steps = time.perf_counter(), 0
+    while engine.has_work() and time.perf_counter() < stop_at:
+        engine.step()
+        steps += 1
+    lib.sync()
+    dt = time.perf_counter() - t0
+    for rid in rids:
+        engine.abort(rid)
+    row = {"tok_s": batch * steps / dt if steps else None, "ms_per_step": 1e3 * dt / max(steps, 1),
+           "timed_steps": steps, "new_tokens_run": steps + 2}
+    bucket = engine.graphs.buckets.get(batch) if engine.graphs else None
+    if bucket is not None and bucket.graph is not None:
+        # Replaying after the requests ended rewrites the last step's cache entries: harmless.
+        row["gpu_step_ms"] = lib.time_graph([bucket.graph.replay], target_s=0.05)["us"] / 1e3
+    return row
+
+
+def head_ms(model, batches, device) -> dict:
+    """The bf16 lm_head GEMM alone at M = batch (CUDA-graph timing), for the full-depth estimate."""
+    if device.type != "cuda":
+        return {}
+    w = model.lm_head.weight.detach().to(device)
+    out = {}
+    for b in batches:
+        x = torch.randn(b, w.shape[1], device=device, dtype=w.dtype)
+        out[b] = lib.time_graph([lambda x=x: torch.nn.functional.linear(x, w)])["us"] / 1e3
+    del w
+    return out
+
+
+def run_scheme(sq, model, scheme, args, backend, device, deadline, vocab) -> dict:
+    row: dict = {"scheme": scheme}
+    t0 = time.perf_counter()
+    cm = compile_scheme(sq, model, scheme, backend)
+    row["compile_s"] = time.perf_counter() - t0
+    max_seq = max(args.prefill_len, args.prompt_len + args.new_tokens) + 1
+    engine = new_engine(cm, max(args.batches), max_seq, device, cuda_graphs=device.type == "cuda")
+    row.update(check_kernels(cm, engine.graph, scheme, backend))
+    row["memory"] = weight_memory(cm, engine.graph)
+    if time.perf_counter() < deadline:
+        row.update(prefill_ms(engine, args.prefill_len, vocab, device, args.prefill_reps))
+    else:
+        row["prefill_ms"] = SKIPPED
+    for i, b in enumerate(args.batches):
+        left = deadline - time.perf_counter()
+        if left <= 0:
+            row[f"decode_b{b}"] = SKIPPED
+            continue
+        # Later rows of this scheme each get an equal share of what is left.
+        stop_at = time.perf_counter() + left / (len(args.batches) - i)
+        row[f"decode_b{b}"] = decode_rate(engine, b, args.prompt_len, args.new_tokens, vocab, device, stop_at)
+    del engine, cm
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    print(json.dumps(row, default=str), flush=True)
+    return row
+
+
+def add_ratios(rows: list[dict], batches) -> None:
+    """Each scheme over bf16 of the same run: speed-ups (> 1 faster) and the bytes ratio."""
+    base = next((r for r in rows if r["scheme"] == "bf16"), None)
+    if base is None:
+        return
+    num = lambda v: v if isinstance(v, (int, float)) and not isinstance(v, bool) else None  # noqa: E731
+    for r in rows:
+        r["linear_bytes_vs_bf16"] = r["memory"]["linear_bytes"] / base["memory"]["linear_bytes"]
+        if num(r.get("prefill_ms")) and num(base.get("prefill_ms")):
+            r["prefill_speedup"] = base["prefill_ms"] / r["prefill_ms"]
+        for b in batches:
+            mine, ref = r.get(f"decode_b{b}"), base.get(f"decode_b{b}")
+            if isinstance(mine, dict) and isinstance(ref, dict) and mine["tok_s"] and ref["tok_s"]:
+                mine["speedup"] = mine["tok_s"] / ref["tok_s"]
+                if "gpu_step_ms" in mine and "gpu_step_ms" in ref:
+                    mine["gpu_step_speedup"] = ref["gpu_step_ms"] / mine["gpu_step_ms"]
+
+
+def full_depth(rows, heads: dict, layers: int, full_layers: int, batches) -> None:
+    """The estimate in the module docstring, per scheme and batch (GPU runs only)."""
+    for r in rows:
+        for b in batches:
+            d = r.get(f"decode_b{b}")
+            if not (isinstance(d, dict) and "gpu_step_ms" in d and b in heads and d["tok_s"]):
+                continue
+            host = max(0.0, d["ms_per_step"] - d["gpu_step_ms"])
+            ms = heads[b] + (d["gpu_step_ms"] - heads[b]) * full_layers / layers + host
+            d["est_full_depth_tok_s"] = b / ms * 1e3
+    base = next((r for r in rows if r["scheme"] == "bf16"), None)
+    for r in rows:
+        for b in batches:
+            d, ref = r.get(f"decode_b{b}"), (base or {}).get(f"decode_b{b}")
+            if isinstance(d, dict) and isinstance(ref, dict) and "est_full_depth_tok_s" in d \
+                    and "est_full_depth_tok_s" in ref:
+                d["est_full_depth_speedup"] = d["est_full_depth_tok_s"] / ref["est_full_depth_tok_s"]
+
+
+def correctness(sq, backend: str, device, dtype, deadline) -> list[dict]:
+    """Tiny Llama, each quantized scheme: the `backend` kernels on `device` through the engine
+    (prefill, then one decode step) vs the cpu-compiled model called on CPU (reference kernels);
+    the float model's distance to the reference says how large quantization itself is."""
+    model = build_model("tiny", 2, 512, 512, dtype)
+    ids = torch.tensor(prompts(1, CORRECTNESS_PROMPT + 1, 512, 7))
+    with torch.inference_mode():
+        float_logits = model(ids).logits.double()
+    out = []
+    for scheme in [s for s in SCHEMES if s != "bf16"]:
+        if time.perf_counter() > deadline:
+            out.append({"scheme": scheme, "status": SKIPPED})
+            continue
+        cpu = compile_scheme(sq, model, scheme, "cpu")
+        ref = cpu(ids).double()
+        cm = cpu if backend == "cpu" else compile_scheme(sq, model, scheme, backend)
+        engine = new_engine(cm, 1, ids.shape[1], device, cuda_graphs=False)
+        check_kernels(cm, engine.graph, scheme, backend)
+        engine.pool.open(0, ids.shape[1])
+        with torch.inference_mode():
+            pre = engine.forward([0], ids[:, :-1].to(device))
+            dec = engine.forward([0], ids[:, -1:].to(device))
+        got = torch.cat([pre, dec], dim=1).double().cpu()
+        err = lib.rel_errors(got, ref)
+        row = {"scheme": scheme, "kernels": sorted(cm.report()["kernels"]),
+               "rel_fro": err["rel_fro"], "decode_step_rel_fro": lib.rel_errors(dec.double().cpu(), ref[:, -1:])["rel_fro"],
+               "finite": err["finite"], "argmax_agreement": float((got.argmax(-1) == ref.argmax(-1)).double().mean()),
+               "quantization_rel_fro": lib.rel_errors(ref, float_logits)["rel_fro"]}
+        row["status"] = "ok" if err["finite"] and max(row["rel_fro"], row["decode_step_rel_fro"]) <= CORRECTNESS_TOL else "FAIL"
+        print(json.dumps(row), flush=True)
+        out.append(row)
+        del engine, cm, cpu
+    return out
+
+
+def markdown(result: dict) -> str:
+    rows, batches = result.get("e2e", []), result["settings"]["batches"]
+    f = lambda v, d=3: f"{v:.{d}g}" if isinstance(v, (int, float)) else ("" if v is None else str(v))  # noqa: E731
+    head = ["scheme", "linear weights MiB", "× bf16", f"prefill {result['settings']['prefill_len']} ms",
+            "speed-up"]
+    for b in batches:
+        head += [f"decode b{b} tok/s", "speed-up", "GPU step speed-up", "est. full-depth speed-up"]
+    table = []
+    for r in rows:
+        line = [r["scheme"], f(r["memory"]["linear_bytes"] / 2**20, 4), f(r.get("linear_bytes_vs_bf16")),
+                f(r.get("prefill_ms")), f(r.get("prefill_speedup"))]
+        for b in batches:
+            d = r.get(f"decode_b{b}")
+            d = d if isinstance(d, dict) else {"tok_s": d}
+            line += [f(d.get("tok_s"), 4), f(d.get("speedup")), f(d.get("gpu_step_speedup")),
+                     f(d.get("est_full_depth_speedup"))]
+        table.append(line)
+    text = [lib.markdown_table(head, table)]
+    if result.get("correctness"):
+        text.append(lib.markdown_table(
+            ["scheme", "status", "logits rel_fro vs CPU ref", "decode step rel_fro", "argmax agree",
+             "quantization rel_fro (ref vs float)", "kernels"],
+            [[c["scheme"], c["status"], f(c.get("rel_fro")), f(c.get("decode_step_rel_fro")),
+              f(c.get("argmax_agreement")), f(c.get("quantization_rel_fro")), ", ".join(c.get("kernels", []))]
+             for c in result["correctness"]]))
+    return "\n\n".join(text)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--smoke", action="store_true", help="CPU, tiny shapes, backend cpu")
+    ap.add_argument("--shape", choices=[s for s in SHAPES if s != "tiny"], default="llama3-8b")
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--schemes", nargs="*", default=list(SCHEMES), choices=list(SCHEMES))
+    ap.add_argument("--batches", type=int, nargs="*", default=[1, 8, 32])
+    ap.add_argument("--prefill-len", type=int, default=2048)
+    ap.add_argument("--prefill-reps", type=int, default=3)
+    ap.add_argument("--prompt-len", type=int, default=512)
+    ap.add_argument("--new-tokens", type=int, default=256)
+    ap.add_argument("--budget-s", type=float, default=420, help="deadline for the e2e rows")
+    ap.add_argument("--correctness-s", type=float, default=60, help="extra seconds for correctness")
+    ap.add_argument("--skip-correctness", action="store_true")
+    ap.add_argument("--out", default="e2e_generation.json")
+    args = ap.parse_args(argv)
+    start = time.perf_counter()
+    sq = import_sagequant()
+    if args.smoke:
+        lib.DEVICE = "cpu"
+        device, dtype, backend, shape = torch.device("cpu"), torch.float32, "cpu", "tiny"
+        args.layers, args.vocab, args.batches = 1, 512, [1, 2]
+        args.prefill_len, args.prompt_len, args.new_tokens, args.prefill_reps = 32, 16, 4, 1
+    else:
+        if not torch.cuda.is_available():
+            raise SystemExit("needs a CUDA GPU (or --smoke, which runs backend cpu on CPU)")
+        device, dtype, backend, shape = torch.device("cuda"), torch.bfloat16, "cuda", args.shape
+    deadline = start + args.budget_s
+    settings = {k: v for k, v in vars(args).items() if k != "out"}
+    settings.update(shape=shape, backend=backend, dtype=str(dtype), full_layers=SHAPES[shape]["full_layers"],
+                    **{k: v for k, v in SHAPES[shape].items() if k != "full_layers"})
+    result = {"env": lib.environment(), "settings": settings}
+    if args.smoke:
+        result["note"] = ("smoke: CPU, tiny shapes, backend cpu (the CUDA rows need a GPU and triton); "
+                          "the numbers time the reference kernels and mean nothing")
+        print(result["note"], flush=True)
+    out = Path(args.out)
+
+    def save():
+        out.write_text(json.dumps(result, indent=1, default=str))
+        out.with_suffix(".md").write_text(markdown(result) + "\n")
+
+    model = build_model(shape, args.layers, args.vocab, max(args.prefill_len, args.prompt_len + args.new_tokens) + 64, dtype)
+    lm_head = model.lm_head.weight.numel() * 2
+    decoder = sum(p.numel() * 2 for n, p in model.named_parameters() if ".layers." in n and p.dim() == 2)
+    result["lm_head_share_bf16"] = {"at_layers": lm_head / (lm_head + decoder),
+                                    "at_full_depth": lm_head / (lm_head + decoder * settings["full_layers"] / args.layers)}
+    result["e2e"] = []
+    for scheme in args.schemes:
+        if time.perf_counter() > deadline:
+            result["e2e"].append({"scheme": scheme, "status": SKIPPED, "memory": {"linear_bytes": float("nan")}})
+            continue
+        result["e2e"].append(run_scheme(sq, model, scheme, args, backend, device, deadline, args.vocab))
+        add_ratios(result["e2e"], args.batches)
+        save()
+    heads = head_ms(model, args.batches, device)
+    result["lm_head_ms"] = heads
+    full_depth(result["e2e"], heads, args.layers, settings["full_layers"], args.batches)
+    del model
+    gc.collect()
+    save()
+    status = 0
+    if not args.skip_correctness:
+        result["correctness"] = correctness(sq, backend, device, dtype, deadline + args.correctness_s)
+        status = int(any(c["status"] == "FAIL" for c in result["correctness"]))
+        save()
+    print(markdown(result))
+    print(f"done in {time.perf_counter() - start:.0f}s -> {out} and {out.with_suffix('.md')}"
+          + (" (correctness FAILED)" if status else ""))
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -58,7 +58,11 @@ SCHEMES = {  # RTN: minmax weight scales, no calibration data (dynamic per-token
     "W8A8-FP8": dict(weight_dtype="fp8", activation_dtype="fp8", group_size=None),
     "W8A8-INT8": dict(weight_dtype="int8", activation_dtype="int8", group_size=None),
 }
-CORRECTNESS_TOL = 2e-2  # rel. Frobenius error of logits, GPU kernels vs CPU reference kernels
+# Rel. Frobenius error of logits, GPU kernels vs CPU reference kernels, both bf16: accumulation
+# order differs (~3e-3 per GEMM measured on the H100); FP8 activations add code flips where bf16
+# inputs differ by one ulp near a rounding boundary (an e4m3 step is 6-12% of the value).
+CORRECTNESS_TOL = {"W8A8-FP8": 5e-2}
+DEFAULT_TOL = 2e-2
 CORRECTNESS_PROMPT = 300
 SKIPPED = "skipped (time budget)"
 
@@ -174,6 +178,7 @@ def decode_rate(engine, batch: int, prompt_len: int, new_tokens: int, vocab: int
     """Prefill `batch` prompts, run two decode steps (graph capture), then time decode steps until
     done or `stop_at`; on a GPU also the captured step's replay alone (no host work)."""
     rids = [engine.add_request(p, new_tokens) for p in prompts(batch, prompt_len, vocab, batch)]
+    before = engine.tokens_generated
     engine.step()
     engine.step()
     lib.sync()
@@ -183,15 +188,32 @@ def decode_rate(engine, batch: int, prompt_len: int, new_tokens: int, vocab: int
         steps += 1
     lib.sync()
     dt = time.perf_counter() - t0
+    row_tokens = engine.tokens_generated
     for rid in rids:
         engine.abort(rid)
     row = {"tok_s": batch * steps / dt if steps else None, "ms_per_step": 1e3 * dt / max(steps, 1),
-           "timed_steps": steps, "new_tokens_run": steps + 2}
+           "timed_steps": steps, "new_tokens_run": (row_tokens - before) // batch}
     bucket = engine.graphs.buckets.get(batch) if engine.graphs else None
     if bucket is not None and bucket.graph is not None:
         # Replaying after the requests ended rewrites the last step's cache entries: harmless.
-        row["gpu_step_ms"] = lib.time_graph([bucket.graph.replay], target_s=0.05)["us"] / 1e3
+        row["gpu_step_ms"] = replay_ms(bucket.graph)
     return row
+
+
+def replay_ms(graph, reps: int = 20) -> float:
+    """Median over 3 runs of `reps` back-to-back replays of a captured CUDA graph, ms per replay."""
+    graph.replay()
+    torch.cuda.synchronize()
+    samples = []
+    for _ in range(3):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        for _ in range(reps):
+            graph.replay()
+        e.record()
+        torch.cuda.synchronize()
+        samples.append(s.elapsed_time(e) / reps)
+    return statistics.median(samples)
 
 
 def head_ms(model, batches, device) -> dict:
@@ -207,7 +229,9 @@ def head_ms(model, batches, device) -> dict:
     return out
 
 
-def run_scheme(sq, model, scheme, args, backend, device, deadline, vocab) -> dict:
+def run_scheme(sq, model, scheme, args, backend, device, deadline, vocab, schemes_after: int) -> dict:
+    """Compile, check the kernels, then time prefill and decode rows; decode rows share the time
+    left fairly with the `schemes_after` schemes still to run."""
     row: dict = {"scheme": scheme}
     t0 = time.perf_counter()
     cm = compile_scheme(sq, model, scheme, backend)
@@ -225,8 +249,7 @@ def run_scheme(sq, model, scheme, args, backend, device, deadline, vocab) -> dic
         if left <= 0:
             row[f"decode_b{b}"] = SKIPPED
             continue
-        # Later rows of this scheme each get an equal share of what is left.
-        stop_at = time.perf_counter() + left / (len(args.batches) - i)
+        stop_at = time.perf_counter() + left / (len(args.batches) * (1 + schemes_after) - i)
         row[f"decode_b{b}"] = decode_rate(engine, b, args.prompt_len, args.new_tokens, vocab, device, stop_at)
     del engine, cm
     gc.collect()
@@ -238,12 +261,13 @@ def run_scheme(sq, model, scheme, args, backend, device, deadline, vocab) -> dic
 
 def add_ratios(rows: list[dict], batches) -> None:
     """Each scheme over bf16 of the same run: speed-ups (> 1 faster) and the bytes ratio."""
-    base = next((r for r in rows if r["scheme"] == "bf16"), None)
+    base = next((r for r in rows if r["scheme"] == "bf16" and "memory" in r), None)
     if base is None:
         return
     num = lambda v: v if isinstance(v, (int, float)) and not isinstance(v, bool) else None  # noqa: E731
     for r in rows:
-        r["linear_bytes_vs_bf16"] = r["memory"]["linear_bytes"] / base["memory"]["linear_bytes"]
+        if "memory" in r:
+            r["linear_bytes_vs_bf16"] = r["memory"]["linear_bytes"] / base["memory"]["linear_bytes"]
         if num(r.get("prefill_ms")) and num(base.get("prefill_ms")):
             r["prefill_speedup"] = base["prefill_ms"] / r["prefill_ms"]
         for b in batches:
@@ -296,12 +320,14 @@ def correctness(sq, backend: str, device, dtype, deadline) -> list[dict]:
             pre = engine.forward([0], ids[:, :-1].to(device))
             dec = engine.forward([0], ids[:, -1:].to(device))
         got = torch.cat([pre, dec], dim=1).double().cpu()
-        err = lib.rel_errors(got, ref)
-        row = {"scheme": scheme, "kernels": sorted(cm.report()["kernels"]),
-               "rel_fro": err["rel_fro"], "decode_step_rel_fro": lib.rel_errors(dec.double().cpu(), ref[:, -1:])["rel_fro"],
-               "finite": err["finite"], "argmax_agreement": float((got.argmax(-1) == ref.argmax(-1)).double().mean()),
+        err, step_err = lib.rel_errors(got, ref), lib.rel_errors(got[:, -1:], ref[:, -1:])
+        row = {"scheme": scheme, "kernels": sorted(cm.report()["kernels"]), "rel_fro": err["rel_fro"],
+               "decode_step_rel_fro": step_err["rel_fro"], "finite": err["finite"],
+               "argmax_agreement": float((got.argmax(-1) == ref.argmax(-1)).double().mean()),
                "quantization_rel_fro": lib.rel_errors(ref, float_logits)["rel_fro"]}
-        row["status"] = "ok" if err["finite"] and max(row["rel_fro"], row["decode_step_rel_fro"]) <= CORRECTNESS_TOL else "FAIL"
+        worst = max(row["rel_fro"], row["decode_step_rel_fro"])
+        row["tolerance"] = CORRECTNESS_TOL.get(scheme, DEFAULT_TOL)
+        row["status"] = "ok" if err["finite"] and worst <= row["tolerance"] else "FAIL"
         print(json.dumps(row), flush=True)
         out.append(row)
         del engine, cm, cpu
@@ -310,14 +336,16 @@ def correctness(sq, backend: str, device, dtype, deadline) -> list[dict]:
 
 def markdown(result: dict) -> str:
     rows, batches = result.get("e2e", []), result["settings"]["batches"]
-    f = lambda v, d=3: f"{v:.{d}g}" if isinstance(v, (int, float)) else ("" if v is None else str(v))  # noqa: E731
+    def f(v, digits=3):
+        return f"{v:.{digits}g}" if isinstance(v, (int, float)) else ("" if v is None else str(v))
     head = ["scheme", "linear weights MiB", "× bf16", f"prefill {result['settings']['prefill_len']} ms",
             "speed-up"]
     for b in batches:
         head += [f"decode b{b} tok/s", "speed-up", "GPU step speed-up", "est. full-depth speed-up"]
     table = []
     for r in rows:
-        line = [r["scheme"], f(r["memory"]["linear_bytes"] / 2**20, 4), f(r.get("linear_bytes_vs_bf16")),
+        mib = r["memory"]["linear_bytes"] / 2**20 if "memory" in r else r.get("status")
+        line = [r["scheme"], f(mib, 4), f(r.get("linear_bytes_vs_bf16")),
                 f(r.get("prefill_ms")), f(r.get("prefill_speedup"))]
         for b in batches:
             d = r.get(f"decode_b{b}")
@@ -325,13 +353,22 @@ def markdown(result: dict) -> str:
             line += [f(d.get("tok_s"), 4), f(d.get("speedup")), f(d.get("gpu_step_speedup")),
                      f(d.get("est_full_depth_speedup"))]
         table.append(line)
-    text = [lib.markdown_table(head, table)]
+    st, share = result["settings"], result.get("lm_head_share_bf16", {})
+    ran = {r["scheme"]: {b: r[f"decode_b{b}"].get("new_tokens_run") for b in batches
+                         if isinstance(r.get(f"decode_b{b}"), dict)} for r in rows}
+    text = [f"{st['shape']} shapes, {st['layers']} of {st['full_layers']} layers, vocab {st['vocab']}, "
+            f"random weights, {st['dtype']} activations, backend {st['backend']}, RTN; lm_head kept bf16 = "
+            f"{f(share.get('at_layers'))} of the bf16 linear bytes here, "
+            f"{f(share.get('at_full_depth'))} at full depth. Decode: {st['prompt_len']}-token prompts, "
+            f"new tokens run per batch: {ran}.",
+            lib.markdown_table(head, table)]
     if result.get("correctness"):
         text.append(lib.markdown_table(
-            ["scheme", "status", "logits rel_fro vs CPU ref", "decode step rel_fro", "argmax agree",
-             "quantization rel_fro (ref vs float)", "kernels"],
+            ["scheme", "status", "logits rel_fro vs CPU ref", "decode step rel_fro", "tolerance",
+             "argmax agree", "quantization rel_fro (ref vs float)", "kernels"],
             [[c["scheme"], c["status"], f(c.get("rel_fro")), f(c.get("decode_step_rel_fro")),
-              f(c.get("argmax_agreement")), f(c.get("quantization_rel_fro")), ", ".join(c.get("kernels", []))]
+              f(c.get("tolerance")), f(c.get("argmax_agreement")), f(c.get("quantization_rel_fro")),
+              ", ".join(c.get("kernels", []))]
              for c in result["correctness"]]))
     return "\n\n".join(text)
 
@@ -359,7 +396,7 @@ def main(argv=None) -> int:
         lib.DEVICE = "cpu"
         device, dtype, backend, shape = torch.device("cpu"), torch.float32, "cpu", "tiny"
         args.layers, args.vocab, args.batches = 1, 512, [1, 2]
-        args.prefill_len, args.prompt_len, args.new_tokens, args.prefill_reps = 32, 16, 4, 1
+        args.prefill_len, args.prompt_len, args.new_tokens, args.prefill_reps = 32, 16, 6, 1
     else:
         if not torch.cuda.is_available():
             raise SystemExit("needs a CUDA GPU (or --smoke, which runs backend cpu on CPU)")
@@ -379,17 +416,27 @@ def main(argv=None) -> int:
         out.write_text(json.dumps(result, indent=1, default=str))
         out.with_suffix(".md").write_text(markdown(result) + "\n")
 
-    model = build_model(shape, args.layers, args.vocab, max(args.prefill_len, args.prompt_len + args.new_tokens) + 64, dtype)
+    positions = max(args.prefill_len, args.prompt_len + args.new_tokens) + 64
+    model = build_model(shape, args.layers, args.vocab, positions, dtype)
     lm_head = model.lm_head.weight.numel() * 2
     decoder = sum(p.numel() * 2 for n, p in model.named_parameters() if ".layers." in n and p.dim() == 2)
+    full_decoder = decoder * settings["full_layers"] / args.layers
     result["lm_head_share_bf16"] = {"at_layers": lm_head / (lm_head + decoder),
-                                    "at_full_depth": lm_head / (lm_head + decoder * settings["full_layers"] / args.layers)}
-    result["e2e"] = []
-    for scheme in args.schemes:
+                                    "at_full_depth": lm_head / (lm_head + full_decoder)}
+    result["e2e"], status = [], 0
+    for i, scheme in enumerate(args.schemes):
         if time.perf_counter() > deadline:
-            result["e2e"].append({"scheme": scheme, "status": SKIPPED, "memory": {"linear_bytes": float("nan")}})
+            result["e2e"].append({"scheme": scheme, "status": SKIPPED})
             continue
-        result["e2e"].append(run_scheme(sq, model, scheme, args, backend, device, deadline, args.vocab))
+        try:
+            row = run_scheme(sq, model, scheme, args, backend, device, deadline, args.vocab,
+                             len(args.schemes) - 1 - i)
+        except (Exception, SystemExit) as e:  # recorded and the exit status set; later schemes still run
+            row, status = {"scheme": scheme, "status": f"error: {lib.short_error(e)}"}, 1
+            print(row["status"], flush=True)
+            gc.collect()
+            torch.cuda.empty_cache() if device.type == "cuda" else None
+        result["e2e"].append(row)
         add_ratios(result["e2e"], args.batches)
         save()
     heads = head_ms(model, args.batches, device)
@@ -398,14 +445,13 @@ def main(argv=None) -> int:
     del model
     gc.collect()
     save()
-    status = 0
     if not args.skip_correctness:
         result["correctness"] = correctness(sq, backend, device, dtype, deadline + args.correctness_s)
-        status = int(any(c["status"] == "FAIL" for c in result["correctness"]))
+        status |= int(any(c["status"] == "FAIL" for c in result["correctness"]))
         save()
     print(markdown(result))
     print(f"done in {time.perf_counter() - start:.0f}s -> {out} and {out.with_suffix('.md')}"
-          + (" (correctness FAILED)" if status else ""))
+          + (" (FAILED: an error row or a correctness check)" if status else ""))
     return status
 
 

@@ -1,0 +1,55 @@
+"""benchmarks/e2e_generation.py: the guard against timing a CPU reference path, and the ratio and
+full-depth arithmetic of its table (its --smoke run is the end-to-end check of the script)."""
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "e2e_generation.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    sys.path.insert(0, str(SCRIPT.parent))
+    spec = importlib.util.spec_from_file_location("e2e_generation", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_reference_kernels_are_refused_for_a_cuda_timing(bench, compiled):
+    cm = compiled(weight_dtype="int4", group_size=32)
+    bound_to_cpu = r"layer .* is bound to cpu:cpu_weight_only_ref.*expected a cuda kernel"
+    with pytest.raises(SystemExit, match=bound_to_cpu):
+        bench.check_kernels(cm, cm.graph, "W4A16", "cuda")
+    got = bench.check_kernels(cm, cm.graph, "W4A16", "cpu")
+    assert got["kernels"] == {"cpu:cpu_weight_only_ref": len(cm.kernel_bindings)}
+    assert got["graph_ops"]["sagequant.weight_only_linear_ref.default"] == len(cm.kernel_bindings)
+
+
+def test_unquantized_scheme_is_refused(bench, compiled):
+    cm = compiled(ignore=["*"])
+    with pytest.raises(SystemExit, match="no linear was quantized"):
+        bench.check_kernels(cm, cm.graph, "W4A16", "cpu")
+
+
+def test_ratios_and_full_depth_estimate(bench):
+    rows = [{"scheme": "bf16", "memory": {"linear_bytes": 1000}, "prefill_ms": 30.0,
+             "decode_b1": {"tok_s": 100.0, "ms_per_step": 10.0, "gpu_step_ms": 8.0}},
+            {"scheme": "W4A16", "memory": {"linear_bytes": 300}, "prefill_ms": 40.0,
+             "decode_b1": {"tok_s": 200.0, "ms_per_step": 5.0, "gpu_step_ms": 4.0}},
+            {"scheme": "W8A16", "memory": {"linear_bytes": 550}, "prefill_ms": "skipped (time budget)",
+             "decode_b1": "skipped (time budget)"}]
+    bench.add_ratios(rows, [1])
+    bench.full_depth(rows, {1: 2.0}, layers=4, full_layers=32, batches=[1])
+    bf16, w4, w8 = rows
+    assert w4["linear_bytes_vs_bf16"] == pytest.approx(0.3)
+    assert w4["prefill_speedup"] == pytest.approx(0.75)
+    assert w4["decode_b1"]["speedup"] == pytest.approx(2.0)
+    assert w4["decode_b1"]["gpu_step_speedup"] == pytest.approx(2.0)
+    # head 2 ms + per-layer part scaled 4 -> 32 layers + host time (step - replay)
+    assert bf16["decode_b1"]["est_full_depth_tok_s"] == pytest.approx(1e3 / (2 + 6 * 8 + 2))
+    assert w4["decode_b1"]["est_full_depth_tok_s"] == pytest.approx(1e3 / (2 + 2 * 8 + 1))
+    assert w4["decode_b1"]["est_full_depth_speedup"] == pytest.approx(52 / 19)
+    assert "prefill_speedup" not in w8 and w8["decode_b1"] == "skipped (time budget)"

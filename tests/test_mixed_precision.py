@@ -167,6 +167,9 @@ def test_cli_compile_with_budget_and_inspect_sensitivity(checkpoint, tmp_path, c
     assert cli(["inspect", "--artifact", str(out), "--sensitivity", "--text", str(data),
                 "--sensitivity-samples", "2", "--error-tokens", "12"]) == 0
     table = capsys.readouterr().out.split("most sensitive first\n")[1].splitlines()
+    assert cli(["inspect", "--artifact", str(out), "--sensitivity", "--text", str(data),
+                "--sensitivity-method", "fisher", "--error-tokens", "12"]) == 0
+    assert "delta loss (fisher)" in capsys.readouterr().out
     assert "dloss W4A16" in table[0] and "dloss W8A16" in table[0] and len(table) == 15
     first = [float(line.split()[2]) for line in table[1:]]
     assert first == sorted(first, reverse=True)

@@ -231,10 +231,11 @@ def _print_sensitivity(cm, args) -> None:
     model, tok = resolve_model(source)
     texts = wikipedia_prose() if args.text is None else load_texts(args.text)
     ids = tokenize_calibration(texts, tok, args.sensitivity_samples, args.error_tokens)
-    cfg = cm.config.replace(overrides={}, target_bits_per_weight=None, target_max_delta_loss=None)
+    cfg = cm.config.replace(overrides={}, target_bits_per_weight=None, target_max_delta_loss=None,
+                            sensitivity_method=args.sensitivity_method or cm.config.sensitivity_method)
     base, rows = model_sensitivity(model, cfg, list(ids.split(1)))
     print(f"float next-token loss {base:.4f} nats on {ids.shape[0]} x {ids.shape[1]} tokens; "
-          "delta loss of quantizing each layer alone, most sensitive first")
+          f"delta loss ({cfg.sensitivity_method}) of quantizing each layer alone, most sensitive first")
     print(format_sensitivity(rows, top=args.top))
 
 
@@ -279,6 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="delta loss of quantizing each linear alone (scheme and precision_upgrades "
                         "of the artifact's config), most sensitive first")
     i.add_argument("--sensitivity-samples", type=int, default=2, help="sequences to measure on")
+    i.add_argument("--sensitivity-method", choices=["measured", "fisher"],
+                   help="measured: one forward per layer and option; fisher: one backward per sequence "
+                        "(default: the artifact's QuantConfig.sensitivity_method)")
     i.add_argument("--text", help="text file for --sensitivity (default: the packaged Wikipedia prose)")
     i.set_defaults(func=cmd_inspect)
     x = sub.add_parser("export", help="write an artifact as ONNX (QDQ / MatMulNBits), TensorRT ONNX "

@@ -32,7 +32,8 @@ WO_FLAGS = {  # format -> constexpr flags of the weight-only kernels
 # Integer arguments a real launch on the 7B shapes sees as multiples of 16 (the JIT specializes
 # them, and pointers, as 16-divisible: that is what lets loads vectorize and pipeline).
 ALIGNED_INTS = {"N", "K", "KB", "k_per_split", "stride_xm", "stride_wn", "stride_om", "stride_am",
-                "stride_bn", "stride_qm", "MN", "GROUP"}
+                "stride_bn", "stride_qm", "MN", "GROUP", "KW", "words_per_split"}
+WORD_KINDS = {"int4": 0, "uint4": 1, "nf4": 2}  # triton_words.KINDS, without importing triton
 
 
 def _signature(fn, types: dict, constexprs: dict) -> tuple[dict, dict]:
@@ -64,11 +65,52 @@ def weight_only_plans(defaults_only: bool = False) -> list:
     return sorted({replace(p, split_k=1) for p in plans | set(extra)}, key=lambda p: p.describe())
 
 
+def word_plans(fmt: str) -> list:
+    """The int32-word kernel plans choose() makes on the 7B shapes, split-K folded to 1."""
+    plans = {replace(layout.choose(m, n, k, bits=4, group=128, fmt=fmt), split_k=1)
+             for n, k in QWEN2_7B for m in (1, 8, 16, 32, 64)}
+    return sorted((p for p in plans if p.path in ("gemv4", "mma4")), key=lambda p: p.describe())
+
+
+def word_configs(dt: str):
+    """The int32-word kernels (triton_words) and the fused FP8 decode GEMV, as launched."""
+    from . import triton_fp8_gemv as fg
+    from . import triton_words as tw
+    for fmt, kind in WORD_KINDS.items():
+        base = {"x_ptr": f"*{dt}", "w_ptr": "*i32", "s_ptr": "*fp16",
+                "z_ptr": "*i32" if kind == 1 else "*fp16", "book_ptr": "*fp32" if kind == 2
+                else "*fp16", "b_ptr": f"*{dt}"}
+        for plan in word_plans(fmt):
+            for split in (False, True):
+                types = dict(base, out_ptr="*fp32" if split else f"*{dt}")
+                const = dict(KIND=kind, HAS_BIAS=True, SPLIT=split, BLOCK_N=plan.block_n,
+                             BLOCK_KW=plan.block_k // 8)
+                fn = tw._gemv_kernel if plan.path == "gemv4" else tw._mma_kernel
+                if plan.path == "mma4":
+                    const["BLOCK_M"] = plan.block_m
+                yield f"word {fmt} {dt} {plan.describe()} split={split}", fn, types, const, \
+                    dict(num_warps=plan.num_warps, num_stages=plan.num_stages)
+        yield f"word dequant {fmt} {dt}", tw._dequant_kernel, dict(base, out_ptr=f"*{dt}"), \
+            dict(KIND=kind, BLOCK_N=32, BLOCK_KW=16), dict(num_warps=4)
+    for static in (False, True):
+        for split in (False, True):
+            cfg = layout.fp8_gemv_config(3584, 3584)
+            cfg.pop("split_k")
+            opts = dict(num_warps=cfg.pop("num_warps"), num_stages=cfg.pop("num_stages"))
+            types = {"x_ptr": f"*{dt}", "w_ptr": "*u8", "sw_ptr": "*fp16",
+                     "static_ptr": "*fp32" if static else "*fp16", "b_ptr": f"*{dt}",
+                     "out_ptr": "*fp32" if split else f"*{dt}"}
+            const = dict(cfg, STATIC=static, HAS_BIAS=True, SPLIT=split, BLOCK_A=fg.AMAX_BLOCK)
+            yield f"fp8 decode gemv {dt} static={static} split={split}", fg._fp8_gemv_kernel, \
+                types, const, opts
+
+
 def configs(defaults_only: bool = False):
     """(kernel name, fn, types, constexprs, options) for every configuration launched."""
     from . import triton_w8a8 as w8
     from . import triton_weight_only as wo
     for dt in ("bf16", "fp16"):
+        yield from word_configs(dt)
         for fmt, flags in WO_FLAGS.items():
             for plan in weight_only_plans(defaults_only):
                 for split in (False, True):

@@ -35,6 +35,7 @@ WORD_MMA_MAX_M = 32       # M <= this: the word tensor-core kernel
 WORD_MMA_NARROW_MAX_M = 64  # ... up to this M when N <= WORD_NARROW_N (few output tiles)
 WORD_NARROW_N = 4096
 NF4_DEQUANT_MIN_M = 64    # NF4 from this M: dequantize (code book) to 16 bits, then cuBLAS
+NF4_GEMV_BLOCK_N = 32     # NF4 GEMV rows per program (compile report; not yet timed on a GPU)
 WORD_MMA_MIN_BLOCK_K = 128  # the MMA kernel's 8 per-plane dots need >= 16 words per K block
 BIG_LAYER = 32 << 20      # N*K from which small-M word kernels aim for 8 waves of programs
 FP8_GEMV_MAX_M = 1        # W8A8-FP8: M <= this runs the fused quantize+GEMV kernel
@@ -157,7 +158,7 @@ def path_for(m: int, n: int = 0, k: int = 0, fmt: str = "", group: int = BIG_GRO
 
 
 def plan_for(path: str, m: int, n: int, k: int, *, bits: int, group: int,
-             sm_count: int = 132) -> Plan:
+             sm_count: int = 132, fmt: str = "") -> Plan:
     """Tiles and split-K of `path` for a GEMM [m, k] x [n, k]^T (any path runs any M)."""
     if path == "dequant_mm":
         return Plan("dequant_mm", chunk_n=dequant_chunk_rows(n, k, DEQUANT_CHUNK_BYTES))
@@ -166,6 +167,8 @@ def plan_for(path: str, m: int, n: int, k: int, *, bits: int, group: int,
         return Plan("dequant4_mm", chunk_n=dequant_chunk_rows(n, k, DEQUANT_CHUNK_BYTES))
     if path == "gemv4":
         bn = 128 if n >= 16384 else 64 if n >= 2048 else 16
+        if fmt == "nf4":  # code book gathers: 128 rows spill (ptxas: 255 regs), 64 use 178
+            bn = min(bn, NF4_GEMV_BLOCK_N)
         plan = Plan("gemv4", block_m=1, block_n=bn, block_k=min(128, group),
                     num_warps=8 if bn == 16 else 4, num_stages=1)
         tiles, waves = m * math.ceil(n / bn), 2 * MEMORY_BOUND_WAVES if big else MEMORY_BOUND_WAVES
@@ -237,7 +240,7 @@ def choose(m: int, n: int, k: int, *, bits: int, group: int, sm_count: int = 132
            fmt: str = "") -> Plan:
     """Shape-aware path and tile choice for a weight-only GEMM [m, k] x [n, k]^T."""
     return plan_for(path_for(m, n, k, fmt, group), m, n, k, bits=bits, group=group,
-                    sm_count=sm_count)
+                    sm_count=sm_count, fmt=fmt)
 
 
 def k_blocks_per_split(k: int, block_k: int, split_k: int) -> tuple[int, int]:

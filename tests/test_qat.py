@@ -221,6 +221,12 @@ def test_qat_without_fake_quant_scheme_refused():
         sq.QuantConfig(weight_dtype="nf4", activation_dtype="a16", enable_qat=True)
 
 
+def test_nf4_layer_override_has_no_fake_quant():
+    with pytest.raises(ConfigError, match=r"overrides\['down_proj'\].*no FakeQuant for NF4"):
+        sq.QuantConfig(weight_dtype="int4", activation_dtype="a16", enable_qat=True,
+                       overrides={"down_proj": {"weight_dtype": "nf4"}})
+
+
 @pytest.mark.parametrize("data", [None, [], torch.empty(0, 16, dtype=torch.long)])
 def test_empty_training_data_refused(data):
     with pytest.raises(CalibrationDataError, match="empty"):

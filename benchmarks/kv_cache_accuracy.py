@@ -83,6 +83,8 @@ def main():
     ap.add_argument("--weights-max-tokens", type=int, default=None,
                     help="tokens for the weight+KV combinations (default: --max-tokens)")
     ap.add_argument("--greedy-tokens", type=int, default=16)
+    ap.add_argument("--fp8-high-precision-layers", type=int, nargs="*", default=None,
+                    help="also measure fp8 KV with these layers' KV kept 16-bit (float weights)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="kv_accuracy.json")
     args = ap.parse_args()
@@ -110,6 +112,16 @@ def main():
             print(f"{wname:10s} kv={kv:5s} ppl {r.ppl:.4f} ({delta_pct(base, r.ppl):+.3f}% vs float KV) "
                   f"{r.seconds:.0f}s", flush=True)
             results["perplexity"] = ppl
+            save(results, args.out)
+        if wname == "float" and args.fp8_high_precision_layers is not None:
+            cfg = cm.config.replace(kv_cache_dtype="fp8", kv_high_precision_layers=args.fp8_high_precision_layers)
+            engine = GenerationEngine(CompiledModel(cm.graph, cfg, build_kv_plan(cfg), cm.pass_history),
+                                      max_batch=1, max_seq_len=args.long_context)
+            r = perplexity(lambda x: cached_logits(engine, x), ids, window=512, stride=512, max_tokens=n)
+            ppl[f"float/kv-fp8-hp{args.fp8_high_precision_layers}"] = {
+                "ppl": r.ppl, "tokens": r.max_tokens, "seconds": round(r.seconds, 1),
+                "kv_bytes_per_token": engine.stats()["kv_bytes_per_token"]}
+            print(f"fp8 KV, layers {args.fp8_high_precision_layers} 16-bit: ppl {r.ppl:.4f}", flush=True)
             save(results, args.out)
         if wname == "float":
             results["greedy_vs_hf"] = greedy_vs_hf(model, cm, tok, args.greedy_tokens)

@@ -90,7 +90,10 @@ def build_model(shape: str, layers: int, vocab: int, max_positions: int, dtype):
     # compiled from CPU: the engine copies the compiled weights to the GPU.
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
         model = cls[1](cfg).to(dtype).eval()
-    return model.cpu()
+    model = model.cpu()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return model
 
 
 def compile_scheme(sq, model, scheme: str, backend: str):
@@ -193,7 +196,8 @@ def decode_rate(engine, batch: int, prompt_len: int, new_tokens: int, vocab: int
         engine.abort(rid)
     row = {"tok_s": batch * steps / dt if steps else None, "ms_per_step": 1e3 * dt / max(steps, 1),
            "timed_steps": steps, "new_tokens_run": (row_tokens - before) // batch}
-    bucket = engine.graphs.buckets.get(batch) if engine.graphs else None
+    graphs = engine.graphs
+    bucket = graphs.buckets.get(next(s for s in graphs.sizes if s >= batch)) if graphs else None
     if bucket is not None and bucket.graph is not None:
         # Replaying after the requests ended rewrites the last step's cache entries: harmless.
         row["gpu_step_ms"] = replay_ms(bucket.graph)

@@ -53,3 +53,23 @@ def test_ratios_and_full_depth_estimate(bench):
     assert w4["decode_b1"]["est_full_depth_tok_s"] == pytest.approx(1e3 / (2 + 2 * 8 + 1))
     assert w4["decode_b1"]["est_full_depth_speedup"] == pytest.approx(52 / 19)
     assert "prefill_speedup" not in w8 and w8["decode_b1"] == "skipped (time budget)"
+
+
+def test_cuda_compiled_graph_passes_and_a_swapped_reference_op_is_caught(bench, monkeypatch, tiny):
+    """Compiled for backend cuda on a machine made to look like an H100 (nothing runs): the check
+    accepts the CUDA bindings, and refuses a graph where one linear calls the reference op."""
+    import sagequant
+    import torch
+    from sagequant.backends.cuda import hardware
+    for name in ("cuda_missing", "capability_missing", "triton_missing"):
+        monkeypatch.setattr(hardware, name, lambda *a: None)
+    cm = sagequant.compile(tiny("llama"), sagequant.QuantConfig(weight_dtype="int4", group_size=32,
+                                                                backend="cuda", guard="off"))
+    engine = bench.new_engine(cm, 2, 32, torch.device("cpu"), cuda_graphs=False)
+    got = bench.check_kernels(cm, engine.graph, "W4A16", "cuda")
+    assert got["kernels"] == {"cuda:cuda_w4a16_triton": len(cm.kernel_bindings)}
+    assert got["dispatch_by_m"][0]["m_min"] == 1
+    node = next(n for n in engine.graph.graph.nodes if "cuda_weight_only_linear" in str(n.target))
+    node.target = torch.ops.sagequant.weight_only_linear_ref.default
+    with pytest.raises(SystemExit, match="calls reference ops .*refusing to time it"):
+        bench.check_kernels(cm, engine.graph, "W4A16", "cuda")

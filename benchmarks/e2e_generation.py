@@ -21,8 +21,11 @@ scheme keeps lm_head bf16) and host_ms the engine's per-step host time (sampling
     python3 benchmarks/e2e_generation.py --smoke                 # CPU, tiny shapes, backend cpu
 
 Needs transformers and sagequant's dependencies importable (a bare checkout is imported as the
-`sagequant` package). --budget-s is a deadline: rows past it are recorded as skipped and the
-results are still written; decode rows stop early (recording the steps that ran) to fit it.
+`sagequant` package). --budget-s (420 s) is a deadline for the e2e rows, --correctness-s (60 s)
+more for the correctness part: rows past it are recorded as skipped and the results are still
+written (JSON and a Markdown twin) after every scheme; decode rows stop early, recording the new
+tokens that ran. A row bound to a non-CUDA kernel, or whose engine graph calls a CPU reference
+linear, is refused (an error row, never timed); any error row or correctness FAIL exits 1.
 """
 from __future__ import annotations
 

@@ -88,3 +88,11 @@ def test_save_load_bit_identical(compiled, eval_ids, tmp_path):
     ids = eval_ids[:128].unsqueeze(0)
     assert torch.equal(back(ids), cm(ids))
     assert back.kernel_bindings == cm.kernel_bindings
+
+
+def test_accuracy_guard_passes_its_defaults_and_orders_the_schemes(compiled):
+    g8, g4 = (compiled[k].report()["accuracy_guard"] for k in ("W8A16", "W4A16"))
+    assert g8["passed"] and g4["passed"]  # the compile would have raised otherwise
+    assert g8["held_back"] == g4["held_back"] and g8["held_back"]["tokens"] == 2 * 256
+    assert g8["kl"] < 0.02 < g4["kl"] and g8["delta_loss"] < g4["delta_loss"]
+    assert g8["top1_agreement"] > g4["top1_agreement"]

@@ -39,6 +39,7 @@ ROWS = {
     "w4a16-g64": dict(**W4, group_size=64),
     "w4a16-g32": dict(**W4, group_size=32),
     "w8a16-g128": dict(weight_dtype="int8", activation_dtype="a16", group_size=128),
+    "mixed-4.25": dict(**W4, group_size=128, target_bits_per_weight=4.25),
     "mixed-4.5": dict(**W4, group_size=128, target_bits_per_weight=4.5),
     "mixed-5.0": dict(**W4, group_size=128, target_bits_per_weight=5.0),
     "mixed-6.0": dict(**W4, group_size=128, target_bits_per_weight=6.0),
@@ -57,6 +58,9 @@ def main() -> None:
                    help="measured costs one forward per layer and option (420 on SmolLM2)")
     p.add_argument("--out", default="mixed_precision_pareto.json")
     p.add_argument("--eval", default="dequantized", choices=["dequantized", "compiled"])
+    p.add_argument("--check-fisher", type=int, default=0, metavar="N",
+                   help="also measure N layers' W4A16 sensitivity exactly (the N/2 most sensitive by "
+                        "the Fisher estimate and N/2 spread over the rest) and record both")
     p.add_argument("--guard-samples", type=int, default=2)
     p.add_argument("--threads", type=int, help="torch threads (1 is faster on a CPU shared by many jobs)")
     args = p.parse_args()
@@ -121,7 +125,10 @@ def main() -> None:
         print(f"{name:<14} ppl {entry['ppl']:8.3f}  bits/weight {entry['bits_per_weight']:.3f}  "
               f"{time.perf_counter() - t:6.1f}s", flush=True)
         out.write_text(json.dumps(results, indent=1))
-    print(table(results))
+    if args.check_fisher:
+        results["fisher_check"] = check_fisher(model, results, calib[:args.sensitivity_samples], args.check_fisher)
+        out.write_text(json.dumps(results, indent=1))
+    print(table({k: v for k, v in results.items() if k != "fisher_check"}))
 
 
 @contextlib.contextmanager
@@ -149,6 +156,26 @@ def dequantized_weights(model, cm):
 def logit_parity(model, cm, ids) -> float:
     with torch.inference_mode():
         return float((model(input_ids=ids[None], use_cache=False).logits - cm(ids[None])).abs().max())
+
+
+def check_fisher(model, results: dict, calib: torch.Tensor, n: int) -> list[dict]:
+    """Exact single-layer delta loss of n layers next to the Fisher estimate stored in results."""
+    from sagequant.calibration.sensitivity import layer_sensitivity
+    from sagequant.ir.trace import trace_model
+    from sagequant.passes import PassContext, PassManager
+    from sagequant.passes.mixed_precision import quantized_linears
+    measured = next(e for e in results.values() if (e.get("mixed_precision") or {}).get("ladder"))
+    estimate = {r["layer"]: r["options"]["W4A16"]["delta_loss"] for r in measured["sensitivity"]}
+    ranked = sorted(estimate, key=estimate.get, reverse=True)
+    rest = ranked[n // 2:]
+    picked = ranked[:n // 2] + rest[::max(1, len(rest) // (n - n // 2))][:n - n // 2]
+    cfg = sq.QuantConfig(**ROWS["w4a16-g128"])
+    batches = list(calib.split(1))
+    graph = PassManager(["canonicalize", "annotate"]).run(trace_model(model), PassContext(cfg, batches))
+    nodes = [nd for nd in quantized_linears(graph) if graph.annotation(nd).layer in picked]
+    _, rows = layer_sensitivity(graph, batches, {nd: {"W4A16": graph.annotation(nd).weight_spec} for nd in nodes})
+    return [{"layer": r["layer"], "fisher": estimate[r["layer"]], "measured": r["options"]["W4A16"]["delta_loss"]}
+            for r in rows]
 
 
 def overrides_for(measured: dict, bits: float) -> dict:

@@ -380,13 +380,46 @@ def markdown(result: dict) -> str:
     return "\n\n".join(text)
 
 
+def e2e(sq, args, settings, backend, device, dtype, deadline, result: dict, save) -> int:
+    """The e2e rows into result["e2e"] (saved after each scheme); 1 if any scheme errored."""
+    positions = max(args.prefill_len, args.prompt_len + args.new_tokens) + 64
+    model = build_model(settings["shape"], args.layers, args.vocab, positions, dtype)
+    lm_head = model.lm_head.weight.numel() * 2
+    decoder = sum(p.numel() * 2 for n, p in model.named_parameters() if ".layers." in n and p.dim() == 2)
+    full_decoder = decoder * settings["full_layers"] / args.layers
+    result["lm_head_share_bf16"] = {"at_layers": lm_head / (lm_head + decoder),
+                                    "at_full_depth": lm_head / (lm_head + full_decoder)}
+    result["e2e"], status = [], 0
+    for i, scheme in enumerate(args.schemes):
+        if time.perf_counter() > deadline:
+            result["e2e"].append({"scheme": scheme, "status": SKIPPED})
+            continue
+        try:
+            row = run_scheme(sq, model, scheme, args, backend, device, deadline, args.vocab,
+                             len(args.schemes) - 1 - i)
+        except (Exception, SystemExit) as e:  # recorded and the exit status set; later schemes still run
+            row, status = {"scheme": scheme, "status": f"error: {lib.short_error(e)}"}, 1
+            print(row["status"], flush=True)
+            gc.collect()
+            torch.cuda.empty_cache() if device.type == "cuda" else None
+        result["e2e"].append(row)
+        add_ratios(result["e2e"], args.batches)
+        save()
+    heads = head_ms(model, args.batches, device)
+    result["lm_head_ms"] = heads
+    full_depth(result["e2e"], heads, args.layers, settings["full_layers"], args.batches)
+    save()
+    return status
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny shapes, backend cpu")
     ap.add_argument("--shape", choices=[s for s in SHAPES if s != "tiny"], default="llama3-8b")
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--vocab", type=int, default=32000)
-    ap.add_argument("--schemes", nargs="*", default=list(SCHEMES), choices=list(SCHEMES))
+    ap.add_argument("--schemes", nargs="*", default=list(SCHEMES), choices=list(SCHEMES),
+                    help="e2e rows to run; none (bare --schemes) runs only the correctness part")
     ap.add_argument("--batches", type=int, nargs="*", default=[1, 8, 32])
     ap.add_argument("--prefill-len", type=int, default=2048)
     ap.add_argument("--prefill-reps", type=int, default=3)
@@ -423,35 +456,7 @@ def main(argv=None) -> int:
         out.write_text(json.dumps(result, indent=1, default=str))
         out.with_suffix(".md").write_text(markdown(result) + "\n")
 
-    positions = max(args.prefill_len, args.prompt_len + args.new_tokens) + 64
-    model = build_model(shape, args.layers, args.vocab, positions, dtype)
-    lm_head = model.lm_head.weight.numel() * 2
-    decoder = sum(p.numel() * 2 for n, p in model.named_parameters() if ".layers." in n and p.dim() == 2)
-    full_decoder = decoder * settings["full_layers"] / args.layers
-    result["lm_head_share_bf16"] = {"at_layers": lm_head / (lm_head + decoder),
-                                    "at_full_depth": lm_head / (lm_head + full_decoder)}
-    result["e2e"], status = [], 0
-    for i, scheme in enumerate(args.schemes):
-        if time.perf_counter() > deadline:
-            result["e2e"].append({"scheme": scheme, "status": SKIPPED})
-            continue
-        try:
-            row = run_scheme(sq, model, scheme, args, backend, device, deadline, args.vocab,
-                             len(args.schemes) - 1 - i)
-        except (Exception, SystemExit) as e:  # recorded and the exit status set; later schemes still run
-            row, status = {"scheme": scheme, "status": f"error: {lib.short_error(e)}"}, 1
-            print(row["status"], flush=True)
-            gc.collect()
-            torch.cuda.empty_cache() if device.type == "cuda" else None
-        result["e2e"].append(row)
-        add_ratios(result["e2e"], args.batches)
-        save()
-    heads = head_ms(model, args.batches, device)
-    result["lm_head_ms"] = heads
-    full_depth(result["e2e"], heads, args.layers, settings["full_layers"], args.batches)
-    del model
-    gc.collect()
-    save()
+    status = e2e(sq, args, settings, backend, device, dtype, deadline, result, save) if args.schemes else 0
     if not args.skip_correctness:
         result["correctness"] = correctness(sq, backend, device, dtype, deadline + args.correctness_s)
         status |= int(any(c["status"] == "FAIL" for c in result["correctness"]))

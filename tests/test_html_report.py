@@ -19,10 +19,7 @@ def w8a8_artifact(tiny_checkpoint, tmp_path_factory):
     data.write_text("\n\n".join(f"Calibration paragraph {i} about quantized language models "
                                  "and their activation ranges." for i in range(4)))
     out = d / "w8a8"
-    # Unfused activation Q/DQ: error_report feeds each layer's captured input to the float module.
-    config = d / "config.json"
-    config.write_text('{"fuse_qdq": false}')
-    assert main(["compile", "--model", str(tiny_checkpoint), "--config", str(config), "--weight-dtype", "w8a8",
+    assert main(["compile", "--model", str(tiny_checkpoint), "--weight-dtype", "w8a8",
                  "--activation-dtype", "w8a8", "--dataset", str(data), "--samples", "2",
                  "--seq-len", "16", "--output", str(out)]) == 0
     return out

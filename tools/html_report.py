@@ -61,23 +61,23 @@ def weight_bytes_by_kind(cm) -> dict[str, dict[str, int]]:
     return dict(kinds)
 
 
-def _plot_errors(errors: list[dict], path: Path) -> None:
+def _plot_errors(errors: list[dict], order: dict[str, int], path: Path) -> None:
     fig = Figure(figsize=(max(8, len(errors) * 0.12), 4.5), layout="constrained")
     ax = fig.add_subplot()
-    rows = sorted(errors, key=lambda r: r["layer"])  # model order within each kind
+    rows = sorted(errors, key=lambda r: order[r["layer"]])
     x = range(len(rows))
     finite = lambda v: v if math.isfinite(v) else float("nan")  # noqa: E731
     ax.bar(x, [finite(r["local_sqnr_db"]) for r in rows], label="local (this layer alone)")
     ax.plot(x, [finite(r["accumulated_sqnr_db"]) for r in rows], "r.", label="accumulated (vs float model)")
     ax.set_ylabel("output SQNR (dB, higher is better)")
-    ax.set_xlabel(f"{len(rows)} quantized layers (sorted by name)")
+    ax.set_xlabel(f"{len(rows)} quantized layers, in model order")
     ax.set_title("Per-layer quantization error")
     ax.legend()
     fig.savefig(path, dpi=90)
 
 
 def _plot_activations(records: dict[str, dict], path: Path) -> None:
-    layers = sorted(records)
+    layers = list(records)  # model order
     fig = Figure(figsize=(max(8, len(layers) * 0.12), 4.5), layout="constrained")
     ax = fig.add_subplot()
     x = list(range(len(layers)))
@@ -88,7 +88,7 @@ def _plot_activations(records: dict[str, dict], path: Path) -> None:
     ax.plot(x, clip, "r_", markersize=8, label="chosen clip (+)")
     ax.plot(x, [-c for c in clip], "r_", markersize=8, label="chosen clip (-)")
     ax.set_yscale("symlog")
-    ax.set_xlabel(f"{len(layers)} quantized layers (sorted by name)")
+    ax.set_xlabel(f"{len(layers)} quantized layers, in model order")
     ax.set_ylabel("activation value")
     ax.set_title("Activation ranges vs calibrated clip")
     ax.legend()
@@ -110,7 +110,7 @@ def _plot_weight_bytes(by_kind: dict[str, dict[str, int]], path: Path) -> None:
 
 
 def input_records(cm) -> dict[str, dict]:
-    """The calibration record of each quantized layer's input, by layer name."""
+    """The calibration record of each quantized layer's input, by layer name, in model order."""
     return {layer: recs["input"] for layer, recs in cm.calibration_records.items() if "input" in recs}
 
 
@@ -143,7 +143,8 @@ def write_html_report(cm, out_dir: str | Path, accuracy: dict | None, errors: li
             ", ".join(f"{k} ({v})" for k, v in rep["kept_in_high_precision"].items())) + "</p>")
     sections.append("<h2>Per-layer error</h2>")
     if errors:
-        _plot_errors(errors, out / "errors.png")
+        order = {cm.graph.annotation(n).layer: i for i, n in enumerate(cm.graph.annotated())}
+        _plot_errors(errors, order, out / "errors.png")
         sections.append('<img src="errors.png" alt="per-layer SQNR">' + _table(
             ["worst layers", "local SQNR dB", "accumulated SQNR dB"],
             [[r["layer"], f"{r['local_sqnr_db']:.2f}", f"{r['accumulated_sqnr_db']:.2f}"] for r in errors[:10]]))

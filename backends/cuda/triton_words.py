@@ -4,13 +4,14 @@ Viewed as little-endian int32, word j of a row holds elements 8j..8j+7, element 
 4p..4p+3 (ir.formats packs element 2i in the low nibble of byte i), so a [N, K/2] uint8 weight
 is a free [N, K/8] int32 view when K % 8 == 0: 16-byte loads carry 32 weights.
 
-A nibble u becomes a float without an integer-to-float conversion: masked in place (bits 4q..4q+3
-of the word, or of the word shifted by 16, q = p % 4) and OR-ed into the mantissa of 2**23 (one
-LOP3) it reads as the fp32 2**23 + u * 16**q exactly, and one subtraction leaves (u - 8) * 16**q
-(int4, whose words are XOR-ed with 0x88888888 first: q + 8 == q ^ 8 on a nibble) or
-(u - zero point) * 16**q (uint4); x is divided by 16**q instead (exact). NF4 looks u up in its
-16-entry code book (L1-resident). Group scales multiply the fp32 partial sum
-of each K block (a block never straddles a group), so the arithmetic before them is exact.
+A nibble u becomes a float without an integer-to-float conversion: OR-ed into the mantissa of
+2**23 it reads as the fp32 2**23 + u exactly, and one subtraction leaves u - 8 (int4, whose words
+are XOR-ed with 0x88888888 first: q + 8 == q ^ 8 on a nibble) or u - zero point (uint4). The
+GEMV masks the nibble in place instead of shifting it down (bits 4q..4q+3 of the word or of the
+word shifted by 16, q = p % 4), which reads as 2**23 + u * 16**q, and divides x by 16**q
+(exact). NF4 looks u up in its 16-entry code book (L1-resident). Group scales multiply the fp32
+partial sum of each K block (a block never straddles a group), so the arithmetic before them is
+exact.
 
   _gemv_kernel  M = 1: CUDA-core dot products, [BLOCK_N, BLOCK_KW] words per step, split-K.
   _dequant_kernel  large M: the 16-bit weight, chunk by chunk, for cuBLAS ("dequant4_mm").
@@ -47,11 +48,10 @@ def _pow16(Q: tl.constexpr):
 @triton.jit
 def _plane(w, w_hi, P: tl.constexpr, z, book_ptr, KIND: tl.constexpr, SCALED: tl.constexpr):
     """Nibble P of every word as fp32. SCALED (the GEMV): times 16**(P % 4) for int4/uint4, the
-    caller dividing fp32 x by it (exact): masking the nibble in place and OR-ing 2**23 is one
-    LOP3 where shifting it down first is two (44 against 47 µs on gate_up, H100). Unscaled (the
-    16-bit tensor-core operand, whose x must keep fp16's range): shifted down first, which the
-    same sweep measured faster in the MMA kernel. w is pre-flipped for int4, w_hi = w >> 16,
-    z the zero points."""
+    caller dividing fp32 x by it (exact); masking in place saves the shift per nibble (44 against
+    47 µs on gate_up, H100). Unscaled (the 16-bit tensor-core operand, whose x must keep fp16's
+    range): shifted down first, which the same sweep measured faster in the MMA kernel. w is
+    pre-flipped for int4, w_hi = w >> 16 (read only when SCALED), z the zero points."""
     if KIND == 2:
         return tl.load(book_ptr + ((w >> (4 * P)) & 0xF))
     off = 8.0 if KIND == 0 else z
@@ -146,14 +146,13 @@ def _mma_kernel(x_ptr, w_ptr, s_ptr, z_ptr, book_ptr, b_ptr, out_ptr, M, N, KW, 
                     mask=n_ok[:, None] & c_ok[None, :], other=0)
         if KIND == 0:
             w = w ^ -2004318072  # 0x88888888: flip the sign bit of all 8 nibbles
-        w_hi = w >> 16
         s, z = _group(s_ptr, z_ptr, offs_n, n_ok, (w0 * 8) // GROUP, stride_sn, stride_sg,
                       stride_zn, stride_zg, KIND)
         part = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
         for p in tl.static_range(8):  # unscaled planes: x stays as given (fp16 has no range)
             xp = tl.load(x_ptr + offs_m[None, :] * stride_xm + cols[:, None] * 8 + p,
                          mask=m_ok[None, :] & c_ok[:, None], other=0.0)
-            wp = _plane(w, w_hi, p, z[:, None], book_ptr, KIND, False).to(dot_dtype)
+            wp = _plane(w, w, p, z[:, None], book_ptr, KIND, False).to(dot_dtype)
             part = tl.dot(wp, xp, part)
         acc += part * s[:, None]
     acc = tl.trans(acc)  # [BLOCK_M, BLOCK_N]
@@ -185,15 +184,14 @@ def _dequant_kernel(w_ptr, s_ptr, z_ptr, book_ptr, out_ptr, N, KW, GROUP, stride
     s, z = _group(s_ptr, z_ptr, offs_n, n_ok, (w0 * 8) // GROUP, stride_sn, stride_sg,
                   stride_zn, stride_zg, KIND)
     z2 = z[:, None]
-    h = w >> 16
-    t = tl.join(tl.join(tl.join(_plane(w, h, 0, z2, book_ptr, KIND, False),
-                                _plane(w, h, 4, z2, book_ptr, KIND, False)),
-                        tl.join(_plane(w, h, 2, z2, book_ptr, KIND, False),
-                                _plane(w, h, 6, z2, book_ptr, KIND, False))),
-                tl.join(tl.join(_plane(w, h, 1, z2, book_ptr, KIND, False),
-                                _plane(w, h, 5, z2, book_ptr, KIND, False)),
-                        tl.join(_plane(w, h, 3, z2, book_ptr, KIND, False),
-                                _plane(w, h, 7, z2, book_ptr, KIND, False))))
+    t = tl.join(tl.join(tl.join(_plane(w, w, 0, z2, book_ptr, KIND, False),
+                                _plane(w, w, 4, z2, book_ptr, KIND, False)),
+                        tl.join(_plane(w, w, 2, z2, book_ptr, KIND, False),
+                                _plane(w, w, 6, z2, book_ptr, KIND, False))),
+                tl.join(tl.join(_plane(w, w, 1, z2, book_ptr, KIND, False),
+                                _plane(w, w, 5, z2, book_ptr, KIND, False)),
+                        tl.join(_plane(w, w, 3, z2, book_ptr, KIND, False),
+                                _plane(w, w, 7, z2, book_ptr, KIND, False))))
     vals = tl.reshape(t, (BLOCK_N, BLOCK_KW * 8)) * s[:, None]
     offs_k = w0 * 8 + tl.arange(0, BLOCK_KW * 8)
     tl.store(out_ptr + offs_n[:, None] * (KW * 8) + offs_k[None, :],
@@ -257,10 +255,9 @@ def dequantize_words(qweight, scales, zeros, fmt: str, group: int, rows: tuple[i
     if why:
         raise ValueError(why)
     w = qweight.view(torch.uint8).view(torch.int32)[r0:r1]
-    sc, zt = scales[r0:r1] if scales.shape[0] > 1 else scales, None
-    if zeros is not None:
-        zt = zeros[r0:r1] if zeros.shape[0] > 1 else zeros
-    zt = zt if zt is not None else sc
+    rows_of = lambda t: t[r0:r1] if t.shape[0] > 1 else t  # noqa: E731  (per-tensor: one row)
+    sc = rows_of(scales)
+    zt = rows_of(zeros) if zeros is not None else sc
     sn, sg = layout.scale_strides(sc, r1 - r0)
     zn, zg = layout.scale_strides(zt, r1 - r0)
     book = _book(out.device) if fmt == "nf4" else sc

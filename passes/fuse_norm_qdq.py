@@ -146,3 +146,12 @@ def unfuse_norm_qdq(graph: fx.Graph) -> int:
             graph.erase_node(item)
         graph.erase_node(quantizer)
     return rewritten
+
+
+def unfused_copy(graph: fx.Graph) -> fx.Graph:
+    """A copy of `graph` (same get_attr targets and node annotations) with the fusion undone, for
+    readers of the one-kernel-per-linear form (kernel args: x, qweight, scales, zeros, bias, ...)."""
+    copy = fx.Graph()
+    copy.output(copy.graph_copy(graph, {}))
+    unfuse_norm_qdq(copy)
+    return copy

@@ -17,6 +17,7 @@ import torch
 
 from sagequant.backends.onnxruntime.qlinear import ExportError
 from sagequant.ir.quant_spec import QuantizedTensor, dequantize
+from sagequant.passes.fuse_norm_qdq import unfused_copy
 from sagequant.tools.export import checkpoint_parity, export
 
 LOGITS_ATOL = 1e-3
@@ -33,7 +34,7 @@ def _logit_diff(cm, directory, ids) -> float:
 def _ours(cm, layer: str) -> torch.Tensor:
     """Our dequantized weight of `layer`, from the lowered node's buffers."""
     g = cm.graph
-    node = next(n for n in g.annotated() if g.annotation(n).layer == layer)
+    node = next(n for n in unfused_copy(g.graph).nodes if g.annotation(n) and g.annotation(n).layer == layer)
     ann = g.annotation(node)
     q, s, z = (g.attr(a) if a is not None else None for a in node.args[1:4])
     shape = (ann.kernel.attrs["out_features"], ann.kernel.attrs["in_features"])

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from ...ir.annotations import META_KEY
 from ...ir.quant_spec import QuantizedTensor, QuantSpec, dequantize
 from ...ir.trace import WRAPPER_PREFIX
 from ..onnxruntime.qlinear import ExportError
@@ -75,10 +76,14 @@ def _format(spec: QuantSpec, act: QuantSpec | None) -> str:
 
 
 def _layers(graph):
-    """(annotation, lowered node) of every quantized linear, checked for compressed-tensors."""
+    """(annotation, lowered node) of every quantized linear, checked for compressed-tensors; nodes
+    of the unfused form, whose arguments are (x, qweight, scales, zeros, bias, ..., act_scale)."""
+    from ...passes.fuse_norm_qdq import unfused_copy
     out = []
-    for node in graph.annotated():
-        ann = graph.annotation(node)
+    for node in unfused_copy(graph.graph).nodes:
+        ann = node.meta.get(META_KEY)
+        if ann is None:
+            continue
         if not (ann.quantized and ann.kernel is not None):
             continue
         check_layer(ann.layer, ann.scheme, ann.weight_spec, ann.input_spec,
@@ -147,7 +152,8 @@ def checkpoint_state(compiled) -> dict[str, torch.Tensor]:
         for key, value in compressed.items():
             out[f"{ann.layer}.{key}"] = value.contiguous()
         if ann.input_spec is not None and not ann.input_spec.dynamic:
-            out[f"{ann.layer}.input_scale"] = graph.attr(node.args[8]).reshape(1).float()
+            # clone: layers sharing one quantizer (fuse_norm_qdq) share its scale tensor
+            out[f"{ann.layer}.input_scale"] = graph.attr(node.args[8]).reshape(1).float().clone()
             owned.add(node.args[8].target)
         bias = node.args[4]
         if bias is not None:

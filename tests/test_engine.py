@@ -9,6 +9,14 @@ from sagequant.runtime import GenerationEngine
 FLOAT = dict(ignore=["*"])  # every linear kept in float: the engine alone is under test
 
 
+def _with_kv(cm, kv: str):
+    """The same compiled graph (shared weights) with another KV cache dtype."""
+    from sagequant.api import CompiledModel
+    from sagequant.ir.kv_plan import build_kv_plan
+    cfg = cm.config.replace(kv_cache_dtype=kv)
+    return CompiledModel(cm.graph, cfg, build_kv_plan(cfg), cm.pass_history)
+
+
 def _run(engine, prompts, max_new, **kw):
     rids = [engine.add_request(p, max_new, **kw) for p in prompts]
     out = {r: [] for r in rids}
@@ -39,9 +47,13 @@ def test_greedy_equals_hf_generate(tiny, compiled, arch):
 
 
 def test_sliding_window_matches_full_recompute(helpers):
-    """Gemma3 with a 4-token window on layer 0: decode positions far past the window."""
+    """Gemma3 with a 4-token window on layer 0 only (from its config's layer_types): decode
+    positions far past the window."""
+    from sagequant.runtime.context import paged_attention
+    from sagequant.runtime.step_graph import step_graph
     model = helpers.build_tiny("gemma3", layer_types=["sliding_attention", "full_attention"], sliding_window=4)
     cm = sagequant.compile(model, sagequant.QuantConfig(**FLOAT))
+    assert [n.args[5] for n in step_graph(cm).nodes(paged_attention)] == [4, 0]
     prompt = [3, 8, 1, 22, 9, 14, 5, 60, 2]
     seq = list(prompt)
     for _ in range(8):
@@ -53,7 +65,7 @@ def test_sliding_window_matches_full_recompute(helpers):
 def test_continuous_batching_and_quantized_kv(compiled, kv):
     """Requests joining mid-way, decoded together with different lengths, produce exactly what
     each produces alone; quantized KV is close to float KV and ~1/4 of float32's bytes."""
-    cm = compiled("qwen2", kv_cache_dtype=kv, kv_block_size=16)
+    cm = _with_kv(compiled("qwen2"), kv)
     prompts = [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17], [40, 41], [7, 7, 7, 7, 7]]
     alone = [_run(GenerationEngine(cm, max_batch=1), [p], 20)[0][0] for p in prompts]
     engine = GenerationEngine(cm, max_batch=3)
@@ -150,7 +162,7 @@ def test_loaded_artifact_generates_the_same(compiled, tmp_path):
 def test_static_padded_decode_step_equals_eager(compiled, kv):
     """The CUDA-graph decode path (static buffers, padded batch buckets, sync-free cache writes)
     run eagerly on CPU: same tokens as the plain engine; the padding never leaks."""
-    cm = compiled("llama", kv_cache_dtype=kv)
+    cm = _with_kv(compiled("llama"), kv)
     prompts = [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15], [40, 41], [7, 7, 7]]
     plain, _ = _run(GenerationEngine(cm, max_batch=4), prompts, 20)
     engine = GenerationEngine(cm, max_batch=4, cuda_graphs=True)

@@ -34,14 +34,6 @@ def test_attention_becomes_paged_attention_before_repeat_kv(traced, arch, heads,
     assert pos_node not in {n.name for n in graph.graph.nodes}
 
 
-def test_sliding_window_per_layer_from_config(helpers):
-    from sagequant.ir.trace import trace_model
-    model = helpers.build_tiny("gemma3", layer_types=["sliding_attention", "full_attention"],
-                               sliding_window=8)
-    graph = _rewrite(trace_model(model))
-    assert [n.args[5] for n in graph.nodes(paged_attention)] == [8, 0]
-
-
 def test_kv_cache_quant_sets_layer_dtypes(traced):
     _, graph = traced("llama")
     graph = _rewrite(graph, kv_cache_dtype="fp8", kv_high_precision_layers=[1])

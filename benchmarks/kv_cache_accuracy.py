@@ -85,6 +85,7 @@ def main():
     ap.add_argument("--greedy-tokens", type=int, default=16)
     ap.add_argument("--fp8-high-precision-layers", type=int, nargs="*", default=None,
                     help="also measure fp8 KV with these layers' KV kept 16-bit (float weights)")
+    ap.add_argument("--skip-float", action="store_true", help="only the --weights rows")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="kv_accuracy.json")
     args = ap.parse_args()
@@ -98,7 +99,7 @@ def main():
     long_ids = tokenize_eval_text(tok, evaluation_text(), args.long_context)
 
     ppl = {}
-    for wname in ["float"] + args.weights:
+    for wname in ([] if args.skip_float else ["float"]) + args.weights:
         t0 = time.perf_counter()
         # Round-to-nearest weights with dynamic activation scales: no calibration data needed.
         cm = sq.compile(model, sq.QuantConfig(**WEIGHTS[wname]))

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import backends  # noqa: F401  (registers the attention kernels)
+from ..backends.cuda.hardware import cuda_missing
 from ..lowering.attention import select_attention_kernel
 from .context import AttentionStep, attention_step
 from .cuda_graphs import DecodeGraphs
@@ -63,8 +64,12 @@ class GenerationEngine:
         self.compiled, self.prefill_chunk = compiled, prefill_chunk
         home = embedding_weight(compiled.graph).device
         self.device = torch.device(device) if device is not None else home
-        if self.device.type == "cuda" and self.device.index is None:
-            self.device = torch.device("cuda", torch.cuda.current_device())
+        if self.device.type == "cuda":
+            missing = cuda_missing()
+            if missing:
+                raise ValueError(f"GenerationEngine(device={str(self.device)!r}): {missing}")
+            if self.device.index is None:
+                self.device = torch.device("cuda", torch.cuda.current_device())
         self.graph = step_graph(compiled, device=None if self.device == home else self.device)
         emb = embedding_weight(self.graph)
         info = self.graph.model_info

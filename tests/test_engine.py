@@ -141,6 +141,9 @@ def test_bad_engine_arguments(compiled):
         GenerationEngine(cm, max_batch=0)
     with pytest.raises(ValueError, match="exceeds the model's 256 positions"):
         GenerationEngine(cm, max_seq_len=1000)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device"):
+            GenerationEngine(cm, device="cuda")
     engine = GenerationEngine(cm, num_kv_blocks=2)
     with pytest.raises(ValueError, match="needs 3 KV blocks; the pool has 2"):
         engine.add_request([1] * 40, 4)

@@ -38,9 +38,11 @@ def ref_rtn(w: torch.Tensor, group: int | None, bits: int = 4, symmetric: bool =
         blk = w[:, lo_i:hi_i]
         if symmetric:
             qmax = 2 ** (bits - 1) - 1
+            top = 7.5 if bits == 4 else qmax  # int4 maps absmax onto 7.5: all 16 levels
             absmax = blk.abs().amax(1, keepdim=True)
-            s = torch.where(absmax > 0, absmax / qmax, torch.ones_like(absmax)).half().double()
-            q = torch.round(blk / s).clamp(-qmax - 1, qmax)
+            s = torch.where(absmax > 0, absmax / top, torch.ones_like(absmax)).half().double()
+            # float32 division, as the implementation documents (ties at ±7.5 decide -8 vs -7)
+            q = torch.round((blk.float() / s.float()).double()).clamp(-qmax - 1, qmax)
             zp = torch.zeros_like(s)
         else:
             qmax = 2 ** bits - 1

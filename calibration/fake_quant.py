@@ -93,8 +93,8 @@ def _round_to_scale_dtype(scale: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
 class FakeQuantize(torch.nn.Module):
     """Quantize-dequantize of one tensor per its QuantSpec.
 
-    Static specs hold a scale (and zero point) initialised from `init` (a tensor observed with the
-    spec's own RTN rule, or a given scale). While `observing`, training forwards re-derive the
+    Static specs hold a scale (and zero point) initialised from PTQ's choice (RTN of the weight,
+    GPTQ's grid, the calibrated activation range). While `observing`, training forwards re-derive the
     scale from the tensor seen (weights: exactly, so it tracks the weight being trained;
     activations: a moving average). `freeze()` stops that. `learn_scale=True` makes the scale a
     Parameter trained by LSQ gradients instead (no observer). Dynamic specs compute per-token

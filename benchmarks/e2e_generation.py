@@ -89,14 +89,9 @@ def build_model(shape: str, layers: int, vocab: int, max_positions: int, dtype):
     cfg = cls[0](num_hidden_layers=layers, vocab_size=vocab, max_position_embeddings=max_positions,
                  tie_word_embeddings=False, **s)
     torch.manual_seed(0)
-    # Initialised on the GPU when there is one (seconds instead of a minute of CPU init), then
-    # compiled from CPU: the engine copies the compiled weights to the GPU.
-    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
-        model = cls[1](cfg).to(dtype).eval()
-    model = model.cpu()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    return model
+    # Built and compiled on CPU (a GPU-built model moved to CPU keeps GPU tensors in HF's rotary
+    # attributes, which torch.export then sees); the engine copies the compiled weights to the GPU.
+    return cls[1](cfg).to(dtype).eval()
 
 
 def compile_scheme(sq, model, scheme: str, backend: str):

@@ -101,9 +101,11 @@ def _collapse_rms_norms(graph: QuantGraph) -> int:
         if weight is None:
             continue
         w_node, offset = weight
+        # The norm's own upcast (x.to(float32)) is inside sagequant::rms_norm; feeding it the
+        # uncast input keeps the output in the model's dtype (bf16/fp16 models), as HF returns.
         with graph.graph.inserting_before(mul_w):
             fused = graph.graph.call_function(torch.ops.sagequant.rms_norm.default,
-                                              (x, w_node, float(eps), offset))
+                                              (_strip_casts(x), w_node, float(eps), offset))
         fused.meta.update({k: v for k, v in mul_w.meta.items() if k in ("nn_module_stack", "val")})
         mul_w.replace_all_uses_with(fused)
         count += 1

@@ -154,3 +154,17 @@ def test_nodes_keep_module_stack(traced):
     *_, graph = _canonicalize(graph)
     for n in graph.nodes(torch.ops.sagequant.rms_norm.default):
         assert layer_name(n).endswith("norm")
+
+
+def test_rms_norm_keeps_a_bf16_model_in_bf16(fresh_tiny):
+    """HF upcasts inside RMSNorm and returns the input dtype; the collapsed op must too, or every
+    later linear sees float32 activations against bf16 weights."""
+    import sagequant as sq
+    model = fresh_tiny("llama").to(torch.bfloat16)
+    ids = torch.randint(0, 128, (1, 9), generator=torch.Generator().manual_seed(0))
+    cm = sq.compile(model, sq.QuantConfig(weight_dtype="int8", group_size=None, guard="off"))
+    norms = [n for n in cm.graph.graph.nodes if n.target == torch.ops.sagequant.rms_norm.default]
+    assert norms and all(n.args[0].meta["val"].dtype == torch.bfloat16 for n in norms)
+    got, ref = cm(ids), model(ids).logits
+    assert got.dtype == torch.bfloat16
+    assert float((got.float() - ref.float()).norm() / ref.float().norm()) < 0.05

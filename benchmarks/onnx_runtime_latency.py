@@ -9,6 +9,7 @@ Latency: batch 1, median of --repeats runs after one warm-up; "prefill" = one fo
 --prefill tokens, "1-token forward" = one forward of a single token. The exported graphs take
 input_ids only (no KV cache), so the 1-token forward is the per-token GEMM cost of decode, not a
 cached decode step. Perplexity: the news text (gensim lee_background), 512-token windows.
+On a shared machine, re-time the written files with --interleaved (round-robin).
 """
 from __future__ import annotations
 
@@ -62,6 +63,27 @@ def latency(session, n_tokens: int, repeats: int) -> float:
     return statistics.median(times) * 1000
 
 
+def interleaved_latency(paths: list[Path], args) -> list[dict]:
+    """Latency of already exported models measured round-robin (every repeat times each model once
+    in turn), so a machine whose load drifts during the run biases no model: the fair comparison
+    on a shared box. Median over --repeats rounds."""
+    sessions = [onnxruntime_session(p, threads=args.threads) for p in paths]
+    gen = torch.Generator().manual_seed(0)
+    prefill, one = torch.randint(0, 49152, (1, args.prefill), generator=gen), torch.randint(0, 49152, (1, 1), generator=gen)
+    for s in sessions:  # warm-up
+        run_logits(s, prefill), run_logits(s, one)
+    times = {p: {"prefill": [], "token": []} for p in paths}
+    for _ in range(args.repeats):
+        for p, s in zip(paths, sessions):
+            for key, ids, n in (("prefill", prefill, 1), ("token", one, 4)):
+                for _ in range(n):
+                    t = time.perf_counter()
+                    run_logits(s, ids)
+                    times[p][key].append(time.perf_counter() - t)
+    return [{"file": p.name, "prefill_ms": statistics.median(times[p]["prefill"]) * 1000,
+             "token_ms": statistics.median(times[p]["token"]) * 1000} for p in paths]
+
+
 def measure(name, path, tokens, args) -> dict:
     session = onnxruntime_session(path, threads=args.threads)
     row = {"name": name, "file_mb": round(sum(p.stat().st_size for p in Path(path).parent.glob(Path(path).name + "*")) / 2**20, 1),
@@ -80,7 +102,13 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json")
+    p.add_argument("--interleaved", nargs="+", type=Path, metavar="ONNX",
+                   help="only measure the latency of these exported files, round-robin")
     args = p.parse_args()
+    if args.interleaved:
+        for row in interleaved_latency(args.interleaved, args):
+            print(json.dumps(row), flush=True)
+        return
     model, tok = load_smollm2()
     tokens = tokenize_eval_text(tok, evaluation_text(), args.max_tokens)
     work = Path(tempfile.mkdtemp(prefix="sq_ort_bench_"))

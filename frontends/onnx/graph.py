@@ -133,6 +133,15 @@ def scope_names(model) -> dict[str, str]:
     return names
 
 
+def _transposed_constant(t) -> bool:
+    """t = Transpose(C) of a 2-D constant (perm [1, 0] or default)."""
+    import onnx_graphsurgeon as gs
+    if len(getattr(t, "inputs", ())) != 1 or t.inputs[0].op != "Transpose":
+        return False
+    src, perm = t.inputs[0].inputs[0], t.inputs[0].attrs.get("perm", [1, 0])
+    return isinstance(src, gs.Constant) and len(src.shape) == 2 and list(perm) == [1, 0]
+
+
 def _layer_name(node, scopes: dict[str, str]) -> str:
     weight_name = node.inputs[1].name
     if node.name in scopes:
@@ -148,6 +157,9 @@ def find_linears(graph, scopes: dict[str, str]) -> list[Linear]:
         if node.op not in ("MatMul", "Gemm") or len(node.inputs) < 2:
             continue
         x, w = node.inputs[0], node.inputs[1]
+        if node.op == "MatMul" and _transposed_constant(w):  # tied embeddings: x @ Transpose(E)
+            w = gs.Constant(f"{w.inputs[0].inputs[0].name}_kn",
+                            np.ascontiguousarray(np.asarray(w.inputs[0].inputs[0].values).T))
         if not isinstance(w, gs.Constant) or len(w.shape) != 2 or np.dtype(w.dtype).kind != "f":
             continue
         if isinstance(x, gs.Constant):

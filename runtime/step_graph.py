@@ -42,7 +42,16 @@ def _move(graph: QuantGraph, device: torch.device) -> None:
     for node in graph.graph.nodes:
         node.args = fx.node.map_aggregate(node.args, retarget)
         node.kwargs = fx.node.map_aggregate(node.kwargs, retarget)
-    graph.gm.to(device)
+    # Rebind copies on the new containers: Module.to() would swap .data inside the Parameter
+    # objects this copy shares with the compiled model (and the user's model), moving theirs too.
+    for name, tensor in [*graph.gm.named_parameters(), *graph.gm.named_buffers()]:
+        owner_name, _, leaf = name.rpartition(".")
+        owner = graph.gm.get_submodule(owner_name)
+        moved = tensor.detach().to(device)
+        if leaf in owner._parameters:
+            owner._parameters[leaf] = torch.nn.Parameter(moved, requires_grad=False)
+        else:
+            owner._buffers[leaf] = moved
     graph.gm.recompile()
 
 

@@ -173,3 +173,17 @@ def test_static_padded_decode_step_equals_eager(compiled, kv):
     static, _ = _run(engine, prompts, 20)        # 3 rows decode in the 4-row bucket
     assert static == plain
     assert engine.stats()["kv_blocks_used"] == 0 and engine.stats()["kv_blocks_total"] == engine.pool.num_blocks - 1
+
+
+def test_step_graph_on_another_device_leaves_the_compiled_model_where_it_was(fresh_tiny, calib_ids):
+    """The engine's device copy must not move the tensors it shares with the compiled (and the
+    user's) model: a second compile of the same model would then trace half on the other device."""
+    from sagequant.runtime.step_graph import step_graph
+    model = fresh_tiny("llama")
+    cm = sagequant.compile(model, sagequant.QuantConfig(group_size=32, guard="off"))
+    moved = step_graph(cm, device=torch.device("meta"))
+    assert all(t.device.type == "meta" for t in moved.gm.state_dict().values())
+    assert all(t.device.type == "cpu" for t in cm.graph.gm.state_dict().values())
+    assert all(p.device.type == "cpu" for p in model.parameters())
+    again = sagequant.compile(model, sagequant.QuantConfig(group_size=32, guard="off"))
+    torch.testing.assert_close(again(calib_ids[:1]), cm(calib_ids[:1]), rtol=0, atol=0)

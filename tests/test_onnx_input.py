@@ -142,3 +142,16 @@ def test_bad_configs_and_inputs(onnx_path, calib_ids):
     from sagequant.backends.onnxruntime.qlinear import ExportError
     with pytest.raises(ExportError, match="NF4"):
         sq.compile(onnx_path, sq.QuantConfig(weight_dtype="nf4", activation_dtype="a16", group_size=32))
+
+
+def test_tied_embedding_head_through_a_transpose_is_a_linear():
+    """x @ Transpose(E), as torch.onnx writes a tied lm_head, is found with weight E^T [in, out]."""
+    import onnx_graphsurgeon as gs
+    e = np.arange(32, dtype=np.float32).reshape(8, 4)
+    nodes = [helper.make_node("Transpose", ["embed.weight"], ["e_t"], name="t", perm=[1, 0]),
+             helper.make_node("MatMul", ["x", "e_t"], ["y"], name="head")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 4])],
+                          [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 8])],
+                          [numpy_helper.from_array(e, "embed.weight")])
+    (lin,) = find_linears(gs.import_onnx(helper.make_model(g)), {})
+    assert lin.name == "embed" and np.array_equal(lin.weight_out_in(), e)

@@ -142,8 +142,7 @@ def _transposed_constant(t) -> bool:
     return isinstance(src, gs.Constant) and len(src.shape) == 2 and list(perm) == [1, 0]
 
 
-def _layer_name(node, scopes: dict[str, str]) -> str:
-    weight_name = node.inputs[1].name
+def _layer_name(node, weight_name: str, scopes: dict[str, str]) -> str:
     if node.name in scopes:
         return scopes[node.name]
     return weight_name[: -len(".weight")] if weight_name.endswith(".weight") else weight_name
@@ -157,9 +156,11 @@ def find_linears(graph, scopes: dict[str, str]) -> list[Linear]:
         if node.op not in ("MatMul", "Gemm") or len(node.inputs) < 2:
             continue
         x, w = node.inputs[0], node.inputs[1]
+        weight_name = w.name
         if node.op == "MatMul" and _transposed_constant(w):  # tied embeddings: x @ Transpose(E)
-            w = gs.Constant(f"{w.inputs[0].inputs[0].name}_kn",
-                            np.ascontiguousarray(np.asarray(w.inputs[0].inputs[0].values).T))
+            source = w.inputs[0].inputs[0]
+            weight_name = source.name
+            w = gs.Constant(f"{source.name}_kn", np.ascontiguousarray(np.asarray(source.values).T))
         if not isinstance(w, gs.Constant) or len(w.shape) != 2 or np.dtype(w.dtype).kind != "f":
             continue
         if isinstance(x, gs.Constant):
@@ -174,7 +175,7 @@ def find_linears(graph, scopes: dict[str, str]) -> list[Linear]:
             bias = node.inputs[2] if len(node.inputs) > 2 else None
             if bias is not None and not isinstance(bias, gs.Constant):
                 continue
-        name = _layer_name(node, scopes)
+        name = _layer_name(node, weight_name, scopes)
         if any(lin.name == name for lin in out):  # names become node / initializer names
             name = f"{name}@{node.name}"
         out.append(Linear(name, node, w, x, bias, transposed))

@@ -91,18 +91,23 @@ def _dequantize_scales_node(graph: QuantGraph, prefix: str, scale: torch.Tensor)
     return graph.graph.call_function(ATEN.reshape.default, (flat, list(scale.shape)))
 
 
+def static_input_scale(ann, needed_by: str) -> torch.Tensor:
+    """[[scale]] of a static activation from its calibration record's clip (symmetric)."""
+    record = ann.calibration.get("input")
+    if record is None:
+        raise CalibrationDataError(f"{ann.layer}: {needed_by} needs a calibration record of its "
+                                   "input; run calibrate with data first")
+    clip = record.clip if record.clip > 0 else 1.0
+    return ann.input_spec.fmt.symmetric_scale(torch.tensor([[clip]], dtype=torch.float32))
+
+
 def _quantize_input(graph: QuantGraph, node, ann, prefix: str) -> None:
     """Q/DQ on the activation input: dynamic per-token, or the static scale calibration chose."""
     spec = ann.input_spec
     scale_node = None
     if not spec.dynamic:
-        record = ann.calibration.get("input")
-        if record is None:
-            raise CalibrationDataError(f"{ann.layer}: static activation scale needs a calibration "
-                                       "record of its input; run calibrate with data first")
-        clip = record.clip if record.clip > 0 else 1.0
-        scale = spec.fmt.symmetric_scale(torch.tensor([[clip]], dtype=torch.float32))
-        record.scale = float(scale)
+        scale = static_input_scale(ann, "the static activation scale")
+        ann.calibration["input"].scale = float(scale)
         graph.set_attr(f"{prefix}.input_scale", scale)
         with graph.graph.inserting_before(node):
             scale_node = graph.graph.get_attr(f"{prefix}.input_scale")

@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import torch
 
-from ..calibration.datasets import CalibrationDataError
 from ..calibration.fake_quant import FakeQuantize, FakeQuantLinear
 from ..ir.graph import QuantGraph
 from ..ir.quant_spec import compute_qparams
-from .convert import storage_prefix
+from .convert import static_input_scale, storage_prefix
 from .manager import PassContext, PassResult, register_pass
 
 ATEN = torch.ops.aten
@@ -98,11 +97,6 @@ def _input_fake_quant(ann, cfg) -> FakeQuantize:
     what = f"input of {ann.layer}"
     if spec.dynamic:
         return FakeQuantize(spec, None, None, clip_ratio=ann.clip_ratio, what=what)
-    record = ann.calibration.get("input")
-    if record is None:
-        raise CalibrationDataError(f"{ann.layer}: the static activation scale of QAT starts from "
-                                   "calibration; run calibrate with data before fake_quant")
-    clip = record.clip if record.clip > 0 else 1.0
-    scale = spec.fmt.symmetric_scale(torch.tensor([[clip]], dtype=torch.float32))
+    scale = static_input_scale(ann, "QAT's static activation scale (it starts from calibration)")
     return FakeQuantize(spec, scale, None, cfg.qat_learn_scales, averaging=ACTIVATION_AVERAGING,
                         clip_ratio=ann.clip_ratio, what=what)

@@ -217,7 +217,9 @@ class QuantConfig:
     smoothquant_alpha: float | str = 0.5   # migration strength, or "auto" for a per-layer search
     awq_grid: int = 20                     # scale-ratio grid points of the AWQ search
     awq_clip: bool = True                  # AWQ's weight clipping search
-    awq_duo_scaling: bool = True           # also search s = mean|x|^r / mean|ŵ|^(1-r)
+    # Also search s = mean|x|^r / mean|ŵ|^(1-r). Off by default: on SmolLM2 W4A16 g128 it won the
+    # per-linear objective on 34 of 90 groups yet gave ppl 41.35 vs 40.53 without (BENCHMARKS §2a).
+    awq_duo_scaling: bool = False
     awq_search_rows: int = 2048            # calibration token rows the scale search runs on
     gptq_block_size: int = 128
     gptq_damp: float = 0.01                # dampening, as a fraction of mean(diag(H))

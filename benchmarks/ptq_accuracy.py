@@ -39,6 +39,8 @@ SCHEMES = {
                                    activation_scale="static_per_tensor"),
     "w4a16-rtn": dict(weight_dtype="int4", activation_dtype="a16", **G128),
     "w4a16-awq": dict(weight_dtype="int4", activation_dtype="a16", calibration="awq", **G128),
+    "w4a16-awq-duo": dict(weight_dtype="int4", activation_dtype="a16", calibration="awq",
+                          awq_duo_scaling=True, **G128),
     "w4a16-gptq": dict(weight_dtype="int4", activation_dtype="a16", calibration="gptq", **G128),
     "w4a16-gptq-actorder": dict(weight_dtype="int4", activation_dtype="a16", calibration="gptq",
                                 gptq_act_order=True, **G128),

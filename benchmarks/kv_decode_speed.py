@@ -17,12 +17,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import math
 import random
-import statistics
 import time
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import cuda_bench_lib as lib  # noqa: E402  (CUDA-graph timing and bandwidth, shared with the GEMM tables)
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK = 32, 8, 128, 16
 LAYERS_7B = 32
@@ -54,49 +58,21 @@ def make_pool(kv: str, copies: int, batch: int, ctx: int, dtype, device, heads=K
     return pool
 
 
-def time_calls(fns, reps_target_s=0.02) -> float:
-    """µs per call: CUDA-graph replay of all fns (one per layer copy); plain timing on CPU."""
-    if not torch.cuda.is_available():
-        t0 = time.perf_counter()
-        for f in fns:
-            f()
-        return (time.perf_counter() - t0) * 1e6 / len(fns)
-    for f in fns:
-        f()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for f in fns:
-            f()
-    g.replay()
-    torch.cuda.synchronize()
-    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    s.record(); g.replay(); e.record(); torch.cuda.synchronize()
-    reps = int(min(100, max(1, reps_target_s / max(s.elapsed_time(e) / 1e3, 1e-6))))
-    samples = []
-    for _ in range(3):
-        s.record()
-        for _ in range(reps):
-            g.replay()
-        e.record()
-        torch.cuda.synchronize()
-        samples.append(s.elapsed_time(e) * 1e3 / reps / len(fns))
-    return statistics.median(samples)
-
-
-def bandwidth(device) -> float | None:
+def copy_bandwidth(device) -> float | None:
+    """Bytes read + written per second of a 1 GiB device copy, timed by CUDA-graph replay like the
+    kernels (lib.measure_bandwidth's single event-timed copy reads ~20% higher on the H100)."""
     if device.type != "cuda":
         return None
     a = torch.empty(1 << 30, dtype=torch.uint8, device=device)
     b = torch.empty_like(a)
-    us = time_calls([lambda: b.copy_(a)])
+    us = lib.time_graph([lambda: b.copy_(a)], 0.02)["us"]
     return 2 * a.numel() / (us * 1e-6)
 
 
 def kernel_table(contexts, batches, dtype, device, l2_bytes, heads=HEADS, kv_heads=KV_HEADS, d=HEAD_DIM):
     import importlib
     impl = importlib.import_module("sagequant.backends.cuda.triton_kv_attention")
-    bw = bandwidth(device)
+    bw = copy_bandwidth(device)
     rows = []
     for ctx in contexts:
         for batch in batches:
@@ -114,7 +90,7 @@ def kernel_table(contexts, batches, dtype, device, l2_bytes, heads=HEADS, kv_hea
                 lens = torch.full((batch,), ctx, dtype=torch.int32, device=device)
                 fns = [lambda c=c: impl.paged_decode_attention(q, c.k, c.v, c.k_scale, c.v_scale, table,
                                                                lens, ctx, None, 0) for c in pool.layers]
-                row[f"{kv}_us"] = round(time_calls(fns), 2)
+                row[f"{kv}_us"] = round(lib.time_graph(fns, 0.02)["us"], 2)
                 kv_bytes = pool.bytes_per_token() / copies * batch * ctx
                 row[f"{kv}_floor_us"] = round(kv_bytes / bw * 1e6, 2) if bw else None
                 del pool, fns
@@ -125,7 +101,7 @@ def kernel_table(contexts, batches, dtype, device, l2_bytes, heads=HEADS, kv_hea
                 vs = [torch.randn_like(k) for k in ks]
                 fns = [lambda k=k, v=v: torch.nn.functional.scaled_dot_product_attention(
                     q, k, v, enable_gqa=True) for k, v in zip(ks, vs)]
-                row["sdpa_bf16_us"] = round(time_calls(fns), 2)
+                row["sdpa_bf16_us"] = round(lib.time_graph(fns, 0.02)["us"], 2)
                 del ks, vs, fns
             except (RuntimeError, torch.OutOfMemoryError) as e:
                 row["sdpa_bf16_us"] = f"error: {str(e).splitlines()[0][:80]}"
@@ -242,6 +218,7 @@ def main():
     if args.smoke:
         from sagequant.backends.cuda.interpret import enable_triton_interpreter
         enable_triton_interpreter()
+        lib.DEVICE = "cpu"
         device, dtype, l2 = torch.device("cpu"), torch.float16, 1 << 16
         contexts, batches, e2e_batches = [64, 200], [1, 3], [1, 2]
     else:

@@ -168,6 +168,38 @@ def tiny_checkpoint(tmp_path_factory):
     return d
 
 
+CHECKPOINT_WORDS = ("the cat sat on a mat and dog ran to park while bird sang in tree near river " * 3).split()
+
+
+def write_word_checkpoint(d: Path, data_name: str, **llama_kw):
+    """A tiny Llama checkpoint with a word-level tokenizer in `d`, plus a JSONL text file `data_name`
+    of 8 overlapping 20-word lines; returns (d, data path). For CLI tests that load from disk."""
+    import json
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
+
+    vocab = {"[UNK]": 0, "</s>": 1}
+    for w in CHECKPOINT_WORDS:
+        vocab.setdefault(w, len(vocab))
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]", eos_token="</s>").save_pretrained(d)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
+                      eos_token_id=1, bos_token_id=1, **llama_kw)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(d)
+    data = d / data_name
+    data.write_text("\n".join(json.dumps({"text": " ".join(CHECKPOINT_WORDS[i:i + 20])})
+                              for i in range(0, 40, 5)))
+    return d, data
+
+
+@pytest.fixture(scope="session")
+def word_checkpoint():
+    """write_word_checkpoint(d, data_name, **LlamaConfig overrides) -> (d, data path)."""
+    return write_word_checkpoint
+
+
 @pytest.fixture(scope="session")
 def smollm2():
     """(model, tokenizer) of the real SmolLM2-135M, loaded once per session: share it."""

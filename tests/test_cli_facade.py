@@ -3,32 +3,15 @@ directory: a tiny Llama plus a word-level tokenizer, both written to disk in the
 import json
 
 import pytest
-import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
 
 import sagequant as sq
 from sagequant.tools.cli import main as cli
 
-WORDS = ("the cat sat on a mat and dog ran to park while bird sang in tree near river " * 3).split()
-
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny_llama")
-    vocab = {"[UNK]": 0, "</s>": 1}
-    for w in WORDS:
-        vocab.setdefault(w, len(vocab))
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]", eos_token="</s>").save_pretrained(d)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=64, hidden_size=80, intermediate_size=96, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, eos_token_id=1, bos_token_id=1)
-    AutoModelForCausalLM.from_config(cfg).save_pretrained(d)
-    data = d / "calib.jsonl"
-    data.write_text("\n".join(json.dumps({"text": " ".join(WORDS[i:i + 20])}) for i in range(0, 40, 5)))
-    return d, data
+def checkpoint(tmp_path_factory, word_checkpoint):
+    return word_checkpoint(tmp_path_factory.mktemp("tiny_llama"), "calib.jsonl", hidden_size=80,
+                           num_hidden_layers=2)
 
 
 def test_calibrate_cli_writes_artifact_and_report(checkpoint, tmp_path, capsys):

@@ -264,27 +264,10 @@ def test_compile_with_enable_qat_trains(tiny):
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
+def checkpoint(tmp_path_factory, word_checkpoint):
     """A tiny Llama and a word-level tokenizer on disk, plus a JSONL training file."""
-    import json
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
-
-    words = ("the cat sat on a mat and dog ran to park while bird sang in tree near river " * 3).split()
-    d = tmp_path_factory.mktemp("qat_llama")
-    vocab = {"[UNK]": 0, "</s>": 1}
-    for w in words:
-        vocab.setdefault(w, len(vocab))
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]", eos_token="</s>").save_pretrained(d)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
-                      num_attention_heads=4, num_key_value_heads=2, eos_token_id=1, bos_token_id=1)
-    AutoModelForCausalLM.from_config(cfg).save_pretrained(d)
-    data = d / "train.jsonl"
-    data.write_text("\n".join(json.dumps({"text": " ".join(words[i:i + 20])}) for i in range(0, 40, 5)))
-    return d, data
+    return word_checkpoint(tmp_path_factory.mktemp("qat_llama"), "train.jsonl", hidden_size=64,
+                           num_hidden_layers=1)
 
 
 def test_qat_cli_writes_artifact_and_checkpoints(checkpoint, tmp_path, capsys):

@@ -24,11 +24,12 @@ def sync() -> None:
 
 
 def import_sagequant():
-    """An installed sagequant, else this checkout as the package. The stub packages skip the root
-    and backends/ __init__ files, whose other imports (ONNX, TensorRT backends) the GPU image may
-    lack; only what the CUDA kernels need is imported."""
+    """An installed sagequant, else this checkout's `sagequant/` folder. The stub packages skip the
+    package and backends/ __init__ files, whose other imports (ONNX, TensorRT backends) the GPU image
+    may lack; only what the CUDA kernels need is imported."""
     if importlib.util.find_spec("sagequant") is None:
-        for name, path in (("sagequant", ROOT), ("sagequant.backends", ROOT / "backends")):
+        pkg = ROOT / "sagequant"
+        for name, path in (("sagequant", pkg), ("sagequant.backends", pkg / "backends")):
             mod = types.ModuleType(name)
             mod.__path__ = [str(path)]
             sys.modules[name] = mod

@@ -36,7 +36,6 @@ import json
 import math
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -71,11 +70,9 @@ SKIPPED = "skipped (time budget)"
 
 
 def import_sagequant():
-    """The installed sagequant, else this checkout (its root is the package) via a symlink."""
+    """The installed sagequant, else the `sagequant/` package folder of this checkout."""
     if importlib.util.find_spec("sagequant") is None:
-        link = Path(tempfile.mkdtemp()) / "sagequant"
-        link.symlink_to(HERE.parent, target_is_directory=True)
-        sys.path.insert(0, str(link.parent))
+        sys.path.insert(0, str(HERE.parent))
     import sagequant
     return sagequant
 

@@ -8,22 +8,11 @@ rewrite graphs in place.
 from __future__ import annotations
 
 import copy
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 import sagequant
-
-# The repository root is the package and holds an __init__.py, so pytest (importlib mode) collects
-# the root directory as a Package and imports that __init__.py a second time under the directory's
-# name ("main"). That second copy re-registers every sagequant:: custom op, so op objects cached at
-# import time (kernel registry rows, module constants) stop being the ones torch.ops returns, and
-# identity checks in passes fail only under pytest. Point pytest at the one real package instead.
-_ROOT = Path(__file__).resolve().parents[1]
-if Path(sagequant.__file__).resolve().parent == _ROOT:
-    sys.modules.setdefault(_ROOT.name, sagequant)
 
 VOCAB = 128
 # Hidden 80 with group 32 gives ragged groups (32, 32, 16); intermediate 99 is odd, so packed

@@ -9,7 +9,7 @@ import torch
 
 from . import backends  # noqa: F401  (kernel registry)
 from .artifact import ArtifactError, read_artifact, write_artifact
-from .calibration.datasets import as_token_batches, load_texts
+from .calibration.datasets import as_token_batches, check_token_range, load_texts
 from .config import ConfigError, LayerSettings, QuantConfig
 from .ir.annotations import META_KEY
 from .ir.graph import QuantGraph
@@ -71,9 +71,10 @@ def compile(model, config: QuantConfig | None = None, calibration_data=None, tok
     if calibration_data is not None:
         # Text is cut into calibration_samples windows plus the guard's held-back ones.
         extra = cfg.guard_samples if cfg.guard != "off" else 0
-        batches, held_back = split_held_back(
-            as_token_batches(calibration_data, tokenizer, cfg.calibration_samples + extra,
-                             cfg.calibration_seq_len), cfg)
+        all_batches = as_token_batches(calibration_data, tokenizer, cfg.calibration_samples + extra,
+                                       cfg.calibration_seq_len)
+        check_token_range(all_batches, getattr(getattr(model, "config", None), "vocab_size", None))
+        batches, held_back = split_held_back(all_batches, cfg)
     kv_plan = build_kv_plan(cfg)
     num_layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
     if isinstance(num_layers, int):   # fail before the pipeline runs, naming the valid layers

@@ -23,12 +23,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .errors import ArtifactError
+
 ARTIFACT_FORMAT = 1
 FILES = ("graph.json", "weights.safetensors", "meta.json")
-
-
-class ArtifactError(RuntimeError):
-    """An artifact is missing, truncated, tampered with, or from an incompatible version."""
 
 
 def _sha256(path: Path) -> str:

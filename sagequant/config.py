@@ -13,9 +13,7 @@ from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from typing import Any, Mapping
 
-
-class ConfigError(ValueError):
-    """A QuantConfig (or a plan derived from it) is invalid; the message names the field."""
+from .errors import ConfigError
 
 
 BACKENDS = ("ascend", "cpu", "cuda", "kunlun", "mlu", "onnxruntime", "rocm", "tensorrt")

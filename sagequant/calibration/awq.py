@@ -32,6 +32,8 @@ from ..ir.quant_spec import QuantSpec, block_lengths, fake_quantize
 from .smoothquant import (
     check_consumers, check_finite_stat, fold_into_linear_rows, fold_into_norm, scale_consumer_columns)
 
+from ..errors import CompileError
+
 __all__ = ["AWQError", "AWQScales", "AWQClip", "awq_search_scales", "awq_search_clip",
            "awq_candidate_scales", "fold_into_norm", "fold_into_linear_rows", "scale_consumer_columns"]
 
@@ -40,7 +42,7 @@ _CHUNK_ELEMENTS = 1 << 24
 _MIN_MEAN = 1e-4
 
 
-class AWQError(ValueError):
+class AWQError(CompileError, ValueError):
     """AWQ inputs are unusable (shape mismatch, NaN/Inf, bad grid or spec)."""
 
 

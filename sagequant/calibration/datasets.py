@@ -13,11 +13,9 @@ from pathlib import Path
 
 import torch
 
+from ..errors import CalibrationDataError
+
 JSONL_SUFFIXES = (".jsonl", ".json")
-
-
-class CalibrationDataError(ValueError):
-    pass
 
 
 def load_texts(path) -> list[str]:
@@ -28,13 +26,40 @@ def load_texts(path) -> list[str]:
     or one per non-empty line when the file has no blank lines.
     """
     path = Path(path)
-    if not path.is_file():
-        raise CalibrationDataError(f"calibration data file not found: {path}")
-    raw = path.read_text(encoding="utf-8")
+    raw = read_text_file(path, "calibration data")
     texts = _parse_jsonl(raw, path) if path.suffix.lower() in JSONL_SUFFIXES else _parse_plain(raw)
     if not texts:
         raise CalibrationDataError(f"{path}: no usable text (file is empty or whitespace only)")
     return texts
+
+
+def read_text_file(path, what: str) -> str:
+    """The UTF-8 text of a data file; a missing, binary or non-UTF-8 file is a CalibrationDataError
+    naming the file and the first offending byte."""
+    path = Path(path)
+    if not path.is_file():
+        raise CalibrationDataError(f"{what} file not found: {path}")
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise CalibrationDataError(f"{what} file {path} is not UTF-8 text (byte {data[e.start]:#04x} "
+                                   f"at offset {e.start}); is it a binary file?") from None
+    if "\x00" in text:
+        raise CalibrationDataError(f"{what} file {path} holds NUL bytes (first at offset "
+                                   f"{text.index(chr(0))}): a binary file, not text")
+    return text
+
+
+def check_token_range(batches: list[torch.Tensor], vocab_size: int | None) -> None:
+    """Refuse token ids the model's embedding has no row for (they would fail deep in a pass)."""
+    if not vocab_size:
+        return
+    for i, b in enumerate(batches):
+        top = int(b.max())
+        if top >= vocab_size:
+            raise CalibrationDataError(f"calibration batch {i}: token id {top} is outside the model's "
+                                       f"vocabulary (vocab_size {vocab_size}, ids 0..{vocab_size - 1})")
 
 
 def _parse_jsonl(raw: str, path: Path) -> list[str]:

@@ -23,11 +23,13 @@ import torch
 from ..ir.quant_spec import (
     SCALE_DTYPES, QuantizedTensor, QuantSpec, block_lengths, dequantize, quantize, weight_qparams)
 
+from ..errors import CompileError
+
 # Cholesky retries: damping x10 each time, after the first try.
 DAMP_RETRIES = 3
 
 
-class GPTQError(ValueError):
+class GPTQError(CompileError, ValueError):
     """GPTQ cannot run as asked: bad inputs, NaN/Inf activations, or a Hessian it cannot invert."""
 
 

@@ -19,12 +19,13 @@ import torch.fx as fx
 
 from ..ir.graph import QuantGraph
 from ..ir.trace import WRAPPER_PREFIX
+from ..errors import CompileError
 
 _INDEXED = re.compile(r"^(.*)\.(\d+)$")
 
 
-class SequentialError(RuntimeError):
-    pass
+class SequentialError(CompileError):
+    """Layer-wise calibration cannot split the graph into blocks or run one."""
 
 
 def decoder_block_prefixes(graph: QuantGraph) -> list[str]:

@@ -21,11 +21,12 @@ import math
 import torch
 
 from ..ir.quant_spec import QuantSpec, fake_quantize
+from ..errors import CompileError
 
 DEFAULT_ALPHA_GRID = tuple(round(0.3 + 0.05 * i, 2) for i in range(11))  # 0.30, 0.35, ..., 0.80
 
 
-class SmoothQuantError(ValueError):
+class SmoothQuantError(CompileError, ValueError):
     """Smoothing statistics or tensors are unusable (bad alpha, NaN/Inf, shape mismatch)."""
 
 

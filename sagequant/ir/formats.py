@@ -10,9 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-
-class QuantizationError(ValueError):
-    """A tensor cannot be quantized as asked (NaN/Inf input, scale out of range, bad shape)."""
+from ..errors import QuantizationError
 
 
 # QLoRA's NF4 code book: the 16 quantiles of N(0, 1), normalised to [-1, 1], with an exact zero.

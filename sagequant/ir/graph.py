@@ -6,12 +6,13 @@ import torch
 import torch.fx as fx
 
 from .annotations import META_KEY, NodeAnnotation
+from ..errors import CompileError
 
 ATEN = torch.ops.aten
 
 
-class GraphVerificationError(RuntimeError):
-    pass
+class GraphVerificationError(CompileError):
+    """The graph breaks an invariant (dangling node, missing tensor, bad annotation)."""
 
 
 class QuantGraph:

@@ -8,6 +8,7 @@ import torch
 import torch.fx as fx
 
 from .annotations import META_KEY, NodeAnnotation
+from ..errors import ArtifactError
 
 GRAPH_FORMAT = 1
 # Python callables a graph may call besides torch ops (export emits these for SymInt math / tuples).
@@ -18,8 +19,8 @@ _PY_TARGETS.update({f"torch.{n}": getattr(torch, n) for n in ("sym_max", "sym_mi
                                                               "sym_float", "sym_int", "sym_sqrt")})
 
 
-class GraphSerializationError(ValueError):
-    pass
+class GraphSerializationError(ArtifactError, ValueError):
+    """A graph cannot be written, or a graph.json is outside the closed vocabulary."""
 
 
 def _encode_target(node: fx.Node):

@@ -12,12 +12,13 @@ import torch.utils._pytree as pytree
 from torch.export import Dim
 
 from .graph import QuantGraph
+from ..errors import UnsupportedError
 
 # The exported module holds the model under this attribute; layer names drop the prefix.
 WRAPPER_PREFIX = "model."
 
 
-class TraceError(RuntimeError):
+class TraceError(UnsupportedError, RuntimeError):
     """The model could not be captured as a graph; the message names the module and op at fault."""
 
 

@@ -11,10 +11,11 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from ..ir.quant_spec import QuantSpec
+from ..errors import KernelError
 
 
-class KernelNotFoundError(LookupError):
-    pass
+class KernelNotFoundError(KernelError):
+    """No registered kernel for a (scheme, backend, priority) key or the layer's constraints."""
 
 
 @dataclass(frozen=True)

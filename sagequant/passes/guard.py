@@ -22,12 +22,13 @@ from ..calibration.datasets import CalibrationDataError
 from ..ir.graph import QuantGraph
 from ..tools.error_report import layer_errors
 from .manager import PassContext, PassResult, register_pass
+from ..errors import CompileError
 
 MIN_TARGETS = 16  # fewer scored tokens measure sampling noise, not the quantization
 WORST_LAYERS = 5  # layers named in the error and kept in the report
 
 
-class AccuracyGuardError(RuntimeError):
+class AccuracyGuardError(CompileError):
     """The compiled model is further from the float model than the guard's bounds allow.
     `.result` holds every measured number (the same dict report() would have shown)."""
 

@@ -19,13 +19,14 @@ import torch.fx as fx
 from ..ir.graph import QuantGraph
 from ..runtime.context import paged_attention
 from .manager import PassContext, PassResult, register_pass
+from ..errors import CompileError
 
 ATEN = torch.ops.aten
 SDPA = ATEN.scaled_dot_product_attention.default
 
 
-class KVCacheRewriteError(RuntimeError):
-    pass
+class KVCacheRewriteError(CompileError):
+    """The attention pattern cannot be rewritten onto the paged KV cache."""
 
 
 def _is(node, *targets) -> bool:

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, TextIO
 
-from ..config import QuantConfig
+from ..config import ConfigError, QuantConfig
 from ..ir.graph import QuantGraph
 
 
@@ -72,9 +72,15 @@ class PrintIRAfter(Instrument):
     """Print the IR after the named passes ("all" for every pass), only when the pass changed it."""
 
     def __init__(self, names: list[str] | str, stream: TextIO | None = None, annotated_only=False):
-        self.names = names
+        self.names = [names] if isinstance(names, str) and names != "all" else names
         self.stream = stream or sys.stdout
         self.annotated_only = annotated_only
+
+    def check_names(self, pipeline: list[str]) -> None:
+        unknown = [] if self.names == "all" else [n for n in self.names if n not in pipeline]
+        if unknown:
+            raise ConfigError(f"print_ir_after: {', '.join(map(repr, unknown))} is not a pass of this "
+                              f"pipeline; passes: {', '.join(pipeline)} (or 'all')")
 
     def after_pass(self, p, result, ctx):
         if (self.names == "all" or p.name in self.names) and result.modified:
@@ -113,9 +119,12 @@ class PassManager:
         self.passes = [PASSES[p] if isinstance(p, str) else p for p in _known(passes)]
         names = [p.name for p in self.passes]
         if stop_after is not None and stop_after not in names:
-            raise ValueError(f"stop_after={stop_after!r} is not a pass of this pipeline; "
-                             f"passes: {', '.join(names)}")
+            raise ConfigError(f"stop_after={stop_after!r} is not a pass of this pipeline; "
+                              f"passes: {', '.join(names)}")
         self.instruments = list(instruments or [])
+        for instrument in self.instruments:
+            if isinstance(instrument, PrintIRAfter):
+                instrument.check_names(names)
         self.verify_each = verify_each
         self.stop_after = stop_after
         self.timing = Timing()
@@ -151,5 +160,5 @@ class PassManager:
 def _known(passes):
     for p in passes:
         if isinstance(p, str) and p not in PASSES:
-            raise ValueError(f"unknown pass {p!r}; known passes: {', '.join(PASSES)}")
+            raise ConfigError(f"unknown pass {p!r}; known passes: {', '.join(PASSES)}")
         yield p

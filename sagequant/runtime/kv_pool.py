@@ -17,9 +17,10 @@ import torch
 from ..ir.kv_plan import KVQuantPlan
 from ..ir.kv_quant import dequantize_blocks, kv_spec, quantize_blocks
 from ..ir.quant_spec import SCALE_DTYPES, QuantSpec
+from ..errors import ServingError
 
 
-class KVCacheFull(RuntimeError):
+class KVCacheFull(ServingError):
     """Not enough free blocks for a sequence."""
 
 

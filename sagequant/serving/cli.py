@@ -13,6 +13,7 @@ from pathlib import Path
 
 from .launch import QUANTIZATIONS, ServeOptions, ServingError
 from .state import EngineStateError, list_engines, state_dir, stop_engine
+from ..tools.arg_types import group_size, int_at_least, non_negative_int, port, positive_float, positive_int
 
 USER_ERRORS = (ServingError, EngineStateError)
 _OPTION_FLAGS = ("quantization", "activation_dtype", "kv_quant", "backend", "group_size", "dataset",
@@ -31,27 +32,27 @@ def add_engine_parser(sub) -> None:
     s.add_argument("--activation-dtype", help="override: a16 | int8 | fp8 (e.g. fp8 + fp8 = W8A8-FP8)")
     s.add_argument("--kv-quant", choices=["none", "int8", "fp8"])
     s.add_argument("--backend", choices=["cpu", "cuda"])
-    s.add_argument("--group-size", type=int, help="weight group size; 0 for per-channel")
+    s.add_argument("--group-size", type=group_size, help="weight group size; 0 for per-channel")
     s.add_argument("--dataset", help="calibration text (.jsonl or plain text) for calibrated schemes")
     s.add_argument("--tokenizer", help="model whose tokenizer to use (default: the model / the artifact's source)")
     s.add_argument("--served-model-name", help="the name clients pass as `model` (default: MODEL's basename)")
     s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=8000, help="0 picks a free port")
+    s.add_argument("--port", type=port, default=8000, help="0 picks a free port")
     s.add_argument("--allow-remote", action="store_true",
                    help="allow --host to be a non-loopback address (the API has no authentication)")
-    s.add_argument("--max-batch", type=int, default=8, help="requests decoded together")
-    s.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond the batch; more get HTTP 429")
-    s.add_argument("--max-seq-len", type=int, help="context length (prompt + generated tokens)")
-    s.add_argument("--num-kv-blocks", type=int, help="KV-cache blocks (default: the engine's)")
-    s.add_argument("--default-max-tokens", type=int, default=256, help="chat requests without max_tokens")
+    s.add_argument("--max-batch", type=positive_int, default=8, help="requests decoded together")
+    s.add_argument("--max-queue", type=non_negative_int, default=64, help="requests waiting beyond the batch; more get HTTP 429")
+    s.add_argument("--max-seq-len", type=int_at_least(2), help="context length (prompt + generated tokens)")
+    s.add_argument("--num-kv-blocks", type=positive_int, help="KV-cache blocks (default: the engine's)")
+    s.add_argument("--default-max-tokens", type=positive_int, default=256, help="chat requests without max_tokens")
     s.add_argument("--engine", choices=["sagequant", "vllm"], default="sagequant",
                    help="vllm: export compressed-tensors and run `vllm serve` on it")
     s.add_argument("--export-dir", help="--engine vllm: where the compressed-tensors checkpoint goes")
     s.add_argument("--background", action="store_true", help="detach; see `engine list` / `engine stop`")
-    s.add_argument("--start-timeout", type=float, default=900, help="--background: seconds to wait for /health")
+    s.add_argument("--start-timeout", type=positive_float, default=900, help="--background: seconds to wait for /health")
     s.add_argument("--state-dir", help="where running engines are recorded (default $SAGEQUANT_STATE_DIR "
                                        "or ~/.cache/sagequant/engines)")
-    s.add_argument("--threads", type=int, help="torch CPU threads of the engine (default: torch's)")
+    s.add_argument("--threads", type=positive_int, help="torch CPU threads of the engine (default: torch's)")
     s.add_argument("--log-level", default="warning")
     s.add_argument("--log-file", help=argparse.SUPPRESS)  # set by --background for its child
     s.set_defaults(func=cmd_start)
@@ -63,7 +64,7 @@ def add_engine_parser(sub) -> None:
     st.add_argument("engine_id", nargs="?", help="an id from `engine list`")
     st.add_argument("--all", action="store_true")
     st.add_argument("--state-dir")
-    st.add_argument("--timeout", type=float, default=10.0)
+    st.add_argument("--timeout", type=positive_float, default=10.0)
     st.set_defaults(func=cmd_stop)
 
 

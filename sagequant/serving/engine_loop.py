@@ -15,11 +15,13 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from ..errors import ServingError
+
 RATE_WINDOW_S = 10.0  # tokens/s is averaged over this many seconds of steps
 _IDLE_WAIT_S = 0.05
 
 
-class ServerOverloaded(RuntimeError):
+class ServerOverloaded(ServingError):
     """More requests than the server's bound; the client should retry later."""
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import ConfigError, QuantConfig
+from ..errors import ServingError
 
 # --quantization -> QuantConfig fields. Activations stay 16-bit unless the name says otherwise
 # (--activation-dtype overrides, e.g. fp8 weights with fp8 activations for W8A8-FP8).
@@ -25,10 +26,6 @@ QUANTIZATIONS = {
     "none": {"ignore": ["*"]},  # every linear stays float: the unquantized baseline
 }
 DEFAULT_CONTEXT = 2048
-
-
-class ServingError(RuntimeError):
-    """The server cannot be started as asked; the message says what to change."""
 
 
 @dataclass

@@ -9,8 +9,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from ..errors import ServingError
 
-class APIError(Exception):
+
+class APIError(ServingError):
     """An error returned to the client as {"error": {"message", "type", "code"}}."""
 
     def __init__(self, status: int, message: str, type_: str = "invalid_request_error",

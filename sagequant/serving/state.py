@@ -13,10 +13,12 @@ import signal
 import time
 from pathlib import Path
 
+from ..errors import ServingError
+
 STATE_DIR_ENV = "SAGEQUANT_STATE_DIR"
 
 
-class EngineStateError(RuntimeError):
+class EngineStateError(ServingError):
     """An engine named by the user is not known or cannot be stopped."""
 
 

@@ -4,43 +4,55 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import traceback
 from pathlib import Path
 
-from ..artifact import ArtifactError
-from ..calibration.datasets import CalibrationDataError
 from ..config import ConfigError, QuantConfig
-from ..ir.formats import QuantizationError
-from ..ir.trace import TraceError
-from ..lowering.registry import KernelNotFoundError
-from ..backends.onnxruntime.qlinear import ExportError
-from ..passes import PASSES, PIPELINE
-from ..passes.guard import AccuracyGuardError
-from ..serving.cli import USER_ERRORS as SERVING_ERRORS, add_engine_parser
+from ..errors import SageQuantError
+from ..passes import PIPELINE
+from ..serving.cli import add_engine_parser
+from .arg_types import (group_size, int_at_least, non_negative_float, non_negative_int, positive_float,
+                        positive_int, unit_ratio)
 from .demo import add_demo_args, run_from_args
 from .qat_cli import add_qat_parser
 
-# Errors a user can cause; printed as one clear line instead of a traceback.
-USER_ERRORS = (ConfigError, ArtifactError, CalibrationDataError, QuantizationError, TraceError,
-               KernelNotFoundError, FileNotFoundError)
-USER_ERRORS += (ExportError, AccuracyGuardError)
-USER_ERRORS += SERVING_ERRORS
+
+# Errors a user can cause: every SageQuantError, and the operating system refusing a path the user
+# named. Printed as one line; anything else is a bug in sagequant and keeps its traceback.
+USER_ERRORS = (SageQuantError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
+
+
+def _read_config_file(path: str) -> dict:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"--config {path}: not UTF-8 text (byte {e.start})") from None
+    try:
+        base = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"--config {path}: invalid JSON ({e.msg} at line {e.lineno}, "
+                          f"column {e.colno})") from None
+    if not isinstance(base, dict):
+        raise ConfigError(f"--config {path}: must hold a JSON object of QuantConfig fields, got "
+                          f"{type(base).__name__}")
+    return base
 
 
 def _config_from_args(args) -> QuantConfig:
-    base = json.loads(Path(args.config).read_text()) if args.config else {}
+    base = _read_config_file(args.config) if args.config else {}
     flags = {"weight_dtype": args.weight_dtype, "activation_dtype": args.activation_dtype,
              "calibration": args.method, "kv_cache_dtype": args.kv_quant, "backend": args.backend,
              "priority": args.priority, "clip_ratio": args.clip_ratio,
              "calibration_samples": args.samples, "calibration_seq_len": args.seq_len,
              "fallback": args.fallback, "guard": args.guard,
              "target_bits_per_weight": args.target_bits, "target_max_delta_loss": args.target_delta_loss}
-    if args.group_size is not None:
-        flags["group_size"] = None if args.group_size <= 0 else args.group_size
     if args.asymmetric:
         flags["symmetric"] = False
     if args.ignore is not None:
         flags["ignore"] = args.ignore
     base.update({k: v for k, v in flags.items() if v is not None})
+    if args.group_size is not None:  # 0: per-channel, QuantConfig's group_size=None
+        base["group_size"] = args.group_size or None
     return QuantConfig.from_dict(base)
 
 
@@ -53,23 +65,24 @@ def _add_compile_flags(p: argparse.ArgumentParser, dataset_required: bool) -> No
     p.add_argument("--weight-dtype", help="int8 | int4 | fp8 | nf4 | w8a16 | w4a16 | w8a8")
     p.add_argument("--activation-dtype", help="a16 (fp16/bf16) | int8 | fp8")
     p.add_argument("--kv-quant", help="none | int8 | fp8")
-    p.add_argument("--group-size", type=int, help="weight group size; 0 for per-channel")
+    p.add_argument("--group-size", type=group_size, help="weight group size; 0 for per-channel")
     p.add_argument("--asymmetric", action="store_true", help="asymmetric weights (uint4/uint8 + zero point)")
-    p.add_argument("--clip-ratio", type=float)
+    p.add_argument("--clip-ratio", type=unit_ratio, help="fraction (0, 1] of the observed range to keep")
     p.add_argument("--backend")
     p.add_argument("--priority", help="latency | throughput | memory")
     p.add_argument("--fallback", help="backend whose kernels may be used where --backend has none")
     p.add_argument("--ignore", nargs="*", help="layer patterns kept in high precision (default: lm_head)")
-    p.add_argument("--samples", type=int, help="calibration samples")
-    p.add_argument("--seq-len", type=int, help="calibration sample length in tokens")
+    p.add_argument("--samples", type=positive_int, help="calibration samples")
+    p.add_argument("--seq-len", type=positive_int, help="calibration sample length in tokens")
     p.add_argument("--guard", help="accuracy guard on held-back calibration data: enforce (default: fail "
                    "past the bounds) | report (only record) | off")
-    p.add_argument("--target-bits", type=float, help="mixed precision: average bits per weight budget")
-    p.add_argument("--target-delta-loss", type=float,
+    p.add_argument("--target-bits", type=positive_float, help="mixed precision: average bits per weight budget")
+    p.add_argument("--target-delta-loss", type=non_negative_float,
                    help="mixed precision: largest summed per-layer delta loss (nats)")
-    p.add_argument("--print-ir-after", action="append", metavar="PASS",
-                   help=f"print the IR after PASS (repeatable, or 'all'); passes: {', '.join(PASSES)}")
-    p.add_argument("--stop-after", metavar="PASS", help="stop the pipeline after PASS")
+    p.add_argument("--print-ir-after", action="append", metavar="PASS", type=_pass_name(allow_all=True),
+                   help=f"print the IR after PASS (repeatable, or 'all'); passes: {', '.join(PIPELINE)}")
+    p.add_argument("--stop-after", metavar="PASS", type=_pass_name(allow_all=False),
+                   help="stop the pipeline after PASS")
     p.add_argument("--dump-dir", help="write numbered IR files, one per pass")
 
 
@@ -95,6 +108,7 @@ def cmd_compile(args) -> int:
 
 def cmd_eval(args) -> int:
     from ..api import load
+    from ..calibration.datasets import read_text_file
     from ..calibration.real_data import evaluation_text
     from .evaluate import perplexity, tokenize_eval_text
     from .models import resolve_model
@@ -110,7 +124,7 @@ def cmd_eval(args) -> int:
     else:
         model, tok = resolve_model(args.model)
         model_fn = lambda ids: model(input_ids=ids, use_cache=False).logits  # noqa: E731
-    text = Path(args.text).read_text(encoding="utf-8") if args.text else evaluation_text()
+    text = read_text_file(args.text, "--text evaluation") if args.text else evaluation_text()
     ids = tokenize_eval_text(tok, text, args.max_tokens)
     import torch
     with torch.inference_mode():
@@ -253,9 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--model")
     e.add_argument("--tokenizer", help="model whose tokenizer to use (default: the artifact's source)")
     e.add_argument("--text", help="evaluation text file (default: the packaged news text)")
-    e.add_argument("--max-tokens", type=int, default=20000)
-    e.add_argument("--window", type=int, default=512)
-    e.add_argument("--stride", type=int)
+    e.add_argument("--max-tokens", type=int_at_least(2), default=20000, help="evaluation tokens")
+    e.add_argument("--window", type=int_at_least(2), default=512, help="tokens per perplexity window")
+    e.add_argument("--stride", type=positive_int, help="tokens between windows (default: --window)")
     e.set_defaults(func=cmd_eval)
     r = sub.add_parser("report", help="print an artifact's report")
     r.add_argument("--artifact", required=True)
@@ -264,7 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "and plots (per-layer error, activation ranges vs clip, weight bytes)")
     r.add_argument("--reference", help="float model for accuracy and per-layer error (default: the "
                    "artifact's source)")
-    r.add_argument("--eval-tokens", type=int, default=2048,
+    r.add_argument("--eval-tokens", type=non_negative_int, default=2048,
                    help="news-text tokens for float vs quantized perplexity (0: skip)")
     r.set_defaults(func=cmd_report)
     i = sub.add_parser("inspect", help="print an artifact's graph with quantization annotations")
@@ -274,12 +288,12 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--errors", action="store_true",
                    help="per-layer SQNR of quantized outputs vs the float model, worst first")
     i.add_argument("--reference", help="float model for --errors (default: the artifact's source)")
-    i.add_argument("--error-tokens", type=int, default=256, help="tokens of Wikipedia prose to measure on")
-    i.add_argument("--top", type=int, help="print only the worst N layers")
+    i.add_argument("--error-tokens", type=int_at_least(2), default=256, help="tokens of Wikipedia prose to measure on")
+    i.add_argument("--top", type=positive_int, help="print only the worst N layers")
     i.add_argument("--sensitivity", action="store_true",
                    help="delta loss of quantizing each linear alone (scheme and precision_upgrades "
                         "of the artifact's config), most sensitive first")
-    i.add_argument("--sensitivity-samples", type=int, default=2, help="sequences to measure on")
+    i.add_argument("--sensitivity-samples", type=positive_int, default=2, help="sequences to measure on")
     i.add_argument("--sensitivity-method", choices=["measured", "fisher"],
                    help="measured: one forward per layer and option; fisher: one backward per sequence "
                         "(default: the artifact's QuantConfig.sensitivity_method)")
@@ -291,13 +305,13 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--format", default="onnx", help="onnx | tensorrt | compressed-tensors")
     x.add_argument("--output", required=True, help="the .onnx file (or checkpoint directory) to write")
     x.add_argument("--weight-format", default="qdq", help="qdq | matmulnbits (format onnx)")
-    x.add_argument("--accuracy-level", type=int, default=0,
+    x.add_argument("--accuracy-level", type=int, choices=[0, 1, 2, 3, 4], default=0,
                    help="MatMulNBits accuracy_level: 0 float accumulation (default), 4 int8 activations")
     x.add_argument("--engine", help="also build a TensorRT engine here (needs tensorrt and a GPU)")
     x.add_argument("--check", action="store_true",
                    help="run the export (onnxruntime, or transformers for a checkpoint) and print its "
                    "logit difference to the torch path")
-    x.add_argument("--check-tokens", type=int, default=32)
+    x.add_argument("--check-tokens", type=int_at_least(2), default=32)
     x.set_defaults(func=cmd_export)
     add_engine_parser(sub)
     d = sub.add_parser("demo", help="compile the real SmolLM2 at W8A16 and W4A16 and print the report table")
@@ -305,6 +319,16 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=run_from_args)
     add_qat_parser(sub, _add_compile_flags)
     return p
+
+
+def _pass_name(allow_all: bool):
+    def parse(text: str) -> str:
+        if text in PIPELINE or (allow_all and text == "all"):
+            return text
+        raise argparse.ArgumentTypeError(f"unknown pass {text!r}; passes: {', '.join(PIPELINE)}"
+                                         + (" (or 'all')" if allow_all else ""))
+    parse.__name__ = "pass name"
+    return parse
 
 
 def main(argv=None) -> int:
@@ -316,6 +340,11 @@ def main(argv=None) -> int:
         for note in getattr(e, "__notes__", []):
             print(f"  {note}", file=sys.stderr)
         return 2
+    except Exception:  # noqa: BLE001 - not a user error: show everything needed to fix it
+        traceback.print_exc()
+        print(f"sagequant {args.command}: internal error: this is a bug in sagequant, not in your "
+              "input; please report it with the traceback above", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

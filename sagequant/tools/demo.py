@@ -14,6 +14,7 @@ from ..calibration.datasets import tokenize_calibration
 from ..calibration.real_data import evaluation_text, load_smollm2, wikipedia_prose
 from ..config import QuantConfig
 from .evaluate import delta_pct, perplexity, tokenize_eval_text
+from .arg_types import int_at_least, positive_int
 
 DEMO_SCHEMES = {
     "W8A16": dict(weight_dtype="int8", activation_dtype="a16", group_size=128, symmetric=True),
@@ -75,9 +76,9 @@ def format_demo(result: dict) -> str:
 
 
 def add_demo_args(p) -> None:
-    p.add_argument("--max-tokens", type=int, default=20000, help="evaluation tokens (DATA.md protocol)")
-    p.add_argument("--window", type=int, default=512)
-    p.add_argument("--calib-samples", type=int, default=32, help="calibration samples of 512 tokens")
+    p.add_argument("--max-tokens", type=int_at_least(2), default=20000, help="evaluation tokens (DATA.md protocol)")
+    p.add_argument("--window", type=int_at_least(2), default=512)
+    p.add_argument("--calib-samples", type=positive_int, default=32, help="calibration samples of 512 tokens")
     p.add_argument("--json", help="also write the results as JSON to this path")
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..calibration.qat import LOSSES, QATOptions
+from .arg_types import int_at_least, non_negative_float, non_negative_int, positive_float, positive_int
 
 
 def add_qat_parser(sub, add_compile_flags) -> None:
@@ -12,21 +13,21 @@ def add_qat_parser(sub, add_compile_flags) -> None:
                                    "to the same artifact as PTQ")
     add_compile_flags(q, dataset_required=True)  # --dataset: the training text (.jsonl / plain)
     budget = q.add_mutually_exclusive_group()
-    budget.add_argument("--steps", type=int, help="optimizer steps (default 100)")
-    budget.add_argument("--epochs", type=int, help="passes over the training windows instead of --steps")
-    q.add_argument("--lr", type=float, default=QATOptions.lr, help="adapter learning rate")
-    q.add_argument("--scale-lr", type=float, default=QATOptions.scale_lr, help="LSQ scale learning rate")
-    q.add_argument("--batch-size", type=int, default=QATOptions.batch_size)
-    q.add_argument("--train-seq-len", type=int, default=QATOptions.seq_len, help="training window in tokens")
-    q.add_argument("--lora-rank", type=int, default=QATOptions.lora_rank,
+    budget.add_argument("--steps", type=positive_int, help="optimizer steps (default 100)")
+    budget.add_argument("--epochs", type=positive_int, help="passes over the training windows instead of --steps")
+    q.add_argument("--lr", type=positive_float, default=QATOptions.lr, help="adapter learning rate")
+    q.add_argument("--scale-lr", type=non_negative_float, default=QATOptions.scale_lr, help="LSQ scale learning rate")
+    q.add_argument("--batch-size", type=positive_int, default=QATOptions.batch_size)
+    q.add_argument("--train-seq-len", type=int_at_least(2), default=QATOptions.seq_len, help="training window in tokens")
+    q.add_argument("--lora-rank", type=non_negative_int, default=QATOptions.lora_rank,
                    help="LoRA rank (peft); 0 trains the quantized layers' weights directly")
-    q.add_argument("--lora-alpha", type=float, default=QATOptions.lora_alpha)
+    q.add_argument("--lora-alpha", type=positive_float, default=QATOptions.lora_alpha)
     q.add_argument("--loss", default=QATOptions.loss, help=f"{' | '.join(LOSSES)} (distill: KL to the float model)")
-    q.add_argument("--warmup-steps", type=int, default=QATOptions.warmup_steps)
-    q.add_argument("--freeze-observers-step", type=int, help="observers stop updating scales from this step")
+    q.add_argument("--warmup-steps", type=non_negative_int, default=QATOptions.warmup_steps)
+    q.add_argument("--freeze-observers-step", type=non_negative_int, help="observers stop updating scales from this step")
     q.add_argument("--no-learn-scales", action="store_true", help="observed scales instead of LSQ-learned ones")
     q.add_argument("--checkpoint-dir", help="write adapter/scale checkpoints (safetensors) here")
-    q.add_argument("--checkpoint-every", type=int, help="checkpoint every N steps (needs --checkpoint-dir)")
+    q.add_argument("--checkpoint-every", type=positive_int, help="checkpoint every N steps (needs --checkpoint-dir)")
     q.add_argument("--seed", type=int, default=0)
     q.set_defaults(func=cmd_qat)
 

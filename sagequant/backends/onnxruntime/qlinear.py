@@ -14,14 +14,10 @@ import numpy as np
 import torch
 
 from ...ir.quant_spec import QuantSpec, block_lengths
+from ...errors import ExportError
 
 DOMAIN = "sagequant"
 OP_TYPE = "QLinear"
-
-
-class ExportError(ValueError):
-    """The compiled model cannot be written in the requested format; says which layer, scheme,
-    format and constraint, and what would work instead."""
 
 
 @dataclass

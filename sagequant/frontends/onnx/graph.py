@@ -16,8 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
+from ...errors import UnsupportedError
 
-class OnnxInputError(ValueError):
+
+class OnnxInputError(UnsupportedError):
     """The ONNX model cannot be quantized: unreadable, invalid, or with ops we do not know."""
 
 

@@ -77,8 +77,10 @@ class SequentialRunner:
             self.segments[current].append(node)
         self.placeholders = [n for n in graph.graph.nodes if n.op == "placeholder"]
         seg_of = {n: s for s, nodes in enumerate(self.segments) for n in nodes}
-        # Last segment that reads each value: after it, the value leaves the cache.
-        self.last_use = {n: max((seg_of.get(u, len(self.segments)) for u in n.users), default=-1)
+        # Last segment that reads each value: after it, the value leaves the cache. The graph's
+        # output (the logits) is no reader here: calibration never needs it, and keeping it for
+        # every sample would cost samples x tokens x vocab floats.
+        self.last_use = {n: max((seg_of[u] for u in n.users if u in seg_of), default=seg_of[n])
                          for n in seg_of}
 
     @property
@@ -106,8 +108,8 @@ class SequentialRunner:
                     commit: bool = True) -> None:
         """Run segment `seg` over every sample's cache. commit=False only observes (hooks fire,
         the caches stay as they were), so the segment can run again after its weights change."""
-        nodes = self.segments[seg]
         hooks = hooks or {}
+        nodes = self._live_nodes(seg, hooks)
         with torch.inference_mode():
             for original in caches:
                 cache = original if commit else dict(original)
@@ -124,6 +126,16 @@ class SequentialRunner:
                 if commit:
                     for n in [n for n in cache if self.last_use.get(n, -1) <= seg and n.op != "placeholder"]:
                         del cache[n]
+
+    def _live_nodes(self, seg: int, hooks: dict) -> list[fx.Node]:
+        """The nodes of segment `seg` whose value a hook or a later segment reads, with what they
+        need: the rest (the epilogue's logits unless the head is hooked) is never computed."""
+        nodes = self.segments[seg]
+        live = {n for n in nodes if n in hooks or self.last_use[n] > seg}
+        for node in reversed(nodes):
+            if node in live:
+                live.update(a for a in node.all_input_nodes if a.op not in ("get_attr", "placeholder"))
+        return [n for n in nodes if n in live]
 
     def _value(self, node: fx.Node, cache: dict):
         if node.op == "get_attr":

@@ -28,7 +28,7 @@ from sagequant.calibration.real_data import evaluation_text, load_smollm2
 from sagequant.ir.kv_plan import KVQuantPlan, build_kv_plan
 from sagequant.runtime import GenerationEngine
 from sagequant.runtime.kv_pool import PagedKVPool
-from sagequant.tools.evaluate import delta_pct, perplexity, tokenize_eval_text
+from sagequant.evaluation.perplexity import delta_pct, perplexity, tokenize_eval_text
 
 KV = ("none", "int8", "fp8")
 WEIGHTS = {

@@ -53,7 +53,7 @@ import torch
 
 from sagequant.calibration.datasets import tokenize_calibration
 from sagequant.calibration.real_data import evaluation_text, load_smollm2, wikipedia_prose
-from sagequant.tools.evaluate import delta_pct, perplexity, tokenize_eval_text
+from sagequant.evaluation.perplexity import delta_pct, perplexity, tokenize_eval_text
 
 IGNORE = ["lm_head"]
 W4_SCHEMES = ("w4a16-rtn", "w4a16-gptq", "w4a16-awq", "w4a16-gptq-no-actorder")

@@ -31,7 +31,7 @@ from sagequant.calibration.datasets import tokenize_calibration
 from sagequant.calibration.precision_budget import choose_precisions
 from sagequant.ir.quant_spec import QuantizedTensor, QuantSpec, dequantize
 from sagequant.calibration.real_data import evaluation_text, load_smollm2, wikipedia_prose
-from sagequant.tools.evaluate import perplexity, tokenize_eval_text
+from sagequant.evaluation.perplexity import perplexity, tokenize_eval_text
 
 W4 = dict(weight_dtype="int4", activation_dtype="a16", symmetric=True)
 ROWS = {

@@ -24,8 +24,8 @@ import torch
 
 import sagequant as sq
 from sagequant.calibration.real_data import evaluation_text, load_smollm2
-from sagequant.tools.evaluate import perplexity, tokenize_eval_text
-from sagequant.tools.export import export, onnxruntime_session, run_logits
+from sagequant.evaluation.perplexity import perplexity, tokenize_eval_text
+from sagequant.backends.export import export, onnxruntime_session, run_logits
 
 SCHEMES = {
     "W8A8-INT8 dynamic": dict(weight_dtype="int8", activation_dtype="int8", group_size=None),

@@ -18,7 +18,7 @@ import torch
 import sagequant as sq
 from sagequant.calibration.datasets import tokenize_calibration
 from sagequant.calibration.real_data import evaluation_text, load_smollm2, wikipedia_prose
-from sagequant.tools.evaluate import perplexity, tokenize_eval_text
+from sagequant.evaluation.perplexity import perplexity, tokenize_eval_text
 
 G128 = dict(group_size=128, symmetric=True)
 SCHEMES = {

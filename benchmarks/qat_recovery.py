@@ -16,9 +16,10 @@ from datetime import date
 import torch
 
 import sagequant as sq
-from sagequant.calibration.qat import QATOptions, quantization_aware_training
+from sagequant.api import quantization_aware_training
+from sagequant.calibration.qat import QATOptions
 from sagequant.calibration.real_data import evaluation_text, load_smollm2, wikipedia_prose
-from sagequant.tools.evaluate import perplexity, tokenize_eval_text
+from sagequant.evaluation.perplexity import perplexity, tokenize_eval_text
 
 SCHEME = dict(weight_dtype="int4", activation_dtype="a16", group_size=128, symmetric=True)
 

@@ -73,7 +73,7 @@ def direct_phase(args, text_words) -> dict:
     import sagequant as sq
     from sagequant.runtime import GenerationEngine
     from sagequant.serving.launch import ServeOptions, quant_config
-    from sagequant.tools.models import resolve_model
+    from sagequant.frontends.models import resolve_model
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tok = resolve_model(args.model)

@@ -20,18 +20,18 @@ from .lowering.registry import REGISTRY, KernelSpec
 from .passes import PIPELINE, DumpIR, PassContext, PassManager, PrintIRAfter
 from .passes.annotate import weight_spec_for
 from .passes.guard import split_held_back
+from .passes.pipeline import qat_pipelines
 from .passes.schedule import scheduler_ir
 
 
 def _compile_qat(model, cfg: QuantConfig, train_data, tokenizer, options, instrumented: bool):
-    """enable_qat: calibration_data is the training text; calibration/qat.py trains the FakeQuant
+    """enable_qat: calibration_data is the training text; quantization_aware_training trains the FakeQuant
     graph and lowers it like PTQ."""
-    from .calibration.qat import quantization_aware_training
     if not cfg.enable_qat:
         raise ConfigError("compile(qat=QATOptions(...)) needs QuantConfig.enable_qat=True")
     if instrumented:
         raise ConfigError("print_ir_after / dump_dir / stop_after apply to PTQ compiles; for QAT run "
-                          "the passes of sagequant.calibration.qat.qat_pipelines() with a PassManager")
+                          "the passes of sagequant.passes.pipeline.qat_pipelines() with a PassManager")
     return quantization_aware_training(model, cfg, train_data, tokenizer, options)
 
 
@@ -89,6 +89,36 @@ def compile(model, config: QuantConfig | None = None, calibration_data=None, tok
     ctx = PassContext(cfg, batches, reference_model=model, held_back_batches=held_back)
     graph = pm.run(graph, ctx)
     compiled = CompiledModel(graph, cfg, kv_plan, pm.history)
+    compiled.source_model = model
+    return compiled
+
+
+def quantization_aware_training(model: torch.nn.Module, config: QuantConfig, train_data,
+                                tokenizer=None, options: QATOptions | None = None):
+    """Trace `model`, train its FakeQuant graph per `options`, and compile the result like PTQ.
+    Returns a CompiledModel whose pass history holds a `qat_train` entry (loss curve, time)."""
+    from .calibration.qat import QATOptions, train_fake_quant_graph, training_windows
+    opts = options if options is not None else QATOptions()
+    if not isinstance(opts, QATOptions):
+        raise ConfigError(f"options must be QATOptions, got {type(opts).__name__}")
+    if not isinstance(config, QuantConfig):
+        raise ConfigError(f"config must be a QuantConfig, got {type(config).__name__}")
+    cfg = config if config.enable_qat else config.replace(enable_qat=True)  # validates the scheme
+    windows = training_windows(train_data, tokenizer, opts)
+    needs_calibration = cfg.activation_format is not None or cfg.calibration not in ("minmax", "percentile")
+    calib = list(windows[:cfg.calibration_samples].split(1)) if needs_calibration else None
+    graph = trace_model(model)
+    ctx = PassContext(cfg, calib)
+    prepare_passes, export_passes = qat_pipelines()
+    prepare = PassManager(prepare_passes)
+    graph = prepare.run(graph, ctx)
+    train_stats = train_fake_quant_graph(graph.gm, model if opts.loss == "distill" else None,
+                                         windows, opts)
+    export = PassManager(export_passes)
+    graph = export.run(graph, ctx)
+    history = prepare.history + [{"pass": "qat_train", "modified": True,
+                                  "seconds": round(train_stats["seconds"], 2), "stats": train_stats}]
+    compiled = CompiledModel(graph, cfg, build_kv_plan(cfg), history + export.history)
     compiled.source_model = model
     return compiled
 
@@ -210,7 +240,7 @@ class CompiledModel:
 
     def error_report(self, input_ids: torch.Tensor, reference: torch.nn.Module | None = None) -> list[dict]:
         """Per quantized layer: SQNR / relative MSE of its output vs the float model, worst first."""
-        from .tools.error_report import layer_errors
+        from .evaluation.error_report import layer_errors
         reference = reference if reference is not None else self.source_model
         if reference is None:
             raise ValueError("error_report needs the float model: pass reference= (a loaded artifact "
@@ -232,8 +262,8 @@ class CompiledModel:
                **options) -> Path:
         """Write the compiled model as ONNX (weight_format "qdq" | "matmulnbits") or as TensorRT
         explicit-quantization ONNX (format="tensorrt", engine_path=... builds an engine where
-        TensorRT and a GPU are present). See sagequant.tools.export."""
-        from .tools.export import export
+        TensorRT and a GPU are present). See sagequant.backends.export."""
+        from .backends.export import export
         return export(self, path, format=format, weight_format=weight_format, **options)
 
 
@@ -271,7 +301,7 @@ class QuantizationProtocol:
         self.compiled: CompiledModel | None = None
 
     def calibrate(self, model_path, dataset_path, output_dir=None, tokenizer=None) -> Path:
-        from .tools.models import resolve_model
+        from .frontends.models import resolve_model
         model, tok = resolve_model(model_path)
         texts = load_texts(dataset_path)
         self.compiled = compile(model, self.config, calibration_data=texts, tokenizer=tokenizer or tok)
@@ -311,5 +341,5 @@ class QuantizationManager:
         return getattr(self.protocol, name)
 
 
-__all__ = ["compile", "load", "CompiledModel", "QuantizationManager", "QuantizationProtocol",
+__all__ = ["compile", "load", "quantization_aware_training", "CompiledModel", "QuantizationManager", "QuantizationProtocol",
            "META_KEY"]

@@ -149,7 +149,7 @@ def helpers():
 def tiny_checkpoint(tmp_path_factory):
     """A tiny Llama checkpoint directory with the real SmolLM2 tokenizer (vocab sized to match),
     for tests that go through model names, tokenizers and chat templates (CLI, server)."""
-    from sagequant.tools.models import resolve_tokenizer
+    from sagequant.frontends.models import resolve_tokenizer
     tok = resolve_tokenizer("smollm2")
     d = tmp_path_factory.mktemp("tiny-checkpoint")
     build_tiny("llama", vocab_size=len(tok)).save_pretrained(d)

@@ -49,7 +49,7 @@ def test_greedy_equals_hf_generate(tiny, compiled, arch):
 def test_sliding_window_matches_full_recompute(helpers):
     """Gemma3 with a 4-token window on layer 0 only (from its config's layer_types): decode
     positions far past the window."""
-    from sagequant.runtime.context import paged_attention
+    from sagequant.ir.paged_attention import paged_attention
     from sagequant.runtime.step_graph import step_graph
     model = helpers.build_tiny("gemma3", layer_types=["sliding_attention", "full_attention"], sliding_window=4)
     cm = sagequant.compile(model, sagequant.QuantConfig(**FLOAT))

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from sagequant.tools.evaluate import (PerplexityResult, delta_pct, perplexity,
+from sagequant.evaluation.perplexity import (PerplexityResult, delta_pct, perplexity,
                                       tokenize_eval_text)
 
 V = 11

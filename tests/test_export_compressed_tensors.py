@@ -17,8 +17,8 @@ import torch
 
 from sagequant.backends.onnxruntime.qlinear import ExportError
 from sagequant.ir.quant_spec import QuantizedTensor, dequantize
-from sagequant.passes.fuse_norm_qdq import unfused_copy
-from sagequant.tools.export import checkpoint_parity, export
+from sagequant.lowering.unfuse import unfused_copy
+from sagequant.backends.export import checkpoint_parity, export
 
 LOGITS_ATOL = 1e-3
 INT8_DYNAMIC_ATOL = 5e-2

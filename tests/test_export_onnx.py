@@ -1,4 +1,4 @@
-"""ONNX export (tools/export.py, backends/onnxruntime): graph structure by exact op counts and
+"""ONNX export (backends/export.py, backends/onnxruntime): graph structure by exact op counts and
 initializer types, parity with the torch path in onnxruntime, ragged groups, and refusals.
 
 Parity tolerance: logits of onnxruntime (CPUExecutionProvider) vs CompiledModel.__call__ on the
@@ -19,7 +19,7 @@ from sagequant.backends.onnxruntime.capture import capture
 from sagequant.backends.onnxruntime.matmulnbits import pack_weight
 from sagequant.backends.onnxruntime.qlinear import ExportError, QLinearInfo
 from sagequant.ir.quant_spec import QuantSpec
-from sagequant.tools.export import export, onnxruntime_session, parity, to_onnx
+from sagequant.backends.export import export, onnxruntime_session, parity, to_onnx
 
 PARITY_ATOL = 1e-5
 FP8_RTOL = 2e-2  # models with fp8 activations: see test_w8a8_fp8_dynamic_and_grouped

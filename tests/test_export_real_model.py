@@ -7,8 +7,8 @@ import torch
 import sagequant as sq
 from sagequant.backends.onnxruntime.capture import capture
 from sagequant.calibration.real_data import evaluation_text, load_smollm2
-from sagequant.tools.evaluate import perplexity, tokenize_eval_text
-from sagequant.tools.export import onnxruntime_session, run_logits, to_onnx
+from sagequant.evaluation.perplexity import perplexity, tokenize_eval_text
+from sagequant.backends.export import onnxruntime_session, run_logits, to_onnx
 
 pytestmark = pytest.mark.real_model
 
@@ -49,7 +49,7 @@ def test_smollm2_w4a16_onnxruntime_parity(w4, weight_format):
     if weight_format == "qdq":
         # onnxruntime's default session fuses DQ+MatMul into MatMulNBits at accuracy level 4
         # (int8 activations inside the kernel): not the torch numerics — measured +2.5% ppl
-        # (45.73 -> 46.89); tools.export.onnxruntime_session(exact=True) pins level 0
+        # (45.73 -> 46.89); backends.export.onnxruntime_session(exact=True) pins level 0
         fast = onnxruntime_session(m, exact=False, threads=2)
         ppl_fast = perplexity(lambda x: run_logits(fast, x), ids, window=WINDOW, stride=WINDOW).ppl
         print(f"SmolLM2 W4A16 qdq, onnxruntime default session (accuracy level 4): ppl {ppl_fast:.4f}")

@@ -12,7 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 from sagequant.backends.onnxruntime.capture import capture
 from sagequant.backends.onnxruntime.qlinear import ExportError
 from sagequant.backends.tensorrt.explicit_quant import check_rules, tensorrt_missing
-from sagequant.tools.export import export, onnxruntime_session, parity, to_onnx
+from sagequant.backends.export import export, onnxruntime_session, parity, to_onnx
 
 PARITY_ATOL = 1e-5
 

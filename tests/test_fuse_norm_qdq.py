@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import sagequant as sq
-from sagequant.passes.fuse_norm_qdq import unfuse_norm_qdq
+from sagequant.lowering.unfuse import unfuse_norm_qdq
 
 W8A8 = dict(weight_dtype="int8", activation_dtype="int8", group_size=None)
 

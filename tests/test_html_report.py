@@ -9,7 +9,7 @@ import pytest
 
 import sagequant as sq
 from sagequant.tools.cli import main
-from sagequant.tools.html_report import input_records, weight_bytes_by_kind
+from sagequant.evaluation.html_report import input_records, weight_bytes_by_kind
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import torch
 from sagequant.config import ConfigError, QuantConfig
 from sagequant.passes import PassContext, PassManager
 from sagequant.passes.kv_cache import KVCacheRewriteError
-from sagequant.runtime.context import paged_attention
+from sagequant.ir.paged_attention import paged_attention
 
 SDPA = torch.ops.aten.scaled_dot_product_attention.default
 

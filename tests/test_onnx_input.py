@@ -72,7 +72,7 @@ def test_emitted_forms_and_layer_names(onnx_path, calib_ids, eval_ids, tmp_path)
     assert ops.count("DequantizeLinear") == 12 and ops.count("MatMul") == 12 + 3 + 4  # + 3 float, + 4 attention
     nbits = onnx.load(str(cm.export(tmp_path / "m.onnx", weight_format="matmulnbits")))
     assert sum(n.op_type == "MatMulNBits" for n in nbits.graph.node) == 12
-    from sagequant.tools.export import onnxruntime_session, run_logits
+    from sagequant.backends.export import onnxruntime_session, run_logits
     assert torch.allclose(run_logits(onnxruntime_session(tmp_path / "m.onnx"), eval_ids), cm(eval_ids), atol=1e-5)
 
 

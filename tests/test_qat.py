@@ -8,8 +8,9 @@ import torch
 import sagequant as sq
 from sagequant.calibration.datasets import CalibrationDataError
 from sagequant.calibration.fake_quant import FakeQuantize, FakeQuantLinear, fake_quantize
-from sagequant.calibration.qat import (QATOptions, add_lora, merge_lora, qat_loss, qat_pipelines,
-                                       quantization_aware_training, training_windows)
+from sagequant.api import quantization_aware_training
+from sagequant.calibration.qat import QATOptions, add_lora, merge_lora, qat_loss, training_windows
+from sagequant.passes.pipeline import qat_pipelines
 from sagequant.config import ConfigError
 from sagequant.ir.quant_spec import QuantSpec, compute_qparams, dequantize, quantize
 from sagequant.passes import PassContext, PassManager

@@ -6,7 +6,7 @@ import torch
 import sagequant as sq
 from sagequant.calibration.datasets import tokenize_calibration
 from sagequant.calibration.real_data import evaluation_text, load_smollm2, wikipedia_prose
-from sagequant.tools.evaluate import delta_pct, perplexity, tokenize_eval_text
+from sagequant.evaluation.perplexity import delta_pct, perplexity, tokenize_eval_text
 
 pytestmark = pytest.mark.real_model
 

@@ -17,7 +17,7 @@ import torch
 
 import sagequant as sq
 from sagequant.serving.launch import ServeOptions, bind, make_app
-from sagequant.tools.models import resolve_tokenizer
+from sagequant.frontends.models import resolve_tokenizer
 
 
 @pytest.fixture(scope="module")

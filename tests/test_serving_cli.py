@@ -84,7 +84,7 @@ def test_vllm_command_line():
 
 
 def test_vllm_missing_pieces_are_named(monkeypatch):
-    import sagequant.tools.export as export_mod
+    import sagequant.backends.export as export_mod
     monkeypatch.setattr(export_mod, "FORMATS", ("onnx", "tensorrt"))
     monkeypatch.setenv("PATH", "/nonexistent")
     missing = missing_requirements()

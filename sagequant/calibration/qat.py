@@ -1,9 +1,10 @@
-"""Quantization-aware training: the library function behind `sagequant qat` and
-`compile(..., QuantConfig(enable_qat=True), qat=QATOptions(...))`.
+"""Quantization-aware training of a FakeQuant graph: the training half of `sagequant qat` and
+`compile(..., QuantConfig(enable_qat=True), qat=QATOptions(...))` (api.quantization_aware_training
+runs the passes around it).
 
 Flow: trace -> the PTQ passes before convert, then `fake_quant` -> train the FakeQuant graph
 (LoRA adapters from peft and/or LSQ scales; everything else frozen) -> merge the adapters into the
-weights -> `fold_fake_quant` and the PTQ passes from convert on (qat_pipelines): the same static graph,
+weights -> `fold_fake_quant` and the PTQ passes from convert on (passes/pipeline.qat_pipelines): the same static graph,
 KernelBindings and artifact as PTQ. The training is on the traced graph itself, so the QuantSpecs
 that training sees are the ones convert uses, node for node.
 
@@ -86,20 +87,6 @@ class QATOptions:
             raise ConfigError("QATOptions.checkpoint_every needs QATOptions.checkpoint_dir")
 
 
-# The guard measures on calibration sequences held back by compile(); QAT trains on its data.
-NOT_IN_QAT = ("guard",)
-
-
-def qat_pipelines(pipeline: list[str] | None = None) -> tuple[list[str], list[str]]:
-    """(prepare, export): PTQ's passes before convert plus fake_quant; then fold_fake_quant and
-    PTQ's passes from convert on, so a QAT export is lowered exactly as PTQ lowers."""
-    from ..passes import PIPELINE
-
-    passes = [p for p in (pipeline or PIPELINE) if p not in NOT_IN_QAT]
-    cut = passes.index("convert")
-    return passes[:cut] + ["fake_quant"], ["fold_fake_quant"] + passes[cut:]
-
-
 def training_windows(data, tokenizer, options: QATOptions) -> torch.Tensor:
     """[n, seq_len] token windows: texts (or a .jsonl / text file) cut into consecutive windows,
     as many as `steps * batch_size` needs (all of them for `epochs`); token tensors as given."""
@@ -117,40 +104,6 @@ def training_windows(data, tokenizer, options: QATOptions) -> torch.Tensor:
         raise CalibrationDataError("QAT training token batches must share one sequence length, got "
                                    f"{sorted({b.shape[1] for b in batches})}")
     return torch.cat(batches)
-
-
-def quantization_aware_training(model: torch.nn.Module, config: QuantConfig, train_data,
-                                tokenizer=None, options: QATOptions | None = None):
-    """Trace `model`, train its FakeQuant graph per `options`, and compile the result like PTQ.
-    Returns a CompiledModel whose pass history holds a `qat_train` entry (loss curve, time)."""
-    from ..api import CompiledModel
-    from ..ir.kv_plan import build_kv_plan
-    from ..ir.trace import trace_model
-    from ..passes import PassContext, PassManager
-
-    opts = options if options is not None else QATOptions()
-    if not isinstance(opts, QATOptions):
-        raise ConfigError(f"options must be QATOptions, got {type(opts).__name__}")
-    if not isinstance(config, QuantConfig):
-        raise ConfigError(f"config must be a QuantConfig, got {type(config).__name__}")
-    cfg = config if config.enable_qat else config.replace(enable_qat=True)  # validates the scheme
-    windows = training_windows(train_data, tokenizer, opts)
-    needs_calibration = cfg.activation_format is not None or cfg.calibration not in ("minmax", "percentile")
-    calib = list(windows[:cfg.calibration_samples].split(1)) if needs_calibration else None
-    graph = trace_model(model)
-    ctx = PassContext(cfg, calib)
-    prepare_passes, export_passes = qat_pipelines()
-    prepare = PassManager(prepare_passes)
-    graph = prepare.run(graph, ctx)
-    train_stats = train_fake_quant_graph(graph.gm, model if opts.loss == "distill" else None,
-                                         windows, opts)
-    export = PassManager(export_passes)
-    graph = export.run(graph, ctx)
-    history = prepare.history + [{"pass": "qat_train", "modified": True,
-                                  "seconds": round(train_stats["seconds"], 2), "stats": train_stats}]
-    compiled = CompiledModel(graph, cfg, build_kv_plan(cfg), history + export.history)
-    compiled.source_model = model
-    return compiled
 
 
 def fake_quant_modules(gm: torch.nn.Module) -> list[FakeQuantize]:

@@ -1,6 +1,6 @@
 """Passes, one file each; importing the package registers them. PIPELINE is the default order."""
 from . import (annotate, awq, calibrate, canonicalize, convert, gptq, guard, insert_observers,  # noqa: F401
-               lower, mixed_precision, schedule, smoothquant)
+               kv_cache, kv_cache_quant, lower, mixed_precision, schedule, smoothquant)
 from .manager import (PASSES, DumpIR, Instrument, Pass, PassContext, PassManager, PassResult,  # noqa: F401
                       PrintIRAfter, Timing, register_pass)
 
@@ -10,5 +10,5 @@ PIPELINE = ["canonicalize", "annotate", "mixed_precision", "smoothquant", "awq",
 from . import fuse_norm_qdq  # noqa: F401,E402
 # Last: accuracy checks and scheduler IR see one kernel per linear; the fusion is exact.
 PIPELINE.append("fuse_norm_qdq")
-# QAT only (calibration/qat.py runs them around training): not in PIPELINE.
+# QAT only (passes/pipeline.qat_pipelines puts them around training): not in PIPELINE.
 from . import fake_quant, fold_fake_quant  # noqa: F401,E402

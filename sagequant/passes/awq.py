@@ -16,7 +16,8 @@ from ..calibration.datasets import CalibrationDataError
 from ..calibration.stats import collect_input_stats
 from ..config import ConfigError
 from ..ir.graph import QuantGraph
-from ..ir.patterns import balance_groups, fold_group_scales
+from ..ir.patterns import balance_groups
+from .fold_scales import fold_group_scales
 from .manager import PassContext, PassResult, register_pass
 
 ATEN = torch.ops.aten

@@ -13,8 +13,8 @@ The rewrite is exact: the quantizer is QuantSpec's, the kernel's GEMM is unchang
 bit-identical. Kernels whose registry row has no prequantized form (e.g. a GPU kernel with its
 own fused per-token quantizer) are left as they are and listed in the stats with that reason.
 Runs last, after `schedule` (and the accuracy checks): they see the one-kernel-per-linear form.
-`unfuse_norm_qdq` is the inverse rewrite, for tools that need each GEMM's float input (export
-capture, per-layer error analysis).
+The inverse rewrite is lowering/unfuse.py (export capture and per-layer error analysis read the
+one-kernel-per-linear form).
 """
 from __future__ import annotations
 
@@ -102,56 +102,3 @@ def _to_prequantized(graph: QuantGraph, node: fx.Node, codes: fx.Node, x_scale: 
     ann.kernel.attrs["input"] = "prequantized"
     node.replace_all_uses_with(new)
     graph.graph.erase_node(node)
-
-
-
-def _quantizing_kernel(prequantized_op):
-    """The registry kernel that quantizes its own input and has this op as its prequantized form."""
-    for key in REGISTRY.keys():
-        for kernel in REGISTRY.candidates(*key):
-            if kernel.prequantized_op == prequantized_op:
-                return kernel.op
-    raise RuntimeError(f"{prequantized_op} reads a quantized activation but no registry kernel has "
-                       "it as its prequantized form")
-
-
-def unfuse_norm_qdq(graph: fx.Graph) -> int:
-    """Undo fuse_norm_qdq in place: every kernel reading shared (codes, scale) is again the
-    quantizing kernel on the float tensor (an RMSNorm output is recomputed where it was fused).
-    Returns the number of kernels rewritten."""
-    floats: dict[fx.Node, fx.Node] = {}
-    rewritten = 0
-    for node in list(graph.nodes):
-        item = node.args[0] if node.op == "call_function" and node.args else None
-        quantizer = item.args[0] if getattr(item, "target", None) is operator.getitem else None
-        if getattr(quantizer, "target", None) not in (QUANTIZE, NORM_QUANTIZE):
-            continue
-        if quantizer not in floats:
-            if quantizer.target == NORM_QUANTIZE:
-                with graph.inserting_before(quantizer):
-                    floats[quantizer] = graph.call_function(RMS_NORM, tuple(quantizer.args[:4]))
-            else:
-                floats[quantizer] = quantizer.args[0]
-        _, _, qweight, scales, zeros, bias, spec, shape, act_spec, _ = node.args
-        with graph.inserting_before(node):
-            kernel = graph.call_function(_quantizing_kernel(node.target),
-                                         (floats[quantizer], qweight, scales, zeros, bias, spec, shape,
-                                          act_spec, quantizer.args[-1]))
-        kernel.meta.update(node.meta)
-        node.replace_all_uses_with(kernel)
-        graph.erase_node(node)
-        rewritten += 1
-    for quantizer in floats:
-        for item in list(quantizer.users):
-            graph.erase_node(item)
-        graph.erase_node(quantizer)
-    return rewritten
-
-
-def unfused_copy(graph: fx.Graph) -> fx.Graph:
-    """A copy of `graph` (same get_attr targets and node annotations) with the fusion undone, for
-    readers of the one-kernel-per-linear form (kernel args: x, qweight, scales, zeros, bias, ...)."""
-    copy = fx.Graph()
-    copy.output(copy.graph_copy(graph, {}))
-    unfuse_norm_qdq(copy)
-    return copy

@@ -3,7 +3,7 @@
 On calibration sequences held back from calibration (`split_held_back`, called by compile) it
 compares the float model with the compiled graph: KL(float || quantized) of the next-token
 distributions, top-1 agreement, delta loss (quantized minus float mean next-token NLL, nats) and
-every quantized layer's own output SQNR (tools/error_report.py). Past a bound
+every quantized layer's own output SQNR (evaluation/error_report.py). Past a bound
 (QuantConfig.guard_bound: per-scheme defaults, overridable by guard_bounds) the compile fails with
 an error naming the worst layers, unless QuantConfig.guard="report". The numbers are the pass's
 stats, so report() and the saved artifact hold them either way.
@@ -20,7 +20,7 @@ import torch
 
 from ..calibration.datasets import CalibrationDataError
 from ..ir.graph import QuantGraph
-from ..tools.error_report import layer_errors
+from ..evaluation.error_report import layer_errors
 from .manager import PassContext, PassResult, register_pass
 from ..errors import CompileError
 

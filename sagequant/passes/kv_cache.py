@@ -1,6 +1,6 @@
 """kv_cache: turn the full-sequence graph into one step of cached generation.
 
-Each aten.scaled_dot_product_attention becomes runtime.context.paged_attention(q, k, v, layer,
+Each aten.scaled_dot_product_attention becomes ir.paged_attention.paged_attention(q, k, v, layer,
 scale, window): k and v are taken *before* the grouped-query expansion (the repeat_kv chain
 unsqueeze -> expand -> reshape is matched and skipped), so the cache stores kv_heads heads; the
 causal mask the model built is dropped (the op masks by cached positions). The node the frontend
@@ -17,7 +17,7 @@ import torch
 import torch.fx as fx
 
 from ..ir.graph import QuantGraph
-from ..runtime.context import paged_attention
+from ..ir.paged_attention import paged_attention
 from .manager import PassContext, PassResult, register_pass
 from ..errors import CompileError
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from ..ir.graph import QuantGraph
 from ..ir.kv_plan import build_kv_plan
-from ..runtime.context import paged_attention
+from ..ir.paged_attention import paged_attention
 from .manager import PassContext, PassResult, register_pass
 
 KV_DTYPE_ARG = 6  # paged_attention(q, k, v, layer, scale, window, kv_dtype)

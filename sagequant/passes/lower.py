@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 
-from .. import backends  # noqa: F401  (fills the registry)
 from ..ir import ops  # noqa: F401  (registers the Q/DQ ops matched here)
 from ..ir.annotations import KernelBinding
 from ..ir.graph import QuantGraph

@@ -14,7 +14,8 @@ from ..calibration.smoothquant import search_alpha, smoothing_scales
 from ..calibration.stats import collect_input_stats
 from ..config import ConfigError
 from ..ir.graph import QuantGraph
-from ..ir.patterns import balance_groups, fold_group_scales
+from ..ir.patterns import balance_groups
+from .fold_scales import fold_group_scales
 from ..ir.quant_spec import QuantSpec
 from .manager import PassContext, PassResult, register_pass
 

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import torch
 
 from ..ir.formats import QuantizationError
-from .context import AttentionStep, attention_step
+from ..ir.paged_attention import attention_step
+from .context import AttentionStep
 from .kv_pool import DecodeIndex
 
 

@@ -18,7 +18,8 @@ import torch
 from .. import backends  # noqa: F401  (registers the attention kernels)
 from ..backends.cuda.hardware import cuda_missing
 from ..lowering.attention import select_attention_kernel
-from .context import AttentionStep, attention_step
+from ..ir.paged_attention import attention_step
+from .context import AttentionStep
 from .cuda_graphs import DecodeGraphs
 from .kv_pool import PagedKVPool
 from .step_graph import attention_nodes, embedding_weight, kv_geometry, step_graph

@@ -11,8 +11,7 @@ import torch.fx as fx
 
 from ..ir.graph import QuantGraph
 from ..passes.manager import PassContext, PassManager
-from .context import paged_attention
-from ..passes import kv_cache, kv_cache_quant  # noqa: F401,E402  (registers the passes it runs)
+from ..ir.paged_attention import paged_attention
 
 STEP_PASSES = ["kv_cache", "kv_cache_quant"]
 _CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()

@@ -82,7 +82,7 @@ def load_compiled(opts: ServeOptions):
         raise ConfigError(f"{opts.model!r} is a model, not an artifact: --quantization is required "
                           f"({', '.join(QUANTIZATIONS)})")
     from ..calibration.datasets import load_texts
-    from ..tools.models import resolve_model
+    from ..frontends.models import resolve_model
     cfg = quant_config(opts)
     model, tok = resolve_model(opts.model)
     texts = load_texts(opts.dataset) if opts.dataset else None
@@ -121,7 +121,7 @@ def context_length(cm, opts: ServeOptions) -> int:
 
 def build_server(opts: ServeOptions):
     """-> (FastAPI app, ServedModel): compile or load, then the engine and its loop."""
-    from ..tools.models import resolve_tokenizer
+    from ..frontends.models import resolve_tokenizer
     cm, tok_source = load_compiled(opts)
     return make_app(cm, resolve_tokenizer(tok_source), opts)
 

@@ -37,10 +37,10 @@ def vllm_command(checkpoint_dir: str | Path, *, served_model_name: str, host: st
 
 def missing_requirements() -> list[str]:
     """What this machine lacks to hand off to vLLM (empty when everything is there)."""
-    from ..tools.export import FORMATS
+    from ..backends.export import FORMATS
     missing = []
     if "compressed-tensors" not in FORMATS:
-        missing.append("the compressed-tensors exporter (tools/export.py formats: "
+        missing.append("the compressed-tensors exporter (backends/export.py formats: "
                        f"{', '.join(FORMATS)})")
     if shutil.which("vllm") is None and importlib.util.find_spec("vllm") is None:
         missing.append("vLLM (not installed: `pip install vllm` on a machine with a supported GPU)")

@@ -10,10 +10,11 @@ from pathlib import Path
 from ..config import ConfigError, QuantConfig
 from ..errors import SageQuantError
 from ..passes import PIPELINE
-from ..serving.cli import add_engine_parser
+from .engine_cli import add_engine_parser
 from .arg_types import (group_size, int_at_least, non_negative_float, non_negative_int, positive_float,
                         positive_int, unit_ratio)
 from .demo import add_demo_args, run_from_args
+from .compile_flags import add_compile_flags, config_from_args, print_report
 from .qat_cli import add_qat_parser
 
 
@@ -22,75 +23,11 @@ from .qat_cli import add_qat_parser
 USER_ERRORS = (SageQuantError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
 
 
-def _read_config_file(path: str) -> dict:
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"--config {path}: not UTF-8 text (byte {e.start})") from None
-    try:
-        base = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"--config {path}: invalid JSON ({e.msg} at line {e.lineno}, "
-                          f"column {e.colno})") from None
-    if not isinstance(base, dict):
-        raise ConfigError(f"--config {path}: must hold a JSON object of QuantConfig fields, got "
-                          f"{type(base).__name__}")
-    return base
-
-
-def _config_from_args(args) -> QuantConfig:
-    base = _read_config_file(args.config) if args.config else {}
-    flags = {"weight_dtype": args.weight_dtype, "activation_dtype": args.activation_dtype,
-             "calibration": args.method, "kv_cache_dtype": args.kv_quant, "backend": args.backend,
-             "priority": args.priority, "clip_ratio": args.clip_ratio,
-             "calibration_samples": args.samples, "calibration_seq_len": args.seq_len,
-             "fallback": args.fallback, "guard": args.guard,
-             "target_bits_per_weight": args.target_bits, "target_max_delta_loss": args.target_delta_loss}
-    if args.asymmetric:
-        flags["symmetric"] = False
-    if args.ignore is not None:
-        flags["ignore"] = args.ignore
-    base.update({k: v for k, v in flags.items() if v is not None})
-    if args.group_size is not None:  # 0: per-channel, QuantConfig's group_size=None
-        base["group_size"] = args.group_size or None
-    return QuantConfig.from_dict(base)
-
-
-def _add_compile_flags(p: argparse.ArgumentParser, dataset_required: bool) -> None:
-    p.add_argument("--model", required=True, help='"smollm2" (the packaged real model) or a local checkpoint dir')
-    p.add_argument("--dataset", required=dataset_required, help="calibration data: .jsonl (text field) or plain text")
-    p.add_argument("--output", required=True, help="artifact directory to write")
-    p.add_argument("--config", help="QuantConfig JSON file; flags below override its fields")
-    p.add_argument("--method", help="calibration: minmax | percentile | smoothquant | awq | gptq")
-    p.add_argument("--weight-dtype", help="int8 | int4 | fp8 | nf4 | w8a16 | w4a16 | w8a8")
-    p.add_argument("--activation-dtype", help="a16 (fp16/bf16) | int8 | fp8")
-    p.add_argument("--kv-quant", help="none | int8 | fp8")
-    p.add_argument("--group-size", type=group_size, help="weight group size; 0 for per-channel")
-    p.add_argument("--asymmetric", action="store_true", help="asymmetric weights (uint4/uint8 + zero point)")
-    p.add_argument("--clip-ratio", type=unit_ratio, help="fraction (0, 1] of the observed range to keep")
-    p.add_argument("--backend")
-    p.add_argument("--priority", help="latency | throughput | memory")
-    p.add_argument("--fallback", help="backend whose kernels may be used where --backend has none")
-    p.add_argument("--ignore", nargs="*", help="layer patterns kept in high precision (default: lm_head)")
-    p.add_argument("--samples", type=positive_int, help="calibration samples")
-    p.add_argument("--seq-len", type=positive_int, help="calibration sample length in tokens")
-    p.add_argument("--guard", help="accuracy guard on held-back calibration data: enforce (default: fail "
-                   "past the bounds) | report (only record) | off")
-    p.add_argument("--target-bits", type=positive_float, help="mixed precision: average bits per weight budget")
-    p.add_argument("--target-delta-loss", type=non_negative_float,
-                   help="mixed precision: largest summed per-layer delta loss (nats)")
-    p.add_argument("--print-ir-after", action="append", metavar="PASS", type=_pass_name(allow_all=True),
-                   help=f"print the IR after PASS (repeatable, or 'all'); passes: {', '.join(PIPELINE)}")
-    p.add_argument("--stop-after", metavar="PASS", type=_pass_name(allow_all=False),
-                   help="stop the pipeline after PASS")
-    p.add_argument("--dump-dir", help="write numbered IR files, one per pass")
-
-
 def cmd_compile(args) -> int:
     from ..api import compile as sq_compile
     from ..calibration.datasets import load_texts
-    from .models import resolve_model
-    cfg = _config_from_args(args)
+    from ..frontends.models import resolve_model
+    cfg = config_from_args(args)
     texts = load_texts(args.dataset) if args.dataset else None
     model, tok = resolve_model(args.model)
     print_after = "all" if args.print_ir_after and "all" in args.print_ir_after else args.print_ir_after
@@ -101,7 +38,7 @@ def cmd_compile(args) -> int:
         print(f"stopped after pass {args.stop_after}; no artifact written")
         return 0
     path = cm.save(args.output)
-    _print_report(cm.report())
+    print_report(cm.report())
     print(f"artifact: {path}")
     return 0
 
@@ -110,8 +47,8 @@ def cmd_eval(args) -> int:
     from ..api import load
     from ..calibration.datasets import read_text_file
     from ..calibration.real_data import evaluation_text
-    from .evaluate import perplexity, tokenize_eval_text
-    from .models import resolve_model
+    from ..evaluation.perplexity import perplexity, tokenize_eval_text
+    from ..frontends.models import resolve_model
     if bool(args.artifact) == bool(args.model):
         raise ConfigError("eval needs exactly one of --artifact DIR or --model MODEL")
     if args.artifact:
@@ -133,34 +70,6 @@ def cmd_eval(args) -> int:
     return 0
 
 
-def _print_report(rep: dict) -> None:
-    wb = rep["weight_bytes"]
-    print(f"scheme {rep['scheme']} on {rep['backend']} ({rep['priority']}): "
-          f"{rep['quantized_layers']}/{rep['linear_layers']} linear layers quantized")
-    print(f"weights: {wb['quantized_layers_bytes']:,} bytes for quantized layers "
-          f"({wb['quantized_layers_ratio_vs_fp16']:.3f}x fp16, {wb['bits_per_weight']:.2f} bits/weight); "
-          f"all linears {wb['all_linear_ratio_vs_fp16']:.3f}x fp16")
-    print("kernels: " + ", ".join(f"{k} x{v}" for k, v in rep["kernels"].items()))
-    if rep["kept_in_high_precision"]:
-        print("kept in high precision: " + ", ".join(f"{k} ({v})" for k, v in rep["kept_in_high_precision"].items()))
-    if rep["fallbacks"]:
-        print(f"FALLBACK kernels used for {len(rep['fallbacks'])} layers (QuantConfig.fallback)")
-    guard, mixed = rep.get("accuracy_guard"), rep.get("mixed_precision")
-    if guard and "kl" in guard:
-        worst = guard["worst_layers"][0] if guard["worst_layers"] else None
-        print(f"accuracy guard ({guard['mode']}, {guard['held_back']['tokens']} held-back tokens): KL "
-              f"{guard['kl']:.4g}, top-1 agreement {guard['top1_agreement']:.3f}, delta loss "
-              f"{guard['delta_loss']:.4g} nats"
-              + (f", worst layer {worst['layer']} {worst['local_sqnr_db']:.1f} dB" if worst else "")
-              + ("" if guard["passed"] else "; OUTSIDE BOUNDS: " + "; ".join(guard["violations"])))
-    elif guard:
-        print(f"accuracy guard not run: {guard['skipped']}")
-    if mixed and "upgraded" in mixed:
-        print(f"mixed precision: {mixed['layers_per_option']}, {mixed['bits_per_weight']:.2f} bits/weight, "
-              f"predicted delta loss {mixed['predicted_delta_loss']:.4g} nats")
-    print("passes: " + "  ".join(f"{p['pass']}={p.get('seconds', 0):.2f}s" for p in rep["passes"]))
-
-
 def cmd_report(args) -> int:
     from ..api import load
     cm = load(args.artifact)
@@ -168,14 +77,14 @@ def cmd_report(args) -> int:
     if args.json:
         print(json.dumps(rep, indent=1, default=str))
     else:
-        _print_report(rep)
+        print_report(rep)
     if args.html:
         _html_report(cm, args)
     return 0
 
 
 def _html_report(cm, args) -> None:
-    from .html_report import accuracy_and_errors, write_html_report
+    from ..evaluation.html_report import write_html_report
     reference = args.reference or cm.graph.model_info.get("source")
     accuracy = errors = None
     missing = None if reference else "the artifact records no source model; pass --reference MODEL"
@@ -189,9 +98,32 @@ def _html_report(cm, args) -> None:
     print(f"HTML report: {write_html_report(cm, args.html, accuracy, errors, missing)}")
 
 
+def accuracy_and_errors(cm, reference_spec: str, eval_tokens: int, error_tokens: int = 256):
+    """(accuracy dict, per-layer error rows) measured against the float model `reference_spec`."""
+    import torch
+
+    from ..calibration.datasets import tokenize_calibration
+    from ..calibration.real_data import evaluation_text, wikipedia_prose
+    from ..evaluation.perplexity import delta_pct, perplexity, tokenize_eval_text
+    from ..frontends.models import resolve_model
+    model, tok = resolve_model(reference_spec)
+    errors = cm.error_report(tokenize_calibration(wikipedia_prose(), tok, 1, error_tokens),
+                             reference=model)
+    if eval_tokens <= 0:
+        return None, errors
+    ids = tokenize_eval_text(tok, evaluation_text(), eval_tokens)
+    window = min(512, ids.numel())
+    with torch.inference_mode():
+        base = perplexity(lambda x: model(input_ids=x, use_cache=False).logits, ids, window, window)
+        quant = perplexity(cm, ids, window, window)
+    return {"reference": str(reference_spec), "tokens": base.max_tokens, "window": window,
+            "text": "news (lee_background.cor)", "float_ppl": base.ppl, "quantized_ppl": quant.ppl,
+            "delta_pct": delta_pct(base.ppl, quant.ppl)}, errors
+
+
 def cmd_export(args) -> int:
     from ..api import load
-    from .export import checkpoint_parity, export, onnxruntime_session, parity
+    from ..backends.export import checkpoint_parity, export, onnxruntime_session, parity
     cm = load(args.artifact)
     checkpoint = args.format == "compressed-tensors"
     out = export(cm, args.output, format=args.format, weight_format=args.weight_format,
@@ -219,8 +151,8 @@ def cmd_inspect(args) -> int:
     if args.errors:
         from ..calibration.datasets import tokenize_calibration
         from ..calibration.real_data import wikipedia_prose
-        from .error_report import format_errors
-        from .models import resolve_model
+        from ..evaluation.error_report import format_errors
+        from ..frontends.models import resolve_model
         source = args.reference or cm.graph.model_info.get("source")
         if source is None:
             raise ConfigError("the artifact does not record its source model; pass --reference MODEL")
@@ -238,7 +170,7 @@ def _print_sensitivity(cm, args) -> None:
     from ..calibration.real_data import wikipedia_prose
     from ..calibration.sensitivity import format_sensitivity
     from ..passes.mixed_precision import model_sensitivity
-    from .models import resolve_model
+    from ..frontends.models import resolve_model
     source = args.reference or cm.graph.model_info.get("source")
     if source is None:
         raise ConfigError("the artifact does not record its source model; pass --reference MODEL")
@@ -257,10 +189,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sagequant", description="quantization compiler for LLMs")
     sub = p.add_subparsers(dest="command", required=True)
     c = sub.add_parser("calibrate", help="calibrate on a dataset and write a quantized artifact")
-    _add_compile_flags(c, dataset_required=True)
+    add_compile_flags(c, dataset_required=True)
     c.set_defaults(func=cmd_compile)
     c = sub.add_parser("compile", help="compile a model (calibration data optional for weight-only schemes)")
-    _add_compile_flags(c, dataset_required=False)
+    add_compile_flags(c, dataset_required=False)
     c.set_defaults(func=cmd_compile)
     e = sub.add_parser("eval", help="perplexity of an artifact or a float model")
     e.add_argument("--artifact")
@@ -317,18 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="compile the real SmolLM2 at W8A16 and W4A16 and print the report table")
     add_demo_args(d)
     d.set_defaults(func=run_from_args)
-    add_qat_parser(sub, _add_compile_flags)
+    add_qat_parser(sub, add_compile_flags)
     return p
-
-
-def _pass_name(allow_all: bool):
-    def parse(text: str) -> str:
-        if text in PIPELINE or (allow_all and text == "all"):
-            return text
-        raise argparse.ArgumentTypeError(f"unknown pass {text!r}; passes: {', '.join(PIPELINE)}"
-                                         + (" (or 'all')" if allow_all else ""))
-    parse.__name__ = "pass name"
-    return parse
 
 
 def main(argv=None) -> int:

@@ -13,7 +13,7 @@ from ..api import compile as sq_compile
 from ..calibration.datasets import tokenize_calibration
 from ..calibration.real_data import evaluation_text, load_smollm2, wikipedia_prose
 from ..config import QuantConfig
-from .evaluate import delta_pct, perplexity, tokenize_eval_text
+from ..evaluation.perplexity import delta_pct, perplexity, tokenize_eval_text
 from .arg_types import int_at_least, positive_int
 
 DEMO_SCHEMES = {

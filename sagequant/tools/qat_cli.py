@@ -1,10 +1,11 @@
 """`sagequant qat`: quantization-aware training on a text dataset, then the same artifact as
-`sagequant compile` (calibration/qat.py does the work)."""
+`sagequant compile` (api.quantization_aware_training does the work)."""
 from __future__ import annotations
 
 import argparse
 
 from ..calibration.qat import LOSSES, QATOptions
+from .compile_flags import config_from_args, print_report
 from .arg_types import int_at_least, non_negative_float, non_negative_int, positive_float, positive_int
 
 
@@ -34,11 +35,10 @@ def add_qat_parser(sub, add_compile_flags) -> None:
 
 def cmd_qat(args: argparse.Namespace) -> int:
     from ..calibration.datasets import load_texts
-    from .cli import _config_from_args, _print_report
-    from .models import resolve_model
-    from ..calibration.qat import quantization_aware_training
+    from ..frontends.models import resolve_model
+    from ..api import quantization_aware_training
 
-    cfg = _config_from_args(args).replace(enable_qat=True, qat_learn_scales=not args.no_learn_scales)
+    cfg = config_from_args(args).replace(enable_qat=True, qat_learn_scales=not args.no_learn_scales)
     options = QATOptions(
         steps=None if args.epochs else (QATOptions.steps if args.steps is None else args.steps),
         epochs=args.epochs,
@@ -54,6 +54,6 @@ def cmd_qat(args: argparse.Namespace) -> int:
     print(f"qat: {stats['steps']} steps, {stats['tokens']:,} tokens, {stats['seconds']:.1f} s; "
           f"loss {stats['loss_first']:.4f} -> {stats['loss_last']:.4f} ({options.loss})")
     path = cm.save(args.output)
-    _print_report(cm.report())
+    print_report(cm.report())
     print(f"artifact: {path}")
     return 0

@@ -78,7 +78,7 @@ def _format(spec: QuantSpec, act: QuantSpec | None) -> str:
 def _layers(graph):
     """(annotation, lowered node) of every quantized linear, checked for compressed-tensors; nodes
     of the unfused form, whose arguments are (x, qweight, scales, zeros, bias, ..., act_scale)."""
-    from ...passes.fuse_norm_qdq import unfused_copy
+    from ...lowering.unfuse import unfused_copy
     out = []
     for node in unfused_copy(graph.graph).nodes:
         ann = node.meta.get(META_KEY)

@@ -108,6 +108,7 @@ def word_configs(dt: str):
 def configs(defaults_only: bool = False):
     """(kernel name, fn, types, constexprs, options) for every configuration launched."""
     from . import triton_w8a8 as w8
+    from . import triton_splitk as sk
     from . import triton_weight_only as wo
     yield from word_configs("bf16")  # the dtype they were timed in (fp16 compiles the same code)
     for dt in ("bf16", "fp16"):
@@ -136,7 +137,7 @@ def configs(defaults_only: bool = False):
             types = {"w_ptr": "*u8", "s_ptr": "*fp16", "z_ptr": "*i32", "out_ptr": f"*{dt}"}
             yield f"dequant {fmt} {dt}", wo._dequant_kernel, types, \
                 dict(flags, BLOCK_N=32, BLOCK_K=128), dict(num_warps=4)
-        yield f"splitk_reduce {dt}", wo._splitk_reduce, \
+        yield f"splitk_reduce {dt}", sk._splitk_reduce, \
             {"ws_ptr": "*fp32", "b_ptr": f"*{dt}", "out_ptr": f"*{dt}"}, \
             dict(HAS_BIAS=True, BLOCK=1024), dict(num_warps=4)
         for qdt, qmax in (("i8", 127.0), ("fp8e4nv", 448.0)):

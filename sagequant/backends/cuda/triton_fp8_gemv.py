@@ -6,7 +6,7 @@ Every program recomputes its row's absmax over the whole of K (the row is a few 
 L2), quantizes the x chunk of each K step exactly as triton_w8a8's quantizer does (scale =
 absmax / 448 by IEEE division, clamp, round-to-nearest-even cast to e4m3), and accumulates code
 products in fp32 (an e4m3 x e4m3 product is exact in fp32); the activation and weight scales
-multiply the sum once. Split-K partials are reduced by triton_weight_only._splitk_reduce.
+multiply the sum once. Split-K partials are reduced by triton_splitk._splitk_reduce.
 This module imports triton at the top; kernels.py imports it lazily.
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ import triton.language as tl
 from . import layout
 from .hardware import sm_count
 from .triton_w8a8 import _quantize_block
-from .triton_weight_only import _splitk_reduce
+from .triton_splitk import _splitk_reduce
 
 FP8_MAX = 448.0
 AMAX_BLOCK = 1024  # x elements per step of the absmax pass

@@ -16,7 +16,7 @@ import triton.language as tl
 
 from . import layout
 from .hardware import sm_count
-from .triton_weight_only import _splitk_reduce
+from .triton_splitk import _splitk_reduce
 
 FP32_TINY = float(torch.finfo(torch.float32).tiny)
 RINT_MAGIC = 12582912.0  # 1.5 * 2**23: (v + M) - M rounds |v| < 2**22 half to even in fp32

@@ -15,7 +15,7 @@ the int32-word kernels of triton_words at small M, NF4 at every M):
                     split-K serves small M ("splitk"), BLOCK_M 32..128 large M ("tiled").
   _dequant_kernel   very large M: write the 16-bit weight (a chunk of rows at a time, so the
                     scratch stays small) and let cuBLAS do the GEMM ("dequant_mm").
-Split-K writes fp32 partials [S, M, N] that _splitk_reduce sums in a fixed order (deterministic).
+Split-K writes fp32 partials [S, M, N] that triton_splitk._splitk_reduce sums in a fixed order (deterministic).
 This module imports triton at the top; backends/cuda/kernels.py imports it lazily.
 """
 from __future__ import annotations
@@ -27,6 +27,7 @@ import triton.language as tl
 from ...ir.quant_spec import QuantSpec
 from . import layout
 from .hardware import sm_count
+from .triton_splitk import _splitk_reduce
 
 TORCH_TO_TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
@@ -180,18 +181,6 @@ def _wo_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, KB, GRO
         if HAS_BIAS:
             acc += tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
         tl.store(out_ptr + m * stride_om + offs_n, acc.to(out_ptr.dtype.element_ty), mask=offs_n < N)
-
-
-@triton.jit(do_not_specialize=["MN"])  # one compile for every M
-def _splitk_reduce(ws_ptr, b_ptr, out_ptr, MN, N, S, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < MN
-    acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    for s in range(S):
-        acc += tl.load(ws_ptr + s * MN + offs, mask=mask, other=0.0)
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + offs % N, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit(do_not_specialize=["n0", "N"])  # one compile for every M

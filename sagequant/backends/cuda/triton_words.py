@@ -18,7 +18,7 @@ exact.
   _mma_kernel   small M: the 8 nibble planes of a word tile feed tensor-core dots against
                 the matching x columns (x[8j + p] for plane p), swap-AB (M is the MMA's N
                 side), split-K; the same kernel tiles any M.
-Split-K writes fp32 partials [S, M, N] that triton_weight_only._splitk_reduce sums in a fixed
+Split-K writes fp32 partials [S, M, N] that triton_splitk._splitk_reduce sums in a fixed
 order (deterministic). This module imports triton at the top; kernels.py imports it lazily.
 """
 from __future__ import annotations
@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from . import layout
-from .triton_weight_only import _splitk_reduce
+from .triton_splitk import _splitk_reduce
 
 KINDS = {"int4": 0, "uint4": 1, "nf4": 2}
 

@@ -20,7 +20,7 @@ import torch.fx as fx
 from ...ir.annotations import META_KEY
 from ...ir.graph import QuantGraph
 from ...ir.quant_spec import QuantizedTensor, QuantSpec, dequantize, quantize
-from ...passes.fuse_norm_qdq import unfuse_norm_qdq
+from ...lowering.unfuse import unfuse_norm_qdq
 from .qlinear import DOMAIN, OP_TYPE, ExportError
 
 OPSET = 21  # block-quantized DequantizeLinear and INT4/UINT4 tensors need opset 21

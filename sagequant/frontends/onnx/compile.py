@@ -177,7 +177,7 @@ class OnnxCompiledModel:
         self._session = None
 
     def to_onnx(self, format: str = "onnx", weight_format: str = "qdq", accuracy_level: int = 0):
-        from ...tools.export import check_args, emit_placeholders, emitter
+        from ...backends.export import check_args, emit_placeholders, emitter
         check_args(format, weight_format)
         if format == "compressed-tensors":
             raise OnnxInputError("format='compressed-tensors' needs a transformers checkpoint; an ONNX "
@@ -194,13 +194,13 @@ class OnnxCompiledModel:
 
     def export(self, path, format: str = "onnx", weight_format: str = "qdq", accuracy_level: int = 0):
         from pathlib import Path
-        from ...tools.export import _save
+        from ...backends.export import _save
         model = self.model if (format, weight_format) == ("onnx", "qdq") else \
             self.to_onnx(format, weight_format, accuracy_level)
         return _save(model, Path(path))
 
     def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
-        from ...tools.export import onnxruntime_session
+        from ...backends.export import onnxruntime_session
         from .calibrate import run_logits
         if self._session is None:
             self._session = onnxruntime_session(self.model)

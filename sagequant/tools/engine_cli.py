@@ -1,4 +1,4 @@
-"""`sagequant engine start | list | stop` (registered by tools/cli.py; server imports are lazy so
+"""`sagequant engine start | list | stop` (registered by cli.py; server imports are lazy so
 the rest of the CLI does not pay for FastAPI)."""
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import time
 import urllib.request
 from pathlib import Path
 
-from .launch import QUANTIZATIONS, ServeOptions, ServingError
-from .state import EngineStateError, list_engines, state_dir, stop_engine
-from ..tools.arg_types import group_size, int_at_least, non_negative_int, port, positive_float, positive_int
+from ..serving.launch import QUANTIZATIONS, ServeOptions, ServingError
+from ..serving.state import EngineStateError, list_engines, state_dir, stop_engine
+from .arg_types import group_size, int_at_least, non_negative_int, port, positive_float, positive_int
 
 USER_ERRORS = (ServingError, EngineStateError)
 _OPTION_FLAGS = ("quantization", "activation_dtype", "kv_quant", "backend", "group_size", "dataset",
@@ -89,13 +89,13 @@ def child_argv(args) -> list[str]:
 
 
 def cmd_start(args) -> int:
-    from .launch import check_host
+    from ..serving.launch import check_host
     check_host(args.host, args.allow_remote)
     if args.engine == "vllm":
         return _start_vllm(args)
     if args.background:
         return _start_background(args)
-    from .launch import bind, build_server, run
+    from ..serving.launch import bind, build_server, run
     if args.threads is not None:
         import torch
         torch.set_num_threads(args.threads)
@@ -142,8 +142,8 @@ def _healthy(url: str) -> bool:
 
 
 def _start_vllm(args) -> int:
-    from .launch import load_compiled
-    from .vllm import check_available, export_for_vllm, vllm_command
+    from ..serving.launch import load_compiled
+    from ..serving.vllm import check_available, export_for_vllm, vllm_command
     if args.background:
         raise ServingError("--background is for the sagequant engine; run `vllm serve` under your "
                            "process manager (the command is printed by --engine vllm)")
@@ -158,7 +158,7 @@ def _start_vllm(args) -> int:
     check_available(vllm_argv(opts.kv_quant or "none"))  # before the compile: say what is missing
     cm, tok_source = load_compiled(opts)
     argv = vllm_argv(cm.config.kv_cache_dtype)  # an artifact brings its own KV dtype
-    from ..tools.models import resolve_tokenizer
+    from ..frontends.models import resolve_tokenizer
     export_for_vllm(cm, resolve_tokenizer(tok_source), checkpoint)
     print("running: " + " ".join(argv), flush=True)
     return subprocess.call(argv)

@@ -21,29 +21,6 @@ from pathlib import Path
 from matplotlib.figure import Figure
 
 
-def accuracy_and_errors(cm, reference_spec: str, eval_tokens: int, error_tokens: int = 256):
-    """(accuracy dict, per-layer error rows) measured against the float model `reference_spec`."""
-    import torch
-
-    from ..calibration.datasets import tokenize_calibration
-    from ..calibration.real_data import evaluation_text, wikipedia_prose
-    from .evaluate import delta_pct, perplexity, tokenize_eval_text
-    from .models import resolve_model
-    model, tok = resolve_model(reference_spec)
-    errors = cm.error_report(tokenize_calibration(wikipedia_prose(), tok, 1, error_tokens),
-                             reference=model)
-    if eval_tokens <= 0:
-        return None, errors
-    ids = tokenize_eval_text(tok, evaluation_text(), eval_tokens)
-    window = min(512, ids.numel())
-    with torch.inference_mode():
-        base = perplexity(lambda x: model(input_ids=x, use_cache=False).logits, ids, window, window)
-        quant = perplexity(cm, ids, window, window)
-    return {"reference": str(reference_spec), "tokens": base.max_tokens, "window": window,
-            "text": "news (lee_background.cor)", "float_ppl": base.ppl, "quantized_ppl": quant.ppl,
-            "delta_pct": delta_pct(base.ppl, quant.ppl)}, errors
-
-
 def weight_bytes_by_kind(cm) -> dict[str, dict[str, int]]:
     """{layer kind (last name part, e.g. q_proj): {"compiled": bytes, "fp16": bytes}}."""
     kinds: dict[str, dict[str, int]] = defaultdict(lambda: {"compiled": 0, "fp16": 0})

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..backends.onnxruntime.qlinear import ExportError
+from .onnxruntime.qlinear import ExportError
 
 FORMATS = ("onnx", "tensorrt", "compressed-tensors")
 WEIGHT_FORMATS = ("qdq", "matmulnbits")
@@ -35,14 +35,14 @@ def export(compiled, path: str | Path, format: str = "onnx", weight_format: str 
     format="compressed-tensors" writes a directory (tokenizer files too when `tokenizer` is given)."""
     check_args(format, weight_format, engine_path)
     if format == "compressed-tensors":
-        from ..backends.compressed_tensors.checkpoint import write_checkpoint
+        from .compressed_tensors.checkpoint import write_checkpoint
         return write_checkpoint(compiled, path, tokenizer=tokenizer)
     if tokenizer is not None:
         raise ExportError("tokenizer= is for format='compressed-tensors'; ONNX exports take input_ids")
     model = to_onnx(compiled, format, weight_format, accuracy_level=accuracy_level, captured=captured)
     out = _save(model, Path(path))
     if engine_path is not None:
-        from ..backends.tensorrt.explicit_quant import build_engine
+        from .tensorrt.explicit_quant import build_engine
         build_engine(out, engine_path)
     return out
 
@@ -54,7 +54,7 @@ def to_onnx(compiled, format: str = "onnx", weight_format: str = "qdq", accuracy
     if format == "compressed-tensors":
         raise ExportError("format='compressed-tensors' is a checkpoint directory, not an ONNX model; "
                           "use export(compiled, directory, format='compressed-tensors')")
-    from ..backends.onnxruntime.capture import capture
+    from .onnxruntime.capture import capture
     check, emit = emitter(format, weight_format, accuracy_level)
     check_exportable(compiled, check)
     return emit_placeholders(captured if captured is not None else capture(compiled.graph), emit,
@@ -64,25 +64,25 @@ def to_onnx(compiled, format: str = "onnx", weight_format: str = "qdq", accuracy
 def emitter(format: str, weight_format: str, accuracy_level: int = 0):
     """(per-layer check, emit function) of one ONNX output form."""
     if format == "tensorrt":
-        from ..backends.tensorrt.explicit_quant import check_tensorrt, emit_tensorrt
+        from .tensorrt.explicit_quant import check_tensorrt, emit_tensorrt
         return check_tensorrt, emit_tensorrt
     if weight_format == "matmulnbits":
-        from ..backends.onnxruntime.matmulnbits import check_matmulnbits, make_emit_matmulnbits
+        from .onnxruntime.matmulnbits import check_matmulnbits, make_emit_matmulnbits
         return check_matmulnbits, make_emit_matmulnbits(accuracy_level)
-    from ..backends.onnxruntime.qdq import check_qdq, emit_qdq
+    from .onnxruntime.qdq import check_qdq, emit_qdq
     return check_qdq, emit_qdq
 
 
 def emit_placeholders(placeholder_model, emit, config, format: str, weight_format: str):
     """Rewrite a model holding sagequant::QLinear placeholders (captured from a QuantGraph, or
     built by the ONNX frontend) into the target form; TensorRT output is checked against its rules."""
-    from ..backends.onnxruntime.emit import rewrite
+    from .onnxruntime.emit import rewrite
     meta = {"sagequant.scheme": config.scheme, "sagequant.format": format,
             "sagequant.weight_format": weight_format,
             "sagequant.config": json.dumps(config.to_dict(), default=str)}
     model = rewrite(placeholder_model, emit, meta)
     if format == "tensorrt":
-        from ..backends.tensorrt.explicit_quant import check_rules
+        from .tensorrt.explicit_quant import check_rules
         violations = check_rules(model)
         if violations:  # the emitter promises these rules; a violation is our bug, say which
             raise ExportError("internal: the TensorRT export breaks its Q/DQ rules: " + "; ".join(violations[:5]))
@@ -91,7 +91,7 @@ def emit_placeholders(placeholder_model, emit, config, format: str, weight_forma
 
 def check_exportable(compiled, check) -> None:
     """Run an emitter's per-layer check on every quantized layer before anything is captured."""
-    from ..backends.onnxruntime.qlinear import info_from_annotation
+    from .onnxruntime.qlinear import info_from_annotation
     for node in compiled.graph.annotated():
         ann = compiled.graph.annotation(node)
         if ann.quantized and ann.kernel is not None:

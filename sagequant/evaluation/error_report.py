@@ -114,7 +114,7 @@ def _unfused(graph) -> fx.GraphModule:
     """The graph with fuse_norm_qdq undone (weights shared): each quantized layer's first argument
     is then its float input, which the local error feeds to the float layer. Exact: the fusion
     changes no value."""
-    from ..passes.fuse_norm_qdq import unfuse_norm_qdq
+    from ..lowering.unfuse import unfuse_norm_qdq
     copy = fx.Graph()
     copy.output(copy.graph_copy(graph.graph, {}))
     if not unfuse_norm_qdq(copy):

@@ -1,0 +1,48 @@
+"""paged_attention: the op the kv_cache pass puts in place of scaled_dot_product_attention. It
+reads and writes the KV pool of the engine step that is running (runtime/context.AttentionStep),
+set around each forward with `attention_step(...)`: a context variable, so engines and threads
+never see each other's. The op is part of the IR (passes rewrite to it, the engine runs it); the
+step it reads is the runtime's."""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+
+import torch
+
+_CURRENT: contextvars.ContextVar["AttentionStep | None"] = contextvars.ContextVar(
+    "sagequant_attention_step", default=None)
+
+
+@contextlib.contextmanager
+def attention_step(step):
+    token = _CURRENT.set(step)
+    try:
+        yield step
+    finally:
+        _CURRENT.reset(token)
+
+
+def current_step():
+    step = _CURRENT.get()
+    if step is None:
+        raise RuntimeError("paged attention ran outside an engine step: a graph rewritten by the "
+                           "kv_cache pass runs only through sagequant.runtime.GenerationEngine")
+    return step
+
+
+def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int,
+                    scale: float | None, window: int, kv_dtype: str = "none") -> torch.Tensor:
+    """What the kv_cache pass puts in place of scaled_dot_product_attention: write the new k, v
+    [batch, kv_heads, new, head_dim] into the step's cache (stored as kv_dtype: the
+    kv_cache_quant pass sets it per layer), then attend q [batch, heads, new, head_dim] causally
+    over each sequence's cached tokens."""
+    step = current_step()
+    if step.pool.layer_dtypes[layer] != kv_dtype:
+        raise RuntimeError(f"KV pool stores layer {layer} as {step.pool.layer_dtypes[layer]!r} but "
+                           f"the graph says {kv_dtype!r}: build the pool from this graph")
+    if q.shape[2] == 1:
+        step.pool.write_decode(layer, step.decode_index(), k, v)
+    else:
+        step.pool.write(layer, step.slots, step.starts, k, v)
+    return step.kernel.op(q, step, layer, scale, window)

@@ -74,7 +74,7 @@ def test_batching_and_max_tokens_do_not_change_result(bigram):
     table, ids = bigram
     base = perplexity(lambda x: table[x], ids, window=40, stride=30, max_tokens=150)
     batched = perplexity(lambda x: table[x], ids, window=40, stride=30, max_tokens=150,
-                         batch_size=3, progress=True)
+                         batch_size=3)
     assert base.max_tokens == 150 and base.n_tokens_scored == 149
     assert batched.nll_sum == pytest.approx(base.nll_sum, rel=1e-12)
     assert batched.n_windows == base.n_windows

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from ..config import ConfigError, QuantConfig
+from ..progress import track
 from .datasets import CalibrationDataError, as_token_batches, load_texts, tokenize_calibration
 from .fake_quant import FakeQuantize, FakeQuantLinear, lora_layer_class
 
@@ -190,7 +190,7 @@ def train_fake_quant_graph(gm: torch.nn.Module, teacher: torch.nn.Module | None,
     # exported graph module refuses .train() itself.
     for fq in fake_quant_modules(gm):
         fq.train()
-    for step in tqdm(range(total), desc="qat", unit="step", disable=not opts.progress):
+    for step in track(range(total), "qat", unit="step") if opts.progress else range(total):
         if step == opts.freeze_observers_step:
             for fq in fake_quant_modules(gm):
                 fq.freeze()

@@ -12,6 +12,7 @@ import torch
 
 from ..ir.graph import QuantGraph
 from ..ir.quant_spec import dequantize, quantize
+from ..progress import track
 
 
 def next_token_loss(gm: torch.nn.Module, batches: list[torch.Tensor]) -> float:
@@ -28,13 +29,14 @@ def next_token_loss(gm: torch.nn.Module, batches: list[torch.Tensor]) -> float:
 
 
 def layer_sensitivity(graph: QuantGraph, batches: list[torch.Tensor],
-                      options: dict, progress=None) -> tuple[float, list[dict]]:
+                      options: dict) -> tuple[float, list[dict]]:
     """(float loss, rows). `options` maps a linear node to {label: QuantSpec}; each row is
     {"layer", "params", "options": {label: {"delta_loss", "bytes"}}} in the order given.
     The weights are restored afterwards, also when a forward pass fails."""
     base = next_token_loss(graph.gm, batches)
     rows = []
-    for node, specs in options.items():
+    for node, specs in track(list(options.items()), "sensitivity", unit="layer",
+                             note=lambda item: graph.annotation(item[0]).layer):
         ann = graph.annotation(node)
         weight = graph.attr(node.args[1])
         original = weight.data
@@ -48,8 +50,6 @@ def layer_sensitivity(graph: QuantGraph, batches: list[torch.Tensor],
         finally:
             weight.data = original
         rows.append(row)
-        if progress is not None:
-            progress(row)
     return base, rows
 
 
@@ -73,7 +73,7 @@ def fisher_sensitivity(model: torch.nn.Module, graph: QuantGraph, batches: list[
         for w in weights:
             w.requires_grad_(True)
         with torch.enable_grad():
-            for ids in batches:
+            for ids in track(batches, "sensitivity (fisher)", unit="sequence"):
                 logp = torch.log_softmax(model(input_ids=ids, use_cache=False).logits[:, :-1].float(), -1)
                 loss = -logp.gather(-1, ids[:, 1:, None]).mean()
                 tokens = ids[:, 1:].numel()

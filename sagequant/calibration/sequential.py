@@ -87,6 +87,12 @@ class SequentialRunner:
     def num_blocks(self) -> int:
         return len(self.segments) - 2
 
+    def segment_name(self, seg: int) -> str:
+        """What segment `seg` holds, for progress displays: prologue, a block's path, epilogue."""
+        if seg == 0:
+            return "prologue"
+        return self.block_names[seg - 1] if seg <= self.num_blocks else "epilogue"
+
     def block_nodes(self, block: int) -> list[fx.Node]:
         return self.segments[block + 1]
 

@@ -9,6 +9,7 @@ import torch.fx as fx
 
 from ..ir.formats import QuantizationError
 from ..ir.graph import QuantGraph
+from ..progress import track
 from .sequential import SequentialRunner
 
 
@@ -52,13 +53,14 @@ class _Accumulator:
 
 
 def collect_input_stats(graph: QuantGraph, batches: list[torch.Tensor], consumers: list[fx.Node],
-                        keep_rows: int = 0) -> dict[fx.Node, ActivationStats]:
-    """Statistics of args[0] of each consumer node over all batches, in one sequential run."""
+                        keep_rows: int = 0, desc: str = "statistics") -> dict[fx.Node, ActivationStats]:
+    """Statistics of args[0] of each consumer node over all batches, in one sequential run
+    (progress phase `desc`, one step per segment)."""
     accs = {n: _Accumulator(f"input of {graph.annotation(n).layer if graph.annotation(n) else n.name}",
                             keep_rows, len(batches)) for n in consumers}
     hooks = {n: (lambda node, args, out: accs[node].add(args[0])) for n in consumers}
     runner = SequentialRunner(graph)
     caches = runner.start(batches, run_prologue=False)
-    for seg in range(len(runner.segments)):
+    for seg in track(range(len(runner.segments)), desc, unit="segment", note=runner.segment_name):
         runner.run_segment(seg, caches, hooks)
     return {n: a.result() for n, a in accs.items() if a.count}

@@ -20,6 +20,7 @@ import torch
 import torch.fx as fx
 
 from ..ir.annotations import META_KEY
+from ..progress import track
 
 
 class _Capture(fx.Interpreter):
@@ -54,7 +55,7 @@ class _Capture(fx.Interpreter):
 
 
 def layer_errors(graph, reference: torch.nn.Module, batches: list[torch.Tensor],
-                 on_logits=None) -> list[dict]:
+                 on_logits=None, desc: str = "per-layer error") -> list[dict]:
     """Error rows of every quantized layer of `graph` (a QuantGraph) over `batches` of ids, worst
     first. Energies are summed over the batches, so one layer's outputs are held at a time (a
     real model's 210 layer outputs at 512 tokens would not fit in double). `on_logits(ids,
@@ -75,7 +76,7 @@ def layer_errors(graph, reference: torch.nn.Module, batches: list[torch.Tensor],
         for name in layers]
     try:
         with torch.inference_mode():
-            for ids in batches:
+            for ids in track(batches, desc, unit="sequence"):
                 float_logits = reference(input_ids=ids, use_cache=False).logits
                 quant_logits = _Capture(gm, reference, float_out, sums).run(ids)
                 if on_logits is not None:

@@ -14,7 +14,8 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
-from tqdm.auto import tqdm
+
+from ..progress import phase
 
 
 @dataclass(frozen=True)
@@ -61,8 +62,9 @@ def _batches(spans, batch_size: int):
 
 def perplexity(model_fn, token_ids: torch.Tensor, window: int = 512, stride: int = 512,
                max_tokens: int | None = None, batch_size: int = 1,
-               progress: bool = False) -> PerplexityResult:
-    """exp(mean NLL) of `token_ids` under `model_fn` ([b, L] int64 -> logits [b, L, V])."""
+               desc: str = "perplexity") -> PerplexityResult:
+    """exp(mean NLL) of `token_ids` under `model_fn` ([b, L] int64 -> logits [b, L, V]); progress
+    phase `desc`, one step per window."""
     if not isinstance(token_ids, torch.Tensor) or token_ids.dim() != 1:
         what = (tuple(token_ids.shape) if isinstance(token_ids, torch.Tensor)
                 else type(token_ids).__name__)
@@ -84,8 +86,7 @@ def perplexity(model_fn, token_ids: torch.Tensor, window: int = 512, stride: int
     spans = _windows(ids.numel(), window, stride)
     nll_sum, n_scored = 0.0, 0
     start = time.perf_counter()
-    with torch.inference_mode(), tqdm(total=len(spans), desc="perplexity", unit="window",
-                                      disable=not progress) as bar:
+    with torch.inference_mode(), phase(desc, total=len(spans), unit="window") as bar:
         done = 0
         for batch in _batches(spans, batch_size):
             inputs = torch.stack([ids[b:e] for b, e, _ in batch])
@@ -100,7 +101,7 @@ def perplexity(model_fn, token_ids: torch.Tensor, window: int = 512, stride: int
                 nll_sum += float(nll.sum())
                 n_scored += n_targets
             done += len(batch)
-            bar.update(len(batch))
+            bar.advance(len(batch))
     return PerplexityResult(
         ppl=math.exp(nll_sum / n_scored), nll_sum=nll_sum, n_tokens_scored=n_scored,
         n_windows=len(spans), window=window, stride=stride, max_tokens=int(ids.numel()),

@@ -17,6 +17,7 @@ from ..calibration.stats import collect_input_stats
 from ..config import ConfigError
 from ..ir.graph import QuantGraph
 from ..ir.patterns import balance_groups
+from ..progress import track
 from .fold_scales import fold_group_scales
 from .manager import PassContext, PassResult, register_pass
 
@@ -43,12 +44,12 @@ def awq(graph: QuantGraph, ctx: PassContext) -> PassResult:
     for n in linears:
         first_reader.setdefault(n.args[0], n)
     raw = collect_input_stats(graph, ctx.calibration_batches, list(first_reader.values()),
-                              cfg.awq_search_rows)
+                              cfg.awq_search_rows, desc="awq: statistics")
     stats = {inp: raw[node] for inp, node in first_reader.items()}
     groups = balance_groups(graph)
     rtn_loss = awq_loss = 0.0
     duo_chosen = 0
-    for group in groups:
+    for group in track(groups, "awq: scale search", unit="group", note=lambda g: g.describe(graph)):
         st = stats[group.input_node]
         spec = graph.annotation(group.consumers[0]).weight_spec
         found = awq_search_scales(st.rows, [graph.attr(c.args[1]) for c in group.consumers], spec,
@@ -61,7 +62,8 @@ def awq(graph: QuantGraph, ctx: PassContext) -> PassResult:
         awq_loss += found.loss
     clipped, clip_rtn, clip_loss = 0, 0.0, 0.0
     if cfg.awq_clip:
-        for node in linears:
+        for node in track(linears, "awq: clip search", unit="layer",
+                          note=lambda n: graph.annotation(n).layer):
             ann = graph.annotation(node)
             target = node.args[1].target
             clip = awq_search_clip(stats[node.args[0]].rows, graph.attr(target), ann.weight_spec,

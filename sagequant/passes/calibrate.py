@@ -10,10 +10,9 @@ says how many batches it saw.
 from __future__ import annotations
 
 import torch
-from tqdm.auto import tqdm
-
 from ..calibration.datasets import CalibrationDataError
 from ..ir.graph import QuantGraph
+from ..progress import track
 from .insert_observers import observer_nodes
 from .manager import PassContext, PassResult, register_pass
 
@@ -39,8 +38,7 @@ def calibrate(graph: QuantGraph, ctx: PassContext) -> PassResult:
             raise CalibrationDataError("calibration data is empty: no batches to calibrate on")
         observed = batches if static else batches[:RANGE_ONLY_BATCHES]
         with torch.inference_mode():
-            for batch in tqdm(observed, desc="calibrate", unit="batch", leave=False,
-                              disable=len(observed) < 4):
+            for batch in track(observed, "calibrate", unit="batch"):
                 graph.gm(batch)
                 tokens += batch.numel()
     records = 0

@@ -16,6 +16,7 @@ from ..calibration.datasets import CalibrationDataError
 from ..ir.annotations import CalibrationRecord
 from ..ir.graph import QuantGraph
 from ..ir.quant_spec import SCALE_DOUBLE_QUANT, dequantize, double_quantize_scales, quantize, weight_qparams
+from ..progress import track
 from .manager import PassContext, PassResult, register_pass
 
 ATEN = torch.ops.aten
@@ -29,7 +30,8 @@ def storage_prefix(weight_attr: str) -> str:
                requires=("annotate",))
 def convert(graph: QuantGraph, ctx: PassContext) -> PassResult:
     converted, float_bytes, quant_bytes = 0, 0, 0
-    for node in graph.annotated():
+    for node in track(list(graph.annotated()), "convert", unit="layer",
+                      note=lambda n: graph.annotation(n).layer):
         ann = graph.annotation(node)
         if not ann.quantized or node.target != ATEN.linear.default:
             continue

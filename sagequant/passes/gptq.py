@@ -13,13 +13,12 @@ from __future__ import annotations
 import resource
 
 import torch
-from tqdm.auto import tqdm
-
 from ..calibration.datasets import CalibrationDataError
 from ..calibration.gptq import HessianAccumulator, gptq_quantize, reconstruction_error
 from ..calibration.sequential import SequentialRunner
 from ..ir.graph import QuantGraph
 from ..ir.quant_spec import dequantize, quantize, weight_qparams
+from ..progress import track
 from .manager import PassContext, PassResult, register_pass
 
 ATEN = torch.ops.aten
@@ -40,7 +39,7 @@ def gptq(graph: QuantGraph, ctx: PassContext) -> PassResult:
     caches = runner.start(ctx.calibration_batches, run_prologue=False)
     rss_before = _peak_rss_mb()
     stats = {"layers": 0, "blocks": runner.num_blocks, "rtn_error": 0.0, "gptq_error": 0.0}
-    for seg in tqdm(range(len(runner.segments)), desc="gptq", unit="segment", leave=False):
+    for seg in track(range(len(runner.segments)), "gptq", unit="segment", note=runner.segment_name):
         targets = [n for n in runner.segments[seg] if n.target == ATEN.linear.default
                    and graph.annotation(n) is not None and graph.annotation(n).quantized]
         if targets:

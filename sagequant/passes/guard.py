@@ -73,7 +73,8 @@ def guard(graph: QuantGraph, ctx: PassContext) -> PassResult:
                       "QuantConfig.guard='off' to say it is intended", stacklevel=2)
         return PassResult(graph, False, {"skipped": why})
     logits = LogitComparison()
-    rows = layer_errors(graph, ctx.reference_model, ctx.held_back_batches, on_logits=logits.add)
+    rows = layer_errors(graph, ctx.reference_model, ctx.held_back_batches, on_logits=logits.add,
+                        desc="accuracy guard")
     result = {"mode": cfg.guard, "held_back": _describe(ctx), **logits.summary()}
     model_bounds = _model_bounds(cfg, {r["scheme"] for r in rows})
     result["bounds"] = model_bounds

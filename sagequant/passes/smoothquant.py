@@ -17,6 +17,7 @@ from ..ir.graph import QuantGraph
 from ..ir.patterns import balance_groups
 from .fold_scales import fold_group_scales
 from ..ir.quant_spec import QuantSpec
+from ..progress import track
 from .manager import PassContext, PassResult, register_pass
 
 METHODS = ("smoothquant", "smoothquant+awq")
@@ -44,9 +45,10 @@ def smoothquant(graph: QuantGraph, ctx: PassContext) -> PassResult:
                          "this graph; nothing would change")
     auto = cfg.smoothquant_alpha == "auto"
     stats = collect_input_stats(graph, ctx.calibration_batches, [g.consumers[0] for g in groups],
-                                keep_rows=SEARCH_ROWS if auto else 0)
+                                keep_rows=SEARCH_ROWS if auto else 0, desc="smoothquant: statistics")
     alphas = {}
-    for group in groups:
+    for group in track(groups, "smoothquant: alpha search" if auto else "smoothquant: scales",
+                       unit="group", note=lambda g: g.describe(graph)):
         st = stats[group.consumers[0]]
         weights = [graph.attr(c.args[1]) for c in group.consumers]
         alpha = cfg.smoothquant_alpha

@@ -5,11 +5,13 @@ import argparse
 import json
 import sys
 import traceback
+import time
 from pathlib import Path
 
 from ..config import ConfigError, QuantConfig
 from ..errors import SageQuantError
 from ..passes import PIPELINE
+from ..progress import is_quiet, log, set_quiet
 from .engine_cli import add_engine_parser
 from .arg_types import (group_size, int_at_least, non_negative_float, non_negative_int, positive_float,
                         positive_int, unit_ratio)
@@ -38,9 +40,22 @@ def cmd_compile(args) -> int:
         print(f"stopped after pass {args.stop_after}; no artifact written")
         return 0
     path = cm.save(args.output)
-    print_report(cm.report())
+    rep = cm.report()
+    print_report(rep)
     print(f"artifact: {path}")
+    _done(args, f"wrote {rep['scheme']} artifact {path} ({rep['quantized_layers']}/{rep['linear_layers']} "
+                f"layers quantized, {rep['weight_bytes']['all_linear_ratio_vs_fp16']:.3f}x fp16 linear "
+                f"bytes{_guard_summary(rep.get('accuracy_guard'))})")
     return 0
+
+
+def _guard_summary(guard: dict | None) -> str:
+    return f", guard KL {guard['kl']:.4g}" if guard and "kl" in guard else ""
+
+
+def _done(args, what: str) -> None:
+    """The one-line summary every command ends with (stderr; stdout keeps the results)."""
+    log(f"sagequant {args.command}: {what} in {time.perf_counter() - args.started:.1f} s")
 
 
 def cmd_eval(args) -> int:
@@ -65,8 +80,14 @@ def cmd_eval(args) -> int:
     ids = tokenize_eval_text(tok, text, args.max_tokens)
     import torch
     with torch.inference_mode():
-        res = perplexity(model_fn, ids, window=args.window, stride=args.stride or args.window, progress=True)
-    print(json.dumps(res.to_dict(), indent=1))
+        res = perplexity(model_fn, ids, window=args.window, stride=args.stride or args.window)
+    if args.json:
+        print(json.dumps(res.to_dict(), indent=1))
+    else:
+        print(f"perplexity {res.ppl:.4f} over {res.n_tokens_scored} scored tokens "
+              f"({res.n_windows} windows of {res.window}, stride {res.stride})")
+    _done(args, f"perplexity {res.ppl:.4f} of {args.artifact or args.model} on {res.max_tokens} tokens "
+                f"of {args.text or 'the packaged news text'}")
     return 0
 
 
@@ -80,6 +101,8 @@ def cmd_report(args) -> int:
         print_report(rep)
     if args.html:
         _html_report(cm, args)
+    else:
+        _done(args, f"report of {args.artifact}")
     return 0
 
 
@@ -95,7 +118,10 @@ def _html_report(cm, args) -> None:
               f"({accuracy['delta_pct']:+.2f}%) on {accuracy['tokens']} tokens of {accuracy['text']}")
     else:
         print(f"accuracy: not measured ({missing or 'requested --eval-tokens 0'})")
-    print(f"HTML report: {write_html_report(cm, args.html, accuracy, errors, missing)}")
+    path = write_html_report(cm, args.html, accuracy, errors, missing)
+    print(f"HTML report: {path}")
+    headline = f", ppl {accuracy['delta_pct']:+.2f}% vs float" if accuracy else ""
+    _done(args, f"wrote {path}{headline}")
 
 
 def accuracy_and_errors(cm, reference_spec: str, eval_tokens: int, error_tokens: int = 256):
@@ -139,6 +165,7 @@ def cmd_export(args) -> int:
                   + json.dumps(checkpoint_parity(cm, out, ids)))
         else:
             print("onnxruntime vs torch logits: " + json.dumps(parity(cm, onnxruntime_session(out), ids)))
+    _done(args, f"wrote {args.format} export {out}")
     return 0
 
 
@@ -202,6 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-tokens", type=int_at_least(2), default=20000, help="evaluation tokens")
     e.add_argument("--window", type=int_at_least(2), default=512, help="tokens per perplexity window")
     e.add_argument("--stride", type=positive_int, help="tokens between windows (default: --window)")
+    e.add_argument("--json", action="store_true", help="print the result as JSON")
     e.set_defaults(func=cmd_eval)
     r = sub.add_parser("report", help="print an artifact's report")
     r.add_argument("--artifact", required=True)
@@ -250,11 +278,26 @@ def build_parser() -> argparse.ArgumentParser:
     add_demo_args(d)
     d.set_defaults(func=run_from_args)
     add_qat_parser(sub, add_compile_flags)
+    _add_quiet_flag(p)
     return p
+
+
+def _add_quiet_flag(parser: argparse.ArgumentParser) -> None:
+    """--quiet on every command (progress displays and log lines off; results still printed)."""
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not subs:
+        parser.add_argument("--quiet", "-q", action="store_true",
+                            help="no progress displays or log lines on stderr")
+    for action in subs:
+        for child in dict.fromkeys(action.choices.values()):
+            _add_quiet_flag(child)
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    args.started = time.perf_counter()
+    was_quiet = is_quiet()
+    set_quiet(was_quiet or args.quiet)
     try:
         return args.func(args)
     except USER_ERRORS as e:
@@ -267,6 +310,8 @@ def main(argv=None) -> int:
         print(f"sagequant {args.command}: internal error: this is a bug in sagequant, not in your "
               "input; please report it with the traceback above", file=sys.stderr)
         return 1
+    finally:
+        set_quiet(was_quiet)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ DEMO_SCHEMES = {
 
 
 def run_demo(max_tokens: int = 20000, window: int = 512, calib_samples: int = 32,
-             calib_seq_len: int = 512, schemes=tuple(DEMO_SCHEMES), progress: bool = True) -> dict:
+             calib_seq_len: int = 512, schemes=tuple(DEMO_SCHEMES)) -> dict:
     t0 = time.perf_counter()
     model, tok = load_smollm2()
     load_s = time.perf_counter() - t0
@@ -31,7 +31,7 @@ def run_demo(max_tokens: int = 20000, window: int = 512, calib_samples: int = 32
     calib = tokenize_calibration(wikipedia_prose(), tok, calib_samples, calib_seq_len)
     with torch.inference_mode():
         base = perplexity(lambda ids: model(input_ids=ids, use_cache=False).logits, eval_ids,
-                          window=window, stride=window, progress=progress)
+                          window=window, stride=window, desc="perplexity: float")
     rows = [{"name": "float (fp32)", "ppl": base.ppl, "delta_pct": 0.0, "eval_s": base.seconds}]
     for name in schemes:
         cfg = QuantConfig(**DEMO_SCHEMES[name], calibration_samples=calib_samples,
@@ -39,7 +39,7 @@ def run_demo(max_tokens: int = 20000, window: int = 512, calib_samples: int = 32
         t = time.perf_counter()
         cm = sq_compile(model, cfg, calibration_data=calib)
         compile_s = time.perf_counter() - t
-        res = perplexity(cm, eval_ids, window=window, stride=window, progress=progress)
+        res = perplexity(cm, eval_ids, window=window, stride=window, desc=f"perplexity: {name}")
         rows.append({"name": f"{name} g128 sym RTN", "ppl": res.ppl, "delta_pct": delta_pct(base.ppl, res.ppl),
                      "eval_s": res.seconds, "compile_s": compile_s, "weight_bytes": cm.weight_bytes(),
                      "passes": {p["pass"]: p["seconds"] for p in cm.pass_history},

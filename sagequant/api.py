@@ -15,7 +15,7 @@ from .ir.annotations import META_KEY
 from .ir.graph import QuantGraph
 from .ir.kv_plan import KVQuantPlan, build_kv_plan
 from .ir.serialize import GraphSerializationError, graph_from_json, graph_to_json
-from .ir.trace import load_hf_model, trace_model
+from .ir.trace import trace_model
 from .lowering.registry import REGISTRY, KernelSpec
 from .passes import PIPELINE, DumpIR, PassContext, PassManager, PrintIRAfter
 from .passes.annotate import weight_spec_for
@@ -38,7 +38,9 @@ def _compile_qat(model, cfg: QuantConfig, train_data, tokenizer, options, instru
 def compile(model, config: QuantConfig | None = None, calibration_data=None, tokenizer=None, *,
             print_ir_after: list[str] | str | None = None, dump_dir: str | Path | None = None,
             stop_after: str | None = None, verify_each: bool = True, qat=None) -> "CompiledModel":
-    """Trace `model` (a transformers causal LM or a local checkpoint dir) and run the pipeline.
+    """Trace `model` (a transformers causal LM, or a path / name in any form of
+    frontends.models.model_source: checkpoint dir, .gguf file, "smollm2"; or an ONNX model) and run
+    the pipeline.
     With QuantConfig.enable_qat, train first (calibration_data is the training text; `qat` the
     calibration.qat.QATOptions)."""
     cfg = config or QuantConfig()
@@ -53,7 +55,8 @@ def compile(model, config: QuantConfig | None = None, calibration_data=None, tok
             calibration_data, tokenizer, cfg.calibration_samples, cfg.calibration_seq_len)
         return compile_onnx(model, cfg, batches)
     if isinstance(model, (str, Path)):
-        model = load_hf_model(model)
+        from .frontends.models import load_model
+        model = load_model(model)
     if cfg.enable_qat or qat is not None:
         return _compile_qat(model, cfg, calibration_data, tokenizer, qat,
                             bool(print_ir_after or dump_dir or stop_after))

@@ -8,6 +8,7 @@ rewrite graphs in place.
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -194,3 +195,72 @@ def smollm2():
     """(model, tokenizer) of the real SmolLM2-135M, loaded once per session: share it."""
     from sagequant.calibration.real_data import load_smollm2
     return load_smollm2()
+
+
+def _rotary_interleave(w: torch.Tensor, heads: int) -> torch.Tensor:
+    """HF's rotary layout (two halves per head) -> GGUF's (pairs adjacent), which llama.cpp's
+    converter writes and transformers' GGUF loader undoes."""
+    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+GGUF_MERGES = ("Ġ t", "h e", "Ġt he", "Ġ a", "a t")
+
+
+def gguf_byte_vocab() -> list[str]:
+    """A byte-level BPE vocabulary (GPT-2's 256 byte symbols, a few merges, an end-of-text token)
+    for tiny GGUF files: small enough that writing and loading take a fraction of a second."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+    merged = ["".join(m.split(" ")) for m in GGUF_MERGES]
+    return list(bytes_to_unicode().values()) + merged + ["<|endoftext|>"]
+
+
+def write_tiny_gguf(model, path: Path) -> Path:
+    """`model` (a tiny LlamaForCausalLM with tied embeddings and vocab_size == len(gguf_byte_vocab()))
+    as a float32 GGUF file with its byte-level tokenizer, the layout llama.cpp's converter writes."""
+    import gguf
+    cfg = model.config
+    tokens = gguf_byte_vocab()
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_head_count(cfg.num_attention_heads)
+    writer.add_head_count_kv(cfg.num_key_value_heads)
+    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    writer.add_rope_freq_base(float(cfg.rope_parameters["rope_theta"]))
+    writer.add_vocab_size(len(tokens))
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(tokens)
+    writer.add_token_merges(list(GGUF_MERGES))
+    writer.add_token_types([1] * (len(tokens) - 1) + [3])  # the last one is a control token
+    writer.add_eos_token_id(len(tokens) - 1)
+    writer.add_bos_token_id(len(tokens) - 1)
+    names = {"embed_tokens": "token_embd", "norm": "output_norm", "input_layernorm": "attn_norm",
+             "q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
+             "post_attention_layernorm": "ffn_norm", "gate_proj": "ffn_gate", "up_proj": "ffn_up",
+             "down_proj": "ffn_down"}
+    for name, tensor in model.state_dict().items():
+        if name == "lm_head.weight":
+            continue  # tied to the embedding
+        parts = name.split(".")  # model.layers.3.self_attn.q_proj.weight / model.norm.weight
+        t = tensor.detach().float()
+        if parts[-2] == "q_proj":
+            t = _rotary_interleave(t, cfg.num_attention_heads)
+        elif parts[-2] == "k_proj":
+            t = _rotary_interleave(t, cfg.num_key_value_heads)
+        prefix = f"blk.{parts[2]}." if parts[1] == "layers" else ""
+        writer.add_tensor(f"{prefix}{names[parts[-2]]}.weight", t.numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tmp_path_factory):
+    """(path of a tiny random Llama GGUF file with a byte-level tokenizer, the float model in it)."""
+    model = build_tiny("llama", vocab_size=len(gguf_byte_vocab()), tie_word_embeddings=True)
+    path = tmp_path_factory.mktemp("tiny-gguf") / "tiny-llama.gguf"
+    return write_tiny_gguf(model, path), model

@@ -4,7 +4,7 @@ two modules import each other, directly or around a circle.
 Layers, bottom to top (an area may import only areas of lower layers; areas of one layer are
 peers and import neither each other):
 
-  errors                  the error family
+  errors, progress        the error family; progress displays and the quiet switch
   config                  the validated settings
   ir, artifact            QuantGraph, specs and formats, ops, serialization, the artifact files
   calibration, lowering   pure numerics over the IR: observers and algorithms; the kernel
@@ -31,7 +31,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "sagequant"
 
 LAYERS = [
-    ("errors",),
+    ("errors", "progress"),
     ("config",),
     ("ir", "artifact"),
     ("calibration", "lowering"),

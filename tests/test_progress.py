@@ -12,7 +12,7 @@ import sagequant as sq
 from sagequant import progress
 from sagequant.progress import recording, track
 from sagequant.tools.cli import main as cli
-from sagequant.tools.evaluate import perplexity
+from sagequant.evaluation.perplexity import perplexity
 
 
 def _phases(events) -> dict[str, tuple[int, int | None]]:

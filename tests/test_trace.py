@@ -6,7 +6,7 @@ import torch
 
 import sagequant as sq
 from sagequant.ir.graph import QuantGraph
-from sagequant.ir.trace import layer_name, load_hf_model, trace_model
+from sagequant.ir.trace import layer_name, trace_model
 
 ARCHS = ["llama", "qwen2", "mistral", "gemma3", "gpt2"]
 # seq 1 and batch 1 are the 0/1-specialisation traps of dynamic export (example was [2, 8]).
@@ -119,26 +119,3 @@ def test_module_without_config_raises_trace_error():
 def test_compile_of_non_module_raises_trace_error():
     with pytest.raises(sq.TraceError):
         sq.compile(object(), sq.QuantConfig())
-
-
-def test_load_hf_model_missing_path(tmp_path):
-    missing = tmp_path / "no" / "such" / "model"
-    with pytest.raises(FileNotFoundError) as info:
-        load_hf_model(missing)
-    assert str(missing) in str(info.value)
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        sq.compile(str(missing), sq.QuantConfig())
-
-
-def test_load_hf_model_dir_without_checkpoint_is_trace_error(tmp_path):
-    with pytest.raises(sq.TraceError, match=str(tmp_path)):
-        load_hf_model(tmp_path)
-
-
-def test_load_hf_model_roundtrip_from_local_dir(tiny, tmp_path):
-    model = tiny("qwen2")
-    model.save_pretrained(tmp_path / "ckpt")
-    loaded = load_hf_model(tmp_path / "ckpt")
-    ids = torch.randint(0, 128, (1, 6))
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)

@@ -4,7 +4,6 @@ from __future__ import annotations
 import inspect
 import sys
 import traceback
-from pathlib import Path
 
 import torch
 import torch.fx as fx
@@ -36,19 +35,6 @@ class _LogitsOnly(torch.nn.Module):
 
 def _accepts_position_ids(model: torch.nn.Module) -> bool:
     return "position_ids" in inspect.signature(model.forward).parameters
-
-
-def load_hf_model(path: str | Path, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
-    """Load a local transformers checkpoint directory; never reaches for a hub."""
-    p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"model path {str(p)!r} does not exist (sagequant loads local "
-                                "checkpoints only: a transformers directory with config.json)")
-    from transformers import AutoModelForCausalLM
-    try:
-        return AutoModelForCausalLM.from_pretrained(str(p), dtype=dtype, local_files_only=True).eval()
-    except Exception as e:
-        raise TraceError(f"could not load a causal LM from {str(p)!r}: {type(e).__name__}: {e}") from e
 
 
 def trace_model(model: torch.nn.Module, example_seq_len: int = 8) -> QuantGraph:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from ..config import ConfigError, QuantConfig
 from ..errors import ServingError
+from ..progress import phase
 
 # --quantization -> QuantConfig fields. Activations stay 16-bit unless the name says otherwise
 # (--activation-dtype overrides, e.g. fp8 weights with fp8 activations for W8A8-FP8).
@@ -67,11 +68,14 @@ def quant_config(opts: ServeOptions) -> QuantConfig:
     return QuantConfig.from_dict(fields)
 
 
-def load_compiled(opts: ServeOptions):
-    """(CompiledModel, tokenizer source): loads an artifact dir or compiles MODEL with the flags."""
+def load_compiled(opts: ServeOptions, step=lambda note: None):
+    """(CompiledModel, tokenizer source): loads an artifact dir or compiles MODEL with the flags;
+    `step(note)` after loading the model and after compiling it (progress)."""
     from ..api import compile as sq_compile, load
     if is_artifact(opts.model):
         cm = load(opts.model)
+        step("artifact loaded")
+        step("served as compiled")
         _check_artifact_flags(opts, cm.config)
         source = opts.tokenizer or cm.graph.model_info.get("source")
         if source is None:
@@ -85,9 +89,11 @@ def load_compiled(opts: ServeOptions):
     from ..frontends.models import resolve_model
     cfg = quant_config(opts)
     model, tok = resolve_model(opts.model)
+    step("model loaded")
     texts = load_texts(opts.dataset) if opts.dataset else None
     cm = sq_compile(model, cfg, calibration_data=texts, tokenizer=tok)
     cm.graph.model_info["source"] = opts.model
+    step(f"compiled {cfg.scheme}")
     return cm, opts.tokenizer or opts.model
 
 
@@ -122,8 +128,11 @@ def context_length(cm, opts: ServeOptions) -> int:
 def build_server(opts: ServeOptions):
     """-> (FastAPI app, ServedModel): compile or load, then the engine and its loop."""
     from ..frontends.models import resolve_tokenizer
-    cm, tok_source = load_compiled(opts)
-    return make_app(cm, resolve_tokenizer(tok_source), opts)
+    with phase("engine start", total=3, unit="step") as p:
+        cm, tok_source = load_compiled(opts, lambda note: p.advance(note=note))
+        served = make_app(cm, resolve_tokenizer(tok_source), opts)
+        p.advance(note="engine ready")
+    return served
 
 
 def make_app(cm, tokenizer, opts: ServeOptions):

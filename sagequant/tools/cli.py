@@ -4,8 +4,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import traceback
 import time
+import traceback
 from pathlib import Path
 
 from ..config import ConfigError, QuantConfig
@@ -66,12 +66,13 @@ def cmd_eval(args) -> int:
     from ..frontends.models import resolve_model
     if bool(args.artifact) == bool(args.model):
         raise ConfigError("eval needs exactly one of --artifact DIR or --model MODEL")
-    if args.artifact:
-        cm = load(args.artifact)
+    artifact = args.artifact or (args.model if model_source(args.model).kind == "artifact" else None)
+    if artifact:
+        cm = load(artifact)
         source = args.tokenizer or cm.graph.model_info.get("source")
         if source is None:
             raise ConfigError("the artifact does not record its source model; pass --tokenizer MODEL")
-        _, tok = resolve_model(source)
+        tok = resolve_tokenizer(source)
         model_fn = cm
     else:
         model, tok = resolve_model(args.model)
@@ -223,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_compile)
     e = sub.add_parser("eval", help="perplexity of an artifact or a float model")
     e.add_argument("--artifact")
-    e.add_argument("--model")
+    e.add_argument("--model", help="a float model (smollm2, checkpoint dir, .gguf) or an artifact dir")
     e.add_argument("--tokenizer", help="model whose tokenizer to use (default: the artifact's source)")
     e.add_argument("--text", help="evaluation text file (default: the packaged news text)")
     e.add_argument("--max-tokens", type=int_at_least(2), default=20000, help="evaluation tokens")

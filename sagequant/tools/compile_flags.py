@@ -46,7 +46,8 @@ def config_from_args(args) -> QuantConfig:
 
 
 def add_compile_flags(p: argparse.ArgumentParser, dataset_required: bool) -> None:
-    p.add_argument("--model", required=True, help='"smollm2" (the packaged real model) or a local checkpoint dir')
+    p.add_argument("--model", required=True, help='"smollm2" (the packaged real model), a transformers '
+                   "checkpoint dir, a .gguf file or a dir holding one")
     p.add_argument("--dataset", required=dataset_required, help="calibration data: .jsonl (text field) or plain text")
     p.add_argument("--output", required=True, help="artifact directory to write")
     p.add_argument("--config", help="QuantConfig JSON file; flags below override its fields")

@@ -26,7 +26,8 @@ def add_engine_parser(sub) -> None:
     esub = eng.add_subparsers(dest="engine_command", required=True)
     s = esub.add_parser("start", help="compile (or load an artifact) and serve it")
     s.add_argument("model", metavar="MODEL_OR_ARTIFACT",
-                   help='"smollm2", a local checkpoint dir, or a sagequant artifact dir')
+                   help='"smollm2", a transformers checkpoint dir, a .gguf file (or a dir holding one), '
+                        'or a sagequant artifact dir')
     s.add_argument("--quantization", choices=list(QUANTIZATIONS),
                    help="weights to compile to (required for a model; an artifact is served as compiled)")
     s.add_argument("--activation-dtype", help="override: a16 | int8 | fp8 (e.g. fp8 + fp8 = W8A8-FP8)")

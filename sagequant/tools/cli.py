@@ -63,7 +63,7 @@ def cmd_eval(args) -> int:
     from ..calibration.datasets import read_text_file
     from ..calibration.real_data import evaluation_text
     from ..evaluation.perplexity import perplexity, tokenize_eval_text
-    from ..frontends.models import resolve_model
+    from ..frontends.models import model_source, resolve_model, resolve_tokenizer
     if bool(args.artifact) == bool(args.model):
         raise ConfigError("eval needs exactly one of --artifact DIR or --model MODEL")
     artifact = args.artifact or (args.model if model_source(args.model).kind == "artifact" else None)

@@ -18,19 +18,25 @@ from ..errors import CalibrationDataError
 JSONL_SUFFIXES = (".jsonl", ".json")
 
 
-def load_texts(path) -> list[str]:
+def load_texts(path, text_field: str = "text") -> list[str]:
     """Documents of a dataset file.
 
-    `.jsonl` / `.json`: one JSON object per line with a string `text` field (blank lines
+    `.jsonl` / `.json`: one JSON object per line with a string field `text_field` (blank lines
     skipped). Anything else is plain text: one document per paragraph (blank-line separated),
     or one per non-empty line when the file has no blank lines.
     """
     path = Path(path)
-    raw = read_text_file(path, "calibration data")
-    texts = _parse_jsonl(raw, path) if path.suffix.lower() in JSONL_SUFFIXES else _parse_plain(raw)
+    texts = parse_texts(read_text_file(path, "calibration data"), path, text_field)
     if not texts:
         raise CalibrationDataError(f"{path}: no usable text (file is empty or whitespace only)")
     return texts
+
+
+def parse_texts(raw: str, path: Path, text_field: str = "text") -> list[str]:
+    """The documents in `raw`, the content of `path` (its suffix picks JSONL or plain text)."""
+    if path.suffix.lower() in JSONL_SUFFIXES:
+        return _parse_jsonl(raw, path, text_field)
+    return _parse_plain(raw)
 
 
 def read_text_file(path, what: str) -> str:
@@ -62,7 +68,7 @@ def check_token_range(batches: list[torch.Tensor], vocab_size: int | None) -> No
                                        f"vocabulary (vocab_size {vocab_size}, ids 0..{vocab_size - 1})")
 
 
-def _parse_jsonl(raw: str, path: Path) -> list[str]:
+def _parse_jsonl(raw: str, path: Path, field: str) -> list[str]:
     texts = []
     for lineno, line in enumerate(raw.splitlines(), start=1):
         if not line.strip():
@@ -71,10 +77,12 @@ def _parse_jsonl(raw: str, path: Path) -> list[str]:
             record = json.loads(line)
         except json.JSONDecodeError as e:
             raise CalibrationDataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-        text = record.get("text") if isinstance(record, dict) else None
+        text = record.get(field) if isinstance(record, dict) else None
         if not isinstance(text, str):
+            fields = ", ".join(sorted(record)) if isinstance(record, dict) else type(record).__name__
             raise CalibrationDataError(
-                f"{path}:{lineno}: record has no string 'text' field (got {type(text).__name__})")
+                f"{path}:{lineno}: record has no string {field!r} field (got {type(text).__name__}; "
+                f"the record has: {fields}); choose the field with --text-field")
         if text.strip():
             texts.append(text)
     return texts

@@ -85,12 +85,12 @@ def load_compiled(opts: ServeOptions, step=lambda note: None):
     if opts.quantization is None:
         raise ConfigError(f"{opts.model!r} is a model, not an artifact: --quantization is required "
                           f"({', '.join(QUANTIZATIONS)})")
-    from ..calibration.datasets import load_texts
+    from ..calibration.data_sources import load_dataset
     from ..frontends.models import resolve_model
     cfg = quant_config(opts)
     model, tok = resolve_model(opts.model)
     step("model loaded")
-    texts = load_texts(opts.dataset) if opts.dataset else None
+    texts = load_dataset(opts.dataset, seq_len=cfg.calibration_seq_len) if opts.dataset else None
     cm = sq_compile(model, cfg, calibration_data=texts, tokenizer=tok)
     cm.graph.model_info["source"] = opts.model
     step(f"compiled {cfg.scheme}")

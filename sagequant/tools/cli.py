@@ -27,13 +27,18 @@ USER_ERRORS = (SageQuantError, FileNotFoundError, IsADirectoryError, NotADirecto
 
 def cmd_compile(args) -> int:
     from ..api import compile as sq_compile
-    from ..calibration.datasets import load_texts
+    from ..calibration.data_sources import describe, load_dataset
     from ..frontends.models import resolve_model
     cfg = config_from_args(args)
-    texts = load_texts(args.dataset) if args.dataset else None
+    dataset = args.dataset or args.default_dataset
+    data = None
+    if dataset:
+        print(f"calibration data: {describe(dataset)}"
+              + ("" if args.dataset else " (the default; --dataset names another)"))
+        data = load_dataset(dataset, args.text_field, cfg.calibration_seq_len)
     model, tok = resolve_model(args.model)
     print_after = "all" if args.print_ir_after and "all" in args.print_ir_after else args.print_ir_after
-    cm = sq_compile(model, cfg, calibration_data=texts, tokenizer=tok, print_ir_after=print_after,
+    cm = sq_compile(model, cfg, calibration_data=data, tokenizer=tok, print_ir_after=print_after,
                     dump_dir=args.dump_dir, stop_after=args.stop_after)
     cm.graph.model_info["source"] = args.model
     if args.stop_after and args.stop_after != PIPELINE[-1]:
@@ -217,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sagequant", description="quantization compiler for LLMs")
     sub = p.add_subparsers(dest="command", required=True)
     c = sub.add_parser("calibrate", help="calibrate on a dataset and write a quantized artifact")
-    add_compile_flags(c, dataset_required=True)
+    add_compile_flags(c, dataset_required=False, default_dataset="wikipedia")
     c.set_defaults(func=cmd_compile)
     c = sub.add_parser("compile", help="compile a model (calibration data optional for weight-only schemes)")
     add_compile_flags(c, dataset_required=False)

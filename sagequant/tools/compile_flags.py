@@ -45,10 +45,17 @@ def config_from_args(args) -> QuantConfig:
     return QuantConfig.from_dict(base)
 
 
-def add_compile_flags(p: argparse.ArgumentParser, dataset_required: bool) -> None:
+def add_compile_flags(p: argparse.ArgumentParser, dataset_required: bool,
+                      default_dataset: str | None = None) -> None:
+    """`default_dataset`: what --dataset is when left out (recorded as args.default_dataset)."""
     p.add_argument("--model", required=True, help='"smollm2" (the packaged real model), a transformers '
                    "checkpoint dir, a .gguf file or a dir holding one")
-    p.add_argument("--dataset", required=dataset_required, help="calibration data: .jsonl (text field) or plain text")
+    p.add_argument("--dataset", required=dataset_required,
+                   help="calibration data: wikipedia | news (packaged texts), a .jsonl file, a plain text "
+                   "file, a directory of text files, or token ids (.npy / .safetensors)"
+                   + (f" (default: {default_dataset})" if default_dataset else ""))
+    p.set_defaults(default_dataset=default_dataset)
+    p.add_argument("--text-field", default="text", help="the JSONL field holding the text (default: text)")
     p.add_argument("--output", required=True, help="artifact directory to write")
     p.add_argument("--config", help="QuantConfig JSON file; flags below override its fields")
     p.add_argument("--method", help="calibration: minmax | percentile | smoothquant | awq | gptq")

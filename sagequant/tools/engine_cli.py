@@ -34,7 +34,8 @@ def add_engine_parser(sub) -> None:
     s.add_argument("--kv-quant", choices=["none", "int8", "fp8"])
     s.add_argument("--backend", choices=["cpu", "cuda"])
     s.add_argument("--group-size", type=group_size, help="weight group size; 0 for per-channel")
-    s.add_argument("--dataset", help="calibration text (.jsonl or plain text) for calibrated schemes")
+    s.add_argument("--dataset", help="calibration data for calibrated schemes: wikipedia | news, a "
+                   ".jsonl / text file, a directory of text files, or token ids (.npy / .safetensors)")
     s.add_argument("--tokenizer", help="model whose tokenizer to use (default: the model / the artifact's source)")
     s.add_argument("--served-model-name", help="the name clients pass as `model` (default: MODEL's basename)")
     s.add_argument("--host", default="127.0.0.1")

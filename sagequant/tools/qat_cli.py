@@ -34,7 +34,7 @@ def add_qat_parser(sub, add_compile_flags) -> None:
 
 
 def cmd_qat(args: argparse.Namespace) -> int:
-    from ..calibration.datasets import load_texts
+    from ..calibration.data_sources import load_dataset
     from ..frontends.models import resolve_model
     from ..api import quantization_aware_training
 
@@ -46,7 +46,7 @@ def cmd_qat(args: argparse.Namespace) -> int:
         lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, loss=args.loss,
         warmup_steps=args.warmup_steps, freeze_observers_step=args.freeze_observers_step,
         checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every, seed=args.seed)
-    texts = load_texts(args.dataset)
+    texts = load_dataset(args.dataset, args.text_field, args.train_seq_len)
     model, tok = resolve_model(args.model)
     cm = quantization_aware_training(model, cfg, texts, tok, options)
     cm.graph.model_info["source"] = args.model

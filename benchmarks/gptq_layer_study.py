@@ -27,19 +27,31 @@ INPUT_OWNER = {"q_proj": "q_proj", "k_proj": "q_proj", "v_proj": "q_proj", "o_pr
                "gate_proj": "gate_proj", "up_proj": "gate_proj", "down_proj": "down_proj"}
 
 
-def collect_hessians(model, windows: torch.Tensor) -> dict[str, torch.Tensor]:
+def collect_hessians(model, windows: torch.Tensor) -> dict[str, dict[str, torch.Tensor]]:
+    """Per hooked linear: the Hessian of all positions ('all'), of every window's first position
+    only ('first': the attention-sink token) and of the other positions ('rest')."""
     accs, hooks = {}, []
     for name, mod in model.named_modules():
         if isinstance(mod, torch.nn.Linear) and name.split(".")[-1] in ("q_proj", "o_proj", "gate_proj",
                                                                         "down_proj"):
-            accs[name] = HessianAccumulator(mod.in_features, name)
-            hooks.append(mod.register_forward_hook(lambda m, a, o, n=name: accs[n].add(a[0])))
+            accs[name] = {k: HessianAccumulator(mod.in_features, name) for k in ("first", "rest")}
+
+            def hook(m, a, o, n=name):
+                accs[n]["first"].add(a[0][:, :1])
+                accs[n]["rest"].add(a[0][:, 1:])
+            hooks.append(mod.register_forward_hook(hook))
     with torch.inference_mode():
         for row in windows:
             model(input_ids=row[None], use_cache=False)
     for h in hooks:
         h.remove()
-    return {n: a.hessian for n, a in accs.items()}
+    out = {}
+    for n, a in accs.items():
+        first, rest = a["first"], a["rest"]
+        total = first.n + rest.n
+        out[n] = {"first": first.hessian, "rest": rest.hessian,
+                  "all": (first.n * first.hessian + rest.n * rest.hessian) / total}
+    return out
 
 
 def main() -> None:
@@ -49,7 +61,7 @@ def main() -> None:
     p.add_argument("--eval-samples", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--group-size", type=int, default=128)
-    p.add_argument("--variants", nargs="+", default=["damp0.01", "damp0.1", "actorder"])
+    p.add_argument("--variants", nargs="+", default=["damp0.01", "damp0.1", "actorder", "nosink"])
     p.add_argument("--out", default="gptq_layer_study.json")
     args = p.parse_args()
     model, tok = load_smollm2()
@@ -58,9 +70,14 @@ def main() -> None:
                             [:args.eval_samples * args.seq_len]).view(-1, args.seq_len)
     sets = {"calib": wiki[:args.calib_samples], "heldout": wiki[args.calib_samples:], "news": news_ids}
     hess = {k: collect_hessians(model, v) for k, v in sets.items()}
+    first_share = {n: float(torch.trace(h["first"]) / (torch.trace(h["first"]) + (args.seq_len - 1)
+                                                      * torch.trace(h["rest"]))) for n, h in hess["calib"].items()}
+    print("share of tr(H) from the first position of each window:",
+          {n: round(v, 3) for n, v in first_share.items() if v > 0.05}, flush=True)
     spec = QuantSpec("int4", "per_group", group_size=args.group_size, symmetric=True)
     variants = {"damp0.01": dict(damp=0.01), "damp0.1": dict(damp=0.1), "actorder": dict(act_order=True),
-                "actorder-damp0.1": dict(act_order=True, damp=0.1)}
+                "actorder-damp0.1": dict(act_order=True, damp=0.1),
+                "nosink": dict(no_sink=True), "nosink-actorder": dict(no_sink=True, act_order=True)}
     rows = []
     for name, mod in model.named_modules():
         kind = name.split(".")[-1]
@@ -68,12 +85,16 @@ def main() -> None:
             continue
         owner = name.rsplit(".", 2)[0] + "." + ("self_attn" if INPUT_OWNER[kind] in ("q_proj", "o_proj")
                                                   else "mlp") + "." + INPUT_OWNER[kind]
-        H = {k: hess[k][owner] for k in sets}
+        # Errors are measured on the positions after the first (the ones whose loss counts; the
+        # sink token's huge residual makes its absolute error irrelevant after the next norm).
+        H = {k: hess[k][owner]["rest"] for k in sets}
         W = mod.weight.detach().float()
         deq = {"rtn": dequantize(quantize(W, spec))}
         for v in args.variants:
-            deq[v] = gptq_quantize(W, H["calib"], spec, **variants[v]).dequantized
-        row = {"layer": name, "kind": kind, "block": int(name.split(".")[2])}
+            opts = dict(variants[v])
+            h_cal = hess["calib"][owner]["rest" if opts.pop("no_sink", False) else "all"]
+            deq[v] = gptq_quantize(W, h_cal, spec, **opts).dequantized
+        row = {"layer": name, "kind": kind, "block": int(name.split(".")[2]), "first_share": first_share[owner]}
         for method, Q in deq.items():
             for k in sets:
                 row[f"{method}/{k}"] = reconstruction_error(W, Q, H[k])

@@ -25,8 +25,8 @@ _A16 = ("fp16", "bf16", "float16", "bfloat16", "a16", "w8a16", "w4a16", "none")
 # "w8a8" as an activation spelling means "8-bit activations of the weights' kind"; resolved later.
 _ACTIVATION_DTYPES = {**{s: "a16" for s in _A16}, "int8": "int8", "fp8": "fp8", "w8a8": "w8a8"}
 _CALIBRATIONS = {
-    **{s: s for s in ("minmax", "percentile", "smoothquant", "awq", "gptq", "smoothquant+awq")},
-    "awq+smoothquant": "smoothquant+awq",
+    **{s: s for s in ("minmax", "percentile", "smoothquant", "awq", "gptq", "smoothquant+awq", "awq+gptq")},
+    "awq+smoothquant": "smoothquant+awq", "gptq+awq": "awq+gptq",
 }
 _KV_DTYPES = {"none": "none", "int8": "int8", "fp8": "fp8", "fp8_e4m3": "fp8"}
 _ACTIVATION_SCALES = {s: s for s in ("dynamic_per_token", "static_per_tensor")}
@@ -222,6 +222,9 @@ class QuantConfig:
     gptq_block_size: int = 128
     gptq_damp: float = 0.01                # dampening, as a fraction of mean(diag(H))
     gptq_act_order: bool = False
+    # Quantize a block's linears stage by stage (q/k/v, o, gate/up, down), each stage's Hessians
+    # observed after the earlier stages were quantized; False: one observation run per block.
+    gptq_true_sequential: bool = True
     # QLoRA's double quantization: NF4's per-block scales stored as uint8 codes with one fp32
     # scale and zero point per 256 scales (0.13 instead of 0.25 bits/weight at block 64, fp16).
     nf4_double_quant: bool = False
@@ -278,7 +281,7 @@ class QuantConfig:
         self.awq_grid = _int("awq_grid", self.awq_grid, 2)
         self.awq_search_rows = _int("awq_search_rows", self.awq_search_rows, 1)
         self.gptq_block_size = _int("gptq_block_size", self.gptq_block_size, 1)
-        for name in ("awq_clip", "awq_duo_scaling", "gptq_act_order", "qat_learn_scales", "nf4_double_quant"):
+        for name in ("awq_clip", "awq_duo_scaling", "gptq_act_order", "gptq_true_sequential", "qat_learn_scales", "nf4_double_quant"):
             _bool(name, getattr(self, name))
         if self.nf4_double_quant and self._weight_kind() != "nf4":
             raise _fail("nf4_double_quant", True, f"needs weight_dtype='nf4' (got "

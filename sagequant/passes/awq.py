@@ -6,6 +6,7 @@ producer and s into the consumers (float-equivalent), then optionally searches a
 group that minimises the layer output error and clamps the weights to it; convert's
 round-to-nearest then lands on AWQ's grid. Statistics come from one sequential run over the
 calibration data, on a fixed sample of QuantConfig.awq_search_rows input rows per distinct linear input.
+With calibration='awq+gptq' the gptq pass then rounds the balanced (and clipped) weights.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from .fold_scales import fold_group_scales
 from .manager import PassContext, PassResult, register_pass
 
 ATEN = torch.ops.aten
-METHODS = ("awq", "smoothquant+awq")
+METHODS = ("awq", "smoothquant+awq", "awq+gptq")
 
 
 @register_pass("awq", "activation-aware scale search folded into producers, then weight clip search",

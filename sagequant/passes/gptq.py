@@ -1,10 +1,12 @@
 """gptq: Hessian-based sequential rounding (calibration/gptq.py holds the math), block by block.
 
 The graph runs one segment (prologue, decoder block i, epilogue) at a time over all calibration
-samples (calibration/sequential.py). For each segment holding quantized linears: run it once
-observing their inputs (Hessians), quantize them with GPTQ, then run it again so the next block
-sees the outputs of the already-quantized block — the inputs of block i+1 come from quantized
-block i. Peak memory is the inter-block cache plus one block's activations and Hessians.
+samples (calibration/sequential.py). For each segment holding quantized linears: run it observing
+their inputs (Hessians), quantize them with GPTQ, then run it again so the next block sees the
+outputs of the already-quantized block — the inputs of block i+1 come from quantized block i.
+With QuantConfig.gptq_true_sequential the same holds inside a block: the linears are quantized in
+stages of one shared input each (q/k/v, o, gate/up, down), each stage observed after the earlier
+ones were quantized, so o_proj's Hessian sees the quantized q/k/v's attention output. Peak memory is the inter-block cache plus one block's activations and Hessians.
 
 GPTQ's scales are left on the annotation so convert rounds onto exactly the chosen grid.
 """
@@ -22,6 +24,7 @@ from ..progress import track
 from .manager import PassContext, PassResult, register_pass
 
 ATEN = torch.ops.aten
+METHODS = ("gptq", "awq+gptq")  # awq+gptq: the awq pass balanced the weights first
 # Fewer calibration rows than this many times a layer's input width gives a poorly conditioned
 # Hessian; damping handles it, but the user is told rather than silently served a bad result.
 MIN_ROWS_PER_INPUT = 1
@@ -30,7 +33,7 @@ MIN_ROWS_PER_INPUT = 1
 @register_pass("gptq", "GPTQ weight rounding, sequential over decoder blocks", requires=("annotate",))
 def gptq(graph: QuantGraph, ctx: PassContext) -> PassResult:
     cfg = ctx.config
-    if cfg.calibration != "gptq":
+    if cfg.calibration not in METHODS:
         return PassResult(graph, False, {"skipped": f"calibration={cfg.calibration}"})
     if not ctx.calibration_batches:
         raise CalibrationDataError("GPTQ needs calibration data (its Hessians come from layer inputs); "
@@ -42,17 +45,26 @@ def gptq(graph: QuantGraph, ctx: PassContext) -> PassResult:
     for seg in track(range(len(runner.segments)), "gptq", unit="segment", note=runner.segment_name):
         targets = [n for n in runner.segments[seg] if n.target == ATEN.linear.default
                    and graph.annotation(n) is not None and graph.annotation(n).quantized]
-        if targets:
+        for stage in (_stages(targets) if cfg.gptq_true_sequential else [targets] if targets else []):
             hessians = {n: HessianAccumulator(graph.attr(n.args[1]).shape[1], f"input of "
-                                              f"{graph.annotation(n).layer}") for n in targets}
-            hooks = {n: (lambda node, args, out: hessians[node].add(args[0])) for n in targets}
+                                              f"{graph.annotation(n).layer}") for n in stage}
+            hooks = {n: (lambda node, args, out: hessians[node].add(args[0])) for n in stage}
             runner.run_segment(seg, caches, hooks, commit=False)
-            for node in targets:
+            for node in stage:
                 _quantize_layer(graph, node, hessians[node], cfg, stats)
         runner.run_segment(seg, caches)
     stats["peak_rss_mb"] = _peak_rss_mb()
     stats["peak_rss_growth_mb"] = round(stats["peak_rss_mb"] - rss_before, 1)
     return PassResult(graph, stats["layers"] > 0, stats)
+
+
+def _stages(targets: list) -> list[list]:
+    """Linears grouped by the value they read, in graph order (q/k/v, then o, gate/up, down for a
+    Llama block): each stage's Hessians come from a run after the earlier stages were quantized."""
+    stages: dict = {}
+    for n in targets:
+        stages.setdefault(n.args[0], []).append(n)
+    return list(stages.values())
 
 
 def _quantize_layer(graph: QuantGraph, node, acc: HessianAccumulator, cfg, stats: dict) -> None:

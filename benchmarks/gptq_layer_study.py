@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from sagequant.calibration.datasets import tokenize_calibration
-from sagequant.calibration.gptq import HessianAccumulator, gptq_quantize, reconstruction_error
+from sagequant.calibration.gptq import gptq_quantize, reconstruction_error
 from sagequant.calibration.real_data import evaluation_text, load_smollm2, wikipedia_prose
 from sagequant.ir.quant_spec import QuantSpec, dequantize, quantize
 
@@ -34,11 +34,12 @@ def collect_hessians(model, windows: torch.Tensor) -> dict[str, dict[str, torch.
     for name, mod in model.named_modules():
         if isinstance(mod, torch.nn.Linear) and name.split(".")[-1] in ("q_proj", "o_proj", "gate_proj",
                                                                         "down_proj"):
-            accs[name] = {k: HessianAccumulator(mod.in_features, name) for k in ("first", "rest")}
+            accs[name] = {k: [torch.zeros(mod.in_features, mod.in_features), 0] for k in ("first", "rest")}
 
-            def hook(m, a, o, n=name):
-                accs[n]["first"].add(a[0][:, :1])
-                accs[n]["rest"].add(a[0][:, 1:])
+            def hook(m, a, o, n=name):  # float32 sums: 4x faster than float64 and ample for a study
+                for k, rows in (("first", a[0][0, :1]), ("rest", a[0][0, 1:])):
+                    accs[n][k][0] += rows.T @ rows
+                    accs[n][k][1] += rows.shape[0]
             hooks.append(mod.register_forward_hook(hook))
     with torch.inference_mode():
         for row in windows:
@@ -47,10 +48,9 @@ def collect_hessians(model, windows: torch.Tensor) -> dict[str, dict[str, torch.
         h.remove()
     out = {}
     for n, a in accs.items():
-        first, rest = a["first"], a["rest"]
-        total = first.n + rest.n
-        out[n] = {"first": first.hessian, "rest": rest.hessian,
-                  "all": (first.n * first.hessian + rest.n * rest.hessian) / total}
+        (s_first, n_first), (s_rest, n_rest) = a["first"], a["rest"]
+        out[n] = {"first": 2 * s_first.double() / n_first, "rest": 2 * s_rest.double() / n_rest,
+                  "all": 2 * (s_first + s_rest).double() / (n_first + n_rest)}
     return out
 
 

@@ -1,10 +1,13 @@
-"""PTQ accuracy table on the real SmolLM2-135M (issue 4): perplexity of each scheme / calibration
-method vs the float model, on the news text, calibrated on the disjoint Wikipedia prose.
+"""PTQ accuracy table on the real SmolLM2-135M (issues 4, 19): each scheme / calibration method
+vs the float model on the news text, calibrated on the disjoint Wikipedia prose: perplexity Δ%,
+mean KL(float ‖ quant) per token and top-1 flip rate, each with a paired standard error
+(clustered by 512-token window), and the share of RTN's loss each method recovers.
 
     .venv/bin/python benchmarks/ptq_accuracy.py --schemes float w4a16-rtn w4a16-gptq \\
-        --max-tokens 20000 --calib-samples 32 --out ptq.json
+        --max-tokens 20000 --calib-samples 32 --out ptq.json --table
 
-Results accumulate in --out (one entry per scheme), so schemes can be run in separate calls.
+Results accumulate in --out (one entry per scheme), so schemes can be run in separate calls;
+--table prints the Markdown table of everything in --out.
 """
 import argparse
 import json
@@ -18,7 +21,7 @@ import torch
 import sagequant as sq
 from sagequant.calibration.datasets import tokenize_calibration
 from sagequant.calibration.real_data import evaluation_text, load_smollm2, wikipedia_prose
-from sagequant.evaluation.perplexity import perplexity, tokenize_eval_text
+from sagequant.evaluation.perplexity import compare_to_float, perplexity, tokenize_eval_text
 
 G128 = dict(group_size=128, symmetric=True)
 SCHEMES = {
@@ -44,25 +47,34 @@ SCHEMES = {
     "w4a16-gptq": dict(weight_dtype="int4", activation_dtype="a16", calibration="gptq", **G128),
     "w4a16-gptq-actorder": dict(weight_dtype="int4", activation_dtype="a16", calibration="gptq",
                                 gptq_act_order=True, **G128),
+    "w4a16-awq-gptq": dict(weight_dtype="int4", activation_dtype="a16", calibration="awq+gptq", **G128),
     "nf4-g64": dict(weight_dtype="nf4", activation_dtype="a16", group_size=64),
     # group 64 divides every SmolLM2 layer: the setting llm-compressor can run (it refuses the
     # ragged 576 = 4 x 128 + 64 groups of g128), for a like-for-like comparison
     "w4a16-rtn-g64": dict(weight_dtype="int4", activation_dtype="a16", group_size=64),
     "w4a16-awq-g64": dict(weight_dtype="int4", activation_dtype="a16", calibration="awq", group_size=64),
     "w4a16-gptq-g64": dict(weight_dtype="int4", activation_dtype="a16", calibration="gptq", group_size=64),
+    "w4a16-awq-gptq-g64": dict(weight_dtype="int4", activation_dtype="a16", calibration="awq+gptq",
+                               group_size=64),
 }
+# RTN row whose loss a method's row is measured against, by group size.
+RTN_OF = {128: "w4a16-rtn", 64: "w4a16-rtn-g64"}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--schemes", nargs="+", default=["float", *SCHEMES], choices=["float", *SCHEMES])
+    p.add_argument("--schemes", nargs="*", default=["float", *SCHEMES], choices=["float", *SCHEMES])
     p.add_argument("--max-tokens", type=int, default=20000)
     p.add_argument("--calib-samples", type=int, default=32)
     p.add_argument("--calib-seq-len", type=int, default=512)
     p.add_argument("--out", default="ptq_accuracy.json")
+    p.add_argument("--table", action="store_true", help="print the Markdown table of --out at the end")
     args = p.parse_args()
     out = Path(args.out)
     results = json.loads(out.read_text()) if out.exists() else {}
+    if not args.schemes:
+        print(markdown_table(results))
+        return
     model, tok = load_smollm2()
     eval_ids = tokenize_eval_text(tok, evaluation_text(), args.max_tokens)
     # The accuracy guard holds back the last guard_samples sequences, so calibration itself still
@@ -86,20 +98,45 @@ def main() -> None:
                                  calibration_seq_len=args.calib_seq_len, guard="report")
             cm = sq.compile(model, cfg, calibration_data=calib)
             compile_s = time.perf_counter() - t
-            res = perplexity(cm, eval_ids)
-            entry = {"ppl": res.ppl, "compile_s": compile_s, "scheme": cfg.scheme,
+            res = compare_to_float(lambda ids: model(input_ids=ids, use_cache=False).logits, cm, eval_ids)
+            entry = {"ppl": res["ppl_quant"], "compile_s": compile_s, "scheme": cfg.scheme, "vs_float": res,
                      "calibration": cfg.calibration, "config": SCHEMES[name],
                      "bits_per_weight": cm.weight_bytes()["bits_per_weight"],
                      "accuracy_guard": cm.report().get("accuracy_guard"),
                      "passes": {h["pass"]: h.get("seconds") for h in cm.pass_history},
                      "pass_stats": {h["pass"]: h.get("stats") for h in cm.pass_history
                                     if h["pass"] in ("smoothquant", "awq", "gptq")}}
-        entry.update(meta, eval_s=res.seconds)
+        entry.update(meta, eval_s=res.seconds if name == "float" else res["seconds"])
         results[name] = entry
         base = results.get("float", {}).get("ppl")
         delta = f"{100 * (entry['ppl'] / base - 1):+.2f}%" if base else "n/a"
         print(f"{name:<32} ppl {entry['ppl']:8.3f}  Δ {delta:>8}  compile {entry['compile_s']:6.1f}s", flush=True)
         out.write_text(json.dumps(results, indent=1))
+    if args.table:
+        print(markdown_table(results))
+
+
+def markdown_table(results: dict) -> str:
+    """One row per scheme in SCHEMES order: ppl, Δ% ± se, KL ± se, flip rate ± se, RTN loss recovered."""
+    lines = ["| row | scheme | method | group | ppl | Δ% ppl ± se | KL(float‖quant) ± se | top-1 flip % ± se "
+             "| RTN loss recovered | compile s |", "|---|---|---|---|---|---|---|---|---|---|"]
+    if "float" in results:
+        lines.append(f"| float | float | - | - | {results['float']['ppl']:.3f} | - | - | - | - | - |")
+    for name in SCHEMES:
+        r = results.get(name)
+        if r is None or "vs_float" not in r:
+            continue
+        v, cfg = r["vs_float"], r["config"]
+        group = cfg.get("group_size") or "per-channel"
+        rtn = results.get(RTN_OF.get(cfg.get("group_size"), ""), {}).get("vs_float")
+        recovered = "-"
+        if rtn is not None and cfg.get("calibration", "minmax") != "minmax" and r["scheme"] == "W4A16":
+            recovered = f"{100 * (1 - v['ppl_delta_pct'] / rtn['ppl_delta_pct']):.0f}%"
+        lines.append(f"| {name} | {r['scheme']} | {r['calibration']} | {group} | {v['ppl_quant']:.3f} "
+                     f"| {v['ppl_delta_pct']:+.2f} ± {v['ppl_delta_pct_se']:.2f} | {v['kl']:.4f} ± {v['kl_se']:.4f} "
+                     f"| {100 * v['flip_rate']:.2f} ± {100 * v['flip_rate_se']:.2f} | {recovered} "
+                     f"| {r['compile_s']:.0f} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -161,3 +161,22 @@ def test_tokenize_eval_text():
 def test_delta_pct():
     assert delta_pct(30.0, 33.0) == pytest.approx(10.0)
     assert delta_pct(48.59, 48.59) == 0.0
+
+
+def test_compare_to_float_pairs_the_perplexity_targets(bigram):
+    from sagequant.tools.evaluate import compare_to_float
+    table, ids = bigram
+    noisy = table + 0.5 * torch.randn(V, V, generator=torch.Generator().manual_seed(3))
+    res = compare_to_float(lambda x: table[x], lambda x: noisy[x], ids, window=50, stride=25, batch_size=2)
+    ref = {k: perplexity(lambda x, t=t: t[x], ids, window=50, stride=25) for k, t in (("f", table), ("q", noisy))}
+    assert res["ppl_float"] == pytest.approx(ref["f"].ppl, rel=1e-12)
+    assert res["ppl_quant"] == pytest.approx(ref["q"].ppl, rel=1e-12)
+    assert res["positions"] == ref["f"].n_tokens_scored and res["clusters"] == ref["f"].n_windows
+    # Bigram: the KL of a target position is the KL of the rows of its previous token.
+    lp, lq = torch.log_softmax(table.double(), -1), torch.log_softmax(noisy.double(), -1)
+    row_kl = (lp.exp() * (lp - lq)).sum(-1)
+    row_flip = (lp.argmax(-1) != lq.argmax(-1)).double()
+    scored = [t for t in range(1, 203)]  # stride < window: every token after the first, once
+    assert res["kl"] == pytest.approx(float(row_kl[ids[[t - 1 for t in scored]]].mean()), rel=1e-12)
+    assert res["flip_rate"] == pytest.approx(float(row_flip[ids[[t - 1 for t in scored]]].mean()), abs=1e-12)
+    assert res["kl_se"] > 0 and res["ppl_delta_pct_se"] > 0

@@ -17,6 +17,8 @@ import torch
 
 from ..progress import phase
 
+from ..calibration.metrics import PairedAccumulator
+
 
 @dataclass(frozen=True)
 class PerplexityResult:
@@ -106,6 +108,34 @@ def perplexity(model_fn, token_ids: torch.Tensor, window: int = 512, stride: int
         ppl=math.exp(nll_sum / n_scored), nll_sum=nll_sum, n_tokens_scored=n_scored,
         n_windows=len(spans), window=window, stride=stride, max_tokens=int(ids.numel()),
         seconds=time.perf_counter() - start)
+
+
+def compare_to_float(float_fn, quant_fn, token_ids: torch.Tensor, window: int = 512, stride: int = 512,
+                     batch_size: int = 1, progress: bool = False) -> dict:
+    """Paired float-vs-quantized metrics on the targets `perplexity` scores (same windows): both
+    perplexities, Δ% ppl, mean KL(float ‖ quant) and top-1 flip rate, each with its standard error
+    clustered by window (calibration/metrics.py)."""
+    ids = token_ids.to(torch.long)
+    spans = _windows(ids.numel(), window, stride)
+    acc = PairedAccumulator()
+    start = time.perf_counter()
+    with torch.inference_mode(), tqdm(total=len(spans), desc="float vs quantized", unit="window",
+                                      disable=not progress) as bar:
+        done = 0
+        for batch in _batches(spans, batch_size):
+            inputs = torch.stack([ids[b:e] for b, e, _ in batch])
+            logits = {k: fn(inputs) for k, fn in (("float", float_fn), ("quant", quant_fn))}
+            for v in logits.values():
+                _check_logits(v, inputs, done)
+            for row, (begin, end, n_targets) in enumerate(batch):
+                length = end - begin
+                sel = slice(length - 1 - n_targets, length - 1)
+                acc.add(logits["float"][row:row + 1, sel], logits["quant"][row:row + 1, sel],
+                        inputs[row:row + 1, length - n_targets:])
+            done += len(batch)
+            bar.update(len(batch))
+    return {**acc.summary(), "windows": len(spans), "window": window, "stride": stride,
+            "max_tokens": int(ids.numel()), "seconds": time.perf_counter() - start}
 
 
 def _check_logits(logits, inputs: torch.Tensor, first_window: int) -> None:

@@ -27,13 +27,13 @@ INPUT_OWNER = {"q_proj": "q_proj", "k_proj": "q_proj", "v_proj": "q_proj", "o_pr
                "gate_proj": "gate_proj", "up_proj": "gate_proj", "down_proj": "down_proj"}
 
 
-def collect_hessians(model, windows: torch.Tensor) -> dict[str, dict[str, torch.Tensor]]:
+def collect_hessians(model, windows: torch.Tensor, blocks: set[int]) -> dict[str, dict[str, torch.Tensor]]:
     """Per hooked linear: the Hessian of all positions ('all'), of every window's first position
     only ('first': the attention-sink token) and of the other positions ('rest')."""
     accs, hooks = {}, []
     for name, mod in model.named_modules():
-        if isinstance(mod, torch.nn.Linear) and name.split(".")[-1] in ("q_proj", "o_proj", "gate_proj",
-                                                                        "down_proj"):
+        if (isinstance(mod, torch.nn.Linear) and name.split(".")[-1] in ("q_proj", "o_proj", "gate_proj", "down_proj")
+                and _block(name) in blocks):
             accs[name] = {k: [torch.zeros(mod.in_features, mod.in_features), 0] for k in ("first", "rest")}
 
             def hook(m, a, o, n=name):  # float32 sums: 4x faster than float64 and ample for a study
@@ -54,6 +54,11 @@ def collect_hessians(model, windows: torch.Tensor) -> dict[str, dict[str, torch.
     return out
 
 
+def _block(name: str) -> int | None:
+    parts = name.split(".")
+    return int(parts[2]) if len(parts) > 2 and parts[2].isdigit() else None
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--calib-samples", type=int, default=32)
@@ -61,6 +66,7 @@ def main() -> None:
     p.add_argument("--eval-samples", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--group-size", type=int, default=128)
+    p.add_argument("--blocks", type=int, nargs="+", default=list(range(30)), help="decoder blocks to study")
     p.add_argument("--variants", nargs="+", default=["damp0.01", "damp0.1", "actorder", "nosink"])
     p.add_argument("--out", default="gptq_layer_study.json")
     args = p.parse_args()
@@ -69,7 +75,7 @@ def main() -> None:
     news_ids = torch.tensor(tok.encode(evaluation_text(), add_special_tokens=False)
                             [:args.eval_samples * args.seq_len]).view(-1, args.seq_len)
     sets = {"calib": wiki[:args.calib_samples], "heldout": wiki[args.calib_samples:], "news": news_ids}
-    hess = {k: collect_hessians(model, v) for k, v in sets.items()}
+    hess = {k: collect_hessians(model, v, set(args.blocks)) for k, v in sets.items()}
     first_share = {n: float(torch.trace(h["first"]) / (torch.trace(h["first"]) + (args.seq_len - 1)
                                                       * torch.trace(h["rest"]))) for n, h in hess["calib"].items()}
     print("share of tr(H) from the first position of each window:",
@@ -81,7 +87,7 @@ def main() -> None:
     rows = []
     for name, mod in model.named_modules():
         kind = name.split(".")[-1]
-        if not isinstance(mod, torch.nn.Linear) or kind not in INPUT_OWNER:
+        if not isinstance(mod, torch.nn.Linear) or kind not in INPUT_OWNER or _block(name) not in args.blocks:
             continue
         owner = name.rsplit(".", 2)[0] + "." + ("self_attn" if INPUT_OWNER[kind] in ("q_proj", "o_proj")
                                                   else "mlp") + "." + INPUT_OWNER[kind]

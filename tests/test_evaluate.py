@@ -164,7 +164,7 @@ def test_delta_pct():
 
 
 def test_compare_to_float_pairs_the_perplexity_targets(bigram):
-    from sagequant.tools.evaluate import compare_to_float
+    from sagequant.evaluation.perplexity import compare_to_float
     table, ids = bigram
     noisy = table + 0.5 * torch.randn(V, V, generator=torch.Generator().manual_seed(3))
     res = compare_to_float(lambda x: table[x], lambda x: noisy[x], ids, window=50, stride=25, batch_size=2)

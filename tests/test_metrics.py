@@ -1,10 +1,10 @@
-"""Paired accuracy metrics (calibration/metrics.py) against float64 hand computations."""
+"""Paired accuracy metrics (evaluation/metrics.py) against float64 hand computations."""
 import math
 
 import pytest
 import torch
 
-from sagequant.calibration.metrics import (MetricsError, PairedAccumulator, clustered_mean_se,
+from sagequant.evaluation.metrics import (MetricsError, PairedAccumulator, clustered_mean_se,
                                            paired_summary, position_metrics)
 
 
@@ -47,6 +47,8 @@ def test_clustered_se_hand_formula():
     # every position its own cluster: the textbook standard error of the mean
     iid = math.sqrt(sum((v - m) ** 2 for v in x.tolist()) / (6 * 5))
     assert clustered_mean_se(x)[1] == pytest.approx(iid, rel=1e-12)
+    # one window: its positions are treated as independent rather than giving no error at all
+    assert clustered_mean_se(x, torch.zeros(6, dtype=torch.long))[1] == pytest.approx(iid, rel=1e-12)
 
 
 def test_paired_summary_ppl_delta_and_delta_method_se():

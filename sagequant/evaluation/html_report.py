@@ -101,9 +101,12 @@ def write_html_report(cm, out_dir: str | Path, accuracy: dict | None, errors: li
     why_not = html.escape(missing_reference or "accuracy was not requested")
     if accuracy:
         sections.append("<h2>Accuracy</h2>" + _table(
-            ["text", "tokens", "window", "float ppl", "quantized ppl", "Δ%"],
+            ["text", "tokens", "window", "float ppl", "quantized ppl", "Δ% ± se", "KL(float‖quant) ± se",
+             "top-1 flips % ± se"],
             [[accuracy["text"], accuracy["tokens"], accuracy["window"], f"{accuracy['float_ppl']:.3f}",
-              f"{accuracy['quantized_ppl']:.3f}", f"{accuracy['delta_pct']:+.2f}"]]))
+              f"{accuracy['quantized_ppl']:.3f}", f"{accuracy['delta_pct']:+.2f} ± {accuracy['ppl_delta_pct_se']:.2f}",
+              f"{accuracy['kl']:.4g} ± {accuracy['kl_se']:.2g}",
+              f"{100 * accuracy['flip_rate']:.2f} ± {100 * accuracy['flip_rate_se']:.2f}"]]))
     else:
         sections.append(f"<h2>Accuracy</h2><p>Not measured: {why_not}.</p>")
     wb = rep["weight_bytes"]

@@ -16,8 +16,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from ..progress import phase
-
-from ..calibration.metrics import PairedAccumulator
+from .metrics import PairedAccumulator
 
 
 @dataclass(frozen=True)
@@ -111,16 +110,15 @@ def perplexity(model_fn, token_ids: torch.Tensor, window: int = 512, stride: int
 
 
 def compare_to_float(float_fn, quant_fn, token_ids: torch.Tensor, window: int = 512, stride: int = 512,
-                     batch_size: int = 1, progress: bool = False) -> dict:
+                     batch_size: int = 1, desc: str = "float vs quantized") -> dict:
     """Paired float-vs-quantized metrics on the targets `perplexity` scores (same windows): both
     perplexities, Δ% ppl, mean KL(float ‖ quant) and top-1 flip rate, each with its standard error
-    clustered by window (calibration/metrics.py)."""
+    clustered by window (evaluation/metrics.py)."""
     ids = token_ids.to(torch.long)
     spans = _windows(ids.numel(), window, stride)
     acc = PairedAccumulator()
     start = time.perf_counter()
-    with torch.inference_mode(), tqdm(total=len(spans), desc="float vs quantized", unit="window",
-                                      disable=not progress) as bar:
+    with torch.inference_mode(), phase(desc, total=len(spans), unit="window") as bar:
         done = 0
         for batch in _batches(spans, batch_size):
             inputs = torch.stack([ids[b:e] for b, e, _ in batch])
@@ -133,7 +131,7 @@ def compare_to_float(float_fn, quant_fn, token_ids: torch.Tensor, window: int = 
                 acc.add(logits["float"][row:row + 1, sel], logits["quant"][row:row + 1, sel],
                         inputs[row:row + 1, length - n_targets:])
             done += len(batch)
-            bar.update(len(batch))
+            bar.advance(len(batch))
     return {**acc.summary(), "windows": len(spans), "window": window, "stride": stride,
             "max_tokens": int(ids.numel()), "seconds": time.perf_counter() - start}
 

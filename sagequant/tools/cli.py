@@ -64,37 +64,87 @@ def _done(args, what: str) -> None:
 
 
 def cmd_eval(args) -> int:
+    """Perplexity (with --artifact: paired KL / flip / Δppl against the float reference) or MMLU."""
     from ..api import load
-    from ..calibration.datasets import read_text_file
-    from ..calibration.real_data import evaluation_text
-    from ..evaluation.perplexity import perplexity, tokenize_eval_text
     from ..frontends.models import model_source, resolve_model, resolve_tokenizer
     if bool(args.artifact) == bool(args.model):
         raise ConfigError("eval needs exactly one of --artifact DIR or --model MODEL")
+    if args.task == "mmlu" and not args.mmlu_file:
+        raise ConfigError("eval --task mmlu needs --mmlu-file PATH (jsonl: question, answer_a..answer_d, "
+                          "correct_answer, topic)")
+    reference = tok = None
     artifact = args.artifact or (args.model if model_source(args.model).kind == "artifact" else None)
     if artifact:
         cm = load(artifact)
-        source = args.tokenizer or cm.graph.model_info.get("source")
-        if source is None:
-            raise ConfigError("the artifact does not record its source model; pass --tokenizer MODEL")
-        tok = resolve_tokenizer(source)
+        source = cm.graph.model_info.get("source")
+        ref_spec = None if args.no_reference else (args.reference or source)
+        if ref_spec is not None:
+            reference, tok = resolve_model(ref_spec)
+        if args.tokenizer or tok is None:
+            if (args.tokenizer or source) is None:
+                raise ConfigError("the artifact does not record its source model; pass --tokenizer MODEL "
+                                  "(and --reference MODEL for the comparison with the float model)")
+            tok = resolve_tokenizer(args.tokenizer or source)
         model_fn = cm
     else:
         model, tok = resolve_model(args.model)
-        model_fn = lambda ids: model(input_ids=ids, use_cache=False).logits  # noqa: E731
+        model_fn = _logits_fn(model)
+    result = (_eval_mmlu if args.task == "mmlu" else _eval_perplexity)(args, model_fn, reference, tok)
+    summary = _eval_summary(result)
+    print(json.dumps(result, indent=1) if args.json else summary)
+    _done(args, f"{summary.splitlines()[0]} of {args.artifact or args.model}")
+    return 0
+
+
+def _eval_summary(r: dict) -> str:
+    if r["task"] == "mmlu":
+        text = f"MMLU {r['shots']}-shot accuracy {100 * r['accuracy']:.2f}% on {r['questions']} questions"
+        if "vs_float" in r:
+            d = r["vs_float"]
+            text += (f"\nfloat {100 * r['float']['accuracy']:.2f}%; delta {d['delta_points']:+.2f} ± "
+                     f"{d['delta_points_se']:.2f} points (paired bootstrap), answers changed "
+                     f"{100 * d['answers_changed']:.1f}%")
+        return text
+    if "vs_float" not in r:
+        return (f"perplexity {r['ppl']:.4f} over {r['n_tokens_scored']} scored tokens "
+                f"({r['n_windows']} windows of {r['window']}, stride {r['stride']})")
+    v = r["vs_float"]
+    return (f"perplexity {v['ppl_quant']:.4f} (float {v['ppl_float']:.4f}, {v['ppl_delta_pct']:+.2f} ± "
+            f"{v['ppl_delta_pct_se']:.2f}%) over {v['positions']} scored tokens ({v['windows']} windows of "
+            f"{v['window']})\nKL(float || quant) {v['kl']:.5f} ± {v['kl_se']:.5f} nats/token; top-1 flips "
+            f"{100 * v['flip_rate']:.2f} ± {100 * v['flip_rate_se']:.2f}%")
+
+
+def _logits_fn(model):
+    return lambda ids: model(input_ids=ids, use_cache=False).logits
+
+
+def _eval_perplexity(args, model_fn, reference, tok) -> dict:
+    import torch
+
+    from ..calibration.datasets import read_text_file
+    from ..calibration.real_data import evaluation_text
+    from ..evaluation.perplexity import compare_to_float, perplexity, tokenize_eval_text
     text = read_text_file(args.text, "--text evaluation") if args.text else evaluation_text()
     ids = tokenize_eval_text(tok, text, args.max_tokens)
-    import torch
+    stride = args.stride or args.window
+    if reference is not None:
+        return {"task": "perplexity", "vs_float": compare_to_float(_logits_fn(reference), model_fn, ids,
+                                                                   window=args.window, stride=stride)}
     with torch.inference_mode():
-        res = perplexity(model_fn, ids, window=args.window, stride=args.stride or args.window)
-    if args.json:
-        print(json.dumps(res.to_dict(), indent=1))
-    else:
-        print(f"perplexity {res.ppl:.4f} over {res.n_tokens_scored} scored tokens "
-              f"({res.n_windows} windows of {res.window}, stride {res.stride})")
-    _done(args, f"perplexity {res.ppl:.4f} of {args.artifact or args.model} on {res.max_tokens} tokens "
-                f"of {args.text or 'the packaged news text'}")
-    return 0
+        return {"task": "perplexity", **perplexity(model_fn, ids, window=args.window, stride=stride).to_dict()}
+
+
+def _eval_mmlu(args, model_fn, reference, tok) -> dict:
+    from ..evaluation.mmlu import accuracy, build_prompts, load_questions, paired_delta, predict
+    prompts = build_prompts(load_questions(args.mmlu_file), shots=args.shots, limit=args.limit)
+    preds = predict(model_fn, tok, prompts)
+    out = {"task": "mmlu", "shots": args.shots, "file": str(args.mmlu_file), **accuracy(preds, prompts)}
+    if reference is not None:
+        float_preds = predict(_logits_fn(reference), tok, prompts)
+        out["float"] = {k: v for k, v in accuracy(float_preds, prompts).items() if k != "per_topic"}
+        out["vs_float"] = paired_delta(float_preds, preds, prompts)
+    return out
 
 
 def cmd_report(args) -> int:
@@ -121,7 +171,9 @@ def _html_report(cm, args) -> None:
         accuracy, errors = accuracy_and_errors(cm, reference, args.eval_tokens)
     if accuracy:
         print(f"accuracy: ppl {accuracy['float_ppl']:.3f} (float) -> {accuracy['quantized_ppl']:.3f} "
-              f"({accuracy['delta_pct']:+.2f}%) on {accuracy['tokens']} tokens of {accuracy['text']}")
+              f"({accuracy['delta_pct']:+.2f} ± {accuracy['ppl_delta_pct_se']:.2f}%), KL {accuracy['kl']:.4g} "
+              f"± {accuracy['kl_se']:.2g}, top-1 flips {100 * accuracy['flip_rate']:.2f} ± "
+              f"{100 * accuracy['flip_rate_se']:.2f}% on {accuracy['tokens']} tokens of {accuracy['text']}")
     else:
         print(f"accuracy: not measured ({missing or 'requested --eval-tokens 0'})")
     path = write_html_report(cm, args.html, accuracy, errors, missing)
@@ -132,11 +184,9 @@ def _html_report(cm, args) -> None:
 
 def accuracy_and_errors(cm, reference_spec: str, eval_tokens: int, error_tokens: int = 256):
     """(accuracy dict, per-layer error rows) measured against the float model `reference_spec`."""
-    import torch
-
     from ..calibration.datasets import tokenize_calibration
     from ..calibration.real_data import evaluation_text, wikipedia_prose
-    from ..evaluation.perplexity import delta_pct, perplexity, tokenize_eval_text
+    from ..evaluation.perplexity import compare_to_float, tokenize_eval_text
     from ..frontends.models import resolve_model
     model, tok = resolve_model(reference_spec)
     errors = cm.error_report(tokenize_calibration(wikipedia_prose(), tok, 1, error_tokens),
@@ -145,12 +195,11 @@ def accuracy_and_errors(cm, reference_spec: str, eval_tokens: int, error_tokens:
         return None, errors
     ids = tokenize_eval_text(tok, evaluation_text(), eval_tokens)
     window = min(512, ids.numel())
-    with torch.inference_mode():
-        base = perplexity(lambda x: model(input_ids=x, use_cache=False).logits, ids, window, window)
-        quant = perplexity(cm, ids, window, window)
-    return {"reference": str(reference_spec), "tokens": base.max_tokens, "window": window,
-            "text": "news (lee_background.cor)", "float_ppl": base.ppl, "quantized_ppl": quant.ppl,
-            "delta_pct": delta_pct(base.ppl, quant.ppl)}, errors
+    res = compare_to_float(lambda x: model(input_ids=x, use_cache=False).logits, cm, ids, window, window)
+    return {"reference": str(reference_spec), "tokens": res["max_tokens"], "window": window,
+            "text": "news (lee_background.cor)", "float_ppl": res["ppl_float"],
+            "quantized_ppl": res["ppl_quant"], "delta_pct": res["ppl_delta_pct"],
+            **{k: res[k] for k in ("ppl_delta_pct_se", "kl", "kl_se", "flip_rate", "flip_rate_se")}}, errors
 
 
 def cmd_export(args) -> int:
@@ -227,10 +276,20 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compile", help="compile a model (calibration data optional for weight-only schemes)")
     add_compile_flags(c, dataset_required=False)
     c.set_defaults(func=cmd_compile)
-    e = sub.add_parser("eval", help="perplexity of an artifact or a float model")
+    e = sub.add_parser("eval", help="perplexity (with KL / flips vs the float model) or MMLU accuracy "
+                       "of an artifact or a float model")
     e.add_argument("--artifact")
     e.add_argument("--model", help="a float model (smollm2, checkpoint dir, .gguf) or an artifact dir")
-    e.add_argument("--tokenizer", help="model whose tokenizer to use (default: the artifact's source)")
+    e.add_argument("--task", choices=["perplexity", "mmlu"], default="perplexity")
+    e.add_argument("--mmlu-file", help="MMLU jsonl (question, answer_a..answer_d, correct_answer, topic)")
+    e.add_argument("--shots", type=non_negative_int, default=0,
+                   help="MMLU solved examples per prompt, the first of each topic (0 or 5 usually)")
+    e.add_argument("--limit", type=positive_int, help="score at most this many MMLU questions")
+    e.add_argument("--reference", help="float model an artifact is compared with (default: its source)")
+    e.add_argument("--no-reference", action="store_true",
+                   help="evaluate the artifact alone, without the float model's numbers")
+    e.add_argument("--tokenizer", help="model whose tokenizer to use (default: the reference's or the "
+                   "artifact's source)")
     e.add_argument("--text", help="evaluation text file (default: the packaged news text)")
     e.add_argument("--max-tokens", type=int_at_least(2), default=20000, help="evaluation tokens")
     e.add_argument("--window", type=int_at_least(2), default=512, help="tokens per perplexity window")

@@ -9,7 +9,8 @@ so the error of a difference comes from the per-position differences, which canc
 text's own variance. Positions of one window are correlated, so the standard error is the
 cluster-robust one over windows (clusters):
   se(mean x) = sqrt(G/(G-1) · Σ_g (Σ_{t∈g} (x_t - mean x))²) / N
-(with every position its own cluster this is the ordinary sqrt(Σ(x-m)²/(N(N-1)))).
+(with every position its own cluster this is the ordinary sqrt(Σ(x-m)²/(N(N-1))); a single
+window falls back to that, treating its positions as independent).
 Perplexity change: ratio r = exp(mean(nll_quant - nll_float)), Δ% = 100 (r - 1), se by the delta
 method 100 · r · se(mean(nll_quant - nll_float)).
 """
@@ -19,9 +20,11 @@ import math
 
 import torch
 
+from ..errors import SageQuantError
 
-class MetricsError(ValueError):
-    pass
+
+class MetricsError(SageQuantError, ValueError):
+    """The two models' outputs cannot be compared: mismatched shapes, NaN/Inf, nothing to average."""
 
 
 def position_metrics(float_logits: torch.Tensor, quant_logits: torch.Tensor,
@@ -50,11 +53,11 @@ def clustered_mean_se(x: torch.Tensor, clusters: torch.Tensor | None = None) -> 
         raise MetricsError("no positions to average")
     m = float(x.mean())
     dev = x - m
-    if clusters is None:
-        sums = dev
-    else:
+    sums = dev
+    if clusters is not None:
         ids = torch.unique(clusters.flatten(), return_inverse=True)[1]
-        sums = torch.zeros(int(ids.max()) + 1, dtype=torch.float64).index_add_(0, ids, dev)
+        if int(ids.max()) > 0:  # at least two clusters
+            sums = torch.zeros(int(ids.max()) + 1, dtype=torch.float64).index_add_(0, ids, dev)
     g = sums.numel()
     if g < 2:
         return m, float("nan")
@@ -68,8 +71,8 @@ def paired_summary(per_position: dict[str, torch.Tensor], clusters: torch.Tensor
     kl, kl_se = clustered_mean_se(per_position["kl"], clusters)
     flip, flip_se = clustered_mean_se(per_position["flip"], clusters)
     r = math.exp(d)
-    return {"positions": int(nf.numel()),
-            "clusters": int(nf.numel() if clusters is None else torch.unique(clusters).numel()),
+    n_clusters = nf.numel() if clusters is None else torch.unique(clusters).numel()
+    return {"positions": int(nf.numel()), "clusters": int(nf.numel() if n_clusters < 2 else n_clusters),
             "ppl_float": math.exp(float(nf.double().mean())), "ppl_quant": math.exp(float(nq.double().mean())),
             "ppl_delta_pct": 100 * (r - 1), "ppl_delta_pct_se": 100 * r * d_se,
             "kl": kl, "kl_se": kl_se, "flip_rate": flip, "flip_rate_se": flip_se}

@@ -47,6 +47,8 @@ def test_guard_numbers_match_float64_reference_on_the_last_rows(tiny, compiled, 
     assert g["top1_agreement"] == pytest.approx(top1)
     assert g["delta_loss"] == pytest.approx(dloss, rel=1e-6, abs=1e-12)
     assert g["kl"] > 0  # W4 changes the logits: a guard measuring nothing would read 0
+    # paired standard errors over the 2 held-back sequences: positive, smaller than the means
+    assert 0 < g["kl_se"] < g["kl"] and g["delta_loss_se"] > 0 and g["top1_flip_se"] >= 0
     assert g["bounds"] == {"max_kl": 1.5, "max_delta_loss": 1.5, "min_top1": 0.3}
     worst = g["worst_layers"]
     assert len(worst) == 5 and worst == sorted(worst, key=lambda r: r["local_sqnr_db"])

@@ -65,7 +65,8 @@ def clustered_mean_se(x: torch.Tensor, clusters: torch.Tensor | None = None) -> 
 
 
 def paired_summary(per_position: dict[str, torch.Tensor], clusters: torch.Tensor | None = None) -> dict:
-    """Perplexities, Δ% ppl, mean KL and flip rate, each with its paired standard error."""
+    """Perplexities, mean NLL difference (nats), Δ% ppl, mean KL and flip rate, each with its paired
+    standard error."""
     nf, nq = per_position["nll_float"], per_position["nll_quant"]
     d, d_se = clustered_mean_se(nq - nf, clusters)
     kl, kl_se = clustered_mean_se(per_position["kl"], clusters)
@@ -74,6 +75,7 @@ def paired_summary(per_position: dict[str, torch.Tensor], clusters: torch.Tensor
     n_clusters = nf.numel() if clusters is None else torch.unique(clusters).numel()
     return {"positions": int(nf.numel()), "clusters": int(nf.numel() if n_clusters < 2 else n_clusters),
             "ppl_float": math.exp(float(nf.double().mean())), "ppl_quant": math.exp(float(nq.double().mean())),
+            "nll_delta": d, "nll_delta_se": d_se,
             "ppl_delta_pct": 100 * (r - 1), "ppl_delta_pct_se": 100 * r * d_se,
             "kl": kl, "kl_se": kl_se, "flip_rate": flip, "flip_rate_se": flip_se}
 

@@ -21,6 +21,7 @@ import torch
 from ..calibration.datasets import CalibrationDataError
 from ..ir.graph import QuantGraph
 from ..evaluation.error_report import layer_errors
+from ..evaluation.metrics import PairedAccumulator
 from .manager import PassContext, PassResult, register_pass
 from ..errors import CompileError
 
@@ -92,11 +93,13 @@ def guard(graph: QuantGraph, ctx: PassContext) -> PassResult:
 
 
 class LogitComparison:
-    """Sums over every position of the held-back batches, in float64."""
+    """Sums over every position of the held-back batches, in float64; standard errors (clustered
+    by sequence) from the positions that have a next-token target."""
 
     def __init__(self):
         self.kl = self.agree = self.nll_float = self.nll_quant = 0.0
         self.positions = self.targets = 0
+        self.paired = PairedAccumulator()
 
     def add(self, ids: torch.Tensor, float_logits: torch.Tensor, quant_logits: torch.Tensor) -> None:
         lp = torch.log_softmax(float_logits.double(), -1)
@@ -108,12 +111,15 @@ class LogitComparison:
         self.nll_float -= float(lp[:, :-1].gather(-1, nxt).sum())
         self.nll_quant -= float(lq[:, :-1].gather(-1, nxt).sum())
         self.targets += nxt.numel()
+        self.paired.add(float_logits[:, :-1], quant_logits[:, :-1], ids[:, 1:])
 
     def summary(self) -> dict:
         float_loss, quant_loss = self.nll_float / self.targets, self.nll_quant / self.targets
-        return {"kl": self.kl / self.positions, "top1_agreement": self.agree / self.positions,
+        paired = self.paired.summary()
+        return {"kl": self.kl / self.positions, "kl_se": paired["kl_se"],
+                "top1_agreement": self.agree / self.positions, "top1_flip_se": paired["flip_rate_se"],
                 "float_loss": float_loss, "quantized_loss": quant_loss,
-                "delta_loss": quant_loss - float_loss}
+                "delta_loss": quant_loss - float_loss, "delta_loss_se": paired["nll_delta_se"]}
 
 
 def _describe(ctx: PassContext) -> dict:

@@ -129,8 +129,10 @@ def _eval_perplexity(args, model_fn, reference, tok) -> dict:
     ids = tokenize_eval_text(tok, text, args.max_tokens)
     stride = args.stride or args.window
     if reference is not None:
-        return {"task": "perplexity", "vs_float": compare_to_float(_logits_fn(reference), model_fn, ids,
-                                                                   window=args.window, stride=stride)}
+        v = compare_to_float(_logits_fn(reference), model_fn, ids, window=args.window, stride=stride)
+        return {"task": "perplexity", "ppl": v["ppl_quant"], "n_tokens_scored": v["positions"],
+                "n_windows": v["windows"], "window": v["window"], "stride": v["stride"],
+                "max_tokens": v["max_tokens"], "vs_float": v}
     with torch.inference_mode():
         return {"task": "perplexity", **perplexity(model_fn, ids, window=args.window, stride=stride).to_dict()}
 

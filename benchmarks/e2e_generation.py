@@ -77,7 +77,7 @@ def import_sagequant():
     return sagequant
 
 
-def build_model(shape: str, layers: int, vocab: int, max_positions: int, dtype):
+def build_model(shape: str, layers: int, vocab: int, max_positions: int, dtype, device="cpu"):
     import transformers as tf
     s = dict(SHAPES[shape])
     cls = {"llama": (tf.LlamaConfig, tf.LlamaForCausalLM),
@@ -88,7 +88,14 @@ def build_model(shape: str, layers: int, vocab: int, max_positions: int, dtype):
     torch.manual_seed(0)
     # Built and compiled on CPU (a GPU-built model moved to CPU keeps GPU tensors in HF's rotary
     # attributes, which torch.export then sees); the engine copies the compiled weights to the GPU.
-    return cls[1](cfg).to(dtype).eval()
+    # Initialised in `dtype` directly: at 8B an fp32 init is 32 GB and minutes of CPU time.
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype if dtype.is_floating_point else default)
+    try:
+        with torch.device(device):
+            return cls[1](cfg).to(dtype).eval()
+    finally:
+        torch.set_default_dtype(default)
 
 
 def compile_scheme(sq, model, scheme: str, backend: str):
@@ -122,8 +129,11 @@ def check_kernels(cm, engine_graph, scheme: str, backend: str) -> dict:
     if scheme != "bf16" and not bindings:
         raise SystemExit(f"{scheme}: no linear was quantized (kernel bindings are empty)")
     if backend == "cuda":
-        ref = {k: v for k, v in ops.items() if k.endswith("_ref.default")}
-        cuda = sum(v for k, v in ops.items() if ".cuda_" in k and "linear" in k)
+        # The engine's graph may merge linears that read one input (q/k/v, gate/up): count the
+        # bound layers' ops in the compiled graph, and refuse any reference op in either.
+        compiled_ops = linear_ops(cm.graph)
+        ref = {k: v for k, v in {**compiled_ops, **ops}.items() if k.endswith("_ref.default")}
+        cuda = sum(v for k, v in compiled_ops.items() if ".cuda_" in k and "linear" in k)
         if ref or cuda != len(bindings):
             raise SystemExit(f"{scheme}: the engine graph calls reference ops {ref} and {cuda} CUDA "
                              f"linear ops for {len(bindings)} bound layers; refusing to time it")
@@ -144,11 +154,12 @@ def weight_memory(cm, engine_graph) -> dict:
             "bits_per_weight": wb["bits_per_weight"], "resident_bytes": sum(storages.values())}
 
 
-def new_engine(cm, max_batch: int, max_seq_len: int, device, cuda_graphs: bool):
+def new_engine(cm, max_batch: int, max_seq_len: int, device, cuda_graphs: bool,
+               fused_step: bool = True):
     from sagequant.runtime import GenerationEngine
     blocks = max_batch * math.ceil((max_seq_len + 1) / cm.config.kv_block_size)
     return GenerationEngine(cm, max_batch=max_batch, max_seq_len=max_seq_len, device=device,
-                            cuda_graphs=cuda_graphs, num_kv_blocks=blocks)
+                            cuda_graphs=cuda_graphs, num_kv_blocks=blocks, fused_step=fused_step)
 
 
 def prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
@@ -168,7 +179,7 @@ def prefill_ms(engine, length: int, vocab: int, device, reps: int) -> dict:
         lib.sync()
         times.append((time.perf_counter() - t0) * 1e3)
         assert not engine.has_work()
-    return {"prefill_ms": statistics.median(times[1:]), "prefill_reps": reps}
+    return {f"prefill_ms_{length}": statistics.median(times[1:]), "prefill_reps": reps}
 
 
 def decode_rate(engine, batch: int, prompt_len: int, new_tokens: int, vocab: int, device,
@@ -235,14 +246,16 @@ def run_scheme(sq, model, scheme, args, backend, device, deadline, vocab, scheme
     t0 = time.perf_counter()
     cm = compile_scheme(sq, model, scheme, backend)
     row["compile_s"] = time.perf_counter() - t0
-    max_seq = max(args.prefill_len, args.prompt_len + args.new_tokens) + 1
-    engine = new_engine(cm, max(args.batches), max_seq, device, cuda_graphs=device.type == "cuda")
+    max_seq = max(*args.prefill_len, args.prompt_len + args.new_tokens) + 1
+    engine = new_engine(cm, max(args.batches), max_seq, device, cuda_graphs=device.type == "cuda",
+                        fused_step=not args.unfused)
     row.update(check_kernels(cm, engine.graph, scheme, backend))
     row["memory"] = weight_memory(cm, engine.graph)
-    if time.perf_counter() < deadline:
-        row.update(prefill_ms(engine, args.prefill_len, vocab, device, args.prefill_reps))
-    else:
-        row["prefill_ms"] = SKIPPED
+    for length in args.prefill_len:
+        if time.perf_counter() < deadline:
+            row.update(prefill_ms(engine, length, vocab, device, args.prefill_reps))
+        else:
+            row[f"prefill_ms_{length}"] = SKIPPED
     for i, b in enumerate(args.batches):
         left = deadline - time.perf_counter()
         if left <= 0:
@@ -250,12 +263,41 @@ def run_scheme(sq, model, scheme, args, backend, device, deadline, vocab, scheme
             continue
         stop_at = time.perf_counter() + left / (len(args.batches) * (1 + schemes_after) - i)
         row[f"decode_b{b}"] = decode_rate(engine, b, args.prompt_len, args.new_tokens, vocab, device, stop_at)
-    del engine, cm
+    del engine
+    if args.long_context and scheme in args.long_schemes:
+        row["long_context"] = long_context_rows(cm, args, device, vocab, deadline)
+    del cm
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
     print(json.dumps(row, default=str), flush=True)
     return row
+
+
+def long_context_rows(cm, args, device, vocab: int, deadline: float) -> dict:
+    """Batch-1 decode after an --long-context prompt, per KV cache dtype (same weights)."""
+    from sagequant.api import CompiledModel
+    from sagequant.ir.kv_plan import build_kv_plan
+    out = {}
+    for kv in args.long_kv:
+        if time.perf_counter() > deadline:
+            out[kv] = SKIPPED
+            continue
+        cfg = cm.config.replace(kv_cache_dtype=kv)
+        cm_kv = CompiledModel(cm.graph, cfg, build_kv_plan(cfg), cm.pass_history)
+        engine = new_engine(cm_kv, 1, args.long_context + 64, device, device.type == "cuda",
+                            fused_step=not args.unfused)
+        stop = min(deadline, time.perf_counter() + 30)
+        out[kv] = decode_rate(engine, 1, args.long_context, 32, vocab, device, stop)
+        del engine, cm_kv
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    base = out.get("none")
+    for kv, r in out.items():
+        if isinstance(r, dict) and isinstance(base, dict) and r["tok_s"] and base["tok_s"]:
+            r["speedup_vs_bf16_kv"] = r["tok_s"] / base["tok_s"]
+    return out
 
 
 def add_ratios(rows: list[dict], batches) -> None:
@@ -267,8 +309,9 @@ def add_ratios(rows: list[dict], batches) -> None:
     for r in rows:
         if "memory" in r:
             r["linear_bytes_vs_bf16"] = r["memory"]["linear_bytes"] / base["memory"]["linear_bytes"]
-        if num(r.get("prefill_ms")) and num(base.get("prefill_ms")):
-            r["prefill_speedup"] = base["prefill_ms"] / r["prefill_ms"]
+        for key in [k for k in r if k.startswith("prefill_ms_")]:
+            if num(r.get(key)) and num(base.get(key)):
+                r[key.replace("_ms_", "_speedup_")] = base[key] / r[key]
         for b in batches:
             mine, ref = r.get(f"decode_b{b}"), base.get(f"decode_b{b}")
             if isinstance(mine, dict) and isinstance(ref, dict) and mine["tok_s"] and ref["tok_s"]:
@@ -337,15 +380,17 @@ def markdown(result: dict) -> str:
     rows, batches = result.get("e2e", []), result["settings"]["batches"]
     def f(v, digits=3):
         return f"{v:.{digits}g}" if isinstance(v, (int, float)) else ("" if v is None else str(v))
-    head = ["scheme", "linear weights MiB", "× bf16", f"prefill {result['settings']['prefill_len']} ms",
-            "speed-up"]
+    head = ["scheme", "linear weights MiB", "× bf16"]
+    for length in result["settings"]["prefill_len"]:
+        head += [f"prefill {length} ms", "speed-up"]
     for b in batches:
         head += [f"decode b{b} tok/s", "speed-up", "GPU step speed-up", "est. full-depth speed-up"]
     table = []
     for r in rows:
         mib = r["memory"]["linear_bytes"] / 2**20 if "memory" in r else r.get("status")
-        line = [r["scheme"], f(mib, 4), f(r.get("linear_bytes_vs_bf16")),
-                f(r.get("prefill_ms")), f(r.get("prefill_speedup"))]
+        line = [r["scheme"], f(mib, 4), f(r.get("linear_bytes_vs_bf16"))]
+        for length in result["settings"]["prefill_len"]:
+            line += [f(r.get(f"prefill_ms_{length}")), f(r.get(f"prefill_speedup_{length}"))]
         for b in batches:
             d = r.get(f"decode_b{b}")
             d = d if isinstance(d, dict) else {"tok_s": d}
@@ -361,6 +406,14 @@ def markdown(result: dict) -> str:
             f"{f(share.get('at_full_depth'))} at full depth. Decode: {st['prompt_len']}-token prompts, "
             f"new tokens run per batch: {ran}.",
             lib.markdown_table(head, table)]
+    long_rows = [(r["scheme"], kv, d) for r in rows for kv, d in (r.get("long_context") or {}).items()]
+    if long_rows:
+        text.append(lib.markdown_table(
+            ["scheme", f"KV dtype ({st.get('long_context')}-token context, batch 1)", "decode tok/s",
+             "× bf16 KV", "GPU step ms"],
+            [[sch, kv, f(d.get("tok_s") if isinstance(d, dict) else d, 4),
+              f(d.get("speedup_vs_bf16_kv")) if isinstance(d, dict) else "",
+              f(d.get("gpu_step_ms")) if isinstance(d, dict) else ""] for sch, kv, d in long_rows]))
     if result.get("correctness"):
         text.append(lib.markdown_table(
             ["scheme", "status", "logits rel_fro vs CPU ref", "decode step rel_fro", "tolerance",
@@ -374,7 +427,7 @@ def markdown(result: dict) -> str:
 
 def e2e(sq, args, settings, backend, device, dtype, deadline, result: dict, save) -> int:
     """The e2e rows into result["e2e"] (saved after each scheme); 1 if any scheme errored."""
-    positions = max(args.prefill_len, args.prompt_len + args.new_tokens) + 64
+    positions = max(*args.prefill_len, args.long_context or 0, args.prompt_len + args.new_tokens) + 64
     model = build_model(settings["shape"], args.layers, args.vocab, positions, dtype)
     lm_head = model.lm_head.weight.numel() * 2
     decoder = sum(p.numel() * 2 for n, p in model.named_parameters() if ".layers." in n and p.dim() == 2)
@@ -413,10 +466,16 @@ def main(argv=None) -> int:
     ap.add_argument("--schemes", nargs="*", default=list(SCHEMES), choices=list(SCHEMES),
                     help="e2e rows to run; none (bare --schemes) runs only the correctness part")
     ap.add_argument("--batches", type=int, nargs="*", default=[1, 8, 32])
-    ap.add_argument("--prefill-len", type=int, default=2048)
+    ap.add_argument("--prefill-len", type=int, nargs="+", default=[512, 2048])
     ap.add_argument("--prefill-reps", type=int, default=3)
     ap.add_argument("--prompt-len", type=int, default=512)
     ap.add_argument("--new-tokens", type=int, default=256)
+    ap.add_argument("--unfused", action="store_true",
+                    help="run the exported ATen step (GenerationEngine fused_step=False)")
+    ap.add_argument("--long-context", type=int, default=0,
+                    help="also decode at batch 1 after a prompt of this many tokens, per --long-kv")
+    ap.add_argument("--long-kv", nargs="*", default=["none", "fp8", "int8"])
+    ap.add_argument("--long-schemes", nargs="*", default=["bf16"], choices=list(SCHEMES))
     ap.add_argument("--budget-s", type=float, default=420, help="deadline for the e2e rows")
     ap.add_argument("--correctness-s", type=float, default=60, help="extra seconds for correctness")
     ap.add_argument("--skip-correctness", action="store_true")
@@ -428,7 +487,8 @@ def main(argv=None) -> int:
         lib.DEVICE = "cpu"
         device, dtype, backend, shape = torch.device("cpu"), torch.float32, "cpu", "tiny"
         args.layers, args.vocab, args.batches = 1, 512, [1, 2]
-        args.prefill_len, args.prompt_len, args.new_tokens, args.prefill_reps = 32, 16, 6, 1
+        args.prefill_len, args.prompt_len, args.new_tokens, args.prefill_reps = [32], 16, 6, 1
+        args.long_context = 48 if args.long_context else 0
     else:
         if not torch.cuda.is_available():
             raise SystemExit("needs a CUDA GPU (or --smoke, which runs backend cpu on CPU)")

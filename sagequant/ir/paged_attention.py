@@ -32,17 +32,15 @@ def current_step():
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int,
-                    scale: float | None, window: int, kv_dtype: str = "none") -> torch.Tensor:
+                    scale: float | None, window: int, kv_dtype: str = "none",
+                    cos: torch.Tensor | None = None, sin: torch.Tensor | None = None) -> torch.Tensor:
     """What the kv_cache pass puts in place of scaled_dot_product_attention: write the new k, v
     [batch, kv_heads, new, head_dim] into the step's cache (stored as kv_dtype: the
     kv_cache_quant pass sets it per layer), then attend q [batch, heads, new, head_dim] causally
-    over each sequence's cached tokens."""
+    over each sequence's cached tokens. With cos and sin (the step graph's fusion moves the
+    rotary embedding here), q and k arrive un-rotated and the step rotates them first."""
     step = current_step()
     if step.pool.layer_dtypes[layer] != kv_dtype:
         raise RuntimeError(f"KV pool stores layer {layer} as {step.pool.layer_dtypes[layer]!r} but "
                            f"the graph says {kv_dtype!r}: build the pool from this graph")
-    if q.shape[2] == 1:
-        step.pool.write_decode(layer, step.decode_index(), k, v)
-    else:
-        step.pool.write(layer, step.slots, step.starts, k, v)
-    return step.kernel.op(q, step, layer, scale, window)
+    return step.attend(q, k, v, layer, scale, window, cos, sin)

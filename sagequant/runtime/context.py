@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..backends.cuda import fused
 from .kv_pool import DecodeIndex, PagedKVPool
 
 
@@ -17,6 +18,7 @@ class AttentionStep:
     starts: list[int]         # tokens already cached for each row (its first new position)
     kernel: object            # the attention KernelSpec chosen for this engine's device
     decode: DecodeIndex | None = None  # one-token steps: device-side index, built once per step
+    new_kv: tuple | None = None   # (k, v) the layer being run just wrote, while its kernel runs
 
     def decode_index(self) -> DecodeIndex:
         if self.decode is None:
@@ -26,3 +28,26 @@ class AttentionStep:
     def positions(self, new_tokens: int, device) -> torch.Tensor:
         """[batch, new_tokens] absolute positions of the new tokens."""
         return torch.tensor(self.starts, device=device)[:, None] + torch.arange(new_tokens, device=device)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int,
+               scale: float | None, window: int, cos: torch.Tensor | None = None,
+               sin: torch.Tensor | None = None) -> torch.Tensor:
+        """ir.paged_attention's work: store k, v in the layer's cache, then run the attention
+        kernel. With cos, sin: rotary on q and k first; a 16-bit decode step on CUDA does that
+        and the cache write in one kernel (the attention prologue)."""
+        decode = q.shape[2] == 1
+        if cos is not None:
+            fused_q = fused.rope_cache_decode(q, k, v, cos, sin, self.pool.layers[layer],
+                                              self.decode_index()) if decode else None
+            if fused_q is not None:
+                return self.kernel.op(fused_q, self, layer, scale, window)
+            q, k = fused.rotary_embedding(q, cos, sin), fused.rotary_embedding(k, cos, sin)
+        if decode:
+            self.pool.write_decode(layer, self.decode_index(), k, v)
+            return self.kernel.op(q, self, layer, scale, window)
+        self.pool.write(layer, self.slots, self.starts, k, v)
+        self.new_kv = (k, v)   # a prefill kernel may attend over these instead of the cache
+        try:
+            return self.kernel.op(q, self, layer, scale, window)
+        finally:
+            self.new_kv = None

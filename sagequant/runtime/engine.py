@@ -51,13 +51,15 @@ class GenerationEngine:
     def __init__(self, compiled, max_batch: int = 8, max_seq_len: int | None = None,
                  num_kv_blocks: int | None = None, device=None, seed: int = 0,
                  extra_tokens_per_request: int = 0, prefill_chunk: int = 2048,
-                 cuda_graphs: bool | None = None):
+                 cuda_graphs: bool | None = None, fused_step: bool = True):
         """device: run there (default: where the compiled weights are; another device gets a
         copy of the weights). extra_tokens_per_request: cache room reserved beyond prompt +
         max_new_tokens (a speculative verifier writes up to k draft tokens past what it keeps).
         prefill_chunk: longer prompts are prefilled in chunks of this many tokens.
         cuda_graphs: decode steps from CUDA graphs per padded batch bucket (default: on for a
-        CUDA device; True elsewhere runs the same padded static step eagerly)."""
+        CUDA device; True elsewhere runs the same padded static step eagerly).
+        fused_step: run the step graph with its decoder glue fused (runtime/fuse_step.py); False
+        keeps the ATen ops as exported (for A/B timing)."""
         if not (isinstance(max_batch, int) and max_batch >= 1):
             raise ValueError(f"max_batch={max_batch!r} must be an int >= 1")
         if not (isinstance(prefill_chunk, int) and prefill_chunk >= 1):
@@ -71,7 +73,8 @@ class GenerationEngine:
                 raise ValueError(f"GenerationEngine(device={str(self.device)!r}): {missing}")
             if self.device.index is None:
                 self.device = torch.device("cuda", torch.cuda.current_device())
-        self.graph = step_graph(compiled, device=None if self.device == home else self.device)
+        self.graph = step_graph(compiled, device=None if self.device == home else self.device,
+                                fused=fused_step)
         emb = embedding_weight(self.graph)
         info = self.graph.model_info
         self.vocab_size = int(info["vocab_size"])
@@ -180,7 +183,10 @@ class GenerationEngine:
             last = torch.tensor([[r.generated[-1]] for r in batch], device=self.device)
             slots = [r.slot for r in batch]
             logits = self.graphs.decode(slots, last) if self.graphs else self.forward(slots, last)
-            events.extend(self._emit(r, logits[i, -1]) for i, r in enumerate(batch))
+            # Greedy rows: one argmax and one device->host copy for the batch, not one per row.
+            greedy = logits[:, -1].argmax(-1).tolist() if any(r.temperature == 0 for r in batch) else None
+            events.extend(self._emit(r, logits[i, -1], greedy[i] if r.temperature == 0 else None)
+                          for i, r in enumerate(batch))
         return events
 
     def forward(self, slots: list[int], tokens: torch.Tensor) -> torch.Tensor:
@@ -192,8 +198,9 @@ class GenerationEngine:
         self.pool.advance(slots, tokens.shape[1])
         return logits
 
-    def _emit(self, req: _Request, logits: torch.Tensor) -> TokenEvent:
-        token = self.sample(logits, req.temperature, req.top_p)
+    def _emit(self, req: _Request, logits: torch.Tensor, token: int | None = None) -> TokenEvent:
+        if token is None:
+            token = self.sample(logits, req.temperature, req.top_p)
         req.generated.append(token)
         self.tokens_generated += 1
         reason = "stop" if token in req.stop else "length" if len(req.generated) >= req.max_new else None

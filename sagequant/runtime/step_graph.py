@@ -12,22 +12,27 @@ import torch.fx as fx
 from ..ir.graph import QuantGraph
 from ..passes.manager import PassContext, PassManager
 from ..ir.paged_attention import paged_attention
+from .fuse_step import fuse_step
 
 STEP_PASSES = ["kv_cache", "kv_cache_quant"]
 _CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-def step_graph(compiled, config=None, device: torch.device | None = None) -> QuantGraph:
+def step_graph(compiled, config=None, device: torch.device | None = None,
+               fused: bool = True) -> QuantGraph:
     """The cache-aware graph of `compiled` for its config (or `config`, e.g. another KV plan);
-    with `device`, a copy whose weights live there (the compiled model is left as it is)."""
+    with `device`, a copy whose weights live there (the compiled model is left as it is);
+    fused: the decoder glue rewritten into fused ops (fuse_step.py; same math on CPU)."""
     config = config or compiled.config
-    key = (config.to_json(), str(device))
+    key = (config.to_json(), str(device), fused)
     per_model = _CACHE.setdefault(compiled, {})
     if key not in per_model:
         src = compiled.graph
         gm = fx.GraphModule(src.gm, copy.deepcopy(src.graph))  # new containers, same tensors
         graph = QuantGraph(gm, copy.deepcopy(src.model_info))
         graph = PassManager(STEP_PASSES).run(graph, PassContext(config))
+        if fused:
+            graph.model_info["step_fusions"] = fuse_step(graph)
         if device is not None:
             _move(graph, device)
         per_model[key] = graph

@@ -105,11 +105,30 @@ def word_configs(dt: str):
                 types, const, opts
 
 
+def fused_configs(dt: str):
+    """The fused decoder-layer kernels (triton_fused) at Llama-3-8B width."""
+    from . import triton_fused as tf
+    for res in (False, True):
+        yield f"fused add_rms_norm {dt} residual={res}", tf._add_rms_norm, \
+            {"x_ptr": f"*{dt}", "r_ptr": f"*{dt}", "w_ptr": f"*{dt}", "out_ptr": f"*{dt}",
+             "sum_ptr": f"*{dt}", "eps": "fp32"}, dict(HAS_RES=res, BLOCK=4096), dict(num_warps=8)
+    yield f"fused rotary {dt}", tf._rotary, \
+        {"x_ptr": f"*{dt}", "cos_ptr": f"*{dt}", "sin_ptr": f"*{dt}", "out_ptr": f"*{dt}"}, \
+        dict(HALF=64), dict(num_warps=1)
+    yield f"fused rope_cache_decode {dt}", tf._rope_cache_decode, \
+        {"q_ptr": f"*{dt}", "k_ptr": f"*{dt}", "v_ptr": f"*{dt}", "cos_ptr": f"*{dt}",
+         "sin_ptr": f"*{dt}", "qo_ptr": f"*{dt}", "kc_ptr": f"*{dt}", "vc_ptr": f"*{dt}",
+         "table_ptr": "*i32", "pos_ptr": "*i64"}, dict(BS=16, HALF=64), dict(num_warps=1)
+    yield f"fused silu_mul {dt}", tf._silu_mul, {"a_ptr": f"*{dt}", "b_ptr": f"*{dt}",
+                                                 "out_ptr": f"*{dt}"}, dict(BLOCK=1024), dict(num_warps=4)
+
+
 def configs(defaults_only: bool = False):
     """(kernel name, fn, types, constexprs, options) for every configuration launched."""
     from . import triton_w8a8 as w8
     from . import triton_splitk as sk
     from . import triton_weight_only as wo
+    yield from fused_configs("bf16")
     yield from word_configs("bf16")  # the dtype they were timed in (fp16 compiles the same code)
     for dt in ("bf16", "fp16"):
         for fmt, flags in WO_FLAGS.items():

@@ -1,0 +1,36 @@
+#!/bin/bash
+# One lent-GPU call of the issue-18 measurements (run from the repo root; $OUT is the output dir):
+#   bash benchmarks/issue18_device.sh profile   # fused-kernel check, per-kernel step breakdown, peer smoke
+#   bash benchmarks/issue18_device.sh e2e       # full-depth e2e table of our engine (+ 8k-context KV rows)
+#   bash benchmarks/issue18_device.sh peers     # full-depth peers (HF static cache, torchao int4) + our bf16
+# torchao is not on the GPU image: its wheel travels in .whl/ (see the device README).
+set -o pipefail
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
+OUT=${OUT:-/tmp/out}
+nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,memory.used --format=csv
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
+  PEERS=/tmp/site
+fi
+case "$1" in
+  profile)
+    python3 -m sagequant.backends.cuda.fused_check 2>&1 | tee "$OUT/fused_check.txt"
+    python3 benchmarks/engine_step_profile.py --layers 2 --schemes bf16 W4A16 W8A8-FP8 \
+      --out "$OUT/profile_b1.json" 2>&1 | tee "$OUT/profile_b1.log"
+    PYTHONPATH=$PYTHONPATH:$PEERS timeout 200 python3 benchmarks/peer_generate.py --layers 2 \
+      --vocab 32000 --batches 1 --new-tokens 32 --out "$OUT/peers_smoke.json" 2>&1 | tail -8
+    ;;
+  e2e)
+    python3 benchmarks/e2e_generation.py --layers 32 --vocab 128256 --schemes bf16 W4A16 W8A8-FP8 W8A16 \
+      --batches 1 8 32 --prefill-len 512 2048 --prefill-reps 2 --new-tokens 64 --long-context 8192 \
+      --long-schemes bf16 --budget-s 500 --skip-correctness --out "$OUT/e2e_full.json" 2>&1 | tail -40
+    ;;
+  peers)
+    PYTHONPATH=$PYTHONPATH:$PEERS python3 benchmarks/peer_generate.py --layers 32 --vocab 128256 \
+      --batches 1 8 --new-tokens 64 --out "$OUT/peers_full.json" 2>&1 | tail -20
+    python3 benchmarks/e2e_generation.py --layers 32 --vocab 128256 --schemes bf16 W4A16 --batches 1 8 \
+      --prefill-len 512 --prefill-reps 1 --new-tokens 48 --budget-s 200 --skip-correctness \
+      --out "$OUT/e2e_same_machine.json" 2>&1 | tail -12
+    ;;
+  *) echo "usage: $0 profile|e2e|peers"; exit 2 ;;
+esac

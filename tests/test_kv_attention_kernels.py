@@ -35,3 +35,28 @@ def test_triton_decode_kernel_in_interpreter():
                          timeout=600)
     assert run.returncode == 0, run.stdout + run.stderr
     assert "all passed" in run.stdout
+
+
+def test_fresh_prefill_attention_equals_reference():
+    """The CUDA prefill shortcut (causal SDPA over the k, v just written) computes what the
+    reference computes from the cache, and steps it cannot serve are left to the reference."""
+    from sagequant.backends.cuda.kv_attention import fresh_prefill_attention
+    from sagequant.backends.reference.kv_attention import paged_attention_ref
+    from sagequant.runtime.context import AttentionStep
+    from sagequant.runtime.kv_pool import PagedKVPool
+    g = torch.Generator().manual_seed(0)
+    pool = PagedKVPool(KVQuantPlan("int8", block_size=16), ["none", "int8"], 2, 16, 4, 2,
+                       torch.float32, torch.device("cpu"))
+    q = torch.randn(2, 4, 10, 16, generator=g)
+    k, v = torch.randn(2, 2, 10, 16, generator=g), torch.randn(2, 2, 10, 16, generator=g)
+    for slot in (0, 1):
+        pool.open(slot, 20)
+    for layer in (0, 1):
+        pool.write(layer, [0, 1], [0, 0], k, v)
+    step = AttentionStep(pool, [0, 1], [0, 0], kernel=None, new_kv=(k, v))
+    got = fresh_prefill_attention(q, step, 0, 0.3, 0)
+    torch.testing.assert_close(got, paged_attention_ref(q, step, 0, 0.3, 0), rtol=1e-5, atol=1e-6)
+    assert fresh_prefill_attention(q, step, 1, 0.3, 0) is None      # int8 layer: attends dequantized codes
+    assert fresh_prefill_attention(q, step, 0, 0.3, 4) is None      # sliding window
+    later = AttentionStep(pool, [0, 1], [0, 2], kernel=None, new_kv=(k, v))
+    assert fresh_prefill_attention(q, later, 0, 0.3, 0) is None     # a chunk after cached tokens

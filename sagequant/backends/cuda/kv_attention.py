@@ -1,6 +1,7 @@
 """CUDA attention over the paged KV cache: decode steps (one new token per sequence) run the
 Triton kernel in triton_kv_attention.py, which reads int8 / fp8 / 16-bit blocks and dequantizes
-in registers; prefill and multi-token verify steps gather + dequantize the blocks and run torch's
+in registers; prefill of whole prompts into a 16-bit cache runs causal flash SDPA over the new
+k, v; other prefill and multi-token verify steps gather + dequantize the blocks and run torch's
 SDPA on the GPU (the reference kernel's math). Imports without a GPU or triton."""
 from __future__ import annotations
 
@@ -17,10 +18,26 @@ PRIORITIES = ("latency", "throughput", "memory")
 HEAD_DIMS = (16, 32, 64, 128, 256)  # tl.arange needs a power of two; tl.dot needs >= 16
 
 
+def fresh_prefill_attention(q: torch.Tensor, step, layer: int, scale: float | None,
+                            window: int) -> torch.Tensor | None:
+    """Prefill of whole prompts (every row starts at position 0) into a 16-bit cache without a
+    window: the cache then holds exactly the k, v just written, so causal SDPA over those (flash
+    attention, grouped-query heads unexpanded) is the reference's result without gathering the
+    blocks, expanding the kv heads and building a mask. None where that does not hold."""
+    fresh = step.new_kv
+    if (fresh is None or window or any(step.starts) or step.pool.layers[layer].quantized
+            or fresh[0].dtype != q.dtype or fresh[0].shape[2] != q.shape[2]):
+        return None
+    k, v = fresh
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
+                                                            enable_gqa=k.shape[1] != q.shape[1])
+
+
 def cuda_paged_attention(q: torch.Tensor, step, layer: int, scale: float | None,
                          window: int) -> torch.Tensor:
     if q.shape[2] != 1:
-        return paged_attention_ref(q, step, layer, scale, window)
+        out = fresh_prefill_attention(q, step, layer, scale, window)
+        return out if out is not None else paged_attention_ref(q, step, layer, scale, window)
     hardware.require_cuda_tensors("cuda_paged_decode_attention", q=q)
     index = step.decode_index()   # built once per step (or static, under CUDA graphs)
     cache = step.pool.layers[layer]

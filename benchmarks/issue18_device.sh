@@ -3,6 +3,7 @@
 #   bash benchmarks/issue18_device.sh profile   # fused-kernel check, per-kernel step breakdown, peer smoke
 #   bash benchmarks/issue18_device.sh e2e       # full-depth e2e table of our engine (+ 8k-context KV rows)
 #   bash benchmarks/issue18_device.sh peers     # full-depth peers (HF static cache, torchao int4) + our bf16
+#   bash benchmarks/issue18_device.sh all       # the three in one call, each step cut to the time left
 # torchao is not on the GPU image: its wheel travels in .whl/ (see the device README).
 set -o pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
@@ -32,5 +33,20 @@ case "$1" in
       --prefill-len 512 --prefill-reps 1 --new-tokens 48 --budget-s 200 --skip-correctness \
       --out "$OUT/e2e_same_machine.json" 2>&1 | tail -12
     ;;
-  *) echo "usage: $0 profile|e2e|peers"; exit 2 ;;
+  all)
+    START=$(date +%s)
+    left() { echo $(( ${1} - ($(date +%s) - START) )); }
+    timeout 60 python3 -m sagequant.backends.cuda.fused_check 2>&1 | tee "$OUT/fused_check.txt" | tail -3
+    timeout 110 python3 benchmarks/engine_step_profile.py --layers 2 --schemes bf16 W4A16 \
+      --out "$OUT/profile_b1.json" > "$OUT/profile_b1.log" 2>&1; tail -8 "$OUT/profile_b1.log"
+    timeout $(left 440) python3 benchmarks/e2e_generation.py --layers 32 --vocab 128256 \
+      --schemes bf16 W4A16 W8A8-FP8 W8A16 --batches 1 8 32 --prefill-len 512 2048 --prefill-reps 1 \
+      --new-tokens 48 --long-context 8192 --long-schemes bf16 --budget-s $(left 400) \
+      --skip-correctness --out "$OUT/e2e_full.json" > "$OUT/e2e_full.log" 2>&1
+    tail -25 "$OUT/e2e_full.log"
+    PYTHONPATH=$PYTHONPATH:$PEERS timeout $(left 570) python3 benchmarks/peer_generate.py --layers 32 \
+      --vocab 128256 --batches 1 8 --new-tokens 48 --out "$OUT/peers_full.json" > "$OUT/peers_full.log" 2>&1
+    tail -6 "$OUT/peers_full.log"
+    ;;
+  *) echo "usage: $0 profile|e2e|peers|all"; exit 2 ;;
 esac

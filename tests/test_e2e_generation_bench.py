@@ -35,24 +35,24 @@ def test_unquantized_scheme_is_refused(bench, compiled):
 
 
 def test_ratios_and_full_depth_estimate(bench):
-    rows = [{"scheme": "bf16", "memory": {"linear_bytes": 1000}, "prefill_ms": 30.0,
+    rows = [{"scheme": "bf16", "memory": {"linear_bytes": 1000}, "prefill_ms_2048": 30.0,
              "decode_b1": {"tok_s": 100.0, "ms_per_step": 10.0, "gpu_step_ms": 8.0}},
-            {"scheme": "W4A16", "memory": {"linear_bytes": 300}, "prefill_ms": 40.0,
+            {"scheme": "W4A16", "memory": {"linear_bytes": 300}, "prefill_ms_2048": 40.0,
              "decode_b1": {"tok_s": 200.0, "ms_per_step": 5.0, "gpu_step_ms": 4.0}},
-            {"scheme": "W8A16", "memory": {"linear_bytes": 550}, "prefill_ms": "skipped (time budget)",
+            {"scheme": "W8A16", "memory": {"linear_bytes": 550}, "prefill_ms_2048": "skipped (time budget)",
              "decode_b1": "skipped (time budget)"}]
     bench.add_ratios(rows, [1])
     bench.full_depth(rows, {1: 2.0}, layers=4, full_layers=32, batches=[1])
     bf16, w4, w8 = rows
     assert w4["linear_bytes_vs_bf16"] == pytest.approx(0.3)
-    assert w4["prefill_speedup"] == pytest.approx(0.75)
+    assert w4["prefill_speedup_2048"] == pytest.approx(0.75)
     assert w4["decode_b1"]["speedup"] == pytest.approx(2.0)
     assert w4["decode_b1"]["gpu_step_speedup"] == pytest.approx(2.0)
     # head 2 ms + per-layer part scaled 4 -> 32 layers + host time (step - replay)
     assert bf16["decode_b1"]["est_full_depth_tok_s"] == pytest.approx(1e3 / (2 + 6 * 8 + 2))
     assert w4["decode_b1"]["est_full_depth_tok_s"] == pytest.approx(1e3 / (2 + 2 * 8 + 1))
     assert w4["decode_b1"]["est_full_depth_speedup"] == pytest.approx(52 / 19)
-    assert "prefill_speedup" not in w8 and w8["decode_b1"] == "skipped (time budget)"
+    assert "prefill_speedup_2048" not in w8 and w8["decode_b1"] == "skipped (time budget)"
 
 
 def test_cuda_compiled_graph_passes_and_a_swapped_reference_op_is_caught(bench, monkeypatch, tiny):

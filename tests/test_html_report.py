@@ -1,15 +1,22 @@
-"""`sagequant report --artifact DIR --html OUT`: printed accuracy / memory / kernels and an HTML page
-whose plots come from the artifact's own numbers (tiny model: structure only, no accuracy claims)."""
+"""`sagequant report --artifact DIR --html OUT`: printed accuracy / memory / kernels and ONE
+self-contained HTML file whose inline-SVG plots come from the artifact's own numbers (tiny model:
+structure only, no accuracy claims), rendered in a real headless Chromium where one is installed."""
 from __future__ import annotations
 
 import re
+import shutil
+import subprocess
 
 import matplotlib.image
+import numpy as np
 import pytest
 
 import sagequant as sq
+from sagequant.evaluation.html_report import input_records, render_html_report, weight_bytes_by_kind
 from sagequant.tools.cli import main
-from sagequant.evaluation.html_report import input_records, weight_bytes_by_kind
+
+PLOT_TITLES = ("Per-layer quantization error", "Activation ranges vs calibrated clip",
+               "Linear-weight bytes by layer kind", "Pass timings")
 
 
 @pytest.fixture(scope="module")
@@ -21,8 +28,21 @@ def w8a8_artifact(tiny_checkpoint, tmp_path_factory):
     out = d / "w8a8"
     assert main(["compile", "--model", str(tiny_checkpoint), "--weight-dtype", "w8a8",
                  "--activation-dtype", "w8a8", "--dataset", str(data), "--samples", "2",
-                 "--seq-len", "16", "--output", str(out)]) == 0
+                 "--seq-len", "16", "--output", str(out), "--quiet"]) == 0
     return out
+
+
+@pytest.fixture(scope="module")
+def report_page(w8a8_artifact, tmp_path_factory):
+    """(printed output, path of the written report.html)."""
+    out = tmp_path_factory.mktemp("html")
+    import contextlib
+    import io
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert main(["report", "--artifact", str(w8a8_artifact), "--html", str(out),
+                     "--eval-tokens", "64", "--quiet"]) == 0
+    return buf.getvalue(), out / "report.html"
 
 
 def test_weight_bytes_by_kind_adds_up(w8a8_artifact):
@@ -36,38 +56,51 @@ def test_weight_bytes_by_kind_adds_up(w8a8_artifact):
     assert kinds["q_proj"]["compiled"] < 0.6 * kinds["q_proj"]["fp16"]  # int8 + scales
 
 
-def test_report_html_with_accuracy_and_plots(w8a8_artifact, tmp_path, capsys):
-    out = tmp_path / "html"
-    assert main(["report", "--artifact", str(w8a8_artifact), "--html", str(out),
-                 "--eval-tokens", "64"]) == 0
-    printed = capsys.readouterr().out
+def test_report_html_is_one_self_contained_file(report_page, w8a8_artifact):
+    printed, path = report_page
     assert "scheme W8A8-INT8" in printed and "kernels:" in printed
     m = re.search(r"accuracy: ppl ([\d.]+) \(float\) -> ([\d.]+) \(([-+][\d.]+) ± ([\d.]+)%\), KL ([\d.e-]+) "
                   r"± ([\d.e-]+), top-1 flips ([\d.]+) ± ([\d.]+)% on 64 tokens", printed)
     assert m, printed
     assert float(m.group(5)) > 0  # W8A8 moves the next-token distribution
-    page = (out / "report.html").read_text()
-    for png in ("errors.png", "activations.png", "weight_bytes.png"):
-        assert f'src="{png}"' in page
-        img = matplotlib.image.imread(out / png)
-        assert img.shape[0] > 100 and img.shape[1] > 100 and img.std() > 0  # a drawn figure
+    assert sorted(p.name for p in path.parent.iterdir()) == ["report.html"]  # no image files beside it
+    page = path.read_text()
+    assert page.count("<svg") == 4 and all(t in page for t in PLOT_TITLES)
+    assert "<img" not in page and not re.search(r"\b(src|href)=[\"'](?!#)", page)  # nothing linked
+    assert "Content-Security-Policy" in page and "default-src 'none'" in page
+    ids = re.findall(r'\bid="([^"]+)"', page)
+    assert len(ids) == len(set(ids))  # four figures on one page, no id collisions
     assert f"{float(m.group(1)):.3f}" in page and "Not measured" not in page and "KL(float‖quant)" in page
+    passes = page[page.index("<h2>Passes</h2>"):]
+    assert "{&quot;" not in passes and '{"' not in passes  # statistics rendered as tables, not JSON
+    assert "<td>records</td><td>14</td>" in passes  # the calibrate pass's statistic, as a table row
     records = input_records(sq.load(w8a8_artifact))
     assert len(records) == 14  # 2 layers x 7 quantized linears, lm_head kept
     assert all(r["clip"] > 0 and r["min"] <= r["max"] for r in records.values())
 
 
+def test_report_text_is_escaped_once(w8a8_artifact):
+    cm = sq.load(w8a8_artifact)
+    cm.pass_history.append({"pass": "x<y>", "seconds": 0.5, "modified": False,
+                            "stats": {"note": 'a<b & "c"', "layers": ["<l0>", "l1"],
+                                      "rows": [{"layer": "<a>", "db": 1.5}]}})
+    page = render_html_report(cm, None, None, "because <reasons> & more")
+    assert "<td>x&lt;y&gt;</td>" in page and "a&lt;b &amp; &quot;c&quot;" in page
+    assert "&lt;l0&gt;, l1" in page and "because &lt;reasons&gt; &amp; more" in page
+    assert "<tr><th>layer</th><th>db</th></tr><tr><td>&lt;a&gt;</td><td>1.5</td></tr>" in page
+    assert "<y>" not in page and "&amp;lt;" not in page and "&amp;quot;" not in page
+
+
 def test_report_html_without_source_says_what_is_missing(tiny, tmp_path, capsys):
     cfg = sq.QuantConfig(weight_dtype="int4", group_size=32, guard="off")
     art = sq.compile(tiny("llama"), cfg).save(tmp_path / "a")  # no calibration data
-    assert main(["report", "--artifact", str(art), "--html", str(tmp_path / "h")]) == 0
+    assert main(["report", "--artifact", str(art), "--html", str(tmp_path / "h.html")]) == 0
     assert "accuracy: not measured (the artifact records no source model; pass --reference MODEL)" \
         in capsys.readouterr().out
-    page = (tmp_path / "h" / "report.html").read_text()
+    page = (tmp_path / "h.html").read_text()
     assert page.count("Not measured: the artifact records no source model") == 2
     assert "No activation calibration records" in page
-    assert (tmp_path / "h" / "weight_bytes.png").is_file()
-    assert not (tmp_path / "h" / "errors.png").exists()
+    assert page.count("<svg") == 2  # weight bytes and pass timings only
 
 
 def test_eval_artifact_reports_paired_metrics_vs_source(w8a8_artifact, capsys):
@@ -115,3 +148,37 @@ def test_eval_mmlu_letter_scoring_per_subject_and_paired_delta(w8a8_artifact, tm
 def test_eval_mmlu_needs_its_file(w8a8_artifact, capsys):
     assert main(["eval", "--artifact", str(w8a8_artifact), "--task", "mmlu"]) != 0
     assert "--mmlu-file" in capsys.readouterr().err
+
+
+def _chromium() -> str | None:
+    return next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome")
+                 if shutil.which(n)), None)
+
+
+def _screenshot(browser: str, page, png, profile) -> np.ndarray:
+    subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                    "--no-first-run", "--disable-background-networking", "--disable-component-update",
+                    "--disable-sync", f"--user-data-dir={profile}", "--hide-scrollbars",
+                    f"--screenshot={png}", "--window-size=1280,4200", page.as_uri()],
+                   check=True, capture_output=True, timeout=120)
+    return matplotlib.image.imread(png)[..., :3]
+
+
+def _plot_pixels(img: np.ndarray) -> dict[str, int]:
+    """Pixels of matplotlib's tab:blue / tab:orange (the bars and ranges), which only plots draw."""
+    colours = {"blue": (0x1f, 0x77, 0xb4), "orange": (0xff, 0x7f, 0x0e)}
+    return {name: int((np.abs(img * 255 - np.array(rgb)).max(-1) < 12).sum())
+            for name, rgb in colours.items()}
+
+
+@pytest.mark.skipif(_chromium() is None, reason="no Chromium installed (apt-get install chromium)")
+def test_report_renders_its_plots_in_headless_chromium(report_page, tmp_path):
+    browser, page = _chromium(), report_page[1]
+    pixels = _plot_pixels(_screenshot(browser, page, tmp_path / "report.png", tmp_path / "profile"))
+    # Four plots of blue bars / ranges and one of orange bars: thousands of pixels each.
+    assert pixels["blue"] > 20000 and pixels["orange"] > 2000, pixels
+    # The same page without its figures has none: the count measures the plots, not the page.
+    bare = tmp_path / "bare.html"
+    bare.write_text(re.sub(r"<figure>.*?</figure>", "", page.read_text(), flags=re.S))
+    assert _plot_pixels(_screenshot(browser, bare, tmp_path / "bare.png", tmp_path / "profile2")) == \
+        {"blue": 0, "orange": 0}

@@ -162,7 +162,8 @@ def check_fisher(model, results: dict, calib: torch.Tensor, n: int) -> list[dict
     """Exact single-layer delta loss of n layers next to the Fisher estimate stored in results."""
     from sagequant.calibration.sensitivity import layer_sensitivity
     from sagequant.ir.trace import trace_model
-    from sagequant.passes import PassContext, PassManager
+    from sagequant.passes import PassContext
+    from sagequant.passes.pipeline import PTQ, build_pipeline
     from sagequant.passes.mixed_precision import quantized_linears
     measured = next(e for e in results.values() if (e.get("mixed_precision") or {}).get("ladder"))
     estimate = {r["layer"]: r["options"]["W4A16"]["delta_loss"] for r in measured["sensitivity"]}
@@ -171,7 +172,8 @@ def check_fisher(model, results: dict, calib: torch.Tensor, n: int) -> list[dict
     picked = ranked[:n // 2] + rest[::max(1, len(rest) // (n - n // 2))][:n - n // 2]
     cfg = sq.QuantConfig(**ROWS["w4a16-g128"])
     batches = list(calib.split(1))
-    graph = PassManager(["canonicalize", "annotate"]).run(trace_model(model), PassContext(cfg, batches))
+    graph = build_pipeline(cfg, PTQ).manager(stop_after="annotate").run(trace_model(model),
+                                                                         PassContext(cfg, batches))
     nodes = [nd for nd in quantized_linears(graph) if graph.annotation(nd).layer in picked]
     _, rows = layer_sensitivity(graph, batches, {nd: {"W4A16": graph.annotation(nd).weight_spec} for nd in nodes})
     return [{"layer": r["layer"], "fisher": estimate[r["layer"]], "measured": r["options"]["W4A16"]["delta_loss"]}

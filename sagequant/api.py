@@ -3,6 +3,7 @@ back; QuantizationManager / QuantizationProtocol are the seed's facade over the 
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -17,10 +18,11 @@ from .ir.kv_plan import KVQuantPlan, build_kv_plan
 from .ir.serialize import GraphSerializationError, graph_from_json, graph_to_json
 from .ir.trace import trace_model
 from .lowering.registry import REGISTRY, KernelSpec
-from .passes import PIPELINE, DumpIR, PassContext, PassManager, PrintIRAfter
+from .passes import DumpIR, PassContext, PrintIRAfter
 from .passes.annotate import weight_spec_for
 from .passes.guard import split_held_back
-from .passes.pipeline import qat_pipelines
+from .passes.pipeline import PTQ, QAT, Pipeline, build_pipeline
+from .passes.qat_train import QATTraining
 from .passes.schedule import scheduler_ir
 
 
@@ -31,7 +33,7 @@ def _compile_qat(model, cfg: QuantConfig, train_data, tokenizer, options, instru
         raise ConfigError("compile(qat=QATOptions(...)) needs QuantConfig.enable_qat=True")
     if instrumented:
         raise ConfigError("print_ir_after / dump_dir / stop_after apply to PTQ compiles; for QAT run "
-                          "the passes of sagequant.passes.pipeline.qat_pipelines() with a PassManager")
+                          "build_pipeline(config, 'qat').manager(...) from sagequant.passes.pipeline")
     return quantization_aware_training(model, cfg, train_data, tokenizer, options)
 
 
@@ -82,16 +84,20 @@ def compile(model, config: QuantConfig | None = None, calibration_data=None, tok
     num_layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
     if isinstance(num_layers, int):   # fail before the pipeline runs, naming the valid layers
         kv_plan.validate_layers(num_layers)
-    graph = trace_model(model)
+    pipeline = build_pipeline(cfg, PTQ, held_back=held_back is not None, reference=True)
+    if cfg.guard != "off" and pipeline.omitted_reason("guard"):
+        warnings.warn(f"sagequant accuracy guard not run: {pipeline.omitted_reason('guard')}; pass "
+                      "calibration_data= or set QuantConfig.guard='off' to say it is intended", stacklevel=2)
     instruments = []
     if print_ir_after:
         instruments.append(PrintIRAfter(print_ir_after))
     if dump_dir:
         instruments.append(DumpIR(dump_dir))
-    pm = PassManager(PIPELINE, instruments, verify_each=verify_each, stop_after=stop_after)
+    pm = pipeline.manager(instruments, verify_each=verify_each, stop_after=stop_after)
+    graph = trace_model(model)
     ctx = PassContext(cfg, batches, reference_model=model, held_back_batches=held_back)
     graph = pm.run(graph, ctx)
-    compiled = CompiledModel(graph, cfg, kv_plan, pm.history)
+    compiled = CompiledModel(graph, cfg, kv_plan, pm.history, pipeline)
     compiled.source_model = model
     return compiled
 
@@ -100,7 +106,7 @@ def quantization_aware_training(model: torch.nn.Module, config: QuantConfig, tra
                                 tokenizer=None, options: QATOptions | None = None):
     """Trace `model`, train its FakeQuant graph per `options`, and compile the result like PTQ.
     Returns a CompiledModel whose pass history holds a `qat_train` entry (loss curve, time)."""
-    from .calibration.qat import QATOptions, train_fake_quant_graph, training_windows
+    from .calibration.qat import QATOptions, training_windows
     opts = options if options is not None else QATOptions()
     if not isinstance(opts, QATOptions):
         raise ConfigError(f"options must be QATOptions, got {type(opts).__name__}")
@@ -110,18 +116,11 @@ def quantization_aware_training(model: torch.nn.Module, config: QuantConfig, tra
     windows = training_windows(train_data, tokenizer, opts)
     needs_calibration = cfg.activation_format is not None or cfg.calibration not in ("minmax", "percentile")
     calib = list(windows[:cfg.calibration_samples].split(1)) if needs_calibration else None
-    graph = trace_model(model)
-    ctx = PassContext(cfg, calib)
-    prepare_passes, export_passes = qat_pipelines()
-    prepare = PassManager(prepare_passes)
-    graph = prepare.run(graph, ctx)
-    train_stats = train_fake_quant_graph(graph.gm, model if opts.loss == "distill" else None,
-                                         windows, opts)
-    export = PassManager(export_passes)
-    graph = export.run(graph, ctx)
-    history = prepare.history + [{"pass": "qat_train", "modified": True,
-                                  "seconds": round(train_stats["seconds"], 2), "stats": train_stats}]
-    compiled = CompiledModel(graph, cfg, build_kv_plan(cfg), history + export.history)
+    pipeline = build_pipeline(cfg, QAT)
+    pm = pipeline.manager()
+    training = QATTraining(windows, model if opts.loss == "distill" else None, opts)
+    graph = pm.run(trace_model(model), PassContext(cfg, calib, training=training))
+    compiled = CompiledModel(graph, cfg, build_kv_plan(cfg), pm.history, pipeline)
     compiled.source_model = model
     return compiled
 
@@ -138,11 +137,12 @@ def _is_onnx(model) -> bool:
 
 class CompiledModel:
     def __init__(self, graph: QuantGraph, config: QuantConfig, kv_plan: KVQuantPlan,
-                 pass_history: list[dict]):
+                 pass_history: list[dict], pipeline: Pipeline | None = None):
         self.graph = graph
         self.config = config
         self.kv_plan = kv_plan
         self.pass_history = pass_history
+        self.pipeline = pipeline  # what the compile ran (None: an artifact from before it was recorded)
         self.source_model: torch.nn.Module | None = None  # the float model, when compiled here
         self.draft: CompiledModel | None = None  # draft_mode: the lighter draft path
 
@@ -237,8 +237,8 @@ class CompiledModel:
             "passes": self.pass_history,
             "kv_plan": self.kv_plan.to_dict(),
             "config": self.config.to_dict(),
-            "accuracy_guard": _pass_stats(self.pass_history, "guard"),
-            "mixed_precision": _pass_stats(self.pass_history, "mixed_precision"),
+            "accuracy_guard": self._pass_stats("guard"),
+            "mixed_precision": self._pass_stats("mixed_precision"),
         }
 
     def error_report(self, input_ids: torch.Tensor, reference: torch.nn.Module | None = None) -> list[dict]:
@@ -251,10 +251,17 @@ class CompiledModel:
         ids = input_ids.unsqueeze(0) if input_ids.dim() == 1 else input_ids
         return layer_errors(self.graph, reference, [ids])
 
+    def _pass_stats(self, name: str) -> dict | None:
+        """The statistics of pass `name`, or why the pipeline left it out."""
+        stats = next((p.get("stats") for p in self.pass_history if p["pass"] == name), None)
+        why = self.pipeline.omitted_reason(name) if self.pipeline is not None else None
+        return {"skipped": why} if stats is None and why else stats
+
     # ---- persistence -------------------------------------------------------------------------
     def save(self, directory: str | Path) -> Path:
         meta = {"config": self.config.to_dict(), "kv_plan": self.kv_plan.to_dict(),
                 "model_info": self.graph.model_info, "pass_history": self.pass_history,
+                "pipeline": self.pipeline.to_dict() if self.pipeline is not None else None,
                 "scheduler_ir": self.scheduler_ir, "report": _jsonable(self.report())}
         return write_artifact(directory, graph_to_json(self.graph.gm), self.graph.state(), meta)
 
@@ -276,17 +283,16 @@ def load(directory: str | Path) -> CompiledModel:
         config = QuantConfig.from_dict(meta["config"])
         kv_plan = KVQuantPlan.from_dict(meta["kv_plan"])
         gm = graph_from_json(graph_json, tensors)
-    except (KeyError, ConfigError) as e:
+        pipeline = Pipeline.from_dict(meta["pipeline"]) if meta.get("pipeline") else None
+    except (KeyError, TypeError, ConfigError) as e:
         raise ArtifactError(f"artifact {str(directory)!r} has invalid metadata: {e}") from None
     except GraphSerializationError as e:
         raise ArtifactError(f"artifact {str(directory)!r} cannot be loaded by this build: {e}") from None
     graph = QuantGraph(gm, meta.get("model_info"))
     graph.verify()
-    return CompiledModel(graph, config, kv_plan, meta.get("pass_history", []))
+    return CompiledModel(graph, config, kv_plan, meta.get("pass_history", []), pipeline)
 
 
-def _pass_stats(history: list[dict], name: str) -> dict | None:
-    return next((p.get("stats") for p in history if p["pass"] == name), None)
 
 
 def _jsonable(obj):

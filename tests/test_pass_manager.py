@@ -7,8 +7,13 @@ import pytest
 
 import sagequant as sq
 from sagequant.ir.graph import GraphVerificationError
-from sagequant.passes import (PASSES, PIPELINE, DumpIR, Instrument, Pass, PassContext, PassManager,
-                              PassResult, PrintIRAfter, Timing)
+from sagequant.passes import (PASSES, DumpIR, Instrument, Pass, PassContext, PassManager, PassResult,
+                              PrintIRAfter, Timing)
+from sagequant.passes.pipeline import PTQ, PTQ_PASSES, build_pipeline
+
+# What compile() runs for the tests' config without held-back data: the algorithm passes, mixed
+# precision and the guard are not selected.
+PIPELINE = build_pipeline(sq.QuantConfig(group_size=32), PTQ).names
 
 
 def run(traced, passes, *, batches=None, cfg=None, **pm_kwargs):
@@ -36,11 +41,12 @@ CORE = ["canonicalize", "annotate", "insert_observers", "calibrate", "convert", 
 
 def test_pipeline_is_registered_in_order():
     # Algorithm passes (smoothquant, awq, gptq, ...) may sit between these; the core order holds.
-    assert [p for p in PIPELINE if p in CORE] == CORE
-    assert PIPELINE[0] == "canonicalize" and PIPELINE.index("guard") > PIPELINE.index("lower")
-    assert len(set(PIPELINE)) == len(PIPELINE)
-    assert set(PIPELINE) <= set(PASSES)
-    for name in PIPELINE:
+    assert [p for p in PTQ_PASSES if p in CORE] == CORE
+    assert PTQ_PASSES[0] == "canonicalize" and PTQ_PASSES.index("guard") > PTQ_PASSES.index("lower")
+    assert len(set(PTQ_PASSES)) == len(PTQ_PASSES)
+    assert set(PTQ_PASSES) <= set(PASSES)
+    assert PIPELINE == CORE + ["fuse_norm_qdq"]
+    for name in PTQ_PASSES:
         assert PASSES[name].name == name and PASSES[name].summary
 
 

@@ -10,7 +10,7 @@ from sagequant.calibration.datasets import CalibrationDataError
 from sagequant.calibration.fake_quant import FakeQuantize, FakeQuantLinear, fake_quantize
 from sagequant.api import quantization_aware_training
 from sagequant.calibration.qat import QATOptions, add_lora, merge_lora, qat_loss, training_windows
-from sagequant.passes.pipeline import qat_pipelines
+from sagequant.passes.pipeline import QAT, build_pipeline
 from sagequant.config import ConfigError
 from sagequant.ir.quant_spec import QuantSpec, compute_qparams, dequantize, quantize
 from sagequant.passes import PassContext, PassManager
@@ -113,7 +113,7 @@ def test_rms_norm_gradient_matches_float64_autograd(offset):
 
 def _prepared(traced, cfg):
     model, graph = traced("llama", **{"num_hidden_layers": 1})
-    graph = PassManager(qat_pipelines()[0]).run(graph, PassContext(cfg))
+    graph = build_pipeline(cfg, QAT).manager(stop_after="fake_quant").run(graph, PassContext(cfg))
     return model, graph
 
 
@@ -195,7 +195,8 @@ def test_qat_export_runs_on_the_trained_grid(tiny):
     ids = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(4))
     cfg = sq.QuantConfig(weight_dtype="int4", activation_dtype="a16", group_size=32, enable_qat=True)
     ctx = PassContext(cfg)
-    prepare, export = qat_pipelines()
+    names = build_pipeline(cfg, QAT).names
+    prepare, export = names[:names.index("qat_train")], names[names.index("qat_train") + 1:]
     graph = PassManager(prepare).run(trace_model(model), ctx)
     train_fake_quant_graph(graph.gm, model, ids, QATOptions(steps=3, lr=3e-3, scale_lr=1e-3, lora_rank=2,
                                                             seq_len=16, progress=False))

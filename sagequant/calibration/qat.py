@@ -2,10 +2,10 @@
 `compile(..., QuantConfig(enable_qat=True), qat=QATOptions(...))` (api.quantization_aware_training
 runs the passes around it).
 
-Flow: trace -> the PTQ passes before convert, then `fake_quant` -> train the FakeQuant graph
-(LoRA adapters from peft and/or LSQ scales; everything else frozen) -> merge the adapters into the
-weights -> `fold_fake_quant` and the PTQ passes from convert on (passes/pipeline.qat_pipelines): the same static graph,
-KernelBindings and artifact as PTQ. The training is on the traced graph itself, so the QuantSpecs
+Flow (the qat pipeline of passes/pipeline.py): trace -> the PTQ passes before convert, then
+`fake_quant` -> `qat_train` trains the FakeQuant graph here (LoRA adapters from peft and/or LSQ
+scales; everything else frozen) and merges the adapters into the weights -> `fold_fake_quant` and
+the PTQ passes from convert on: the same static graph, KernelBindings and artifact as PTQ. The training is on the traced graph itself, so the QuantSpecs
 that training sees are the ones convert uses, node for node.
 
 Loss: "distill" (default) is the KL divergence from the float model's next-token distribution

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -44,3 +46,30 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: in
         raise RuntimeError(f"KV pool stores layer {layer} as {step.pool.layer_dtypes[layer]!r} but "
                            f"the graph says {kv_dtype!r}: build the pool from this graph")
     return step.attend(q, k, v, layer, scale, window, cos, sin)
+
+
+@dataclass(frozen=True)
+class AttentionCall:
+    """A paged_attention node's arguments by name (kv_dtype defaults to "none" until the
+    kv_cache_quant pass sets it)."""
+
+    q: Any
+    k: Any
+    v: Any
+    layer: int
+    scale: float | None
+    window: int
+    kv_dtype: str = "none"
+    cos: Any = None   # set (as keywords) when the step graph's fusion moved the rotary here
+    sin: Any = None
+
+    @classmethod
+    def of(cls, node) -> AttentionCall:
+        return cls(*node.args, **node.kwargs)
+
+    def args(self) -> tuple:
+        return (self.q, self.k, self.v, self.layer, self.scale, self.window, self.kv_dtype)
+
+    def kwargs(self) -> dict:
+        return {} if self.cos is None else {"cos": self.cos, "sin": self.sin}
+

@@ -20,7 +20,7 @@ def annotate(graph: QuantGraph, ctx: PassContext) -> PassResult:
     cfg = ctx.config
     linears = graph.nodes(ATEN.linear.default)
     names = [layer_name(n) or n.name for n in linears]
-    _check_patterns_match(cfg, names)
+    check_patterns_match(cfg, names)
     quantized = skipped = 0
     for node, name in zip(linears, names):
         ann = _annotation_for(graph, node, name, cfg)
@@ -34,18 +34,27 @@ def _annotation_for(graph: QuantGraph, node, name: str, cfg: QuantConfig) -> Nod
     weight = node.args[1]
     if getattr(weight, "op", None) != "get_attr":
         return NodeAnnotation(name, skip_reason="weight is computed in the graph, not a parameter")
-    settings = cfg.layer_settings(name)
-    if settings is None:
+    specs = layer_specs(cfg, name)
+    if specs is None:
         reason = "QuantConfig.ignore" if cfg.is_ignored(name) else "QuantConfig.overrides: skip"
         return NodeAnnotation(name, skip_reason=reason)
-    weight_spec = weight_spec_for(settings, cfg.scale_precision)
+    settings, weight_spec, input_spec = specs
+    return NodeAnnotation(name, scheme=settings.scheme, weight_spec=weight_spec,
+                          input_spec=input_spec, clip_ratio=settings.clip_ratio)
+
+
+def layer_specs(cfg: QuantConfig, name: str) -> tuple[LayerSettings, QuantSpec, QuantSpec | None] | None:
+    """(settings, weight spec, input activation spec or None) of layer `name`; None when it stays
+    float. The one decision, shared by the torch pass and the ONNX frontend."""
+    settings = cfg.layer_settings(name)
+    if settings is None:
+        return None
     input_spec = None
     if settings.activation_format:
         dynamic = cfg.activation_scale == "dynamic_per_token"
         input_spec = QuantSpec(settings.activation_format, "per_token" if dynamic else "per_tensor",
                                None, True, "fp32", dynamic=dynamic)
-    return NodeAnnotation(name, scheme=settings.scheme, weight_spec=weight_spec,
-                          input_spec=input_spec, clip_ratio=settings.clip_ratio)
+    return settings, weight_spec_for(settings, cfg.scale_precision), input_spec
 
 
 def weight_spec_for(settings: LayerSettings, scale_precision: str) -> QuantSpec:
@@ -56,7 +65,7 @@ def weight_spec_for(settings: LayerSettings, scale_precision: str) -> QuantSpec:
     return QuantSpec(settings.weight_format, granularity, group, settings.symmetric, scale_precision)
 
 
-def _check_patterns_match(cfg: QuantConfig, names: list[str]) -> None:
+def check_patterns_match(cfg: QuantConfig, names: list[str]) -> None:
     """A pattern that matches no layer is almost always a typo; saying so beats ignoring it."""
     for field, patterns in (("ignore", cfg.ignore), ("overrides", list(cfg.overrides))):
         for pat in patterns:

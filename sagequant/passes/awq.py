@@ -23,15 +23,12 @@ from .fold_scales import fold_group_scales
 from .manager import PassContext, PassResult, register_pass
 
 ATEN = torch.ops.aten
-METHODS = ("awq", "smoothquant+awq", "awq+gptq")
 
 
 @register_pass("awq", "activation-aware scale search folded into producers, then weight clip search",
                requires=("annotate",))
 def awq(graph: QuantGraph, ctx: PassContext) -> PassResult:
     cfg = ctx.config
-    if cfg.calibration not in METHODS:
-        return PassResult(graph, False, {"skipped": f"calibration={cfg.calibration}"})
     if cfg.activation_format is not None:
         raise ConfigError(f"QuantConfig.calibration={cfg.calibration!r}: AWQ protects salient weight "
                           f"channels for weight-only schemes (W4A16, W8A16, NF4-A16, FP8-W8A16); "

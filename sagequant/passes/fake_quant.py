@@ -27,8 +27,6 @@ ACTIVATION_AVERAGING = 0.01
                requires=("annotate",))
 def fake_quant(graph: QuantGraph, ctx: PassContext) -> PassResult:
     cfg = ctx.config
-    if not cfg.enable_qat:
-        return PassResult(graph, False, {"skipped": "enable_qat=False"})
     inserted = learned = 0
     # Linears reading one tensor with one activation spec share its FakeQuant (q/k/v, gate/up), as
     # they share one calibrated scale in PTQ: one quantization of the tensor, fusable into its norm.

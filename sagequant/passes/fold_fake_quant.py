@@ -18,8 +18,6 @@ ATEN = torch.ops.aten
 @register_pass("fold_fake_quant", "QAT: trained FakeQuantLinear modules -> linears + their qparams",
                requires=("fake_quant",))
 def fold_fake_quant(graph: QuantGraph, ctx: PassContext) -> PassResult:
-    if not ctx.config.enable_qat:
-        return PassResult(graph, False, {"skipped": "enable_qat=False"})
     folded = 0
     for node in [n for n in graph.graph.nodes if n.op == "call_module"]:
         module = graph.gm.get_submodule(node.target)

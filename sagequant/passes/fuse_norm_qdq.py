@@ -37,8 +37,6 @@ NORM_QUANTIZE = torch.ops.sagequant.rms_norm_quantize.default
                "the RMSNorm that produces it (fuse_qdq, fuse_ln)", requires=("lower",))
 def fuse_norm_qdq(graph: QuantGraph, ctx: PassContext) -> PassResult:
     cfg = ctx.config
-    if not cfg.fuse_qdq:
-        return PassResult(graph, False, {"skipped": "QuantConfig.fuse_qdq=False"})
     groups, unfused = _shared_inputs(graph)
     stats = {"quantizers": 0, "norms_fused": 0, "kernels": 0, "requantizations_removed": 0,
              "unfused": unfused}

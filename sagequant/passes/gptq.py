@@ -24,7 +24,6 @@ from ..progress import track
 from .manager import PassContext, PassResult, register_pass
 
 ATEN = torch.ops.aten
-METHODS = ("gptq", "awq+gptq")  # awq+gptq: the awq pass balanced the weights first
 # Fewer calibration rows than this many times a layer's input width gives a poorly conditioned
 # Hessian; damping handles it, but the user is told rather than silently served a bad result.
 MIN_ROWS_PER_INPUT = 1
@@ -33,8 +32,6 @@ MIN_ROWS_PER_INPUT = 1
 @register_pass("gptq", "GPTQ weight rounding, sequential over decoder blocks", requires=("annotate",))
 def gptq(graph: QuantGraph, ctx: PassContext) -> PassResult:
     cfg = ctx.config
-    if cfg.calibration not in METHODS:
-        return PassResult(graph, False, {"skipped": f"calibration={cfg.calibration}"})
     if not ctx.calibration_batches:
         raise CalibrationDataError("GPTQ needs calibration data (its Hessians come from layer inputs); "
                                    "pass calibration_data=")

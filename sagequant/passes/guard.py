@@ -14,7 +14,6 @@ others, and so that it sees exactly the graph the pipeline produced.
 from __future__ import annotations
 
 import math
-import warnings
 
 import torch
 
@@ -65,14 +64,9 @@ def split_held_back(batches: list[torch.Tensor], cfg) -> tuple[list[torch.Tensor
                requires=("lower",))
 def guard(graph: QuantGraph, ctx: PassContext) -> PassResult:
     cfg = ctx.config
-    if cfg.guard == "off":
-        return PassResult(graph, False, {"skipped": "QuantConfig.guard='off'"})
     if ctx.held_back_batches is None or ctx.reference_model is None:
-        why = ("no calibration data, so nothing was held back to measure on"
-               if ctx.held_back_batches is None else "no float model to compare with")
-        warnings.warn(f"sagequant accuracy guard not run: {why}; pass calibration_data= or set "
-                      "QuantConfig.guard='off' to say it is intended", stacklevel=2)
-        return PassResult(graph, False, {"skipped": why})
+        raise ValueError("the guard needs held-back sequences and the float model in PassContext "
+                         "(passes/pipeline.py leaves the pass out without them)")
     logits = LogitComparison()
     rows = layer_errors(graph, ctx.reference_model, ctx.held_back_batches, on_logits=logits.add,
                         desc="accuracy guard")

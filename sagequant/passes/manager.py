@@ -30,6 +30,7 @@ class PassContext:
     ran: list[str] = field(default_factory=list)
     reference_model: object | None = None  # the float torch.nn.Module compiled from
     held_back_batches: list | None = None
+    training: object | None = None  # QAT: qat_train.QATTraining (windows, teacher, options)
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,8 @@ def mixed_precision(graph: QuantGraph, ctx: PassContext) -> PassResult:
     cfg = ctx.config
     target = _target(cfg)
     if target is None:
-        return PassResult(graph, False, {"skipped": "no target_bits_per_weight / target_max_delta_loss"})
+        raise ConfigError("mixed_precision needs QuantConfig.target_bits_per_weight or "
+                          "target_max_delta_loss (passes/pipeline.py leaves the pass out without one)")
     if not ctx.calibration_batches:
         raise CalibrationDataError("mixed precision measures per-layer sensitivity on calibration data; "
                                    "pass calibration_data=")
@@ -155,8 +156,8 @@ def model_sensitivity(model, cfg: QuantConfig, batches: list) -> tuple[float, li
     """The sensitivity table of a float model under `cfg` (its scheme and precision_upgrades):
     trace, canonicalize and annotate it, then measure every quantized linear alone."""
     from ..ir.trace import trace_model
-    from .manager import PassManager
+    from .pipeline import PTQ, build_pipeline
     graph = trace_model(model)
-    graph = PassManager(["canonicalize", "annotate"]).run(graph, PassContext(cfg, batches))
+    graph = build_pipeline(cfg, PTQ).manager(stop_after="annotate").run(graph, PassContext(cfg, batches))
     nodes = quantized_linears(graph)
     return sensitivity(graph, batches, layer_options(graph, nodes, cfg, upgrade_settings(cfg)), cfg, model)

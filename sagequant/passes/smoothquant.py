@@ -20,7 +20,6 @@ from ..ir.quant_spec import QuantSpec
 from ..progress import track
 from .manager import PassContext, PassResult, register_pass
 
-METHODS = ("smoothquant", "smoothquant+awq")
 SEARCH_ROWS = 512
 # Weight-only schemes smoothed before AWQ search alpha against int8 per-token activations.
 SEARCH_ACT_SPEC = QuantSpec("int8", "per_token", None, True, "fp32", dynamic=True)
@@ -30,8 +29,6 @@ SEARCH_ACT_SPEC = QuantSpec("int8", "per_token", None, True, "fp32", dynamic=Tru
                requires=("annotate",))
 def smoothquant(graph: QuantGraph, ctx: PassContext) -> PassResult:
     cfg = ctx.config
-    if cfg.calibration not in METHODS:
-        return PassResult(graph, False, {"skipped": f"calibration={cfg.calibration}"})
     if cfg.calibration == "smoothquant" and cfg.activation_format is None:
         raise ConfigError(f"QuantConfig.calibration='smoothquant' smooths activations for activation "
                           f"quantization, but scheme {cfg.scheme} keeps 16-bit activations; use it "

@@ -10,11 +10,11 @@ import torch
 import torch.fx as fx
 
 from ..ir.graph import QuantGraph
-from ..passes.manager import PassContext, PassManager
+from ..passes.manager import PassContext
+from ..passes.pipeline import STEP_GRAPH, build_pipeline
 from ..ir.paged_attention import paged_attention
 from .fuse_step import fuse_step
 
-STEP_PASSES = ["kv_cache", "kv_cache_quant"]
 _CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
@@ -30,7 +30,7 @@ def step_graph(compiled, config=None, device: torch.device | None = None,
         src = compiled.graph
         gm = fx.GraphModule(src.gm, copy.deepcopy(src.graph))  # new containers, same tensors
         graph = QuantGraph(gm, copy.deepcopy(src.model_info))
-        graph = PassManager(STEP_PASSES).run(graph, PassContext(config))
+        graph = build_pipeline(config, STEP_GRAPH).manager().run(graph, PassContext(config))
         if fused:
             graph.model_info["step_fusions"] = fuse_step(graph)
         if device is not None:

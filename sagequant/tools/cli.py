@@ -10,7 +10,6 @@ from pathlib import Path
 
 from ..config import ConfigError, QuantConfig
 from ..errors import SageQuantError
-from ..passes import PIPELINE
 from ..progress import is_quiet, log, set_quiet
 from .engine_cli import add_engine_parser
 from .arg_types import (group_size, int_at_least, non_negative_float, non_negative_int, positive_float,
@@ -41,7 +40,7 @@ def cmd_compile(args) -> int:
     cm = sq_compile(model, cfg, calibration_data=data, tokenizer=tok, print_ir_after=print_after,
                     dump_dir=args.dump_dir, stop_after=args.stop_after)
     cm.graph.model_info["source"] = args.model
-    if args.stop_after and args.stop_after != PIPELINE[-1]:
+    if args.stop_after and args.stop_after != cm.pipeline.names[-1]:
         print(f"stopped after pass {args.stop_after}; no artifact written")
         return 0
     path = cm.save(args.output)
@@ -229,6 +228,10 @@ def cmd_export(args) -> int:
 def cmd_inspect(args) -> int:
     from ..api import load
     cm = load(args.artifact)
+    if args.pipeline:
+        print(cm.pipeline.describe() if cm.pipeline is not None else
+              "this artifact does not record its pipeline (saved before pipelines were recorded)")
+        return 0
     print(cm.graph.format(annotated_only=not args.all))
     if args.scheduler_ir:
         print(json.dumps(cm.scheduler_ir, indent=1))
@@ -311,6 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("inspect", help="print an artifact's graph with quantization annotations")
     i.add_argument("--artifact", required=True)
     i.add_argument("--all", action="store_true", help="every node, not only annotated ones")
+    i.add_argument("--pipeline", action="store_true",
+                   help="print the pipeline the compile ran (passes, options, and those left out with why)")
     i.add_argument("--scheduler-ir", action="store_true", help="also print the Scheduler IR JSON")
     i.add_argument("--errors", action="store_true",
                    help="per-layer SQNR of quantized outputs vs the float model, worst first")

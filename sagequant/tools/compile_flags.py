@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from ..config import ConfigError, QuantConfig
-from ..passes import PIPELINE
+from ..passes.pipeline import PTQ_PASSES
 from .arg_types import group_size, non_negative_float, positive_float, positive_int, unit_ratio
 
 
@@ -77,7 +77,7 @@ def add_compile_flags(p: argparse.ArgumentParser, dataset_required: bool,
     p.add_argument("--target-delta-loss", type=non_negative_float,
                    help="mixed precision: largest summed per-layer delta loss (nats)")
     p.add_argument("--print-ir-after", action="append", metavar="PASS", type=_pass_name(allow_all=True),
-                   help=f"print the IR after PASS (repeatable, or 'all'); passes: {', '.join(PIPELINE)}")
+                   help=f"print the IR after PASS (repeatable, or 'all'); passes: {', '.join(PTQ_PASSES)}")
     p.add_argument("--stop-after", metavar="PASS", type=_pass_name(allow_all=False),
                    help="stop the pipeline after PASS")
     p.add_argument("--dump-dir", help="write numbered IR files, one per pass")
@@ -85,9 +85,9 @@ def add_compile_flags(p: argparse.ArgumentParser, dataset_required: bool,
 
 def _pass_name(allow_all: bool):
     def parse(text: str) -> str:
-        if text in PIPELINE or (allow_all and text == "all"):
+        if text in PTQ_PASSES or (allow_all and text == "all"):
             return text
-        raise argparse.ArgumentTypeError(f"unknown pass {text!r}; passes: {', '.join(PIPELINE)}"
+        raise argparse.ArgumentTypeError(f"unknown pass {text!r}; passes: {', '.join(PTQ_PASSES)}"
                                          + (" (or 'all')" if allow_all else ""))
     parse.__name__ = "pass name"
     return parse

@@ -1,7 +1,8 @@
 """compile() for ONNX input: an exported LLM graph (logits from input_ids) -> a quantized ONNX model
 that runs in onnxruntime, with the same QuantConfig, QuantSpecs and formats as the torch side.
 
-Steps, each reported in `pass_history`:
+Steps (the onnx pipeline of passes/pipeline.py, which leaves out those the config does not
+select), each reported in `pass_history`:
   load       read and check the model (graph.load: corrupt files and unknown ops are refused)
   annotate   find the linears (MatMul / Gemm with a constant weight), name them after their module,
              apply QuantConfig's per-layer rules (ignore, overrides) -> weight / activation QuantSpecs
@@ -23,7 +24,7 @@ import numpy as np
 import torch
 
 from ...config import ConfigError, QuantConfig
-from ...ir.quant_spec import QuantSpec, quantize
+from ...ir.quant_spec import quantize
 from .graph import Linear, OnnxInputError, find_linears, load, norm_groups, scope_names
 
 METHODS = ("minmax", "percentile", "smoothquant", "awq")
@@ -44,7 +45,8 @@ def _at_least_opset(model, version: int):
 
 def compile_onnx(model_or_path, cfg: QuantConfig, batches: list[torch.Tensor] | None) -> "OnnxCompiledModel":
     import onnx_graphsurgeon as gs
-    from ...passes.annotate import _check_patterns_match, weight_spec_for
+    from ...passes.annotate import check_patterns_match, layer_specs
+    from ...passes.pipeline import ONNX, build_pipeline
     if cfg.calibration not in METHODS:
         raise ConfigError(f"QuantConfig.calibration={cfg.calibration!r} is not available for ONNX input "
                           f"models; valid there: {', '.join(METHODS)}")
@@ -53,6 +55,7 @@ def compile_onnx(model_or_path, cfg: QuantConfig, batches: list[torch.Tensor] | 
     if torch_only:
         raise ConfigError(f"QuantConfig.{torch_only[0]} needs the torch pipeline; ONNX input models "
                           "take weight / activation quantization settings only")
+    pipeline = build_pipeline(cfg, ONNX)
     history = []
     t = time.perf_counter()
 
@@ -69,17 +72,12 @@ def compile_onnx(model_or_path, cfg: QuantConfig, batches: list[torch.Tensor] | 
     linears = find_linears(graph, scopes)
     if not linears:
         raise OnnxInputError("the ONNX model has no MatMul / Gemm with a constant weight: nothing to quantize")
-    _check_patterns_match(cfg, [lin.name for lin in linears])
+    check_patterns_match(cfg, [lin.name for lin in linears])
     for lin in linears:
-        settings = cfg.layer_settings(lin.name)
-        if settings is None:
-            continue
-        lin.scheme, lin.clip_ratio = settings.scheme, settings.clip_ratio
-        lin.weight_spec = weight_spec_for(settings, cfg.scale_precision)
-        if settings.activation_format:
-            dynamic = cfg.activation_scale == "dynamic_per_token"
-            lin.act_spec = QuantSpec(settings.activation_format, "per_token" if dynamic else "per_tensor",
-                                     None, True, "fp32", dynamic=dynamic)
+        specs = layer_specs(cfg, lin.name)
+        if specs is not None:
+            settings, lin.weight_spec, lin.act_spec = specs
+            lin.scheme, lin.clip_ratio = settings.scheme, settings.clip_ratio
     quantized = [lin for lin in linears if lin.weight_spec is not None]
     step("annotate", linears=len(linears), quantized=len(quantized))
     static = [lin for lin in quantized if lin.act_spec is not None and not lin.act_spec.dynamic]
@@ -89,17 +87,17 @@ def compile_onnx(model_or_path, cfg: QuantConfig, batches: list[torch.Tensor] | 
         raise CalibrationDataError(f"calibration={cfg.calibration!r}"
                                    + (f" with static activation scales ({static[0].name}, ...)" if static else "")
                                    + " needs calibration data: pass calibration_data=")
-    if cfg.calibration in ("smoothquant", "awq"):
+    if {"smoothquant", "awq"} & set(pipeline.names):
         _balance(graph, linears, quantized, cfg, batches, step)
     stats = {}
-    if static:
+    if "calibrate" in pipeline.names:
         from .calibrate import collect
-        stats = collect(gs.export_onnx(graph), static, batches, cfg)
-        step("calibrate", tensors=len(stats), batches=len(batches))
+        stats = collect(gs.export_onnx(graph), static, batches, cfg) if static else {}
+        step("calibrate", tensors=len(stats), batches=len(batches or ()))
     placeholders = _quantize(graph, quantized, stats)
     step("quantize", quantized=len(quantized), weight_bytes=sum(placeholders.values()))
     compiled = OnnxCompiledModel(gs.export_onnx(graph), cfg, history,
-                                 {lin.name: lin.scheme for lin in linears})
+                                 {lin.name: lin.scheme for lin in linears}, pipeline)
     compiled.model  # emit QDQ now, so an inexpressible scheme fails inside compile
     return compiled
 
@@ -168,10 +166,12 @@ class OnnxCompiledModel:
     """A quantized ONNX model: run it (onnxruntime, CPU), export it as QDQ / MatMulNBits /
     TensorRT explicit-quantization ONNX, read its report."""
 
-    def __init__(self, placeholder_model, config: QuantConfig, pass_history: list[dict], layers: dict):
+    def __init__(self, placeholder_model, config: QuantConfig, pass_history: list[dict], layers: dict,
+                 pipeline=None):
         self.placeholder_model = placeholder_model  # linears as sagequant::QLinear placeholders
         self.config = config
         self.pass_history = pass_history
+        self.pipeline = pipeline  # passes/pipeline.Pipeline of mode onnx: the steps run
         self.layers = layers  # layer -> scheme, None where kept in float
         self._model = None
         self._session = None

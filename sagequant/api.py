@@ -39,15 +39,30 @@ def _compile_qat(model, cfg: QuantConfig, train_data, tokenizer, options, instru
 
 def compile(model, config: QuantConfig | None = None, calibration_data=None, tokenizer=None, *,
             print_ir_after: list[str] | str | None = None, dump_dir: str | Path | None = None,
-            stop_after: str | None = None, verify_each: bool = True, qat=None) -> "CompiledModel":
+            stop_after: str | None = None, verify_each: bool = True, qat=None,
+            device: str | torch.device | None = None, work_dir: str | Path | None = None,
+            offload_cache: bool = False, dtype: torch.dtype = torch.float32,
+            progress: bool = True) -> "CompiledModel":
     """Trace `model` (a transformers causal LM, or a path / name in any form of
     frontends.models.model_source: checkpoint dir, .gguf file, "smollm2"; or an ONNX model) and run
     the pipeline.
     With QuantConfig.enable_qat, train first (calibration_data is the training text; `qat` the
-    calibration.qat.QATOptions)."""
+    calibration.qat.QATOptions).
+
+    device ("cpu", "cuda", "auto": the GPU when present) calibrates layer-wise on that device:
+    the model is traced on the meta device, and one decoder block at a time is onloaded (from
+    the checkpoint directory's safetensors, read lazily, or from the module's CPU weights),
+    calibrated, quantized, recorded in work_dir and freed; a run started again with the same
+    arguments and work_dir resumes after the last finished block (passes/layerwise.py)."""
     cfg = config or QuantConfig()
     if not isinstance(cfg, QuantConfig):
         raise ConfigError(f"config must be a QuantConfig, got {type(cfg).__name__}")
+    if device is not None:
+        if print_ir_after or dump_dir or stop_after:
+            raise ConfigError("print_ir_after / dump_dir / stop_after apply to the whole-model pipeline, "
+                              "not to a layer-wise compile (device=)")
+        return _compile_layerwise(model, cfg, calibration_data, tokenizer, device, work_dir,
+                                  offload_cache, dtype, progress)
     if _is_onnx(model):
         if print_ir_after or dump_dir or stop_after:
             raise ConfigError("print_ir_after / dump_dir / stop_after apply to the torch pipeline; an "
@@ -123,6 +138,64 @@ def quantization_aware_training(model: torch.nn.Module, config: QuantConfig, tra
     compiled = CompiledModel(graph, cfg, build_kv_plan(cfg), pm.history, pipeline)
     compiled.source_model = model
     return compiled
+
+
+def _compile_layerwise(model, cfg: QuantConfig, calibration_data, tokenizer, device, work_dir,
+                       offload_cache: bool, dtype: torch.dtype, progress: bool) -> "CompiledModel":
+    import tempfile
+
+    from .calibration.onload import (CheckpointWeights, StateWeights, empty_model, resolve_device,
+                                     tied_aliases)
+    from .passes.layerwise import LayerwiseCompile, check_layerwise_config
+    check_layerwise_config(cfg)
+    dev = resolve_device(device)
+    if calibration_data is None:
+        raise ConfigError("a layer-wise compile (device=) needs calibration_data")
+    batches = as_token_batches(calibration_data, tokenizer, cfg.calibration_samples, cfg.calibration_seq_len)
+    if isinstance(model, (str, Path)):
+        skeleton = empty_model(model, dtype)
+        source = CheckpointWeights(model, tied_aliases(skeleton))
+        origin = str(Path(model).absolute())
+    elif isinstance(model, torch.nn.Module):
+        state = {k: v.detach() for k, v in model.state_dict(keep_vars=False).items()}
+        skeleton = model
+        source = StateWeights(state, tied_aliases(model))
+        origin = type(model).__name__
+    else:
+        raise ConfigError(f"compile(device=...) takes a checkpoint directory or a torch.nn.Module, "
+                          f"got {type(model).__name__}")
+    num_layers = getattr(skeleton.config, "num_hidden_layers", None)
+    kv_plan = build_kv_plan(cfg)
+    if isinstance(num_layers, int):
+        kv_plan.validate_layers(num_layers)
+    if isinstance(model, torch.nn.Module):
+        graph = trace_model(_meta_copy(model))
+    else:
+        graph = trace_model(skeleton)
+    pm = PassManager(["canonicalize", "annotate"], verify_each=False)
+    ctx = PassContext(cfg, batches)
+    graph = pm.run(graph, ctx)
+    work = Path(work_dir) if work_dir is not None else Path(tempfile.mkdtemp(prefix="sagequant-layerwise-"))
+    run = LayerwiseCompile(graph, cfg, batches, source, dev, dtype, work, offload_cache,
+                           fingerprint={"model": origin}, progress=progress)
+    stats = run.run()
+    run.load_final_tensors()
+    graph.gm.to("cpu")
+    history = pm.history + [{"pass": "layerwise", "modified": True, "stats": stats}]
+    ctx.ran += ["insert_observers", "calibrate", "gptq", "convert"]
+    finish = PassManager(["lower", "schedule", "fuse_norm_qdq"])
+    graph = finish.run(graph, ctx)
+    return CompiledModel(graph, cfg, kv_plan, history + finish.history)
+
+
+def _meta_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """The module's structure with its parameters on the meta device (buffers kept), to trace
+    without touching (or copying) the weights."""
+    import copy
+    params = dict(model.named_parameters(remove_duplicate=False))
+    memo = {id(p): torch.nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False)
+            for p in params.values()}
+    return copy.deepcopy(model, memo)
 
 
 def _is_onnx(model) -> bool:

@@ -16,6 +16,7 @@ from typing import Callable
 
 import torch
 import torch.fx as fx
+from torch.utils._pytree import tree_map
 
 from ..ir.graph import QuantGraph
 from ..ir.trace import WRAPPER_PREFIX
@@ -51,8 +52,15 @@ def _block_of(node: fx.Node, index: dict[str, int]) -> int | None:
 
 
 class SequentialRunner:
-    def __init__(self, graph: QuantGraph):
+    """device: where segments run (the samples' ids go there). offload_cache: the values kept
+    between segments wait in CPU memory and come to the device one sample at a time, for
+    activation caches larger than the device memory."""
+
+    def __init__(self, graph: QuantGraph, device: torch.device | str | None = None,
+                 offload_cache: bool = False):
         self.graph = graph
+        self.device = torch.device(device) if device is not None else None
+        self.offload_cache = offload_cache
         prefixes = decoder_block_prefixes(graph)
         if not prefixes:
             raise SequentialError("no repeated decoder blocks found in the graph (no module path "
@@ -83,6 +91,14 @@ class SequentialRunner:
         self.last_use = {n: max((seg_of[u] for u in n.users if u in seg_of), default=seg_of[n])
                          for n in seg_of}
 
+    def adopt(self, seg: int, new_nodes: list[fx.Node]) -> None:
+        """Nodes a pass inserted into segment `seg` (e.g. convert's dequantize nodes) run with it."""
+        added = {n for n in new_nodes if n.op not in ("get_attr", "placeholder", "output")}
+        members = set(self.segments[seg]) | added
+        self.segments[seg] = [n for n in self.graph.graph.nodes if n in members]
+        for n in added:
+            self.last_use[n] = seg
+
     @property
     def num_blocks(self) -> int:
         return len(self.segments) - 2
@@ -100,7 +116,8 @@ class SequentialRunner:
         """One value cache per sample, after the prologue (segment 0) unless run_prologue=False."""
         if not batches:
             raise SequentialError("no calibration batches to run")
-        caches = [{self.placeholders[0]: b} for b in batches]
+        caches = [{self.placeholders[0]: b if self.device is None else b.to(self.device)}
+                  for b in batches]
         if run_prologue:
             self.run_segment(0, caches)
         return caches
@@ -132,6 +149,10 @@ class SequentialRunner:
                 if commit:
                     for n in [n for n in cache if self.last_use.get(n, -1) <= seg and n.op != "placeholder"]:
                         del cache[n]
+                    if self.offload_cache:
+                        for n in cache:
+                            cache[n] = tree_map(lambda v: v.cpu() if isinstance(v, torch.Tensor) else v,
+                                                cache[n])
 
     def _live_nodes(self, seg: int, hooks: dict) -> list[fx.Node]:
         """The nodes of segment `seg` whose value a hook or a later segment reads, with what they
@@ -147,7 +168,10 @@ class SequentialRunner:
         if node.op == "get_attr":
             return self.graph.attr(node)  # read now: a pass may have replaced the weight
         try:
-            return cache[node]
+            value = cache[node]
         except KeyError:
             raise SequentialError(f"value of {node.name} is not cached: it was freed or never computed "
                                   "(segment order broken)") from None
+        if self.offload_cache and self.device is not None:
+            value = tree_map(lambda v: v.to(self.device) if isinstance(v, torch.Tensor) else v, value)
+        return value

@@ -56,11 +56,24 @@ def collect_input_stats(graph: QuantGraph, batches: list[torch.Tensor], consumer
                         keep_rows: int = 0, desc: str = "statistics") -> dict[fx.Node, ActivationStats]:
     """Statistics of args[0] of each consumer node over all batches, in one sequential run
     (progress phase `desc`, one step per segment)."""
-    accs = {n: _Accumulator(f"input of {graph.annotation(n).layer if graph.annotation(n) else n.name}",
-                            keep_rows, len(batches)) for n in consumers}
-    hooks = {n: (lambda node, args, out: accs[node].add(args[0])) for n in consumers}
     runner = SequentialRunner(graph)
     caches = runner.start(batches, run_prologue=False)
+    accs = _accumulators(graph, consumers, keep_rows, len(batches))
+    hooks = {n: (lambda node, args, out: accs[node].add(args[0])) for n in consumers}
     for seg in track(range(len(runner.segments)), desc, unit="segment", note=runner.segment_name):
         runner.run_segment(seg, caches, hooks)
     return {n: a.result() for n, a in accs.items() if a.count}
+
+
+def segment_input_stats(runner: SequentialRunner, seg: int, caches: list[dict],
+                        consumers: list[fx.Node], keep_rows: int = 0) -> dict[fx.Node, ActivationStats]:
+    """The same statistics for consumers inside one segment, observing it without committing."""
+    accs = _accumulators(runner.graph, consumers, keep_rows, len(caches))
+    hooks = {n: (lambda node, args, out: accs[node].add(args[0])) for n in consumers}
+    runner.run_segment(seg, caches, hooks, commit=False)
+    return {n: a.result() for n, a in accs.items() if a.count}
+
+
+def _accumulators(graph: QuantGraph, consumers: list[fx.Node], keep_rows: int, n_batches: int):
+    return {n: _Accumulator(f"input of {graph.annotation(n).layer if graph.annotation(n) else n.name}",
+                            keep_rows, n_batches) for n in consumers}

@@ -45,11 +45,14 @@ def trace_model(model: torch.nn.Module, example_seq_len: int = 8) -> QuantGraph:
         raise TraceError(f"{type(model).__name__} has no transformers config with vocab_size; "
                          "sagequant traces causal LMs that take input_ids and return .logits")
     model.eval()
-    example = torch.randint(0, min(int(config.vocab_size), 1000), (2, example_seq_len))
+    # Example inputs live where the weights do; on the meta device (weights not loaded) export
+    # only propagates shapes, so tracing needs no weight memory on any device.
+    device = next(iter(model.parameters()), torch.empty(0)).device
+    example = torch.randint(0, min(int(config.vocab_size), 1000), (2, example_seq_len), device=device)
     args, dims = (example,), ({0: Dim.DYNAMIC, 1: Dim.DYNAMIC},)
     with_positions = _accepts_position_ids(model)
     if with_positions:
-        args += (torch.arange(example_seq_len).expand(2, -1).contiguous(),)
+        args += (torch.arange(example_seq_len, device=device).expand(2, -1).contiguous(),)
         dims += ({0: Dim.DYNAMIC, 1: Dim.DYNAMIC},)
     try:
         with torch.no_grad():
@@ -57,6 +60,9 @@ def trace_model(model: torch.nn.Module, example_seq_len: int = 8) -> QuantGraph:
     except Exception as e:
         raise TraceError(_explain_failure(e, model)) from e
     gm = _plain_graph_module(exported.module())
+    # Export bakes the trace device into arange / to / metadata-assert nodes; graphs are kept
+    # on CPU (a meta trace included) and retargeted where they run.
+    retarget_device(gm, torch.device("cpu"))
     positions = _default_positions(gm) if with_positions else None
     info = {
         "architecture": type(model).__name__,
@@ -68,6 +74,18 @@ def trace_model(model: torch.nn.Module, example_seq_len: int = 8) -> QuantGraph:
         "position_ids_node": positions,
     }
     return QuantGraph(gm, info)
+
+
+def retarget_device(gm: fx.GraphModule, device: torch.device) -> None:
+    """Every device constant in the graph's node arguments becomes `device`."""
+    swap = lambda a: device if isinstance(a, torch.device) else a  # noqa: E731
+    changed = False
+    for node in gm.graph.nodes:
+        args, kwargs = pytree.tree_map(swap, node.args), pytree.tree_map(swap, dict(node.kwargs))
+        if args != node.args or kwargs != node.kwargs:
+            node.args, node.kwargs, changed = args, kwargs, True
+    if changed:
+        gm.recompile()
 
 
 def _default_positions(gm: fx.GraphModule) -> str:

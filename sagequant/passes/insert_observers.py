@@ -18,14 +18,7 @@ def insert_observers(graph: QuantGraph, ctx: PassContext) -> PassResult:
         if not ann.quantized:
             continue
         name = f"{OBSERVER_PREFIX}{inserted}"
-        kind, fmt = ctx.config.observer_kind, None
-        if ann.input_spec is not None:
-            fmt = ann.input_spec.fmt
-        elif kind in FORMAT_AWARE_OBSERVERS:
-            # 16-bit inputs (a per-layer override) have no format to optimise a clip for; their
-            # record only documents the range, and says minmax.
-            kind = "minmax"
-        graph.gm.add_module(name, observer_for(kind, f"input of {ann.layer}", fmt))
+        graph.gm.add_module(name, input_observer(ann, ctx.config))
         x = node.args[0]
         with graph.graph.inserting_before(node):
             obs = graph.graph.call_module(name, (x,))
@@ -33,6 +26,18 @@ def insert_observers(graph: QuantGraph, ctx: PassContext) -> PassResult:
         inserted += 1
     graph.gm.recompile()
     return PassResult(graph, inserted > 0, {"observers": inserted})
+
+
+def input_observer(ann, config):
+    """The observer of a quantized linear's input, as QuantConfig.observer_kind asks."""
+    kind, fmt = config.observer_kind, None
+    if ann.input_spec is not None:
+        fmt = ann.input_spec.fmt
+    elif kind in FORMAT_AWARE_OBSERVERS:
+        # 16-bit inputs (a per-layer override) have no format to optimise a clip for; their
+        # record only documents the range, and says minmax.
+        kind = "minmax"
+    return observer_for(kind, f"input of {ann.layer}", fmt)
 
 
 def observer_nodes(graph: QuantGraph):

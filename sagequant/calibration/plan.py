@@ -1,0 +1,170 @@
+"""Pre-flight plan of a layer-wise compile: peak device memory, CPU memory, disk and time,
+estimated from the checkpoint's config.json and the QuantConfig before any weight is read.
+
+Device memory is the largest block's weights + the inter-block activation cache (unless
+offloaded) + one sample's activations inside a block + the method's statistics (GPTQ: a float64
+Hessian per linear of the block, held together, plus one layer's rounding workspace; AWQ: the
+sampled input rows). Time counts the block forwards each method runs (observe, search, commit),
+GPTQ's error propagation and AWQ's grid searches as FLOPs at a sustained device rate, plus the
+checkpoint read. The rates are stated constants, not measurements of this machine.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from ..config import QuantConfig
+from ..errors import ConfigError
+
+GIB = 1 << 30
+# Sustained rates the time estimate assumes (FLOP/s of float32 / bfloat16 GEMMs, bytes/s read).
+DEVICE_FLOPS = {("cuda", torch.float32): 45e12, ("cuda", torch.bfloat16): 400e12,
+                ("cpu", torch.float32): 0.5e12, ("cpu", torch.bfloat16): 0.2e12}
+DISK_BYTES_PER_S = 1.5e9
+# Full block forwards over every sample, per method: statistics run(s) + the commit run.
+FORWARDS = {"minmax": 1, "percentile": 1, "smoothquant": 3, "awq": 2, "smoothquant+awq": 3, "gptq": 2}
+# Observed by the caching allocator on top of the live tensors (fragmentation, workspaces).
+ALLOCATOR_SLACK = 1.1
+
+
+@dataclass
+class Shape:
+    hidden: int
+    ffn: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    layers: int
+    vocab: int
+    tied: bool
+
+    @classmethod
+    def from_checkpoint(cls, directory: str | Path) -> "Shape":
+        path = Path(directory) / "config.json"
+        if not path.is_file():
+            raise ConfigError(f"{str(directory)!r} has no config.json: not a transformers checkpoint")
+        c = json.loads(path.read_text())
+        try:
+            heads = c["num_attention_heads"]
+            return cls(c["hidden_size"], c["intermediate_size"], heads, c.get("num_key_value_heads", heads),
+                       c.get("head_dim") or c["hidden_size"] // heads, c["num_hidden_layers"],
+                       c["vocab_size"], bool(c.get("tie_word_embeddings", False)))
+        except KeyError as e:
+            raise ConfigError(f"{path}: no {e.args[0]} (the plan models Llama-style decoder blocks)") from None
+
+    def linears(self) -> list[tuple[int, int]]:
+        """(out, in) of one block's linears: q, k, v, o, gate, up, down."""
+        h, kv = self.hidden, self.kv_heads * self.head_dim
+        q = self.heads * self.head_dim
+        return [(q, h), (kv, h), (kv, h), (h, q), (self.ffn, h), (self.ffn, h), (h, self.ffn)]
+
+    def block_params(self) -> int:
+        return sum(o * i for o, i in self.linears()) + 2 * self.hidden
+
+    def embedding_params(self) -> int:
+        return self.vocab * self.hidden * (1 if self.tied else 2)
+
+
+@dataclass
+class Plan:
+    method: str
+    device: str
+    peak_device_bytes: int
+    peak_cpu_bytes: int
+    disk_bytes: int
+    seconds: float
+    detail: dict
+
+    def lines(self) -> list[str]:
+        d = self.detail
+        return [f"plan ({self.method} on {self.device}, {d['samples']} x {d['seq_len']} tokens, "
+                f"{d['layers']} blocks of {d['block_params'] / 1e6:.0f}M parameters):",
+                f"  peak {self.device} memory {self.peak_device_bytes / GIB:.2f} GiB (block weights "
+                f"{d['block_weight_bytes'] / GIB:.2f}, activation cache {d['cache_bytes'] / GIB:.2f}"
+                f"{' in CPU memory' if d['offload_cache'] else ''}, per-sample work {d['work_bytes'] / GIB:.2f}, "
+                f"{self.method} statistics {d['stats_bytes'] / GIB:.2f})",
+                f"  peak CPU memory {self.peak_cpu_bytes / GIB:.2f} GiB, disk {self.disk_bytes / GIB:.2f} GiB "
+                f"(segment records + artifact), time ~{self.seconds:.0f} s"]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def plan_layerwise(shape: Shape, cfg: QuantConfig, device: torch.device, dtype: torch.dtype,
+                   offload_cache: bool = False, checkpoint_bytes: int | None = None) -> Plan:
+    b = torch.empty((), dtype=dtype).element_size()
+    n, t, h = cfg.calibration_samples, cfg.calibration_seq_len, shape.hidden
+    tokens = n * t
+    block_weights = shape.block_params() * b
+    # Between blocks: the hidden state, rotary cos/sin and a boolean causal mask per sample.
+    cache = n * (t * h * b + 2 * t * shape.head_dim * b + t * t)
+    # Inside a block, one sample: MLP intermediates (gate, up, product) and attention (q, k, v, out).
+    work = t * (3 * shape.ffn + 4 * shape.heads * shape.head_dim) * b + shape.heads * t * t * b
+    stats = _stats_bytes(shape, cfg)
+    device_peak = int(ALLOCATOR_SLACK * (block_weights + (0 if offload_cache else cache) + work + stats))
+    quantized = _quantized_bytes(shape, cfg)
+    float_kept = shape.embedding_params() * b + shape.layers * 2 * h * b
+    # CPU: the artifact is assembled in memory (quantized weights + the float embedding/head),
+    # plus one block read from disk, plus the offloaded cache.
+    cpu_peak = int(quantized + float_kept + block_weights + (cache if offload_cache else 0))
+    disk = 2 * (quantized + float_kept)
+    rate = DEVICE_FLOPS[(device.type, dtype if dtype in (torch.float32, torch.bfloat16) else torch.float32)]
+    forward_flops = 2 * shape.block_params() * tokens * FORWARDS[cfg.calibration]
+    method_flops = _method_flops(shape, cfg)
+    read = checkpoint_bytes if checkpoint_bytes is not None else (shape.layers * shape.block_params()
+                                                                    + shape.embedding_params()) * 2
+    seconds = shape.layers * (forward_flops + method_flops) / rate + read / DISK_BYTES_PER_S
+    detail = {"samples": n, "seq_len": t, "layers": shape.layers, "block_params": shape.block_params(),
+              "block_weight_bytes": block_weights, "cache_bytes": cache, "work_bytes": work,
+              "stats_bytes": stats, "offload_cache": offload_cache, "quantized_bytes": quantized,
+              "float_kept_bytes": float_kept}
+    return Plan(cfg.calibration, device.type, device_peak, cpu_peak, disk, seconds, detail)
+
+
+def _stats_bytes(shape: Shape, cfg: QuantConfig) -> int:
+    if cfg.calibration == "gptq":
+        hessians = sum(i * i * 8 for _, i in shape.linears())
+        o, i = max(shape.linears(), key=lambda oi: oi[0] * oi[1] + oi[1] * oi[1])
+        workspace = 4 * o * i * 4 + i * i * (8 + 8 + 4)   # W, Q, Err, result; H clone, L, Hinv
+        return hessians + workspace
+    if "awq" in cfg.calibration:
+        inputs = [shape.hidden, shape.hidden, shape.heads * shape.head_dim, shape.ffn]
+        rows = sum(cfg.awq_search_rows * i * 4 for i in inputs)
+        o, i = max(shape.linears(), key=lambda oi: oi[0] * oi[1])
+        return rows + 3 * o * i * 4 + cfg.awq_search_rows * o * 4
+    return 0
+
+
+def _method_flops(shape: Shape, cfg: QuantConfig) -> float:
+    if cfg.calibration == "gptq":
+        return sum(2 * o * i * i for o, i in shape.linears()) + sum(i ** 3 for _, i in shape.linears())
+    if "awq" in cfg.calibration:
+        grid_searches = 2 if cfg.awq_clip else 1
+        return grid_searches * cfg.awq_grid * 2 * cfg.awq_search_rows * shape.block_params()
+    return 0.0
+
+
+def _quantized_bytes(shape: Shape, cfg: QuantConfig) -> int:
+    bits = {"int4": 4, "nf4": 4, "int8": 8, "fp8": 8}.get(cfg.weight_dtype, 8)
+    per_block = sum(o * i for o, i in shape.linears())
+    groups = per_block / (cfg.group_size or per_block)
+    scale = 2 if cfg.scale_precision in ("fp16", "bf16") else 4
+    return int(shape.layers * (per_block * bits / 8 + groups * scale * (1 if cfg.symmetric else 2)))
+
+
+def check_fits(plan: Plan, device_bytes: int | None, cpu_bytes: int | None, disk_free: int | None) -> None:
+    """Refuse before any work when the plan exceeds what the machine has, with the numbers."""
+    over = []
+    for what, need, have in (("device memory", plan.peak_device_bytes, device_bytes),
+                             ("CPU memory", plan.peak_cpu_bytes, cpu_bytes),
+                             ("disk", plan.disk_bytes, disk_free)):
+        if have is not None and need > have:
+            over.append(f"{what}: needs ~{need / GIB:.2f} GiB, {have / GIB:.2f} GiB available")
+    if over:
+        hint = "" if plan.detail["offload_cache"] else "; offload_cache=True (--offload-cache) moves the " \
+               f"{plan.detail['cache_bytes'] / GIB:.2f} GiB activation cache to CPU memory"
+        raise ConfigError("the layer-wise compile cannot fit: " + "; ".join(over) + hint
+                          + "; fewer calibration samples or a shorter seq_len also shrink it")

@@ -146,6 +146,7 @@ def _compile_layerwise(model, cfg: QuantConfig, calibration_data, tokenizer, dev
 
     from .calibration.onload import (CheckpointWeights, StateWeights, empty_model, resolve_device,
                                      tied_aliases)
+    from .calibration.plan import Shape, check_fits, machine_capacity, plan_layerwise
     from .passes.layerwise import LayerwiseCompile, check_layerwise_config
     check_layerwise_config(cfg)
     dev = resolve_device(device)
@@ -164,6 +165,7 @@ def _compile_layerwise(model, cfg: QuantConfig, calibration_data, tokenizer, dev
     else:
         raise ConfigError(f"compile(device=...) takes a checkpoint directory or a torch.nn.Module, "
                           f"got {type(model).__name__}")
+    check_token_range(batches, getattr(skeleton.config, "vocab_size", None))
     num_layers = getattr(skeleton.config, "num_hidden_layers", None)
     kv_plan = build_kv_plan(cfg)
     if isinstance(num_layers, int):
@@ -176,12 +178,18 @@ def _compile_layerwise(model, cfg: QuantConfig, calibration_data, tokenizer, dev
     ctx = PassContext(cfg, batches)
     graph = pm.run(graph, ctx)
     work = Path(work_dir) if work_dir is not None else Path(tempfile.mkdtemp(prefix="sagequant-layerwise-"))
+    plan = plan_layerwise(Shape.from_config(skeleton.config.to_dict()), cfg, dev, dtype, offload_cache,
+                          source.total_bytes() if isinstance(source, CheckpointWeights) else 0)
+    if progress:
+        print("\n".join(plan.lines()))
+    check_fits(plan, *machine_capacity(dev, work))
     run = LayerwiseCompile(graph, cfg, batches, source, dev, dtype, work, offload_cache,
                            fingerprint={"model": origin}, progress=progress)
     stats = run.run()
     run.load_final_tensors()
     graph.gm.to("cpu")
-    history = pm.history + [{"pass": "layerwise", "modified": True, "stats": stats}]
+    history = pm.history + [{"pass": "layerwise", "modified": True, "stats": stats,
+                             "plan": plan.to_dict()}]
     ctx.ran += ["insert_observers", "calibrate", "gptq", "convert"]
     finish = PassManager(["lower", "schedule", "fuse_norm_qdq"])
     graph = finish.run(graph, ctx)

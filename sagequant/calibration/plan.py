@@ -46,14 +46,17 @@ class Shape:
         path = Path(directory) / "config.json"
         if not path.is_file():
             raise ConfigError(f"{str(directory)!r} has no config.json: not a transformers checkpoint")
-        c = json.loads(path.read_text())
+        return cls.from_config(json.loads(path.read_text()), str(path))
+
+    @classmethod
+    def from_config(cls, c: dict, where: str = "the model config") -> "Shape":
         try:
             heads = c["num_attention_heads"]
             return cls(c["hidden_size"], c["intermediate_size"], heads, c.get("num_key_value_heads", heads),
                        c.get("head_dim") or c["hidden_size"] // heads, c["num_hidden_layers"],
                        c["vocab_size"], bool(c.get("tie_word_embeddings", False)))
         except KeyError as e:
-            raise ConfigError(f"{path}: no {e.args[0]} (the plan models Llama-style decoder blocks)") from None
+            raise ConfigError(f"{where}: no {e.args[0]} (the plan models Llama-style decoder blocks)") from None
 
     def linears(self) -> list[tuple[int, int]]:
         """(out, in) of one block's linears: q, k, v, o, gate, up, down."""
@@ -168,3 +171,19 @@ def check_fits(plan: Plan, device_bytes: int | None, cpu_bytes: int | None, disk
                f"{plan.detail['cache_bytes'] / GIB:.2f} GiB activation cache to CPU memory"
         raise ConfigError("the layer-wise compile cannot fit: " + "; ".join(over) + hint
                           + "; fewer calibration samples or a shorter seq_len also shrink it")
+
+
+def machine_capacity(device: torch.device, work_dir: str | Path) -> tuple[int | None, int | None, int]:
+    """(free device memory, available CPU memory, free disk at work_dir) in bytes."""
+    import shutil
+    device_free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+    cpu = None
+    meminfo = Path("/proc/meminfo")
+    if meminfo.is_file():
+        fields = dict(line.split(":", 1) for line in meminfo.read_text().splitlines() if ":" in line)
+        if "MemAvailable" in fields:
+            cpu = int(fields["MemAvailable"].split()[0]) * 1024
+    probe = Path(work_dir)
+    while not probe.exists():
+        probe = probe.parent
+    return device_free, cpu, shutil.disk_usage(probe).free

@@ -34,13 +34,14 @@ from ..config import QuantConfig
 from ..errors import ConfigError, UnsupportedError
 from ..ir.annotations import CalibrationRecord
 from ..ir.graph import QuantGraph
-from ..ir.patterns import balance_groups, fold_group_scales
+from ..ir.patterns import balance_groups
 from ..ir.trace import retarget_device
 from ..calibration.awq import awq_search_clip, awq_search_scales
 from ..calibration.gptq import HessianAccumulator
 from ..calibration.smoothquant import search_alpha, smoothing_scales
 from .calibrate import RANGE_ONLY_BATCHES
 from .convert import is_convertible, quantized_tensors, rewrite_linear
+from .fold_scales import fold_group_scales
 from .gptq import _quantize_layer
 from .insert_observers import input_observer
 from .smoothquant import SEARCH_ACT_SPEC, SEARCH_ROWS

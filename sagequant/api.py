@@ -42,7 +42,7 @@ def compile(model, config: QuantConfig | None = None, calibration_data=None, tok
             stop_after: str | None = None, verify_each: bool = True, qat=None,
             device: str | torch.device | None = None, work_dir: str | Path | None = None,
             offload_cache: bool = False, dtype: torch.dtype = torch.float32,
-            progress: bool = True) -> "CompiledModel":
+            weights=None) -> "CompiledModel":
     """Trace `model` (a transformers causal LM, or a path / name in any form of
     frontends.models.model_source: checkpoint dir, .gguf file, "smollm2"; or an ONNX model) and run
     the pipeline.
@@ -53,7 +53,9 @@ def compile(model, config: QuantConfig | None = None, calibration_data=None, tok
     the model is traced on the meta device, and one decoder block at a time is onloaded (from
     the checkpoint directory's safetensors, read lazily, or from the module's CPU weights),
     calibrated, quantized, recorded in work_dir and freed; a run started again with the same
-    arguments and work_dir resumes after the last finished block (passes/layerwise.py)."""
+    arguments and work_dir resumes after the last finished block (passes/layerwise.py).
+    `weights` replaces the checkpoint's safetensors as the source of tensors (any object with
+    load(checkpoint_name) -> tensor, e.g. a remote store); the directory then only needs config.json."""
     cfg = config or QuantConfig()
     if not isinstance(cfg, QuantConfig):
         raise ConfigError(f"config must be a QuantConfig, got {type(cfg).__name__}")
@@ -62,7 +64,7 @@ def compile(model, config: QuantConfig | None = None, calibration_data=None, tok
             raise ConfigError("print_ir_after / dump_dir / stop_after apply to the whole-model pipeline, "
                               "not to a layer-wise compile (device=)")
         return _compile_layerwise(model, cfg, calibration_data, tokenizer, device, work_dir,
-                                  offload_cache, dtype, progress)
+                                  offload_cache, dtype, weights)
     if _is_onnx(model):
         if print_ir_after or dump_dir or stop_after:
             raise ConfigError("print_ir_after / dump_dir / stop_after apply to the torch pipeline; an "
@@ -141,12 +143,13 @@ def quantization_aware_training(model: torch.nn.Module, config: QuantConfig, tra
 
 
 def _compile_layerwise(model, cfg: QuantConfig, calibration_data, tokenizer, device, work_dir,
-                       offload_cache: bool, dtype: torch.dtype, progress: bool) -> "CompiledModel":
+                       offload_cache: bool, dtype: torch.dtype, weights) -> "CompiledModel":
     import tempfile
 
     from .calibration.onload import (CheckpointWeights, StateWeights, empty_model, resolve_device,
                                      tied_aliases)
     from .calibration.plan import Shape, check_fits, machine_capacity, plan_layerwise
+    from .progress import log
     from .passes.layerwise import LayerwiseCompile, check_layerwise_config
     check_layerwise_config(cfg)
     dev = resolve_device(device)
@@ -155,7 +158,7 @@ def _compile_layerwise(model, cfg: QuantConfig, calibration_data, tokenizer, dev
     batches = as_token_batches(calibration_data, tokenizer, cfg.calibration_samples, cfg.calibration_seq_len)
     if isinstance(model, (str, Path)):
         skeleton = empty_model(model, dtype)
-        source = CheckpointWeights(model, tied_aliases(skeleton))
+        source = weights if weights is not None else CheckpointWeights(model, tied_aliases(skeleton))
         origin = str(Path(model).absolute())
     elif isinstance(model, torch.nn.Module):
         state = {k: v.detach() for k, v in model.state_dict(keep_vars=False).items()}
@@ -180,11 +183,11 @@ def _compile_layerwise(model, cfg: QuantConfig, calibration_data, tokenizer, dev
     work = Path(work_dir) if work_dir is not None else Path(tempfile.mkdtemp(prefix="sagequant-layerwise-"))
     plan = plan_layerwise(Shape.from_config(skeleton.config.to_dict()), cfg, dev, dtype, offload_cache,
                           source.total_bytes() if isinstance(source, CheckpointWeights) else 0)
-    if progress:
-        print("\n".join(plan.lines()))
+    for line in plan.lines():
+        log(line)
     check_fits(plan, *machine_capacity(dev, work))
     run = LayerwiseCompile(graph, cfg, batches, source, dev, dtype, work, offload_cache,
-                           fingerprint={"model": origin}, progress=progress)
+                           fingerprint={"model": origin})
     stats = run.run()
     run.load_final_tensors()
     graph.gm.to("cpu")

@@ -49,7 +49,7 @@ def _ops(graph):
 
 
 def _layerwise(d, cfg, ids, work):
-    return sq.compile(d, cfg, calibration_data=ids, device="cpu", work_dir=work, progress=False)
+    return sq.compile(d, cfg, calibration_data=ids, device="cpu", work_dir=work)
 
 
 def test_meta_trace_has_no_weights_and_the_real_graph_structure(checkpoint):

@@ -25,7 +25,6 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
 
 from ..calibration.onload import graph_weight_names, offload, onload
 from ..calibration.sequential import SequentialRunner
@@ -36,6 +35,7 @@ from ..ir.annotations import CalibrationRecord
 from ..ir.graph import QuantGraph
 from ..ir.patterns import balance_groups
 from ..ir.trace import retarget_device
+from ..progress import phase
 from ..calibration.awq import awq_search_clip, awq_search_scales
 from ..calibration.gptq import HessianAccumulator
 from ..calibration.smoothquant import search_alpha, smoothing_scales
@@ -70,7 +70,7 @@ def check_layerwise_config(cfg: QuantConfig) -> None:
 class LayerwiseCompile:
     def __init__(self, graph: QuantGraph, cfg: QuantConfig, batches: list[torch.Tensor], source,
                  device: torch.device, dtype: torch.dtype, work_dir: str | Path,
-                 offload_cache: bool = False, fingerprint: dict | None = None, progress: bool = True):
+                 offload_cache: bool = False, fingerprint: dict | None = None):
         check_layerwise_config(cfg)
         if not batches:
             raise ConfigError("a layer-wise compile needs calibration data (calibration_data=)")
@@ -81,7 +81,6 @@ class LayerwiseCompile:
         self.batches = batches
         self.groups = balance_groups(graph) if cfg.calibration != "gptq" and cfg.calibration not in (
             "minmax", "percentile") else []
-        self.progress = progress
         self.stats = {"segments": len(self.runner.segments), "restored": 0, "calibrated": 0,
                       "quantized_layers": 0, "onloaded_bytes": 0}
         self._check_work_dir(fingerprint or {})
@@ -236,30 +235,34 @@ class LayerwiseCompile:
         retarget_device(graph.gm, self.device)
         caches = runner.start(self.batches, run_prologue=False)
         started = time.perf_counter()
-        bar = tqdm(range(len(runner.segments)), desc="layer-wise", unit="block", disable=not self.progress)
-        for seg in bar:
-            bar.set_postfix_str(_segment_label(seg, runner.num_blocks))
-            names = graph_weight_names(graph, runner.segments[seg])
-            if self._restore_segment(seg):
-                self.stats["restored"] += 1
-            else:
-                self.stats["onloaded_bytes"] += onload(graph, names, self.source, self.device, self.dtype)
-                layer_stats = self._calibrate_segment(seg, caches)
-                self.stats["calibrated"] += 1
-                for k, v in layer_stats.items():
-                    self.stats[k] = self.stats.get(k, 0) + v
-                names = graph_weight_names(graph, runner.segments[seg])
-                self._save_segment(seg, names, layer_stats)
-            if seg + 1 < len(runner.segments):
-                runner.run_segment(seg, caches)
-            offload(graph, graph_weight_names(graph, runner.segments[seg]), KEEP_RESIDENT_BYTES)
-            self._segment_done(seg)
+        with phase("layer-wise", len(runner.segments), unit="block") as progress:
+            for seg in range(len(runner.segments)):
+                self._run_segment(seg, caches)
+                progress.advance(note=runner.segment_name(seg))
         self.stats["seconds"] = round(time.perf_counter() - started, 3)
         if self.device.type == "cuda":
             self.stats["peak_device_bytes"] = torch.cuda.max_memory_allocated(self.device)
         retarget_device(graph.gm, torch.device("cpu"))
         graph.recompile()
         return self.stats
+
+    def _run_segment(self, seg: int, caches: list[dict]) -> None:
+        runner, graph = self.runner, self.graph
+        names = graph_weight_names(graph, runner.segments[seg])
+        if self._restore_segment(seg):
+            self.stats["restored"] += 1
+        else:
+            self.stats["onloaded_bytes"] += onload(graph, names, self.source, self.device, self.dtype)
+            layer_stats = self._calibrate_segment(seg, caches)
+            self.stats["calibrated"] += 1
+            for k, v in layer_stats.items():
+                self.stats[k] = self.stats.get(k, 0) + v
+            names = graph_weight_names(graph, runner.segments[seg])
+            self._save_segment(seg, names, layer_stats)
+        if seg + 1 < len(runner.segments):
+            runner.run_segment(seg, caches)
+        offload(graph, graph_weight_names(graph, runner.segments[seg]), KEEP_RESIDENT_BYTES)
+        self._segment_done(seg)
 
     def _segment_done(self, seg: int) -> None:
         """Called after each finished segment (a test injects a crash here)."""
@@ -275,10 +278,6 @@ class LayerwiseCompile:
                 tensors = load_file(str(path))
                 for n in names:
                     self.graph.set_attr(n, tensors[n])
-
-
-def _segment_label(seg: int, blocks: int) -> str:
-    return "prologue" if seg == 0 else "epilogue" if seg == blocks + 1 else f"block {seg - 1}/{blocks}"
 
 
 def _atomic_write(path: Path, data: bytes) -> None:

@@ -16,6 +16,7 @@ from .arg_types import (group_size, int_at_least, non_negative_float, non_negati
                         positive_int, unit_ratio)
 from .demo import add_demo_args, run_from_args
 from .compile_flags import add_compile_flags, config_from_args, print_report
+from .layerwise_cli import add_layerwise_flags, add_plan_parser, layerwise_compile_args
 from .qat_cli import add_qat_parser
 
 
@@ -35,10 +36,14 @@ def cmd_compile(args) -> int:
         print(f"calibration data: {describe(dataset)}"
               + ("" if args.dataset else " (the default; --dataset names another)"))
         data = load_dataset(dataset, args.text_field, cfg.calibration_seq_len)
-    model, tok = resolve_model(args.model)
-    print_after = "all" if args.print_ir_after and "all" in args.print_ir_after else args.print_ir_after
-    cm = sq_compile(model, cfg, calibration_data=data, tokenizer=tok, print_ir_after=print_after,
-                    dump_dir=args.dump_dir, stop_after=args.stop_after)
+    if args.device:
+        model, options = layerwise_compile_args(args)
+        cm = sq_compile(model, cfg, calibration_data=data, **options)
+    else:
+        model, tok = resolve_model(args.model)
+        print_after = "all" if args.print_ir_after and "all" in args.print_ir_after else args.print_ir_after
+        cm = sq_compile(model, cfg, calibration_data=data, tokenizer=tok, print_ir_after=print_after,
+                        dump_dir=args.dump_dir, stop_after=args.stop_after)
     cm.graph.model_info["source"] = args.model
     if args.stop_after and args.stop_after != cm.pipeline.names[-1]:
         print(f"stopped after pass {args.stop_after}; no artifact written")
@@ -277,10 +282,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     c = sub.add_parser("calibrate", help="calibrate on a dataset and write a quantized artifact")
     add_compile_flags(c, dataset_required=False, default_dataset="wikipedia")
+    add_layerwise_flags(c)
     c.set_defaults(func=cmd_compile)
     c = sub.add_parser("compile", help="compile a model (calibration data optional for weight-only schemes)")
     add_compile_flags(c, dataset_required=False)
+    add_layerwise_flags(c)
     c.set_defaults(func=cmd_compile)
+    add_plan_parser(sub)
     e = sub.add_parser("eval", help="perplexity (with KL / flips vs the float model) or MMLU accuracy "
                        "of an artifact or a float model")
     e.add_argument("--artifact")

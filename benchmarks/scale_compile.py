@@ -208,12 +208,16 @@ def main() -> None:
     ap.add_argument("--run", help=argparse.SUPPRESS)
     ap.add_argument("--scratch", type=Path, default=Path("/tmp/sq-scale"))
     ap.add_argument("--only", nargs="*", help="steps: methods wide resume")
+    ap.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS))
+    ap.add_argument("--layers", type=int, help="decoder blocks of the 8B-shaped checkpoint (default 32)")
     args = ap.parse_args()
     if args.run:
         print("RESULT " + json.dumps(run_one(args)), flush=True)
         return
     device = "cuda" if torch.cuda.is_available() else "cpu"
     shape, wide = (SMOKE, SMOKE_WIDE) if args.smoke else (LLAMA8B, WIDE70B)
+    if args.layers:
+        shape = {**shape, "num_hidden_layers": args.layers}
     samples, seq = (8, 64) if args.smoke else (128, 512)
     depths = (2, 4, 8) if args.smoke else (8, 16, 32)
     steps = set(args.only or ["methods", "wide", "resume"])
@@ -233,7 +237,7 @@ def main() -> None:
     if steps & {"methods", "resume"}:
         record(write_checkpoint(ckpt, llama_config(shape), device))
     if "methods" in steps:
-        for method in METHODS:
+        for method in args.methods:
             r, _ = spawn({**base, "method": method, "work_dir": str(args.scratch / f"w-{method}"),
                           "artifact": str(args.scratch / f"a-{method}")})
             record(r or {"method": method, "failed": True})

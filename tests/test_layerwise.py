@@ -153,3 +153,19 @@ def test_device_plumbing_errors():
     assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
     with pytest.raises(UnsupportedError, match="guard"):
         sq.compile("unused", sq.QuantConfig(), calibration_data=[[1, 2]], device="cpu")
+
+
+def test_plan_cli_prints_the_estimate_and_refuses_what_cannot_fit(checkpoint, capsys):
+    from sagequant.tools.cli import main
+    _, d = checkpoint
+    assert main(["plan", "--model", str(d), "--method", "gptq", "--device", "cpu", "--samples", "8",
+                 "--seq-len", "16", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    # GPTQ statistics: a float64 Hessian per linear of a block (6 of width 64, down_proj 96)
+    assert plan["detail"]["stats_bytes"] >= (6 * 64 * 64 + 96 * 96) * 8
+    assert plan["detail"]["layers"] == LAYERS and plan["peak_cpu_bytes"] > plan["detail"]["cache_bytes"]
+    # 10^6 samples x 4096 tokens: the activation cache alone is terabytes
+    assert main(["plan", "--model", str(d), "--method", "gptq", "--device", "cpu",
+                 "--samples", "1000000", "--seq-len", "4096"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot fit" in err and "CPU memory: needs ~" in err and "GiB available" in err

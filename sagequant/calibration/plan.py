@@ -113,6 +113,8 @@ def plan_layerwise(shape: Shape, cfg: QuantConfig, device: torch.device, dtype: 
     # CPU: the artifact is assembled in memory (quantized weights + the float embedding/head),
     # plus one block read from disk, plus the offloaded cache.
     cpu_peak = int(quantized + float_kept + block_weights + (cache if offload_cache else 0))
+    if device.type == "cpu":   # the device is the CPU: its memory holds the block and cache too
+        cpu_peak += device_peak
     disk = 2 * (quantized + float_kept)
     rate = DEVICE_FLOPS[(device.type, dtype if dtype in (torch.float32, torch.bfloat16) else torch.float32)]
     forward_flops = 2 * shape.block_params() * tokens * FORWARDS[cfg.calibration]

@@ -42,7 +42,7 @@ from ..calibration.smoothquant import search_alpha, smoothing_scales
 from .calibrate import RANGE_ONLY_BATCHES
 from .convert import is_convertible, quantized_tensors, rewrite_linear
 from .fold_scales import fold_group_scales
-from .gptq import _quantize_layer
+from .gptq import _quantize_layer, _stages
 from .insert_observers import input_observer
 from .smoothquant import SEARCH_ACT_SPEC, SEARCH_ROWS
 
@@ -205,14 +205,15 @@ class LayerwiseCompile:
 
     def _gptq(self, seg, caches, linears) -> dict:
         graph = self.graph
-        hessians = {n: HessianAccumulator(graph.attr(n.args[1]).shape[1],
-                                          f"input of {graph.annotation(n).layer}") for n in linears}
-        self.runner.run_segment(seg, caches, {n: (lambda node, args, out: hessians[node].add(args[0]))
-                                              for n in linears}, commit=False)
         stats = {"layers": 0, "rtn_error": 0.0, "gptq_error": 0.0}
-        for node in linears:
-            _quantize_layer(graph, node, hessians[node], self.cfg, stats)
-            del hessians[node]
+        # As the gptq pass: true-sequential stages see the earlier stages already quantized.
+        for stage in _stages(linears) if self.cfg.gptq_true_sequential else [linears]:
+            hessians = {n: HessianAccumulator(graph.attr(n.args[1]).shape[1],
+                                              f"input of {graph.annotation(n).layer}") for n in stage}
+            self.runner.run_segment(seg, caches, {n: (lambda node, args, out: hessians[node].add(args[0]))
+                                                  for n in stage}, commit=False)
+            for node in stage:
+                _quantize_layer(graph, node, hessians.pop(node), self.cfg, stats)
         return {"gptq_rtn_error": stats["rtn_error"], "gptq_error": stats["gptq_error"]}
 
     def _observe_inputs(self, seg, caches, linears) -> None:
@@ -248,7 +249,7 @@ class LayerwiseCompile:
 
     def _run_segment(self, seg: int, caches: list[dict]) -> None:
         runner, graph = self.runner, self.graph
-        names = graph_weight_names(graph, runner.segments[seg])
+        names = onloaded = graph_weight_names(graph, runner.segments[seg])
         if self._restore_segment(seg):
             self.stats["restored"] += 1
         else:
@@ -261,7 +262,9 @@ class LayerwiseCompile:
             self._save_segment(seg, names, layer_stats)
         if seg + 1 < len(runner.segments):
             runner.run_segment(seg, caches)
-        offload(graph, graph_weight_names(graph, runner.segments[seg]), KEEP_RESIDENT_BYTES)
+        # The float weights convert replaced are read by nothing now: they leave the device too.
+        offload(graph, list(dict.fromkeys(onloaded + graph_weight_names(graph, runner.segments[seg]))),
+                KEEP_RESIDENT_BYTES)
         self._segment_done(seg)
 
     def _segment_done(self, seg: int) -> None:

@@ -151,6 +151,7 @@ def _compile_layerwise(model, cfg: QuantConfig, calibration_data, tokenizer, dev
     from .calibration.plan import Shape, check_fits, machine_capacity, plan_layerwise
     from .progress import log
     from .passes.layerwise import LayerwiseCompile, check_layerwise_config
+    from .passes.manager import PassManager
     check_layerwise_config(cfg)
     dev = resolve_device(device)
     if calibration_data is None:

@@ -169,3 +169,23 @@ def test_plan_cli_prints_the_estimate_and_refuses_what_cannot_fit(checkpoint, ca
                  "--samples", "1000000", "--seq-len", "4096"]) == 2
     err = capsys.readouterr().err
     assert "cannot fit" in err and "CPU memory: needs ~" in err and "GiB available" in err
+
+
+def test_finished_blocks_leave_nothing_large_on_the_device(checkpoint, ids, tmp_path, monkeypatch):
+    """After block i, every tensor of blocks <= i at or above the resident threshold (1 KiB here,
+    so the tiny model's weights count) is a meta placeholder: the replaced float weights too."""
+    import sagequant.passes.layerwise as layerwise
+    _, d = checkpoint
+    monkeypatch.setattr(layerwise, "KEEP_RESIDENT_BYTES", 1024)
+    seen = []
+
+    def check(self, seg):
+        if 1 <= seg <= LAYERS:
+            done = [f".layers.{b}." for b in range(seg)]
+            big = {n for n, t in list(self.graph.gm.named_buffers()) + list(self.graph.gm.named_parameters())
+                   if any(p in n for p in done) and t.device.type != "meta" and t.numel() * t.element_size() >= 1024}
+            seen.append(big)
+    monkeypatch.setattr(LayerwiseCompile, "_segment_done", check)
+    cm = _layerwise(d, _cfg(calibration="gptq"), ids, tmp_path / "w")
+    assert seen == [set()] * LAYERS
+    assert cm.graph.attr("model.model.layers.2.mlp.down_proj.qweight").device.type == "cpu"

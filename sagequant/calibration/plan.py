@@ -2,9 +2,9 @@
 estimated from the checkpoint's config.json and the QuantConfig before any weight is read.
 
 Device memory is the largest block's weights + the inter-block activation cache (unless
-offloaded) + one sample's activations inside a block + the method's statistics (GPTQ: a float64
-Hessian per linear of the block, held together, plus one layer's rounding workspace; AWQ: the
-sampled input rows). Time counts the block forwards each method runs (observe, search, commit),
+offloaded) + one sample's activations inside a block (or convert's float32 copies of the
+largest linear, whichever is larger) + the method's statistics (GPTQ: the float64 Hessians of one
+true-sequential stage plus one layer's rounding workspace; AWQ: the sampled input rows). Time counts the block forwards each method runs (observe, search, commit),
 GPTQ's error propagation and AWQ's grid searches as FLOPs at a sustained device rate, plus the
 checkpoint read. The rates are stated constants, not measurements of this machine.
 """
@@ -107,6 +107,9 @@ def plan_layerwise(shape: Shape, cfg: QuantConfig, device: torch.device, dtype: 
     # Inside a block, one sample: MLP intermediates (gate, up, product) and attention (q, k, v, out).
     work = t * (3 * shape.ffn + 4 * shape.heads * shape.head_dim) * b + shape.heads * t * t * b
     stats = _stats_bytes(shape, cfg)
+    # convert of the largest linear: its weight in float32 and the scaled / rounded copies
+    o, i = max(shape.linears(), key=lambda oi: oi[0] * oi[1])
+    work = max(work, 4 * o * i * 4)
     device_peak = int(ALLOCATOR_SLACK * (block_weights + (0 if offload_cache else cache) + work + stats))
     quantized = _quantized_bytes(shape, cfg)
     float_kept = shape.embedding_params() * b + shape.layers * 2 * h * b
@@ -131,9 +134,16 @@ def plan_layerwise(shape: Shape, cfg: QuantConfig, device: torch.device, dtype: 
 
 def _stats_bytes(shape: Shape, cfg: QuantConfig) -> int:
     if cfg.calibration == "gptq":
-        hessians = sum(i * i * 8 for _, i in shape.linears())
+        # float64 Hessians of the linears observed together: the whole block, or with
+        # true-sequential stages the largest stage (linears sharing an input: q/k/v, o, gate/up, down)
+        stages: dict[int, list[int]] = {}
+        for k, (_, i) in enumerate(shape.linears()):
+            stages.setdefault({0: 0, 1: 0, 2: 0, 3: 1, 4: 2, 5: 2, 6: 3}[k], []).append(i * i * 8)
+        hessians = (max(sum(v) for v in stages.values()) if cfg.gptq_true_sequential
+                    else sum(sum(v) for v in stages.values()))
         o, i = max(shape.linears(), key=lambda oi: oi[0] * oi[1] + oi[1] * oi[1])
-        workspace = 4 * o * i * 4 + i * i * (8 + 8 + 4)   # W, Q, Err, result; H clone, L, Hinv
+        # W, Q, Err, result in float32; the Hessian's copy, its damped clone, L (float64), Hinv
+        workspace = 4 * o * i * 4 + i * i * (8 + 8 + 8 + 4)
         return hessians + workspace
     if "awq" in cfg.calibration:
         inputs = [shape.hidden, shape.hidden, shape.heads * shape.head_dim, shape.ffn]

@@ -37,14 +37,14 @@ case "$1" in
     START=$(date +%s)
     left() { echo $(( ${1} - ($(date +%s) - START) )); }
     timeout 60 python3 -m sagequant.backends.cuda.fused_check 2>&1 | tee "$OUT/fused_check.txt" | tail -3
-    timeout 110 python3 benchmarks/engine_step_profile.py --layers 2 --schemes bf16 W4A16 \
+    timeout 100 python3 benchmarks/engine_step_profile.py --layers 2 --schemes bf16 W4A16 \
       --out "$OUT/profile_b1.json" > "$OUT/profile_b1.log" 2>&1; tail -8 "$OUT/profile_b1.log"
-    timeout $(left 440) python3 benchmarks/e2e_generation.py --layers 32 --vocab 128256 \
+    timeout $(left 350) python3 benchmarks/e2e_generation.py --layers 32 --vocab 128256 \
       --schemes bf16 W4A16 W8A8-FP8 W8A16 --batches 1 8 32 --prefill-len 512 2048 --prefill-reps 1 \
-      --new-tokens 48 --long-context 8192 --long-schemes bf16 --budget-s $(left 400) \
+      --new-tokens 48 --long-context 8192 --long-schemes bf16 --budget-s $(left 320) \
       --skip-correctness --out "$OUT/e2e_full.json" > "$OUT/e2e_full.log" 2>&1
     tail -25 "$OUT/e2e_full.log"
-    PYTHONPATH=$PYTHONPATH:$PEERS timeout $(left 570) python3 benchmarks/peer_generate.py --layers 32 \
+    PYTHONPATH=$PYTHONPATH:$PEERS timeout $(left 515) python3 benchmarks/peer_generate.py --layers 32 \
       --vocab 128256 --batches 1 8 --new-tokens 48 --out "$OUT/peers_full.json" > "$OUT/peers_full.log" 2>&1
     tail -6 "$OUT/peers_full.log"
     ;;

@@ -246,6 +246,7 @@ def run_scheme(sq, model, scheme, args, backend, device, deadline, vocab, scheme
     t0 = time.perf_counter()
     cm = compile_scheme(sq, model, scheme, backend)
     row["compile_s"] = time.perf_counter() - t0
+    print(f"{scheme}: compiled in {row['compile_s']:.0f} s", flush=True)  # a cut run shows how far it got
     max_seq = max(*args.prefill_len, args.prompt_len + args.new_tokens) + 1
     engine = new_engine(cm, max(args.batches), max_seq, device, cuda_graphs=device.type == "cuda",
                         fused_step=not args.unfused)
@@ -428,7 +429,9 @@ def markdown(result: dict) -> str:
 def e2e(sq, args, settings, backend, device, dtype, deadline, result: dict, save) -> int:
     """The e2e rows into result["e2e"] (saved after each scheme); 1 if any scheme errored."""
     positions = max(*args.prefill_len, args.long_context or 0, args.prompt_len + args.new_tokens) + 64
+    t0 = time.perf_counter()
     model = build_model(settings["shape"], args.layers, args.vocab, positions, dtype)
+    print(f"model built in {time.perf_counter() - t0:.0f} s", flush=True)
     lm_head = model.lm_head.weight.numel() * 2
     decoder = sum(p.numel() * 2 for n, p in model.named_parameters() if ".layers." in n and p.dim() == 2)
     full_decoder = decoder * settings["full_layers"] / args.layers

@@ -23,8 +23,10 @@ def _targets(graph) -> list:
 @pytest.mark.parametrize("scheme", [dict(ignore=["*"]), dict(weight_dtype="int4", group_size=32)])
 def test_llama_step_is_fused(compiled, scheme):
     cm = compiled("llama", **scheme)
-    fused, plain = step_graph(cm), step_graph(cm, fused=False)
+    # Linears merge only where the step graph copies the weights to a device anyway.
+    fused, plain = step_graph(cm, device=torch.device("cpu")), step_graph(cm, fused=False)
     layers = 2
+    assert step_graph(cm).model_info["step_fusions"]["merged_linears"] == 0
     assert fused.model_info["step_fusions"] == {
         "merged_linears": 5 * layers, "add_rms_norm": 2 * layers, "rotary_embedding": 2 * layers,
         "silu_mul": layers, "rotary_in_attention": layers}
@@ -46,12 +48,15 @@ def test_llama_step_is_fused(compiled, scheme):
                                     dict(weight_dtype="int8", activation_dtype="int8")])
 def test_fused_step_matches_exported_step(compiled, scheme):
     """Prefill then two decode steps of a batch of two rows of different lengths: the logits of
-    the fused and the exported graph are equal (the fused ops' CPU path is the same ATen math)."""
+    the fused and the exported graph are equal (the fused ops' CPU path is the same ATen math),
+    and the graph with merged linears matches them to rounding."""
     cm = compiled("llama", **scheme)
     prompts = [[5, 9, 17, 3, 44, 2, 8], [7, 1, 90]]
     logits = []
-    for fused in (True, False):
-        engine = GenerationEngine(cm, max_batch=2, fused_step=fused)
+    for variant in ("merged", "fused", "exported"):
+        engine = GenerationEngine(cm, max_batch=2, fused_step=variant != "exported")
+        if variant == "merged":   # the graph an engine on another device runs (q|k|v, gate|up merged)
+            engine.graph = step_graph(cm, device=torch.device("cpu"))
         out = []
         for slot, p in enumerate(prompts):
             engine.pool.open(slot, 16)
@@ -62,7 +67,9 @@ def test_fused_step_matches_exported_step(compiled, scheme):
             out.extend(step)
             last = step.argmax(-1)[:, None]
         logits.append(torch.stack(out))
-    torch.testing.assert_close(logits[0], logits[1], rtol=0, atol=0)
+    torch.testing.assert_close(logits[1], logits[2], rtol=0, atol=0)
+    # Merged GEMMs sum in another order (a different K-blocking of the wider GEMM): rounding only.
+    torch.testing.assert_close(logits[0], logits[2], rtol=1e-4, atol=1e-4)
 
 
 def test_non_llama_graph_is_left_runnable(compiled):

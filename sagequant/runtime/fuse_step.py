@@ -34,10 +34,13 @@ SILU_MUL = torch.ops.sagequant.silu_mul.default
 _BIG = 2 ** 62  # export's slice "to the end" is sys.maxsize
 
 
-def fuse_step(graph: QuantGraph) -> dict[str, int]:
-    """Rewrite `graph` in place; returns how many of each fusion it made."""
+def fuse_step(graph: QuantGraph, merge_linears: bool = True) -> dict[str, int]:
+    """Rewrite `graph` in place; returns how many of each fusion it made. merge_linears=False
+    leaves the linears as they are: merging concatenates their weights into new tensors, which
+    costs that much memory wherever the originals stay alive (the compiled model's own device)."""
     g = graph.graph
-    counts = {"merged_linears": _merge_parallel_linears(graph), "add_rms_norm": _fuse_norms(g), "rotary_embedding": _fuse_rotary(g),
+    counts = {"merged_linears": _merge_parallel_linears(graph) if merge_linears else 0,
+              "add_rms_norm": _fuse_norms(g), "rotary_embedding": _fuse_rotary(g),
               "silu_mul": _fuse_silu_mul(g)}
     counts["rotary_in_attention"] = _rotary_into_attention(g)
     g.eliminate_dead_code()

@@ -32,7 +32,9 @@ def step_graph(compiled, config=None, device: torch.device | None = None,
         graph = QuantGraph(gm, copy.deepcopy(src.model_info))
         graph = build_pipeline(config, STEP_GRAPH).manager().run(graph, PassContext(config))
         if fused:
-            graph.model_info["step_fusions"] = fuse_step(graph)
+            # Merged linears get new concatenated weights: free when the weights are copied to
+            # `device` anyway (the originals stay home), a second copy of them on the home device.
+            graph.model_info["step_fusions"] = fuse_step(graph, merge_linears=device is not None)
         if device is not None:
             _move(graph, device)
         per_model[key] = graph

@@ -66,11 +66,18 @@ def collect_input_stats(graph: QuantGraph, batches: list[torch.Tensor], consumer
 
 
 def segment_input_stats(runner: SequentialRunner, seg: int, caches: list[dict],
-                        consumers: list[fx.Node], keep_rows: int = 0) -> dict[fx.Node, ActivationStats]:
-    """The same statistics for consumers inside one segment, observing it without committing."""
-    accs = _accumulators(runner.graph, consumers, keep_rows, len(caches))
+                        consumers: list[fx.Node], keep_rows: int = 0,
+                        total_batches: int | None = None) -> dict[fx.Node, ActivationStats]:
+    """The same statistics for consumers inside one segment, observing it without committing.
+    Under data parallelism (calibration/distributed.py) caches are this rank's share of
+    total_batches, and the statistics are combined across ranks."""
+    from .distributed import merge_accumulator, world
+    accs = _accumulators(runner.graph, consumers, keep_rows, total_batches or len(caches))
     hooks = {n: (lambda node, args, out: accs[node].add(args[0])) for n in consumers}
     runner.run_segment(seg, caches, hooks, commit=False)
+    if world()[1] > 1:
+        for acc in accs.values():
+            merge_accumulator(acc)
     return {n: a.result() for n, a in accs.items() if a.count}
 
 

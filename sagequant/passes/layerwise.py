@@ -37,6 +37,7 @@ from ..ir.patterns import balance_groups
 from ..ir.trace import retarget_device
 from ..progress import phase
 from ..calibration.awq import awq_search_clip, awq_search_scales
+from ..calibration.distributed import merge_hessian, merge_observer, shard, world
 from ..calibration.gptq import HessianAccumulator
 from ..calibration.smoothquant import search_alpha, smoothing_scales
 from .calibrate import RANGE_ONLY_BATCHES
@@ -78,7 +79,8 @@ class LayerwiseCompile:
         self.device, self.dtype = torch.device(device), dtype
         self.work_dir = Path(work_dir)
         self.runner = SequentialRunner(graph, self.device, offload_cache)
-        self.batches = batches
+        self.rank, self.world_size = world()
+        self.all_batches, self.batches = batches, shard(batches)   # data parallel: this rank's share
         self.groups = balance_groups(graph) if cfg.calibration != "gptq" and cfg.calibration not in (
             "minmax", "percentile") else []
         self.stats = {"segments": len(self.runner.segments), "restored": 0, "calibrated": 0,
@@ -87,9 +89,18 @@ class LayerwiseCompile:
 
     # ---- resume records ---------------------------------------------------------------------
     def _check_work_dir(self, fingerprint: dict) -> None:
-        ids = hashlib.sha256(b"".join(b.cpu().numpy().tobytes() for b in self.batches)).hexdigest()
+        ids = hashlib.sha256(b"".join(b.cpu().numpy().tobytes() for b in self.all_batches)).hexdigest()
         self.fingerprint = {"version": RECORD_VERSION, "config": self.cfg.to_dict(),
                             "calibration_ids_sha256": ids, "dtype": str(self.dtype), **fingerprint}
+        if self.rank != 0:   # rank 0 checks and writes the work dir's settings
+            return _barrier()
+        try:
+            self._claim_work_dir()
+        finally:   # the other ranks wait for the check, also when it fails
+            if self.world_size > 1:
+                _barrier()
+
+    def _claim_work_dir(self) -> None:
         self.work_dir.mkdir(parents=True, exist_ok=True)
         path = self.work_dir / "run.json"
         if path.is_file():
@@ -106,6 +117,9 @@ class LayerwiseCompile:
         return (self.work_dir / f"segment_{seg:03d}.safetensors", self.work_dir / f"segment_{seg:03d}.json")
 
     def _save_segment(self, seg: int, names: list[str], layer_stats: dict) -> None:
+        """Rank 0 writes (every rank holds the same tensors); the others wait for it."""
+        if self.rank != 0:
+            return _barrier()
         tensors_path, meta_path = self._record(seg)
         tensors = {n: self.graph.attr(n).detach().contiguous().cpu() for n in names}
         tmp = tensors_path.with_suffix(".tmp")
@@ -117,6 +131,8 @@ class LayerwiseCompile:
         # The json is written last: its presence is what marks the segment done.
         _atomic_write(meta_path, json.dumps({"names": names, "records": records,
                                              "stats": layer_stats}, indent=1).encode())
+        if self.world_size > 1:
+            _barrier()
 
     def _restore_segment(self, seg: int) -> bool:
         tensors_path, meta_path = self._record(seg)
@@ -167,7 +183,7 @@ class LayerwiseCompile:
         graph, cfg = self.graph, self.cfg
         auto = cfg.smoothquant_alpha == "auto"
         stats = segment_input_stats(self.runner, seg, caches, [g.consumers[0] for g in groups],
-                                    SEARCH_ROWS if auto else 0)
+                                    SEARCH_ROWS if auto else 0, len(self.all_batches))
         for group in groups:
             st = stats[group.consumers[0]]
             weights = [graph.attr(c.args[1]) for c in group.consumers]
@@ -184,7 +200,8 @@ class LayerwiseCompile:
         first_reader = {}
         for n in linears:
             first_reader.setdefault(n.args[0], n)
-        raw = segment_input_stats(self.runner, seg, caches, list(first_reader.values()), cfg.awq_search_rows)
+        raw = segment_input_stats(self.runner, seg, caches, list(first_reader.values()), cfg.awq_search_rows,
+                                  len(self.all_batches))
         stats = {inp: raw[node] for inp, node in first_reader.items()}
         rtn = loss = 0.0
         for group in groups:
@@ -213,7 +230,9 @@ class LayerwiseCompile:
             self.runner.run_segment(seg, caches, {n: (lambda node, args, out: hessians[node].add(args[0]))
                                                   for n in stage}, commit=False)
             for node in stage:
-                _quantize_layer(graph, node, hessians.pop(node), self.cfg, stats)
+                acc = hessians.pop(node)
+                _quantize_layer(graph, node, merge_hessian(acc) if self.world_size > 1 else acc,
+                                self.cfg, stats)
         return {"gptq_rtn_error": stats["rtn_error"], "gptq_error": stats["gptq_error"]}
 
     def _observe_inputs(self, seg, caches, linears) -> None:
@@ -223,10 +242,14 @@ class LayerwiseCompile:
         static = any(graph.annotation(n).input_spec is not None and not graph.annotation(n).input_spec.dynamic
                      for n in linears)
         observers = {n: input_observer(graph.annotation(n), self.cfg) for n in linears}
-        self.runner.run_segment(seg, caches if static else caches[:RANGE_ONLY_BATCHES],
+        # the first RANGE_ONLY_BATCHES samples overall: this rank's among them
+        first = len(range(self.rank, RANGE_ONLY_BATCHES, self.world_size))
+        self.runner.run_segment(seg, caches if static else caches[:first],
                                 {n: (lambda node, args, out: observers[node](args[0])) for n in linears},
                                 commit=False)
         for node, obs in observers.items():
+            if self.world_size > 1:
+                merge_observer(obs)
             ann = graph.annotation(node)
             ann.calibration["input"] = obs.record("input", ann.clip_ratio)
 
@@ -281,6 +304,11 @@ class LayerwiseCompile:
                 tensors = load_file(str(path))
                 for n in names:
                     self.graph.set_attr(n, tensors[n])
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+    dist.barrier()
 
 
 def _atomic_write(path: Path, data: bytes) -> None:

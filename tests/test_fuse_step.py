@@ -44,13 +44,15 @@ def test_llama_step_is_fused(compiled, scheme):
     assert len(_targets(plain)) > len(ops) + 20
 
 
-@pytest.mark.parametrize("scheme", [dict(ignore=["*"]), dict(weight_dtype="int4", group_size=32),
-                                    dict(weight_dtype="int8", activation_dtype="int8")])
-def test_fused_step_matches_exported_step(compiled, scheme):
+@pytest.mark.parametrize("arch,scheme", [("llama", dict(ignore=["*"])),
+                                         ("llama", dict(weight_dtype="int4", group_size=32)),
+                                         ("llama", dict(weight_dtype="int8", activation_dtype="int8")),
+                                         ("qwen2", dict(weight_dtype="int4", group_size=32))])  # q/k/v biases
+def test_fused_step_matches_exported_step(compiled, arch, scheme):
     """Prefill then two decode steps of a batch of two rows of different lengths: the logits of
     the fused and the exported graph are equal (the fused ops' CPU path is the same ATen math),
     and the graph with merged linears matches them to rounding."""
-    cm = compiled("llama", **scheme)
+    cm = compiled(arch, **scheme)
     prompts = [[5, 9, 17, 3, 44, 2, 8], [7, 1, 90]]
     logits = []
     for variant in ("merged", "fused", "exported"):

@@ -13,7 +13,7 @@ from .artifact import ArtifactError, read_artifact, write_artifact
 from .calibration.datasets import as_token_batches, check_token_range, load_texts
 from .config import ConfigError, LayerSettings, QuantConfig
 from .ir.annotations import META_KEY
-from .ir.graph import QuantGraph
+from .ir.graph import GraphVerificationError, QuantGraph
 from .ir.kv_plan import KVQuantPlan, build_kv_plan
 from .ir.serialize import GraphSerializationError, graph_from_json, graph_to_json
 from .ir.trace import trace_model
@@ -363,19 +363,32 @@ class CompiledModel:
 
 
 def load(directory: str | Path) -> CompiledModel:
+    """A saved artifact back, bit-exactly. Loading runs no code from the artifact: the graph is
+    rebuilt from a closed vocabulary and every metadata field is checked (SECURITY.md); anything
+    else is an ArtifactError naming the file, node and field."""
     graph_json, tensors, meta = read_artifact(directory)
+    where = f"artifact {str(directory)!r}"
+    configs = {}
+    for name, build in (("config", QuantConfig.from_dict), ("kv_plan", KVQuantPlan.from_dict)):
+        try:
+            configs[name] = build(meta[name])
+        except (ConfigError, TypeError, ValueError) as e:
+            raise ArtifactError(f"{where} has invalid metadata: meta.json field {name!r}: {e}") from None
     try:
-        config = QuantConfig.from_dict(meta["config"])
-        kv_plan = KVQuantPlan.from_dict(meta["kv_plan"])
         gm = graph_from_json(graph_json, tensors)
-        pipeline = Pipeline.from_dict(meta["pipeline"]) if meta.get("pipeline") else None
-    except (KeyError, TypeError, ConfigError) as e:
-        raise ArtifactError(f"artifact {str(directory)!r} has invalid metadata: {e}") from None
     except GraphSerializationError as e:
-        raise ArtifactError(f"artifact {str(directory)!r} cannot be loaded by this build: {e}") from None
-    graph = QuantGraph(gm, meta.get("model_info"))
-    graph.verify()
-    return CompiledModel(graph, config, kv_plan, meta.get("pass_history", []), pipeline)
+        raise ArtifactError(f"{where} cannot be loaded by this build: {e}") from None
+    try:
+        pipeline = Pipeline.from_dict(meta["pipeline"]) if meta.get("pipeline") else None
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise ArtifactError(f"{where} has invalid metadata: meta.json field 'pipeline': "
+                            f"{type(e).__name__}: {e}") from None
+    graph = QuantGraph(gm, meta["model_info"])
+    try:
+        graph.verify()
+    except GraphVerificationError as e:
+        raise ArtifactError(f"{where}: graph.json does not form a valid graph: {e}") from None
+    return CompiledModel(graph, configs["config"], configs["kv_plan"], meta["pass_history"], pipeline)
 
 
 

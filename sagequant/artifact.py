@@ -13,8 +13,10 @@ from __future__ import annotations
 import ctypes
 import errno
 import hashlib
+import hmac
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -25,8 +27,13 @@ from safetensors.torch import load_file, save_file
 
 from .errors import ArtifactError
 
+from .artifact_meta import check_meta
+
 ARTIFACT_FORMAT = 1
 FILES = ("graph.json", "weights.safetensors", "meta.json")
+KEY_ENV = "SAGEQUANT_ARTIFACT_KEY"
+SIGNATURE_ALG = "hmac-sha256"
+_HEX64 = re.compile(r"[0-9a-f]{64}\Z")
 
 
 def _sha256(path: Path) -> str:
@@ -81,6 +88,9 @@ def write_artifact(directory: str | Path, graph_json: dict, tensors: dict[str, t
         manifest = {"format": ARTIFACT_FORMAT, "producer": "sagequant",
                     "files": {f: {"sha256": _sha256(tmp / f), "bytes": (tmp / f).stat().st_size}
                               for f in FILES}}
+        key = signing_key()
+        if key is not None:
+            manifest["signature"] = {"alg": SIGNATURE_ALG, "value": _signature(manifest, key)}
         _write_json(tmp / "manifest.json", manifest)
         if target.exists() and _exchange(tmp, target):
             shutil.rmtree(tmp)  # it now holds the previous artifact
@@ -103,6 +113,60 @@ def write_artifact(directory: str | Path, graph_json: dict, tensors: dict[str, t
     return target
 
 
+def _signature(manifest: dict, key: bytes) -> str:
+    body = {k: v for k, v in manifest.items() if k != "signature"}
+    return hmac.new(key, json.dumps(body, sort_keys=True, separators=(",", ":")).encode(),
+                    hashlib.sha256).hexdigest()
+
+
+def signing_key() -> bytes | None:
+    """The user's HMAC key (env SAGEQUANT_ARTIFACT_KEY), or None: artifacts are then unsigned."""
+    key = os.environ.get(KEY_ENV)
+    return key.encode() if key else None
+
+
+def _check_manifest(manifest, path: Path) -> dict:
+    def bad(field: str, why: str) -> ArtifactError:
+        return ArtifactError(f"{path}: field {field!r} {why}")
+    if not isinstance(manifest, dict):
+        raise ArtifactError(f"{path}: must hold a JSON object, got {type(manifest).__name__}")
+    unknown = set(manifest) - {"format", "producer", "files", "signature"}
+    if unknown:
+        raise bad(sorted(unknown)[0], "is not a manifest field (format, producer, files, signature)")
+    if manifest.get("format") != ARTIFACT_FORMAT:
+        raise ArtifactError(f"{path}: artifact format {manifest.get('format')!r}, "
+                            f"this sagequant reads format {ARTIFACT_FORMAT}")
+    if manifest.get("producer") != "sagequant":
+        raise bad("producer", f"is {manifest.get('producer')!r}, not 'sagequant'")
+    files = manifest.get("files")
+    if not isinstance(files, dict) or set(files) != set(FILES):
+        raise bad("files", f"must list exactly {', '.join(FILES)}")
+    for name, entry in files.items():
+        if not isinstance(entry, dict) or set(entry) != {"sha256", "bytes"}:
+            raise bad(f"files.{name}", "must be an object with sha256 and bytes")
+        if not isinstance(entry["sha256"], str) or not _HEX64.match(entry["sha256"]):
+            raise bad(f"files.{name}.sha256", "is not a 64-digit hex sha256")
+        if isinstance(entry["bytes"], bool) or not isinstance(entry["bytes"], int) or entry["bytes"] < 0:
+            raise bad(f"files.{name}.bytes", "is not a non-negative integer")
+    signature = manifest.get("signature")
+    if signature is not None and (not isinstance(signature, dict) or signature.get("alg") != SIGNATURE_ALG
+                                  or not isinstance(signature.get("value"), str) or set(signature) != {"alg", "value"}):
+        raise bad("signature", f"must be {{\"alg\": \"{SIGNATURE_ALG}\", \"value\": hex}}")
+    return manifest
+
+
+def _verify_signature(manifest: dict, path: Path) -> None:
+    key, signature = signing_key(), manifest.get("signature")
+    if key is None:
+        return  # nothing to check against; loading is safe without it (SECURITY.md)
+    if signature is None:
+        raise ArtifactError(f"{path}: the artifact is not signed, and {KEY_ENV} is set, so only "
+                            "artifacts signed with that key are loaded; re-save it with the key set")
+    if not hmac.compare_digest(signature["value"], _signature(manifest, key)):
+        raise ArtifactError(f"{path}: field 'signature' does not match: the artifact was modified "
+                            f"after it was signed, or signed with a different {KEY_ENV}")
+
+
 def read_artifact(directory: str | Path) -> tuple[dict, dict[str, torch.Tensor], dict]:
     d = Path(directory)
     if not d.is_dir():
@@ -110,29 +174,37 @@ def read_artifact(directory: str | Path) -> tuple[dict, dict[str, torch.Tensor],
     manifest_path = d / "manifest.json"
     if not manifest_path.is_file():
         raise ArtifactError(f"{str(d)!r} is not a sagequant artifact: manifest.json is missing")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ArtifactError(f"{manifest_path}: corrupt manifest ({e})") from None
-    if manifest.get("format") != ARTIFACT_FORMAT:
-        raise ArtifactError(f"{manifest_path}: artifact format {manifest.get('format')!r}, "
-                            f"this sagequant reads format {ARTIFACT_FORMAT}")
+    manifest = _check_manifest(_read_json(manifest_path, "corrupt manifest"), manifest_path)
+    _verify_signature(manifest, manifest_path)
     for name in FILES:
-        path = d / name
-        expected = manifest.get("files", {}).get(name, {}).get("sha256")
+        path, entry = d / name, manifest["files"][name]
         if not path.is_file():
             raise ArtifactError(f"artifact {str(d)!r} is missing {name}")
-        if expected is None or _sha256(path) != expected:
+        size = path.stat().st_size
+        if size != entry["bytes"]:
+            raise ArtifactError(f"{path} is {size} bytes, the manifest says {entry['bytes']}: the file "
+                                "was truncated or modified after it was written; refusing to load it")
+        if _sha256(path) != entry["sha256"]:
             raise ArtifactError(f"checksum mismatch for {path}: the file was modified or truncated "
                                 "after it was written; refusing to load it")
+    graph_json = _read_json(d / "graph.json", "corrupt graph")
+    meta = check_meta(_read_json(d / "meta.json", "corrupt metadata"), d / "meta.json")
     try:
-        graph_json = json.loads((d / "graph.json").read_text())
-        meta = json.loads((d / "meta.json").read_text())
         # Copies: the file's tensors are only 8-byte aligned, and some CPU kernels round
         # differently on unaligned memory, which would break bit-identical reloads.
         tensors = {k: v.clone() for k, v in load_file(str(d / "weights.safetensors")).items()}
-    except (json.JSONDecodeError, SafetensorError) as e:
-        raise ArtifactError(f"artifact {str(d)!r} is corrupt: {e}") from None
-    for alias, source in meta.pop("tensor_aliases", {}).items():
+    except SafetensorError as e:
+        raise ArtifactError(f"{d / 'weights.safetensors'} is corrupt: {e}") from None
+    for alias, source in meta.pop("tensor_aliases").items():
+        if source not in tensors:
+            raise ArtifactError(f"{d / 'meta.json'}: field 'tensor_aliases.{alias}' names tensor "
+                                f"{source!r}, which weights.safetensors does not hold")
         tensors[alias] = tensors[source]
     return graph_json, tensors, meta
+
+
+def _read_json(path: Path, what: str):
+    try:
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise ArtifactError(f"{path}: {what} ({type(e).__name__}: {str(e)[:200]})") from None

@@ -236,7 +236,7 @@ def _retarget_kernel(target):
 
 def test_meta_without_config_is_artifact_error(saved):
     _rewrite(saved, "meta.json", lambda meta: meta.pop("config"))
-    with pytest.raises(sq.ArtifactError, match="invalid metadata"):
+    with pytest.raises(sq.ArtifactError, match="meta.json: field 'config' is missing"):
         sq.load(saved)
 
 

@@ -1,5 +1,6 @@
 """QuantGraph <-> JSON without pickle: nodes, targets by qualified name from an allow-list, and
-arguments of a closed set of types. Tensors travel separately (safetensors)."""
+arguments of a closed set of types. Tensors travel separately (safetensors). Loading goes through
+graph_decode.py, which refuses anything outside that vocabulary before torch.fx sees it."""
 from __future__ import annotations
 
 import operator
@@ -7,8 +8,8 @@ import operator
 import torch
 import torch.fx as fx
 
-from .annotations import META_KEY, NodeAnnotation
-from ..errors import ArtifactError
+from .annotations import META_KEY
+from .vocabulary import GraphSerializationError
 
 GRAPH_FORMAT = 1
 # Python callables a graph may call besides torch ops (export emits these for SymInt math / tuples).
@@ -17,10 +18,6 @@ _PY_TARGETS = {f"operator.{n}": getattr(operator, n) for n in
                 "le", "gt", "ge", "and_", "or_")}
 _PY_TARGETS.update({f"torch.{n}": getattr(torch, n) for n in ("sym_max", "sym_min", "sym_not",
                                                               "sym_float", "sym_int", "sym_sqrt")})
-
-
-class GraphSerializationError(ArtifactError, ValueError):
-    """A graph cannot be written, or a graph.json is outside the closed vocabulary."""
 
 
 def _encode_target(node: fx.Node):
@@ -33,21 +30,6 @@ def _encode_target(node: fx.Node):
         if fn is t:
             return {"py": name}
     raise GraphSerializationError(f"node {node.name}: cannot serialize call target {t!r}")
-
-
-def _decode_target(op: str, target):
-    if op != "call_function":
-        return target
-    if "op" in target:
-        ns, name, overload = target["op"].split(".")
-        try:
-            return getattr(getattr(getattr(torch.ops, ns), name), overload)
-        except AttributeError:
-            raise GraphSerializationError(f"op {target['op']} is not registered in this process "
-                                          "(is the backend that defines it importable?)") from None
-    if target.get("py") in _PY_TARGETS:
-        return _PY_TARGETS[target["py"]]
-    raise GraphSerializationError(f"call target {target!r} is not in the allow-list")
 
 
 def _encode_arg(a, where: str):
@@ -70,26 +52,6 @@ def _encode_arg(a, where: str):
     raise GraphSerializationError(f"{where}: cannot serialize argument of type {type(a).__name__}")
 
 
-def _decode_arg(a, env: dict):
-    if isinstance(a, list):
-        return [_decode_arg(x, env) for x in a]
-    if not isinstance(a, dict):
-        return a
-    if "node" in a:
-        return env[a["node"]]
-    if "tuple" in a:
-        return tuple(_decode_arg(x, env) for x in a["tuple"])
-    for key, kind in (("dtype", torch.dtype), ("layout", torch.layout), ("memory_format", torch.memory_format)):
-        if key in a:
-            value = getattr(torch, a[key], None)
-            if not isinstance(value, kind):
-                raise GraphSerializationError(f"unknown {key} {a[key]!r}")
-            return value
-    if "device" in a:
-        return torch.device(a["device"])
-    raise GraphSerializationError(f"cannot decode argument {a!r}")
-
-
 def graph_to_json(gm: fx.GraphModule) -> dict:
     nodes = []
     for n in gm.graph.nodes:
@@ -104,23 +66,11 @@ def graph_to_json(gm: fx.GraphModule) -> dict:
 
 
 def graph_from_json(data: dict, tensors: dict[str, torch.Tensor]) -> fx.GraphModule:
-    if data.get("format") != GRAPH_FORMAT:
-        raise GraphSerializationError(f"graph format {data.get('format')!r} is not {GRAPH_FORMAT}")
-    graph = fx.Graph()
-    env: dict[str, fx.Node] = {}
-    for entry in data["nodes"]:
-        args = tuple(_decode_arg(entry["args"], env))
-        kwargs = {k: _decode_arg(v, env) for k, v in entry["kwargs"].items()}
-        target = _decode_target(entry["op"], entry["target"])
-        if entry["op"] == "output":
-            node = graph.output(args[0])
-        else:
-            node = graph.create_node(entry["op"], target, args, kwargs, name=entry["name"])
-        if node.name != entry["name"]:
-            raise GraphSerializationError(f"node name {entry['name']!r} collided on load")
-        if "annotation" in entry:
-            node.meta[META_KEY] = NodeAnnotation.from_dict(entry["annotation"])
-        env[entry["name"]] = node
+    """Rebuild the GraphModule node by node through the fx Graph API; every name, target and
+    argument is checked against the closed vocabulary (ir/vocabulary.py, ir/graph_decode.py)
+    first, so fx generates code only from identifiers and constants that were validated."""
+    from .graph_decode import decode_graph
+    graph = decode_graph(data, set(tensors))
     root = torch.nn.Module()
     for name, tensor in tensors.items():
         *parents, leaf = name.split(".")
@@ -130,7 +80,4 @@ def graph_from_json(data: dict, tensors: dict[str, torch.Tensor]) -> fx.GraphMod
                 mod.add_module(part, torch.nn.Module())
             mod = getattr(mod, part)
         mod.register_buffer(leaf, tensor)
-    missing = [n.target for n in graph.nodes if n.op == "get_attr" and n.target not in tensors]
-    if missing:
-        raise GraphSerializationError(f"graph reads tensors missing from the weights: {missing[:5]}")
     return fx.GraphModule(root, graph)

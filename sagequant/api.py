@@ -10,6 +10,7 @@ import torch
 
 from . import backends  # noqa: F401  (kernel registry)
 from .artifact import ArtifactError, read_artifact, write_artifact
+from .safe_write import output_file
 from .calibration.datasets import as_token_batches, check_token_range, load_texts
 from .config import ConfigError, LayerSettings, QuantConfig
 from .ir.annotations import META_KEY
@@ -42,12 +43,13 @@ def compile(model, config: QuantConfig | None = None, calibration_data=None, tok
             stop_after: str | None = None, verify_each: bool = True, qat=None,
             device: str | torch.device | None = None, work_dir: str | Path | None = None,
             offload_cache: bool = False, dtype: torch.dtype = torch.float32,
-            weights=None) -> "CompiledModel":
+            weights=None, overwrite_dump: bool = False) -> "CompiledModel":
     """Trace `model` (a transformers causal LM, or a path / name in any form of
     frontends.models.model_source: checkpoint dir, .gguf file, "smollm2"; or an ONNX model) and run
     the pipeline.
     With QuantConfig.enable_qat, train first (calibration_data is the training text; `qat` the
-    calibration.qat.QATOptions).
+    calibration.qat.QATOptions). dump_dir holding files sagequant did not write is refused unless
+    overwrite_dump=True.
 
     device ("cpu", "cuda", "auto": the GPU when present) calibrates layer-wise on that device:
     the model is traced on the meta device, and one decoder block at a time is onloaded (from
@@ -85,7 +87,7 @@ def compile(model, config: QuantConfig | None = None, calibration_data=None, tok
         from .runtime.speculative import draft_and_verify_configs
         draft_cfg, verify_cfg = draft_and_verify_configs(cfg)
         options = dict(print_ir_after=print_ir_after, dump_dir=dump_dir, stop_after=stop_after,
-                       verify_each=verify_each)
+                       verify_each=verify_each, overwrite_dump=overwrite_dump)
         verify = compile(model, verify_cfg, calibration_data, tokenizer, **options)
         verify.draft = compile(model, draft_cfg, calibration_data, tokenizer, **options)
         return verify
@@ -109,7 +111,7 @@ def compile(model, config: QuantConfig | None = None, calibration_data=None, tok
     if print_ir_after:
         instruments.append(PrintIRAfter(print_ir_after))
     if dump_dir:
-        instruments.append(DumpIR(dump_dir))
+        instruments.append(DumpIR(dump_dir, overwrite=overwrite_dump))
     pm = pipeline.manager(instruments, verify_each=verify_each, stop_after=stop_after)
     graph = trace_model(model)
     ctx = PassContext(cfg, batches, reference_model=model, held_back_batches=held_back)
@@ -343,15 +345,20 @@ class CompiledModel:
         return {"skipped": why} if stats is None and why else stats
 
     # ---- persistence -------------------------------------------------------------------------
-    def save(self, directory: str | Path) -> Path:
+    def save(self, directory: str | Path, overwrite: bool = False) -> Path:
+        """Write the artifact directory atomically. An existing directory is replaced only when it
+        is empty or a previous sagequant artifact; one holding other files is refused unless
+        overwrite=True, and then only sagequant's files in it are replaced."""
         meta = {"config": self.config.to_dict(), "kv_plan": self.kv_plan.to_dict(),
                 "model_info": self.graph.model_info, "pass_history": self.pass_history,
                 "pipeline": self.pipeline.to_dict() if self.pipeline is not None else None,
                 "scheduler_ir": self.scheduler_ir, "report": _jsonable(self.report())}
-        return write_artifact(directory, graph_to_json(self.graph.gm), self.graph.state(), meta)
+        return write_artifact(directory, graph_to_json(self.graph.gm), self.graph.state(), meta,
+                              overwrite=overwrite)
 
-    def export_scheduler_ir(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.scheduler_ir, indent=1))
+    def export_scheduler_ir(self, path: str | Path, overwrite: bool = False) -> None:
+        with output_file(path, overwrite, what="scheduler IR") as tmp:
+            tmp.write_text(json.dumps(self.scheduler_ir, indent=1))
 
     def export(self, path: str | Path, format: str = "onnx", weight_format: str = "qdq",
                **options) -> Path:

@@ -1,24 +1,22 @@
 """Artifact directory: graph.json (the lowered graph, no pickle), weights.safetensors, meta.json
-(config, annotations are in the graph, KV plan, report) and manifest.json (sha256 per file).
+(config, annotations are in the graph, KV plan, report) and manifest.json (sha256 and size per
+file, optionally an HMAC signature).
 
-Writes are atomic: everything goes to a temporary sibling directory, is fsynced, and replaces the
-target, so a crash mid-save (even kill -9) leaves the previous artifact intact. On Linux the
-replacement is one renameat2(RENAME_EXCHANGE) swap, so the target path always holds a complete
-artifact; elsewhere it is two renames (target -> backup, temporary -> target), and a crash between
-them leaves the previous artifact in the `.NAME.old-PID` sibling. Loading verifies every checksum
-before reading anything else.
+Writes go through safe_write.output_dir: everything goes to a temporary sibling directory, is
+fsynced, and replaces the target atomically (one renameat2 swap on Linux), so a crash mid-save
+(even kill -9) leaves the previous artifact intact; a directory holding files sagequant did not
+write is refused unless overwrite=True. Loading checks the manifest (and the signature when
+SAGEQUANT_ARTIFACT_KEY is set), then every size and checksum, then every meta.json field, before
+the graph is rebuilt from its closed vocabulary (ir/graph_decode.py). SECURITY.md says what
+loading guarantees.
 """
 from __future__ import annotations
 
-import ctypes
-import errno
 import hashlib
 import hmac
 import json
 import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -26,8 +24,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .errors import ArtifactError
-
-from .artifact_meta import check_meta
+from .ir.vocabulary import GraphSerializationError, check_identifier, check_json_value, check_path
+from .safe_write import output_dir
 
 ARTIFACT_FORMAT = 1
 FILES = ("graph.json", "weights.safetensors", "meta.json")
@@ -51,27 +49,11 @@ def _write_json(path: Path, obj) -> None:
         os.fsync(f.fileno())
 
 
-def _exchange(a: Path, b: Path) -> bool:
-    """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE); False where the C library or
-    the file system does not offer it."""
-    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
-    if renameat2 is None:
-        return False
-    at_fdcwd, rename_exchange = -100, 2
-    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
-        return False
-    raise OSError(err, os.strerror(err), str(b))
-
-
 def write_artifact(directory: str | Path, graph_json: dict, tensors: dict[str, torch.Tensor],
-                   meta: dict) -> Path:
-    target = Path(directory).absolute()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
+                   meta: dict, overwrite: bool = False) -> Path:
+    """Write the artifact through safe_write.output_dir: atomic, and never over files sagequant
+    did not write unless overwrite=True (then only its own files are replaced)."""
+    with output_dir(directory, overwrite, what="artifact") as tmp:
         # safetensors refuses aliased storage (tied embeddings): store each storage once.
         unique, aliases = {}, {}
         seen: dict[tuple, str] = {}
@@ -92,25 +74,7 @@ def write_artifact(directory: str | Path, graph_json: dict, tensors: dict[str, t
         if key is not None:
             manifest["signature"] = {"alg": SIGNATURE_ALG, "value": _signature(manifest, key)}
         _write_json(tmp / "manifest.json", manifest)
-        if target.exists() and _exchange(tmp, target):
-            shutil.rmtree(tmp)  # it now holds the previous artifact
-            return target
-        backup = None
-        if target.exists():
-            backup = target.with_name(f".{target.name}.old-{os.getpid()}")
-            os.rename(target, backup)
-        try:
-            os.rename(tmp, target)
-        except BaseException:
-            if backup is not None:  # put the previous artifact back where it was
-                os.rename(backup, target)
-            raise
-        if backup is not None:
-            shutil.rmtree(backup)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target
+    return Path(directory).absolute()
 
 
 def _signature(manifest: dict, key: bytes) -> str:
@@ -208,3 +172,66 @@ def _read_json(path: Path, what: str):
         return json.loads(path.read_bytes().decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise ArtifactError(f"{path}: {what} ({type(e).__name__}: {str(e)[:200]})") from None
+
+
+# ---- meta.json: every field checked for type and value before anything uses it, so a
+# malformed or hostile file is an ArtifactError naming the field, never an AttributeError later.
+# (QuantConfig and KVQuantPlan validate their own values in from_dict; api.load calls them.)
+
+META_FIELDS = ("config", "kv_plan", "model_info", "pass_history", "scheduler_ir", "report",
+               "tensor_aliases")
+_MODEL_INFO_TYPES = {"architecture": str, "model_type": str, "source": str, "vocab_size": int,
+                     "num_hidden_layers": int, "kv_layers": int, "hf_config": dict}
+
+
+def check_meta(meta, path: Path) -> dict:
+    def bad(field: str, why: str) -> ArtifactError:
+        return ArtifactError(f"{path}: field {field!r} {why}")
+    if not isinstance(meta, dict):
+        raise ArtifactError(f"{path}: must hold a JSON object, got {type(meta).__name__}")
+    for name in META_FIELDS:
+        if name not in meta:
+            raise bad(name, "is missing")
+    unknown = [k for k in meta if k not in META_FIELDS]
+    if unknown:
+        raise bad(str(unknown[0])[:80], f"is not a meta.json field ({', '.join(META_FIELDS)})")
+    for name, kind in (("config", dict), ("kv_plan", dict), ("model_info", dict), ("report", dict),
+                       ("tensor_aliases", dict), ("pass_history", list), ("scheduler_ir", list)):
+        if not isinstance(meta[name], kind):
+            raise bad(name, f"must be a JSON {'object' if kind is dict else 'list'}, got "
+                            f"{type(meta[name]).__name__}")
+    try:
+        for name in META_FIELDS:
+            check_json_value(meta[name], "meta.json", name)
+        _check_model_info(meta["model_info"], bad)
+        for i, entry in enumerate(meta["pass_history"]):
+            _check_pass_entry(entry, f"pass_history[{i}]", bad)
+        for alias, source in meta["tensor_aliases"].items():
+            check_path(alias, "meta.json", "tensor_aliases key")
+            check_path(source, "meta.json", f"tensor_aliases.{alias}")
+    except GraphSerializationError as e:
+        raise ArtifactError(f"{path}: {str(e).removeprefix('meta.json: ')}") from None
+    return meta
+
+
+def _check_model_info(info: dict, bad) -> None:
+    for name, kind in _MODEL_INFO_TYPES.items():
+        value = info.get(name)
+        if value is None:
+            continue
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise bad(f"model_info.{name}", f"must be {kind.__name__}, got {type(value).__name__}")
+        if kind is int and value < (1 if name == "vocab_size" else 0):
+            raise bad(f"model_info.{name}", f"is {value}, out of range")
+    if info.get("position_ids_node") is not None:
+        check_identifier(info["position_ids_node"], "meta.json", "model_info.position_ids_node")
+
+
+def _check_pass_entry(entry, field: str, bad) -> None:
+    if not isinstance(entry, dict) or not isinstance(entry.get("pass"), str):
+        raise bad(field, "must be an object with a string 'pass'")
+    seconds = entry.get("seconds", 0)
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
+        raise bad(f"{field}.seconds", "must be a number")
+    if not isinstance(entry.get("stats", {}), (dict, type(None))):
+        raise bad(f"{field}.stats", "must be an object")

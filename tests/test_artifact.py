@@ -9,6 +9,8 @@ from safetensors.torch import load_file
 
 import sagequant as sq
 import sagequant.artifact as artifact
+import sagequant.safe_write as safe_write
+from sagequant.safe_write import OutputPathError
 
 FILES = {"graph.json", "weights.safetensors", "meta.json", "manifest.json"}
 CONFIGS = {
@@ -101,14 +103,26 @@ def test_save_over_existing_replaces_atomically(compiled, eval_ids, tmp_path):
     w4, w8 = compiled("llama", group_size=32), compiled("llama", weight_dtype="int8", group_size=None)
     target = tmp_path / "art"
     w4.save(target)
-    (target / "stale.txt").write_text("from an older save")
-    w8.save(target)
+    w8.save(target)  # a previous artifact (all its files ours): replaced as a whole
     loaded = sq.load(target)
     assert loaded.config.scheme == "W8A16"
     _logits_equal(w8, loaded, eval_ids)
-    assert not (target / "stale.txt").exists()  # replaced, not merged
     assert _leftovers(tmp_path, "art") == []
     assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]
+
+
+def test_save_never_deletes_a_file_it_did_not_write(compiled, tmp_path):
+    w4, w8 = compiled("llama", group_size=32), compiled("llama", weight_dtype="int8", group_size=None)
+    target = tmp_path / "art"
+    w4.save(target)
+    (target / "notes.txt").write_text("the user's own notes")
+    with pytest.raises(OutputPathError, match="notes.txt.*--overwrite"):
+        w8.save(target)
+    assert sq.load(target).config.scheme == "W4A16"
+    w8.save(target, overwrite=True)  # only sagequant's files are replaced
+    assert sq.load(target).config.scheme == "W8A16"
+    assert (target / "notes.txt").read_text() == "the user's own notes"
+    assert _leftovers(tmp_path, "art") == []
 
 
 @pytest.fixture
@@ -201,12 +215,12 @@ def test_failed_final_rename_keeps_previous_artifact(compiled, saved, monkeypatc
     real_rename = os.rename
 
     def rename(src, dst):
-        if ".tmp-" in str(src):  # moving the finished temp dir into place
+        if ".sagequant-tmp-" in str(src):  # moving the finished temp dir into place
             raise OSError(5, "Input/output error")
         return real_rename(src, dst)
 
-    monkeypatch.setattr(artifact.os, "rename", rename)
-    monkeypatch.setattr(artifact, "_exchange", lambda a, b: False)  # the two-rename path (no renameat2)
+    monkeypatch.setattr(safe_write.os, "rename", rename)
+    monkeypatch.setattr(safe_write, "_exchange", lambda a, b: False)  # the two-rename path (no renameat2)
     with pytest.raises(OSError):
         compiled("llama", weight_dtype="int8", group_size=None).save(saved)
     monkeypatch.undo()

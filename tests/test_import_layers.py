@@ -5,8 +5,10 @@ Layers, bottom to top (an area may import only areas of lower layers; areas of o
 peers and import neither each other):
 
   errors, progress        the error family; progress displays and the quiet switch
-  config                  the validated settings
-  ir, artifact            QuantGraph, specs and formats, ops, serialization, the artifact files
+  config, safe_write      the validated settings; the one writer of output paths (never
+                          replaces files sagequant did not write)
+  ir                      QuantGraph, specs and formats, ops, serialization (closed vocabulary)
+  artifact                the artifact files (checks meta.json with ir's closed vocabulary)
   calibration, lowering   pure numerics over the IR: observers and algorithms; the kernel
                           registry and lowering helpers (unfuse)
   evaluation              measures: per-layer error, perplexity, the HTML report
@@ -32,8 +34,9 @@ PACKAGE = Path(__file__).resolve().parents[1] / "sagequant"
 
 LAYERS = [
     ("errors", "progress"),
-    ("config",),
-    ("ir", "artifact"),
+    ("config", "safe_write"),
+    ("ir",),
+    ("artifact",),
     ("calibration", "lowering"),
     ("evaluation",),
     ("passes",),

@@ -134,7 +134,7 @@ def test_dump_ir_numbered_files(traced, calib_ids, tmp_path):
     d = tmp_path / "ir"
     pm, ctx, graph = run(traced, PIPELINE, batches=list(calib_ids.split(1)), instruments=[DumpIR(d)])
     names = sorted(p.name for p in d.iterdir())
-    assert names == [f"{i + 1:03d}_{p}.txt" for i, p in enumerate(PIPELINE)]
+    assert names == [".sagequant-output.json"] + [f"{i + 1:03d}_{p}.txt" for i, p in enumerate(PIPELINE)]
     def dump(name):
         return (d / f"{PIPELINE.index(name) + 1:03d}_{name}.txt").read_text()
     assert dump("schedule") == graph.format() + "\n"
@@ -148,8 +148,17 @@ def test_dump_ir_numbered_files(traced, calib_ids, tmp_path):
 
 def test_compile_dump_dir(tiny, tmp_path):
     sq.compile(tiny("llama"), sq.QuantConfig(group_size=32), dump_dir=tmp_path / "dump")
-    assert sorted(p.name for p in (tmp_path / "dump").iterdir())[0] == "001_canonicalize.txt"
-    assert len(list((tmp_path / "dump").iterdir())) == len(PIPELINE)
+    dumps = sorted(p.name for p in (tmp_path / "dump").iterdir() if p.name.endswith(".txt"))
+    assert dumps[0] == "001_canonicalize.txt" and len(dumps) == len(PIPELINE)
+    # A second dump replaces the first one's files (listed in the marker), nothing else.
+    (tmp_path / "dump" / "999_stale.txt").write_text("not ours")
+    with pytest.raises(sq.ArtifactError, match="999_stale.txt"):
+        sq.compile(tiny("llama"), sq.QuantConfig(group_size=32), dump_dir=tmp_path / "dump")
+    sq.compile(tiny("llama"), sq.QuantConfig(weight_dtype="int8", group_size=None),
+               dump_dir=tmp_path / "dump", overwrite_dump=True)
+    after = sorted(p.name for p in (tmp_path / "dump").iterdir() if p.name.endswith(".txt"))
+    assert after == sorted(dumps + ["999_stale.txt"])
+    assert "W8A16" in (tmp_path / "dump" / "002_annotate.txt").read_text()
 
 
 def test_timing_instrument_and_hook_order(traced):

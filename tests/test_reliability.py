@@ -22,7 +22,7 @@ import sagequant as sq
 #   swapped    the new directory swapped in, the old one not yet deleted
 _CHILD = r"""
 import os, sys, time
-import sagequant as sq, sagequant.artifact as art
+import sagequant as sq, sagequant.artifact as art, sagequant.safe_write as sw
 source, target, point, marker = sys.argv[1:5]
 cm = sq.load(source)
 
@@ -44,12 +44,12 @@ elif point == "manifest":
             pause()
     art._write_json = write
 else:
-    real_exchange = art._exchange
+    real_exchange = sw._exchange
     def exchange(a, b):
         if not real_exchange(a, b):
             sys.exit(3)  # no renameat2 here: the two-rename path is tested in test_artifact.py
         pause()
-    art._exchange = exchange
+    sw._exchange = exchange
 cm.save(target)
 """
 
@@ -87,9 +87,11 @@ def test_kill_9_during_save_leaves_a_loadable_artifact(two_artifacts, tmp_path, 
     expected = new if point == "swapped" else old  # the swap itself is the commit point
     assert torch.equal(_logits(target, eval_ids), _logits(expected, eval_ids))
     assert sq.load(target).config.scheme == sq.load(expected).config.scheme
-    # A later save over it still works (leftover temporary siblings do not get in the way).
+    # A later save over it still works, and removes the killed save's temporary sibling.
+    assert [p.name for p in tmp_path.iterdir() if ".sagequant-tmp-" in p.name]
     sq.load(new).save(target)
     assert torch.equal(_logits(target, eval_ids), _logits(new, eval_ids))
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".model.")] == []
 
 
 def test_loading_never_unpickles(two_artifacts, eval_ids, monkeypatch):

@@ -8,17 +8,18 @@ compressed-tensors checkpoints, plus the ONNX Runtime helpers the parity checks 
 The graph is captured once (backends/onnxruntime/capture.py) with each quantized linear as a
 placeholder, then the chosen emitter rewrites the placeholders; everything else in the model
 (embedding, norms, attention, a float lm_head) is what torch.onnx writes for the lowered graph.
-The file is written atomically (temporary name, then rename).
+Files are written atomically (temporary name, then rename) through safe_write, which refuses to
+replace what sagequant did not write unless overwrite=True.
 """
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ..safe_write import check_output_dir, check_output_file, output_file
 from .onnxruntime.qlinear import ExportError
 
 FORMATS = ("onnx", "tensorrt", "compressed-tensors")
@@ -28,23 +29,36 @@ _EXTERNAL_DATA_BYTES = 1 << 30  # protobuf files stop at 2 GiB; weights move bes
 
 def export(compiled, path: str | Path, format: str = "onnx", weight_format: str = "qdq", *,
            accuracy_level: int = 0, engine_path: str | Path | None = None, captured=None,
-           tokenizer=None) -> Path:
+           tokenizer=None, overwrite: bool = False) -> Path:
     """Write `compiled` to `path`; returns the path. Raises ExportError naming the layer, scheme and
     constraint when the format cannot express the model. `captured`: a `capture(compiled.graph)`
     result to reuse (capturing is the slow step; every ONNX format is emitted from the same capture).
-    format="compressed-tensors" writes a directory (tokenizer files too when `tokenizer` is given)."""
+    format="compressed-tensors" writes a directory (tokenizer files too when `tokenizer` is given).
+    An existing file (or a directory holding files sagequant did not write) is replaced only with
+    overwrite=True; check_output() says so before any work is done."""
     check_args(format, weight_format, engine_path)
+    check_output(path, format, engine_path, overwrite)
     if format == "compressed-tensors":
         from .compressed_tensors.checkpoint import write_checkpoint
-        return write_checkpoint(compiled, path, tokenizer=tokenizer)
+        return write_checkpoint(compiled, path, tokenizer=tokenizer, overwrite=overwrite)
     if tokenizer is not None:
         raise ExportError("tokenizer= is for format='compressed-tensors'; ONNX exports take input_ids")
     model = to_onnx(compiled, format, weight_format, accuracy_level=accuracy_level, captured=captured)
-    out = _save(model, Path(path))
+    out = _save(model, Path(path), overwrite)
     if engine_path is not None:
         from .tensorrt.explicit_quant import build_engine
-        build_engine(out, engine_path)
+        build_engine(out, engine_path, overwrite=overwrite)
     return out
+
+
+def check_output(path, format: str, engine_path=None, overwrite: bool = False) -> None:
+    """Refuse (before the slow capture) an output path whose files sagequant would lose."""
+    if format == "compressed-tensors":
+        check_output_dir(path, overwrite, what=f"{format} checkpoint")
+        return
+    check_output_file(path, overwrite, what=f"{format} export", companions=(".data",))
+    if engine_path is not None:
+        check_output_file(engine_path, overwrite, what="TensorRT engine")
 
 
 def to_onnx(compiled, format: str = "onnx", weight_format: str = "qdq", accuracy_level: int = 0,
@@ -114,21 +128,15 @@ def check_args(format: str, weight_format: str, engine_path=None) -> None:
         raise ExportError("engine_path is for format='tensorrt'")
 
 
-def _save(model, path: Path) -> Path:
+def _save(model, path: Path, overwrite: bool = False) -> Path:
     import onnx
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     external = model.ByteSize() > _EXTERNAL_DATA_BYTES
-    try:
-        if external:
+    with output_file(path, overwrite, what="ONNX export", companions=(".data",)) as tmp:
+        if external:  # the data file is named for the final path: the model refers to it by name
             onnx.save_model(model, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
                             location=f"{path.name}.data", size_threshold=1024)
         else:
             onnx.save_model(model, str(tmp))
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path
 
 

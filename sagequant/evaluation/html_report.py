@@ -23,6 +23,9 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
+from ..safe_write import output_file
+
+GENERATOR = "<meta name='generator' content='sagequant'>"  # recognises our own earlier report
 MAX_LIST_ITEMS = 12  # longer lists in pass statistics are cut, saying how many were left out
 STYLE = ("body{font-family:sans-serif;max-width:1200px;margin:auto;padding:0 1em}"
          "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:2px 8px;"
@@ -234,21 +237,31 @@ def render_html_report(cm, accuracy: dict | None, errors: list[dict] | None,
                        missing_reference: str | None = None) -> str:
     """The page as one string."""
     why_not = missing_reference or "accuracy was not requested"
-    return ("<!doctype html><html><head><meta charset='utf-8'>"
+    return ("<!doctype html><html><head><meta charset='utf-8'>" + GENERATOR +
             "<meta http-equiv='Content-Security-Policy' content=\"default-src 'none'; "
             "style-src 'unsafe-inline'\"><title>sagequant report</title>"
             f"<style>{STYLE}</style></head><body>" + "\n".join(_sections(cm, accuracy, errors, why_not))
             + "</body></html>")
 
 
-def write_html_report(cm, out: str | Path, accuracy: dict | None, errors: list[dict] | None,
-                      missing_reference: str | None = None) -> Path:
-    """Write the page to `out` (a .html path, or a directory that gets report.html); returns it."""
+def report_path(out: str | Path) -> Path:
+    """`out` itself when it names a .html file, else out/report.html."""
     out = Path(out)
-    path = out if out.suffix.lower() in (".html", ".htm") else out / "report.html"
-    path.parent.mkdir(parents=True, exist_ok=True)
+    return out if out.suffix.lower() in (".html", ".htm") else out / "report.html"
+
+
+def is_sagequant_report(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return GENERATOR.encode() in f.read(512)
+
+
+def write_html_report(cm, out: str | Path, accuracy: dict | None, errors: list[dict] | None,
+                      missing_reference: str | None = None, overwrite: bool = False) -> Path:
+    """Write the page to `out` (a .html path, or a directory that gets report.html); returns it.
+    Atomic (a reader never sees half a page); an existing file there is replaced only when it is
+    an earlier sagequant report or overwrite=True."""
+    path = report_path(out)
     page = render_html_report(cm, accuracy, errors, missing_reference)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(page, encoding="utf-8")
-    tmp.replace(path)  # a reader never sees half a page
+    with output_file(path, overwrite, what="HTML report", ours=is_sagequant_report) as tmp:
+        tmp.write_text(page, encoding="utf-8")
     return path

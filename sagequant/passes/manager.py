@@ -11,6 +11,7 @@ from typing import Callable, TextIO
 
 from ..config import ConfigError, QuantConfig
 from ..ir.graph import QuantGraph
+from ..safe_write import IncrementalDir
 
 
 @dataclass
@@ -92,14 +93,14 @@ class PrintIRAfter(Instrument):
 class DumpIR(Instrument):
     """Write numbered IR files (001_canonicalize.txt, ...) so a diff shows what each pass did."""
 
-    def __init__(self, directory: str | Path):
-        self.dir = Path(directory)
-        self.dir.mkdir(parents=True, exist_ok=True)
+    def __init__(self, directory: str | Path, overwrite: bool = False):
+        self.out = IncrementalDir(directory, overwrite, what="IR dump")
+        self.dir = self.out.dir
         self.index = 0
 
     def after_pass(self, p, result, ctx):
         self.index += 1
-        (self.dir / f"{self.index:03d}_{p.name}.txt").write_text(result.graph.format() + "\n")
+        self.out.write_text(f"{self.index:03d}_{p.name}.txt", result.graph.format() + "\n")
 
 
 class Timing(Instrument):

@@ -54,5 +54,6 @@ def check_available(command: list[str]) -> None:
                            + ". The command would be: " + " ".join(command))
 
 
-def export_for_vllm(compiled, tokenizer, checkpoint_dir: str | Path) -> Path:
-    return Path(compiled.export(checkpoint_dir, format="compressed-tensors", tokenizer=tokenizer))
+def export_for_vllm(compiled, tokenizer, checkpoint_dir: str | Path, overwrite: bool = False) -> Path:
+    return Path(compiled.export(checkpoint_dir, format="compressed-tensors", tokenizer=tokenizer,
+                                overwrite=overwrite))

@@ -11,6 +11,7 @@ from pathlib import Path
 from ..config import ConfigError, QuantConfig
 from ..errors import SageQuantError
 from ..progress import is_quiet, log, set_quiet
+from ..safe_write import check_output_dir, check_output_file
 from .engine_cli import add_engine_parser
 from .arg_types import (group_size, int_at_least, non_negative_float, non_negative_int, positive_float,
                         positive_int, unit_ratio)
@@ -30,6 +31,10 @@ def cmd_compile(args) -> int:
     from ..calibration.data_sources import describe, load_dataset
     from ..frontends.models import resolve_model
     cfg = config_from_args(args)
+    if not args.stop_after:  # fail before the (long) compile, not after it
+        check_output_dir(args.output, args.overwrite, what="artifact")
+    if args.dump_dir:
+        check_output_dir(args.dump_dir, args.overwrite, what="IR dump")
     dataset = args.dataset or args.default_dataset
     data = None
     if dataset:
@@ -43,12 +48,12 @@ def cmd_compile(args) -> int:
         model, tok = resolve_model(args.model)
         print_after = "all" if args.print_ir_after and "all" in args.print_ir_after else args.print_ir_after
         cm = sq_compile(model, cfg, calibration_data=data, tokenizer=tok, print_ir_after=print_after,
-                        dump_dir=args.dump_dir, stop_after=args.stop_after)
+                        dump_dir=args.dump_dir, stop_after=args.stop_after, overwrite_dump=args.overwrite)
     cm.graph.model_info["source"] = args.model
     if args.stop_after and args.stop_after != cm.pipeline.names[-1]:
         print(f"stopped after pass {args.stop_after}; no artifact written")
         return 0
-    path = cm.save(args.output)
+    path = cm.save(args.output, overwrite=args.overwrite)
     rep = cm.report()
     print_report(rep)
     print(f"artifact: {path}")
@@ -155,6 +160,10 @@ def _eval_mmlu(args, model_fn, reference, tok) -> dict:
 
 def cmd_report(args) -> int:
     from ..api import load
+    if args.html:
+        from ..evaluation.html_report import is_sagequant_report, report_path
+        check_output_file(report_path(args.html), args.overwrite, what="HTML report",
+                          ours=is_sagequant_report)
     cm = load(args.artifact)
     rep = cm.report()
     if args.json:
@@ -182,7 +191,7 @@ def _html_report(cm, args) -> None:
               f"{100 * accuracy['flip_rate_se']:.2f}% on {accuracy['tokens']} tokens of {accuracy['text']}")
     else:
         print(f"accuracy: not measured ({missing or 'requested --eval-tokens 0'})")
-    path = write_html_report(cm, args.html, accuracy, errors, missing)
+    path = write_html_report(cm, args.html, accuracy, errors, missing, args.overwrite)
     print(f"HTML report: {path}")
     headline = f", ppl {accuracy['delta_pct']:+.2f}% vs float" if accuracy else ""
     _done(args, f"wrote {path}{headline}")
@@ -210,11 +219,14 @@ def accuracy_and_errors(cm, reference_spec: str, eval_tokens: int, error_tokens:
 
 def cmd_export(args) -> int:
     from ..api import load
-    from ..backends.export import checkpoint_parity, export, onnxruntime_session, parity
+    from ..backends.export import (check_args, check_output, checkpoint_parity, export,
+                                   onnxruntime_session, parity)
+    check_args(args.format, args.weight_format, args.engine)
+    check_output(args.output, args.format, args.engine, args.overwrite)
     cm = load(args.artifact)
     checkpoint = args.format == "compressed-tensors"
     out = export(cm, args.output, format=args.format, weight_format=args.weight_format,
-                 accuracy_level=args.accuracy_level, engine_path=args.engine)
+                 accuracy_level=args.accuracy_level, engine_path=args.engine, overwrite=args.overwrite)
     print(f"{args.format} export ({'checkpoint' if checkpoint else args.weight_format}) of "
           f"{cm.config.scheme}: {out}")
     if args.check:
@@ -316,6 +328,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "and plots (per-layer error, activation ranges vs clip, weight bytes)")
     r.add_argument("--reference", help="float model for accuracy and per-layer error (default: the "
                    "artifact's source)")
+    r.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --html file that is not an earlier sagequant report")
     r.add_argument("--eval-tokens", type=non_negative_int, default=2048,
                    help="news-text tokens for float vs quantized perplexity (0: skip)")
     r.set_defaults(func=cmd_report)
@@ -347,6 +361,9 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--weight-format", default="qdq", help="qdq | matmulnbits (format onnx)")
     x.add_argument("--accuracy-level", type=int, choices=[0, 1, 2, 3, 4], default=0,
                    help="MatMulNBits accuracy_level: 0 float accumulation (default), 4 int8 activations")
+    x.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --output / --engine file (or write into a checkpoint "
+                   "directory holding other files; only sagequant's own are replaced)")
     x.add_argument("--engine", help="also build a TensorRT engine here (needs tensorrt and a GPU)")
     x.add_argument("--check", action="store_true",
                    help="run the export (onnxruntime, or transformers for a checkpoint) and print its "

@@ -56,7 +56,11 @@ def add_compile_flags(p: argparse.ArgumentParser, dataset_required: bool,
                    + (f" (default: {default_dataset})" if default_dataset else ""))
     p.set_defaults(default_dataset=default_dataset)
     p.add_argument("--text-field", default="text", help="the JSONL field holding the text (default: text)")
-    p.add_argument("--output", required=True, help="artifact directory to write")
+    p.add_argument("--output", required=True, help="artifact directory to write (absent, empty, or a "
+                   "previous artifact; anything else needs --overwrite)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into an --output / --dump-dir holding files sagequant did not write "
+                   "(only sagequant's own files there are replaced; the others stay)")
     p.add_argument("--config", help="QuantConfig JSON file; flags below override its fields")
     p.add_argument("--method", help="calibration: minmax | percentile | smoothquant | awq | gptq")
     p.add_argument("--weight-dtype", help="int8 | int4 | fp8 | nf4 | w8a16 | w4a16 | w8a8")

@@ -11,11 +11,11 @@ import time
 import urllib.request
 from pathlib import Path
 
+from ..safe_write import check_output_dir
 from ..serving.launch import QUANTIZATIONS, ServeOptions, ServingError
 from ..serving.state import EngineStateError, list_engines, state_dir, stop_engine
 from .arg_types import group_size, int_at_least, non_negative_int, port, positive_float, positive_int
 
-USER_ERRORS = (ServingError, EngineStateError)
 _OPTION_FLAGS = ("quantization", "activation_dtype", "kv_quant", "backend", "group_size", "dataset",
                  "tokenizer", "served_model_name", "max_batch", "max_queue", "max_seq_len",
                  "num_kv_blocks", "default_max_tokens")
@@ -50,6 +50,9 @@ def add_engine_parser(sub) -> None:
     s.add_argument("--engine", choices=["sagequant", "vllm"], default="sagequant",
                    help="vllm: export compressed-tensors and run `vllm serve` on it")
     s.add_argument("--export-dir", help="--engine vllm: where the compressed-tensors checkpoint goes")
+    s.add_argument("--overwrite", action="store_true",
+                   help="--engine vllm: write --export-dir even if it holds files sagequant did not "
+                   "write (only sagequant's own are replaced)")
     s.add_argument("--background", action="store_true", help="detach; see `engine list` / `engine stop`")
     s.add_argument("--start-timeout", type=positive_float, default=900, help="--background: seconds to wait for /health")
     s.add_argument("--state-dir", help="where running engines are recorded (default $SAGEQUANT_STATE_DIR "
@@ -158,10 +161,11 @@ def _start_vllm(args) -> int:
                             kv_cache_dtype=kv_cache_dtype, max_model_len=opts.max_seq_len,
                             max_num_seqs=opts.max_batch)
     check_available(vllm_argv(opts.kv_quant or "none"))  # before the compile: say what is missing
+    check_output_dir(checkpoint, args.overwrite, what="compressed-tensors checkpoint")
     cm, tok_source = load_compiled(opts)
     argv = vllm_argv(cm.config.kv_cache_dtype)  # an artifact brings its own KV dtype
     from ..frontends.models import resolve_tokenizer
-    export_for_vllm(cm, resolve_tokenizer(tok_source), checkpoint)
+    export_for_vllm(cm, resolve_tokenizer(tok_source), checkpoint, overwrite=args.overwrite)
     print("running: " + " ".join(argv), flush=True)
     return subprocess.call(argv)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..calibration.qat import LOSSES, QATOptions
+from ..safe_write import check_output_dir
 from .compile_flags import config_from_args, print_report
 from .arg_types import int_at_least, non_negative_float, non_negative_int, positive_float, positive_int
 
@@ -46,6 +47,7 @@ def cmd_qat(args: argparse.Namespace) -> int:
         lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, loss=args.loss,
         warmup_steps=args.warmup_steps, freeze_observers_step=args.freeze_observers_step,
         checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every, seed=args.seed)
+    check_output_dir(args.output, args.overwrite, what="artifact")  # before the training
     texts = load_dataset(args.dataset, args.text_field, args.train_seq_len)
     model, tok = resolve_model(args.model)
     cm = quantization_aware_training(model, cfg, texts, tok, options)
@@ -53,7 +55,7 @@ def cmd_qat(args: argparse.Namespace) -> int:
     stats = next(p["stats"] for p in cm.pass_history if p["pass"] == "qat_train")
     print(f"qat: {stats['steps']} steps, {stats['tokens']:,} tokens, {stats['seconds']:.1f} s; "
           f"loss {stats['loss_first']:.4f} -> {stats['loss_last']:.4f} ({options.loss})")
-    path = cm.save(args.output)
+    path = cm.save(args.output, overwrite=args.overwrite)
     print_report(cm.report())
     print(f"artifact: {path}")
     return 0

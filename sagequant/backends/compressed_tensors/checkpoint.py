@@ -20,14 +20,12 @@ config.json (rotary inv_freq) are not.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from ...ir.annotations import META_KEY
+from ...safe_write import output_dir
 from ...ir.quant_spec import QuantizedTensor, QuantSpec, dequantize
 from ...ir.trace import WRAPPER_PREFIX
 from ..onnxruntime.qlinear import ExportError
@@ -167,8 +165,9 @@ def checkpoint_state(compiled) -> dict[str, torch.Tensor]:
     return out
 
 
-def write_checkpoint(compiled, directory: str | Path, tokenizer=None) -> Path:
-    """Write the checkpoint directory atomically (a temporary sibling, then rename)."""
+def write_checkpoint(compiled, directory: str | Path, tokenizer=None, overwrite: bool = False) -> Path:
+    """Write the checkpoint directory atomically through safe_write.output_dir (never over files
+    sagequant did not write, unless overwrite=True)."""
     from safetensors.torch import save_file
     hf_config = dict(compiled.graph.model_info.get("hf_config") or {})
     if not hf_config.get("model_type"):
@@ -180,18 +179,9 @@ def write_checkpoint(compiled, directory: str | Path, tokenizer=None) -> Path:
     if any(k.startswith("lm_head.weight_") for k in state):
         hf_config["tie_word_embeddings"] = False  # the head is quantized, the embedding is not
     hf_config.setdefault("architectures", [compiled.graph.model_info.get("architecture")])
-    out = Path(directory)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with output_dir(directory, overwrite, what=f"{FORMAT} checkpoint") as tmp:
         save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2, default=str))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-    return out
+    return Path(directory)

@@ -200,7 +200,7 @@ def tensorrt_missing() -> str | None:
 
 
 def build_engine(onnx_path: str | Path, engine_path: str | Path, max_batch: int = 8,
-                 max_seq: int = 2048, opt_seq: int = 128) -> Path:
+                 max_seq: int = 2048, opt_seq: int = 128, overwrite: bool = False) -> Path:
     """Parse the explicit-quantization ONNX (strongly typed network) and serialize an engine."""
     why = tensorrt_missing()
     if why:
@@ -223,6 +223,7 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, max_batch: int 
     blob = builder.build_serialized_network(network, config)
     if blob is None:
         raise ExportError(f"TensorRT failed to build an engine from {onnx_path} (see its log above)")
-    out = Path(engine_path)
-    out.write_bytes(bytes(blob))
-    return out
+    from ...safe_write import output_file
+    with output_file(engine_path, overwrite, what="TensorRT engine") as tmp:
+        tmp.write_bytes(bytes(blob))
+    return Path(engine_path)

@@ -12,12 +12,11 @@ import torch
 import torch.fx as fx
 
 from ..errors import QuantizationError
-from .annotations import (META_KEY, CalibrationRecord, KernelBinding, NodeAnnotation, SchedulerIR)
+from .annotations import META_KEY, CalibrationRecord, KernelBinding, NodeAnnotation, SchedulerIR
 from .quant_spec import QuantSpec
-from .serialize import _PY_TARGETS, GRAPH_FORMAT
-from .vocabulary import (CALL_METHODS, DEVICE, MODEL_INPUTS, NODE_OPS, OP_NAMESPACES,
-                         GraphSerializationError, check_identifier, check_path, check_record,
-                         check_scalar, check_string, fail)
+from .vocabulary import (CALL_METHODS, DEVICE, GRAPH_FORMAT, MODEL_INPUTS, NODE_OPS, OP_NAMESPACES,
+                         PY_TARGETS, GraphSerializationError, check_identifier, check_path,
+                         check_record, check_scalar, check_string, fail)
 
 _NODE_KEYS = {"name", "op", "target", "args", "kwargs", "annotation"}
 _ANNOTATION_KEYS = ("layer", "role", "scheme", "weight_spec", "input_spec", "clip_ratio",
@@ -129,10 +128,10 @@ def _function(target, where: str):
     if not isinstance(target, dict) or len(target) != 1:
         raise fail(where, "target", 'must be {"op": "namespace.name.overload"} or {"py": name}')
     if "py" in target:
-        if target["py"] not in _PY_TARGETS:
+        if target["py"] not in PY_TARGETS:
             raise fail(where, "target.py", f"{str(target['py'])[:80]!r} is not in the allow-list: "
-                                           f"{', '.join(_PY_TARGETS)}")
-        return _PY_TARGETS[target["py"]]
+                                           f"{', '.join(PY_TARGETS)}")
+        return PY_TARGETS[target["py"]]
     qualified = target.get("op")
     if not isinstance(qualified, str) or qualified.count(".") != 2:
         raise fail(where, "target.op", f"{str(qualified)[:80]!r} is not namespace.name.overload")

@@ -3,21 +3,13 @@ arguments of a closed set of types. Tensors travel separately (safetensors). Loa
 graph_decode.py, which refuses anything outside that vocabulary before torch.fx sees it."""
 from __future__ import annotations
 
-import operator
-
 import torch
 import torch.fx as fx
 
 from .annotations import META_KEY
-from .vocabulary import GraphSerializationError
+from .graph_decode import decode_graph
+from .vocabulary import GRAPH_FORMAT, PY_TARGETS, GraphSerializationError
 
-GRAPH_FORMAT = 1
-# Python callables a graph may call besides torch ops (export emits these for SymInt math / tuples).
-_PY_TARGETS = {f"operator.{n}": getattr(operator, n) for n in
-               ("getitem", "add", "sub", "mul", "floordiv", "truediv", "mod", "neg", "eq", "ne", "lt",
-                "le", "gt", "ge", "and_", "or_")}
-_PY_TARGETS.update({f"torch.{n}": getattr(torch, n) for n in ("sym_max", "sym_min", "sym_not",
-                                                              "sym_float", "sym_int", "sym_sqrt")})
 
 
 def _encode_target(node: fx.Node):
@@ -26,7 +18,7 @@ def _encode_target(node: fx.Node):
         return t
     if isinstance(t, torch._ops.OpOverload):
         return {"op": f"{t.namespace}.{t._schema.name.split('::')[-1]}.{t._overloadname}"}
-    for name, fn in _PY_TARGETS.items():
+    for name, fn in PY_TARGETS.items():
         if fn is t:
             return {"py": name}
     raise GraphSerializationError(f"node {node.name}: cannot serialize call target {t!r}")
@@ -69,7 +61,6 @@ def graph_from_json(data: dict, tensors: dict[str, torch.Tensor]) -> fx.GraphMod
     """Rebuild the GraphModule node by node through the fx Graph API; every name, target and
     argument is checked against the closed vocabulary (ir/vocabulary.py, ir/graph_decode.py)
     first, so fx generates code only from identifiers and constants that were validated."""
-    from .graph_decode import decode_graph
     graph = decode_graph(data, set(tensors))
     root = torch.nn.Module()
     for name, tensor in tensors.items():

@@ -9,10 +9,21 @@ closed set of JSON shapes. Each refusal is a GraphSerializationError naming the 
 from __future__ import annotations
 
 import keyword
+import operator
 import re
 from dataclasses import MISSING, fields
 
+import torch
+
 from ..errors import ArtifactError
+
+GRAPH_FORMAT = 1
+# Python callables a graph may call besides torch ops (export emits these for SymInt math / tuples).
+PY_TARGETS = {f"operator.{n}": getattr(operator, n) for n in
+              ("getitem", "add", "sub", "mul", "floordiv", "truediv", "mod", "neg", "eq", "ne", "lt",
+               "le", "gt", "ge", "and_", "or_")}
+PY_TARGETS.update({f"torch.{n}": getattr(torch, n) for n in ("sym_max", "sym_min", "sym_not",
+                                                             "sym_float", "sym_int", "sym_sqrt")})
 
 IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 PATH_PART = re.compile(r"[A-Za-z0-9_]+\Z")  # after the first part: module indices such as layers.0

@@ -11,12 +11,15 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
+from ..config import BACKENDS, SCHEMES
+from ..config.backend import PRIORITIES
 from ..errors import QuantizationError
 from .annotations import META_KEY, CalibrationRecord, KernelBinding, NodeAnnotation, SchedulerIR
+from .formats import FORMATS
 from .quant_spec import QuantSpec
 from .vocabulary import (CALL_METHODS, DEVICE, GRAPH_FORMAT, MODEL_INPUTS, NODE_OPS, OP_NAMESPACES,
                          PY_TARGETS, GraphSerializationError, check_identifier, check_path,
-                         check_record, check_scalar, check_string, fail)
+                         check_constant_string, check_record, check_scalar, check_string, fail)
 
 _NODE_KEYS = {"name", "op", "target", "args", "kwargs", "annotation"}
 _ANNOTATION_KEYS = ("layer", "role", "scheme", "weight_spec", "input_spec", "clip_ratio",
@@ -159,6 +162,8 @@ def decode_value(value, env: dict, where: str, field: str, depth: int = 0):
         raise fail(where, field, "is nested deeper than 16 levels")
     if isinstance(value, list):
         return [decode_value(v, env, where, f"{field}[{i}]", depth + 1) for i, v in enumerate(value)]
+    if isinstance(value, str):
+        return check_constant_string(value, where, field)
     if not isinstance(value, dict):
         return check_scalar(value, where, field)
     if len(value) != 1:
@@ -197,28 +202,47 @@ def decode_annotation(data, where: str) -> NodeAnnotation:
         raise fail(where, f"{field}.{odd}", "is " + ("missing" if odd not in keys else "not an annotation field"))
     check_path(data["layer"], where, f"{field}.layer")
     check_identifier(data["role"], where, f"{field}.role")
-    for key in ("scheme", "skip_reason"):
-        if data[key] is not None:
-            check_string(data[key], where, f"{field}.{key}")
+    _one_of(data["scheme"], SCHEMES, where, f"{field}.scheme", optional=True)
+    if data["skip_reason"] is not None:  # free text (shown in reports, escaped in HTML)
+        check_string(data["skip_reason"], where, f"{field}.skip_reason")
     if isinstance(data["clip_ratio"], bool) or not isinstance(data["clip_ratio"], (int, float)):
         raise fail(where, f"{field}.clip_ratio", "must be a number")
     check_scalar(data["clip_ratio"], where, f"{field}.clip_ratio")
     for key in ("weight_spec", "input_spec"):
         if data[key] is not None:
             check_record(QuantSpec, data[key], where, f"{field}.{key}")
+            _one_of(data[key]["format"], FORMATS, where, f"{field}.{key}.format")
     calibration = data["calibration"]
     if not isinstance(calibration, dict):
         raise fail(where, f"{field}.calibration", "must be an object")
     for key, record in calibration.items():
         check_identifier(key, where, f"{field}.calibration key")
         check_record(CalibrationRecord, record, where, f"{field}.calibration.{key}")
-    if data["kernel"] is not None:
-        check_record(KernelBinding, data["kernel"], where, f"{field}.kernel")
-        for key in data["kernel"].get("attrs", {}):
+        for name in ("tensor", "observer"):
+            check_identifier(record[name], where, f"{field}.calibration.{key}.{name}")
+    kernel = data["kernel"]
+    if kernel is not None:
+        check_record(KernelBinding, kernel, where, f"{field}.kernel")
+        check_identifier(kernel["kernel"], where, f"{field}.kernel.kernel")
+        _one_of(kernel["backend"], BACKENDS, where, f"{field}.kernel.backend")
+        _one_of(kernel["scheme"], SCHEMES, where, f"{field}.kernel.scheme")
+        _one_of(kernel["priority"], PRIORITIES, where, f"{field}.kernel.priority")
+        _one_of(kernel.get("fallback_from"), BACKENDS, where, f"{field}.kernel.fallback_from", optional=True)
+        for key in kernel.get("attrs", {}):
             check_identifier(key, where, f"{field}.kernel.attrs key")
     if data["scheduler"] is not None:
         check_record(SchedulerIR, data["scheduler"], where, f"{field}.scheduler")
+        for name in ("dtype", "kernel"):
+            check_identifier(data["scheduler"][name], where, f"{field}.scheduler.{name}")
     try:
         return NodeAnnotation.from_dict(data)
     except QuantizationError as e:  # a QuantSpec whose values contradict each other
         raise fail(where, f"{field}", f"holds an invalid quantization spec: {e}") from None
+
+
+def _one_of(value, allowed, where: str, field: str, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    if not isinstance(value, str) or value not in allowed:
+        raise fail(where, field, f"is {str(value)[:80]!r}; allowed: {', '.join(allowed)}"
+                   + (" or null" if optional else ""))

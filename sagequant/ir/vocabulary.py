@@ -39,6 +39,7 @@ OP_NAMESPACES = ("aten", "sagequant")
 MAX_STRING = 4096
 MAX_INT = 1 << 63
 DEVICE = re.compile(r"(cpu|meta|cuda(:[0-9]{1,3})?)\Z")
+CONSTANT_STRING = re.compile(r'[A-Za-z0-9_.:,{}\[\]" +-]*\Z')
 
 
 class GraphSerializationError(ArtifactError, ValueError):
@@ -79,6 +80,15 @@ def check_string(value, where: str, field: str) -> str:
     if len(value) > MAX_STRING or any(ord(c) < 32 for c in value):
         raise fail(where, field, f"{_short(value)} is not a short printable string "
                                  f"(at most {MAX_STRING} characters, no control characters)")
+    return value
+
+
+def check_constant_string(value, where: str, field: str) -> str:
+    """A string constant argument of an op (a layout name, a QuantSpec's compact JSON): short, and
+    only the characters those use, so no Python syntax can hide in one."""
+    if not isinstance(value, str) or len(value) > MAX_STRING or not CONSTANT_STRING.match(value):
+        raise fail(where, field, f"{_short(value)} is not a constant of the closed vocabulary "
+                                 "(letters, digits and _ . : , - + { } [ ] \" and space)")
     return value
 
 
@@ -123,7 +133,7 @@ def check_record(cls, data, where: str, field: str) -> dict:
     declared = {f.name: f for f in fields(cls) if f.init}
     unknown = [k for k in data if k not in declared]
     if unknown:
-        raise fail(where, f"{field}.{_short(unknown[0])}", f"is not a field of {cls.__name__}; "
+        raise fail(where, f"{field}.{str(unknown[0])[:80]}", f"is not a field of {cls.__name__}; "
                                                           f"fields: {', '.join(declared)}")
     for name, f in declared.items():
         if name not in data:

@@ -21,6 +21,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .engine_loop import EngineLoop, ServerOverloaded, Submission
+from .limits import BodySizeLimit
 from .metrics import CONTENT_TYPE, ServerMetrics
 from .protocol import APIError, ChatRequest, CompletionRequest, error_body
 
@@ -34,6 +35,9 @@ class ServedModel:
     context_length: int        # prompt + generated tokens must fit
     vocab_size: int
     default_max_tokens: int = 256  # chat requests without max_tokens (capped by the context)
+    max_body_bytes: int = 1 << 20  # larger request bodies get 413 before they are read or parsed
+    max_prompt_tokens: int | None = None  # longer prompts get 413 (None: the context decides)
+    request_timeout_s: float | None = 300.0  # a request still unfinished after this gets 504
 
 
 def build_app(loop: EngineLoop, served: ServedModel) -> FastAPI:
@@ -47,6 +51,8 @@ def build_app(loop: EngineLoop, served: ServedModel) -> FastAPI:
 
     app = FastAPI(title="sagequant engine", lifespan=lifespan)
     app.state.loop, app.state.served, app.state.metrics = loop, served, metrics
+    app.add_middleware(BodySizeLimit, max_bytes=served.max_body_bytes,
+                       on_refused=lambda path: metrics.requests.labels(path, "413").inc())
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
@@ -93,9 +99,11 @@ def build_app(loop: EngineLoop, served: ServedModel) -> FastAPI:
     async def completions(body: CompletionRequest, request: Request):
         _check_model(served, body.model)
         if isinstance(body.prompt, str):
-            ids = served.tokenizer(body.prompt)["input_ids"]
+            # Tokenizing is CPU work: off the event loop, so /health and streams keep answering.
+            ids = (await asyncio.to_thread(served.tokenizer, body.prompt))["input_ids"]
         else:
             ids = list(body.prompt)
+            _check_prompt_tokens(served, len(ids))
             bad = [t for t in ids if not 0 <= t < served.vocab_size]
             if bad:
                 raise APIError(400, f"prompt token id {bad[0]} is outside the vocabulary "
@@ -119,9 +127,7 @@ def build_app(loop: EngineLoop, served: ServedModel) -> FastAPI:
         if not getattr(tok, "chat_template", None):
             raise APIError(400, f"model {served.name!r} has no chat template in its tokenizer; "
                                 "use /v1/completions")
-        text = tok.apply_chat_template([m.model_dump() for m in body.messages], tokenize=False,
-                                       add_generation_prompt=True)
-        ids = tok(text, add_special_tokens=False)["input_ids"]
+        ids = await asyncio.to_thread(_chat_ids, tok, [m.model_dump() for m in body.messages])
         max_tokens = body.requested_max_tokens()
         if max_tokens is None:
             max_tokens = max(1, min(served.default_max_tokens, served.context_length - len(ids)))
@@ -166,7 +172,20 @@ def _check_model(served: ServedModel, name: str) -> None:
                        "model_not_found")
 
 
+def _chat_ids(tok, messages: list[dict]) -> list[int]:
+    text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+def _check_prompt_tokens(served: ServedModel, prompt_len: int) -> None:
+    if served.max_prompt_tokens is not None and prompt_len > served.max_prompt_tokens:
+        raise APIError(413, f"prompt is {prompt_len} tokens; this server accepts at most "
+                            f"{served.max_prompt_tokens} (engine start --max-prompt-tokens)",
+                       "request_too_large")
+
+
 def _check_length(served: ServedModel, prompt_len: int, max_tokens: int) -> None:
+    _check_prompt_tokens(served, prompt_len)
     if prompt_len >= served.context_length:
         raise APIError(400, f"prompt is {prompt_len} tokens; the context holds "
                             f"{served.context_length} (prompt + max_tokens)")
@@ -195,6 +214,21 @@ class _Generation:
         self.finished = False
         self.started = time.perf_counter()
         self.channel: asyncio.Queue = asyncio.Queue()
+        timeout = served.request_timeout_s
+        self.deadline = None if timeout is None else self.started + timeout
+
+    async def _next(self):
+        """The next message of the engine for this request, within the request's time limit."""
+        if self.deadline is None:
+            return await self.channel.get()
+        try:
+            return await asyncio.wait_for(self.channel.get(), max(0.0, self.deadline - time.perf_counter()))
+        except TimeoutError:
+            self.loop.abort(self.id)
+            self.finished = True
+            raise APIError(504, f"request did not finish within the server's limit of "
+                                f"{self.served.request_timeout_s:g} s (engine start --request-timeout); "
+                                f"{len(self.tokens)} tokens were generated", "timeout") from None
 
     async def start(self) -> None:
         eos = self.served.tokenizer.eos_token_id
@@ -206,7 +240,7 @@ class _Generation:
         except ServerOverloaded as e:
             raise APIError(429, str(e), "server_overloaded", {"Retry-After": "1"}) from None
         try:
-            first = await self.channel.get()
+            first = await self._next()
         except asyncio.CancelledError:  # the client left before the engine took the request
             self.loop.abort(self.id)
             raise
@@ -220,7 +254,7 @@ class _Generation:
         """Yields (text_delta, finish_reason or None) until the request finishes."""
         try:
             while not self.finished:
-                msg = await self.channel.get()
+                msg = await self._next()
                 if msg[0] == "disconnected":
                     raise APIError(499, "client disconnected")
                 if msg[0] == "failed":

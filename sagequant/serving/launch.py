@@ -45,6 +45,9 @@ class ServeOptions:
     max_seq_len: int | None = None
     num_kv_blocks: int | None = None
     default_max_tokens: int = 256
+    max_body_bytes: int = 1 << 20
+    max_prompt_tokens: int | None = None
+    request_timeout: float | None = 300.0
 
 
 def is_artifact(path: str) -> bool:
@@ -146,7 +149,8 @@ def make_app(cm, tokenizer, opts: ServeOptions):
                               device="cuda" if cm.config.backend == "cuda" else "cpu")
     name = opts.served_model_name or Path(str(opts.model).rstrip("/")).name
     served = ServedModel(name, tokenizer, ctx, int(cm.graph.model_info["vocab_size"]),
-                         opts.default_max_tokens)
+                         opts.default_max_tokens, max_body_bytes=opts.max_body_bytes,
+                         max_prompt_tokens=opts.max_prompt_tokens, request_timeout_s=opts.request_timeout)
     loop = EngineLoop(engine, max_pending=opts.max_batch + opts.max_queue)
     return build_app(loop, served), served
 

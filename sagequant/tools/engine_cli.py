@@ -18,7 +18,8 @@ from .arg_types import group_size, int_at_least, non_negative_int, port, positiv
 
 _OPTION_FLAGS = ("quantization", "activation_dtype", "kv_quant", "backend", "group_size", "dataset",
                  "tokenizer", "served_model_name", "max_batch", "max_queue", "max_seq_len",
-                 "num_kv_blocks", "default_max_tokens")
+                 "num_kv_blocks", "default_max_tokens", "max_body_bytes", "max_prompt_tokens",
+                 "request_timeout")
 
 
 def add_engine_parser(sub) -> None:
@@ -47,6 +48,12 @@ def add_engine_parser(sub) -> None:
     s.add_argument("--max-seq-len", type=int_at_least(2), help="context length (prompt + generated tokens)")
     s.add_argument("--num-kv-blocks", type=positive_int, help="KV-cache blocks (default: the engine's)")
     s.add_argument("--default-max-tokens", type=positive_int, default=256, help="chat requests without max_tokens")
+    s.add_argument("--max-body-bytes", type=positive_int, default=1 << 20,
+                   help="largest request body; larger ones get HTTP 413 before they are read (default 1 MiB)")
+    s.add_argument("--max-prompt-tokens", type=positive_int,
+                   help="longest prompt in tokens; longer ones get HTTP 413 (default: the context length)")
+    s.add_argument("--request-timeout", type=positive_float, default=300.0,
+                   help="seconds a request may take; then it is aborted with HTTP 504 (default 300)")
     s.add_argument("--engine", choices=["sagequant", "vllm"], default="sagequant",
                    help="vllm: export compressed-tensors and run `vllm serve` on it")
     s.add_argument("--export-dir", help="--engine vllm: where the compressed-tensors checkpoint goes")

@@ -107,7 +107,7 @@ def compile(model, config: QuantConfig | None = None, calibration_data=None, tok
     if cfg.guard != "off" and pipeline.omitted_reason("guard"):
         warnings.warn(f"sagequant accuracy guard not run: {pipeline.omitted_reason('guard')}; pass "
                       "calibration_data= or set QuantConfig.guard='off' to say it is intended", stacklevel=2)
-    instruments = []
+    instruments = []  # before the trace: unknown pass names or a refused dump dir fail fast
     if print_ir_after:
         instruments.append(PrintIRAfter(print_ir_after))
     if dump_dir:
@@ -374,7 +374,11 @@ def load(directory: str | Path) -> CompiledModel:
     rebuilt from a closed vocabulary and every metadata field is checked (SECURITY.md); anything
     else is an ArtifactError naming the file, node and field."""
     graph_json, tensors, meta = read_artifact(directory)
-    where = f"artifact {str(directory)!r}"
+    return compiled_from_parts(graph_json, tensors, meta, f"artifact {str(directory)!r}")
+
+
+def compiled_from_parts(graph_json: dict, tensors: dict, meta: dict, where: str) -> CompiledModel:
+    """The CompiledModel of an artifact's checked files (read_artifact's result)."""
     configs = {}
     for name, build in (("config", QuantConfig.from_dict), ("kv_plan", KVQuantPlan.from_dict)):
         try:

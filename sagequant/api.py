@@ -402,8 +402,6 @@ def compiled_from_parts(graph_json: dict, tensors: dict, meta: dict, where: str)
     return CompiledModel(graph, configs["config"], configs["kv_plan"], meta["pass_history"], pipeline)
 
 
-
-
 def _jsonable(obj):
     return json.loads(json.dumps(obj, default=str))
 

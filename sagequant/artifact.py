@@ -180,6 +180,7 @@ def _read_json(path: Path, what: str):
 
 META_FIELDS = ("config", "kv_plan", "model_info", "pass_history", "scheduler_ir", "report",
                "tensor_aliases")
+OPTIONAL_META_FIELDS = ("pipeline",)  # absent from artifacts written before it was recorded
 _MODEL_INFO_TYPES = {"architecture": str, "model_type": str, "source": str, "vocab_size": int,
                      "num_hidden_layers": int, "kv_layers": int, "hf_config": dict}
 
@@ -192,17 +193,20 @@ def check_meta(meta, path: Path) -> dict:
     for name in META_FIELDS:
         if name not in meta:
             raise bad(name, "is missing")
-    unknown = [k for k in meta if k not in META_FIELDS]
+    known = META_FIELDS + OPTIONAL_META_FIELDS
+    unknown = [k for k in meta if k not in known]
     if unknown:
-        raise bad(str(unknown[0])[:80], f"is not a meta.json field ({', '.join(META_FIELDS)})")
+        raise bad(str(unknown[0])[:80], f"is not a meta.json field ({', '.join(known)})")
+    if not isinstance(meta.get("pipeline"), (dict, type(None))):
+        raise bad("pipeline", f"must be a JSON object or null, got {type(meta['pipeline']).__name__}")
     for name, kind in (("config", dict), ("kv_plan", dict), ("model_info", dict), ("report", dict),
                        ("tensor_aliases", dict), ("pass_history", list), ("scheduler_ir", list)):
         if not isinstance(meta[name], kind):
             raise bad(name, f"must be a JSON {'object' if kind is dict else 'list'}, got "
                             f"{type(meta[name]).__name__}")
     try:
-        for name in META_FIELDS:
-            check_json_value(meta[name], "meta.json", name)
+        for name in known:
+            check_json_value(meta.get(name), "meta.json", name)
         _check_model_info(meta["model_info"], bad)
         for i, entry in enumerate(meta["pass_history"]):
             _check_pass_entry(entry, f"pass_history[{i}]", bad)

@@ -56,9 +56,19 @@ def _foreign(directory: Path) -> list[str]:
     return [e for e in entries if e not in owned]
 
 
+def _check_parents(target: Path, what: str) -> None:
+    parent = target.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise OutputPathError(f"{what} path {str(target)!r} goes through {str(parent)!r}, which is a "
+                              "file, not a directory")
+
+
 def check_output_dir(path: str | Path, overwrite: bool = False, what: str = "output") -> Path:
     """Fail fast (before a long compile) if writing a directory at `path` would lose files."""
     target = Path(path).absolute()
+    _check_parents(target, what)
     if target.is_symlink() or (target.exists() and not target.is_dir()):
         raise OutputPathError(f"{what} path {str(target)!r} is a file, not a directory; sagequant "
                               "will not replace it (choose another path or remove it yourself)")
@@ -78,6 +88,7 @@ def check_output_file(path: str | Path, overwrite: bool = False, what: str = "ou
     """Fail fast if writing a file at `path` (and `path + suffix` companions) would lose one.
     `ours(path) -> bool` recognises a file sagequant wrote earlier (replaced without overwrite)."""
     target = Path(path).absolute()
+    _check_parents(target, what)
     for p in [target, *(target.with_name(target.name + c) for c in companions)]:
         if p.is_dir():
             raise OutputPathError(f"{what} path {str(p)!r} is a directory; sagequant writes a file "

@@ -162,9 +162,14 @@ def test_scheduler_ir_over_an_existing_file(cm, tmp_path):
     assert (tmp_path / "s.json").read_text() != "{}"
 
 
-def test_html_report_into_foreign_files(cm, foreign):
+def test_html_report_over_a_file_it_did_not_write(cm, foreign):
     from sagequant.evaluation.html_report import write_html_report
-    _refused(lambda: write_html_report(cm, foreign, None, None), "HTML report", "notes.txt")
+    (foreign / "report.html").write_text("<html>the user's page</html>")
+    _refused(lambda: write_html_report(cm, foreign, None, None), "HTML report", "report.html")
+    assert (foreign / "report.html").read_text() == "<html>the user's page</html>"
+    ours = write_html_report(cm, foreign / "ours.html", None, None)
+    assert write_html_report(cm, ours, None, None) == ours  # an earlier sagequant report: replaced
+    assert (foreign / "notes.txt").read_text() == "mine"
 
 
 def test_ir_dump_into_foreign_files(tiny, foreign):

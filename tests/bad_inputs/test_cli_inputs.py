@@ -80,6 +80,7 @@ def files(tmp_path):
     (tmp_path / "a-file").write_text("not a directory")
     (tmp_path / "foreign").mkdir()
     (tmp_path / "foreign" / "notes.txt").write_text("the user's")
+    (tmp_path / "page.html").write_text("<html>the user's page</html>")
     (tmp_path / "out.onnx").write_text("an earlier export")
     return tmp_path
 
@@ -137,8 +138,12 @@ COMMAND_MISTAKES = {
     "report of a missing artifact": (lambda d, a, t: ["report", "--artifact", d / "none"], ["does not exist"]),
     "report of a tampered artifact": (lambda d, a, t: ["report", "--artifact", t], ["graph.json"]),
     "inspect of a tampered artifact": (lambda d, a, t: ["inspect", "--artifact", t], ["graph.json"]),
-    "report html into foreign files": (lambda d, a, t: ["report", "--artifact", a, "--html", d / "foreign"],
-                                       ["HTML report", "notes.txt"]),
+    "report html over a foreign file": (
+        lambda d, a, t: ["report", "--artifact", a, "--html", d / "page.html"],
+        ["HTML report", "page.html", "already exists"]),
+    "report html under a file": (
+        lambda d, a, t: ["report", "--artifact", a, "--html", d / "foreign" / "notes.txt"],
+        ["HTML report", "notes.txt", "is a file, not a directory"]),
     "export over an existing file": (lambda d, a, t: ["export", "--artifact", a, "--output", d / "out.onnx"],
                                      ["out.onnx", "already exists", "--overwrite"]),
     "export into a directory path": (lambda d, a, t: ["export", "--artifact", a, "--output", d / "foreign"],

@@ -11,7 +11,7 @@ import torch
 from . import backends  # noqa: F401  (kernel registry)
 from .artifact import ArtifactError, read_artifact, write_artifact
 from .safe_write import output_file
-from .calibration.datasets import as_token_batches, check_token_range, load_texts
+from .calibration.datasets import CalibrationDataError, as_token_batches, check_token_range, load_texts
 from .config import ConfigError, LayerSettings, QuantConfig
 from .ir.annotations import META_KEY
 from .ir.graph import GraphVerificationError, QuantGraph
@@ -243,7 +243,9 @@ class CompiledModel:
             ids = ids.unsqueeze(0)
         vocab = self.graph.model_info.get("vocab_size")
         if vocab is not None and ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
-            raise ValueError(f"input_ids out of range [0, {vocab})")
+            bad = int(ids.min()) if int(ids.min()) < 0 else int(ids.max())
+            raise CalibrationDataError(f"input_ids: token id {bad} is outside the vocabulary "
+                                       f"(vocab_size {vocab}, ids 0..{vocab - 1})")
         with torch.inference_mode():
             return self.graph(ids.long())
 
@@ -333,7 +335,7 @@ class CompiledModel:
         from .evaluation.error_report import layer_errors
         reference = reference if reference is not None else self.source_model
         if reference is None:
-            raise ValueError("error_report needs the float model: pass reference= (a loaded artifact "
+            raise ConfigError("error_report needs the float model: pass reference= (a loaded artifact "
                              "does not carry its float weights)")
         ids = input_ids.unsqueeze(0) if input_ids.dim() == 1 else input_ids
         return layer_errors(self.graph, reference, [ids])
@@ -441,7 +443,7 @@ class QuantizationProtocol:
 
     def report(self) -> dict:
         if self.compiled is None:
-            raise RuntimeError("nothing compiled or loaded yet: call calibrate() or load_quantized()")
+            raise ConfigError("nothing compiled or loaded yet: call calibrate() or load_quantized()")
         return self.compiled.report()
 
 

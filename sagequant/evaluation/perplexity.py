@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from ..errors import CalibrationDataError
 from ..progress import phase
 from .metrics import PairedAccumulator
 
@@ -69,20 +70,20 @@ def perplexity(model_fn, token_ids: torch.Tensor, window: int = 512, stride: int
     if not isinstance(token_ids, torch.Tensor) or token_ids.dim() != 1:
         what = (tuple(token_ids.shape) if isinstance(token_ids, torch.Tensor)
                 else type(token_ids).__name__)
-        raise ValueError(f"token_ids must be a 1-D tensor, got {what}")
+        raise CalibrationDataError(f"token_ids must be a 1-D tensor, got {what}")
     if token_ids.dtype.is_floating_point or token_ids.dtype == torch.bool:
-        raise ValueError(f"token_ids must be integer token ids, got {token_ids.dtype}")
+        raise CalibrationDataError(f"token_ids must be integer token ids, got {token_ids.dtype}")
     if window < 2:
-        raise ValueError(f"window={window} must be >= 2 (one context token and one target)")
+        raise CalibrationDataError(f"window={window} must be >= 2 (one context token and one target)")
     if not 1 <= stride <= window:
-        raise ValueError(f"stride={stride} must be in [1, window={window}]")
+        raise CalibrationDataError(f"stride={stride} must be in [1, window={window}]")
     if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size} must be >= 1")
+        raise CalibrationDataError(f"batch_size={batch_size} must be >= 1")
     if max_tokens is not None and max_tokens < 2:
-        raise ValueError(f"max_tokens={max_tokens} must be >= 2")
+        raise CalibrationDataError(f"max_tokens={max_tokens} must be >= 2")
     ids = token_ids[:max_tokens].to(torch.long)
     if ids.numel() < 2:
-        raise ValueError(f"need at least 2 tokens to score one target, got {ids.numel()}")
+        raise CalibrationDataError(f"need at least 2 tokens to score one target, got {ids.numel()}")
 
     spans = _windows(ids.numel(), window, stride)
     nll_sum, n_scored = 0.0, 0
@@ -142,14 +143,14 @@ def _check_logits(logits, inputs: torch.Tensor, first_window: int) -> None:
         raise TypeError(f"model_fn must return a logits tensor, got {type(logits).__name__} "
                         "(for a Hugging Face model pass `lambda ids: model(input_ids=ids).logits`)")
     if logits.dim() != 3 or tuple(logits.shape[:2]) != tuple(inputs.shape):
-        raise ValueError(f"{windows}: logits shape {tuple(logits.shape)}, expected "
+        raise CalibrationDataError(f"{windows}: logits shape {tuple(logits.shape)}, expected "
                          f"[{inputs.shape[0]}, {inputs.shape[1]}, vocab]")
     if int(inputs.max()) >= logits.shape[-1]:
-        raise ValueError(f"{windows}: token id {int(inputs.max())} >= logits vocab size "
+        raise CalibrationDataError(f"{windows}: token id {int(inputs.max())} >= logits vocab size "
                          f"{logits.shape[-1]}")
     if not torch.isfinite(logits).all():
         bad = (~torch.isfinite(logits)).flatten(1).any(1).nonzero().flatten()
-        raise ValueError(f"logits contain NaN/Inf in window {first_window + int(bad[0])} "
+        raise CalibrationDataError(f"logits contain NaN/Inf in window {first_window + int(bad[0])} "
                          f"({int((~torch.isfinite(logits)).sum())} non-finite values in {windows})")
 
 

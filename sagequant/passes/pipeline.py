@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from ..config import QuantConfig
+from ..config import ConfigError, QuantConfig
 from .manager import PASSES, Instrument, PassManager
 
 PTQ, QAT, STEP_GRAPH, ONNX = "ptq", "qat", "step_graph", "onnx"
@@ -135,7 +135,7 @@ class Pipeline:
         if self.mode == ONNX:
             raise ValueError("the ONNX pipeline's steps run in frontends/onnx/compile.py, over an onnx graph")
         if stop_after is not None and stop_after not in self.names and self.omitted_reason(stop_after):
-            raise ValueError(f"stop_after={stop_after!r}: that pass is not in this pipeline "
+            raise ConfigError(f"stop_after={stop_after!r}: that pass is not in this pipeline "
                              f"({self.omitted_reason(stop_after)}); passes: {', '.join(self.names)}")
         return PassManager(self.names, instruments, verify_each=verify_each, stop_after=stop_after)
 

@@ -17,6 +17,7 @@ import torch
 
 from .. import backends  # noqa: F401  (registers the attention kernels)
 from ..backends.cuda.hardware import cuda_missing
+from ..errors import ServingError
 from ..lowering.attention import select_attention_kernel
 from ..ir.paged_attention import attention_step
 from .context import AttentionStep
@@ -25,6 +26,10 @@ from .kv_pool import PagedKVPool
 from .step_graph import attention_nodes, embedding_weight, kv_geometry, step_graph
 
 DEFAULT_KV_BUDGET_BYTES = 1 << 30  # default pool size cap when num_kv_blocks is not given
+
+
+class GenerationError(ServingError, ValueError):
+    """A generation request or engine setting is invalid (the server answers it with a 4xx)."""
 
 
 @dataclass(frozen=True)
@@ -61,16 +66,16 @@ class GenerationEngine:
         fused_step: run the step graph with its decoder glue fused (runtime/fuse_step.py); False
         keeps the ATen ops as exported (for A/B timing)."""
         if not (isinstance(max_batch, int) and max_batch >= 1):
-            raise ValueError(f"max_batch={max_batch!r} must be an int >= 1")
+            raise GenerationError(f"max_batch={max_batch!r} must be an int >= 1")
         if not (isinstance(prefill_chunk, int) and prefill_chunk >= 1):
-            raise ValueError(f"prefill_chunk={prefill_chunk!r} must be an int >= 1")
+            raise GenerationError(f"prefill_chunk={prefill_chunk!r} must be an int >= 1")
         self.compiled, self.prefill_chunk = compiled, prefill_chunk
         home = embedding_weight(compiled.graph).device
         self.device = torch.device(device) if device is not None else home
         if self.device.type == "cuda":
             missing = cuda_missing()
             if missing:
-                raise ValueError(f"GenerationEngine(device={str(self.device)!r}): {missing}")
+                raise GenerationError(f"GenerationEngine(device={str(self.device)!r}): {missing}")
             if self.device.index is None:
                 self.device = torch.device("cuda", torch.cuda.current_device())
         self.graph = step_graph(compiled, device=None if self.device == home else self.device,
@@ -82,10 +87,10 @@ class GenerationEngine:
         limit = cfg.get("max_position_embeddings") or cfg.get("n_positions")
         max_seq_len = max_seq_len or limit
         if not (isinstance(max_seq_len, int) and max_seq_len >= 2):
-            raise ValueError(f"max_seq_len={max_seq_len!r} must be an int >= 2 (the model config "
+            raise GenerationError(f"max_seq_len={max_seq_len!r} must be an int >= 2 (the model config "
                              "gives no max_position_embeddings to default to)")
         if limit and max_seq_len > limit:
-            raise ValueError(f"max_seq_len={max_seq_len} exceeds the model's {limit} positions")
+            raise GenerationError(f"max_seq_len={max_seq_len} exceeds the model's {limit} positions")
         self.max_batch, self.max_seq_len = max_batch, max_seq_len
         self.extra_tokens = extra_tokens_per_request
         plan = compiled.kv_plan
@@ -116,27 +121,27 @@ class GenerationEngine:
                     top_p: float = 1.0, stop_token_ids=(), request_id: str | None = None) -> str:
         prompt = _token_list(prompt_ids, self.vocab_size, "prompt_ids")
         if not prompt:
-            raise ValueError("prompt_ids is empty; generation needs at least one prompt token")
+            raise GenerationError("prompt_ids is empty; generation needs at least one prompt token")
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an int >= 1")
+            raise GenerationError(f"max_new_tokens={max_new_tokens!r} must be an int >= 1")
         if len(prompt) + max_new_tokens > self.max_seq_len:
-            raise ValueError(f"prompt ({len(prompt)} tokens) + max_new_tokens ({max_new_tokens}) "
+            raise GenerationError(f"prompt ({len(prompt)} tokens) + max_new_tokens ({max_new_tokens}) "
                              f"exceeds max_seq_len={self.max_seq_len}")
         need = self.pool.blocks_for(len(prompt) + max_new_tokens + self.extra_tokens)
         total = self.stats()["kv_blocks_total"]
         if need > total:
-            raise ValueError(f"request needs {need} KV blocks; the pool has {total}")
+            raise GenerationError(f"request needs {need} KV blocks; the pool has {total}")
         if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or \
                 not math.isfinite(temperature) or temperature < 0:
-            raise ValueError(f"temperature={temperature!r} must be a finite number >= 0")
+            raise GenerationError(f"temperature={temperature!r} must be a finite number >= 0")
         if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
-            raise ValueError(f"top_p={top_p!r} must be in (0, 1]")
+            raise GenerationError(f"top_p={top_p!r} must be in (0, 1]")
         stop = frozenset(_token_list(stop_token_ids, self.vocab_size, "stop_token_ids"))
         rid = request_id if request_id is not None else uuid.uuid4().hex
         if not isinstance(rid, str) or not rid:
-            raise ValueError(f"request_id={rid!r} must be a non-empty string")
+            raise GenerationError(f"request_id={rid!r} must be a non-empty string")
         if rid in self._ids:
-            raise ValueError(f"request_id {rid!r} is already in use")
+            raise GenerationError(f"request_id {rid!r} is already in use")
         self._ids.add(rid)
         self.waiting.append(_Request(rid, prompt, max_new_tokens, float(temperature), float(top_p), stop))
         return rid
@@ -228,14 +233,14 @@ class GenerationEngine:
 def _token_list(ids, vocab: int, what: str) -> list[int]:
     if isinstance(ids, torch.Tensor):
         if ids.dim() > 1 or ids.dtype.is_floating_point or ids.dtype == torch.bool:
-            raise ValueError(f"{what} must be a 1-D integer tensor or a list of ints")
+            raise GenerationError(f"{what} must be a 1-D integer tensor or a list of ints")
         ids = ids.tolist()
     try:
         out = list(ids)
     except TypeError:
-        raise ValueError(f"{what} must be a list of ints, got {type(ids).__name__}") from None
+        raise GenerationError(f"{what} must be a list of ints, got {type(ids).__name__}") from None
     bad = [t for t in out if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab]
     if bad:
-        raise ValueError(f"{what} holds {len(bad)} entries that are not token ids in [0, {vocab}): "
+        raise GenerationError(f"{what} holds {len(bad)} entries that are not token ids in [0, {vocab}): "
                          f"{bad[:5]}")
     return out

@@ -1,9 +1,11 @@
 """The FastAPI application: OpenAI-compatible completions and chat completions (JSON or
 server-sent events), /v1/models, /health and Prometheus /metrics, over one EngineLoop.
 
-Every request is validated before it reaches the engine (prompt length against the context,
-token ids against the vocabulary, sampling ranges); what still fails goes back as a 4xx/5xx
-JSON error, and the server keeps serving. A client that goes away mid-generation has its request
+Every request is validated before it reaches the engine (body size before it is read, prompt
+length against --max-prompt-tokens and the context, token ids against the vocabulary, sampling
+ranges); tokenization runs in a worker thread, so /health and streams keep answering; a request
+past --request-timeout is aborted (504). What still fails goes back as a 4xx/5xx JSON error, and
+the server keeps serving. A client that goes away mid-generation has its request
 aborted, which frees its KV blocks.
 """
 from __future__ import annotations

@@ -46,6 +46,29 @@ def test_unknown_pass_names_are_config_errors(tiny):
         sq.compile(tiny("llama"), sq.QuantConfig(guard="off"), stop_after="nope")
     with pytest.raises(ConfigError, match="print_ir_after: 'nope'.*canonicalize"):
         sq.compile(tiny("llama"), sq.QuantConfig(guard="off"), print_ir_after=["nope"])
+    with pytest.raises(ConfigError, match="stop_after='gptq': that pass is not in this pipeline"):
+        sq.compile(tiny("llama"), sq.QuantConfig(guard="off"), stop_after="gptq")  # minmax: no gptq
+
+
+def test_inference_token_outside_the_vocabulary(compiled):
+    with pytest.raises(CalibrationDataError, match=r"token id 999 is outside the vocabulary \(vocab_size 128"):
+        compiled("llama", group_size=32)(torch.tensor([[1, 999]]))
+
+
+@pytest.mark.parametrize("kwargs, words", [(dict(max_new_tokens=0), "max_new_tokens=0"),
+                                           (dict(temperature=-1.0), "temperature=-1.0"),
+                                           (dict(top_p=0.0), "top_p=0.0")])
+def test_generation_request_outside_its_ranges(compiled, kwargs, words):
+    from sagequant.runtime.engine import GenerationError
+    with pytest.raises(GenerationError) as info:
+        compiled("llama", group_size=32).generate(torch.tensor([[1, 2, 3]]), **kwargs)
+    assert type(info.value) is GenerationError and words in str(info.value)
+
+
+def test_perplexity_of_too_little_text():
+    from sagequant.evaluation.perplexity import perplexity
+    with pytest.raises(CalibrationDataError, match="window=1 must be >= 2"):
+        perplexity(lambda ids: ids, torch.arange(10), window=1)
 
 
 CALIBRATION = {

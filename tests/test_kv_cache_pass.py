@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from sagequant.config import ConfigError, QuantConfig
+from sagequant.ir.kv_plan import build_kv_plan
 from sagequant.passes import PassContext, PassManager
 from sagequant.passes.kv_cache import KVCacheRewriteError
 from sagequant.ir.paged_attention import paged_attention
@@ -13,7 +14,9 @@ SDPA = torch.ops.aten.scaled_dot_product_attention.default
 
 
 def _rewrite(graph, **cfg):
-    return PassManager(["kv_cache", "kv_cache_quant"]).run(graph, PassContext(QuantConfig(**cfg)))
+    config = QuantConfig(**cfg)
+    graph.kv_plan = build_kv_plan(config)  # what runtime/step_graph.py carries from the compile
+    return PassManager(["kv_cache", "kv_cache_quant"]).run(graph, PassContext(config))
 
 
 @pytest.mark.parametrize("arch, heads, kv_heads", [("llama", 4, 2), ("qwen2", 4, 2), ("gpt2", 4, 4)])

@@ -1,7 +1,13 @@
-"""Backends: kernels and emitters. Importing this package registers every kernel whose module
-imports on this machine (GPU modules must still import on CPU-only machines)."""
-from .reference import kernels as _reference_kernels  # noqa: F401
-from .cuda import kernels as _cuda_kernels  # noqa: F401
-from .reference import kv_attention as _reference_kv_attention  # noqa: F401,E402
-from .cuda import kv_attention as _cuda_kv_attention  # noqa: F401,E402
-from .cuda import fused as _cuda_fused  # noqa: F401,E402
+"""Backends: kernels and emitters. The kernel registry's rows are registered here, in one place:
+every backend module only defines its rows (GPU modules still import on CPU-only machines; a row
+whose hardware is missing says so when chosen)."""
+from ..lowering.registry import REGISTRY
+from .cuda import fused as _cuda_fused  # noqa: F401  (defines the fused decode-step ops)
+from .cuda.kernels import ROWS as CUDA_ROWS
+from .cuda.kv_attention import CUDA_PAGED_ATTENTION
+from .reference.kernels import CPU_W8A8, CPU_WEIGHT_ONLY
+from .reference.kv_attention import CPU_PAGED_ATTENTION
+
+KERNELS = (CPU_WEIGHT_ONLY, CPU_W8A8, *CUDA_ROWS, CPU_PAGED_ATTENTION, CUDA_PAGED_ATTENTION)
+for _spec in KERNELS:
+    REGISTRY.register(_spec)

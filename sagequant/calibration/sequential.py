@@ -109,9 +109,6 @@ class SequentialRunner:
             return "prologue"
         return self.block_names[seg - 1] if seg <= self.num_blocks else "epilogue"
 
-    def block_nodes(self, block: int) -> list[fx.Node]:
-        return self.segments[block + 1]
-
     def start(self, batches: list[torch.Tensor], run_prologue: bool = True) -> list[dict]:
         """One value cache per sample, after the prologue (segment 0) unless run_prologue=False."""
         if not batches:

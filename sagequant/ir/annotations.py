@@ -15,7 +15,7 @@ from .quant_spec import QuantSpec
 META_KEY = "sagequant"
 
 
-@dataclass
+@dataclass(frozen=True)
 class CalibrationRecord:
     """What calibration saw of one tensor (the seed's fields) and the range it chose."""
 
@@ -39,7 +39,7 @@ class CalibrationRecord:
         return cls(**d)
 
 
-@dataclass
+@dataclass(frozen=True)
 class KernelBinding:
     """The kernel a lowered node runs: name, backend and the attributes the kernel relies on."""
 
@@ -58,7 +58,7 @@ class KernelBinding:
         return cls(**d)
 
 
-@dataclass
+@dataclass(frozen=True)
 class SchedulerIR:
     """Per lowered node: the seed's `dtype` and `kernel`, plus cost so a scheduler can order work.
 
@@ -79,7 +79,7 @@ class SchedulerIR:
         return cls(**d)
 
 
-@dataclass
+@dataclass(frozen=True)
 class NodeAnnotation:
     layer: str                                # module path, e.g. model.layers.0.mlp.down_proj
     role: str = "linear"

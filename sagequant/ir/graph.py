@@ -2,6 +2,8 @@
 whose parameters are attributes (so passes can replace weights), plus model metadata."""
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.fx as fx
 
@@ -20,6 +22,9 @@ class QuantGraph:
         self.gm = gm
         # What the frontend knew about the source model (architecture, HF config dict, vocab).
         self.model_info = dict(model_info or {})
+        # The compile's KVQuantPlan, on the cache-aware step graph (runtime/step_graph.py), which
+        # kv_cache_quant and the engine read.
+        self.kv_plan = None
 
     @property
     def graph(self) -> fx.Graph:
@@ -39,6 +44,13 @@ class QuantGraph:
     @staticmethod
     def annotation(node: fx.Node) -> NodeAnnotation | None:
         return node.meta.get(META_KEY)
+
+    @staticmethod
+    def update_annotation(node: fx.Node, **changes) -> NodeAnnotation:
+        """Annotations are frozen: a pass records what it decided as a new one on the node."""
+        ann = dataclasses.replace(node.meta[META_KEY], **changes)
+        node.meta[META_KEY] = ann
+        return ann
 
     def attr(self, node_or_name) -> torch.Tensor:
         name = node_or_name.target if isinstance(node_or_name, fx.Node) else node_or_name
@@ -60,10 +72,6 @@ class QuantGraph:
         if leaf in mod._buffers:
             del mod._buffers[leaf]
         mod.register_buffer(leaf, value)
-
-    def get_attr_node(self, name: str, before: fx.Node) -> fx.Node:
-        with self.graph.inserting_before(before):
-            return self.graph.get_attr(name)
 
     def state(self) -> dict[str, torch.Tensor]:
         """Every tensor the graph reads through get_attr, by attribute path."""

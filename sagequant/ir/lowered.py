@@ -47,10 +47,6 @@ class LinearCall:
                          "linear (7 weight-only, 9 quantizing, 10 prequantized)")
 
     @property
-    def quantizes_input(self) -> bool:
-        return self.act_spec is not None and not self.prequantized
-
-    @property
     def weights(self) -> tuple:
         return self.qweight, self.scales, self.zeros
 

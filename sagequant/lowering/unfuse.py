@@ -5,11 +5,13 @@ knows which quantizing kernel a prequantized op belongs to."""
 from __future__ import annotations
 
 import operator
+from dataclasses import replace
 
 import torch
 import torch.fx as fx
 
 from ..ir import activation_ops  # noqa: F401  (registers the ops matched here)
+from ..ir.lowered import LinearCall
 from .registry import REGISTRY
 
 RMS_NORM = torch.ops.sagequant.rms_norm.default
@@ -44,11 +46,10 @@ def unfuse_norm_qdq(graph: fx.Graph) -> int:
                     floats[quantizer] = graph.call_function(RMS_NORM, tuple(quantizer.args[:4]))
             else:
                 floats[quantizer] = quantizer.args[0]
-        _, _, qweight, scales, zeros, bias, spec, shape, act_spec, _ = node.args
+        call = replace(LinearCall.of(node), x=floats[quantizer], act_scale=quantizer.args[-1],
+                       x_scale=None, out_dtype=None, prequantized=False)
         with graph.inserting_before(node):
-            kernel = graph.call_function(_quantizing_kernel(node.target),
-                                         (floats[quantizer], qweight, scales, zeros, bias, spec, shape,
-                                          act_spec, quantizer.args[-1]))
+            kernel = graph.call_function(_quantizing_kernel(node.target), call.args())
         kernel.meta.update(node.meta)
         node.replace_all_uses_with(kernel)
         graph.erase_node(node)

@@ -9,12 +9,12 @@ from ..ir.annotations import META_KEY, NodeAnnotation
 from ..ir.graph import QuantGraph
 from ..ir.quant_spec import QuantSpec
 from ..ir.trace import layer_name
-from .manager import PassContext, PassResult, register_pass
+from .manager import PassContext, PassResult, define_pass
 
 ATEN = torch.ops.aten
 
 
-@register_pass("annotate", "attach QuantSpecs to linear nodes from QuantConfig and ignore/override rules",
+@define_pass("annotate", "attach QuantSpecs to linear nodes from QuantConfig and ignore/override rules",
                requires=("canonicalize",))
 def annotate(graph: QuantGraph, ctx: PassContext) -> PassResult:
     cfg = ctx.config

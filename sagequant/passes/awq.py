@@ -20,12 +20,12 @@ from ..ir.graph import QuantGraph
 from ..ir.patterns import balance_groups
 from ..progress import track
 from .fold_scales import fold_group_scales
-from .manager import PassContext, PassResult, register_pass
+from .manager import PassContext, PassResult, define_pass
 
 ATEN = torch.ops.aten
 
 
-@register_pass("awq", "activation-aware scale search folded into producers, then weight clip search",
+@define_pass("awq", "activation-aware scale search folded into producers, then weight clip search",
                requires=("annotate",))
 def awq(graph: QuantGraph, ctx: PassContext) -> PassResult:
     cfg = ctx.config

@@ -14,13 +14,13 @@ from ..calibration.datasets import CalibrationDataError
 from ..ir.graph import QuantGraph
 from ..progress import track
 from .insert_observers import observer_nodes
-from .manager import PassContext, PassResult, register_pass
+from .manager import PassContext, PassResult, define_pass
 
 
 RANGE_ONLY_BATCHES = 4
 
 
-@register_pass("calibrate", "run calibration data through observers and fill CalibrationRecords",
+@define_pass("calibrate", "run calibration data through observers and fill CalibrationRecords",
                requires=("insert_observers",))
 def calibrate(graph: QuantGraph, ctx: PassContext) -> PassResult:
     observers = observer_nodes(graph)
@@ -47,7 +47,8 @@ def calibrate(graph: QuantGraph, ctx: PassContext) -> PassResult:
         ann = graph.annotation(consumer)
         if batches is not None:
             observer = graph.gm.get_submodule(obs_node.target)
-            ann.calibration["input"] = observer.record("input", ann.clip_ratio)
+            graph.update_annotation(consumer, calibration={
+                **ann.calibration, "input": observer.record("input", ann.clip_ratio)})
             records += 1
         obs_node.replace_all_uses_with(obs_node.args[0])
         graph.graph.erase_node(obs_node)

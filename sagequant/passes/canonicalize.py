@@ -14,13 +14,13 @@ import torch.fx as fx
 
 from ..ir.graph import QuantGraph
 from ..ir import ops  # noqa: F401  (registers sagequant::rms_norm)
-from .manager import PassContext, PassResult, register_pass
+from .manager import PassContext, PassResult, define_pass
 
 ATEN = torch.ops.aten
 _CASTS = (ATEN.to.dtype, ATEN.type_as.default, ATEN._to_copy.default)
 
 
-@register_pass("canonicalize", "collapse RMSNorm and Conv1D-addmm into named ops; drop export asserts")
+@define_pass("canonicalize", "collapse RMSNorm and Conv1D-addmm into named ops; drop export asserts")
 def canonicalize(graph: QuantGraph, ctx: PassContext) -> PassResult:
     asserts = _drop_asserts(graph)
     norms = _collapse_rms_norms(graph)

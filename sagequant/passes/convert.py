@@ -9,6 +9,8 @@ node feeding the first, so the graph states exactly what the kernel reads.
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from ..ir import ops  # noqa: F401  (registers sagequant::dequantize_weight)
@@ -18,7 +20,7 @@ from ..ir.graph import QuantGraph
 from ..ir.quant_spec import (SCALE_DOUBLE_QUANT, SCALE_DTYPES, block_lengths, dequantize,
                              double_quantize_scales, quantize, weight_qparams)
 from ..progress import track
-from .manager import PassContext, PassResult, register_pass
+from .manager import PassContext, PassResult, define_pass
 
 ATEN = torch.ops.aten
 
@@ -27,7 +29,7 @@ def storage_prefix(weight_attr: str) -> str:
     return weight_attr[: -len(".weight")] if weight_attr.endswith(".weight") else weight_attr
 
 
-@register_pass("convert", "quantize weights (RTN) into packed storage behind dequantize nodes",
+@define_pass("convert", "quantize weights (RTN) into packed storage behind dequantize nodes",
                requires=("annotate",))
 def convert(graph: QuantGraph, ctx: PassContext) -> PassResult:
     converted, float_bytes, quant_bytes = 0, 0, 0
@@ -60,12 +62,11 @@ def quantized_tensors(graph: QuantGraph, node, config) -> dict[str, torch.Tensor
     if ann.weight_qparams is not None:  # scales chosen by GPTQ: round onto exactly that grid
         scale, zero_point = ann.weight_qparams
         qt = quantize(weight, ann.weight_spec, scale=scale, zero_point=zero_point, what=what)
-        ann.weight_qparams = None
     else:
         scale, zero_point = weight_qparams(weight, ann.weight_spec, ann.clip_ratio,
                                            config.weight_observer, what)
         qt = quantize(weight, ann.weight_spec, scale=scale, zero_point=zero_point, what=what)
-    ann.calibration["weight"] = _weight_record(weight, ann.clip_ratio, config.weight_observer)
+    records = {**ann.calibration, "weight": _weight_record(weight, ann.clip_ratio, config.weight_observer)}
     scale_q = None
     if config.nf4_double_quant and ann.weight_spec.format == "nf4":
         scale_q = double_quantize_scales(qt.scale, what=f"scales of {ann.layer}")
@@ -82,7 +83,8 @@ def quantized_tensors(graph: QuantGraph, node, config) -> dict[str, torch.Tensor
         tensors["zeros"] = qt.zero_point
     if ann.input_spec is not None and not ann.input_spec.dynamic:
         tensors["input_scale"] = static_input_scale(ann, "the static activation scale")
-        ann.calibration["input"].scale = float(tensors["input_scale"])
+        records["input"] = replace(records["input"], scale=float(tensors["input_scale"]))
+    graph.update_annotation(node, weight_qparams=None, calibration=records)
     return tensors
 
 

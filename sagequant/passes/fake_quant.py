@@ -16,14 +16,14 @@ from ..calibration.fake_quant import FakeQuantize, FakeQuantLinear
 from ..ir.graph import QuantGraph
 from ..ir.quant_spec import compute_qparams
 from .convert import static_input_scale, storage_prefix
-from .manager import PassContext, PassResult, register_pass
+from .manager import PassContext, PassResult, define_pass
 
 ATEN = torch.ops.aten
 # Static activation observers average per-batch ranges; weights track the weight exactly.
 ACTIVATION_AVERAGING = 0.01
 
 
-@register_pass("fake_quant", "QAT: quantized linears -> FakeQuantLinear modules (STE, optional LSQ)",
+@define_pass("fake_quant", "QAT: quantized linears -> FakeQuantLinear modules (STE, optional LSQ)",
                requires=("annotate",))
 def fake_quant(graph: QuantGraph, ctx: PassContext) -> PassResult:
     cfg = ctx.config
@@ -41,7 +41,7 @@ def fake_quant(graph: QuantGraph, ctx: PassContext) -> PassResult:
         bias_value = graph.attr(bias).detach() if bias is not None else None
         if ann.weight_qparams is not None:  # GPTQ chose the grid: start QAT from it
             scale, zero_point = ann.weight_qparams
-            ann.weight_qparams = None
+            ann = graph.update_annotation(node, weight_qparams=None)
         else:
             scale, zero_point = compute_qparams(weight, ann.weight_spec, ann.clip_ratio,
                                                 f"weight of {ann.layer}")

@@ -6,16 +6,18 @@ the same static graph, kernels and artifact as PTQ, on exactly the grid training
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from ..calibration.fake_quant import FakeQuantLinear
 from ..ir.graph import QuantGraph
-from .manager import PassContext, PassResult, register_pass
+from .manager import PassContext, PassResult, define_pass
 
 ATEN = torch.ops.aten
 
 
-@register_pass("fold_fake_quant", "QAT: trained FakeQuantLinear modules -> linears + their qparams",
+@define_pass("fold_fake_quant", "QAT: trained FakeQuantLinear modules -> linears + their qparams",
                requires=("fake_quant",))
 def fold_fake_quant(graph: QuantGraph, ctx: PassContext) -> PassResult:
     folded = 0
@@ -49,11 +51,12 @@ def _fold(graph: QuantGraph, node, module: FakeQuantLinear, ann) -> None:
     linear.meta.update(node.meta)
     node.replace_all_uses_with(linear)
     graph.graph.erase_node(node)
-    ann.weight_qparams = module.weight_fq.stored_qparams()
+    calibration = ann.calibration
     fq = module.input_fq
     if fq is not None and not fq.spec.dynamic:
         # convert derives the static scale as clip / qmax; record the trained scale that way.
-        record = ann.calibration["input"]  # fake_quant started from it
-        record.scale = float(fq.stored_qparams()[0])
-        record.clip = record.scale * fq.spec.fmt.qmax
-        record.observer = "qat_lsq" if fq.learns_scale else "qat_moving_average"
+        scale = float(fq.stored_qparams()[0])
+        calibration = {**calibration, "input": replace(  # fake_quant started from the calibrated one
+            calibration["input"], scale=scale, clip=scale * fq.spec.fmt.qmax,
+            observer="qat_lsq" if fq.learns_scale else "qat_moving_average")}
+    graph.update_annotation(linear, weight_qparams=module.weight_fq.stored_qparams(), calibration=calibration)

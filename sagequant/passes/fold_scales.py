@@ -43,19 +43,21 @@ def fold_group_scales(graph: QuantGraph, group: BalanceGroup, scales: torch.Tens
         graph.set_attr(w, new_w)
         if b is not None:
             graph.set_attr(b, new_b)
-        _record_scale(graph.annotation(p), "output_scale", scales)
+        _record_scale(graph, p, "output_scale", scales)
     for c in group.consumers:
         t = _attr_target(c.args[1], f"weight of {graph.annotation(c).layer}")
         _check_private(graph, t, where)
         graph.set_attr(t, scale_consumer_columns(graph.attr(t), scales))
-        _record_scale(graph.annotation(c), "input_scale", scales)
+        _record_scale(graph, c, "input_scale", scales)
 
 
-def _record_scale(ann, name: str, scales: torch.Tensor) -> None:
+def _record_scale(graph: QuantGraph, node: fx.Node, name: str, scales: torch.Tensor) -> None:
     """Compose a fold's per-channel scales into the annotation (see NodeAnnotation.input_scale)."""
+    ann = graph.annotation(node)
     if ann is not None:
         previous = getattr(ann, name)
-        setattr(ann, name, scales.detach().clone() if previous is None else previous * scales)
+        graph.update_annotation(node, **{name: scales.detach().clone() if previous is None
+                                         else previous * scales})
 
 
 def _check_private(graph: QuantGraph, target: str, where: str) -> None:

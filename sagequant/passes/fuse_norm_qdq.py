@@ -19,21 +19,23 @@ one-kernel-per-linear form).
 from __future__ import annotations
 
 import operator
+from dataclasses import replace
 
 import torch
 import torch.fx as fx
 
 from ..ir import activation_ops  # noqa: F401  (registers the ops written here)
 from ..ir.graph import QuantGraph
+from ..ir.lowered import LinearCall
 from ..lowering.registry import REGISTRY
-from .manager import PassContext, PassResult, register_pass
+from .manager import PassContext, PassResult, define_pass
 
 RMS_NORM = torch.ops.sagequant.rms_norm.default
 QUANTIZE = torch.ops.sagequant.quantize_activation.default
 NORM_QUANTIZE = torch.ops.sagequant.rms_norm_quantize.default
 
 
-@register_pass("fuse_norm_qdq", "quantize each activation once (shared by its GEMMs), fused into "
+@define_pass("fuse_norm_qdq", "quantize each activation once (shared by its GEMMs), fused into "
                "the RMSNorm that produces it (fuse_qdq, fuse_ln)", requires=("lower",))
 def fuse_norm_qdq(graph: QuantGraph, ctx: PassContext) -> PassResult:
     cfg = ctx.config
@@ -41,7 +43,7 @@ def fuse_norm_qdq(graph: QuantGraph, ctx: PassContext) -> PassResult:
     stats = {"quantizers": 0, "norms_fused": 0, "kernels": 0, "requantizations_removed": 0,
              "unfused": unfused}
     for (x, act_spec, _), consumers in groups.items():
-        scale = consumers[0].args[8]
+        scale = LinearCall.of(consumers[0]).act_scale
         fuse_norm = (cfg.fuse_ln and getattr(x, "target", None) == RMS_NORM
                      and set(x.users) == set(consumers))
         with graph.graph.inserting_before(consumers[0]):
@@ -78,7 +80,8 @@ def _shared_inputs(graph: QuantGraph) -> tuple[dict, dict]:
             unfused[ann.layer] = (f"kernel {ann.kernel.backend}:{ann.kernel.kernel} quantizes its own "
                                   "input (no prequantized form in the registry)")
             continue
-        x, act_spec, scale = node.args[0], node.args[7], node.args[8]
+        call = LinearCall.of(node)
+        x, act_spec, scale = call.x, call.act_spec, call.act_scale
         scale_key = None if scale is None else graph.attr(scale).detach().cpu().numpy().tobytes()
         groups.setdefault((x, act_spec, scale_key), []).append(node)
     return groups, unfused
@@ -92,11 +95,11 @@ def _to_prequantized(graph: QuantGraph, node: fx.Node, codes: fx.Node, x_scale: 
     if val is None:
         raise RuntimeError(f"{ann.layer}: the lowered node has no output metadata (meta['val']), so "
                            "its output dtype is unknown; fuse_norm_qdq runs on graphs from `lower`")
-    _, qweight, scales, zeros, bias, spec, shape, act_spec, _ = node.args
+    call = replace(LinearCall.of(node), x=codes, act_scale=None, x_scale=x_scale, out_dtype=val.dtype,
+                   prequantized=True)
     with graph.graph.inserting_before(node):
-        new = graph.graph.call_function(kernel.prequantized_op, (codes, x_scale, qweight, scales, zeros,
-                                                                 bias, spec, shape, act_spec, val.dtype))
+        new = graph.graph.call_function(kernel.prequantized_op, call.args())
     new.meta.update(node.meta)
-    ann.kernel.attrs["input"] = "prequantized"
+    graph.update_annotation(new, kernel=replace(ann.kernel, attrs={**ann.kernel.attrs, "input": "prequantized"}))
     node.replace_all_uses_with(new)
     graph.graph.erase_node(node)

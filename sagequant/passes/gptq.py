@@ -21,7 +21,7 @@ from ..calibration.sequential import SequentialRunner
 from ..ir.graph import QuantGraph
 from ..ir.quant_spec import dequantize, quantize, weight_qparams
 from ..progress import track
-from .manager import PassContext, PassResult, register_pass
+from .manager import PassContext, PassResult, define_pass
 
 ATEN = torch.ops.aten
 # Fewer calibration rows than this many times a layer's input width gives a poorly conditioned
@@ -29,7 +29,7 @@ ATEN = torch.ops.aten
 MIN_ROWS_PER_INPUT = 1
 
 
-@register_pass("gptq", "GPTQ weight rounding, sequential over decoder blocks", requires=("annotate",))
+@define_pass("gptq", "GPTQ weight rounding, sequential over decoder blocks", requires=("annotate",))
 def gptq(graph: QuantGraph, ctx: PassContext) -> PassResult:
     cfg = ctx.config
     if not ctx.calibration_batches:
@@ -83,7 +83,7 @@ def _quantize_layer(graph: QuantGraph, node, acc: HessianAccumulator, cfg, stats
     stats["gptq_error"] += reconstruction_error(weight.float(), result.dequantized.float(), acc.hessian)
     stats["layers"] += 1
     graph.set_attr(w_node.target, result.dequantized.to(weight.dtype))
-    ann.weight_qparams = (result.qtensor.scale, result.qtensor.zero_point)
+    graph.update_annotation(node, weight_qparams=(result.qtensor.scale, result.qtensor.zero_point))
 
 
 def _peak_rss_mb() -> float:

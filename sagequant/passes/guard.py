@@ -21,7 +21,7 @@ from ..calibration.datasets import CalibrationDataError
 from ..ir.graph import QuantGraph
 from ..evaluation.error_report import layer_errors
 from ..evaluation.metrics import PairedAccumulator
-from .manager import PassContext, PassResult, register_pass
+from .manager import PassContext, PassResult, define_pass
 from ..errors import CompileError
 
 MIN_TARGETS = 16  # fewer scored tokens measure sampling noise, not the quantization
@@ -60,7 +60,7 @@ def split_held_back(batches: list[torch.Tensor], cfg) -> tuple[list[torch.Tensor
     return batches[:-k], held
 
 
-@register_pass("guard", "compare float vs quantized on held-back data; fail past the accuracy bounds",
+@define_pass("guard", "compare float vs quantized on held-back data; fail past the accuracy bounds",
                requires=("lower",))
 def guard(graph: QuantGraph, ctx: PassContext) -> PassResult:
     cfg = ctx.config

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from ..calibration.observers import FORMAT_AWARE_OBSERVERS, observer_for
 from ..ir.graph import QuantGraph
-from .manager import PassContext, PassResult, register_pass
+from .manager import PassContext, PassResult, define_pass
 
 OBSERVER_PREFIX = "sq_observer_"
 
 
-@register_pass("insert_observers", "insert activation observers on quantized linear inputs",
+@define_pass("insert_observers", "insert activation observers on quantized linear inputs",
                requires=("annotate",))
 def insert_observers(graph: QuantGraph, ctx: PassContext) -> PassResult:
     inserted = 0

@@ -18,7 +18,7 @@ import torch.fx as fx
 
 from ..ir.graph import QuantGraph
 from ..ir.paged_attention import paged_attention
-from .manager import PassContext, PassResult, register_pass
+from .manager import PassContext, PassResult, define_pass
 from ..errors import CompileError
 
 ATEN = torch.ops.aten
@@ -80,7 +80,7 @@ def _sdpa_scale(node: fx.Node, layer: int) -> float | None:
     return node.kwargs.get("scale")
 
 
-@register_pass("kv_cache", "attention -> paged_attention over the KV pool; position_ids becomes an input")
+@define_pass("kv_cache", "attention -> paged_attention over the KV pool; position_ids becomes an input")
 def kv_cache(graph: QuantGraph, ctx: PassContext) -> PassResult:
     attns = graph.nodes(SDPA)
     if not attns:

@@ -8,33 +8,33 @@ Validates the plan against the model: exempt layers must exist, group_size must 
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 from ..ir.graph import QuantGraph
-from ..ir.kv_plan import build_kv_plan
-from ..ir.paged_attention import paged_attention
-from .manager import PassContext, PassResult, register_pass
-
-KV_DTYPE_ARG = 6  # paged_attention(q, k, v, layer, scale, window, kv_dtype)
+from ..ir.paged_attention import AttentionCall, paged_attention
+from .manager import PassContext, PassResult, define_pass
 
 
-@register_pass("kv_cache_quant", "per-layer KV cache dtype (int8 / fp8 / none) from the KV plan",
+@define_pass("kv_cache_quant", "per-layer KV cache dtype (int8 / fp8 / none) from the KV plan",
                requires=("kv_cache",))
 def kv_cache_quant(graph: QuantGraph, ctx: PassContext) -> PassResult:
-    plan = build_kv_plan(ctx.config)
+    plan = graph.kv_plan
+    if plan is None:
+        raise ValueError("kv_cache_quant reads the KV plan the graph carries (QuantGraph.kv_plan, set "
+                         "by runtime/step_graph.py from the compiled model); this graph has none")
     attns = graph.nodes(paged_attention)
     plan.validate_layers(len(attns))
     changed = 0
     for node in attns:
-        k = node.args[1]
-        if "val" in k.meta:
-            plan.check_head_dim(int(k.meta["val"].shape[-1]))
-        dtype = plan.layer_dtype(node.args[3])
-        args = list(node.args) + ["none"] * (KV_DTYPE_ARG + 1 - len(node.args))
-        if args[KV_DTYPE_ARG] != dtype:
-            args[KV_DTYPE_ARG] = dtype
-            node.args = tuple(args)
-            changed += 1
+        call = AttentionCall.of(node)
+        if "val" in call.k.meta:
+            plan.check_head_dim(int(call.k.meta["val"].shape[-1]))
+        dtype = plan.layer_dtype(call.layer)
+        if call.kv_dtype != dtype or len(node.args) < len(call.args()):
+            node.args = replace(call, kv_dtype=dtype).args()
+            changed += call.kv_dtype != dtype
     graph.recompile()
-    quantized = sum(1 for n in attns if n.args[KV_DTYPE_ARG] != "none")
+    quantized = sum(1 for n in attns if AttentionCall.of(n).kv_dtype != "none")
     return PassResult(graph, bool(changed), {"kv_quantized_layers": quantized,
                                              "kv_high_precision_layers": len(attns) - quantized,
                                              "kv_dtype": plan.dtype})

@@ -2,20 +2,23 @@
 for (scheme, backend, priority), and record the KernelBinding on the node."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from ..ir import ops  # noqa: F401  (registers the Q/DQ ops matched here)
 from ..ir.annotations import KernelBinding
 from ..ir.graph import QuantGraph
+from ..ir.lowered import LinearCall
 from ..ir.quant_spec import QuantSpec
 from ..lowering.registry import REGISTRY
-from .manager import PassContext, PassResult, register_pass
+from .manager import PassContext, PassResult, define_pass
 
 ATEN = torch.ops.aten
 FAKE_QUANT = torch.ops.sagequant.fake_quantize_activation.default
 
 
-@register_pass("lower", "bind quantized linears to registry kernels (explicit fallback only)",
+@define_pass("lower", "bind quantized linears to registry kernels (explicit fallback only)",
                requires=("convert",))
 def lower(graph: QuantGraph, ctx: PassContext) -> PassResult:
     cfg = ctx.config
@@ -34,26 +37,27 @@ def lower(graph: QuantGraph, ctx: PassContext) -> PassResult:
         kernel, fallback_from = REGISTRY.select(ann.scheme, cfg.backend, cfg.priority, spec,
                                                 in_features=shape[1], layer=ann.layer,
                                                 fallback=cfg.fallback)
-        args = [x, qweight, scales, zeros, bias, spec_text, shape]
         fq = x if getattr(x, "target", None) == FAKE_QUANT else None
         if kernel.activation_quant != (fq is not None):
             raise RuntimeError(f"{ann.layer}: kernel {kernel.name} "
                                f"{'expects' if kernel.activation_quant else 'cannot take'} a quantized "
                                "activation input; annotate/convert disagree with the registry row")
-        if fq is not None:
-            args = [fq.args[0], *args[1:], fq.args[1], fq.args[2]]
+        call = LinearCall(x, qweight, scales, zeros, bias, spec_text, shape)
+        if fq is not None:  # fake_quantize_activation(x, act_spec, act_scale)
+            call = replace(call, x=fq.args[0], act_spec=fq.args[1], act_scale=fq.args[2])
         with graph.graph.inserting_before(node):
-            knode = graph.graph.call_function(kernel.op, tuple(args))
+            knode = graph.graph.call_function(kernel.op, call.args())
         knode.meta.update(node.meta)
-        ann.kernel = KernelBinding(kernel=kernel.name, backend=kernel.backend, scheme=ann.scheme,
-                                   priority=cfg.priority, fallback_from=fallback_from,
-                                   attrs={"format": spec.format, "group_size": spec.group_size,
-                                          "ragged_last_group": bool(spec.group_size and shape[1] % spec.group_size),
-                                          "packed": spec.fmt.packed, "in_features": shape[1],
-                                          "activation_bytes": act_dtype.itemsize,
-                                          "activation": fq.args[1] if fq is not None else None,
-                                          "out_features": shape[0],
-                                          **kernel.binding_attrs(spec, shape)})
+        binding = KernelBinding(kernel=kernel.name, backend=kernel.backend, scheme=ann.scheme,
+                                priority=cfg.priority, fallback_from=fallback_from,
+                                attrs={"format": spec.format, "group_size": spec.group_size,
+                                       "ragged_last_group": bool(spec.group_size and shape[1] % spec.group_size),
+                                       "packed": spec.fmt.packed, "in_features": shape[1],
+                                       "activation_bytes": act_dtype.itemsize,
+                                       "activation": fq.args[1] if fq is not None else None,
+                                       "out_features": shape[0],
+                                       **kernel.binding_attrs(spec, shape)})
+        graph.update_annotation(knode, kernel=binding)
         node.replace_all_uses_with(knode)
         graph.graph.erase_node(node)
         for consumed in (dq, fq):

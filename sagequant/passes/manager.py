@@ -48,15 +48,25 @@ class Pass:
         return self.fn(graph, ctx)
 
 
+# Every pass by name, registered in one place (passes/__init__.py) from the passes' definitions.
 PASSES: dict[str, Pass] = {}
 
 
-def register_pass(name: str, summary: str, requires: tuple[str, ...] = ()):
-    """Decorator: a function (graph, ctx) -> PassResult becomes a named pipeline pass."""
+def define_pass(name: str, summary: str, requires: tuple[str, ...] = ()):
+    """Decorator: a function (graph, ctx) -> PassResult carries its pass metadata as
+    `fn.definition`; defining a pass registers nothing."""
     def wrap(fn):
-        PASSES[name] = Pass(name, fn, summary, requires)
+        fn.definition = Pass(name, fn, summary, requires)
         return fn
     return wrap
+
+
+def register_passes(*fns) -> None:
+    for fn in fns:
+        p = fn.definition
+        if p.name in PASSES:
+            raise ValueError(f"pass {p.name!r} is already registered")
+        PASSES[p.name] = p
 
 
 class Instrument:

@@ -19,14 +19,14 @@ from ..calibration.sensitivity import fisher_sensitivity, layer_sensitivity
 from ..config import ConfigError, LayerSettings, QuantConfig
 from ..ir.graph import QuantGraph
 from .annotate import weight_spec_for
-from .manager import PassContext, PassResult, register_pass
+from .manager import PassContext, PassResult, define_pass
 
 ATEN = torch.ops.aten
 FLOAT = "float"
 FLOAT_BYTES = 2  # a layer kept float is counted at fp16, the deployment dtype
 
 
-@register_pass("mixed_precision", "choose per-layer schemes from measured sensitivity to meet a budget",
+@define_pass("mixed_precision", "choose per-layer schemes from measured sensitivity to meet a budget",
                requires=("annotate",))
 def mixed_precision(graph: QuantGraph, ctx: PassContext) -> PassResult:
     cfg = ctx.config
@@ -59,7 +59,7 @@ def mixed_precision(graph: QuantGraph, ctx: PassContext) -> PassResult:
         why = (f"mixed_precision: delta loss {choice.base_delta_loss:.3e} nats alone at {base_label} "
                f"(sensitivity rank {ranks[choice.layer]}/{len(rows)}), {choice.delta_loss:.3e} at "
                f"{choice.label}; raised to meet {_describe_target(target)}")
-        _apply(graph.annotation(node), choice.label, upgrades, cfg, why)
+        _apply(graph, node, choice.label, upgrades, cfg, why)
         upgraded.append({"layer": choice.layer, "to": choice.label, "why": why,
                          "base_delta_loss": choice.base_delta_loss, "delta_loss": choice.delta_loss})
     params = sum(r["params"] for r in rows)
@@ -142,14 +142,13 @@ def layer_options(graph: QuantGraph, nodes: list, cfg: QuantConfig, upgrades: di
     return options
 
 
-def _apply(ann, label: str, upgrades: dict, cfg: QuantConfig, why: str) -> None:
+def _apply(graph: QuantGraph, node, label: str, upgrades: dict, cfg: QuantConfig, why: str) -> None:
     if label == FLOAT:
-        ann.scheme = ann.weight_spec = ann.input_spec = None
-        ann.skip_reason = why
+        graph.update_annotation(node, scheme=None, weight_spec=None, input_spec=None, skip_reason=why)
         return
     settings = upgrades[label]
-    ann.scheme = settings.scheme
-    ann.weight_spec = weight_spec_for(settings, cfg.scale_precision)
+    graph.update_annotation(node, scheme=settings.scheme,
+                            weight_spec=weight_spec_for(settings, cfg.scale_precision))
 
 
 def model_sensitivity(model, cfg: QuantConfig, batches: list) -> tuple[float, list[dict]]:

@@ -10,7 +10,7 @@ import torch
 
 from ..calibration.qat import QATOptions, train_fake_quant_graph
 from ..ir.graph import QuantGraph
-from .manager import PassContext, PassResult, register_pass
+from .manager import PassContext, PassResult, define_pass
 
 
 @dataclass(frozen=True)
@@ -20,7 +20,7 @@ class QATTraining:
     options: QATOptions
 
 
-@register_pass("qat_train", "QAT: train the FakeQuant graph (LoRA / LSQ), adapters merged back",
+@define_pass("qat_train", "QAT: train the FakeQuant graph (LoRA / LSQ), adapters merged back",
                requires=("fake_quant",))
 def qat_train(graph: QuantGraph, ctx: PassContext) -> PassResult:
     training = ctx.training

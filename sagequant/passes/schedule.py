@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from ..ir.annotations import SchedulerIR
 from ..ir.graph import QuantGraph
-from .manager import PassContext, PassResult, register_pass
+from ..ir.lowered import LinearCall
+from .manager import PassContext, PassResult, define_pass
 
 
-@register_pass("schedule", "annotate lowered nodes with Scheduler IR (dtype, kernel, bytes, flops)",
+@define_pass("schedule", "annotate lowered nodes with Scheduler IR (dtype, kernel, bytes, flops)",
                requires=("lower",))
 def schedule(graph: QuantGraph, ctx: PassContext) -> PassResult:
     annotated = 0
@@ -18,10 +19,10 @@ def schedule(graph: QuantGraph, ctx: PassContext) -> PassResult:
         attrs = ann.kernel.attrs
         k, n = attrs["in_features"], attrs["out_features"]
         weight_bytes = sum(int(graph.attr(a).numel() * graph.attr(a).element_size())
-                           for a in _stored_weight_tensors(node.args[1:4]))
-        ann.scheduler = SchedulerIR(dtype=ann.weight_spec.format, kernel=ann.kernel.kernel,
-                                    weight_bytes=weight_bytes, bytes_per_token=(k + n) * attrs["activation_bytes"],
-                                    flops_per_token=2 * k * n)
+                           for a in _stored_weight_tensors(LinearCall.of(node).weights))
+        graph.update_annotation(node, scheduler=SchedulerIR(
+            dtype=ann.weight_spec.format, kernel=ann.kernel.kernel, weight_bytes=weight_bytes,
+            bytes_per_token=(k + n) * attrs["activation_bytes"], flops_per_token=2 * k * n))
         annotated += 1
     return PassResult(graph, annotated > 0, {"scheduled": annotated})
 

@@ -18,14 +18,14 @@ from ..ir.patterns import balance_groups
 from .fold_scales import fold_group_scales
 from ..ir.quant_spec import QuantSpec
 from ..progress import track
-from .manager import PassContext, PassResult, register_pass
+from .manager import PassContext, PassResult, define_pass
 
 SEARCH_ROWS = 512
 # Weight-only schemes smoothed before AWQ search alpha against int8 per-token activations.
 SEARCH_ACT_SPEC = QuantSpec("int8", "per_token", None, True, "fp32", dynamic=True)
 
 
-@register_pass("smoothquant", "fold per-channel smoothing scales into norm / linear producers",
+@define_pass("smoothquant", "fold per-channel smoothing scales into norm / linear producers",
                requires=("annotate",))
 def smoothquant(graph: QuantGraph, ctx: PassContext) -> PassResult:
     cfg = ctx.config

@@ -19,7 +19,7 @@ from .. import backends  # noqa: F401  (registers the attention kernels)
 from ..backends.cuda.hardware import cuda_missing
 from ..errors import ServingError
 from ..lowering.attention import select_attention_kernel
-from ..ir.paged_attention import attention_step
+from ..ir.paged_attention import AttentionCall, attention_step
 from .context import AttentionStep
 from .cuda_graphs import DecodeGraphs
 from .kv_pool import PagedKVPool
@@ -93,9 +93,9 @@ class GenerationEngine:
             raise GenerationError(f"max_seq_len={max_seq_len} exceeds the model's {limit} positions")
         self.max_batch, self.max_seq_len = max_batch, max_seq_len
         self.extra_tokens = extra_tokens_per_request
-        plan = compiled.kv_plan
+        plan = self.graph.kv_plan
         kv_heads, head_dim = kv_geometry(self.graph)
-        layer_dtypes = [n.args[6] for n in attention_nodes(self.graph)]
+        layer_dtypes = [AttentionCall.of(n).kv_dtype for n in attention_nodes(self.graph)]
         blocks_per_seq = math.ceil((max_seq_len + self.extra_tokens) / plan.block_size)
         if num_kv_blocks is None:
             probe = PagedKVPool(plan, layer_dtypes, kv_heads, head_dim, 1, 1, emb.dtype, torch.device("meta"))

@@ -18,13 +18,14 @@ layers); anything else is left as it is, so an unmatched model still runs unfuse
 from __future__ import annotations
 
 import operator
+from dataclasses import replace
 
 import torch
 import torch.fx as fx
 
 from ..backends.cuda import fused  # noqa: F401  (registers the fused ops)
 from ..ir.graph import QuantGraph
-from ..ir.paged_attention import paged_attention
+from ..ir.paged_attention import AttentionCall, paged_attention
 
 aten = torch.ops.aten
 RMS_NORM = torch.ops.sagequant.rms_norm.default
@@ -222,12 +223,13 @@ def _rotary_into_attention(g: fx.Graph) -> int:
     for attn in list(g.nodes):
         if not _call(attn, paged_attention) or attn.kwargs:
             continue
-        q, k = attn.args[0], attn.args[1]
+        call = AttentionCall.of(attn)
+        q, k = call.q, call.k
         if not (_call(q, ROTARY) and _call(k, ROTARY) and q.args[1:] == k.args[1:]
                 and len(q.users) == 1 and len(k.users) == 1):
             continue
-        attn.args = (q.args[0], k.args[0], *attn.args[2:])
-        attn.kwargs = {"cos": q.args[1], "sin": q.args[2]}
+        rotated = replace(call, q=q.args[0], k=k.args[0], cos=q.args[1], sin=q.args[2])
+        attn.args, attn.kwargs = rotated.args(), rotated.kwargs()
         done += 1
     return done
 

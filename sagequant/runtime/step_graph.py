@@ -12,25 +12,25 @@ import torch.fx as fx
 from ..ir.graph import QuantGraph
 from ..passes.manager import PassContext
 from ..passes.pipeline import STEP_GRAPH, build_pipeline
-from ..ir.paged_attention import paged_attention
+from ..ir.paged_attention import AttentionCall, paged_attention
 from .fuse_step import fuse_step
 
 _CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-def step_graph(compiled, config=None, device: torch.device | None = None,
-               fused: bool = True) -> QuantGraph:
-    """The cache-aware graph of `compiled` for its config (or `config`, e.g. another KV plan);
-    with `device`, a copy whose weights live there (the compiled model is left as it is);
-    fused: the decoder glue rewritten into fused ops (fuse_step.py; same math on CPU)."""
-    config = config or compiled.config
-    key = (config.to_json(), str(device), fused)
+def step_graph(compiled, device: torch.device | None = None, fused: bool = True) -> QuantGraph:
+    """The cache-aware graph of `compiled`, carrying its KV plan; with `device`, a copy whose
+    weights live there (the compiled model is left as it is); fused: the decoder glue rewritten
+    into fused ops (fuse_step.py; same math on CPU)."""
+    key = (str(compiled.kv_plan.to_dict()), str(device), fused)
     per_model = _CACHE.setdefault(compiled, {})
     if key not in per_model:
         src = compiled.graph
         gm = fx.GraphModule(src.gm, copy.deepcopy(src.graph))  # new containers, same tensors
         graph = QuantGraph(gm, copy.deepcopy(src.model_info))
-        graph = build_pipeline(config, STEP_GRAPH).manager().run(graph, PassContext(config))
+        graph.kv_plan = compiled.kv_plan
+        pipeline = build_pipeline(compiled.config, STEP_GRAPH)
+        graph = pipeline.manager().run(graph, PassContext(compiled.config))
         if fused:
             # Merged linears get new concatenated weights: free when the weights are copied to
             # `device` anyway (the originals stay home), a second copy of them on the home device.
@@ -67,7 +67,7 @@ def attention_nodes(graph: QuantGraph) -> list[fx.Node]:
 
 def kv_geometry(graph: QuantGraph) -> tuple[int, int]:
     """(kv_heads, head_dim) of the cache: from the traced k shapes, else from the model config."""
-    k = attention_nodes(graph)[0].args[1]
+    k = AttentionCall.of(attention_nodes(graph)[0]).k
     if "val" in k.meta:
         return int(k.meta["val"].shape[1]), int(k.meta["val"].shape[-1])
     cfg = graph.model_info.get("hf_config") or {}

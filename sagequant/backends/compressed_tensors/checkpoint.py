@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from ...ir.annotations import META_KEY
+from ...ir.lowered import LinearCall
 from ...safe_write import output_dir
 from ...ir.quant_spec import QuantizedTensor, QuantSpec, dequantize
 from ...ir.trace import WRAPPER_PREFIX
@@ -122,7 +123,7 @@ def quantization_config(compiled) -> dict:
 def _compressor_inputs(graph, ann, node) -> tuple[dict, QuantSpec]:
     """The layer's weight dequantized from our codes, with scale / zero point in their convention."""
     spec = ann.weight_spec
-    qweight, scales, zeros = (graph.attr(a) if a is not None else None for a in node.args[1:4])
+    qweight, scales, zeros = (graph.attr(a) if a is not None else None for a in LinearCall.of(node).weights)
     n, k = int(ann.kernel.attrs["out_features"]), int(ann.kernel.attrs["in_features"])
     qt = QuantizedTensor(qweight, scales, zeros, (n, k), spec)
     state = {"weight": dequantize(qt, torch.float32).to(scales.dtype),
@@ -141,7 +142,8 @@ def checkpoint_state(compiled) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     owned = set()
     for ann, node in layers:
-        owned.update(a.target for a in node.args[1:4] if a is not None)
+        call = LinearCall.of(node)
+        owned.update(a.target for a in call.weights if a is not None)
         state, spec = _compressor_inputs(graph, ann, node)
         scheme = QuantizationScheme(targets=["Linear"], weights=_args(spec),
                                     input_activations=_args(ann.input_spec) if ann.input_spec else None)
@@ -151,9 +153,9 @@ def checkpoint_state(compiled) -> dict[str, torch.Tensor]:
             out[f"{ann.layer}.{key}"] = value.contiguous()
         if ann.input_spec is not None and not ann.input_spec.dynamic:
             # clone: layers sharing one quantizer (fuse_norm_qdq) share its scale tensor
-            out[f"{ann.layer}.input_scale"] = graph.attr(node.args[8]).reshape(1).float().clone()
-            owned.add(node.args[8].target)
-        bias = node.args[4]
+            out[f"{ann.layer}.input_scale"] = graph.attr(call.act_scale).reshape(1).float().clone()
+            owned.add(call.act_scale.target)
+        bias = call.bias
         if bias is not None:
             out[f"{ann.layer}.bias"] = graph.attr(bias).detach().contiguous()
             owned.add(bias.target)

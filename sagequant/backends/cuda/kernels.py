@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from ...ir.quant_spec import QuantSpec
-from ...lowering.registry import REGISTRY, KernelSpec
+from ...lowering.registry import KernelSpec
 from . import hardware, layout
 
 PRIORITIES = ("latency", "throughput", "memory")
@@ -144,10 +144,10 @@ cuda_w8a8_int8_linear.register_fake(_w8a8_fake)
 # --- registry rows ---------------------------------------------------------------------------
 
 def _row(name, schemes, op, description, formats, min_cc, what, **kw) -> CudaKernelSpec:
-    return REGISTRY.register(CudaKernelSpec(
+    return CudaKernelSpec(
         name=name, backend="cuda", schemes=schemes, priorities=PRIORITIES, op=op,
         description=description, formats=formats,
-        available=hardware.requirement(min_cc, what, needs_triton=True), **kw))
+        available=hardware.requirement(min_cc, what, needs_triton=True), **kw)
 
 
 W4A16 = _row(

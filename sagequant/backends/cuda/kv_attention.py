@@ -10,7 +10,6 @@ import importlib
 import torch
 
 from ...lowering.attention import KV_ATTENTION, AttentionKernelSpec
-from ...lowering.registry import REGISTRY
 from ..reference.kv_attention import paged_attention_ref
 from . import hardware
 
@@ -46,7 +45,7 @@ def cuda_paged_attention(q: torch.Tensor, step, layer: int, scale: float | None,
                                        index.block_table, index.seq_lens, index.max_len, scale, window)
 
 
-CUDA_PAGED_ATTENTION = REGISTRY.register(AttentionKernelSpec(
+CUDA_PAGED_ATTENTION = AttentionKernelSpec(
     name="cuda_paged_decode_attention",
     backend="cuda",
     schemes=(KV_ATTENTION,),
@@ -56,4 +55,4 @@ CUDA_PAGED_ATTENTION = REGISTRY.register(AttentionKernelSpec(
                 "dequantized in registers; prefill via gathered SDPA",
     head_dims=HEAD_DIMS,
     available=hardware.requirement((8, 0), "the paged decode attention kernel", needs_triton=True),
-))
+)

@@ -19,6 +19,7 @@ import torch.fx as fx
 
 from ...ir.annotations import META_KEY
 from ...ir.graph import QuantGraph
+from ...ir.lowered import LinearCall
 from ...ir.quant_spec import QuantizedTensor, QuantSpec, dequantize, quantize
 from ...lowering.unfuse import unfuse_norm_qdq
 from .qlinear import DOMAIN, OP_TYPE, ExportError
@@ -96,15 +97,12 @@ def _export_module(graph: QuantGraph) -> fx.GraphModule:
 
 
 def _to_export_linear(graph: fx.Graph, node: fx.Node, ann) -> None:
-    args = list(node.args)
-    # The lowering convention (passes/lower.py): (x, qweight, scales, zeros, bias, spec, shape)
-    # plus (act_spec, act_scale) for kernels that quantize their activation input.
-    x, qweight, scales, zeros, bias, spec, shape = args[:7]
-    act_spec, act_scale = (args[7], args[8]) if ann.input_spec is not None else ("", None)
+    c = LinearCall.of(node)
+    act_spec, act_scale = (c.act_spec, c.act_scale) if ann.input_spec is not None else ("", None)
     with graph.inserting_before(node):
         new = graph.call_function(torch.ops.sagequant.export_linear.default,
-                                  (x, qweight, scales, zeros, bias, act_scale, spec, list(shape),
-                                   act_spec, ann.layer))
+                                  (c.x, c.qweight, c.scales, c.zeros, c.bias, act_scale, c.spec,
+                                   list(c.shape), act_spec, ann.layer))
     new.meta.update(node.meta)
     node.replace_all_uses_with(new)
     graph.erase_node(node)

@@ -10,7 +10,7 @@ import torch
 from ...config import SCHEMES
 from ...ir.activation_ops import dequantize_activation
 from ...ir.quant_spec import QuantizedTensor, QuantSpec, dequantize, quantize
-from ...lowering.registry import REGISTRY, KernelSpec
+from ...lowering.registry import KernelSpec
 
 PRIORITIES = ("latency", "throughput", "memory")
 WEIGHT_ONLY_SCHEMES = tuple(s for s in SCHEMES if s.endswith("A16"))
@@ -30,14 +30,14 @@ def _fake(x, qweight, scales, zeros, bias, spec, shape):
     return x.new_empty((*x.shape[:-1], shape[0]))
 
 
-CPU_WEIGHT_ONLY = REGISTRY.register(KernelSpec(
+CPU_WEIGHT_ONLY = KernelSpec(
     name="cpu_weight_only_ref",
     backend="cpu",
     schemes=WEIGHT_ONLY_SCHEMES,
     priorities=PRIORITIES,
     op=torch.ops.sagequant.weight_only_linear_ref.default,
     description="dequantize (int8/int4/fp8/nf4, any group incl. ragged) then float GEMM",
-))
+)
 
 
 @torch.library.custom_op("sagequant::w8a8_linear_ref", mutates_args=())
@@ -73,7 +73,7 @@ def _fake_w8a8_prequantized(codes, x_scale, qweight, scales, zeros, bias, spec, 
     return codes.new_empty((*codes.shape[:-1], shape[0]), dtype=out_dtype)
 
 
-CPU_W8A8 = REGISTRY.register(KernelSpec(
+CPU_W8A8 = KernelSpec(
     name="cpu_w8a8_ref",
     backend="cpu",
     schemes=W8A8_SCHEMES,
@@ -83,4 +83,4 @@ CPU_W8A8 = REGISTRY.register(KernelSpec(
                 "the dequantized int8/fp8 operands",
     activation_quant=True,
     prequantized_op=torch.ops.sagequant.w8a8_linear_prequantized_ref.default,
-))
+)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import torch
 
 from ...lowering.attention import KV_ATTENTION, AttentionKernelSpec
-from ...lowering.registry import REGISTRY
 
 PRIORITIES = ("latency", "throughput", "memory")
 
@@ -34,11 +33,11 @@ def paged_attention_ref(q: torch.Tensor, step, layer: int, scale: float | None,
             q[row:row + 1], k, v, attn_mask=mask, scale=scale)[0]
     return out
 
-CPU_PAGED_ATTENTION = REGISTRY.register(AttentionKernelSpec(
+CPU_PAGED_ATTENTION = AttentionKernelSpec(
     name="cpu_paged_attention_ref",
     backend="cpu",
     schemes=(KV_ATTENTION,),
     priorities=PRIORITIES,
     op=paged_attention_ref,
     description="gather + dequantize blocks (int8 / fp8 e4m3 / float), causal SDPA per sequence",
-))
+)

@@ -73,6 +73,10 @@ class QuantGraph:
             del mod._buffers[leaf]
         mod.register_buffer(leaf, value)
 
+    def get_attr_node(self, name: str, before: fx.Node) -> fx.Node:
+        with self.graph.inserting_before(before):
+            return self.graph.get_attr(name)
+
     def state(self) -> dict[str, torch.Tensor]:
         """Every tensor the graph reads through get_attr, by attribute path."""
         out = {}

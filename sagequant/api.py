@@ -22,7 +22,7 @@ from .lowering.registry import REGISTRY, KernelSpec
 from .passes import DumpIR, PassContext, PrintIRAfter
 from .passes.annotate import weight_spec_for
 from .passes.guard import split_held_back
-from .passes.pipeline import PTQ, QAT, Pipeline, build_pipeline
+from .passes.pipeline import LAYERWISE, PTQ, QAT, Pipeline, build_pipeline
 from .passes.qat_train import QATTraining
 from .passes.schedule import scheduler_ir
 
@@ -152,8 +152,7 @@ def _compile_layerwise(model, cfg: QuantConfig, calibration_data, tokenizer, dev
                                      tied_aliases)
     from .calibration.plan import Shape, check_fits, machine_capacity, plan_layerwise
     from .progress import log
-    from .passes.layerwise import LayerwiseCompile, check_layerwise_config
-    from .passes.manager import PassManager
+    from .passes.layerwise import LayerwiseRun, check_layerwise_config
     check_layerwise_config(cfg)
     dev = resolve_device(device)
     if calibration_data is None:
@@ -180,26 +179,17 @@ def _compile_layerwise(model, cfg: QuantConfig, calibration_data, tokenizer, dev
         graph = trace_model(_meta_copy(model))
     else:
         graph = trace_model(skeleton)
-    pm = PassManager(["canonicalize", "annotate"], verify_each=False)
-    ctx = PassContext(cfg, batches)
-    graph = pm.run(graph, ctx)
     work = Path(work_dir) if work_dir is not None else Path(tempfile.mkdtemp(prefix="sagequant-layerwise-"))
     plan = plan_layerwise(Shape.from_config(skeleton.config.to_dict()), cfg, dev, dtype, offload_cache,
                           source.total_bytes() if isinstance(source, CheckpointWeights) else 0)
     for line in plan.lines():
         log(line)
     check_fits(plan, *machine_capacity(dev, work))
-    run = LayerwiseCompile(graph, cfg, batches, source, dev, dtype, work, offload_cache,
-                           fingerprint={"model": origin})
-    stats = run.run()
-    run.load_final_tensors()
-    graph.gm.to("cpu")
-    history = pm.history + [{"pass": "layerwise", "modified": True, "stats": stats,
-                             "plan": plan.to_dict()}]
-    ctx.ran += ["insert_observers", "calibrate", "gptq", "convert"]
-    finish = PassManager(["lower", "schedule", "fuse_norm_qdq"])
-    graph = finish.run(graph, ctx)
-    return CompiledModel(graph, cfg, kv_plan, history + finish.history)
+    pipeline = build_pipeline(cfg, LAYERWISE)
+    pm = pipeline.manager()
+    run = LayerwiseRun(source, dev, dtype, work, offload_cache, {"model": origin}, plan.to_dict())
+    graph = pm.run(graph, PassContext(cfg, batches, layerwise=run))
+    return CompiledModel(graph, cfg, kv_plan, pm.history, pipeline)
 
 
 def _meta_copy(model: torch.nn.Module) -> torch.nn.Module:

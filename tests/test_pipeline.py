@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 import sagequant as sq
-from sagequant.passes.pipeline import (ONNX, PTQ, QAT, STEP_GRAPH, PTQ_PASSES, Pipeline,
+from sagequant.passes.pipeline import (LAYERWISE, ONNX, PTQ, QAT, STEP_GRAPH, PTQ_PASSES, Pipeline,
                                        build_pipeline)
 from sagequant.tools.cli import main as cli
 
@@ -49,6 +49,13 @@ def test_qat_trains_between_the_passes_before_convert_and_the_rest():
     assert "guard" not in p.names and p.omitted_reason("guard") is None  # not a QAT pass at all
 
 
+def test_layerwise_runs_calibration_and_convert_block_by_block_inside_one_pass():
+    p = build_pipeline(sq.QuantConfig(calibration="gptq", fuse_qdq=False), LAYERWISE)
+    assert p.names == ["canonicalize", "annotate", "layerwise", "lower", "schedule"]
+    assert p.passes[2].options["calibration"] == "gptq"
+    assert p.omitted_reason("fuse_norm_qdq") == "QuantConfig.fuse_qdq=False"
+
+
 def test_step_graph_and_onnx_modes():
     assert build_pipeline(sq.QuantConfig(kv_cache_dtype="int8"), STEP_GRAPH).names == ["kv_cache", "kv_cache_quant"]
     onnx = build_pipeline(sq.QuantConfig(weight_dtype="int8", activation_dtype="int8", calibration="smoothquant",
@@ -57,7 +64,7 @@ def test_step_graph_and_onnx_modes():
     dynamic = build_pipeline(sq.QuantConfig(), ONNX)
     assert dynamic.names == ["load", "annotate", "quantize"]
     assert "dynamic_per_token" in dynamic.omitted_reason("calibrate")
-    with pytest.raises(ValueError, match="modes: ptq, qat, step_graph, onnx"):
+    with pytest.raises(ValueError, match="modes: ptq, qat, layerwise, step_graph, onnx"):
         build_pipeline(sq.QuantConfig(), "jit")
 
 

@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -45,6 +46,7 @@ from .convert import is_convertible, quantized_tensors, rewrite_linear
 from .fold_scales import fold_group_scales
 from .gptq import _quantize_layer, _stages
 from .insert_observers import input_observer
+from .manager import PassContext, PassResult, define_pass
 from .smoothquant import SEARCH_ACT_SPEC, SEARCH_ROWS
 
 METHODS = ("minmax", "percentile", "smoothquant", "awq", "smoothquant+awq", "gptq")
@@ -143,7 +145,8 @@ class LayerwiseCompile:
         before = set(self.graph.graph.nodes)
         for node in [n for n in self.runner.segments[seg] if is_convertible(self.graph, n)]:
             ann = self.graph.annotation(node)
-            ann.calibration = {k: CalibrationRecord.from_dict(r) for k, r in meta["records"][ann.layer].items()}
+            self.graph.update_annotation(node, calibration={
+                k: CalibrationRecord.from_dict(r) for k, r in meta["records"][ann.layer].items()})
             prefix = node.args[1].target.removesuffix(".weight")
             rewrite_linear(self.graph, node, {k[len(prefix) + 1:]: v for k, v in tensors.items()
                                               if k.startswith(prefix + ".") and k != node.args[1].target})
@@ -251,7 +254,8 @@ class LayerwiseCompile:
             if self.world_size > 1:
                 merge_observer(obs)
             ann = graph.annotation(node)
-            ann.calibration["input"] = obs.record("input", ann.clip_ratio)
+            graph.update_annotation(node, calibration={**ann.calibration,
+                                                       "input": obs.record("input", ann.clip_ratio)})
 
     # ---- the run -----------------------------------------------------------------------------
     def run(self) -> dict:
@@ -318,3 +322,32 @@ def _atomic_write(path: Path, data: bytes) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+@dataclass(frozen=True)
+class LayerwiseRun:
+    """What the layerwise pass needs besides the graph and the calibration batches."""
+
+    source: object                # where the weights stay (calibration/onload: checkpoint or state)
+    device: torch.device
+    dtype: torch.dtype
+    work_dir: Path
+    offload_cache: bool
+    fingerprint: dict             # identifies the run, so a resume refuses another model's records
+    plan: dict                    # calibration/plan.py's estimate, recorded with the statistics
+
+
+@define_pass("layerwise", "calibrate and quantize one decoder block at a time on the chosen device",
+             requires=("annotate",), provides=("insert_observers", "calibrate", "gptq", "convert"))
+def layerwise(graph: QuantGraph, ctx: PassContext) -> PassResult:
+    run = ctx.layerwise
+    if not isinstance(run, LayerwiseRun):
+        raise ValueError("the layerwise pass needs PassContext.layerwise=LayerwiseRun(...); "
+                         "compile(device=...) builds it")
+    work = LayerwiseCompile(graph, ctx.config, ctx.calibration_batches, run.source, run.device, run.dtype,
+                            run.work_dir, run.offload_cache, fingerprint=run.fingerprint)
+    stats = work.run()
+    work.load_final_tensors()
+    graph.gm.to("cpu")
+    return PassResult(graph, True, {**stats, "plan": run.plan})
+

@@ -32,6 +32,7 @@ class PassContext:
     reference_model: object | None = None  # the float torch.nn.Module compiled from
     held_back_batches: list | None = None
     training: object | None = None  # QAT: qat_train.QATTraining (windows, teacher, options)
+    layerwise: object | None = None  # layer-wise compile: layerwise.LayerwiseRun (weights, device, ...)
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,7 @@ class Pass:
     fn: Callable[[QuantGraph, PassContext], PassResult]
     summary: str
     requires: tuple[str, ...] = ()  # passes that must have run earlier in the pipeline
+    provides: tuple[str, ...] = ()  # passes whose work this one does too (layerwise: convert, ...)
 
     def __call__(self, graph: QuantGraph, ctx: PassContext) -> PassResult:
         missing = [r for r in self.requires if r not in ctx.ran]
@@ -52,11 +54,11 @@ class Pass:
 PASSES: dict[str, Pass] = {}
 
 
-def define_pass(name: str, summary: str, requires: tuple[str, ...] = ()):
+def define_pass(name: str, summary: str, requires: tuple[str, ...] = (), provides: tuple[str, ...] = ()):
     """Decorator: a function (graph, ctx) -> PassResult carries its pass metadata as
     `fn.definition`; defining a pass registers nothing."""
     def wrap(fn):
-        fn.definition = Pass(name, fn, summary, requires)
+        fn.definition = Pass(name, fn, summary, requires, provides)
         return fn
     return wrap
 
@@ -158,7 +160,7 @@ class PassManager:
                 # Keep the original error type; add where in the pipeline it happened.
                 e.add_note(f"[sagequant] in pass '{p.name}' (after: {', '.join(ctx.ran) or 'none'})")
                 raise
-            ctx.ran.append(p.name)
+            ctx.ran += [p.name, *p.provides]
             for i in instruments:
                 i.after_pass(p, result, ctx)
             self.history.append({"pass": p.name, "modified": result.modified,

@@ -16,8 +16,8 @@ from typing import Any, Callable
 from ..config import ConfigError, QuantConfig
 from .manager import PASSES, Instrument, PassManager
 
-PTQ, QAT, STEP_GRAPH, ONNX = "ptq", "qat", "step_graph", "onnx"
-MODES = (PTQ, QAT, STEP_GRAPH, ONNX)
+PTQ, QAT, LAYERWISE, STEP_GRAPH, ONNX = "ptq", "qat", "layerwise", "step_graph", "onnx"
+MODES = (PTQ, QAT, LAYERWISE, STEP_GRAPH, ONNX)
 SMOOTHQUANT_METHODS = ("smoothquant", "smoothquant+awq")
 AWQ_METHODS = ("awq", "smoothquant+awq", "awq+gptq")
 GPTQ_METHODS = ("gptq", "awq+gptq")  # awq+gptq: the awq pass balances the weights first
@@ -103,6 +103,11 @@ TABLES: dict[str, tuple[Step, ...]] = {
     + (Step("guard", ("guard", "guard_samples", "guard_bounds"), _guard_omitted), _FUSE),
     # The guard measures on sequences compile() holds back from calibration; QAT trains on its data.
     QAT: _BEFORE_CONVERT + _QAT_TRAINING + _FROM_CONVERT + (_FUSE,),
+    # compile(device=...): the calibration and convert passes run block by block inside layerwise.
+    LAYERWISE: _BEFORE_CONVERT[:2] + (
+        Step("layerwise", ("calibration", "smoothquant_alpha", "awq_grid", "awq_clip", "gptq_block_size",
+                           "gptq_damp", "gptq_act_order", "gptq_true_sequential", "observer",
+                           "weight_observer")),) + _FROM_CONVERT[1:] + (_FUSE,),
     STEP_GRAPH: (Step("kv_cache"),
                  Step("kv_cache_quant", ("kv_cache_dtype", "kv_block_size", "kv_group_size",
                                          "kv_high_precision_layers"))),

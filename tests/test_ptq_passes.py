@@ -8,6 +8,7 @@ from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 
 import sagequant as sq
 from sagequant.calibration.sequential import SequentialRunner, decoder_block_prefixes
+from sagequant.errors import CalibrationDataError
 from sagequant.ir.patterns import balance_groups
 from sagequant.ir.trace import trace_model
 from sagequant.passes import PassContext, PassManager
@@ -182,7 +183,8 @@ def test_gptq_true_sequential_sees_quantized_qkv_in_o_proj_hessian(llama):
     for p in ("q_proj", "k_proj", "v_proj"):  # the first stage sees the same inputs either way
         assert torch.equal(staged[attn + p][0], joint[attn + p][0])
     # Reference: o_proj's Hessian from the float model with block 0's q/k/v replaced by the
-    # quantized ones, then GPTQ on the float o_proj weight.
+    # quantized ones, past each sequence's first (attention-sink) position, then GPTQ on the float
+    # o_proj weight.
     import copy
     model = copy.deepcopy(llama)
     layer = model.model.layers[0].self_attn
@@ -190,11 +192,12 @@ def test_gptq_true_sequential_sees_quantized_qkv_in_o_proj_hessian(llama):
         for p in ("q_proj", "k_proj", "v_proj"):
             getattr(layer, p).weight.copy_(staged[attn + p][0])
     acc = HessianAccumulator(layer.o_proj.in_features)
-    hook = layer.o_proj.register_forward_hook(lambda m, a, o: acc.add(a[0]))
+    hook = layer.o_proj.register_forward_hook(lambda m, a, o: acc.add(a[0][:, 1:]))
     with torch.no_grad():
         for row in CAL:
             model(input_ids=row[None], use_cache=False)
     hook.remove()
+    assert acc.n == len(CAL) * (CAL.shape[1] - 1)
     w, spec = staged[attn + "o_proj"]
     want = gptq_quantize(llama.model.layers[0].self_attn.o_proj.weight.detach(), acc.hessian, spec).dequantized
     mismatch = {k: float((r[attn + "o_proj"][0] != want).float().mean()) for k, r in (("staged", staged),
@@ -212,3 +215,13 @@ def test_awq_then_gptq_runs_both_and_beats_rtn(llama):
     assert ran["awq"]["groups"] > 0 and ran["gptq"]["layers"] == 14
     err = {k: float((m(IDS) - ref).norm() / ref.norm()) for k, m in (("rtn", rtn), ("awq+gptq", both))}
     assert err["awq+gptq"] < err["rtn"], err
+
+
+def test_gptq_sink_tokens_leave_the_first_positions_out_of_the_hessians(llama):
+    base = dict(weight_dtype="int4", group_size=32, calibration="gptq", guard="off")
+    w = {k: _gptq_weights(sq.compile(llama, sq.QuantConfig(**base, gptq_sink_tokens=k), calibration_data=CAL,
+                                     stop_after="gptq")) for k in (0, 1)}
+    q = "model.layers.0.self_attn.q_proj"
+    assert not torch.equal(w[0][q][0], w[1][q][0])
+    with pytest.raises(CalibrationDataError, match="gptq_sink_tokens=24"):
+        sq.compile(llama, sq.QuantConfig(**base, gptq_sink_tokens=24), calibration_data=CAL, stop_after="gptq")

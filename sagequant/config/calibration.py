@@ -28,6 +28,10 @@ class CalibrationConfig:
     # Quantize a block's linears stage by stage (q/k/v, o, gate/up, down), each stage's Hessians
     # observed after the earlier stages were quantized; False: one observation run per block.
     gptq_true_sequential: bool = True
+    # Leading positions of every calibration sequence left out of GPTQ's Hessians and AWQ's
+    # statistics. The first token is the attention sink: its massive activations (SmolLM2 layer 11
+    # down_proj input |x| 3091, 99.8% of its window's Σx²) would make both fit that one token.
+    sink_tokens: int = 1
 
     def __post_init__(self) -> None:
         alpha = self.smoothquant_alpha
@@ -46,4 +50,5 @@ class CalibrationConfig:
                   smoothquant_alpha=alpha, gptq_damp=float(damp),
                   awq_grid=integer("awq_grid", self.awq_grid, 2),
                   awq_search_rows=integer("awq_search_rows", self.awq_search_rows, 1),
-                  gptq_block_size=integer("gptq_block_size", self.gptq_block_size, 1))
+                  gptq_block_size=integer("gptq_block_size", self.gptq_block_size, 1),
+                  sink_tokens=integer("sink_tokens", self.sink_tokens, 0))

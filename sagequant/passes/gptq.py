@@ -6,7 +6,9 @@ their inputs (Hessians), quantize them with GPTQ, then run it again so the next 
 outputs of the already-quantized block — the inputs of block i+1 come from quantized block i.
 With QuantConfig.gptq_true_sequential the same holds inside a block: the linears are quantized in
 stages of one shared input each (q/k/v, o, gate/up, down), each stage observed after the earlier
-ones were quantized, so o_proj's Hessian sees the quantized q/k/v's attention output. Peak memory is the inter-block cache plus one block's activations and Hessians.
+ones were quantized, so o_proj's Hessian sees the quantized q/k/v's attention output.
+The first QuantConfig.gptq_sink_tokens positions of every sequence stay out of the Hessians: the
+attention-sink token's massive activations would otherwise dominate them (see config.py). Peak memory is the inter-block cache plus one block's activations and Hessians.
 
 GPTQ's scales are left on the annotation so convert rounds onto exactly the chosen grid.
 """
@@ -45,7 +47,8 @@ def gptq(graph: QuantGraph, ctx: PassContext) -> PassResult:
         for stage in (_stages(targets) if cfg.gptq_true_sequential else [targets] if targets else []):
             hessians = {n: HessianAccumulator(graph.attr(n.args[1]).shape[1], f"input of "
                                               f"{graph.annotation(n).layer}") for n in stage}
-            hooks = {n: (lambda node, args, out: hessians[node].add(args[0])) for n in stage}
+            hooks = {n: (lambda node, args, out: hessians[node].add(_past_sink(args[0], cfg.gptq_sink_tokens)))
+                     for n in stage}
             runner.run_segment(seg, caches, hooks, commit=False)
             for node in stage:
                 _quantize_layer(graph, node, hessians[node], cfg, stats)
@@ -53,6 +56,16 @@ def gptq(graph: QuantGraph, ctx: PassContext) -> PassResult:
     stats["peak_rss_mb"] = _peak_rss_mb()
     stats["peak_rss_growth_mb"] = round(stats["peak_rss_mb"] - rss_before, 1)
     return PassResult(graph, stats["layers"] > 0, stats)
+
+
+def _past_sink(x: torch.Tensor, sink_tokens: int) -> torch.Tensor:
+    """Activations [batch, seq, features] without the first `sink_tokens` positions of each sequence."""
+    if x.dim() < 3 or sink_tokens == 0:
+        return x
+    if x.shape[1] <= sink_tokens:
+        raise CalibrationDataError(f"calibration sequences of {x.shape[1]} tokens leave nothing after "
+                                   f"QuantConfig.gptq_sink_tokens={sink_tokens}; use longer sequences")
+    return x[:, sink_tokens:]
 
 
 def _stages(targets: list) -> list[list]:

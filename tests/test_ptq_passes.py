@@ -217,11 +217,31 @@ def test_awq_then_gptq_runs_both_and_beats_rtn(llama):
     assert err["awq+gptq"] < err["rtn"], err
 
 
-def test_gptq_sink_tokens_leave_the_first_positions_out_of_the_hessians(llama):
+def test_sink_tokens_leave_the_first_positions_out_of_the_hessians(llama):
     base = dict(weight_dtype="int4", group_size=32, calibration="gptq", guard="off")
-    w = {k: _gptq_weights(sq.compile(llama, sq.QuantConfig(**base, gptq_sink_tokens=k), calibration_data=CAL,
+    w = {k: _gptq_weights(sq.compile(llama, sq.QuantConfig(**base, sink_tokens=k), calibration_data=CAL,
                                      stop_after="gptq")) for k in (0, 1)}
     q = "model.layers.0.self_attn.q_proj"
     assert not torch.equal(w[0][q][0], w[1][q][0])
-    with pytest.raises(CalibrationDataError, match="gptq_sink_tokens=24"):
-        sq.compile(llama, sq.QuantConfig(**base, gptq_sink_tokens=24), calibration_data=CAL, stop_after="gptq")
+    with pytest.raises(CalibrationDataError, match="sink_tokens=24"):
+        sq.compile(llama, sq.QuantConfig(**base, sink_tokens=24), calibration_data=CAL, stop_after="gptq")
+
+
+def test_input_stats_skip_the_sink_positions(llama):
+    from sagequant.calibration.stats import collect_input_stats
+    graph = trace_model(llama)
+    down = next(n for n in graph.nodes(torch.ops.aten.linear.default) if "layers.1.mlp.down_proj" in str(
+        n.meta.get("nn_module_stack")))
+    batches = list(CAL.split(1))
+    stats = {k: collect_input_stats(graph, batches, [down], keep_rows=64, sink_tokens=k)[down] for k in (0, 1)}
+    seen = []
+    hook = llama.model.layers[1].mlp.down_proj.register_forward_hook(lambda m, a, o: seen.append(a[0][0]))
+    with torch.no_grad():
+        for b in batches:
+            llama(input_ids=b, use_cache=False)
+    hook.remove()
+    for k in (0, 1):
+        rows = torch.cat([x[k:] for x in seen])
+        torch.testing.assert_close(stats[k].channel_mean_abs, rows.abs().mean(0), rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(stats[k].channel_absmax, rows.abs().amax(0), rtol=1e-4, atol=1e-6)
+    assert not torch.allclose(stats[0].channel_absmax, stats[1].channel_absmax)

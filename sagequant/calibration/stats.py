@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
+from ..errors import CalibrationDataError
 from ..ir.formats import QuantizationError
 from ..ir.graph import QuantGraph
 from ..progress import track
@@ -25,6 +26,17 @@ class ActivationStats:
         """Statistics of x / s, after a smoothing fold divided the producer by s."""
         return ActivationStats(self.channel_absmax / scales, self.channel_mean_abs / scales,
                                None if self.rows is None else self.rows / scales)
+
+
+def past_sink(x: torch.Tensor, sink_tokens: int) -> torch.Tensor:
+    """Activations [batch, seq, features] without the first `sink_tokens` positions of each
+    sequence (QuantConfig.sink_tokens: the attention-sink token's massive activations)."""
+    if x.dim() < 3 or sink_tokens == 0:
+        return x
+    if x.shape[1] <= sink_tokens:
+        raise CalibrationDataError(f"calibration sequences of {x.shape[1]} tokens leave nothing after "
+                                   f"QuantConfig.sink_tokens={sink_tokens}; use longer sequences")
+    return x[:, sink_tokens:]
 
 
 class _Accumulator:
@@ -53,13 +65,14 @@ class _Accumulator:
 
 
 def collect_input_stats(graph: QuantGraph, batches: list[torch.Tensor], consumers: list[fx.Node],
-                        keep_rows: int = 0, desc: str = "statistics") -> dict[fx.Node, ActivationStats]:
-    """Statistics of args[0] of each consumer node over all batches, in one sequential run
-    (progress phase `desc`, one step per segment)."""
+                        keep_rows: int = 0, desc: str = "statistics",
+                        sink_tokens: int = 0) -> dict[fx.Node, ActivationStats]:
+    """Statistics of args[0] of each consumer node over all batches, past each sequence's first
+    `sink_tokens` positions, in one sequential run (progress phase `desc`, one step per segment)."""
     runner = SequentialRunner(graph)
     caches = runner.start(batches, run_prologue=False)
     accs = _accumulators(graph, consumers, keep_rows, len(batches))
-    hooks = {n: (lambda node, args, out: accs[node].add(args[0])) for n in consumers}
+    hooks = {n: (lambda node, args, out: accs[node].add(past_sink(args[0], sink_tokens))) for n in consumers}
     for seg in track(range(len(runner.segments)), desc, unit="segment", note=runner.segment_name):
         runner.run_segment(seg, caches, hooks)
     return {n: a.result() for n, a in accs.items() if a.count}
@@ -67,13 +80,13 @@ def collect_input_stats(graph: QuantGraph, batches: list[torch.Tensor], consumer
 
 def segment_input_stats(runner: SequentialRunner, seg: int, caches: list[dict],
                         consumers: list[fx.Node], keep_rows: int = 0,
-                        total_batches: int | None = None) -> dict[fx.Node, ActivationStats]:
+                        total_batches: int | None = None, sink_tokens: int = 0) -> dict[fx.Node, ActivationStats]:
     """The same statistics for consumers inside one segment, observing it without committing.
     Under data parallelism (calibration/distributed.py) caches are this rank's share of
     total_batches, and the statistics are combined across ranks."""
     from .distributed import merge_accumulator, world
     accs = _accumulators(runner.graph, consumers, keep_rows, total_batches or len(caches))
-    hooks = {n: (lambda node, args, out: accs[node].add(args[0])) for n in consumers}
+    hooks = {n: (lambda node, args, out: accs[node].add(past_sink(args[0], sink_tokens))) for n in consumers}
     runner.run_segment(seg, caches, hooks, commit=False)
     if world()[1] > 1:
         for acc in accs.values():

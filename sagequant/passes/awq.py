@@ -5,7 +5,8 @@ For every balance group (ir/patterns.py) the pass searches the per-channel scale
 producer and s into the consumers (float-equivalent), then optionally searches a clip per weight
 group that minimises the layer output error and clamps the weights to it; convert's
 round-to-nearest then lands on AWQ's grid. Statistics come from one sequential run over the
-calibration data, on a fixed sample of QuantConfig.awq_search_rows input rows per distinct linear input.
+calibration data, on a fixed sample of QuantConfig.awq_search_rows input rows per distinct linear input,
+past each sequence's first QuantConfig.sink_tokens (attention-sink) positions.
 With calibration='awq+gptq' the gptq pass then rounds the balanced (and clipped) weights.
 """
 from __future__ import annotations
@@ -42,7 +43,7 @@ def awq(graph: QuantGraph, ctx: PassContext) -> PassResult:
     for n in linears:
         first_reader.setdefault(n.args[0], n)
     raw = collect_input_stats(graph, ctx.calibration_batches, list(first_reader.values()),
-                              cfg.awq_search_rows, desc="awq: statistics")
+                              cfg.awq_search_rows, desc="awq: statistics", sink_tokens=cfg.sink_tokens)
     stats = {inp: raw[node] for inp, node in first_reader.items()}
     groups = balance_groups(graph)
     rtn_loss = awq_loss = 0.0

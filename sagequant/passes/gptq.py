@@ -7,7 +7,7 @@ outputs of the already-quantized block — the inputs of block i+1 come from qua
 With QuantConfig.gptq_true_sequential the same holds inside a block: the linears are quantized in
 stages of one shared input each (q/k/v, o, gate/up, down), each stage observed after the earlier
 ones were quantized, so o_proj's Hessian sees the quantized q/k/v's attention output.
-The first QuantConfig.gptq_sink_tokens positions of every sequence stay out of the Hessians: the
+The first QuantConfig.sink_tokens positions of every sequence stay out of the Hessians: the
 attention-sink token's massive activations would otherwise dominate them (see config.py). Peak memory is the inter-block cache plus one block's activations and Hessians.
 
 GPTQ's scales are left on the annotation so convert rounds onto exactly the chosen grid.
@@ -20,6 +20,7 @@ import torch
 from ..calibration.datasets import CalibrationDataError
 from ..calibration.gptq import HessianAccumulator, gptq_quantize, reconstruction_error
 from ..calibration.sequential import SequentialRunner
+from ..calibration.stats import past_sink
 from ..ir.graph import QuantGraph
 from ..ir.quant_spec import dequantize, quantize, weight_qparams
 from ..progress import track
@@ -47,7 +48,7 @@ def gptq(graph: QuantGraph, ctx: PassContext) -> PassResult:
         for stage in (_stages(targets) if cfg.gptq_true_sequential else [targets] if targets else []):
             hessians = {n: HessianAccumulator(graph.attr(n.args[1]).shape[1], f"input of "
                                               f"{graph.annotation(n).layer}") for n in stage}
-            hooks = {n: (lambda node, args, out: hessians[node].add(_past_sink(args[0], cfg.gptq_sink_tokens)))
+            hooks = {n: (lambda node, args, out: hessians[node].add(past_sink(args[0], cfg.sink_tokens)))
                      for n in stage}
             runner.run_segment(seg, caches, hooks, commit=False)
             for node in stage:
@@ -56,16 +57,6 @@ def gptq(graph: QuantGraph, ctx: PassContext) -> PassResult:
     stats["peak_rss_mb"] = _peak_rss_mb()
     stats["peak_rss_growth_mb"] = round(stats["peak_rss_mb"] - rss_before, 1)
     return PassResult(graph, stats["layers"] > 0, stats)
-
-
-def _past_sink(x: torch.Tensor, sink_tokens: int) -> torch.Tensor:
-    """Activations [batch, seq, features] without the first `sink_tokens` positions of each sequence."""
-    if x.dim() < 3 or sink_tokens == 0:
-        return x
-    if x.shape[1] <= sink_tokens:
-        raise CalibrationDataError(f"calibration sequences of {x.shape[1]} tokens leave nothing after "
-                                   f"QuantConfig.gptq_sink_tokens={sink_tokens}; use longer sequences")
-    return x[:, sink_tokens:]
 
 
 def _stages(targets: list) -> list[list]:

@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 
 from ..calibration.onload import graph_weight_names, offload, onload
 from ..calibration.sequential import SequentialRunner
-from ..calibration.stats import segment_input_stats
+from ..calibration.stats import past_sink, segment_input_stats
 from ..config import QuantConfig
 from ..errors import ConfigError, UnsupportedError
 from ..ir.annotations import CalibrationRecord
@@ -204,7 +204,7 @@ class LayerwiseCompile:
         for n in linears:
             first_reader.setdefault(n.args[0], n)
         raw = segment_input_stats(self.runner, seg, caches, list(first_reader.values()), cfg.awq_search_rows,
-                                  len(self.all_batches))
+                                  len(self.all_batches), sink_tokens=cfg.sink_tokens)
         stats = {inp: raw[node] for inp, node in first_reader.items()}
         rtn = loss = 0.0
         for group in groups:
@@ -230,8 +230,9 @@ class LayerwiseCompile:
         for stage in _stages(linears) if self.cfg.gptq_true_sequential else [linears]:
             hessians = {n: HessianAccumulator(graph.attr(n.args[1]).shape[1],
                                               f"input of {graph.annotation(n).layer}") for n in stage}
-            self.runner.run_segment(seg, caches, {n: (lambda node, args, out: hessians[node].add(args[0]))
-                                                  for n in stage}, commit=False)
+            sink = self.cfg.sink_tokens
+            self.runner.run_segment(seg, caches, {n: (lambda node, args, out: hessians[node].add(
+                past_sink(args[0], sink))) for n in stage}, commit=False)
             for node in stage:
                 acc = hessians.pop(node)
                 _quantize_layer(graph, node, merge_hessian(acc) if self.world_size > 1 else acc,

@@ -133,9 +133,9 @@ def test_eval_mmlu_letter_scoring_per_subject_and_paired_delta(w8a8_artifact, tm
     import json
     f = _write_mmlu(tmp_path / "mmlu.jsonl")
     assert main(["eval", "--artifact", str(w8a8_artifact), "--task", "mmlu", "--mmlu-file", str(f),
-                 "--shots", str(shots), "--json"]) == 0
+                 "--shots", str(shots), "--per-topic", "6", "--json"]) == 0
     res = json.loads(capsys.readouterr().out)
-    per_topic = 7 - shots  # the first `shots` questions of each topic are the examples
+    per_topic = min(6, 7 - shots)  # the first `shots` questions of each topic are the examples
     assert res["questions"] == 2 * per_topic
     assert set(res["per_topic"]) == {"astronomy", "world_religions"}
     assert all(v["questions"] == per_topic for v in res["per_topic"].values())

@@ -77,9 +77,10 @@ def _format(q: Question, with_answer: bool) -> str:
     return text + "Answer:" + (f" {LETTERS[q.answer]}\n\n" if with_answer else "")
 
 
-def build_prompts(questions: list[Question], shots: int = 0, limit: int | None = None
+def build_prompts(questions: list[Question], shots: int = 0, per_topic: int | None = None
                   ) -> list[tuple[str, Question]]:
-    """(prompt, question) pairs; the first `shots` questions of each topic are its examples."""
+    """(prompt, question) pairs; the first `shots` questions of each topic are its examples and
+    at most `per_topic` of the following ones are scored (all when None)."""
     if shots < 0:
         raise MMLUError(f"shots={shots} must be >= 0")
     by_topic: dict[str, list[Question]] = defaultdict(list)
@@ -90,10 +91,10 @@ def build_prompts(questions: list[Question], shots: int = 0, limit: int | None =
         subject = topic.replace("_", " ")
         head = f"The following are multiple choice questions (with answers) about {subject}.\n\n"
         examples = "".join(_format(q, True) for q in qs[:shots])
-        prompts += [(head + examples + _format(q, False), q) for q in qs[shots:]]
+        prompts += [(head + examples + _format(q, False), q) for q in qs[shots:][:per_topic]]
     if not prompts:
         raise MMLUError(f"no question left to score after taking {shots} example(s) per topic")
-    return prompts[:limit]
+    return prompts
 
 
 def letter_token_ids(tokenizer) -> list[int]:

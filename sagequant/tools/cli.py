@@ -148,7 +148,7 @@ def _eval_perplexity(args, model_fn, reference, tok) -> dict:
 
 def _eval_mmlu(args, model_fn, reference, tok) -> dict:
     from ..evaluation.mmlu import accuracy, build_prompts, load_questions, paired_delta, predict
-    prompts = build_prompts(load_questions(args.mmlu_file), shots=args.shots, limit=args.limit)
+    prompts = build_prompts(load_questions(args.mmlu_file), shots=args.shots, per_topic=args.per_topic)
     preds = predict(model_fn, tok, prompts)
     out = {"task": "mmlu", "shots": args.shots, "file": str(args.mmlu_file), **accuracy(preds, prompts)}
     if reference is not None:
@@ -309,7 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--mmlu-file", help="MMLU jsonl (question, answer_a..answer_d, correct_answer, topic)")
     e.add_argument("--shots", type=non_negative_int, default=0,
                    help="MMLU solved examples per prompt, the first of each topic (0 or 5 usually)")
-    e.add_argument("--limit", type=positive_int, help="score at most this many MMLU questions")
+    e.add_argument("--per-topic", type=positive_int, help="score at most this many MMLU questions per subject")
     e.add_argument("--reference", help="float model an artifact is compared with (default: its source)")
     e.add_argument("--no-reference", action="store_true",
                    help="evaluate the artifact alone, without the float model's numbers")

@@ -83,10 +83,11 @@ _BEFORE_CONVERT = (
     Step("mixed_precision", ("target_bits_per_weight", "target_max_delta_loss", "precision_upgrades",
                              "sensitivity_samples", "sensitivity_method"), _no_budget),
     Step("smoothquant", ("smoothquant_alpha",), _method_not(SMOOTHQUANT_METHODS)),
-    Step("awq", ("awq_grid", "awq_clip", "awq_duo_scaling", "awq_search_rows"), _method_not(AWQ_METHODS)),
+    Step("awq", ("awq_grid", "awq_clip", "awq_duo_scaling", "awq_search_rows", "sink_tokens"),
+         _method_not(AWQ_METHODS)),
     Step("insert_observers", ("observer",)),
     Step("calibrate"),
-    Step("gptq", ("gptq_block_size", "gptq_damp", "gptq_act_order", "gptq_true_sequential"),
+    Step("gptq", ("gptq_block_size", "gptq_damp", "gptq_act_order", "gptq_true_sequential", "sink_tokens"),
          _method_not(GPTQ_METHODS)),
 )
 _FROM_CONVERT = (

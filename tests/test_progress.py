@@ -89,3 +89,19 @@ def test_cli_summary_on_stderr_quiet_silences_it_and_json_stays_clean(checkpoint
     assert captured.err == ""
     assert json.loads(captured.out)["n_windows"] >= 2
     assert not progress.is_quiet()  # --quiet ends with the command
+    assert cli(["inspect", "--artifact", str(out), "--json", "--scheduler-ir"]) == 0
+    captured = capsys.readouterr()
+    inspected = json.loads(captured.out)  # stdout is only the JSON; the summary went to stderr
+    assert len(inspected["layers"]) == 15 and len(inspected["scheduler_ir"]) == 14
+    assert inspected["layers"][0]["kernel"]["kernel"] == "cpu_weight_only_ref"
+    assert "sagequant inspect: inspected" in captured.err
+
+
+def test_onnx_export_reports_capture_and_every_layer(compiled, tmp_path):
+    cm = compiled("llama", weight_dtype="int8", guard="off")
+    with recording() as events:
+        cm.export(tmp_path / "m.onnx", format="onnx", weight_format="qdq")
+    done = _phases(events)
+    quantized = cm.report()["quantized_layers"]
+    assert done["export: capture (torch.onnx)"] == (1, 1)
+    assert done["export: emit"] == (quantized, quantized)

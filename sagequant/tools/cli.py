@@ -243,50 +243,72 @@ def cmd_export(args) -> int:
 
 
 def cmd_inspect(args) -> int:
+    """The annotated graph and, on request, Scheduler IR, per-layer errors and sensitivity; --json
+    prints all of it as one JSON object instead."""
     from ..api import load
     cm = load(args.artifact)
-    if args.pipeline:
+    if args.pipeline and not args.json:
         print(cm.pipeline.describe() if cm.pipeline is not None else
               "this artifact does not record its pipeline (saved before pipelines were recorded)")
         return 0
-    print(cm.graph.format(annotated_only=not args.all))
+    result: dict = {"layers": [cm.graph.annotation(n).to_dict() for n in cm.graph.annotated()]}
+    if args.pipeline:
+        result["pipeline"] = cm.pipeline.to_dict() if cm.pipeline is not None else None
     if args.scheduler_ir:
-        print(json.dumps(cm.scheduler_ir, indent=1))
+        result["scheduler_ir"] = cm.scheduler_ir
     if args.errors:
         from ..calibration.datasets import tokenize_calibration
         from ..calibration.real_data import wikipedia_prose
-        from ..evaluation.error_report import format_errors
-        from ..frontends.models import resolve_model
-        source = args.reference or cm.graph.model_info.get("source")
-        if source is None:
-            raise ConfigError("the artifact does not record its source model; pass --reference MODEL")
-        model, tok = resolve_model(source)
+        model, tok = _reference(cm, args)
         ids = tokenize_calibration(wikipedia_prose(), tok, 1, args.error_tokens)
-        print(format_errors(cm.error_report(ids, reference=model), top=args.top))
+        result["errors"] = cm.error_report(ids, reference=model)
     if args.sensitivity:
-        _print_sensitivity(cm, args)
+        result["sensitivity"] = _sensitivity(cm, args)
+    if args.json:
+        print(json.dumps(result, indent=1, default=str))
+    else:
+        _print_inspection(cm, args, result)
+    _done(args, f"inspected {args.artifact} ({len(result['layers'])} linear layers)")
     return 0
 
 
-def _print_sensitivity(cm, args) -> None:
-    """Delta loss of quantizing each layer alone, at the artifact's scheme and upgrades."""
-    from ..calibration.datasets import load_texts, tokenize_calibration
-    from ..calibration.real_data import wikipedia_prose
+def _print_inspection(cm, args, result: dict) -> None:
     from ..calibration.sensitivity import format_sensitivity
-    from ..passes.mixed_precision import model_sensitivity
+    from ..evaluation.error_report import format_errors
+    print(cm.graph.format(annotated_only=not args.all))
+    if "scheduler_ir" in result:
+        print(json.dumps(result["scheduler_ir"], indent=1))
+    if "errors" in result:
+        print(format_errors(result["errors"], top=args.top))
+    if "sensitivity" in result:
+        s = result["sensitivity"]
+        print(f"float next-token loss {s['float_loss']:.4f} nats on {s['sequences']} x {s['tokens']} "
+              f"tokens; delta loss ({s['method']}) of quantizing each layer alone, most sensitive first")
+        print(format_sensitivity(s["rows"], top=args.top))
+
+
+def _reference(cm, args):
+    """(float model, tokenizer) the artifact is compared with: --reference or its recorded source."""
     from ..frontends.models import resolve_model
     source = args.reference or cm.graph.model_info.get("source")
     if source is None:
         raise ConfigError("the artifact does not record its source model; pass --reference MODEL")
-    model, tok = resolve_model(source)
+    return resolve_model(source)
+
+
+def _sensitivity(cm, args) -> dict:
+    """Delta loss of quantizing each layer alone, at the artifact's scheme and upgrades."""
+    from ..calibration.datasets import load_texts, tokenize_calibration
+    from ..calibration.real_data import wikipedia_prose
+    from ..passes.mixed_precision import model_sensitivity
+    model, tok = _reference(cm, args)
     texts = wikipedia_prose() if args.text is None else load_texts(args.text)
     ids = tokenize_calibration(texts, tok, args.sensitivity_samples, args.error_tokens)
     cfg = cm.config.replace(overrides={}, target_bits_per_weight=None, target_max_delta_loss=None,
                             sensitivity_method=args.sensitivity_method or cm.config.sensitivity_method)
     base, rows = model_sensitivity(model, cfg, list(ids.split(1)))
-    print(f"float next-token loss {base:.4f} nats on {ids.shape[0]} x {ids.shape[1]} tokens; "
-          f"delta loss ({cfg.sensitivity_method}) of quantizing each layer alone, most sensitive first")
-    print(format_sensitivity(rows, top=args.top))
+    return {"float_loss": base, "sequences": ids.shape[0], "tokens": ids.shape[1],
+            "method": cfg.sensitivity_method, "rows": rows}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -338,6 +360,8 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--all", action="store_true", help="every node, not only annotated ones")
     i.add_argument("--pipeline", action="store_true",
                    help="print the pipeline the compile ran (passes, options, and those left out with why)")
+    i.add_argument("--json", action="store_true", help="print the annotations (and what else is asked "
+                   "for) as one JSON object")
     i.add_argument("--scheduler-ir", action="store_true", help="also print the Scheduler IR JSON")
     i.add_argument("--errors", action="store_true",
                    help="per-layer SQNR of quantized outputs vs the float model, worst first")

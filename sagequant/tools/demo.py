@@ -14,6 +14,7 @@ from ..calibration.datasets import tokenize_calibration
 from ..calibration.real_data import evaluation_text, load_smollm2, wikipedia_prose
 from ..config import QuantConfig
 from ..evaluation.perplexity import delta_pct, perplexity, tokenize_eval_text
+from ..progress import log
 from .arg_types import int_at_least, positive_int
 
 DEMO_SCHEMES = {
@@ -23,7 +24,7 @@ DEMO_SCHEMES = {
 
 
 def run_demo(max_tokens: int = 20000, window: int = 512, calib_samples: int = 32,
-             calib_seq_len: int = 512, schemes=tuple(DEMO_SCHEMES)) -> dict:
+             calib_seq_len: int = 512, schemes=tuple(DEMO_SCHEMES), guard_samples: int = 2) -> dict:
     t0 = time.perf_counter()
     model, tok = load_smollm2()
     load_s = time.perf_counter() - t0
@@ -35,7 +36,7 @@ def run_demo(max_tokens: int = 20000, window: int = 512, calib_samples: int = 32
     rows = [{"name": "float (fp32)", "ppl": base.ppl, "delta_pct": 0.0, "eval_s": base.seconds}]
     for name in schemes:
         cfg = QuantConfig(**DEMO_SCHEMES[name], calibration_samples=calib_samples,
-                          calibration_seq_len=calib_seq_len)
+                          calibration_seq_len=calib_seq_len, guard_samples=guard_samples)
         t = time.perf_counter()
         cm = sq_compile(model, cfg, calibration_data=calib)
         compile_s = time.perf_counter() - t
@@ -75,16 +76,32 @@ def format_demo(result: dict) -> str:
     return "\n".join(lines)
 
 
+# --quick: the same two compiles on a tenth of the evaluation tokens and 4 calibration windows of
+# 256 tokens (one held back for the accuracy guard), for a first run that ends in minutes.
+FULL = {"max_tokens": 20000, "calib_samples": 32, "calib_seq_len": 512, "guard_samples": 2}
+QUICK = {"max_tokens": 2048, "calib_samples": 4, "calib_seq_len": 256, "guard_samples": 1}
+
+
 def add_demo_args(p) -> None:
-    p.add_argument("--max-tokens", type=int_at_least(2), default=20000, help="evaluation tokens (DATA.md protocol)")
+    p.add_argument("--max-tokens", type=int_at_least(2),
+                   help="evaluation tokens (default 20000, the measurement protocol; --quick: 2048)")
     p.add_argument("--window", type=int_at_least(2), default=512)
-    p.add_argument("--calib-samples", type=positive_int, default=32, help="calibration samples of 512 tokens")
+    p.add_argument("--calib-samples", type=positive_int,
+                   help="calibration samples (default 32 of 512 tokens; --quick: 4 of 256)")
+    p.add_argument("--quick", action="store_true",
+                   help="2048 evaluation tokens, 4 calibration windows of 256 tokens, 1 held back")
     p.add_argument("--json", help="also write the results as JSON to this path")
 
 
 def run_from_args(args) -> int:
-    result = run_demo(args.max_tokens, args.window, args.calib_samples)
+    settings = dict(QUICK if args.quick else FULL)
+    settings.update({k: v for k, v in (("max_tokens", args.max_tokens),
+                                       ("calib_samples", args.calib_samples)) if v is not None})
+    result = run_demo(window=args.window, **settings)
     print(format_demo(result))
+    rows = ", ".join(f"{r['name'].split()[0]} {r['delta_pct']:+.2f}%" for r in result["rows"][1:])
+    log(f"sagequant demo: perplexity vs float on {result['eval_tokens']} tokens: {rows} "
+        f"in {time.perf_counter() - args.started:.1f} s")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)

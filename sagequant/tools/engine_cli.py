@@ -11,6 +11,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+from .. import progress
 from ..safe_write import check_output_dir
 from ..serving.launch import QUANTIZATIONS, ServeOptions, ServingError
 from ..serving.state import EngineStateError, list_engines, state_dir, stop_engine
@@ -129,6 +130,7 @@ def _start_background(args) -> int:
     with open(log, "wb") as out:
         child = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
                                  stdin=subprocess.DEVNULL, start_new_session=True)
+    progress.log(f"engine starting in the background (pid {child.pid}); its progress is in {log}")
     deadline = time.monotonic() + args.start_timeout
     while time.monotonic() < deadline:
         if child.poll() is not None:

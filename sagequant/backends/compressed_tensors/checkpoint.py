@@ -29,6 +29,7 @@ from ...ir.lowered import LinearCall
 from ...safe_write import output_dir
 from ...ir.quant_spec import QuantizedTensor, QuantSpec, dequantize
 from ...ir.trace import WRAPPER_PREFIX
+from ...progress import track
 from ..onnxruntime.qlinear import ExportError
 
 FORMAT = "compressed-tensors"
@@ -141,7 +142,7 @@ def checkpoint_state(compiled) -> dict[str, torch.Tensor]:
     layers = _layers(graph)
     out: dict[str, torch.Tensor] = {}
     owned = set()
-    for ann, node in layers:
+    for ann, node in track(layers, "export: compress", unit="layer", note=lambda item: item[0].layer):
         call = LinearCall.of(node)
         owned.update(a.target for a in call.weights if a is not None)
         state, spec = _compressor_inputs(graph, ann, node)

@@ -22,6 +22,7 @@ from ...ir.graph import QuantGraph
 from ...ir.lowered import LinearCall
 from ...ir.quant_spec import QuantizedTensor, QuantSpec, dequantize, quantize
 from ...lowering.unfuse import unfuse_norm_qdq
+from ...progress import phase
 from .qlinear import DOMAIN, OP_TYPE, ExportError
 
 OPSET = 21  # block-quantized DequantizeLinear and INT4/UINT4 tensors need opset 21
@@ -59,11 +60,13 @@ def capture(graph: QuantGraph, example_seq_len: int = 8) -> "onnx.ModelProto":  
     table = {torch.ops.sagequant.export_linear.default: _translate_qlinear,
              torch.ops.sagequant.rms_norm.default: _translate_rms_norm}
     try:
-        with _quiet():
+        # The bar is made first: it keeps the real stderr, which _quiet then swaps out.
+        with phase("export: capture (torch.onnx)", total=1, unit="graph") as step, _quiet():
             program = torch.onnx.export(
                 gm, (example,), dynamo=True, opset_version=OPSET, optimize=True,
                 dynamic_shapes=({0: Dim("batch"), 1: Dim("seq")},),
                 input_names=["input_ids"], output_names=["logits"], custom_translation_table=table)
+            step.advance()
     except Exception as e:  # the exporter wraps everything in its own errors; keep the first line
         lines = [ln for ln in str(e).splitlines() if ln.strip()]
         summary = next((ln for ln in lines if "Error" in ln and "translat" in ln.lower()), lines[0] if lines else "")

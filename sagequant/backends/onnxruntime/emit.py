@@ -12,6 +12,7 @@ from typing import Callable
 
 import numpy as np
 
+from ...progress import track
 from .qlinear import DOMAIN, OP_TYPE, ExportError, QLinearInfo, decode
 
 MS_DOMAIN = "com.microsoft"
@@ -60,7 +61,7 @@ def _rewrite(gs, onnx, model, emit_node, metadata):
     graph = gs.import_onnx(model)
     placeholders = [n for n in graph.nodes if n.domain == DOMAIN and n.op == OP_TYPE]
     first_emitted = len(graph.nodes)
-    for node in placeholders:
+    for node in track(placeholders, "export: emit", unit="layer", note=lambda n: n.name):
         info = decode(node)
         out = node.outputs[0]
         result = emit_node(graph, node, info)

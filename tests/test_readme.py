@@ -1,6 +1,6 @@
 """README.md runs as written: every fenced ```bash command and ```python snippet, in document order,
 in one scratch directory, on a tiny random Llama instead of the real SmolLM2 so it takes about a
-minute on 2 cores. What is substituted, and nothing else:
+minute and a half on a busy 2-core machine. What is substituted, and nothing else:
 
 - the model: `smollm2` where it names the model to load (after --model / --reference /
   --tokenizer / `engine start`, and `sq.resolve_model("smollm2")`) becomes a directory named
@@ -67,16 +67,6 @@ def _substitute(text: str, model: Path, ports: dict[str, str]) -> str:
 
 
 def _run(command: str, model: Path) -> None:
-    import time
-    t = time.perf_counter()
-    try:
-        _run1(command, model)
-    finally:
-        with open("/tmp/readme_times.log", "a") as f:
-            f.write(f"{time.perf_counter() - t:7.1f}  {command[:100]}\n")
-
-
-def _run1(command: str, model: Path) -> None:
     argv = shlex.split(command)
     if argv[:2] == ["bash", "scripts/test.sh"]:
         assert (ROOT / "scripts" / "test.sh").is_file()

@@ -47,10 +47,10 @@ SCHEMES = {
     "w4a16-gptq": dict(weight_dtype="int4", activation_dtype="a16", calibration="gptq", **G128),
     "w4a16-gptq-actorder": dict(weight_dtype="int4", activation_dtype="a16", calibration="gptq",
                                 gptq_act_order=True, **G128),
+    "w4a16-gptq-no-sink-one-pass": dict(weight_dtype="int4", activation_dtype="a16", calibration="gptq",
+                                        sink_tokens=1, gptq_true_sequential=False, **G128),
     "w4a16-gptq-one-pass": dict(weight_dtype="int4", activation_dtype="a16", calibration="gptq",
                                 gptq_true_sequential=False, **G128),
-    "w4a16-gptq-with-sink": dict(weight_dtype="int4", activation_dtype="a16", calibration="gptq",
-                                 sink_tokens=0, gptq_true_sequential=False, **G128),
     "w4a16-awq-gptq": dict(weight_dtype="int4", activation_dtype="a16", calibration="awq+gptq", **G128),
     "nf4-g64": dict(weight_dtype="nf4", activation_dtype="a16", group_size=64),
     # group 64 divides every SmolLM2 layer: the setting llm-compressor can run (it refuses the

@@ -97,10 +97,8 @@ def test_awq_and_gptq_beat_rtn(llama):
     ref = _float_logits(llama)
     err = {}
     for method in ("minmax", "awq", "gptq"):
-        # sink_tokens=0: the 4 x 24 calibration rows are exactly down_proj's width, the minimum
-        # GPTQ accepts, and a random model has no attention sink to leave out.
-        cm = sq.compile(llama, sq.QuantConfig(weight_dtype="int4", group_size=32, calibration=method,
-                                              sink_tokens=0), calibration_data=CAL)
+        cm = sq.compile(llama, sq.QuantConfig(weight_dtype="int4", group_size=32, calibration=method),
+                        calibration_data=CAL)
         err[method] = float((cm(IDS) - ref).norm() / ref.norm())
         if method == "gptq":
             stats = next(h["stats"] for h in cm.pass_history if h["pass"] == "gptq")
@@ -111,7 +109,7 @@ def test_awq_and_gptq_beat_rtn(llama):
 
 def test_gptq_artifact_codes_are_gptq_grid(llama, tmp_path):
     cm = sq.compile(llama, sq.QuantConfig(weight_dtype="int4", group_size=32, calibration="gptq",
-                                          gptq_act_order=True, sink_tokens=0), calibration_data=CAL)
+                                          gptq_act_order=True), calibration_data=CAL)
     cm.save(tmp_path / "g")
     assert torch.equal(sq.load(tmp_path / "g")(IDS), cm(IDS))
 
@@ -185,8 +183,7 @@ def test_gptq_true_sequential_sees_quantized_qkv_in_o_proj_hessian(llama):
     for p in ("q_proj", "k_proj", "v_proj"):  # the first stage sees the same inputs either way
         assert torch.equal(staged[attn + p][0], joint[attn + p][0])
     # Reference: o_proj's Hessian from the float model with block 0's q/k/v replaced by the
-    # quantized ones, past each sequence's first (attention-sink) position, then GPTQ on the float
-    # o_proj weight.
+    # quantized ones, then GPTQ on the float o_proj weight.
     import copy
     model = copy.deepcopy(llama)
     layer = model.model.layers[0].self_attn
@@ -194,12 +191,12 @@ def test_gptq_true_sequential_sees_quantized_qkv_in_o_proj_hessian(llama):
         for p in ("q_proj", "k_proj", "v_proj"):
             getattr(layer, p).weight.copy_(staged[attn + p][0])
     acc = HessianAccumulator(layer.o_proj.in_features)
-    hook = layer.o_proj.register_forward_hook(lambda m, a, o: acc.add(a[0][:, 1:]))
+    hook = layer.o_proj.register_forward_hook(lambda m, a, o: acc.add(a[0]))
     with torch.no_grad():
         for row in CAL:
             model(input_ids=row[None], use_cache=False)
     hook.remove()
-    assert acc.n == len(CAL) * (CAL.shape[1] - 1)
+    assert acc.n == CAL.numel()
     w, spec = staged[attn + "o_proj"]
     want = gptq_quantize(llama.model.layers[0].self_attn.o_proj.weight.detach(), acc.hessian, spec).dequantized
     mismatch = {k: float((r[attn + "o_proj"][0] != want).float().mean()) for k, r in (("staged", staged),
@@ -209,7 +206,7 @@ def test_gptq_true_sequential_sees_quantized_qkv_in_o_proj_hessian(llama):
 
 def test_awq_then_gptq_runs_both_and_beats_rtn(llama):
     ref = _float_logits(llama)
-    cfg = dict(weight_dtype="int4", group_size=32, sink_tokens=0)  # 4 x 24 rows: GPTQ's minimum
+    cfg = dict(weight_dtype="int4", group_size=32)
     rtn = sq.compile(llama, sq.QuantConfig(**cfg), calibration_data=CAL)
     both = sq.compile(llama, sq.QuantConfig(**cfg, calibration="gptq+awq"), calibration_data=CAL)
     assert both.config.calibration == "awq+gptq"

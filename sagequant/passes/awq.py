@@ -6,7 +6,7 @@ producer and s into the consumers (float-equivalent), then optionally searches a
 group that minimises the layer output error and clamps the weights to it; convert's
 round-to-nearest then lands on AWQ's grid. Statistics come from one sequential run over the
 calibration data, on a fixed sample of QuantConfig.awq_search_rows input rows per distinct linear input,
-past each sequence's first QuantConfig.sink_tokens (attention-sink) positions.
+past each sequence's first QuantConfig.sink_tokens (attention-sink) positions (0 by default).
 With calibration='awq+gptq' the gptq pass then rounds the balanced (and clipped) weights.
 """
 from __future__ import annotations

@@ -7,8 +7,8 @@ outputs of the already-quantized block — the inputs of block i+1 come from qua
 With QuantConfig.gptq_true_sequential the same holds inside a block: the linears are quantized in
 stages of one shared input each (q/k/v, o, gate/up, down), each stage observed after the earlier
 ones were quantized, so o_proj's Hessian sees the quantized q/k/v's attention output.
-The first QuantConfig.sink_tokens positions of every sequence stay out of the Hessians: the
-attention-sink token's massive activations would otherwise dominate them (see config.py). Peak memory is the inter-block cache plus one block's activations and Hessians.
+QuantConfig.sink_tokens leaves the first positions of every sequence out of the Hessians (off by
+default; measured harmful on SmolLM2, see config/calibration.py). Peak memory is the inter-block cache plus one block's activations and Hessians.
 
 GPTQ's scales are left on the annotation so convert rounds onto exactly the chosen grid.
 """

@@ -138,6 +138,10 @@ COMMAND_MISTAKES = {
     "report of a missing artifact": (lambda d, a, t: ["report", "--artifact", d / "none"], ["does not exist"]),
     "report of a tampered artifact": (lambda d, a, t: ["report", "--artifact", t], ["graph.json"]),
     "inspect of a tampered artifact": (lambda d, a, t: ["inspect", "--artifact", t], ["graph.json"]),
+    "export of a tampered artifact": (lambda d, a, t: ["export", "--artifact", t, "--output", d / "t.onnx"],
+                                      ["graph.json", "'target'"]),
+    "engine start of a tampered artifact": (lambda d, a, t: ["engine", "start", t, "--port", "0"],
+                                            ["graph.json", "'target'"]),
     "report html over a foreign file": (
         lambda d, a, t: ["report", "--artifact", a, "--html", d / "page.html"],
         ["HTML report", "page.html", "already exists"]),

@@ -70,8 +70,9 @@ def check_output_dir(path: str | Path, overwrite: bool = False, what: str = "out
     target = Path(path).absolute()
     _check_parents(target, what)
     if target.is_symlink() or (target.exists() and not target.is_dir()):
-        raise OutputPathError(f"{what} path {str(target)!r} is a file, not a directory; sagequant "
-                              "will not replace it (choose another path or remove it yourself)")
+        kind = "a symbolic link" if target.is_symlink() else "a file, not a directory"
+        raise OutputPathError(f"{what} path {str(target)!r} is {kind}; sagequant will not replace "
+                              "it (choose another path or remove it yourself)")
     if target.is_dir():
         foreign = _foreign(target)
         if foreign and not overwrite:

@@ -143,6 +143,13 @@ def test_save_onto_a_file_is_refused_even_with_overwrite(cm, tmp_path):
     assert f.read_text() == "a file"
 
 
+def test_save_onto_a_symbolic_link_is_refused(cm, foreign, tmp_path):
+    link = tmp_path / "link"
+    link.symlink_to(foreign, target_is_directory=True)
+    _refused(lambda: cm.save(link, overwrite=True), "symbolic link")
+    assert link.is_symlink() and sorted(p.name for p in foreign.iterdir()) == ["notes.txt"]
+
+
 def test_save_into_foreign_files_needs_overwrite_and_keeps_them(cm, foreign):
     _refused(lambda: cm.save(foreign), "notes.txt", "overwrite=True")
     cm.save(foreign, overwrite=True)

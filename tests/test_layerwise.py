@@ -189,3 +189,21 @@ def test_finished_blocks_leave_nothing_large_on_the_device(checkpoint, ids, tmp_
     cm = _layerwise(d, _cfg(calibration="gptq"), ids, tmp_path / "w")
     assert seen == [set()] * LAYERS
     assert cm.graph.attr("model.model.layers.2.mlp.down_proj.qweight").device.type == "cpu"
+
+
+def test_calibrate_cli_with_device_writes_a_loadable_artifact(tmp_path, word_checkpoint, capsys):
+    """`sagequant calibrate --device cpu`: plan lines first, blocks recorded in --work-dir, and
+    the artifact loads back and computes what the compile returned."""
+    from sagequant.tools.cli import main
+    d, data = word_checkpoint(tmp_path / "ckpt", "calib.jsonl", hidden_size=64, num_hidden_layers=2)
+    out, work = tmp_path / "art", tmp_path / "work"
+    assert main(["calibrate", "--model", str(d), "--dataset", str(data), "--output", str(out),
+                 "--method", "gptq", "--weight-dtype", "int4", "--group-size", "32", "--guard", "off",
+                 "--samples", "8", "--seq-len", "16", "--device", "cpu", "--work-dir", str(work)]) == 0
+    captured = capsys.readouterr()
+    assert "plan (gptq on cpu, 8 x 16 tokens, 2 blocks" in captured.err
+    assert sorted(p.name for p in work.glob("segment_*.json")) == [f"segment_{i:03d}.json" for i in range(4)]
+    cm = sq.load(out)
+    ids = torch.randint(0, 64, (1, 8), generator=torch.Generator().manual_seed(0))
+    assert cm(ids).shape == (1, 8, 64)
+    assert cm.report()["quantized_layers"] == 14

@@ -151,7 +151,7 @@ def markdown_table(results: dict) -> str:
         recovered = "-"
         if rtn is not None and cfg.get("calibration", "minmax") != "minmax" and r["scheme"] == "W4A16":
             recovered = f"{100 * (1 - v['ppl_delta_pct'] / rtn['ppl_delta_pct']):.0f}%"
-        lines.append(f"| {name} | {r['scheme']} | {r['calibration']} | {group} | {v['ppl_quant']:.3f} "
+        lines.append(f"| {name} | {r['scheme']} | {cfg.get('calibration', 'minmax')} | {group} | {v['ppl_quant']:.3f} "
                      f"| {v['ppl_delta_pct']:+.2f} ± {v['ppl_delta_pct_se']:.2f} | {v['kl']:.4f} ± {v['kl_se']:.4f} "
                      f"| {100 * v['flip_rate']:.2f} ± {100 * v['flip_rate_se']:.2f} | {recovered} "
                      f"| {r['compile_s']:.0f} |")

@@ -44,7 +44,8 @@ SCHEMES = {
     "w4a16-awq": dict(weight_dtype="int4", activation_dtype="a16", calibration="awq", **G128),
     "w4a16-awq-duo": dict(weight_dtype="int4", activation_dtype="a16", calibration="awq",
                           awq_duo_scaling=True, **G128),
-    "w4a16-gptq": dict(weight_dtype="int4", activation_dtype="a16", calibration="gptq", **G128),
+    "w4a16-gptq": dict(weight_dtype="int4", activation_dtype="a16", calibration="gptq",
+                       gptq_true_sequential=True, **G128),
     "w4a16-gptq-actorder": dict(weight_dtype="int4", activation_dtype="a16", calibration="gptq",
                                 gptq_act_order=True, **G128),
     "w4a16-gptq-no-sink-one-pass": dict(weight_dtype="int4", activation_dtype="a16", calibration="gptq",
@@ -57,7 +58,8 @@ SCHEMES = {
     # ragged 576 = 4 x 128 + 64 groups of g128), for a like-for-like comparison
     "w4a16-rtn-g64": dict(weight_dtype="int4", activation_dtype="a16", group_size=64),
     "w4a16-awq-g64": dict(weight_dtype="int4", activation_dtype="a16", calibration="awq", group_size=64),
-    "w4a16-gptq-g64": dict(weight_dtype="int4", activation_dtype="a16", calibration="gptq", group_size=64),
+    "w4a16-gptq-g64": dict(weight_dtype="int4", activation_dtype="a16", calibration="gptq",
+                           gptq_true_sequential=True, group_size=64),
     "w4a16-awq-gptq-g64": dict(weight_dtype="int4", activation_dtype="a16", calibration="awq+gptq",
                                group_size=64),
 }

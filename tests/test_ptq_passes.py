@@ -176,7 +176,8 @@ def _gptq_weights(cm) -> dict:
 def test_gptq_true_sequential_sees_quantized_qkv_in_o_proj_hessian(llama):
     from sagequant.calibration.gptq import HessianAccumulator, gptq_quantize
     base = dict(weight_dtype="int4", group_size=32, calibration="gptq", guard="off")
-    staged = _gptq_weights(sq.compile(llama, sq.QuantConfig(**base), calibration_data=CAL, stop_after="gptq"))
+    staged = _gptq_weights(sq.compile(llama, sq.QuantConfig(**base, gptq_true_sequential=True),
+                                      calibration_data=CAL, stop_after="gptq"))
     joint = _gptq_weights(sq.compile(llama, sq.QuantConfig(**base, gptq_true_sequential=False),
                                      calibration_data=CAL, stop_after="gptq"))
     attn = "model.layers.0.self_attn."

@@ -27,7 +27,9 @@ class CalibrationConfig:
     gptq_act_order: bool = False
     # Quantize a block's linears stage by stage (q/k/v, o, gate/up, down), each stage's Hessians
     # observed after the earlier stages were quantized; False: one observation run per block.
-    gptq_true_sequential: bool = True
+    # Off by default: on SmolLM2 W4A16 it measured worse (g128 47.58 vs 46.72 one pass; g64 57.10,
+    # BENCHMARKS §2c).
+    gptq_true_sequential: bool = False
     # Leading positions of every calibration sequence left out of GPTQ's Hessians and AWQ's
     # statistics (the attention-sink token, whose massive activations dominate them: SmolLM2 layer
     # 11 down_proj input |x| 3091, 99.8% of its window's Σx²). Off by default: leaving it out made

@@ -14,11 +14,13 @@ import torch
 import sagequant as sq
 
 WORKER = textwrap.dedent('''
-    import json, sys, torch, torch.distributed as dist
+    import datetime, json, sys, torch, torch.distributed as dist
     import sagequant as sq
     rank, world, init, ckpt, ids_path, cfg_json, out = sys.argv[1:8]
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=init, rank=int(rank), world_size=int(world))
+    # A collective one rank never joins fails after this long instead of hanging the test.
+    dist.init_process_group("gloo", init_method=init, rank=int(rank), world_size=int(world),
+                            timeout=datetime.timedelta(seconds=240))
     cm = sq.compile(ckpt, sq.QuantConfig(**json.loads(cfg_json)), calibration_data=torch.load(ids_path),
                     device="cpu", work_dir=out + "/work")
     torch.save({"state": cm.graph.state(), "records": cm.calibration_records}, f"{out}/rank{rank}.pt")
@@ -32,11 +34,15 @@ def _run_two_ranks(tmp_path: Path, ckpt: Path, ids: torch.Tensor, cfg_kw: dict) 
     torch.save(ids, tmp_path / "ids.pt")
     init = f"file://{tmp_path / 'rendezvous'}"
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "SAGEQUANT_QUIET": "1"}
+    # stderr goes to files, not pipes: a rank blocked on a full pipe that nobody reads yet would
+    # stall the other rank in its next collective.
+    logs = [tmp_path / f"rank{r}.log" for r in range(2)]
     procs = [subprocess.Popen([sys.executable, str(script), str(r), "2", init, str(ckpt), str(tmp_path / "ids.pt"),
-                               json.dumps(cfg_kw), str(tmp_path)], env=env, stderr=subprocess.PIPE, text=True)
-             for r in range(2)]
-    errs = [p.communicate(timeout=600)[1] for p in procs]
-    assert all(p.returncode == 0 for p in procs), "\n".join(e[-2000:] for e in errs)
+                               json.dumps(cfg_kw), str(tmp_path)], env=env, stderr=log.open("w"))
+             for r, log in enumerate(logs)]
+    for p in procs:
+        p.wait(timeout=600)
+    assert all(p.returncode == 0 for p in procs), "\n".join(log.read_text()[-2000:] for log in logs)
     return [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
 
 

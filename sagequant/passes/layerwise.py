@@ -95,12 +95,20 @@ class LayerwiseCompile:
         self.fingerprint = {"version": RECORD_VERSION, "config": self.cfg.to_dict(),
                             "calibration_ids_sha256": ids, "dtype": str(self.dtype), **fingerprint}
         if self.rank != 0:   # rank 0 checks and writes the work dir's settings
+            self.restorable = self._finished_segments()
             return _barrier()
         try:
             self._claim_work_dir()
+            self.restorable = self._finished_segments()
         finally:   # the other ranks wait for the check, also when it fails
             if self.world_size > 1:
                 _barrier()
+
+    def _finished_segments(self) -> set[int]:
+        """Segments a previous run recorded, read before any rank writes a record of this run: a
+        segment without collectives (the prologue, say) that rank 0 finishes and records first
+        must not look restorable to a slower rank, or the ranks' barriers fall out of step."""
+        return {seg for seg in range(len(self.runner.segments)) if self._record(seg)[1].is_file()}
 
     def _claim_work_dir(self) -> None:
         self.work_dir.mkdir(parents=True, exist_ok=True)
@@ -138,7 +146,7 @@ class LayerwiseCompile:
 
     def _restore_segment(self, seg: int) -> bool:
         tensors_path, meta_path = self._record(seg)
-        if not meta_path.is_file():
+        if seg not in self.restorable:
             return False
         meta = json.loads(meta_path.read_text())
         tensors = load_file(str(tensors_path), device=str(self.device))

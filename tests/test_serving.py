@@ -7,7 +7,6 @@ import json
 import re
 import socket
 import statistics
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -16,7 +15,8 @@ import pytest
 import torch
 
 import sagequant as sq
-from sagequant.serving.launch import ServeOptions, bind, make_app
+from bad_inputs.bad_input_tools import InProcessServer
+from sagequant.serving.launch import bind
 from sagequant.frontends.models import resolve_tokenizer
 
 
@@ -32,31 +32,8 @@ def tiny_compiled(helpers, tokenizer):
     return sq.compile(model, cfg)
 
 
-class Server:
-    """uvicorn in a thread on a socket bound to 127.0.0.1:0."""
-
-    def __init__(self, cm, tokenizer, **opts):
-        import uvicorn
-        self.app, self.served = make_app(cm, tokenizer, ServeOptions(model="tiny", **opts))
-        self.sock = bind("127.0.0.1", 0)
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(self.app, log_level="error"))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
-                                       daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            assert time.monotonic() < deadline and self.thread.is_alive(), "server did not start"
-            time.sleep(0.02)
-        self.client = httpx.Client(base_url=self.url, timeout=60)
-        return self
-
-    def __exit__(self, *exc):
-        self.client.close()
-        self.server.should_exit = True
-        self.thread.join(15)
+class Server(InProcessServer):
+    """The catalogue's in-process server, plus its Prometheus metrics as a dict."""
 
     def metrics(self) -> dict[str, float]:
         text = self.client.get("/metrics").text

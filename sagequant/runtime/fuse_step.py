@@ -188,34 +188,36 @@ def _rotary_parts(add):
     return x, cos, sin
 
 
-def _fuse_rotary(g: fx.Graph) -> int:
+def _replace_matches(g: fx.Graph, op, match) -> int:
+    """Replace every node for which match(node) gives the args of one `op` call by that call."""
     done = 0
-    for add in list(g.nodes):
-        parts = _rotary_parts(add)
-        if parts is None:
+    for node in list(g.nodes):
+        args = match(node)
+        if args is None:
             continue
-        with g.inserting_before(add):
-            rot = g.call_function(ROTARY, parts)
-        add.replace_all_uses_with(rot)
-        g.erase_node(add)
+        with g.inserting_before(node):
+            new = g.call_function(op, args)
+        node.replace_all_uses_with(new)
+        g.erase_node(node)
         done += 1
     return done
+
+
+def _fuse_rotary(g: fx.Graph) -> int:
+    return _replace_matches(g, ROTARY, _rotary_parts)
+
+
+def _silu_mul_args(mul):
+    if not (_call(mul, aten.mul.Tensor) and len(mul.args) == 2 and not mul.kwargs):
+        return None
+    act, up = mul.args
+    if not (_call(act, aten.silu.default) and len(act.users) == 1 and isinstance(up, fx.Node)):
+        return None
+    return (act.args[0], up)
 
 
 def _fuse_silu_mul(g: fx.Graph) -> int:
-    done = 0
-    for mul in list(g.nodes):
-        if not (_call(mul, aten.mul.Tensor) and len(mul.args) == 2 and not mul.kwargs):
-            continue
-        act, up = mul.args
-        if not (_call(act, aten.silu.default) and len(act.users) == 1 and isinstance(up, fx.Node)):
-            continue
-        with g.inserting_before(mul):
-            new = g.call_function(SILU_MUL, (act.args[0], up))
-        mul.replace_all_uses_with(new)
-        g.erase_node(mul)
-        done += 1
-    return done
+    return _replace_matches(g, SILU_MUL, _silu_mul_args)
 
 
 def _rotary_into_attention(g: fx.Graph) -> int:

@@ -9,8 +9,8 @@ W8A8-INT8, every model compiled by `sagequant.compile(..., QuantConfig(backend="
                tokens, then one decode step: the large-M and the M=1 kernel paths) vs the same
                RTN model compiled for backend cpu run on CPU by the reference kernels.
 
-Model: Llama-3-8B (default) or Qwen2-7B layer shapes with random weights built here (nothing is
-downloaded), truncated to --layers decoder layers, vocab --vocab (32000 by default, not the real
+Model: Llama-3-8B (default) or Qwen2-7B layer shapes with random weights built here, on the
+device that runs it, and compiled there (nothing is downloaded), truncated to --layers decoder layers, vocab --vocab (32000 by default, not the real
 128256 / 152064, so the bf16 lm_head does not dominate a 4-layer model). Decode cost is per layer
 plus the embedding/lm_head; the JSON records the lm_head share and an estimate for the full depth:
     full_ms = head_ms + (gpu_step_ms - head_ms) * full_layers / layers + host_ms
@@ -86,9 +86,10 @@ def build_model(shape: str, layers: int, vocab: int, max_positions: int, dtype, 
     cfg = cls[0](num_hidden_layers=layers, vocab_size=vocab, max_position_embeddings=max_positions,
                  tie_word_embeddings=False, **s)
     torch.manual_seed(0)
-    # Built and compiled on CPU (a GPU-built model moved to CPU keeps GPU tensors in HF's rotary
-    # attributes, which torch.export then sees); the engine copies the compiled weights to the GPU.
-    # Initialised in `dtype` directly: at 8B an fp32 init is 32 GB and minutes of CPU time.
+    # Built where it runs and compiled in place (on a GPU: seconds at 8B, where a CPU build and
+    # compile took minutes); never moved afterwards (a GPU-built model moved to CPU keeps GPU
+    # tensors in HF's rotary attributes, which torch.export then sees). Initialised in `dtype`
+    # directly: at 8B an fp32 init is 32 GB. peer_generate.py builds the same weights the same way.
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype if dtype.is_floating_point else default)
     try:
@@ -158,8 +159,11 @@ def new_engine(cm, max_batch: int, max_seq_len: int, device, cuda_graphs: bool,
                fused_step: bool = True):
     from sagequant.runtime import GenerationEngine
     blocks = max_batch * math.ceil((max_seq_len + 1) / cm.config.kv_block_size)
+    # merge_linears: q|k|v and gate|up as one GEMM each also where the weights already are (a
+    # model compiled in place on the GPU), as they are when the engine copies them there.
     return GenerationEngine(cm, max_batch=max_batch, max_seq_len=max_seq_len, device=device,
-                            cuda_graphs=cuda_graphs, num_kv_blocks=blocks, fused_step=fused_step)
+                            cuda_graphs=cuda_graphs, num_kv_blocks=blocks, fused_step=fused_step,
+                            merge_linears=fused_step)
 
 
 def prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
@@ -182,8 +186,23 @@ def prefill_ms(engine, length: int, vocab: int, device, reps: int) -> dict:
     return {f"prefill_ms_{length}": statistics.median(times[1:]), "prefill_reps": reps}
 
 
+def logits_vs_float(engine, model, vocab: int, device, length: int = 128) -> dict:
+    """One prefill through the engine vs the float model's own forward on the same ids: the
+    scheme's whole error (quantization + kernels; bf16: kernel rounding alone)."""
+    length = min(length, engine.max_seq_len)
+    ids = torch.tensor(prompts(1, length, vocab, 99), device=device)
+    with torch.inference_mode():
+        ref = model(ids).logits[0].double()
+        engine.pool.open(0, length)
+        got = engine.forward([0], ids)[0].double()
+        engine.pool.free(0)
+    return {"rel_fro": lib.rel_errors(got.cpu(), ref.cpu())["rel_fro"],
+            "argmax_agreement": float((got.argmax(-1) == ref.argmax(-1)).double().mean()),
+            "positions": length}
+
+
 def decode_rate(engine, batch: int, prompt_len: int, new_tokens: int, vocab: int, device,
-                stop_at: float) -> dict:
+                stop_at: float, profile: bool = False) -> dict:
     """Prefill `batch` prompts, run two decode steps (graph capture), then time decode steps until
     done or `stop_at`; on a GPU also the captured step's replay alone (no host work)."""
     rids = [engine.add_request(p, new_tokens) for p in prompts(batch, prompt_len, vocab, batch)]
@@ -207,6 +226,12 @@ def decode_rate(engine, batch: int, prompt_len: int, new_tokens: int, vocab: int
     if bucket is not None and bucket.graph is not None:
         # Replaying after the requests ended rewrites the last step's cache entries: harmless.
         row["gpu_step_ms"] = replay_ms(bucket.graph)
+        if profile:   # per-kernel breakdown of this step (torch.profiler over graph replays)
+            from engine_step_profile import profile_graph
+            try:
+                row["profile"] = profile_graph(bucket.graph)
+            except Exception as err:  # the timings above still stand
+                row["profile"] = {"error": lib.short_error(err)}
     return row
 
 
@@ -252,6 +277,8 @@ def run_scheme(sq, model, scheme, args, backend, device, deadline, vocab, scheme
                         fused_step=not args.unfused)
     row.update(check_kernels(cm, engine.graph, scheme, backend))
     row["memory"] = weight_memory(cm, engine.graph)
+    if args.check_logits:
+        row["logits_vs_float"] = logits_vs_float(engine, model, vocab, device)
     for length in args.prefill_len:
         if time.perf_counter() < deadline:
             row.update(prefill_ms(engine, length, vocab, device, args.prefill_reps))
@@ -263,7 +290,8 @@ def run_scheme(sq, model, scheme, args, backend, device, deadline, vocab, scheme
             row[f"decode_b{b}"] = SKIPPED
             continue
         stop_at = time.perf_counter() + left / (len(args.batches) * (1 + schemes_after) - i)
-        row[f"decode_b{b}"] = decode_rate(engine, b, args.prompt_len, args.new_tokens, vocab, device, stop_at)
+        row[f"decode_b{b}"] = decode_rate(engine, b, args.prompt_len, args.new_tokens, vocab, device,
+                                          stop_at, profile=b in args.profile_batches)
     del engine
     if args.long_context and scheme in args.long_schemes:
         row["long_context"] = long_context_rows(cm, args, device, vocab, deadline)
@@ -415,6 +443,20 @@ def markdown(result: dict) -> str:
             [[sch, kv, f(d.get("tok_s") if isinstance(d, dict) else d, 4),
               f(d.get("speedup_vs_bf16_kv")) if isinstance(d, dict) else "",
               f(d.get("gpu_step_ms")) if isinstance(d, dict) else ""] for sch, kv, d in long_rows]))
+    checks = [(r["scheme"], r["logits_vs_float"]) for r in rows if "logits_vs_float" in r]
+    if checks:
+        text.append(lib.markdown_table(
+            ["scheme", "prefill logits rel_fro vs the float model", "argmax agreement", "positions"],
+            [[sch, f(c["rel_fro"]), f(c["argmax_agreement"]), c["positions"]] for sch, c in checks]))
+    profiled = [(r["scheme"], b, r[f"decode_b{b}"]["profile"]) for r in rows for b in batches
+                if isinstance(r.get(f"decode_b{b}"), dict) and "by_category" in r[f"decode_b{b}"].get("profile", {})]
+    if profiled:
+        cats = sorted({c for *_, p in profiled for c in p["by_category"]})
+        text.append("Decode step by kernel category, µs per step (kernels per step):\n\n" + lib.markdown_table(
+            ["scheme", "batch", "kernel µs", "kernels"] + cats,
+            [[sch, b, f(p["kernel_us"], 4), f(p["kernels_per_step"], 4)]
+             + [f"{p['by_category'].get(c, {}).get('us', 0):.0f} ({p['by_category'].get(c, {}).get('kernels', 0):.0f})"
+                for c in cats] for sch, b, p in profiled]))
     if result.get("correctness"):
         text.append(lib.markdown_table(
             ["scheme", "status", "logits rel_fro vs CPU ref", "decode step rel_fro", "tolerance",
@@ -430,7 +472,7 @@ def e2e(sq, args, settings, backend, device, dtype, deadline, result: dict, save
     """The e2e rows into result["e2e"] (saved after each scheme); 1 if any scheme errored."""
     positions = max(*args.prefill_len, args.long_context or 0, args.prompt_len + args.new_tokens) + 64
     t0 = time.perf_counter()
-    model = build_model(settings["shape"], args.layers, args.vocab, positions, dtype)
+    model = build_model(settings["shape"], args.layers, args.vocab, positions, dtype, device)
     print(f"model built in {time.perf_counter() - t0:.0f} s", flush=True)
     lm_head = model.lm_head.weight.numel() * 2
     decoder = sum(p.numel() * 2 for n, p in model.named_parameters() if ".layers." in n and p.dim() == 2)
@@ -479,6 +521,10 @@ def main(argv=None) -> int:
                     help="also decode at batch 1 after a prompt of this many tokens, per --long-kv")
     ap.add_argument("--long-kv", nargs="*", default=["none", "fp8", "int8"])
     ap.add_argument("--long-schemes", nargs="*", default=["bf16"], choices=list(SCHEMES))
+    ap.add_argument("--profile-batches", type=int, nargs="*", default=[],
+                    help="per-kernel breakdown of the decode step at these batches (torch.profiler)")
+    ap.add_argument("--check-logits", action="store_true",
+                    help="per scheme, one 128-token prefill through the engine vs the float model")
     ap.add_argument("--budget-s", type=float, default=420, help="deadline for the e2e rows")
     ap.add_argument("--correctness-s", type=float, default=60, help="extra seconds for correctness")
     ap.add_argument("--skip-correctness", action="store_true")

@@ -4,6 +4,9 @@
 #   bash benchmarks/issue18_device.sh e2e       # full-depth e2e table of our engine (+ 8k-context KV rows)
 #   bash benchmarks/issue18_device.sh peers     # full-depth peers (HF static cache, torchao int4) + our bf16
 #   bash benchmarks/issue18_device.sh all       # the three in one call, each step cut to the time left
+#   bash benchmarks/issue18_device.sh full      # the side-by-side table in one call: our four schemes
+#        at full depth (built and compiled on the GPU; logits checked against the float model; b1
+#        step profiled; 8k-context KV rows), then torchao int4 and HF bf16 on the same weights
 # torchao is not on the GPU image: its wheel travels in .whl/ (see the device README).
 set -o pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
@@ -48,5 +51,18 @@ case "$1" in
       --vocab 128256 --batches 1 8 --new-tokens 48 --out "$OUT/peers_full.json" > "$OUT/peers_full.log" 2>&1
     tail -6 "$OUT/peers_full.log"
     ;;
-  *) echo "usage: $0 profile|e2e|peers|all"; exit 2 ;;
+  full)
+    START=$(date +%s)
+    left() { echo $(( ${1} - ($(date +%s) - START) )); }
+    timeout $(left 300) python3 benchmarks/e2e_generation.py --layers 32 --vocab 128256 \
+      --schemes bf16 W4A16 W8A8-FP8 W8A16 --batches 1 8 32 --prefill-len 512 2048 --prefill-reps 2 \
+      --new-tokens 64 --long-context 8192 --long-schemes bf16 --profile-batches 1 --check-logits \
+      --budget-s $(left 280) --skip-correctness --out "$OUT/e2e_full.json" > "$OUT/e2e_full.log" 2>&1
+    grep -v "convert:" "$OUT/e2e_full.log" | tail -40
+    PYTHONPATH=$PYTHONPATH:$PEERS timeout $(left ${FULL_S:-520}) python3 benchmarks/peer_generate.py \
+      --layers 32 --vocab 128256 --batches 1 8 --new-tokens 64 --peers torchao-int4 hf-bf16 \
+      --out "$OUT/peers_full.json" > "$OUT/peers_full.log" 2>&1
+    tail -8 "$OUT/peers_full.log"
+    ;;
+  *) echo "usage: $0 profile|e2e|peers|all|full"; exit 2 ;;
 esac

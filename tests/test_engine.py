@@ -187,3 +187,16 @@ def test_step_graph_on_another_device_leaves_the_compiled_model_where_it_was(fre
     assert all(p.device.type == "cpu" for p in model.parameters())
     again = sagequant.compile(model, sagequant.QuantConfig(group_size=32, guard="off"))
     torch.testing.assert_close(again(calib_ids[:1]), cm(calib_ids[:1]), rtol=0, atol=0)
+
+
+def test_step_graph_of_a_model_compiled_off_cpu_targets_its_device(fresh_tiny):
+    """A model compiled where its weights live (meta here, standing in for a GPU): the traced
+    graph's device constants (kept on CPU by the tracer) follow the weights in the step graph."""
+    from sagequant.runtime.step_graph import step_graph
+    model = fresh_tiny("llama").to("meta")
+    cm = sagequant.compile(model, sagequant.QuantConfig(ignore=["*"], guard="off"))
+    graph = step_graph(cm)
+    consts = [a for n in graph.graph.nodes for a in torch.utils._pytree.tree_leaves((n.args, n.kwargs))
+              if isinstance(a, torch.device)]
+    assert consts and {d.type for d in consts} == {"meta"}
+    assert {t.device.type for t in graph.gm.state_dict().values()} == {"meta"}

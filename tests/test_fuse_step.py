@@ -27,6 +27,7 @@ def test_llama_step_is_fused(compiled, scheme):
     fused, plain = step_graph(cm, device=torch.device("cpu")), step_graph(cm, fused=False)
     layers = 2
     assert step_graph(cm).model_info["step_fusions"]["merged_linears"] == 0
+    assert step_graph(cm, merge_linears=True).model_info["step_fusions"]["merged_linears"] == 5 * layers
     assert fused.model_info["step_fusions"] == {
         "merged_linears": 5 * layers, "add_rms_norm": 2 * layers, "rotary_embedding": 2 * layers,
         "silu_mul": layers, "rotary_in_attention": layers}
@@ -56,9 +57,9 @@ def test_fused_step_matches_exported_step(compiled, arch, scheme):
     prompts = [[5, 9, 17, 3, 44, 2, 8], [7, 1, 90]]
     logits = []
     for variant in ("merged", "fused", "exported"):
-        engine = GenerationEngine(cm, max_batch=2, fused_step=variant != "exported")
-        if variant == "merged":   # the graph an engine on another device runs (q|k|v, gate|up merged)
-            engine.graph = step_graph(cm, device=torch.device("cpu"))
+        # merged: q|k|v and gate|up as one GEMM each, in place (as an engine on another device runs)
+        engine = GenerationEngine(cm, max_batch=2, fused_step=variant != "exported",
+                                  merge_linears=variant == "merged")
         out = []
         for slot, p in enumerate(prompts):
             engine.pool.open(slot, 16)

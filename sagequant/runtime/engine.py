@@ -56,7 +56,8 @@ class GenerationEngine:
     def __init__(self, compiled, max_batch: int = 8, max_seq_len: int | None = None,
                  num_kv_blocks: int | None = None, device=None, seed: int = 0,
                  extra_tokens_per_request: int = 0, prefill_chunk: int = 2048,
-                 cuda_graphs: bool | None = None, fused_step: bool = True):
+                 cuda_graphs: bool | None = None, fused_step: bool = True,
+                 merge_linears: bool | None = None):
         """device: run there (default: where the compiled weights are; another device gets a
         copy of the weights). extra_tokens_per_request: cache room reserved beyond prompt +
         max_new_tokens (a speculative verifier writes up to k draft tokens past what it keeps).
@@ -64,7 +65,9 @@ class GenerationEngine:
         cuda_graphs: decode steps from CUDA graphs per padded batch bucket (default: on for a
         CUDA device; True elsewhere runs the same padded static step eagerly).
         fused_step: run the step graph with its decoder glue fused (runtime/fuse_step.py); False
-        keeps the ATen ops as exported (for A/B timing)."""
+        keeps the ATen ops as exported (for A/B timing). merge_linears: one GEMM for the linears
+        that read one input (q/k/v, gate/up); None merges when the weights are copied to `device`,
+        True also where they already are (a second copy of the merged weights there)."""
         if not (isinstance(max_batch, int) and max_batch >= 1):
             raise GenerationError(f"max_batch={max_batch!r} must be an int >= 1")
         if not (isinstance(prefill_chunk, int) and prefill_chunk >= 1):
@@ -79,7 +82,7 @@ class GenerationEngine:
             if self.device.index is None:
                 self.device = torch.device("cuda", torch.cuda.current_device())
         self.graph = step_graph(compiled, device=None if self.device == home else self.device,
-                                fused=fused_step)
+                                fused=fused_step, merge_linears=merge_linears)
         emb = embedding_weight(self.graph)
         info = self.graph.model_info
         self.vocab_size = int(info["vocab_size"])

@@ -10,6 +10,7 @@ import torch
 import torch.fx as fx
 
 from ..ir.graph import QuantGraph
+from ..ir.trace import retarget_device
 from ..passes.manager import PassContext
 from ..passes.pipeline import STEP_GRAPH, build_pipeline
 from ..ir.paged_attention import AttentionCall, paged_attention
@@ -18,11 +19,15 @@ from .fuse_step import fuse_step
 _CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-def step_graph(compiled, device: torch.device | None = None, fused: bool = True) -> QuantGraph:
+def step_graph(compiled, device: torch.device | None = None, fused: bool = True,
+               merge_linears: bool | None = None) -> QuantGraph:
     """The cache-aware graph of `compiled`, carrying its KV plan; with `device`, a copy whose
     weights live there (the compiled model is left as it is); fused: the decoder glue rewritten
-    into fused ops (fuse_step.py; same math on CPU)."""
-    key = (str(compiled.kv_plan.to_dict()), str(device), fused)
+    into fused ops (fuse_step.py; same math on CPU). merge_linears (fused only): concatenate the
+    weights of linears that read one input; None merges when the weights are copied to `device`
+    (free there), True also in place, at the cost of a second copy of those weights."""
+    merge = device is not None if merge_linears is None else bool(merge_linears)
+    key = (str(compiled.kv_plan.to_dict()), str(device), fused, merge)
     per_model = _CACHE.setdefault(compiled, {})
     if key not in per_model:
         src = compiled.graph
@@ -32,11 +37,13 @@ def step_graph(compiled, device: torch.device | None = None, fused: bool = True)
         pipeline = build_pipeline(compiled.config, STEP_GRAPH)
         graph = pipeline.manager().run(graph, PassContext(compiled.config))
         if fused:
-            # Merged linears get new concatenated weights: free when the weights are copied to
-            # `device` anyway (the originals stay home), a second copy of them on the home device.
-            graph.model_info["step_fusions"] = fuse_step(graph, merge_linears=device is not None)
+            graph.model_info["step_fusions"] = fuse_step(graph, merge_linears=merge)
         if device is not None:
             _move(graph, device)
+        else:
+            # Traced graphs keep their device constants on CPU; weights compiled in place on a GPU
+            # need the graph's aranges and rotary .to(device) there too.
+            retarget_device(graph.gm, embedding_weight(graph).device)
         per_model[key] = graph
     return per_model[key]
 
@@ -44,10 +51,7 @@ def step_graph(compiled, device: torch.device | None = None, fused: bool = True)
 def _move(graph: QuantGraph, device: torch.device) -> None:
     """Weights to `device`, and the device constants export baked into the graph (aranges,
     .to(device) of rotary buffers) rewritten to it."""
-    retarget = lambda a: device if isinstance(a, torch.device) else a  # noqa: E731
-    for node in graph.graph.nodes:
-        node.args = fx.node.map_aggregate(node.args, retarget)
-        node.kwargs = fx.node.map_aggregate(node.kwargs, retarget)
+    retarget_device(graph.gm, device)
     # Rebind copies on the new containers: Module.to() would swap .data inside the Parameter
     # objects this copy shares with the compiled model (and the user's model), moving theirs too.
     for name, tensor in [*graph.gm.named_parameters(), *graph.gm.named_buffers()]:

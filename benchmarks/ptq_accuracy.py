@@ -3,15 +3,21 @@ vs the float model on the news text, calibrated on the disjoint Wikipedia prose:
 mean KL(float ‖ quant) per token and top-1 flip rate, each with a paired standard error
 (clustered by 512-token window), and the share of RTN's loss each method recovers.
 
-    .venv/bin/python benchmarks/ptq_accuracy.py --schemes float w4a16-rtn w4a16-gptq \\
-        --max-tokens 20000 --calib-samples 32 --out ptq.json --table
+The whole issue-19 table, one command (each row in its own process, --jobs at a time; rows already
+in --out are kept, so a cut run resumes; a row that fails is recorded with its error):
 
-Results accumulate in --out (one entry per scheme), so schemes can be run in separate calls;
---table prints the Markdown table of everything in --out.
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/ptq_accuracy.py --all --jobs 3 \
+        --max-tokens 8192 --out ptq.json --table
+
+Single rows in this process: --schemes float w4a16-rtn ...; `--schemes --out ptq.json --table`
+prints the Markdown table of everything in --out.
 """
 import argparse
 import json
+import os
 import platform
+import subprocess
+import sys
 import time
 from datetime import date
 from pathlib import Path
@@ -21,6 +27,7 @@ import torch
 import sagequant as sq
 from sagequant.calibration.datasets import tokenize_calibration
 from sagequant.calibration.real_data import evaluation_text, load_smollm2, wikipedia_prose
+from sagequant.evaluation.contributions import layer_contributions
 from sagequant.evaluation.perplexity import compare_to_float, perplexity, tokenize_eval_text
 
 G128 = dict(group_size=128, symmetric=True)
@@ -65,19 +72,35 @@ SCHEMES = {
 }
 # RTN row whose loss a method's row is measured against, by group size.
 RTN_OF = {128: "w4a16-rtn", 64: "w4a16-rtn-g64"}
+# The issue-19 table (--all): every scheme's rows; the slowest (GPTQ) first so --jobs overlaps them.
+TABLE = ["w4a16-gptq-one-pass", "w4a16-gptq-g64", "w4a16-awq-gptq", "w4a16-awq-gptq-g64",
+         "w4a16-awq", "w4a16-awq-g64", "float", "w8a16-rtn", "w8a8-int8-minmax",
+         "w8a8-int8-smoothquant", "w8a8-int8-smoothquant-auto", "w8a8-fp8-dynamic",
+         "w4a16-rtn", "w4a16-rtn-g64"]
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--schemes", nargs="*", default=["float", *SCHEMES], choices=["float", *SCHEMES])
+    p.add_argument("--schemes", nargs="*", choices=["float", *SCHEMES],
+                   help="rows to run (with --all: instead of the TABLE rows)")
     p.add_argument("--max-tokens", type=int, default=20000)
     p.add_argument("--calib-samples", type=int, default=32)
     p.add_argument("--calib-seq-len", type=int, default=512)
     p.add_argument("--out", default="ptq_accuracy.json")
     p.add_argument("--table", action="store_true", help="print the Markdown table of --out at the end")
+    p.add_argument("--all", action="store_true",
+                   help="run every TABLE row (or --schemes row) missing from --out, each in its own process")
+    p.add_argument("--jobs", type=int, default=1, help="--all: rows run at the same time")
+    p.add_argument("--contributions", choices=["block", "linear"],
+                   help="also each row's per-unit contribution table (only that unit quantized) on the "
+                   "first --contribution-tokens evaluation tokens")
+    p.add_argument("--contribution-tokens", type=int, default=1024)
     args = p.parse_args()
     out = Path(args.out)
     results = json.loads(out.read_text()) if out.exists() else {}
+    if args.all:
+        run_all(args, args.schemes or TABLE, out, results)
+        return
     if not args.schemes:
         print(markdown_table(results))
         return
@@ -113,12 +136,53 @@ def main() -> None:
                      "passes": {h["pass"]: h.get("seconds") for h in cm.pass_history},
                      "pass_stats": {h["pass"]: h.get("stats") for h in cm.pass_history
                                     if h["pass"] in ("smoothquant", "awq", "gptq")}}
+            if args.contributions:
+                batches = [w[None] for w in eval_ids[:args.contribution_tokens].split(512)]
+                entry["contributions"] = layer_contributions(cm.graph, model, batches, args.contributions)
         entry.update(meta, eval_s=res.seconds if name == "float" else res["seconds"])
         results[name] = entry
         base = results.get("float", {}).get("ppl")
         delta = f"{100 * (entry['ppl'] / base - 1):+.2f}%" if base else "n/a"
         print(f"{name:<32} ppl {entry['ppl']:8.3f}  Δ {delta:>8}  compile {entry['compile_s']:6.1f}s", flush=True)
         out.write_text(json.dumps(results, indent=1))
+    if args.table:
+        print(markdown_table(results))
+
+
+def run_all(args, rows: list[str], out: Path, results: dict) -> None:
+    """Each row missing from --out as `--schemes ROW --out ROWFILE` in a child process (memory is
+    freed per row; a crash costs one row), merged into --out as it finishes."""
+    todo = [r for r in rows if "ppl" not in results.get(r, {})]
+    rows_dir = out.with_suffix(".rows")
+    rows_dir.mkdir(exist_ok=True)
+    running: dict[str, subprocess.Popen] = {}
+    common = ["--max-tokens", str(args.max_tokens), "--calib-samples", str(args.calib_samples),
+              "--calib-seq-len", str(args.calib_seq_len)]
+    if args.contributions:
+        common += ["--contributions", args.contributions, "--contribution-tokens", str(args.contribution_tokens)]
+    while todo or running:
+        while todo and len(running) < args.jobs:
+            name = todo.pop(0)
+            row_out = rows_dir / f"{name}.json"
+            row_out.unlink(missing_ok=True)
+            log = open(rows_dir / f"{name}.log", "w")
+            running[name] = subprocess.Popen(
+                [sys.executable, __file__, "--schemes", name, "--out", str(row_out), *common],
+                stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
+            print(f"started {name} (log {rows_dir / (name + '.log')})", flush=True)
+        time.sleep(5)
+        for name, proc in list(running.items()):
+            if proc.poll() is None:
+                continue
+            del running[name]
+            row_out = rows_dir / f"{name}.json"
+            if proc.returncode == 0 and row_out.exists():
+                results[name] = json.loads(row_out.read_text())[name]
+            else:
+                tail = (rows_dir / f"{name}.log").read_text().strip().splitlines()[-1:] or [""]
+                results[name] = {"error": f"exit {proc.returncode}: {tail[0][-300:]}"}
+            print(f"finished {name}: {results[name].get('ppl', results[name].get('error'))}", flush=True)
+            out.write_text(json.dumps(results, indent=1))
     if args.table:
         print(markdown_table(results))
 
@@ -145,6 +209,8 @@ def markdown_table(results: dict) -> str:
         lines.append(f"| float | float | - | - | {float_ppl:.3f} | - | - | - | - | - |")
     for name in SCHEMES:
         r = results.get(name)
+        if r is not None and "error" in r:
+            lines.append(f"| {name} | failed: {r['error']} | | | | | | | | |")
         if r is None or "vs_float" not in r:
             continue
         v, cfg = r["vs_float"], r["config"]

@@ -3,6 +3,7 @@ self-contained HTML file whose inline-SVG plots come from the artifact's own num
 structure only, no accuracy claims), rendered in a real headless Chromium where one is installed."""
 from __future__ import annotations
 
+import math
 import re
 import shutil
 import subprocess
@@ -113,6 +114,26 @@ def test_eval_artifact_reports_paired_metrics_vs_source(w8a8_artifact, capsys):
                  "--no-reference", "--json"]) == 0
     alone = json.loads(capsys.readouterr().out)
     assert alone["ppl"] == pytest.approx(res["ppl_quant"], rel=1e-6) and "vs_float" not in alone
+
+
+def test_eval_contribution_table(w8a8_artifact, capsys):
+    import json
+    assert main(["eval", "--artifact", str(w8a8_artifact), "--max-tokens", "64", "--window", "32",
+                 "--contributions", "block", "--contribution-tokens", "32", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    table = res["contributions"]
+    layers = len([a for a in sq.load(w8a8_artifact).graph.annotated()])
+    kls = [r["kl"] for r in table["rows"]]
+    assert kls == sorted(kls, reverse=True)  # most harmful first
+    assert {r["unit"] for r in table["rows"]} == {"model.layers.0", "model.layers.1"}
+    assert sum(r["layers"] for r in table["rows"]) == layers - 1  # lm_head stays float
+    assert sum(r["share"] for r in table["rows"]) == pytest.approx(1.0)
+    assert all(r["kl"] > 0 and math.isfinite(r["worst_local_sqnr_db"]) for r in table["rows"])
+    assert main(["eval", "--artifact", str(w8a8_artifact), "--max-tokens", "64", "--window", "32",
+                 "--contributions", "linear", "--contribution-tokens", "32"]) == 0
+    assert "per-linear contribution" in capsys.readouterr().out
+    assert main(["eval", "--artifact", str(w8a8_artifact), "--max-tokens", "64", "--no-reference",
+                 "--contributions", "block"]) != 0
 
 
 def _write_mmlu(path, n_per_topic=7):

@@ -36,15 +36,11 @@ class _Capture(fx.Interpreter):
         ann = n.meta.get(META_KEY)
         if ann is not None and ann.layer in self.sums:
             got = out.detach().double()
-            x = self.env[n.args[0]].detach()
-            if ann.input_scale is not None:  # back to the float model's input space
-                x = x * ann.input_scale.to(x.dtype)
             acc_ref = self.float_out.pop(ann.layer).double().reshape(got.shape)
-            local_ref = self.reference.get_submodule(ann.layer)(x).double().reshape(got.shape)
+            local_ref = float_layer_output(self.reference, ann, self.env[n.args[0]]).double().reshape(got.shape)
             self.float_out.pop(ann.layer)  # what the hook caught of the local call above
             if ann.output_scale is not None:  # into the graph's (smoothed) output space
                 acc_ref = acc_ref / ann.output_scale.double()
-                local_ref = local_ref / ann.output_scale.double()
             s = self.sums[ann.layer]
             s["signal"] += float(local_ref.pow(2).sum())
             s["noise"] += float((local_ref - got).pow(2).sum())
@@ -52,6 +48,17 @@ class _Capture(fx.Interpreter):
             s["acc_noise"] += float((acc_ref - got).pow(2).sum())
             s["max_abs_err"] = max(s["max_abs_err"], float((local_ref - got).abs().max()))
         return out
+
+
+def float_layer_output(reference: torch.nn.Module, ann, x: torch.Tensor) -> torch.Tensor:
+    """The float model's layer `ann.layer` on the quantized graph's input `x` of that layer, in the
+    graph's space: x is taken back through a SmoothQuant / AWQ fold's input scale, the output
+    into the folded (output-scaled) space of the layer's consumers."""
+    x = x.detach()
+    if ann.input_scale is not None:
+        x = x * ann.input_scale.to(x.dtype)
+    y = reference.get_submodule(ann.layer)(x)
+    return y / ann.output_scale.to(y.dtype) if ann.output_scale is not None else y
 
 
 def layer_errors(graph, reference: torch.nn.Module, batches: list[torch.Tensor],

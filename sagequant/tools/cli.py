@@ -118,10 +118,14 @@ def _eval_summary(r: dict) -> str:
         return (f"perplexity {r['ppl']:.4f} over {r['n_tokens_scored']} scored tokens "
                 f"({r['n_windows']} windows of {r['window']}, stride {r['stride']})")
     v = r["vs_float"]
-    return (f"perplexity {v['ppl_quant']:.4f} (float {v['ppl_float']:.4f}, {v['ppl_delta_pct']:+.2f} ± "
+    text = (f"perplexity {v['ppl_quant']:.4f} (float {v['ppl_float']:.4f}, {v['ppl_delta_pct']:+.2f} ± "
             f"{v['ppl_delta_pct_se']:.2f}%) over {v['positions']} scored tokens ({v['windows']} windows of "
             f"{v['window']})\nKL(float || quant) {v['kl']:.5f} ± {v['kl_se']:.5f} nats/token; top-1 flips "
             f"{100 * v['flip_rate']:.2f} ± {100 * v['flip_rate_se']:.2f}%")
+    if "contributions" in r:
+        from ..evaluation.contributions import format_contributions
+        text += "\n" + format_contributions(r["contributions"])
+    return text
 
 
 def _logits_fn(model):
@@ -139,11 +143,30 @@ def _eval_perplexity(args, model_fn, reference, tok) -> dict:
     stride = args.stride or args.window
     if reference is not None:
         v = compare_to_float(_logits_fn(reference), model_fn, ids, window=args.window, stride=stride)
-        return {"task": "perplexity", "ppl": v["ppl_quant"], "n_tokens_scored": v["positions"],
-                "n_windows": v["windows"], "window": v["window"], "stride": v["stride"],
-                "max_tokens": v["max_tokens"], "vs_float": v}
+        out = {"task": "perplexity", "ppl": v["ppl_quant"], "n_tokens_scored": v["positions"],
+               "n_windows": v["windows"], "window": v["window"], "stride": v["stride"],
+               "max_tokens": v["max_tokens"], "vs_float": v}
+        if args.contributions:
+            out["contributions"] = _contributions(args, model_fn, reference, ids)
+        return out
+    if args.contributions:
+        raise ConfigError("eval --contributions compares with the float model: give --artifact with a "
+                          "reference (not --no-reference, not a float --model)")
     with torch.inference_mode():
         return {"task": "perplexity", **perplexity(model_fn, ids, window=args.window, stride=stride).to_dict()}
+
+
+def _contributions(args, cm, reference, ids) -> dict:
+    """The per-unit contribution table on the first --contribution-tokens evaluation tokens."""
+    from ..evaluation.contributions import layer_contributions
+    folded = [p["pass"] for p in cm.pass_history if p["pass"] in ("smoothquant", "awq") and p.get("modified")]
+    if folded:
+        raise ConfigError(f"eval --contributions: this artifact ran {', '.join(folded)}, whose fold scales "
+                          "an artifact on disk does not carry (the float stand-ins would be wrong); "
+                          "use layer_contributions on the CompiledModel that sq.compile returns")
+    n = min(args.contribution_tokens, ids.numel())
+    batches = [w[None] for w in ids[:n].split(args.window) if w.numel() >= 2]
+    return layer_contributions(cm.graph, reference, batches, unit=args.contributions)
 
 
 def _eval_mmlu(args, model_fn, reference, tok) -> dict:
@@ -341,6 +364,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-tokens", type=int_at_least(2), default=20000, help="evaluation tokens")
     e.add_argument("--window", type=int_at_least(2), default=512, help="tokens per perplexity window")
     e.add_argument("--stride", type=positive_int, help="tokens between windows (default: --window)")
+    e.add_argument("--contributions", choices=["block", "linear"],
+                   help="also the per-block (or per-linear) contribution table: KL / NLL change when only "
+                   "that unit is quantized, next to its worst per-layer SQNR")
+    e.add_argument("--contribution-tokens", type=int_at_least(2), default=1024,
+                   help="evaluation tokens the contribution table is measured on (one forward per unit)")
     e.add_argument("--json", action="store_true", help="print the result as JSON")
     e.set_defaults(func=cmd_eval)
     r = sub.add_parser("report", help="print an artifact's report")

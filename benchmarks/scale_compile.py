@@ -9,11 +9,15 @@
 2. Compiles it layer-wise (device cuda, bf16 compute) with RTN W4A16 g128, SmoothQuant W8A8-INT8,
    FP8 W8A8 (dynamic), AWQ and GPTQ W4A16 g128 on 128 x 512 calibration tokens, each method in
    its own process (peak RSS per method), artifact written and removed.
-3. 70B-width blocks (hidden 8192, ffn 28672, 64/8 heads) at 8 / 16 / 32 layers, GPTQ and RTN,
-   from a generated weight source (seeded per tensor name, in GPU memory for one block at a
-   time: 32 such layers are 55 GB, more than this machine's disk next to the 8B checkpoint).
-4. Resume: GPTQ on the 8B checkpoint killed (SIGKILL) after a random block, started again.
-Results: DIR/scale_compile.json, one record per run.
+3. Resume (--resume-method, RTN by default): killed (SIGKILL) after a random block, started
+   again; time lost and the artifact's sha256 against the uninterrupted run of the same method
+   (this call's, or --reference FILE's from an earlier call on the same machine kind).
+4. 70B-width blocks (hidden 8192, ffn 28672, 64/8 heads) at 8 / 16 / 32 layers (--depths), RTN
+   (--wide-methods), from a generated weight source (seeded per tensor name, made on the GPU one
+   block at a time: 32 such layers are 55 GB, more than the disk next to the 8B checkpoint).
+Steps run in the order --only names them; --budget-s bounds the whole call (a compile still
+running then is killed and recorded as timed out); the checkpoint is written only when missing.
+Results: DIR/scale_compile.json, one record per run, rewritten after each.
 """
 from __future__ import annotations
 
@@ -174,9 +178,10 @@ def run_one(args) -> dict:
         t = time.perf_counter()
         out = cm.save(spec["artifact"])
         save_s = time.perf_counter() - t
-    entry = next(p for p in cm.pass_history if p["pass"] == "layerwise")
-    stats, plan = entry["stats"], entry["plan"]
+    stats = next(p for p in cm.pass_history if p["pass"] == "layerwise")["stats"]
+    plan = stats["plan"]
     artifact_bytes = sum(f.stat().st_size for f in Path(out).iterdir())
+    digests = {f: _sha256(Path(out) / f) for f in ("weights.safetensors", "graph.json")}
     shutil.rmtree(out)
     return {**spec, "compile_s": round(compile_s, 2), "layerwise_s": stats["seconds"],
             "save_s": round(save_s, 2), "restored": stats["restored"],
@@ -186,19 +191,46 @@ def run_one(args) -> dict:
             "plan_gpu_gib": round(plan["peak_device_bytes"] / 2**30, 3),
             "plan_cpu_gib": round(plan["peak_cpu_bytes"] / 2**30, 3),
             "plan_disk_gib": round(plan["disk_bytes"] / 2**30, 3), "plan_s": round(plan["seconds"], 1),
-            "artifact_gib": round(artifact_bytes / 2**30, 3)}
+            "artifact_gib": round(artifact_bytes / 2**30, 3), "sha256": digests}
 
 
-def spawn(spec: dict, timeout: float | None = None) -> tuple[dict | None, float]:
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def spawn(spec: dict, deadline: float) -> tuple[dict | None, float]:
+    """Run one compile in a fresh process, killed when the call's deadline comes."""
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, __file__, "--run", json.dumps(spec)], capture_output=True,
-                          text=True, timeout=timeout)
+    timeout = deadline - start
+    if timeout < 20:
+        return {"skipped": "no time left in this call"}, 0.0
+    try:
+        proc = subprocess.run([sys.executable, __file__, "--run", json.dumps(spec)], capture_output=True,
+                              text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        sys.stderr.write((e.stderr or b"")[-2000:].decode(errors="replace") if isinstance(e.stderr, bytes)
+                         else (e.stderr or "")[-2000:])
+        return {"timed_out_s": round(timeout, 1)}, time.perf_counter() - start
     wall = time.perf_counter() - start
+    sys.stderr.write(proc.stderr[-1500:])
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
-        sys.stderr.write(proc.stderr[-3000:])
         return None, wall
     return json.loads(lines[-1][len("RESULT "):]), wall
+
+
+def ensure_checkpoint(directory: Path, config, device: str) -> dict | None:
+    """Write the checkpoint unless this machine still has it from an earlier call."""
+    index = directory / "model.safetensors.index.json"
+    if index.is_file() and json.loads((directory / "config.json").read_text())["num_hidden_layers"] \
+            == config.num_hidden_layers:
+        return None
+    shutil.rmtree(directory, ignore_errors=True)
+    return write_checkpoint(directory, config, device)
 
 
 def main() -> None:
@@ -207,20 +239,29 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--run", help=argparse.SUPPRESS)
     ap.add_argument("--scratch", type=Path, default=Path("/tmp/sq-scale"))
-    ap.add_argument("--only", nargs="*", help="steps: methods wide resume")
+    ap.add_argument("--only", nargs="*", default=["methods", "resume", "wide"],
+                    choices=["methods", "resume", "wide"], help="steps, in this order")
     ap.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS))
     ap.add_argument("--layers", type=int, help="decoder blocks of the 8B-shaped checkpoint (default 32)")
+    ap.add_argument("--resume-method", default="rtn_w4a16", choices=list(METHODS))
+    ap.add_argument("--wide-methods", nargs="*", default=["rtn_w4a16"], choices=list(METHODS))
+    ap.add_argument("--depths", nargs="*", type=int, help="70B-width depths (default 8 16 32)")
+    ap.add_argument("--wide-samples", type=int, help="calibration samples of the 70B-width runs")
+    ap.add_argument("--budget-s", type=float, default=570.0,
+                    help="wall seconds for the whole call; a compile still running then is killed")
+    ap.add_argument("--reference", type=Path, help="an earlier scale_compile.json whose uninterrupted "
+                    "run of --resume-method the resumed artifact is compared with")
     args = ap.parse_args()
     if args.run:
         print("RESULT " + json.dumps(run_one(args)), flush=True)
         return
+    deadline = time.perf_counter() + args.budget_s
     device = "cuda" if torch.cuda.is_available() else "cpu"
     shape, wide = (SMOKE, SMOKE_WIDE) if args.smoke else (LLAMA8B, WIDE70B)
     if args.layers:
         shape = {**shape, "num_hidden_layers": args.layers}
     samples, seq = (8, 64) if args.smoke else (128, 512)
-    depths = (2, 4, 8) if args.smoke else (8, 16, 32)
-    steps = set(args.only or ["methods", "wide", "resume"])
+    depths = args.depths or ((2, 4, 8) if args.smoke else (8, 16, 32))
     args.out.mkdir(parents=True, exist_ok=True)
     results = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
                "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "smoke": args.smoke,
@@ -231,39 +272,64 @@ def main() -> None:
         print(json.dumps(r), flush=True)
         (args.out / "scale_compile.json").write_text(json.dumps(results, indent=1))
 
-    shutil.rmtree(args.scratch, ignore_errors=True)
     ckpt = args.scratch / "llama8b"
     base = dict(model=str(ckpt), device=device, samples=samples, seq_len=seq)
-    if steps & {"methods", "resume"}:
-        record(write_checkpoint(ckpt, llama_config(shape), device))
-    if "methods" in steps:
-        for method in args.methods:
-            r, _ = spawn({**base, "method": method, "work_dir": str(args.scratch / f"w-{method}"),
-                          "artifact": str(args.scratch / f"a-{method}")})
-            record(r or {"method": method, "failed": True})
-            shutil.rmtree(args.scratch / f"w-{method}", ignore_errors=True)
-    if "resume" in steps:
-        blocks = shape["num_hidden_layers"]
-        kill_after = random.Random(0).randrange(2, blocks)   # a segment index: prologue is 0
-        spec = {**base, "method": "gptq_w4a16", "work_dir": str(args.scratch / "w-resume"),
-                "artifact": str(args.scratch / "a-resume")}
-        _, killed_wall = spawn({**spec, "kill_after": kill_after})
-        r, resumed_wall = spawn(spec)
-        record({"step": "resume", "killed_after_segment": kill_after, "killed_run_wall_s": round(killed_wall, 1),
-                "resumed_run_wall_s": round(resumed_wall, 1), **(r or {"failed": True})})
-        shutil.rmtree(args.scratch / "w-resume", ignore_errors=True)
-    shutil.rmtree(ckpt, ignore_errors=True)
-    if "wide" in steps:
-        for method in ("rtn_w4a16", "gptq_w4a16"):
-            for layers in depths:
-                d = args.scratch / f"wide{layers}"
-                d.mkdir(parents=True, exist_ok=True)
-                llama_config(wide, layers).save_pretrained(d)
-                r, _ = spawn({**base, "model": str(d), "method": method, "generated": True, "layers": layers,
-                              "work_dir": str(args.scratch / "w-wide"), "artifact": str(args.scratch / "a-wide")})
-                record(r or {"method": method, "layers": layers, "failed": True})
-                shutil.rmtree(args.scratch / "w-wide", ignore_errors=True)
+    if {"methods", "resume"} & set(args.only):
+        written = ensure_checkpoint(ckpt, llama_config(shape), device)
+        if written:
+            record(written)
+    for step in args.only:
+        if step == "methods":
+            for method in args.methods:
+                shutil.rmtree(args.scratch / f"w-{method}", ignore_errors=True)
+                r, wall = spawn({**base, "method": method, "work_dir": str(args.scratch / f"w-{method}"),
+                                 "artifact": str(args.scratch / f"a-{method}")}, deadline)
+                record({"method": method, "wall_s": round(wall, 1), **(r or {"failed": True})})
+                shutil.rmtree(args.scratch / f"w-{method}", ignore_errors=True)
+        elif step == "resume":
+            record(resume(args, base, shape["num_hidden_layers"], results, deadline))
+        elif step == "wide":
+            shutil.rmtree(ckpt, ignore_errors=True)   # disk: the wide runs generate their weights
+            for method in args.wide_methods:
+                for layers in depths:
+                    d = args.scratch / f"wide{layers}"
+                    d.mkdir(parents=True, exist_ok=True)
+                    llama_config(wide, layers).save_pretrained(d)
+                    r, wall = spawn({**base, "model": str(d), "method": method, "generated": True,
+                                     "layers": layers, "samples": args.wide_samples or samples,
+                                     "work_dir": str(args.scratch / "w-wide"),
+                                     "artifact": str(args.scratch / "a-wide")}, deadline)
+                    record({"method": method, "layers": layers, "wall_s": round(wall, 1),
+                            **(r or {"failed": True})})
+                    shutil.rmtree(args.scratch / "w-wide", ignore_errors=True)
     print(json.dumps(results, indent=1))
+
+
+def resume(args, base: dict, blocks: int, results: dict, deadline: float) -> dict:
+    """SIGKILL after a random block, the same command again: time lost and the artifact's digests
+    against an uninterrupted run of the same method (this call's or --reference's)."""
+    method = args.resume_method
+    kill_after = random.Random(0).randrange(2, blocks + 1)   # a segment index: the prologue is 0
+    spec = {**base, "method": method, "work_dir": str(args.scratch / "w-resume"),
+            "artifact": str(args.scratch / "a-resume")}
+    shutil.rmtree(spec["work_dir"], ignore_errors=True)
+    _, killed_wall = spawn({**spec, "kill_after": kill_after}, deadline)
+    r, resumed_wall = spawn(spec, deadline)
+    shutil.rmtree(spec["work_dir"], ignore_errors=True)
+    earlier = [x for x in results["runs"] if x.get("method") == method and "sha256" in x and "step" not in x]
+    if not earlier and args.reference is not None:
+        earlier = [x for x in json.loads(args.reference.read_text())["runs"]
+                   if x.get("method") == method and "sha256" in x and "step" not in x]
+    reference = earlier[0] if earlier else None
+    out = {"step": "resume", "method": method, "killed_after_segment": kill_after,
+           "killed_run_wall_s": round(killed_wall, 1), "resumed_run_wall_s": round(resumed_wall, 1),
+           **(r or {"failed": True})}
+    if reference is not None and r and "sha256" in r:
+        out["uninterrupted_wall_s"] = reference.get("wall_s")
+        out["byte_identical_to_uninterrupted"] = r["sha256"] == reference["sha256"]
+        if reference.get("wall_s") is not None:
+            out["time_lost_s"] = round(killed_wall + resumed_wall - reference["wall_s"], 1)
+    return out
 
 
 if __name__ == "__main__":

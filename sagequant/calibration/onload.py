@@ -10,6 +10,8 @@ is looked up under all of its aliases.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
 import json
 from pathlib import Path
 
@@ -180,6 +182,24 @@ def offload(graph, names: list[str], keep_below_bytes: int = 0) -> None:
             graph.set_attr(name, torch.empty(t.shape, dtype=t.dtype, device="meta"))
         else:
             graph.set_attr(name, t.cpu())
+
+
+def return_freed_memory() -> None:
+    """Give the heap's free pages back to the OS (glibc malloc_trim). A block's buffers are tens
+    of MB to GB; glibc raises its mmap threshold after the first ones are freed, serves the next
+    blocks' buffers from the heap and keeps them there once freed, so without this the process's
+    resident memory grows with depth though nothing it holds does."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim():
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):   # not glibc: nothing to trim, or another allocator's policy
+        return None
 
 
 def resolve_device(device: str | torch.device) -> torch.device:

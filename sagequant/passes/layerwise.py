@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..calibration.onload import graph_weight_names, offload, onload
+from ..calibration.onload import graph_weight_names, offload, onload, return_freed_memory
 from ..calibration.sequential import SequentialRunner
 from ..calibration.stats import past_sink, segment_input_stats
 from ..config import QuantConfig
@@ -50,9 +50,10 @@ from .manager import PassContext, PassResult, define_pass
 from .smoothquant import SEARCH_ACT_SPEC, SEARCH_ROWS
 
 METHODS = ("minmax", "percentile", "smoothquant", "awq", "smoothquant+awq", "gptq")
-# Smaller tensors (norm weights, scales of small layers, static input scales) stay in CPU memory
-# after their block; larger ones live only in the segment files until the artifact is written.
-KEEP_RESIDENT_BYTES = 1 << 20
+# Smaller tensors (norm weights, static input scales) stay in CPU memory after their block; larger
+# ones live only in the segment files (memory-mapped once the block loop is done), so what the
+# process itself holds does not grow with depth.
+KEEP_RESIDENT_BYTES = 64 << 10
 RECORD_VERSION = 1
 
 
@@ -301,6 +302,7 @@ class LayerwiseCompile:
         # The float weights convert replaced are read by nothing now: they leave the device too.
         offload(graph, list(dict.fromkeys(onloaded + graph_weight_names(graph, runner.segments[seg]))),
                 KEEP_RESIDENT_BYTES)
+        return_freed_memory()
         self._segment_done(seg)
 
     def _segment_done(self, seg: int) -> None:

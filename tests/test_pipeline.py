@@ -20,6 +20,7 @@ def test_ptq_pipeline_lists_what_the_config_selects_and_why_not_the_rest():
     assert p.names == ["canonicalize", "annotate", "insert_observers", "calibrate", "gptq", "convert",
                        "lower", "schedule"]
     assert {o.name: o.reason for o in p.omitted} == {
+        "rotate": "QuantConfig.rotate='off'",
         "mixed_precision": "no target_bits_per_weight / target_max_delta_loss",
         "smoothquant": "calibration=gptq", "awq": "calibration=gptq",
         "guard": "QuantConfig.guard='off'", "fuse_norm_qdq": "QuantConfig.fuse_qdq=False"}
@@ -32,7 +33,7 @@ def test_ptq_pipeline_lists_what_the_config_selects_and_why_not_the_rest():
 
 def test_guard_needs_held_back_data_and_the_float_model():
     cfg = sq.QuantConfig(calibration="smoothquant+awq", weight_dtype="int8", activation_dtype="int8",
-                         target_bits_per_weight=6.0)
+                         target_bits_per_weight=6.0, rotate="hadamard")
     assert "guard" not in build_pipeline(cfg, PTQ).names
     assert build_pipeline(cfg, PTQ).omitted_reason("guard").startswith("no calibration data")
     assert build_pipeline(cfg, PTQ, held_back=True).omitted_reason("guard") == "no float model to compare with"

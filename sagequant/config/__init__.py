@@ -9,6 +9,7 @@
   mixed_precision.py  target_bits_per_weight / target_max_delta_loss, upgrades, sensitivity
   qat.py              enable_qat, qat_learn_scales
   backend.py          backend, priority, fallback, fuse_ln, fuse_qdq, draft_mode
+  rotation.py         rotate, rotate_online, rotate_heads, rotate_seed (the rotate pass)
   layers.py           ignore, overrides; LayerSettings (one layer's effective quantization)
   quant_config.py     QuantConfig: the sections together, the checks across them, the flat form
   checks.py           ConfigError and the field checks the sections share

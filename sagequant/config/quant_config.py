@@ -21,6 +21,7 @@ from .kv_cache import KVCacheConfig
 from .layers import OVERRIDE_KEYS, SKIP, LayerRules, LayerSettings
 from .mixed_precision import MixedPrecisionConfig
 from .qat import QATConfig
+from .rotation import RotationConfig
 from .weights import WeightConfig
 
 SCHEMES = ("W8A16", "W4A16", "FP8-W8A16", "NF4-A16", "W8A8-INT8", "W8A8-FP8")
@@ -50,7 +51,7 @@ SECTIONS: dict[str, type] = {
     "weights": WeightConfig, "activations": ActivationConfig, "kv_cache": KVCacheConfig,
     "calibration_options": CalibrationConfig, "guard_options": GuardConfig,
     "mixed_precision": MixedPrecisionConfig, "qat": QATConfig, "backend_options": BackendConfig,
-    "layer_rules": LayerRules,
+    "layer_rules": LayerRules, "rotation": RotationConfig,
 }
 SECTION_OF = {f.name: section for section, cls in SECTIONS.items() for f in dataclasses.fields(cls)}
 # The flat JSON form's key order (the seed's fields first, as every earlier artifact wrote them).
@@ -63,7 +64,8 @@ FIELDS = ("weight_dtype", "activation_dtype", "calibration", "group_size", "symm
           "awq_search_rows", "gptq_block_size", "gptq_damp", "gptq_act_order", "gptq_true_sequential",
           "sink_tokens", "nf4_double_quant",
           "qat_learn_scales", "guard", "guard_samples", "guard_bounds", "target_bits_per_weight",
-          "target_max_delta_loss", "precision_upgrades", "sensitivity_samples", "sensitivity_method")
+          "target_max_delta_loss", "precision_upgrades", "sensitivity_samples", "sensitivity_method",
+          "rotate", "rotate_online", "rotate_heads", "rotate_seed")
 assert sorted(FIELDS) == sorted(SECTION_OF), "every section field has its place in FIELDS"
 
 

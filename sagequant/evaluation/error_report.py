@@ -9,8 +9,9 @@ Two errors per layer, both SQNR in dB (10·log10 of signal over error energy):
                every earlier layer, as in deployment.
 Quantized outputs and inputs come from running the compiled graph with an fx Interpreter; float
 outputs from forward hooks on the reference model's modules of the same names. Layers a
-SmoothQuant / AWQ fold rescaled are compared in the graph's space through the fold's scales,
-which the compile that folded them records (an artifact loaded from disk does not carry them).
+SmoothQuant / AWQ fold rescaled, or the rotate pass rotated, are compared in the graph's space
+through the fold's scales and rotations, which the compile that folded them records (an artifact
+loaded from disk does not carry them).
 """
 from __future__ import annotations
 
@@ -39,6 +40,8 @@ class _Capture(fx.Interpreter):
             acc_ref = self.float_out.pop(ann.layer).double().reshape(got.shape)
             local_ref = float_layer_output(self.reference, ann, self.env[n.args[0]]).double().reshape(got.shape)
             self.float_out.pop(ann.layer)  # what the hook caught of the local call above
+            if ann.output_rotation is not None:  # into the graph's (rotated) output space
+                acc_ref = ann.output_rotation.apply(acc_ref)
             if ann.output_scale is not None:  # into the graph's (smoothed) output space
                 acc_ref = acc_ref / ann.output_scale.double()
             s = self.sums[ann.layer]
@@ -52,12 +55,17 @@ class _Capture(fx.Interpreter):
 
 def float_layer_output(reference: torch.nn.Module, ann, x: torch.Tensor) -> torch.Tensor:
     """The float model's layer `ann.layer` on the quantized graph's input `x` of that layer, in the
-    graph's space: x is taken back through a SmoothQuant / AWQ fold's input scale, the output
-    into the folded (output-scaled) space of the layer's consumers."""
+    graph's space: x is taken back through a SmoothQuant / AWQ fold's input scale and the rotate
+    pass's input rotation, the output into the rotated, folded (output-scaled) space of the
+    layer's consumers."""
     x = x.detach()
     if ann.input_scale is not None:
         x = x * ann.input_scale.to(x.dtype)
+    if ann.input_rotation is not None:
+        x = ann.input_rotation.apply(x)
     y = reference.get_submodule(ann.layer)(x)
+    if ann.output_rotation is not None:
+        y = ann.output_rotation.apply(y)
     return y / ann.output_scale.to(y.dtype) if ann.output_scale is not None else y
 
 

@@ -80,6 +80,19 @@ class SchedulerIR:
 
 
 @dataclass(frozen=True)
+class Rotation:
+    """A change of basis the rotate pass folded into a layer: a vector v of one space is
+    (v @ matrix) * scale in the other (scale per channel; None: 1)."""
+
+    matrix: torch.Tensor
+    scale: torch.Tensor | None = None
+
+    def apply(self, v: torch.Tensor) -> torch.Tensor:
+        out = v.to(self.matrix.dtype) @ self.matrix
+        return (out if self.scale is None else out * self.scale.to(out.dtype)).to(v.dtype)
+
+
+@dataclass(frozen=True)
 class NodeAnnotation:
     layer: str                                # module path, e.g. model.layers.0.mlp.down_proj
     role: str = "linear"
@@ -99,6 +112,11 @@ class NodeAnnotation:
     # output_scale, so the error report compares against the float layer in the graph's space.
     input_scale: torch.Tensor | None = field(default=None, repr=False, compare=False)
     output_scale: torch.Tensor | None = field(default=None, repr=False, compare=False)
+    # The rotate pass's change of basis (transient like the scales): the float model's input is
+    # input_rotation.apply(graph_input * input_scale); the graph's output is
+    # output_rotation.apply(float_output) / output_scale.
+    input_rotation: Rotation | None = field(default=None, repr=False, compare=False)
+    output_rotation: Rotation | None = field(default=None, repr=False, compare=False)
 
     @property
     def quantized(self) -> bool:

@@ -6,6 +6,8 @@ form); `lower` then replaces dequantize + linear with a kernel op from the regis
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .quant_spec import QuantizedTensor, QuantSpec, dequantize, quantize
@@ -69,4 +71,42 @@ def fake_quantize_activation(x: torch.Tensor, spec: str, scale: torch.Tensor | N
 
 @fake_quantize_activation.register_fake
 def _fake_quantize_activation_fake(x, spec, scale):
+    return torch.empty_like(x)
+
+
+def walsh_hadamard(x: torch.Tensor) -> torch.Tensor:
+    """x @ H_p / √p over the last dim (p a power of two): log2(p) butterfly stages, no p×p matrix."""
+    p = x.shape[-1]
+    if p & (p - 1):
+        raise ValueError(f"a fast Walsh-Hadamard transform needs a power-of-two width, got {p}")
+    y = x.reshape(-1, p)
+    h = 1
+    while h < p:
+        y = y.view(-1, p // (2 * h), 2, h)
+        y = torch.stack((y[:, :, 0] + y[:, :, 1], y[:, :, 0] - y[:, :, 1]), dim=2)
+        h *= 2
+    return (y.reshape(x.shape) / math.sqrt(p)).to(x.dtype)
+
+
+def apply_online(x: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
+    """x @ (block ⊗ H_p / √p) over x's last dim n = m · p (block m×m): the online rotation."""
+    m = block.shape[0]
+    n = x.shape[-1]
+    if n % m:
+        raise ValueError(f"online rotation: width {n} is not a multiple of the block order {m}")
+    work = torch.promote_types(x.dtype, torch.float32)
+    y = walsh_hadamard(x.to(work).reshape(*x.shape[:-1], m, n // m))
+    return torch.matmul(block.to(work).t(), y).reshape(x.shape).to(x.dtype)
+
+
+
+@torch.library.custom_op("sagequant::online_rotate", mutates_args=())
+def online_rotate(x: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
+    """The rotate pass's online rotation in front of a linear (e.g. down_proj): x @ (block ⊗ H_p /
+    √p); the linear's weight is rotated alike (W·R), so (x R)(W R)ᵀ = x Wᵀ."""
+    return apply_online(x, block)
+
+
+@online_rotate.register_fake
+def _online_rotate_fake(x, block):
     return torch.empty_like(x)

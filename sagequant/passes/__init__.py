@@ -3,9 +3,9 @@ from .manager import (PASSES, DumpIR, Instrument, Pass, PassContext, PassManager
                       PrintIRAfter, Timing, define_pass, register_passes)
 from . import (annotate, awq, calibrate, canonicalize, convert, fake_quant, fold_fake_quant,  # noqa: E402
                fuse_norm_qdq, gptq, guard, insert_observers, kv_cache, kv_cache_quant, layerwise, lower,
-               mixed_precision, qat_train, schedule, smoothquant)
+               mixed_precision, qat_train, rotate, schedule, smoothquant)
 
-register_passes(canonicalize.canonicalize, annotate.annotate, mixed_precision.mixed_precision,
+register_passes(canonicalize.canonicalize, rotate.rotate, annotate.annotate, mixed_precision.mixed_precision,
                 smoothquant.smoothquant, awq.awq, insert_observers.insert_observers,
                 calibrate.calibrate, gptq.gptq, fake_quant.fake_quant, qat_train.qat_train,
                 fold_fake_quant.fold_fake_quant, convert.convert, lower.lower, schedule.schedule,

@@ -77,9 +77,19 @@ def _no_fuse(cfg, _):
     return None if cfg.fuse_qdq else "QuantConfig.fuse_qdq=False"
 
 
+def _no_rotation(cfg, _):
+    return "QuantConfig.rotate='off'" if cfg.rotate == "off" else None
+
+
+_ROTATE = Step("rotate", ("rotate", "rotate_online", "rotate_heads", "rotate_seed"), _no_rotation)
+# rotate before every pass that reads weights or activations (sensitivity, smoothing, AWQ, GPTQ,
+# observers), so they all see the rotated model.
+_CANONICALIZE = Step("canonicalize")
+_ANNOTATE = Step("annotate", ("ignore", "overrides", "scale_precision", "activation_scale"))
 _BEFORE_CONVERT = (
-    Step("canonicalize"),
-    Step("annotate", ("ignore", "overrides", "scale_precision", "activation_scale")),
+    _CANONICALIZE,
+    _ANNOTATE,
+    _ROTATE,
     Step("mixed_precision", ("target_bits_per_weight", "target_max_delta_loss", "precision_upgrades",
                              "sensitivity_samples", "sensitivity_method"), _no_budget),
     Step("smoothquant", ("smoothquant_alpha",), _method_not(SMOOTHQUANT_METHODS)),
@@ -105,7 +115,7 @@ TABLES: dict[str, tuple[Step, ...]] = {
     # The guard measures on sequences compile() holds back from calibration; QAT trains on its data.
     QAT: _BEFORE_CONVERT + _QAT_TRAINING + _FROM_CONVERT + (_FUSE,),
     # compile(device=...): the calibration and convert passes run block by block inside layerwise.
-    LAYERWISE: _BEFORE_CONVERT[:2] + (
+    LAYERWISE: (_CANONICALIZE, _ANNOTATE) + (
         Step("layerwise", ("calibration", "smoothquant_alpha", "awq_grid", "awq_clip", "gptq_block_size",
                            "gptq_damp", "gptq_act_order", "gptq_true_sequential", "observer",
                            "weight_observer")),) + _FROM_CONVERT[1:] + (_FUSE,),
@@ -172,6 +182,10 @@ def build_pipeline(config: QuantConfig, mode: str = PTQ, *, held_back: bool = Fa
     back from calibration and has the float model (the accuracy guard needs both)."""
     if mode not in TABLES:
         raise ValueError(f"unknown pipeline mode {mode!r}; modes: {', '.join(MODES)}")
+    if config.rotate != "off" and mode in (LAYERWISE, ONNX):
+        raise ConfigError(f"QuantConfig.rotate={config.rotate!r} is not supported in the {mode} pipeline "
+                          f"(it rotates the whole traced model's weights at once); rotate runs in "
+                          f"{PTQ} and {QAT} compiles (no device= layer-wise compile, no ONNX input model)")
     inputs = {"held_back": held_back, "reference": reference}
     planned, omitted = [], []
     for step in TABLES[mode]:

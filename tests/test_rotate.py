@@ -3,6 +3,7 @@ the online rotation op against dense float64 matrices, float equivalence of the 
 tiny random Llama / Qwen2 / Mistral models, exact graph structure, unsupported graphs, the config
 and pipeline wiring, and a compiled artifact with rotation through save / load."""
 import copy
+import json
 import math
 
 import pytest
@@ -200,3 +201,14 @@ def test_compiled_rotated_artifact_round_trip(tiny, calib_ids, eval_ids, tmp_pat
     back = sq.load(tmp_path / "art")
     assert back.graph.op_counts()[ONLINE] == 2
     assert torch.equal(back(eval_ids), out)
+
+
+def test_online_rotation_is_refused_by_the_checkpoint_export(compiled, tmp_path):
+    qm = compiled("llama", weight_dtype="int8", group_size=None, rotate="hadamard", guard="off")
+    with pytest.raises(sq.errors.ExportError, match="rotate_online=False"):
+        qm.export(tmp_path / "ct", format="compressed-tensors")
+    fused = compiled("llama", {"tie_word_embeddings": True}, weight_dtype="int8", group_size=None,
+                     rotate="hadamard", rotate_online=False, guard="off")
+    fused.export(tmp_path / "ct2", format="compressed-tensors")
+    config = json.loads((tmp_path / "ct2" / "config.json").read_text())
+    assert config["tie_word_embeddings"] is False  # untied by the rotation: two tensors written

@@ -13,7 +13,8 @@ compressed-tensors conventions that differ from ours: asymmetric integer codes a
 signed zero point (our uint4 code c with zero point z is c - 8 with z - 8: the same (c - z) * s),
 and grouped weights need in_features divisible by group_size (no ragged last group).
 Not expressible, refused naming layer, scheme and format: NF4 (a code book), fp8 e5m2 weights,
-per-tensor int4.
+per-tensor int4, the rotate pass's online rotations (a rotation fused into the weights exports as
+is: the norm weights are ones, the head untied).
 Only parameters are written (names ending in .weight / .bias); buffers the model code rebuilds from
 config.json (rotary inv_freq) are not.
 """
@@ -24,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from ...ir import ops  # noqa: F401  (registers sagequant::online_rotate, refused here)
 from ...ir.annotations import META_KEY
 from ...ir.lowered import LinearCall
 from ...safe_write import output_dir
@@ -93,6 +95,12 @@ def _layers(graph):
 
 
 def check_exportable(compiled) -> None:
+    online = compiled.graph.nodes(torch.ops.sagequant.online_rotate.default)
+    if online:
+        raise ExportError(f"cannot export as {FORMAT}: the graph applies {len(online)} online rotations "
+                          f"(sagequant::online_rotate, e.g. {online[0].name} before down_proj), which a "
+                          f"{FORMAT} checkpoint cannot express; compile with QuantConfig.rotate_online="
+                          "False (every rotation fused into the weights) to export it")
     _layers(compiled.graph)
 
 

@@ -45,10 +45,21 @@ def awq(graph: QuantGraph, ctx: PassContext) -> PassResult:
     raw = collect_input_stats(graph, ctx.calibration_batches, list(first_reader.values()),
                               cfg.awq_search_rows, desc="awq: statistics", sink_tokens=cfg.sink_tokens)
     stats = {inp: raw[node] for inp, node in first_reader.items()}
-    groups = balance_groups(graph)
+    result = balance_and_clip(graph, balance_groups(graph), linears, stats, cfg, show_progress=True)
+    graph.gm.recompile()
+    return PassResult(graph, True, result)
+
+
+def balance_and_clip(graph: QuantGraph, groups: list, linears: list, stats: dict, cfg, *,
+                     show_progress: bool = False) -> dict:
+    """AWQ on `groups` / `linears` given `stats` (linear input node -> InputStats): search each
+    group's scales, fold them (the stats are rescaled to match), then search every linear's clip
+    and clamp its weight. Used by this pass over the whole graph and by layerwise per block."""
+    def steps(items, desc, unit, note):
+        return track(items, desc, unit=unit, note=note) if show_progress else items
     rtn_loss = awq_loss = 0.0
     duo_chosen = 0
-    for group in track(groups, "awq: scale search", unit="group", note=lambda g: g.describe(graph)):
+    for group in steps(groups, "awq: scale search", "group", lambda g: g.describe(graph)):
         st = stats[group.input_node]
         spec = graph.annotation(group.consumers[0]).weight_spec
         found = awq_search_scales(st.rows, [graph.attr(c.args[1]) for c in group.consumers], spec,
@@ -61,18 +72,14 @@ def awq(graph: QuantGraph, ctx: PassContext) -> PassResult:
         awq_loss += found.loss
     clipped, clip_rtn, clip_loss = 0, 0.0, 0.0
     if cfg.awq_clip:
-        for node in track(linears, "awq: clip search", unit="layer",
-                          note=lambda n: graph.annotation(n).layer):
-            ann = graph.annotation(node)
+        for node in steps(linears, "awq: clip search", "layer", lambda n: graph.annotation(n).layer):
             target = node.args[1].target
-            clip = awq_search_clip(stats[node.args[0]].rows, graph.attr(target), ann.weight_spec,
-                                   grid=cfg.awq_grid)
+            clip = awq_search_clip(stats[node.args[0]].rows, graph.attr(target),
+                                   graph.annotation(node).weight_spec, grid=cfg.awq_grid)
             graph.set_attr(target, clip.weight)
             clipped += 1
             clip_rtn += clip.rtn_loss
             clip_loss += clip.loss
-    graph.gm.recompile()
-    return PassResult(graph, True, {"groups": len(groups), "duo_scales_chosen": duo_chosen,
-                                    "scale_loss_rtn": rtn_loss,
-                                    "scale_loss_awq": awq_loss, "clipped_layers": clipped,
-                                    "clip_loss_rtn": clip_rtn, "clip_loss_awq": clip_loss})
+    return {"groups": len(groups), "duo_scales_chosen": duo_chosen, "scale_loss_rtn": rtn_loss,
+            "scale_loss_awq": awq_loss, "clipped_layers": clipped, "clip_loss_rtn": clip_rtn,
+            "clip_loss_awq": clip_loss}

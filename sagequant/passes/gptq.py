@@ -45,30 +45,30 @@ def gptq(graph: QuantGraph, ctx: PassContext) -> PassResult:
     for seg in track(range(len(runner.segments)), "gptq", unit="segment", note=runner.segment_name):
         targets = [n for n in runner.segments[seg] if n.target == ATEN.linear.default
                    and graph.annotation(n) is not None and graph.annotation(n).quantized]
-        for stage in (_stages(targets) if cfg.gptq_true_sequential else [targets] if targets else []):
+        for stage in (stages(targets) if cfg.gptq_true_sequential else [targets] if targets else []):
             hessians = {n: HessianAccumulator(graph.attr(n.args[1]).shape[1], f"input of "
                                               f"{graph.annotation(n).layer}") for n in stage}
             hooks = {n: (lambda node, args, out: hessians[node].add(past_sink(args[0], cfg.sink_tokens)))
                      for n in stage}
             runner.run_segment(seg, caches, hooks, commit=False)
             for node in stage:
-                _quantize_layer(graph, node, hessians[node], cfg, stats)
+                quantize_layer(graph, node, hessians[node], cfg, stats)
         runner.run_segment(seg, caches)
     stats["peak_rss_mb"] = _peak_rss_mb()
     stats["peak_rss_growth_mb"] = round(stats["peak_rss_mb"] - rss_before, 1)
     return PassResult(graph, stats["layers"] > 0, stats)
 
 
-def _stages(targets: list) -> list[list]:
+def stages(targets: list) -> list[list]:
     """Linears grouped by the value they read, in graph order (q/k/v, then o, gate/up, down for a
     Llama block): each stage's Hessians come from a run after the earlier stages were quantized."""
-    stages: dict = {}
+    by_input: dict = {}
     for n in targets:
-        stages.setdefault(n.args[0], []).append(n)
-    return list(stages.values())
+        by_input.setdefault(n.args[0], []).append(n)
+    return list(by_input.values())
 
 
-def _quantize_layer(graph: QuantGraph, node, acc: HessianAccumulator, cfg, stats: dict) -> None:
+def quantize_layer(graph: QuantGraph, node, acc: HessianAccumulator, cfg, stats: dict) -> None:
     ann = graph.annotation(node)
     w_node = node.args[1]
     readers = [n for n in graph.graph.nodes if n.op == "get_attr" and n.target == w_node.target

@@ -37,14 +37,14 @@ from ..ir.graph import QuantGraph
 from ..ir.patterns import balance_groups
 from ..ir.trace import retarget_device
 from ..progress import phase
-from ..calibration.awq import awq_search_clip, awq_search_scales
 from ..calibration.distributed import merge_hessian, merge_observer, shard, world
 from ..calibration.gptq import HessianAccumulator
 from ..calibration.smoothquant import search_alpha, smoothing_scales
 from .calibrate import RANGE_ONLY_BATCHES
 from .convert import is_convertible, quantized_tensors, rewrite_linear
 from .fold_scales import fold_group_scales
-from .gptq import _quantize_layer, _stages
+from .awq import balance_and_clip
+from .gptq import quantize_layer, stages
 from .insert_observers import input_observer
 from .manager import PassContext, PassResult, define_pass
 from .smoothquant import SEARCH_ACT_SPEC, SEARCH_ROWS
@@ -215,28 +215,14 @@ class LayerwiseCompile:
         raw = segment_input_stats(self.runner, seg, caches, list(first_reader.values()), cfg.awq_search_rows,
                                   len(self.all_batches), sink_tokens=cfg.sink_tokens)
         stats = {inp: raw[node] for inp, node in first_reader.items()}
-        rtn = loss = 0.0
-        for group in groups:
-            st = stats[group.input_node]
-            found = awq_search_scales(st.rows, [graph.attr(c.args[1]) for c in group.consumers],
-                                      graph.annotation(group.consumers[0]).weight_spec, grid=cfg.awq_grid,
-                                      x_mean_abs=st.channel_mean_abs, duo=cfg.awq_duo_scaling)
-            fold_group_scales(graph, group, found.scales)
-            stats[group.input_node] = st.scaled(found.scales)
-            rtn, loss = rtn + found.rtn_loss, loss + found.loss
-        if cfg.awq_clip:
-            for node in linears:
-                target = node.args[1].target
-                clip = awq_search_clip(stats[node.args[0]].rows, graph.attr(target),
-                                       graph.annotation(node).weight_spec, grid=cfg.awq_grid)
-                graph.set_attr(target, clip.weight)
-        return {"awq_groups": len(groups), "scale_loss_rtn": rtn, "scale_loss_awq": loss}
+        result = balance_and_clip(graph, groups, linears, stats, cfg)
+        return {"awq_" + k if k == "groups" else k: v for k, v in result.items()}
 
     def _gptq(self, seg, caches, linears) -> dict:
         graph = self.graph
         stats = {"layers": 0, "rtn_error": 0.0, "gptq_error": 0.0}
         # As the gptq pass: true-sequential stages see the earlier stages already quantized.
-        for stage in _stages(linears) if self.cfg.gptq_true_sequential else [linears]:
+        for stage in stages(linears) if self.cfg.gptq_true_sequential else [linears]:
             hessians = {n: HessianAccumulator(graph.attr(n.args[1]).shape[1],
                                               f"input of {graph.annotation(n).layer}") for n in stage}
             sink = self.cfg.sink_tokens
@@ -244,7 +230,7 @@ class LayerwiseCompile:
                 past_sink(args[0], sink))) for n in stage}, commit=False)
             for node in stage:
                 acc = hessians.pop(node)
-                _quantize_layer(graph, node, merge_hessian(acc) if self.world_size > 1 else acc,
+                quantize_layer(graph, node, merge_hessian(acc) if self.world_size > 1 else acc,
                                 self.cfg, stats)
         return {"gptq_rtn_error": stats["rtn_error"], "gptq_error": stats["gptq_error"]}
 

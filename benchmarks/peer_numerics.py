@@ -104,9 +104,21 @@ def weight_diffs(model, weight: tuple, scale_dtype: str) -> dict:
     return out
 
 
-def compiled_layers(model, cfg_kwargs: dict, example: torch.Tensor) -> list[str]:
-    cm = sq.compile(model, sq.QuantConfig(**cfg_kwargs, guard="off"), calibration_data=[example])
-    return sorted(a.layer for a in cm._annotations() if a.quantized)
+def compiled_vs_peer(model, name: str, ids: torch.Tensor, scale_dtype: str) -> dict:
+    """Which layers our compile quantizes vs the peer's targets, and how far apart their logits are
+    (relative to the quantization's own effect, the float-vs-peer distance)."""
+    kwargs, weight, act = SCHEMES[name]
+    cm = sq.compile(model, sq.QuantConfig(**kwargs, scale_precision=scale_dtype, guard="off"),
+                    calibration_data=[ids])
+    ours = {a.layer for a in cm._annotations() if a.quantized}
+    peer = set(linears(model))
+    with torch.inference_mode():
+        f = model(input_ids=ids, use_cache=False).logits
+        p = fake_quantized_copy(model, weight, act, "peer")(input_ids=ids, use_cache=False).logits
+        o = cm(ids)
+    return {"ours_only": sorted(ours - peer), "peer_only": sorted(peer - ours),
+            "ours_vs_peer_rel": float((o - p).norm() / (f - p).norm()),
+            "float_vs_peer_rel": float((f - p).norm() / f.norm())}
 
 
 def tiny_model(arch: str):
@@ -123,15 +135,12 @@ def tiny_model(arch: str):
 
 def run_tiny(arch: str) -> dict:
     model = tiny_model(arch)
-    ids = torch.randint(0, 256, (1, 32))
+    ids = torch.randint(0, 256, (1, 32), generator=torch.Generator().manual_seed(0))
     peer_layers = sorted(linears(model))
-    res = {"arch": arch, "peer_targets": peer_layers}
-    for name, (kwargs, weight, _) in SCHEMES.items():
-        if weight[1] is not None and weight[1] > 64:
-            continue
-        ours = compiled_layers(model, kwargs, ids)
-        res[name] = {"ours_only": sorted(set(ours) - set(peer_layers)),
-                     "peer_only": sorted(set(peer_layers) - set(ours))}
+    res = {"arch": arch, "peer_targets": len(peer_layers)}
+    for name, (_, weight, _) in SCHEMES.items():
+        if weight[1] is None or weight[1] <= 64:
+            res[name] = {sd: compiled_vs_peer(model, name, ids, sd) for sd in ("fp16", "fp32")}
     return res
 
 

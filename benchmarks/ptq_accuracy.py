@@ -44,7 +44,13 @@ SCHEMES = {
                                  activation_scale="static_per_tensor", observer="mse"),
     "w8a8-int8-smoothquant-auto": dict(weight_dtype="int8", activation_dtype="int8", group_size=None,
                                        calibration="smoothquant", smoothquant_alpha="auto"),
+    "w8a8-int8-smoothquant-mse": dict(weight_dtype="int8", activation_dtype="int8", group_size=None,
+                                      calibration="smoothquant", weight_observer="mse"),
     "w8a8-fp8-dynamic": dict(weight_dtype="fp8", activation_dtype="fp8", group_size=None),
+    "w8a8-fp8-smoothquant": dict(weight_dtype="fp8", activation_dtype="fp8", group_size=None,
+                                 calibration="smoothquant"),
+    "w8a8-fp8-dynamic-mse": dict(weight_dtype="fp8", activation_dtype="fp8", group_size=None,
+                                 weight_observer="mse"),
     "w8a8-fp8-static-minmax": dict(weight_dtype="fp8", activation_dtype="fp8", group_size=None,
                                    activation_scale="static_per_tensor"),
     "w4a16-rtn": dict(weight_dtype="int4", activation_dtype="a16", **G128),
@@ -67,15 +73,18 @@ SCHEMES = {
     "w4a16-awq-g64": dict(weight_dtype="int4", activation_dtype="a16", calibration="awq", group_size=64),
     "w4a16-gptq-g64": dict(weight_dtype="int4", activation_dtype="a16", calibration="gptq",
                            gptq_true_sequential=True, group_size=64),
+    "w4a16-gptq-one-pass-g64": dict(weight_dtype="int4", activation_dtype="a16", calibration="gptq",
+                                    gptq_true_sequential=False, group_size=64),
     "w4a16-awq-gptq-g64": dict(weight_dtype="int4", activation_dtype="a16", calibration="awq+gptq",
                                group_size=64),
 }
 # RTN row whose loss a method's row is measured against, by group size.
 RTN_OF = {128: "w4a16-rtn", 64: "w4a16-rtn-g64"}
 # The issue-19 table (--all): every scheme's rows; the slowest (GPTQ) first so --jobs overlaps them.
-TABLE = ["w4a16-gptq-one-pass", "w4a16-gptq-g64", "w4a16-awq-gptq", "w4a16-awq-gptq-g64",
+TABLE = ["w4a16-gptq-one-pass", "w4a16-gptq-one-pass-g64", "w4a16-awq-gptq", "w4a16-awq-gptq-g64",
          "w4a16-awq", "w4a16-awq-g64", "float", "w8a16-rtn", "w8a8-int8-minmax",
-         "w8a8-int8-smoothquant", "w8a8-int8-smoothquant-auto", "w8a8-fp8-dynamic",
+         "w8a8-int8-smoothquant", "w8a8-int8-smoothquant-auto", "w8a8-int8-smoothquant-mse",
+         "w8a8-fp8-dynamic", "w8a8-fp8-smoothquant", "w8a8-fp8-dynamic-mse",
          "w4a16-rtn", "w4a16-rtn-g64"]
 
 
@@ -86,6 +95,9 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=20000)
     p.add_argument("--calib-samples", type=int, default=32)
     p.add_argument("--calib-seq-len", type=int, default=512)
+    p.add_argument("--scale-precision", choices=["fp16", "fp32"], default="fp32",
+                   help="QuantConfig.scale_precision of every row (fp32: compressed-tensors' scales "
+                   "bit for bit; benchmarks/peer_numerics.py)")
     p.add_argument("--out", default="ptq_accuracy.json")
     p.add_argument("--table", action="store_true", help="print the Markdown table of --out at the end")
     p.add_argument("--all", action="store_true",
@@ -124,13 +136,15 @@ def main() -> None:
             entry = {"ppl": res.ppl, "compile_s": 0.0}
         else:
             # guard='report': the table must show a bad scheme's number, not stop at it.
-            cfg = sq.QuantConfig(**SCHEMES[name], calibration_samples=args.calib_samples,
+            cfg = sq.QuantConfig(**SCHEMES[name], scale_precision=args.scale_precision,
+                                 calibration_samples=args.calib_samples,
                                  calibration_seq_len=args.calib_seq_len, guard="report")
             cm = sq.compile(model, cfg, calibration_data=calib)
             compile_s = time.perf_counter() - t
             res = compare_to_float(float_fn, cm, eval_ids)
             entry = {"ppl": res["ppl_quant"], "compile_s": compile_s, "scheme": cfg.scheme, "vs_float": res,
                      "calibration": cfg.calibration, "config": SCHEMES[name],
+                     "scale_precision": cfg.scale_precision,
                      "bits_per_weight": cm.weight_bytes()["bits_per_weight"],
                      "accuracy_guard": cm.report().get("accuracy_guard"),
                      "passes": {h["pass"]: h.get("seconds") for h in cm.pass_history},
@@ -157,7 +171,7 @@ def run_all(args, rows: list[str], out: Path, results: dict) -> None:
     rows_dir.mkdir(exist_ok=True)
     running: dict[str, subprocess.Popen] = {}
     common = ["--max-tokens", str(args.max_tokens), "--calib-samples", str(args.calib_samples),
-              "--calib-seq-len", str(args.calib_seq_len)]
+              "--calib-seq-len", str(args.calib_seq_len), "--scale-precision", args.scale_precision]
     if args.contributions:
         common += ["--contributions", args.contributions, "--contribution-tokens", str(args.contribution_tokens)]
     while todo or running:

@@ -66,6 +66,10 @@ SCHEMES = {
     "w4a16-gptq-one-pass": dict(weight_dtype="int4", activation_dtype="a16", calibration="gptq",
                                 gptq_true_sequential=False, **G128),
     "w4a16-awq-gptq": dict(weight_dtype="int4", activation_dtype="a16", calibration="awq+gptq", **G128),
+    # rotate pass (QuaRot-style Hadamard residual rotation + online down_proj / per-head v/o)
+    "w8a8-int8-rotate": dict(weight_dtype="int8", activation_dtype="int8", group_size=None, rotate="hadamard"),
+    "w8a8-fp8-rotate": dict(weight_dtype="fp8", activation_dtype="fp8", group_size=None, rotate="hadamard"),
+    "w4a16-rtn-rotate": dict(weight_dtype="int4", activation_dtype="a16", rotate="hadamard", **G128),
     "nf4-g64": dict(weight_dtype="nf4", activation_dtype="a16", group_size=64),
     # group 64 divides every SmolLM2 layer: the setting llm-compressor can run (it refuses the
     # ragged 576 = 4 x 128 + 64 groups of g128), for a like-for-like comparison
@@ -85,7 +89,7 @@ TABLE = ["w4a16-gptq-one-pass", "w4a16-gptq-one-pass-g64", "w4a16-awq-gptq", "w4
          "w4a16-awq", "w4a16-awq-g64", "float", "w8a16-rtn", "w8a8-int8-minmax",
          "w8a8-int8-smoothquant", "w8a8-int8-smoothquant-auto", "w8a8-int8-smoothquant-mse",
          "w8a8-fp8-dynamic", "w8a8-fp8-smoothquant", "w8a8-fp8-dynamic-mse",
-         "w4a16-rtn", "w4a16-rtn-g64"]
+         "w8a8-int8-rotate", "w8a8-fp8-rotate", "w4a16-rtn-rotate", "w4a16-rtn", "w4a16-rtn-g64"]
 
 
 def main() -> None:

@@ -126,8 +126,10 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, 
 
     perm = (torch.argsort(torch.diagonal(H), descending=True, stable=True) if act_order
             else torch.arange(n_cols))
-    W, H = W[:, perm.to(W.device)], H[perm][:, perm]
+    if act_order:   # (the identity permutation would copy W and H twice for nothing)
+        W, H = W[:, perm.to(W.device)], H[perm][:, perm]
     Hinv, damp_used = _inverse_cholesky(H, damp, what)
+    del H
     Hinv = Hinv.to(device=W.device, dtype=torch.float32)
     orig = perm.tolist()
 
@@ -199,14 +201,17 @@ def _check_inputs(weight, hessian, spec, block_size, damp, clip_ratio, min_sampl
 def _inverse_cholesky(H: torch.Tensor, damp: float, what: str) -> tuple[torch.Tensor, float]:
     """Upper Cholesky factor of (H + λI)⁻¹, λ = damp · mean(diag H), damp x10 on failure."""
     mean_diag = float(torch.diagonal(H).mean())
-    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
     tried = []
     for attempt in range(DAMP_RETRIES + 1):
         d = damp * 10 ** attempt
         tried.append(d)
-        L, info = torch.linalg.cholesky_ex(H + d * mean_diag * eye)
+        damped = H.clone()   # H + λI without an identity matrix and a product (each [in, in])
+        damped.diagonal().add_(d * mean_diag)
+        L, info = torch.linalg.cholesky_ex(damped)
+        del damped
         if int(info) == 0:
-            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+            L = torch.cholesky_inverse(L)
+            U, info = torch.linalg.cholesky_ex(L, upper=True)
             if int(info) == 0 and bool(torch.isfinite(U).all()):
                 return U, d
     raise GPTQError(f"{what}: Hessian is not positive definite even with damping "

@@ -4,9 +4,12 @@ estimated from the checkpoint's config.json and the QuantConfig before any weigh
 Device memory is the largest block's weights + the inter-block activation cache (unless
 offloaded) + one sample's activations inside a block (or convert's float32 copies of the
 largest linear, whichever is larger) + the method's statistics (GPTQ: the float64 Hessians of one
-true-sequential stage plus one layer's rounding workspace; AWQ: the sampled input rows). Time counts the block forwards each method runs (observe, search, commit),
-GPTQ's error propagation and AWQ's grid searches as FLOPs at a sustained device rate, plus the
-checkpoint read. The rates are stated constants, not measurements of this machine.
+true-sequential stage plus one layer's rounding workspace; AWQ: the sampled input rows). CPU
+memory is what the process holds (finished blocks are file-backed mappings, reported apart).
+Time counts the block forwards each method runs (observe, search, commit), GPTQ's error
+propagation and AWQ's grid searches as FLOPs at a sustained device rate, the checkpoint read and
+the per-block recording of the finished tensors. The rates are stated constants (the recording
+rate measured on an H100 machine), not measurements of this machine.
 """
 from __future__ import annotations
 
@@ -24,6 +27,12 @@ GIB = 1 << 30
 DEVICE_FLOPS = {("cuda", torch.float32): 45e12, ("cuda", torch.bfloat16): 400e12,
                 ("cpu", torch.float32): 0.5e12, ("cpu", torch.bfloat16): 0.2e12}
 DISK_BYTES_PER_S = 1.5e9
+# Per block, recording its finished tensors (device -> CPU copy, safetensors write, fsync): bytes
+# recorded per second. Measured: H100 run 1 (BENCHMARKS 12a), block-loop time minus the FLOP and
+# read terms over the bytes recorded, 5.2-5.4 s per GiB for RTN, SmoothQuant and FP8 alike.
+SEGMENT_WRITE_BYTES_PER_S = GIB / 5.3
+# What a process holds before any weight (interpreter, torch, the CUDA context and its libraries).
+PROCESS_BYTES = {"cuda": int(1.0 * GIB), "cpu": int(0.3 * GIB)}
 # Full block forwards over every sample, per method: statistics run(s) + the commit run.
 FORWARDS = {"minmax": 1, "percentile": 1, "smoothquant": 3, "awq": 2, "smoothquant+awq": 3, "gptq": 2}
 # Observed by the caching allocator on top of the live tensors (fragmentation, workspaces).
@@ -89,7 +98,8 @@ class Plan:
                 f"{d['block_weight_bytes'] / GIB:.2f}, activation cache {d['cache_bytes'] / GIB:.2f}"
                 f"{' in CPU memory' if d['offload_cache'] else ''}, per-sample work {d['work_bytes'] / GIB:.2f}, "
                 f"{self.method} statistics {d['stats_bytes'] / GIB:.2f})",
-                f"  peak CPU memory {self.peak_cpu_bytes / GIB:.2f} GiB, disk {self.disk_bytes / GIB:.2f} GiB "
+                f"  peak CPU memory {self.peak_cpu_bytes / GIB:.2f} GiB (+ {d['mapped_bytes'] / GIB:.2f} GiB "
+                f"of finished blocks mapped from their files), disk {self.disk_bytes / GIB:.2f} GiB "
                 f"(segment records + artifact), time ~{self.seconds:.0f} s"]
 
     def to_dict(self) -> dict:
@@ -113,9 +123,11 @@ def plan_layerwise(shape: Shape, cfg: QuantConfig, device: torch.device, dtype: 
     device_peak = int(ALLOCATOR_SLACK * (block_weights + (0 if offload_cache else cache) + work + stats))
     quantized = _quantized_bytes(shape, cfg)
     float_kept = shape.embedding_params() * b + shape.layers * 2 * h * b
-    # CPU: the artifact is assembled in memory (quantized weights + the float embedding/head),
-    # plus one block read from disk, plus the offloaded cache.
-    cpu_peak = int(quantized + float_kept + block_weights + (cache if offload_cache else 0))
+    # CPU, held by the process: its fixed part, the host copy of the largest segment being
+    # recorded (the float embedding / head, or a quantized block) and the offloaded cache. The
+    # finished segments are memory-mapped from their files (`mapped`: file pages, not held).
+    largest_segment = max(shape.vocab * h * b, quantized // shape.layers)
+    cpu_peak = int(PROCESS_BYTES[device.type] + largest_segment + (cache if offload_cache else 0))
     if device.type == "cpu":   # the device is the CPU: its memory holds the block and cache too
         cpu_peak += device_peak
     disk = 2 * (quantized + float_kept)
@@ -124,11 +136,12 @@ def plan_layerwise(shape: Shape, cfg: QuantConfig, device: torch.device, dtype: 
     method_flops = _method_flops(shape, cfg)
     read = checkpoint_bytes if checkpoint_bytes is not None else (shape.layers * shape.block_params()
                                                                     + shape.embedding_params()) * 2
-    seconds = shape.layers * (forward_flops + method_flops) / rate + read / DISK_BYTES_PER_S
+    seconds = (shape.layers * (forward_flops + method_flops) / rate + read / DISK_BYTES_PER_S
+               + (quantized + float_kept) / SEGMENT_WRITE_BYTES_PER_S)
     detail = {"samples": n, "seq_len": t, "layers": shape.layers, "block_params": shape.block_params(),
               "block_weight_bytes": block_weights, "cache_bytes": cache, "work_bytes": work,
               "stats_bytes": stats, "offload_cache": offload_cache, "quantized_bytes": quantized,
-              "float_kept_bytes": float_kept}
+              "float_kept_bytes": float_kept, "mapped_bytes": quantized + float_kept}
     return Plan(cfg.calibration, device.type, device_peak, cpu_peak, disk, seconds, detail)
 
 
@@ -142,8 +155,9 @@ def _stats_bytes(shape: Shape, cfg: QuantConfig) -> int:
         hessians = (max(sum(v) for v in stages.values()) if cfg.gptq_true_sequential
                     else sum(sum(v) for v in stages.values()))
         o, i = max(shape.linears(), key=lambda oi: oi[0] * oi[1] + oi[1] * oi[1])
-        # W, Q, Err, result in float32; the Hessian's copy, its damped clone, L (float64), Hinv
-        workspace = 4 * o * i * 4 + i * i * (8 + 8 + 8 + 4)
+        # W, Q, Err, result in float32; at the Cholesky step four float64 [in, in] matrices
+        # besides the accumulator: the Hessian handed in, GPTQ's working copy, H + λI and L
+        workspace = 4 * o * i * 4 + 4 * i * i * 8
         return hessians + workspace
     if "awq" in cfg.calibration:
         inputs = [shape.hidden, shape.hidden, shape.heads * shape.head_dim, shape.ffn]

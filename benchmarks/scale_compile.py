@@ -249,12 +249,15 @@ def main() -> None:
     ap.add_argument("--wide-samples", type=int, help="calibration samples of the 70B-width runs")
     ap.add_argument("--budget-s", type=float, default=570.0,
                     help="wall seconds for the whole call; a compile still running then is killed")
+    ap.add_argument("--table", type=Path, nargs="*", help="print the markdown table of these results")
     ap.add_argument("--reference", type=Path, help="an earlier scale_compile.json whose uninterrupted "
                     "run of --resume-method the resumed artifact is compared with")
     args = ap.parse_args()
     if args.run:
         print("RESULT " + json.dumps(run_one(args)), flush=True)
         return
+    if args.table:
+        return print_table(args.table)
     deadline = time.perf_counter() + args.budget_s
     device = "cuda" if torch.cuda.is_available() else "cpu"
     shape, wide = (SMOKE, SMOKE_WIDE) if args.smoke else (LLAMA8B, WIDE70B)
@@ -303,6 +306,25 @@ def main() -> None:
                             **(r or {"failed": True})})
                     shutil.rmtree(args.scratch / "w-wide", ignore_errors=True)
     print(json.dumps(results, indent=1))
+
+
+def print_table(paths: list[Path]) -> None:
+    """Measured next to the plan's prediction, one row per compile of the results files."""
+    print("| run | layers | block loop s (plan s) | compile s | save s | peak GPU GiB (plan) | "
+          "RssAnon GiB (plan) | ru_maxrss GiB | artifact GiB |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for path in paths:
+        for r in json.loads(Path(path).read_text())["runs"]:
+            if "method" not in r:
+                continue
+            what = r["method"] + (" resumed" if r.get("step") == "resume" else "")
+            if "layerwise_s" not in r:
+                print(f"| {what} | {r.get('layers', 32)} | not finished: {r} |||||||")
+                continue
+            print(f"| {what} | {r.get('layers', 32)} | {r['layerwise_s']:.1f} ({r['plan_s']:.0f}) | "
+                  f"{r['compile_s']:.1f} | {r['save_s']:.1f} | {r['peak_gpu_gib']:.2f} ({r['plan_gpu_gib']:.2f}) | "
+                  f"{r['peak_rss_anon_gib']:.2f} ({r['plan_cpu_gib']:.2f}) | {r['ru_maxrss_gib']:.1f} | "
+                  f"{r['artifact_gib']:.2f} |")
 
 
 def resume(args, base: dict, blocks: int, results: dict, deadline: float) -> dict:

@@ -212,3 +212,15 @@ def test_online_rotation_is_refused_by_the_checkpoint_export(compiled, tmp_path)
     fused.export(tmp_path / "ct2", format="compressed-tensors")
     config = json.loads((tmp_path / "ct2" / "config.json").read_text())
     assert config["tie_word_embeddings"] is False  # untied by the rotation: two tensors written
+
+
+def test_cli_rotate_flag():
+    import argparse
+    from sagequant.tools.compile_flags import add_compile_flags, config_from_args
+    p = argparse.ArgumentParser()
+    add_compile_flags(p, dataset_required=False)
+    base = ["--model", "m", "--output", "o"]
+    assert config_from_args(p.parse_args(base + ["--rotate", "hadamard"])).rotate == "hadamard"
+    assert config_from_args(p.parse_args(base)).rotate == "off"
+    with pytest.raises(ConfigError, match="QuantConfig.rotate='spin'"):
+        config_from_args(p.parse_args(base + ["--rotate", "spin"]))

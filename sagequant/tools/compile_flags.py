@@ -34,7 +34,8 @@ def config_from_args(args) -> QuantConfig:
              "priority": args.priority, "clip_ratio": args.clip_ratio,
              "calibration_samples": args.samples, "calibration_seq_len": args.seq_len,
              "fallback": args.fallback, "guard": args.guard,
-             "target_bits_per_weight": args.target_bits, "target_max_delta_loss": args.target_delta_loss}
+             "target_bits_per_weight": args.target_bits, "target_max_delta_loss": args.target_delta_loss,
+             "rotate": args.rotate}
     if args.asymmetric:
         flags["symmetric"] = False
     if args.ignore is not None:
@@ -77,6 +78,8 @@ def add_compile_flags(p: argparse.ArgumentParser, dataset_required: bool,
     p.add_argument("--seq-len", type=positive_int, help="calibration sample length in tokens")
     p.add_argument("--guard", help="accuracy guard on held-back calibration data: enforce (default: fail "
                    "past the bounds) | report (only record) | off")
+    p.add_argument("--rotate", help="QuaRot-style rotation before quantizing: off (default) | hadamard | "
+                                    "random (fused into the weights, plus an online Hadamard before down_proj)")
     p.add_argument("--target-bits", type=positive_float, help="mixed precision: average bits per weight budget")
     p.add_argument("--target-delta-loss", type=non_negative_float,
                    help="mixed precision: largest summed per-layer delta loss (nats)")

@@ -65,8 +65,7 @@ def test_formats(kwargs, fmt, act_fmt):
         (("w8a16", "int8"), "weight_dtype='w8a16'.*activation_dtype='int8'"),
         (("w4a16", "fp8"), "weight_dtype='w4a16'.*activation_dtype='fp8'"),
         (("w8a8", "bf16"), "weight_dtype='w8a8'.*activation_dtype='a16'"),
-        (("int4", "int8"), "weight_dtype='int4'.*W4A8 .*not supported"),
-        (("nf4", "fp8"), "weight_dtype='nf4'.*W4A8 .*not supported"),
+        (("nf4", "fp8"), "weight_dtype='nf4'.*NF4 weights run with 16-bit activations only.*W4A8-INT8"),
         (("fp8", "int8"), "weight_dtype='fp8'.*activation_dtype='int8'"),
         (("int8", "fp8"), "weight_dtype='int8'.*activation_dtype='fp8'"),
     ],
@@ -175,8 +174,9 @@ def test_replace_validates():
     cfg = QuantConfig()
     assert cfg.replace(weight_dtype="int8").scheme == "W8A16"
     assert cfg.scheme == "W4A16"
+    assert cfg.replace(activation_dtype="int8").scheme == "W4A8-INT8"
     with pytest.raises(ConfigError, match="activation_dtype='int8'"):
-        cfg.replace(activation_dtype="int8")
+        cfg.replace(weight_dtype="nf4", activation_dtype="int8")
     with pytest.raises(ConfigError, match="no field 'bogus'"):
         cfg.replace(bogus=1)
 
@@ -229,8 +229,8 @@ def test_override_to_quantized_activations():
     [
         ({"*q_proj": {"bits": 4}}, r"overrides\['\*q_proj'\] sets unknown key 'bits'; valid keys"),
         ({"*q_proj": {"backend": "cuda"}}, r"overrides\['\*q_proj'\] sets unknown key 'backend'"),
-        ({"*q_proj": {"activation_dtype": "int8"}},
-         r"overrides\['\*q_proj'\]: .*weight_dtype='int4'.*W4A8"),
+        ({"*q_proj": {"weight_dtype": "nf4", "activation_dtype": "int8"}},
+         r"overrides\['\*q_proj'\]: .*weight_dtype='nf4'.*W4A8"),
         ({"*q_proj": {"weight_dtype": "nf4", "symmetric": False}},
          r"overrides\['\*q_proj'\]: .*symmetric=False"),
         ({"*q_proj": {"group_size": 0}}, r"overrides\['\*q_proj'\]: .*group_size=0"),
@@ -253,9 +253,9 @@ def test_overrides_are_validated_against_the_base_config():
 def test_overrides_contradicting_only_in_combination_fail_per_layer():
     cfg = QuantConfig(weight_dtype="int8", overrides={
         "*.mlp.*": {"activation_dtype": "int8"},
-        "*.down_proj": {"weight_dtype": "int4"},
+        "*.down_proj": {"weight_dtype": "nf4"},
     })
     assert cfg.layer_settings("model.layers.0.mlp.up_proj").scheme == "W8A8-INT8"
     assert cfg.layer_settings("model.layers.0.self_attn.o_proj").scheme == "W8A16"
-    with pytest.raises(ConfigError, match=r"overrides of layer '\S+down_proj'.*W4A8"):
+    with pytest.raises(ConfigError, match=r"overrides of layer '\S+down_proj'.*NF4 weights"):
         cfg.layer_settings("model.layers.0.mlp.down_proj")

@@ -24,7 +24,7 @@ from .qat import QATConfig
 from .rotation import RotationConfig
 from .weights import WeightConfig
 
-SCHEMES = ("W8A16", "W4A16", "FP8-W8A16", "NF4-A16", "W8A8-INT8", "W8A8-FP8")
+SCHEMES = ("W8A16", "W4A16", "FP8-W8A16", "NF4-A16", "W8A8-INT8", "W8A8-FP8", "W4A8-INT8", "W4A8-FP8")
 # (weight kind, activation kind) -> scheme; anything else is a contradiction.
 _SCHEME_OF = {
     ("int8", "a16"): "W8A16",
@@ -33,6 +33,8 @@ _SCHEME_OF = {
     ("nf4", "a16"): "NF4-A16",
     ("int8", "int8"): "W8A8-INT8",
     ("fp8", "fp8"): "W8A8-FP8",
+    ("int4", "int8"): "W4A8-INT8",
+    ("int4", "fp8"): "W4A8-FP8",
 }
 _VALID_SCHEMES = (
     "valid schemes: W8A16 (weight_dtype int8|w8a16, activation_dtype a16|fp16|bf16); "
@@ -40,7 +42,9 @@ _VALID_SCHEMES = (
     "FP8-W8A16 (weight_dtype fp8, activation_dtype a16); "
     "NF4-A16 (weight_dtype nf4, activation_dtype a16); "
     "W8A8-INT8 (weight_dtype int8|w8a8, activation_dtype int8|w8a8); "
-    "W8A8-FP8 (weight_dtype fp8|w8a8, activation_dtype fp8)"
+    "W8A8-FP8 (weight_dtype fp8|w8a8, activation_dtype fp8); "
+    "W4A8-INT8 (weight_dtype int4, activation_dtype int8); "
+    "W4A8-FP8 (weight_dtype int4, activation_dtype fp8)"
 )
 _QAT_SCHEMES = ("W8A16", "W4A16", "FP8-W8A16", "W8A8-INT8", "W8A8-FP8")
 
@@ -140,9 +144,9 @@ class QuantConfig:
             raise self._contradiction(f"{self.weight_dtype} means 16-bit activations")
         if self.weight_dtype == "w8a8" and act == "a16":
             raise self._contradiction("w8a8 means quantized activations (set int8 or fp8)")
-        if weight in ("int4", "nf4") and act != "a16":
-            raise self._contradiction("W4A8 (4-bit weights, 8-bit activations) is not supported "
-                                      "in this build")
+        if weight == "nf4" and act != "a16":
+            raise self._contradiction("NF4 weights run with 16-bit activations only (for 4-bit "
+                                      "weights with 8-bit activations use int4: W4A8-INT8 / W4A8-FP8)")
         if (weight, act) not in _SCHEME_OF:
             raise self._contradiction(f"{weight} weights cannot run with {act} activations")
         if not self.symmetric and weight in ("fp8", "nf4"):

@@ -85,10 +85,13 @@ class KernelRegistry:
             raise KernelNotFoundError(f"no kernel can run {layer} for {key}: {detail}"
                                       + ("" if fallback else "; set QuantConfig.fallback to allow "
                                          "another backend explicitly"))
-        available = ", ".join(f"({sc}, {b}, {p})" for sc, b, p in self.keys())
+        same_scheme = sorted({f"{s.backend}:{s.name}" for s in self._specs
+                              if scheme in s.schemes and priority in s.priorities})
+        where = (f"; {scheme} kernels exist for: {', '.join(same_scheme)} (set QuantConfig.backend or "
+                 "QuantConfig.fallback to one of those backends)" if same_scheme else "")
+        where += "; registered keys: " + ", ".join(f"({sc}, {b}, {p})" for sc, b, p in self.keys())
         raise KernelNotFoundError(f"no kernel registered for {key} (layer {layer})"
-                                  + (f" nor for fallback backend {fallback}" if fallback else "")
-                                  + f"; registered keys: {available}")
+                                  + (f" nor for fallback backend {fallback}" if fallback else "") + where)
 
 
 REGISTRY = KernelRegistry()

@@ -2,7 +2,8 @@
 with the format's own numerics, then a float GEMM in the activation dtype. W8A8 linear = quantize
 the activation (per token, or with the calibrated static scale), then the product of the two
 dequantized operands accumulated in float64 — exactly what an int32-accumulating INT8 GEMM or an
-fp32-accumulating FP8 GEMM computes before its output rounding."""
+fp32-accumulating FP8 GEMM computes before its output rounding. W4A8 runs the W8A8 oracle on
+int4 weight codes."""
 from __future__ import annotations
 
 import torch
@@ -15,6 +16,7 @@ from ...lowering.registry import KernelSpec
 PRIORITIES = ("latency", "throughput", "memory")
 WEIGHT_ONLY_SCHEMES = tuple(s for s in SCHEMES if s.endswith("A16"))
 W8A8_SCHEMES = tuple(s for s in SCHEMES if s.startswith("W8A8"))
+W4A8_SCHEMES = tuple(s for s in SCHEMES if s.startswith("W4A8"))
 
 
 @torch.library.custom_op("sagequant::weight_only_linear_ref", mutates_args=())
@@ -81,6 +83,21 @@ CPU_W8A8 = KernelSpec(
     op=torch.ops.sagequant.w8a8_linear_ref.default,
     description="quantize activations (dynamic per-token or static per-tensor), float64 GEMM of "
                 "the dequantized int8/fp8 operands",
+    activation_quant=True,
+    prequantized_op=torch.ops.sagequant.w8a8_linear_prequantized_ref.default,
+)
+
+# W4A8: the same oracle (it dequantizes whatever weight codes it is given: int4 / uint4, any group
+# incl. ragged), its own registry row so a W4A8 layer is bound to a kernel named for it.
+CPU_W4A8 = KernelSpec(
+    name="cpu_w4a8_ref",
+    backend="cpu",
+    schemes=W4A8_SCHEMES,
+    priorities=PRIORITIES,
+    op=torch.ops.sagequant.w8a8_linear_ref.default,
+    description="quantize activations to int8/fp8 (dynamic per-token or static per-tensor), float64 "
+                "GEMM with the dequantized int4 weight (per-channel or per-group)",
+    formats=("int4", "uint4"),
     activation_quant=True,
     prequantized_op=torch.ops.sagequant.w8a8_linear_prequantized_ref.default,
 )

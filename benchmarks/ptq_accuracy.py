@@ -81,6 +81,10 @@ SCHEMES = {
                                     gptq_true_sequential=False, group_size=64),
     "w4a16-awq-gptq-g64": dict(weight_dtype="int4", activation_dtype="a16", calibration="awq+gptq",
                                group_size=64),
+    # W4A8 (int4 g128 weights, 8-bit dynamic per-token activations), with and without rotation
+    "w4a8-int8-rtn": dict(weight_dtype="int4", activation_dtype="int8", **G128),
+    "w4a8-int8-rtn-rotate": dict(weight_dtype="int4", activation_dtype="int8", rotate="hadamard", **G128),
+    "w4a8-fp8-rtn-rotate": dict(weight_dtype="int4", activation_dtype="fp8", rotate="hadamard", **G128),
 }
 # RTN row whose loss a method's row is measured against, by group size.
 RTN_OF = {128: "w4a16-rtn", 64: "w4a16-rtn-g64"}
@@ -89,7 +93,8 @@ TABLE = ["w4a16-gptq-one-pass", "w4a16-gptq-one-pass-g64", "w4a16-awq-gptq", "w4
          "w4a16-awq", "w4a16-awq-g64", "float", "w8a16-rtn", "w8a8-int8-minmax",
          "w8a8-int8-smoothquant", "w8a8-int8-smoothquant-auto", "w8a8-int8-smoothquant-mse",
          "w8a8-fp8-dynamic", "w8a8-fp8-smoothquant", "w8a8-fp8-dynamic-mse",
-         "w8a8-int8-rotate", "w8a8-fp8-rotate", "w4a16-rtn-rotate", "w4a16-rtn", "w4a16-rtn-g64"]
+         "w8a8-int8-rotate", "w8a8-fp8-rotate", "w4a16-rtn-rotate", "w4a16-rtn", "w4a16-rtn-g64",
+         "w4a8-int8-rtn", "w4a8-int8-rtn-rotate", "w4a8-fp8-rtn-rotate"]
 
 
 def main() -> None:
@@ -237,7 +242,8 @@ def markdown_table(results: dict) -> str:
         recovered = "-"
         if rtn is not None and cfg.get("calibration", "minmax") != "minmax" and r["scheme"] == "W4A16":
             recovered = f"{100 * (1 - v['ppl_delta_pct'] / rtn['ppl_delta_pct']):.0f}%"
-        lines.append(f"| {name} | {r['scheme']} | {cfg.get('calibration', 'minmax')} | {group} | {v['ppl_quant']:.3f} "
+        method = cfg.get("calibration", "minmax") + ("+rotate" if cfg.get("rotate", "off") != "off" else "")
+        lines.append(f"| {name} | {r['scheme']} | {method} | {group} | {v['ppl_quant']:.3f} "
                      f"| {v['ppl_delta_pct']:+.2f} ± {v['ppl_delta_pct_se']:.2f} | {v['kl']:.4f} ± {v['kl_se']:.4f} "
                      f"| {100 * v['flip_rate']:.2f} ± {100 * v['flip_rate_se']:.2f} | {recovered} "
                      f"| {r['compile_s']:.0f} |")

@@ -22,7 +22,7 @@ import torch
 from sagequant.calibration.datasets import tokenize_calibration
 from sagequant.calibration.gptq import gptq_quantize
 from sagequant.calibration.real_data import evaluation_text, load_smollm2, wikipedia_prose
-from sagequant.evaluation.perplexity import compare_to_float, tokenize_eval_text
+from sagequant.evaluation.perplexity import compare_to_float, perplexity, tokenize_eval_text
 from sagequant.ir.quant_spec import QuantSpec, dequantize, quantize, weight_qparams
 
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -39,6 +39,10 @@ VARIANTS = {
     "gptq-sink0.1": (0.1, 0.01, "mean", "minmax", False),
     "gptq-sink0.01": (0.01, 0.01, "mean", "minmax", False),
     "gptq-sink0": (0.0, 0.01, "mean", "minmax", False),
+    # sink rows weigh at most c times a mean other row's energy (per layer; a string marks the cap)
+    "gptq-sinkcap1": ("cap1", 0.01, "mean", "minmax", False),
+    "gptq-sinkcap10": ("cap10", 0.01, "mean", "minmax", False),
+    "gptq-sinkcap100": ("cap100", 0.01, "mean", "minmax", False),
 }
 
 
@@ -106,6 +110,9 @@ def quantize_all(model, calib_h: dict, variant: str, spec: QuantSpec) -> dict:
             out[(b, name)] = dequantize(quantize(w, spec, s, z))
             continue
         sink_w, damp, ref, observer, act_order = VARIANTS[variant]
+        if isinstance(sink_w, str):
+            ratio = (torch.trace(acc.sink) / acc.n_sink) / (torch.trace(acc.rest) / acc.n_rest)
+            sink_w = min(1.0, float(sink_w.removeprefix("cap")) / float(ratio))
         h = acc.hessian(sink_w)
         if ref == "median":  # λ = damp · median(diag H), given to gptq_quantize as a fraction of the mean
             diag = torch.diagonal(h)
@@ -180,6 +187,7 @@ def main() -> None:
     def quant_fn(ids):
         return model(input_ids=ids, use_cache=False).logits
 
+    perplexity(float_fn, eval_ids)  # the float logits, cached before any weight is swapped
     results = {"config": vars(args), "variants": {}, "per_block": {}}
     quantized = {}
     for v in dict.fromkeys(args.variants + args.per_block + (["rtn"] if args.per_block else [])):

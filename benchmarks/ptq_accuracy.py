@@ -65,6 +65,11 @@ SCHEMES = {
                                         sink_tokens=1, gptq_true_sequential=False, **G128),
     "w4a16-gptq-one-pass": dict(weight_dtype="int4", activation_dtype="a16", calibration="gptq",
                                 gptq_true_sequential=False, **G128),
+    # Hessian rows above 10x the median row energy (attention sinks) weigh as 10x rows (§2d)
+    "w4a16-gptq-rowcap10": dict(weight_dtype="int4", activation_dtype="a16", calibration="gptq",
+                                gptq_row_energy_cap=10.0, **G128),
+    "w4a16-awq-gptq-rowcap10": dict(weight_dtype="int4", activation_dtype="a16", calibration="awq+gptq",
+                                    gptq_row_energy_cap=10.0, **G128),
     "w4a16-awq-gptq": dict(weight_dtype="int4", activation_dtype="a16", calibration="awq+gptq", **G128),
     # rotate pass (QuaRot-style Hadamard residual rotation + online down_proj / per-head v/o)
     "w8a8-int8-rotate": dict(weight_dtype="int8", activation_dtype="int8", group_size=None, rotate="hadamard"),
@@ -79,6 +84,8 @@ SCHEMES = {
                            gptq_true_sequential=True, group_size=64),
     "w4a16-gptq-one-pass-g64": dict(weight_dtype="int4", activation_dtype="a16", calibration="gptq",
                                     gptq_true_sequential=False, group_size=64),
+    "w4a16-gptq-rowcap10-g64": dict(weight_dtype="int4", activation_dtype="a16", calibration="gptq",
+                                    gptq_row_energy_cap=10.0, group_size=64),
     "w4a16-awq-gptq-g64": dict(weight_dtype="int4", activation_dtype="a16", calibration="awq+gptq",
                                group_size=64),
     # W4A8 (int4 g128 weights, 8-bit dynamic per-token activations), with and without rotation

@@ -210,3 +210,50 @@ def test_keeps_weight_dtype(layer):
     res = gptq_quantize(w.to(torch.bfloat16), h, spec)
     assert res.dequantized.dtype == torch.bfloat16
     assert torch.equal(res.dequantized, dequantize(res.qtensor, torch.bfloat16))
+
+
+def test_row_energy_cap_weights_rows_as_the_float64_formula():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 40, 16, generator=g, dtype=torch.float64)
+    x[:, 0] *= 50.0  # a sink-like first position in each sequence
+    acc = HessianAccumulator(16, row_energy_cap=4.0)
+    for seq in x:
+        acc.add(seq)
+    ref = torch.zeros(16, 16, dtype=torch.float64)
+    for seq in x:
+        e = (seq ** 2).sum(-1)
+        c = torch.clamp(4.0 * e.median() / e, max=1.0)
+        ref += 2 * (seq * c[:, None]).T @ seq
+    torch.testing.assert_close(acc.hessian, ref / 80, rtol=1e-12, atol=0)
+    with pytest.raises(GPTQError, match="row_energy_cap=0.5"):
+        HessianAccumulator(16, row_energy_cap=0.5)
+
+
+def test_row_energy_cap_stops_massive_rows_from_costing_the_others():
+    """A few sink rows with two massive channels (~99% of Σx², as SmolLM2's down_proj inputs):
+    unweighted GPTQ makes those rows exact at the other rows' expense; capped, the ordinary rows
+    of held-out inputs get clearly less error (and less than RTN) while the sink rows stay far
+    better than RTN's."""
+    spec = QuantSpec("int4", "per_group", 64)
+    w, x = _layer(out=64, k=256, rows=400, seed=1)
+    _, held_out = _layer(out=64, k=256, rows=2000, seed=1)
+    held_out = held_out[400:]
+    g = torch.Generator().manual_seed(2)
+    sink = torch.randn(8, 256, generator=g) * 0.5
+    sink[:, 3], sink[:, 77] = 300.0, -150.0
+    calib = torch.cat([x, sink])
+
+    def output_errors(q):
+        d = (w - q).double()
+        return (float(((held_out.double() @ d.T) ** 2).sum(1).mean()),
+                float(((sink.double() @ d.T) ** 2).sum(1).mean()))
+    s, z = compute_qparams(w, spec)
+    rtn_rows, rtn_sink = output_errors(dequantize(quantize(w, spec, s, z)))
+    plain, capped = (HessianAccumulator(256), HessianAccumulator(256, row_energy_cap=10.0))
+    for acc in (plain, capped):
+        acc.add(calib)
+    plain_rows, plain_sink = output_errors(gptq_quantize(w, plain.hessian, spec).dequantized)
+    capped_rows, capped_sink = output_errors(gptq_quantize(w, capped.hessian, spec).dequantized)
+    assert plain_rows > rtn_rows  # the failure: unweighted GPTQ loses to RTN on ordinary rows
+    assert capped_rows < 0.9 * plain_rows and capped_rows < 0.85 * rtn_rows
+    assert capped_sink < 0.5 * rtn_sink

@@ -34,16 +34,27 @@ class GPTQError(CompileError, ValueError):
 
 
 class HessianAccumulator:
-    """Running H = (2/n) Σ x xᵀ over all activation rows seen so far, kept in float64.
+    """Running H = (2/n) Σ c_t x_t x_tᵀ over all activation rows seen so far, kept in float64.
 
     Each batch rescales the old average instead of summing raw outer products, so the values stay
-    O(x²) however many rows arrive: H *= n_old/n_new; H += (2/n_new) XᵀX.
+    O(x²) however many rows arrive: H *= n_old/n_new; H += (2/n_new) XᵀCX.
+
+    row_energy_cap: a row whose energy ‖x_t‖² exceeds cap × the batch's median row energy gets
+    the weight c_t = cap · median / ‖x_t‖² (else c_t = 1), so it counts as a row of exactly that
+    energy. Attention-sink tokens carry activations 100× the others (SmolLM2: 99.8% of Σx² of
+    some down_proj inputs in the first position); unweighted, GPTQ spends the other rows'
+    accuracy to make those few rows exact (BENCHMARKS §2d). None: every row weighs 1.
     """
 
-    def __init__(self, in_features: int, what: str = "activation"):
+    def __init__(self, in_features: int, what: str = "activation",
+                 row_energy_cap: float | None = None):
         if in_features < 1:
             raise GPTQError(f"HessianAccumulator.in_features={in_features} must be >= 1")
+        if row_energy_cap is not None and not row_energy_cap >= 1:
+            raise GPTQError(f"HessianAccumulator.row_energy_cap={row_energy_cap} must be >= 1 "
+                            "(a multiple of the median row energy) or None")
         self.in_features = in_features
+        self.row_energy_cap = row_energy_cap
         self.what = what  # names the tensor in errors, e.g. "input of model.layers.0.mlp.up_proj"
         self.n = 0
         self._h: torch.Tensor | None = None
@@ -64,6 +75,11 @@ class HessianAccumulator:
         if self._h is None:
             self._h = torch.zeros(self.in_features, self.in_features, dtype=torch.float64,
                                   device=rows.device)
+        if self.row_energy_cap is not None:
+            energy = (rows * rows).sum(-1)
+            limit = self.row_energy_cap * energy.median()
+            if limit > 0:
+                rows = rows * torch.where(energy > limit, limit / energy, 1.0).sqrt().unsqueeze(1)
         n_new = self.n + k
         self._h *= self.n / n_new
         self._h += (2.0 / n_new) * (rows.T @ rows.to(self._h.device))

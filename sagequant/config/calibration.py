@@ -36,6 +36,9 @@ class CalibrationConfig:
     # GPTQ far worse on SmolLM2 W4A16 g128 (ppl +152% vs +48% RTN, BENCHMARKS §2c) — the sink's
     # own output must stay exact.
     sink_tokens: int = 0
+    # GPTQ Hessian rows above this multiple of their batch's median energy count as rows of that
+    # energy (calibration/gptq.py HessianAccumulator); None: unweighted. BENCHMARKS §2d.
+    gptq_row_energy_cap: float | None = None
 
     def __post_init__(self) -> None:
         alpha = self.smoothquant_alpha
@@ -46,12 +49,17 @@ class CalibrationConfig:
         damp = self.gptq_damp
         if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not 0 < damp < 1:
             raise fail("gptq_damp", damp, "is not supported", "a number in (0, 1), e.g. 0.01")
+        cap = self.gptq_row_energy_cap
+        if cap is not None and (isinstance(cap, bool) or not isinstance(cap, (int, float)) or not cap >= 1):
+            raise fail("gptq_row_energy_cap", cap, "is not supported",
+                       "None or a number >= 1 (a multiple of the median row energy), e.g. 10")
         for name in ("awq_clip", "awq_duo_scaling", "gptq_act_order", "gptq_true_sequential"):
             boolean(name, getattr(self, name))
         normalise(self, calibration=choice("calibration", self.calibration, CALIBRATIONS),
                   calibration_samples=integer("calibration_samples", self.calibration_samples, 1),
                   calibration_seq_len=integer("calibration_seq_len", self.calibration_seq_len, 1),
                   smoothquant_alpha=alpha, gptq_damp=float(damp),
+                  gptq_row_energy_cap=None if cap is None else float(cap),
                   awq_grid=integer("awq_grid", self.awq_grid, 2),
                   awq_search_rows=integer("awq_search_rows", self.awq_search_rows, 1),
                   gptq_block_size=integer("gptq_block_size", self.gptq_block_size, 1),

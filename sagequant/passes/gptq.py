@@ -47,7 +47,8 @@ def gptq(graph: QuantGraph, ctx: PassContext) -> PassResult:
                    and graph.annotation(n) is not None and graph.annotation(n).quantized]
         for stage in (stages(targets) if cfg.gptq_true_sequential else [targets] if targets else []):
             hessians = {n: HessianAccumulator(graph.attr(n.args[1]).shape[1], f"input of "
-                                              f"{graph.annotation(n).layer}") for n in stage}
+                                              f"{graph.annotation(n).layer}", cfg.gptq_row_energy_cap)
+                        for n in stage}
             hooks = {n: (lambda node, args, out: hessians[node].add(past_sink(args[0], cfg.sink_tokens)))
                      for n in stage}
             runner.run_segment(seg, caches, hooks, commit=False)

@@ -224,7 +224,8 @@ class LayerwiseCompile:
         # As the gptq pass: true-sequential stages see the earlier stages already quantized.
         for stage in stages(linears) if self.cfg.gptq_true_sequential else [linears]:
             hessians = {n: HessianAccumulator(graph.attr(n.args[1]).shape[1],
-                                              f"input of {graph.annotation(n).layer}") for n in stage}
+                                              f"input of {graph.annotation(n).layer}",
+                                              self.cfg.gptq_row_energy_cap) for n in stage}
             sink = self.cfg.sink_tokens
             self.runner.run_segment(seg, caches, {n: (lambda node, args, out: hessians[node].add(
                 past_sink(args[0], sink))) for n in stage}, commit=False)

@@ -97,7 +97,8 @@ _BEFORE_CONVERT = (
          _method_not(AWQ_METHODS)),
     Step("insert_observers", ("observer",)),
     Step("calibrate"),
-    Step("gptq", ("gptq_block_size", "gptq_damp", "gptq_act_order", "gptq_true_sequential", "sink_tokens"),
+    Step("gptq", ("gptq_block_size", "gptq_damp", "gptq_act_order", "gptq_true_sequential", "sink_tokens",
+                  "gptq_row_energy_cap"),
          _method_not(GPTQ_METHODS)),
 )
 _FROM_CONVERT = (
@@ -117,7 +118,7 @@ TABLES: dict[str, tuple[Step, ...]] = {
     # compile(device=...): the calibration and convert passes run block by block inside layerwise.
     LAYERWISE: (_CANONICALIZE, _ANNOTATE) + (
         Step("layerwise", ("calibration", "smoothquant_alpha", "awq_grid", "awq_clip", "gptq_block_size",
-                           "gptq_damp", "gptq_act_order", "gptq_true_sequential", "observer",
+                           "gptq_damp", "gptq_act_order", "gptq_true_sequential", "gptq_row_energy_cap", "observer",
                            "weight_observer")),) + _FROM_CONVERT[1:] + (_FUSE,),
     STEP_GRAPH: (Step("kv_cache"),
                  Step("kv_cache_quant", ("kv_cache_dtype", "kv_block_size", "kv_group_size",

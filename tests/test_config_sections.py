@@ -53,7 +53,8 @@ def test_flat_attributes_read_their_section():
     assert (cfg.calibration, cfg.calibration_options.awq_grid) == ("awq", 10)
     assert cfg.mixed_precision.target_bits_per_weight == 5.0
     # Defaults come from the sections (the fixture predates these fields).
-    newer = ("gptq_true_sequential", "sink_tokens", "rotate", "rotate_online", "rotate_heads", "rotate_seed")
+    newer = ("gptq_true_sequential", "sink_tokens", "rotate", "rotate_online", "rotate_heads", "rotate_seed",
+                 "gptq_row_energy_cap")
     assert {k: v for k, v in QuantConfig().to_dict().items() if k not in newer} == FIXTURE["default"]["json"]
 
 

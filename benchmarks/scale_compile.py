@@ -276,7 +276,8 @@ def main() -> None:
         (args.out / "scale_compile.json").write_text(json.dumps(results, indent=1))
 
     ckpt = args.scratch / "llama8b"
-    base = dict(model=str(ckpt), device=device, samples=samples, seq_len=seq)
+    base = dict(model=str(ckpt), device=device, samples=samples, seq_len=seq,
+                layers=shape["num_hidden_layers"])
     if {"methods", "resume"} & set(args.only):
         written = ensure_checkpoint(ckpt, llama_config(shape), device)
         if written:
@@ -319,9 +320,9 @@ def print_table(paths: list[Path]) -> None:
                 continue
             what = r["method"] + (" resumed" if r.get("step") == "resume" else "")
             if "layerwise_s" not in r:
-                print(f"| {what} | {r.get('layers', 32)} | not finished: {r} |||||||")
+                print(f"| {what} | {r['layers']} | not finished: {r} |||||||")
                 continue
-            print(f"| {what} | {r.get('layers', 32)} | {r['layerwise_s']:.1f} ({r['plan_s']:.0f}) | "
+            print(f"| {what} | {r['layers']} | {r['layerwise_s']:.1f} ({r['plan_s']:.0f}) | "
                   f"{r['compile_s']:.1f} | {r['save_s']:.1f} | {r['peak_gpu_gib']:.2f} ({r['plan_gpu_gib']:.2f}) | "
                   f"{r['peak_rss_anon_gib']:.2f} ({r['plan_cpu_gib']:.2f}) | {r['ru_maxrss_gib']:.1f} | "
                   f"{r['artifact_gib']:.2f} |")

@@ -31,6 +31,9 @@ DISK_BYTES_PER_S = 1.5e9
 # recorded per second. Measured: H100 run 1 (BENCHMARKS 12a), block-loop time minus the FLOP and
 # read terms over the bytes recorded, 5.2-5.4 s per GiB for RTN, SmoothQuant and FP8 alike.
 SEGMENT_WRITE_BYTES_PER_S = GIB / 5.3
+# GPTQ rounds one input column at a time: a handful of small kernels each, launch-bound on a GPU
+# (estimate: ~10 launches of ~10 us), ~0.5 ms on the 2-core CI box (scale_compile --smoke).
+GPTQ_COLUMN_SECONDS = {"cuda": 1e-4, "cpu": 5e-4}
 # What a process holds before any weight (interpreter, torch, the CUDA context and its libraries).
 PROCESS_BYTES = {"cuda": int(1.0 * GIB), "cpu": int(0.3 * GIB)}
 # Full block forwards over every sample, per method: statistics run(s) + the commit run.
@@ -136,8 +139,9 @@ def plan_layerwise(shape: Shape, cfg: QuantConfig, device: torch.device, dtype: 
     method_flops = _method_flops(shape, cfg)
     read = checkpoint_bytes if checkpoint_bytes is not None else (shape.layers * shape.block_params()
                                                                     + shape.embedding_params()) * 2
-    seconds = (shape.layers * (forward_flops + method_flops) / rate + read / DISK_BYTES_PER_S
-               + (quantized + float_kept) / SEGMENT_WRITE_BYTES_PER_S)
+    columns = sum(i for _, i in shape.linears()) if cfg.calibration == "gptq" else 0
+    seconds = (shape.layers * ((forward_flops + method_flops) / rate + columns * GPTQ_COLUMN_SECONDS[device.type])
+               + read / DISK_BYTES_PER_S + (quantized + float_kept) / SEGMENT_WRITE_BYTES_PER_S)
     detail = {"samples": n, "seq_len": t, "layers": shape.layers, "block_params": shape.block_params(),
               "block_weight_bytes": block_weights, "cache_bytes": cache, "work_bytes": work,
               "stats_bytes": stats, "offload_cache": offload_cache, "quantized_bytes": quantized,

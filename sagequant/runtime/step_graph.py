@@ -38,12 +38,9 @@ def step_graph(compiled, device: torch.device | None = None, fused: bool = True,
         graph = pipeline.manager().run(graph, PassContext(compiled.config))
         if fused:
             graph.model_info["step_fusions"] = fuse_step(graph, merge_linears=merge)
-        if device is not None:
-            _move(graph, device)
-        else:
-            # Traced graphs keep their device constants on CPU; weights compiled in place on a GPU
-            # need the graph's aranges and rotary .to(device) there too.
-            retarget_device(graph.gm, embedding_weight(graph).device)
+        # Traced graphs keep their device constants on CPU: a model compiled in place on a GPU
+        # needs its aranges and rotary .to(device) there too (tensors already there stay shared).
+        _move(graph, device if device is not None else embedding_weight(graph).device)
         per_model[key] = graph
     return per_model[key]
 

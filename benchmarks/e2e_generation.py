@@ -292,10 +292,7 @@ def run_scheme(sq, model, scheme, args, backend, device, deadline, vocab, scheme
         stop_at = time.perf_counter() + left / (len(args.batches) * (1 + schemes_after) - i)
         row[f"decode_b{b}"] = decode_rate(engine, b, args.prompt_len, args.new_tokens, vocab, device,
                                           stop_at, profile=b in args.profile_batches)
-    del engine
-    if args.long_context and scheme in args.long_schemes:
-        row["long_context"] = long_context_rows(cm, args, device, vocab, deadline)
-    del cm
+    del engine, cm
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -494,6 +491,18 @@ def e2e(sq, args, settings, backend, device, dtype, deadline, result: dict, save
             torch.cuda.empty_cache() if device.type == "cuda" else None
         result["e2e"].append(row)
         add_ratios(result["e2e"], args.batches)
+        save()
+    for scheme in args.long_schemes if args.long_context else []:   # after every scheme's rows
+        row = next((r for r in result["e2e"] if r["scheme"] == scheme and "memory" in r), None)
+        if row is None:
+            continue
+        try:
+            row["long_context"] = long_context_rows(compile_scheme(sq, model, scheme, backend), args,
+                                                    device, args.vocab, deadline)
+        except (Exception, SystemExit) as e:
+            row["long_context"], status = {"error": lib.short_error(e)}, 1
+        gc.collect()
+        torch.cuda.empty_cache() if device.type == "cuda" else None
         save()
     heads = head_ms(model, args.batches, device)
     result["lm_head_ms"] = heads

@@ -54,15 +54,17 @@ case "$1" in
   full)
     START=$(date +%s)
     left() { echo $(( ${1} - ($(date +%s) - START) )); }
-    timeout $(left 300) python3 benchmarks/e2e_generation.py --layers 32 --vocab 128256 \
+    timeout $(left ${E2E_S:-300}) python3 benchmarks/e2e_generation.py --layers 32 --vocab 128256 \
       --schemes bf16 W4A16 W8A8-FP8 W8A16 --batches 1 8 32 --prefill-len 512 2048 --prefill-reps 2 \
       --new-tokens 64 --long-context 8192 --long-schemes bf16 --profile-batches 1 --check-logits \
-      --budget-s $(left 280) --skip-correctness --out "$OUT/e2e_full.json" > "$OUT/e2e_full.log" 2>&1
+      --budget-s $(left $(( ${E2E_S:-300} - 20 ))) --skip-correctness --out "$OUT/e2e_full.json" > "$OUT/e2e_full.log" 2>&1
     grep -v "convert:" "$OUT/e2e_full.log" | tail -40
-    PYTHONPATH=$PYTHONPATH:$PEERS timeout $(left ${FULL_S:-520}) python3 benchmarks/peer_generate.py \
-      --layers 32 --vocab 128256 --batches 1 8 --new-tokens 64 --peers torchao-int4 hf-bf16 \
-      --out "$OUT/peers_full.json" > "$OUT/peers_full.log" 2>&1
-    tail -8 "$OUT/peers_full.log"
+    for b in 1 8; do   # both peers at batch 1 first: each batch size compiles anew
+      PYTHONPATH=$PYTHONPATH:$PEERS timeout $(left ${FULL_S:-520}) python3 benchmarks/peer_generate.py \
+        --layers 32 --vocab 128256 --batches $b --new-tokens 64 --peers hf-bf16 torchao-int4 \
+        --out "$OUT/peers_b$b.json" > "$OUT/peers_b$b.log" 2>&1
+      tail -5 "$OUT/peers_b$b.log"
+    done
     ;;
   *) echo "usage: $0 profile|e2e|peers|all|full"; exit 2 ;;
 esac

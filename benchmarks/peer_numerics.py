@@ -1,8 +1,10 @@
 """Our base numerics vs llm-compressor's (issue 19): the same model, the same evaluation tokens,
 RTN / FP8 applied (a) by `sq.compile`, (b) by our QuantSpec formulas written straight into the
-float model's Linear weights, (c) by compressed-tensors' formulas, reimplemented here from its
-source (llm-compressor pins other torch / transformers versions and cannot be imported in this
-venv). (a) vs (b) isolates the compiler's graph (which layers, which ops); (b) vs (c) the formula.
+float model's Linear weights, (c) by compressed-tensors' formulas, reimplemented here (llm-compressor itself pins other torch /
+transformers versions and is not in this venv; the compressed-tensors library is, and
+`library_agrees` checks the reimplementation against its own calculate_qparams / fake_quantize
+bit for bit). (a) vs (b) isolates the compiler's graph (which layers, which ops); (b) vs (c) the
+formula.
 
 compressed-tensors' formulas (quantization/utils/helpers.py `calculate_qparams`,
 lifecycle/forward.py `_quantize`), as reimplemented in `peer_*` below:
@@ -59,6 +61,28 @@ def peer_fake_quant(x: torch.Tensor, fmt: str, group: int | None) -> torch.Tenso
     clamped = torch.clamp(rows / scale, q_min, q_max)
     codes = clamped.to(torch.float8_e4m3fn).to(x.dtype) if fmt == "fp8_e4m3" else torch.round(clamped)
     return (codes * scale).reshape(x.shape)
+
+
+def library_agrees(model) -> dict:
+    """Per scheme: does peer_fake_quant equal compressed-tensors' own calculate_qparams +
+    fake_quantize on every Linear weight of `model` (bit for bit)?"""
+    from compressed_tensors.quantization import QuantizationArgs
+    from compressed_tensors.quantization.lifecycle.forward import fake_quantize as ct_fake_quantize
+    from compressed_tensors.quantization.utils import calculate_qparams
+    out = {}
+    for name, (_, (fmt, group), _) in SCHEMES.items():
+        args = QuantizationArgs(num_bits=8 if fmt != "int4" else 4, type="float" if fmt.startswith("fp8") else "int",
+                                symmetric=True, strategy="group" if group else "channel", group_size=group)
+        same = True
+        for mod in linears(model).values():
+            w = mod.weight.data
+            if group and w.shape[-1] % group:
+                continue
+            blocks = w.reshape(w.shape[0], -1, group or w.shape[-1])
+            scale, zp = calculate_qparams(blocks.amin(-1), blocks.amax(-1), args)
+            same &= torch.equal(ct_fake_quantize(w, scale, zp, args), peer_fake_quant(w, fmt, group))
+        out[name] = bool(same)
+    return out
 
 
 def our_spec(fmt: str, group: int | None, scale_dtype: str) -> QuantSpec:
@@ -137,7 +161,7 @@ def run_tiny(arch: str) -> dict:
     model = tiny_model(arch)
     ids = torch.randint(0, 256, (1, 32), generator=torch.Generator().manual_seed(0))
     peer_layers = sorted(linears(model))
-    res = {"arch": arch, "peer_targets": len(peer_layers)}
+    res = {"arch": arch, "peer_targets": len(peer_layers), "library_agrees": library_agrees(model)}
     for name, (_, weight, _) in SCHEMES.items():
         if weight[1] is None or weight[1] <= 64:
             res[name] = {sd: compiled_vs_peer(model, name, ids, sd) for sd in ("fp16", "fp32")}
@@ -147,6 +171,8 @@ def run_tiny(arch: str) -> dict:
 def run_real(schemes: list[str], max_tokens: int, out: Path) -> dict:
     results = json.loads(out.read_text()) if out.exists() else {}
     model, tok = load_smollm2()
+    results["library_agrees"] = library_agrees(model)
+    print("reimplementation == compressed-tensors:", results["library_agrees"], flush=True)
     ids = tokenize_eval_text(tok, evaluation_text(), max_tokens)
     float_fn = lambda x: model(input_ids=x, use_cache=False).logits  # noqa: E731
     with torch.inference_mode():

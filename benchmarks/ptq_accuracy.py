@@ -182,9 +182,13 @@ def main() -> None:
 def run_all(args, rows: list[str], out: Path, results: dict) -> None:
     """Each row missing from --out as `--schemes ROW --out ROWFILE` in a child process (memory is
     freed per row; a crash costs one row), merged into --out as it finishes."""
-    todo = [r for r in rows if "ppl" not in results.get(r, {})]
     rows_dir = out.with_suffix(".rows")
     rows_dir.mkdir(exist_ok=True)
+    for name in rows:  # rows a cut run's children finished after their parent stopped
+        done = rows_dir / f"{name}.json"
+        if "ppl" not in results.get(name, {}) and done.exists():
+            results[name] = json.loads(done.read_text())[name]
+    todo = [r for r in rows if "ppl" not in results.get(r, {})]
     running: dict[str, subprocess.Popen] = {}
     common = ["--max-tokens", str(args.max_tokens), "--calib-samples", str(args.calib_samples),
               "--calib-seq-len", str(args.calib_seq_len), "--scale-precision", args.scale_precision]

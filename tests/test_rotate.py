@@ -172,6 +172,8 @@ def test_unsupported_graphs_name_what_did_not_match(traced, arch, match):
 def test_config_and_pipeline():
     with pytest.raises(ConfigError, match="hadamard, none, off, random"):
         sq.QuantConfig(rotate="quarot")
+    with pytest.raises(ConfigError, match="sensitivity_method='fisher'"):
+        sq.QuantConfig(rotate="hadamard", sensitivity_method="fisher")
     with pytest.raises(ConfigError, match="rotate_online"):
         sq.QuantConfig(rotate="hadamard", rotate_online="yes")
     cfg = sq.QuantConfig(rotate="hadamard", weight_dtype="int8", activation_dtype="int8",

@@ -95,6 +95,7 @@ class QuantConfig:
         self._check_nf4_double_quant()
         self._check_observer()
         self._check_scheme()
+        self._check_rotation()
         self.__dict__["layer_rules"] = dataclasses.replace(self.layer_rules,
                                                            overrides=self._checked_overrides())
 
@@ -126,6 +127,13 @@ class QuantConfig:
             raise ConfigError(
                 "QuantConfig.observer='histogram' (entropy calibration) is defined for int8 "
                 "activations, not fp8; use observer='mse' or 'percentile' with fp8")
+
+    def _check_rotation(self) -> None:
+        if self.rotate != "off" and self.sensitivity_method == "fisher":
+            raise ConfigError(
+                f"QuantConfig.rotate={self.rotate!r} contradicts QuantConfig.sensitivity_method='fisher': "
+                "the Fisher estimate reads the unrotated float model's weights and gradients, not the "
+                "rotated graph's; use sensitivity_method='measured' (or rotate='off')")
 
     def _weight_kind(self) -> str:
         """int8 / int4 / fp8 / nf4, after the seed's w8a16 / w4a16 / w8a8 spellings."""

@@ -56,7 +56,9 @@ def rotate(graph: QuantGraph, ctx: PassContext) -> PassResult:
         width = graph.attr(lin.args[1]).shape[1]
         if width not in online:
             online[width] = (BLOCK_PREFIX + str(width), online_block(width, cfg.rotate_seed))
-            graph.set_attr(online[width][0], online[width][1].to(graph.attr(lin.args[1]).dtype))
+            # fp32 at least (a bf16 block would not be orthogonal); online_rotate computes in it.
+            dtype = torch.promote_types(graph.attr(lin.args[1]).dtype, torch.float32)
+            graph.set_attr(online[width][0], online[width][1].to(dtype))
         name, block = online[width]
         _insert_online(graph, lin, name)
         dense = ops.apply_online(torch.eye(width, dtype=torch.float64), block)

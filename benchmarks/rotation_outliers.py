@@ -24,11 +24,11 @@ class _Inputs(fx.Interpreter):
 
     def __init__(self, graph, ratios):
         super().__init__(graph.gm)
-        self.graph, self.ratios = graph, ratios
+        self.qgraph, self.ratios = graph, ratios
 
     def run_node(self, n):
         out = super().run_node(n)
-        ann = self.graph.annotation(n)
+        ann = self.qgraph.annotation(n)
         if ann is not None and ann.quantized:
             x = self.env[n.args[0]].detach().double().reshape(-1, n.args[0].meta["val"].shape[-1])
             ratio = (x.abs().amax(-1) / x.pow(2).mean(-1).sqrt().clamp_min(1e-30)).max().item()

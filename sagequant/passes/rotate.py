@@ -47,25 +47,31 @@ def rotate(graph: QuantGraph, ctx: PassContext) -> PassResult:
     graph.set_attr(emb_w, _mm(graph.attr(emb_w), right=r1))
     back = r1.t()
     for norm, readers in found.norms:
-        gamma = _fold_norm(graph, norm, readers)
+        gamma = _scale_free(graph, norm)
+        folded = gamma[:, None] * r1  # the norm's scale into the readers' columns, then R1
         for lin in readers:
-            _rotate_linear(graph, lin, right=r1)
+            _rotate_linear(graph, lin, right=folded)
             _record(graph, lin, "input_rotation", Rotation(back, gamma))
-    online = {}
+    online = {}  # width -> (block attribute, the dense rotation), built once
     for lin in found.mlp_writers if cfg.rotate_online else ():
-        width = graph.attr(lin.args[1]).shape[1]
+        weight = graph.attr(lin.args[1])
+        width = weight.shape[1]
         if width not in online:
-            online[width] = (BLOCK_PREFIX + str(width), online_block(width, cfg.rotate_seed))
+            block = online_block(width, cfg.rotate_seed)
+            name = BLOCK_PREFIX + str(width)
             # fp32 at least (a bf16 block would not be orthogonal); online_rotate computes in it.
-            dtype = torch.promote_types(graph.attr(lin.args[1]).dtype, torch.float32)
-            graph.set_attr(online[width][0], online[width][1].to(dtype))
-        name, block = online[width]
+            graph.set_attr(name, block.to(torch.promote_types(weight.dtype, torch.float32)))
+            online[width] = (name, ops.apply_online(torch.eye(width, dtype=torch.float64), block))
+        name, dense = online[width]
         _insert_online(graph, lin, name)
-        dense = ops.apply_online(torch.eye(width, dtype=torch.float64), block)
         _rotate_linear(graph, lin, right=dense)
         _record(graph, lin, "input_rotation", Rotation(dense.t()))
+    heads = {}  # (head_dim, heads) -> block-diagonal rotation, built once
     for head in found.heads:
-        rot_v, rot_o = head_rotation(head.head_dim, head.kv_heads), head_rotation(head.head_dim, head.heads)
+        for key in ((head.head_dim, head.kv_heads), (head.head_dim, head.heads)):
+            if key not in heads:
+                heads[key] = head_rotation(*key)
+        rot_v, rot_o = heads[head.head_dim, head.kv_heads], heads[head.head_dim, head.heads]
         _rotate_linear(graph, head.v_proj, left=rot_v.t(), bias_right=rot_v)
         _record(graph, head.v_proj, "output_rotation", Rotation(rot_v))
         _rotate_linear(graph, head.o_proj, right=rot_o)
@@ -112,15 +118,14 @@ def _check_private(graph: QuantGraph, attr, lin) -> None:
                                  "a shared weight cannot take two rotations")
 
 
-def _fold_norm(graph: QuantGraph, norm, readers) -> None:
-    """Move the norm's per-channel scale (weight + offset) into its readers' columns; the norm
-    keeps weight ones and offset 0, a scale-free RMSNorm. Returns the scale (float64)."""
+def _scale_free(graph: QuantGraph, norm) -> torch.Tensor:
+    """Make the norm scale-free (weight ones, offset 0) and return its per-channel scale (weight +
+    offset, float64), which its readers' columns take over; rms(x R1) = rms(x), so a scale-free
+    norm commutes with R1."""
     w_node = norm.args[1]
+    _check_private(graph, w_node, norm)
     weight = graph.attr(w_node)
     scale = weight.detach().double() + float(norm.args[3])
-    _check_private(graph, w_node, norm)
-    for lin in readers:
-        _rotate_linear(graph, lin, right=torch.diag(scale))
     graph.set_attr(w_node.target, torch.ones_like(weight))
     norm.args = (norm.args[0], w_node, norm.args[2], 0.0)
     return scale

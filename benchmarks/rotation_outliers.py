@@ -1,7 +1,9 @@
 """What the rotate pass does to SmolLM2-135M's activations (issue 19): on Wikipedia windows, the
 float logits before vs after the pass (it must not change the function), and per linear input the
 outlier ratio max|x| / rms(x) — the range an 8-bit per-token activation quantizer must cover, in
-units of the typical value — before vs after, by layer kind. Prints one JSON object.
+units of the typical value — before vs after, by layer kind; and the relative weight error
+sum ‖Q(W) − W‖² / sum ‖W‖² of int4 g128 / int8 / fp8 per-channel RTN over the quantized linears,
+before vs after. Prints one JSON object.
 
     OMP_NUM_THREADS=1 PYTHONPATH=. .venv/bin/python benchmarks/rotation_outliers.py --windows 2 --seq-len 256
 """
@@ -15,6 +17,7 @@ import torch.fx as fx
 import sagequant as sq
 from sagequant.calibration.datasets import tokenize_calibration
 from sagequant.calibration.real_data import load_smollm2, wikipedia_prose
+from sagequant.ir.quant_spec import QuantSpec, dequantize, quantize
 from sagequant.ir.trace import trace_model
 from sagequant.passes import PASSES, PassContext
 
@@ -43,6 +46,21 @@ def _by_kind(ratios: dict) -> dict:
     return {k: {"max": max(v), "median": sorted(v)[len(v) // 2]} for k, v in sorted(kinds.items())}
 
 
+def _weight_error(graph, spec: QuantSpec) -> float:
+    num = den = 0.0
+    for node in graph.annotated():
+        if graph.annotation(node).quantized:
+            w = graph.attr(node.args[1]).detach().float()
+            num += float((dequantize(quantize(w, spec)) - w).double().pow(2).sum())
+            den += float(w.double().pow(2).sum())
+    return num / den
+
+
+WEIGHT_SPECS = (QuantSpec("int4", "per_group", 128, True, "fp16"),
+                QuantSpec("int8", "per_channel", None, True, "fp16"),
+                QuantSpec("fp8_e4m3", "per_channel", None, True, "fp16"))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--windows", type=int, default=2)
@@ -69,7 +87,10 @@ def main() -> None:
             scale = max(scale, ref.abs().max().item())
     print(json.dumps({"windows": f"{args.windows}x{args.seq_len}", "rotate_stats": stats,
                       "float_logits_max_abs_diff": diff, "float_logits_max_abs": scale,
-                      "outlier_ratio_before": _by_kind(before), "outlier_ratio_after": _by_kind(after)},
+                      "outlier_ratio_before": _by_kind(before), "outlier_ratio_after": _by_kind(after),
+                      "weight_rel_error": {s.describe(): {"before": _weight_error(graph, s),
+                                                          "after": _weight_error(rotated, s)}
+                                           for s in WEIGHT_SPECS}},
                      indent=1, default=str))
 
 

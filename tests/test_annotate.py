@@ -21,7 +21,7 @@ def annotate(traced, cfg, arch="llama", **kw):
     return anns, graph, pm
 
 
-def int4(g, sym=True, scale="fp16"):
+def int4(g, sym=True, scale="fp32"):
     return QuantSpec("int4" if sym else "uint4", "per_group", g, sym, scale)
 
 
@@ -94,17 +94,17 @@ def test_per_layer_overrides_mixed_precision(traced, helpers):
     for i in (0, 1):
         down = anns[f"model.layers.{i}.mlp.down_proj"]
         assert down.scheme == "W8A16"
-        assert down.weight_spec == QuantSpec("int8", "per_channel", None, True, "fp16")
+        assert down.weight_spec == QuantSpec("int8", "per_channel", None, True, "fp32")
         assert anns[f"model.layers.{i}.self_attn.q_proj"].weight_spec == int4(16)
         assert anns[f"model.layers.{i}.self_attn.v_proj"].weight_spec == int4(32)
     assert anns["model.layers.1.self_attn.k_proj"].weight_spec == int4(32, sym=False)
     assert anns["model.layers.0.self_attn.k_proj"].weight_spec == int4(32)
     up0 = anns["model.layers.0.mlp.up_proj"]
-    assert up0.weight_spec == QuantSpec("int4", "per_tensor", None, True, "fp16")
+    assert up0.weight_spec == QuantSpec("int4", "per_tensor", None, True, "fp32")
     assert up0.clip_ratio == 0.9 and anns["model.layers.1.mlp.up_proj"].clip_ratio == 1.0
     gate1 = anns["model.layers.1.mlp.gate_proj"]
     assert gate1.scheme == "FP8-W8A16"
-    assert gate1.weight_spec == QuantSpec("fp8_e4m3", "per_group", 32, True, "fp16")
+    assert gate1.weight_spec == QuantSpec("fp8_e4m3", "per_group", 32, True, "fp32")
 
 
 def test_later_override_wins_and_skip_can_be_undone(traced):
@@ -126,9 +126,9 @@ def test_ignore_beats_override(traced):
 
 
 def test_scale_precision_and_asymmetric_config(traced):
-    cfg = sq.QuantConfig(group_size=32, symmetric=False, scale_precision="fp32")
+    cfg = sq.QuantConfig(group_size=32, symmetric=False, scale_precision="fp16")
     anns, *_ = annotate(traced, cfg)
-    assert anns["model.layers.0.mlp.up_proj"].weight_spec == int4(32, sym=False, scale="fp32")
+    assert anns["model.layers.0.mlp.up_proj"].weight_spec == int4(32, sym=False, scale="fp16")
 
 
 def test_w8a8_annotates_input_spec(traced):
@@ -138,7 +138,7 @@ def test_w8a8_annotates_input_spec(traced):
     anns, *_ = annotate(traced, cfg)
     a = anns["model.layers.0.self_attn.q_proj"]
     assert a.scheme == "W8A8-INT8"
-    assert a.weight_spec == QuantSpec("int8", "per_channel", None, True, "fp16")
+    assert a.weight_spec == QuantSpec("int8", "per_channel", None, True, "fp32")
     assert a.input_spec == QuantSpec("int8", "per_tensor", None, True, "fp32")
     assert anns["lm_head"].input_spec is None
     if has_scale_choice:  # the default: per-token scales computed at run time

@@ -32,7 +32,7 @@ def test_calibrate_cli_writes_artifact_and_report(checkpoint, tmp_path, capsys):
     assert rep["kernels"] == {"cpu:cpu_weight_only_ref": 14}
     assert cli(["inspect", "--artifact", str(out), "--scheduler-ir"]) == 0
     text = capsys.readouterr().out
-    assert "model.layers.1.self_attn.o_proj | W4A16 w=int4/g32/sym/fp16" in text
+    assert "model.layers.1.self_attn.o_proj | W4A16 w=int4/g32/sym/fp32" in text
     assert '"flops_per_token": 12800' in text  # o_proj: 2 * 80 * 80
 
 
@@ -84,9 +84,9 @@ def test_quantization_manager_facade(checkpoint, tmp_path):
     loaded = mgr.load_quantized(path)
     assert loaded.config.scheme == "W8A16"
     assert mgr.select_kernel(in_features=80).name == "cpu_weight_only_ref"
-    # per-channel int8: 8 bits per weight plus one fp16 scale per output row
+    # per-channel int8: 8 bits per weight plus one fp32 scale per output row
     shapes = [(b["attrs"]["out_features"], b["attrs"]["in_features"]) for b in loaded.kernel_bindings.values()]
     rows, weights = sum(o for o, _ in shapes), sum(o * i for o, i in shapes)
-    assert mgr.report()["weight_bytes"]["bits_per_weight"] == pytest.approx(8 + 16 * rows / weights, rel=1e-9)
+    assert mgr.report()["weight_bytes"]["bits_per_weight"] == pytest.approx(8 + 32 * rows / weights, rel=1e-9)
     for method in ("minmax", "percentile", "smoothquant", "awq", "gptq", "smoothquant+awq"):
         assert sq.QuantizationManager(sq.QuantConfig(calibration=method)).protocol.method == method

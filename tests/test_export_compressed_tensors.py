@@ -4,8 +4,8 @@ compressed-tensors loading vs the torch path, and refusals.
 
 Tolerances, transformers logits vs CompiledModel logits on the same ids:
   - W4A16 / mixed, W8A8 static (INT8, FP8), W8A8-FP8 dynamic: LOGITS_ATOL. The library
-    decompresses weights as code * scale in the scale dtype (fp16), ours in fp32: one fp16
-    rounding per weight; activation codes round the same way.
+    decompresses weights as code * scale in the scale dtype (fp32 by default, as ours: bit-exact);
+    activation codes round the same way.
   - W8A8-INT8 dynamic: INT8_DYNAMIC_ATOL. compressed-tensors' reference forward takes the per-token
     int8 scale as absmax / 127.5 (half the code range), we (and vLLM's int8 kernels) use
     absmax / 127, so activation codes differ by up to one step; the weights are still bit-exact.
@@ -84,11 +84,11 @@ def test_w4a16_mixed_config_groups(w4):
                                    "model.layers.0.self_attn.v_proj"])
 def test_library_decompression_is_bit_exact(w4, layer):
     """int4 symmetric, uint4 with zero points, int8 per channel: the library's weights == ours,
-    both in the fp16 scale dtype (ours computed in fp32 then rounded once)."""
+    both in the fp32 scale dtype."""
     cm, d = w4
     theirs = _decompressed(d, layer)
-    assert theirs.dtype == torch.float16
-    assert torch.equal(theirs, _ours(cm, layer).to(torch.float16))
+    assert theirs.dtype == torch.float32
+    assert torch.equal(theirs, _ours(cm, layer))
 
 
 def test_w4a16_transformers_logits(compiled, tmp_path, eval_ids):
@@ -122,7 +122,7 @@ def test_w8a8(compiled, tmp_path, eval_ids, cfg, fmt, atol):
     assert w.dtype == (torch.float8_e4m3fn if cfg["weight_dtype"] == "fp8" else torch.int8)
     assert ("model.layers.1.self_attn.o_proj.input_scale" in state) == static
     layer = "model.layers.1.mlp.gate_proj"
-    assert torch.equal(_decompressed(d, layer), _ours(cm, layer).to(torch.float16))
+    assert torch.equal(_decompressed(d, layer), _ours(cm, layer))
     assert _logit_diff(cm, d, eval_ids) < atol
 
 

@@ -13,7 +13,7 @@ from sagequant.ir.kv_plan import KVQuantPlan, build_kv_plan
      ("none", "fp32", 2, 0)],
 )
 def test_build_kv_plan(kv, precision, elem, scale):
-    cfg = QuantConfig(kv_cache_dtype=kv, scale_precision=precision, kv_block_size=32,
+    cfg = QuantConfig(kv_cache_dtype=kv, kv_scale_precision=precision, kv_block_size=32,
                       kv_group_size=64, kv_high_precision_layers=[5, 0])
     plan = build_kv_plan(cfg)
     assert plan.dtype == cfg.kv_cache_dtype

@@ -110,7 +110,7 @@ def test_print_ir_after_named_pass_only(traced):
     assert "IR after canonicalize" not in text and "IR after insert_observers" not in text
     lines = text.strip().splitlines()[1:]
     assert len(lines) == 15  # annotated_only: one line per linear
-    assert "model.layers.0.self_attn.q_proj | W4A16 w=int4/g32/sym/fp16" in text
+    assert "model.layers.0.self_attn.q_proj | W4A16 w=int4/g32/sym/fp32" in text
     assert "lm_head | float (QuantConfig.ignore)" in text
 
 

@@ -421,3 +421,26 @@ def test_weight_observer_mse_in_compile_lowers_weight_error(compiled, tiny):
             err += float((deq.double() - model.get_submodule(ann.layer).weight.double()).pow(2).sum())
         return err
     assert total_err(mse) < 0.97 * total_err(mm)
+
+
+@pytest.mark.parametrize("fmt, group, ct_type", [("int4", 64, "int"), ("int4", 32, "int"), ("fp8_e4m3", None, "float")])
+def test_fp32_scales_match_compressed_tensors_bit_for_bit(fmt, group, ct_type):
+    """With fp32 scales (the default) our symmetric int4 groups and fp8 channels dequantize to
+    exactly what compressed-tensors' own calculate_qparams + fake_quantize give (absmax / 7.5 and
+    / 448, round half even, clamp): the same formula, the same numbers."""
+    ct = pytest.importorskip("compressed_tensors.quantization")
+    from compressed_tensors.quantization.lifecycle.forward import fake_quantize as ct_fake_quantize
+    from compressed_tensors.quantization.utils import calculate_qparams
+    g = torch.Generator().manual_seed(7)
+    w = torch.randn(48, 192, generator=g) * torch.rand(48, 1, generator=g) * 0.05
+    w[3, :64] = 0  # an all-zero group
+    args = ct.QuantizationArgs(num_bits=4 if fmt == "int4" else 8, type=ct_type, symmetric=True,
+                               strategy="group" if group else "channel", group_size=group)
+    blocks = w.reshape(48, -1, group or 192)
+    scale, zp = calculate_qparams(blocks.amin(-1), blocks.amax(-1), args)
+    theirs = ct_fake_quantize(w, scale, zp, args)
+    spec = QuantSpec(fmt, "per_group" if group else "per_channel", group, True, "fp32")
+    assert torch.equal(fake_quantize(w, spec), theirs)
+    # fp16 scales round every scale once: most dequantized values move
+    ours16 = fake_quantize(w, QuantSpec(fmt, spec.granularity, group, True, "fp16"))
+    assert (ours16 != theirs).float().mean() > 0.3

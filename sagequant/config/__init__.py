@@ -3,7 +3,8 @@
   weights.py          weight_dtype, group_size, symmetric, per_channel, clip_ratio, scale_precision,
                       fp8_format, weight_observer, nf4_double_quant
   activations.py      activation_dtype, activation_scale, observer
-  kv_cache.py         kv_cache_dtype, kv_block_size, kv_group_size, kv_high_precision_layers
+  kv_cache.py         kv_cache_dtype, kv_block_size, kv_group_size, kv_high_precision_layers,
+                      kv_scale_precision
   calibration.py      calibration (the method), samples / seq_len, SmoothQuant / AWQ / GPTQ options
   guard.py            guard, guard_samples, guard_bounds (and the per-scheme default bounds)
   mixed_precision.py  target_bits_per_weight / target_max_delta_loss, upgrades, sensitivity

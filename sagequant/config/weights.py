@@ -19,7 +19,10 @@ class WeightConfig:
     symmetric: bool = True
     per_channel: bool = True
     clip_ratio: float = 1.0
-    scale_precision: str = "fp16"   # of weight and KV scales
+    # Weight scales' dtype. fp32: compressed-tensors' scales for an fp32 model, bit for bit; fp16
+    # halves the scale bytes, but rounding every scale moves ~0.5% of the codes across a rounding
+    # boundary: SmolLM2 W4A16 g64 RTN measured 40.94 ppl with fp16 vs 39.94 with fp32 (8192 news tokens).
+    scale_precision: str = "fp32"
     fp8_format: str = "e4m3"        # of fp8 weights and activations
     # Weight scales: each block's min/max, or the shrink of it with the smallest round-trip MSE
     # (used by convert's round-to-nearest and by GPTQ's group scales).

@@ -127,6 +127,6 @@ def build_kv_plan(config: QuantConfig) -> KVQuantPlan:
         dtype=config.kv_cache_dtype,
         block_size=config.kv_block_size,
         group_size=config.kv_group_size,
-        scale_precision=config.scale_precision,
+        scale_precision=config.kv_scale_precision,
         high_precision_layers=tuple(config.kv_high_precision_layers) if enabled else (),
     )

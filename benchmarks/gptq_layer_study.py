@@ -43,6 +43,8 @@ VARIANTS = {
     "gptq-sinkcap1": ("cap1", 0.01, "mean", "minmax", False),
     "gptq-sinkcap10": ("cap10", 0.01, "mean", "minmax", False),
     "gptq-sinkcap100": ("cap100", 0.01, "mean", "minmax", False),
+    # the cap on down_proj only (its inputs carry the massive sink activations); q/k/v/o/gate/up plain
+    "gptq-sinkcap10-down": ("cap10-down", 0.01, "mean", "minmax", False),
 }
 
 
@@ -110,6 +112,8 @@ def quantize_all(model, calib_h: dict, variant: str, spec: QuantSpec) -> dict:
             out[(b, name)] = dequantize(quantize(w, spec, s, z))
             continue
         sink_w, damp, ref, observer, act_order = VARIANTS[variant]
+        if isinstance(sink_w, str) and sink_w.endswith("-down"):
+            sink_w = sink_w.removesuffix("-down") if name == "mlp.down_proj" else 1.0
         if isinstance(sink_w, str):
             ratio = (torch.trace(acc.sink) / acc.n_sink) / (torch.trace(acc.rest) / acc.n_rest)
             sink_w = min(1.0, float(sink_w.removeprefix("cap")) / float(ratio))

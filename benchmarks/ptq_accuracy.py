@@ -188,6 +188,7 @@ def run_all(args, rows: list[str], out: Path, results: dict) -> None:
         done = rows_dir / f"{name}.json"
         if "ppl" not in results.get(name, {}) and done.exists():
             results[name] = json.loads(done.read_text())[name]
+            out.write_text(json.dumps(results, indent=1))
     todo = [r for r in rows if "ppl" not in results.get(r, {})]
     running: dict[str, subprocess.Popen] = {}
     common = ["--max-tokens", str(args.max_tokens), "--calib-samples", str(args.calib_samples),

@@ -45,6 +45,8 @@ VARIANTS = {
     "gptq-sinkcap100": ("cap100", 0.01, "mean", "minmax", False),
     # the cap on down_proj only (its inputs carry the massive sink activations); q/k/v/o/gate/up plain
     "gptq-sinkcap10-down": ("cap10-down", 0.01, "mean", "minmax", False),
+    # the first row of each window weighs as 50 rows in the q/k/v Hessians; other linears plain
+    "gptq-sink50-qkv": ("50-qkv", 0.01, "mean", "minmax", False),
 }
 
 
@@ -112,6 +114,9 @@ def quantize_all(model, calib_h: dict, variant: str, spec: QuantSpec) -> dict:
             out[(b, name)] = dequantize(quantize(w, spec, s, z))
             continue
         sink_w, damp, ref, observer, act_order = VARIANTS[variant]
+        if isinstance(sink_w, str) and sink_w.endswith("-qkv"):
+            sink_w = float(sink_w.removesuffix("-qkv")) if name in ("self_attn.q_proj", "self_attn.k_proj",
+                                                                    "self_attn.v_proj") else 1.0
         if isinstance(sink_w, str) and sink_w.endswith("-down"):
             sink_w = sink_w.removesuffix("-down") if name == "mlp.down_proj" else 1.0
         if isinstance(sink_w, str):

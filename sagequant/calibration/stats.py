@@ -51,7 +51,9 @@ class _Accumulator:
         rows = x.detach().reshape(-1, x.shape[-1]).float()
         if not bool(torch.isfinite(rows).all()):
             raise QuantizationError(f"calibration activation {self.what} contains NaN/Inf")
-        absmax, abs_sum = rows.abs().amax(0), rows.abs().sum(0)
+        # |x| summed in float64: exact for float32 inputs, so the mean does not depend on how the
+        # rows were batched or split over data-parallel ranks (AWQ's grid search amplifies 1 ulp).
+        absmax, abs_sum = rows.abs().amax(0), rows.abs().sum(0, dtype=torch.float64)
         self.absmax = absmax if self.absmax is None else torch.maximum(self.absmax, absmax)
         self.abs_sum = abs_sum if self.abs_sum is None else self.abs_sum + abs_sum
         self.count += rows.shape[0]
@@ -60,7 +62,7 @@ class _Accumulator:
             self.rows.append(rows[::step][: self.per_batch].clone())
 
     def result(self) -> ActivationStats:
-        return ActivationStats(self.absmax, self.abs_sum / self.count,
+        return ActivationStats(self.absmax, (self.abs_sum / self.count).float(),
                                torch.cat(self.rows) if self.rows else None)
 
 

@@ -23,7 +23,7 @@ CONFIGS = {
     "priority": (dict(priority="fast"), "priority='fast'"),
     "misspelt field": (dict(wieght_dtype="int4"), "'wieght_dtype'"),
     "kv cache dtype": (dict(kv_cache_dtype="int2"), "kv_cache_dtype='int2'"),
-    "contradictory dtypes": (dict(weight_dtype="int4", activation_dtype="fp8"), "contradicts"),
+    "contradictory dtypes": (dict(weight_dtype="fp8", activation_dtype="int8"), "contradicts"),
     "zero samples": (dict(calibration_samples=0), "calibration_samples=0"),
     "scale precision": (dict(scale_precision="fp64"), "scale_precision='fp64'"),
     "fp8 format": (dict(fp8_format="e3m4"), "fp8_format='e3m4'"),

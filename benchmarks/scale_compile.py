@@ -153,6 +153,7 @@ def run_one(args) -> dict:
     """One compile in this process (the parent runs each in a fresh one)."""
     import sagequant as sq
     from sagequant.passes.layerwise import LayerwiseCompile
+    from sagequant.artifact import file_sha256
     spec = json.loads(args.run)
     cfg = sq.QuantConfig(**METHODS[spec["method"]], guard="off", calibration_samples=spec["samples"],
                          calibration_seq_len=spec["seq_len"])
@@ -181,7 +182,7 @@ def run_one(args) -> dict:
     stats = next(p for p in cm.pass_history if p["pass"] == "layerwise")["stats"]
     plan = stats["plan"]
     artifact_bytes = sum(f.stat().st_size for f in Path(out).iterdir())
-    digests = {f: _sha256(Path(out) / f) for f in ("weights.safetensors", "graph.json")}
+    digests = {f: file_sha256(Path(out) / f) for f in ("weights.safetensors", "graph.json")}
     shutil.rmtree(out)
     return {**spec, "compile_s": round(compile_s, 2), "layerwise_s": stats["seconds"],
             "save_s": round(save_s, 2), "restored": stats["restored"],
@@ -193,13 +194,6 @@ def run_one(args) -> dict:
             "plan_disk_gib": round(plan["disk_bytes"] / 2**30, 3), "plan_s": round(plan["seconds"], 1),
             "artifact_gib": round(artifact_bytes / 2**30, 3), "sha256": digests}
 
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def spawn(spec: dict, deadline: float) -> tuple[dict | None, float]:

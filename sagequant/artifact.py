@@ -34,7 +34,7 @@ SIGNATURE_ALG = "hmac-sha256"
 _HEX64 = re.compile(r"[0-9a-f]{64}\Z")
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -68,7 +68,7 @@ def write_artifact(directory: str | Path, graph_json: dict, tensors: dict[str, t
         _write_json(tmp / "graph.json", graph_json)
         _write_json(tmp / "meta.json", {**meta, "tensor_aliases": aliases})
         manifest = {"format": ARTIFACT_FORMAT, "producer": "sagequant",
-                    "files": {f: {"sha256": _sha256(tmp / f), "bytes": (tmp / f).stat().st_size}
+                    "files": {f: {"sha256": file_sha256(tmp / f), "bytes": (tmp / f).stat().st_size}
                               for f in FILES}}
         key = signing_key()
         if key is not None:
@@ -148,7 +148,7 @@ def read_artifact(directory: str | Path) -> tuple[dict, dict[str, torch.Tensor],
         if size != entry["bytes"]:
             raise ArtifactError(f"{path} is {size} bytes, the manifest says {entry['bytes']}: the file "
                                 "was truncated or modified after it was written; refusing to load it")
-        if _sha256(path) != entry["sha256"]:
+        if file_sha256(path) != entry["sha256"]:
             raise ArtifactError(f"checksum mismatch for {path}: the file was modified or truncated "
                                 "after it was written; refusing to load it")
     graph_json = _read_json(d / "graph.json", "corrupt graph")

@@ -123,6 +123,9 @@ def main() -> None:
                    help="also each row's per-unit contribution table (only that unit quantized) on the "
                    "first --contribution-tokens evaluation tokens")
     p.add_argument("--contribution-tokens", type=int, default=1024)
+    p.add_argument("--device", help="calibrate layer-wise on this device (compile(device=...), guard "
+                   "off; e.g. cuda); evaluation stays on the CPU, so a row compares with the whole-model "
+                   "CPU row of the same scheme on the calibration alone")
     args = p.parse_args()
     out = Path(args.out)
     results = json.loads(out.read_text()) if out.exists() else {}
@@ -141,7 +144,7 @@ def main() -> None:
                                  args.calib_seq_len)
     meta = {"eval_tokens": int(eval_ids.numel()),
             "calibration": f"{len(calib) - guard_samples}x{calib.shape[1]}",
-            "date": date.today().isoformat(),
+            "date": date.today().isoformat(), "calibration_device": args.device or "cpu (whole model)",
             "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"}
     float_fn = cached_logits(lambda ids: model(input_ids=ids, use_cache=False).logits)
     for name in args.schemes:
@@ -151,11 +154,13 @@ def main() -> None:
                 res = perplexity(lambda ids: model(input_ids=ids, use_cache=False).logits, eval_ids)
             entry = {"ppl": res.ppl, "compile_s": 0.0}
         else:
-            # guard='report': the table must show a bad scheme's number, not stop at it.
+            # guard='report': the table must show a bad scheme's number, not stop at it (layer-wise
+            # runs have no guard: it needs the whole float model).
             cfg = sq.QuantConfig(**SCHEMES[name], scale_precision=args.scale_precision,
-                                 calibration_samples=args.calib_samples,
-                                 calibration_seq_len=args.calib_seq_len, guard="report")
-            cm = sq.compile(model, cfg, calibration_data=calib)
+                                 calibration_samples=args.calib_samples, calibration_seq_len=args.calib_seq_len,
+                                 guard="off" if args.device else "report")
+            cm = (sq.compile(model, cfg, calibration_data=calib, device=args.device) if args.device
+                  else sq.compile(model, cfg, calibration_data=calib))
             compile_s = time.perf_counter() - t
             res = compare_to_float(float_fn, cm, eval_ids)
             entry = {"ppl": res["ppl_quant"], "compile_s": compile_s, "scheme": cfg.scheme, "vs_float": res,
@@ -193,6 +198,8 @@ def run_all(args, rows: list[str], out: Path, results: dict) -> None:
     running: dict[str, subprocess.Popen] = {}
     common = ["--max-tokens", str(args.max_tokens), "--calib-samples", str(args.calib_samples),
               "--calib-seq-len", str(args.calib_seq_len), "--scale-precision", args.scale_precision]
+    if args.device:
+        common += ["--device", args.device]
     if args.contributions:
         common += ["--contributions", args.contributions, "--contribution-tokens", str(args.contribution_tokens)]
     while todo or running:

@@ -16,6 +16,7 @@ reproduce its codes.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -44,17 +45,26 @@ class HessianAccumulator:
     energy. Attention-sink tokens carry activations 100× the others (SmolLM2: 99.8% of Σx² of
     some down_proj inputs in the first position); unweighted, GPTQ spends the other rows'
     accuracy to make those few rows exact (BENCHMARKS §2d). None: every row weighs 1.
+
+    sink_weight: each sequence's first position (dim -2 of a [..., seq, features] batch) gets
+    c_t = sink_weight, every other row 1 (n still counts rows). In the Hessians of the linears
+    that read the attention input (q/k/v) that position is the attention sink every later token
+    attends to; unweighted it is 1 row in seq_len and GPTQ trades its key/value away (3.4-4.1x
+    RTN's error there on SmolLM2, BENCHMARKS §2d). 1: plain GPTQ.
     """
 
     def __init__(self, in_features: int, what: str = "activation",
-                 row_energy_cap: float | None = None):
+                 row_energy_cap: float | None = None, sink_weight: float = 1.0):
         if in_features < 1:
             raise GPTQError(f"HessianAccumulator.in_features={in_features} must be >= 1")
         if row_energy_cap is not None and not row_energy_cap >= 1:
             raise GPTQError(f"HessianAccumulator.row_energy_cap={row_energy_cap} must be >= 1 "
                             "(a multiple of the median row energy) or None")
+        if not (math.isfinite(sink_weight) and sink_weight >= 1):
+            raise GPTQError(f"HessianAccumulator.sink_weight={sink_weight} must be a finite number >= 1")
         self.in_features = in_features
         self.row_energy_cap = row_energy_cap
+        self.sink_weight = float(sink_weight)
         self.what = what  # names the tensor in errors, e.g. "input of model.layers.0.mlp.up_proj"
         self.n = 0
         self._h: torch.Tensor | None = None
@@ -64,6 +74,10 @@ class HessianAccumulator:
         if x.dim() == 0 or x.shape[-1] != self.in_features:
             raise GPTQError(f"{self.what}: activation shape {tuple(x.shape)} has last dim "
                             f"{x.shape[-1] if x.dim() else None}, expected {self.in_features}")
+        if self.sink_weight != 1 and x.dim() < 3:
+            raise GPTQError(f"{self.what}: sink_weight={self.sink_weight} needs activations shaped "
+                            f"[batch, seq, features] to find each sequence's first position, got "
+                            f"{tuple(x.shape)}")
         rows = x.detach().reshape(-1, self.in_features).to(torch.float64)
         if not bool(torch.isfinite(rows).all()):
             n_nan, n_inf = int(torch.isnan(rows).sum()), int(torch.isinf(rows).sum())
@@ -80,6 +94,10 @@ class HessianAccumulator:
             limit = self.row_energy_cap * energy.median()
             if limit > 0:
                 rows = rows * torch.where(energy > limit, limit / energy, 1.0).sqrt().unsqueeze(1)
+        if self.sink_weight != 1:
+            first = torch.zeros(x.shape[:-1], dtype=torch.bool, device=rows.device)
+            first[..., 0] = True
+            rows = rows * torch.where(first.reshape(-1, 1), math.sqrt(self.sink_weight), 1.0)
         n_new = self.n + k
         self._h *= self.n / n_new
         self._h += (2.0 / n_new) * (rows.T @ rows.to(self._h.device))

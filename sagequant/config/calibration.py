@@ -2,6 +2,7 @@
 (SmoothQuant, AWQ, GPTQ; each used only by the method that names it)."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from .checks import boolean, choice, fail, integer, names, normalise
@@ -39,6 +40,10 @@ class CalibrationConfig:
     # GPTQ Hessian rows above this multiple of their batch's median energy count as rows of that
     # energy (calibration/gptq.py HessianAccumulator); None: unweighted. BENCHMARKS §2d.
     gptq_row_energy_cap: float | None = None
+    # Each calibration sequence's first position (the attention sink) weighs as this many rows in
+    # the GPTQ Hessians of the linears that read the attention input (q/k/v, found from the graph's
+    # attention ops); 1: plain GPTQ. BENCHMARKS §2g.
+    gptq_sink_weight: float = 1.0
 
     def __post_init__(self) -> None:
         alpha = self.smoothquant_alpha
@@ -53,14 +58,24 @@ class CalibrationConfig:
         if cap is not None and (isinstance(cap, bool) or not isinstance(cap, (int, float)) or not cap >= 1):
             raise fail("gptq_row_energy_cap", cap, "is not supported",
                        "None or a number >= 1 (a multiple of the median row energy), e.g. 10")
+        sink_w = self.gptq_sink_weight
+        if isinstance(sink_w, bool) or not isinstance(sink_w, (int, float)) or not (
+                math.isfinite(sink_w) and sink_w >= 1):
+            raise fail("gptq_sink_weight", sink_w, "is not supported",
+                       "a finite number >= 1 (1: plain GPTQ), e.g. 50")
         for name in ("awq_clip", "awq_duo_scaling", "gptq_act_order", "gptq_true_sequential"):
             boolean(name, getattr(self, name))
         normalise(self, calibration=choice("calibration", self.calibration, CALIBRATIONS),
                   calibration_samples=integer("calibration_samples", self.calibration_samples, 1),
                   calibration_seq_len=integer("calibration_seq_len", self.calibration_seq_len, 1),
                   smoothquant_alpha=alpha, gptq_damp=float(damp),
-                  gptq_row_energy_cap=None if cap is None else float(cap),
+                  gptq_row_energy_cap=None if cap is None else float(cap), gptq_sink_weight=float(sink_w),
                   awq_grid=integer("awq_grid", self.awq_grid, 2),
                   awq_search_rows=integer("awq_search_rows", self.awq_search_rows, 1),
                   gptq_block_size=integer("gptq_block_size", self.gptq_block_size, 1),
                   sink_tokens=integer("sink_tokens", self.sink_tokens, 0))
+        if self.gptq_sink_weight != 1 and self.sink_tokens:
+            raise fail("gptq_sink_weight", self.gptq_sink_weight, f"cannot weight the sink position "
+                       f"that sink_tokens={self.sink_tokens} leaves out of the Hessians",
+                       "gptq_sink_weight=1 with sink_tokens > 0, or sink_tokens=0 with any "
+                       "gptq_sink_weight >= 1")

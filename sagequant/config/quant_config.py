@@ -69,7 +69,8 @@ FIELDS = ("weight_dtype", "activation_dtype", "calibration", "group_size", "symm
           "sink_tokens", "nf4_double_quant", "kv_scale_precision",
           "qat_learn_scales", "guard", "guard_samples", "guard_bounds", "target_bits_per_weight",
           "target_max_delta_loss", "precision_upgrades", "sensitivity_samples", "sensitivity_method",
-          "rotate", "rotate_online", "rotate_heads", "rotate_seed", "gptq_row_energy_cap")
+          "rotate", "rotate_online", "rotate_heads", "rotate_seed", "gptq_row_energy_cap",
+          "gptq_sink_weight")
 assert sorted(FIELDS) == sorted(SECTION_OF), "every section field has its place in FIELDS"
 
 

@@ -6,6 +6,9 @@ consume exactly that output, whose weight columns absorb s in return.
                                     gate/up, GPT-2 c_attn / c_fc): the norm weight (and bias) / s
   linear -> mul(act(.), .) -> linear  up_proj -> down_proj in gated MLPs: up_proj rows / s
 
+Also the linears that read an attention op's input (q/k/v, found back from
+scaled_dot_product_attention), whose GPTQ Hessians weight the attention-sink position.
+
 Matched on graph structure and op meaning, never on module names; a producer whose output has
 any other reader (a residual add, a non-linear op) does not form a group, because scaling it
 would change that reader.
@@ -17,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
+from ..errors import UnsupportedError
 from .graph import QuantGraph
 
 ATEN = torch.ops.aten
@@ -96,3 +100,42 @@ def balance_groups(graph: QuantGraph) -> list[BalanceGroup]:
         if len(ups) == 1:
             groups.append(BalanceGroup(LINEAR, ups[0], [down]))
     return groups
+
+
+SDPA = ATEN.scaled_dot_product_attention.default
+
+
+class AttentionInputError(UnsupportedError):
+    """No attention op, or an attention op whose q/k/v do not come from linears of one input."""
+
+
+def attention_input_linears(graph: QuantGraph) -> list[fx.Node]:
+    """The quantized linears that read the attention input: for every scaled_dot_product_attention,
+    the linears its query / key / value come from (walking back through reshapes, rotary, q/k
+    norms, repeat_kv — any op but a linear), which must all read one value (q/k/v of Llama read
+    input_layernorm's output; GPT-2's one c_attn). In graph order, each once."""
+    found: dict[fx.Node, None] = {}
+    attentions = list(graph.nodes(SDPA))
+    if not attentions:
+        raise AttentionInputError("no aten.scaled_dot_product_attention in the graph, so no linears "
+                                  "read an attention input; supported: graphs with SDPA attention")
+    for sdpa in attentions:
+        linears, todo, seen = [], [a for a in sdpa.args[:3] if isinstance(a, fx.Node)], set()
+        while todo:
+            node = todo.pop()
+            if node in seen:
+                continue
+            seen.add(node)
+            if node.target == ATEN.linear.default:
+                linears.append(node)
+            elif node.op == "call_function":
+                todo.extend(a for a in node.all_input_nodes)
+        inputs = {n.args[0] for n in linears}
+        if len(inputs) != 1:
+            names = ", ".join(graph.annotation(n).layer if graph.annotation(n) else n.name for n in linears)
+            raise AttentionInputError(f"attention {sdpa.name}: its query/key/value come from linears "
+                                      f"[{names or 'none'}] reading {len(inputs)} different inputs; "
+                                      "supported: q/k/v projections of one shared input")
+        found.update((n, None) for n in linears if _is_quantized_linear(graph, n))
+    order = {n: i for i, n in enumerate(graph.graph.nodes)}
+    return sorted(found, key=order.__getitem__)

@@ -8,7 +8,8 @@ With QuantConfig.gptq_true_sequential the same holds inside a block: the linears
 stages of one shared input each (q/k/v, o, gate/up, down), each stage observed after the earlier
 ones were quantized, so o_proj's Hessian sees the quantized q/k/v's attention output.
 QuantConfig.sink_tokens leaves the first positions of every sequence out of the Hessians (off by
-default; measured harmful on SmolLM2, see config/calibration.py). Peak memory is the inter-block cache plus one block's activations and Hessians.
+default; measured harmful on SmolLM2, see config/calibration.py); QuantConfig.gptq_sink_weight
+instead weights that position in the Hessians of the linears reading the attention input (q/k/v). Peak memory is the inter-block cache plus one block's activations and Hessians.
 
 GPTQ's scales are left on the annotation so convert rounds onto exactly the chosen grid.
 """
@@ -22,6 +23,7 @@ from ..calibration.gptq import HessianAccumulator, gptq_quantize, reconstruction
 from ..calibration.sequential import SequentialRunner
 from ..calibration.stats import past_sink
 from ..ir.graph import QuantGraph
+from ..ir.patterns import attention_input_linears
 from ..ir.quant_spec import dequantize, quantize, weight_qparams
 from ..progress import track
 from .manager import PassContext, PassResult, define_pass
@@ -41,14 +43,14 @@ def gptq(graph: QuantGraph, ctx: PassContext) -> PassResult:
     runner = SequentialRunner(graph)
     caches = runner.start(ctx.calibration_batches, run_prologue=False)
     rss_before = _peak_rss_mb()
-    stats = {"layers": 0, "blocks": runner.num_blocks, "rtn_error": 0.0, "gptq_error": 0.0}
+    sink_readers = sink_weighted_linears(graph, cfg)
+    stats = {"layers": 0, "blocks": runner.num_blocks, "rtn_error": 0.0, "gptq_error": 0.0,
+             "sink_weighted_layers": len(sink_readers)}
     for seg in track(range(len(runner.segments)), "gptq", unit="segment", note=runner.segment_name):
         targets = [n for n in runner.segments[seg] if n.target == ATEN.linear.default
                    and graph.annotation(n) is not None and graph.annotation(n).quantized]
         for stage in (stages(targets) if cfg.gptq_true_sequential else [targets] if targets else []):
-            hessians = {n: HessianAccumulator(graph.attr(n.args[1]).shape[1], f"input of "
-                                              f"{graph.annotation(n).layer}", cfg.gptq_row_energy_cap)
-                        for n in stage}
+            hessians = stage_hessians(graph, stage, cfg, sink_readers)
             hooks = {n: (lambda node, args, out: hessians[node].add(past_sink(args[0], cfg.sink_tokens)))
                      for n in stage}
             runner.run_segment(seg, caches, hooks, commit=False)
@@ -58,6 +60,19 @@ def gptq(graph: QuantGraph, ctx: PassContext) -> PassResult:
     stats["peak_rss_mb"] = _peak_rss_mb()
     stats["peak_rss_growth_mb"] = round(stats["peak_rss_mb"] - rss_before, 1)
     return PassResult(graph, stats["layers"] > 0, stats)
+
+
+def sink_weighted_linears(graph: QuantGraph, cfg) -> set:
+    """The linears whose Hessians weight the sink position (QuantConfig.gptq_sink_weight): those
+    reading the attention input, found from the graph's attention ops; none when the weight is 1."""
+    return set(attention_input_linears(graph)) if cfg.gptq_sink_weight != 1 else set()
+
+
+def stage_hessians(graph: QuantGraph, stage: list, cfg, sink_readers: set) -> dict:
+    """One HessianAccumulator per linear of the stage, weighted as the config says."""
+    return {n: HessianAccumulator(graph.attr(n.args[1]).shape[1], f"input of {graph.annotation(n).layer}",
+                                  cfg.gptq_row_energy_cap,
+                                  cfg.gptq_sink_weight if n in sink_readers else 1.0) for n in stage}
 
 
 def stages(targets: list) -> list[list]:

@@ -38,13 +38,12 @@ from ..ir.patterns import balance_groups
 from ..ir.trace import retarget_device
 from ..progress import phase
 from ..calibration.distributed import merge_hessian, merge_observer, shard, world
-from ..calibration.gptq import HessianAccumulator
 from ..calibration.smoothquant import search_alpha, smoothing_scales
 from .calibrate import RANGE_ONLY_BATCHES
 from .convert import is_convertible, quantized_tensors, rewrite_linear
 from .fold_scales import fold_group_scales
 from .awq import balance_and_clip
-from .gptq import quantize_layer, stages
+from .gptq import quantize_layer, sink_weighted_linears, stage_hessians, stages
 from .insert_observers import input_observer
 from .manager import PassContext, PassResult, define_pass
 from .smoothquant import SEARCH_ACT_SPEC, SEARCH_ROWS
@@ -86,6 +85,7 @@ class LayerwiseCompile:
         self.all_batches, self.batches = batches, shard(batches)   # data parallel: this rank's share
         self.groups = balance_groups(graph) if cfg.calibration != "gptq" and cfg.calibration not in (
             "minmax", "percentile") else []
+        self.sink_readers = sink_weighted_linears(graph, cfg) if cfg.calibration == "gptq" else set()
         self.stats = {"segments": len(self.runner.segments), "restored": 0, "calibrated": 0,
                       "quantized_layers": 0, "onloaded_bytes": 0}
         self._check_work_dir(fingerprint or {})
@@ -223,9 +223,7 @@ class LayerwiseCompile:
         stats = {"layers": 0, "rtn_error": 0.0, "gptq_error": 0.0}
         # As the gptq pass: true-sequential stages see the earlier stages already quantized.
         for stage in stages(linears) if self.cfg.gptq_true_sequential else [linears]:
-            hessians = {n: HessianAccumulator(graph.attr(n.args[1]).shape[1],
-                                              f"input of {graph.annotation(n).layer}",
-                                              self.cfg.gptq_row_energy_cap) for n in stage}
+            hessians = stage_hessians(graph, stage, self.cfg, self.sink_readers)
             sink = self.cfg.sink_tokens
             self.runner.run_segment(seg, caches, {n: (lambda node, args, out: hessians[node].add(
                 past_sink(args[0], sink))) for n in stage}, commit=False)

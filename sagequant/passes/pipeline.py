@@ -98,7 +98,7 @@ _BEFORE_CONVERT = (
     Step("insert_observers", ("observer",)),
     Step("calibrate"),
     Step("gptq", ("gptq_block_size", "gptq_damp", "gptq_act_order", "gptq_true_sequential", "sink_tokens",
-                  "gptq_row_energy_cap"),
+                  "gptq_row_energy_cap", "gptq_sink_weight"),
          _method_not(GPTQ_METHODS)),
 )
 _FROM_CONVERT = (
@@ -118,7 +118,8 @@ TABLES: dict[str, tuple[Step, ...]] = {
     # compile(device=...): the calibration and convert passes run block by block inside layerwise.
     LAYERWISE: (_CANONICALIZE, _ANNOTATE) + (
         Step("layerwise", ("calibration", "smoothquant_alpha", "awq_grid", "awq_clip", "gptq_block_size",
-                           "gptq_damp", "gptq_act_order", "gptq_true_sequential", "gptq_row_energy_cap", "observer",
+                           "gptq_damp", "gptq_act_order", "gptq_true_sequential", "gptq_row_energy_cap",
+                           "gptq_sink_weight", "observer",
                            "weight_observer")),) + _FROM_CONVERT[1:] + (_FUSE,),
     STEP_GRAPH: (Step("kv_cache"),
                  Step("kv_cache_quant", ("kv_cache_dtype", "kv_block_size", "kv_group_size",

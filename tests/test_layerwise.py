@@ -77,10 +77,11 @@ def test_checkpoint_reader_is_lazy_and_resolves_tied_names(checkpoint, tmp_path,
     assert torch.equal(reader.load("lm_head.weight"), tied.model.embed_tokens.weight)
 
 
-@pytest.mark.parametrize("method", ["minmax", "gptq"])
+@pytest.mark.parametrize("method", [{"calibration": "minmax"}, {"calibration": "gptq"},
+                                    {"calibration": "gptq", "gptq_sink_weight": 50.0}])
 def test_weight_only_layerwise_equals_whole_model_bit_for_bit(checkpoint, ids, tmp_path, method):
     model, d = checkpoint
-    cfg = _cfg(calibration=method)
+    cfg = _cfg(**method)
     lw = _layerwise(d, cfg, ids, tmp_path / "work")
     ref = sq.compile(model, cfg, calibration_data=ids)
     got, want = lw.graph.state(), ref.graph.state()

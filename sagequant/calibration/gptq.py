@@ -95,9 +95,9 @@ class HessianAccumulator:
             if limit > 0:
                 rows = rows * torch.where(energy > limit, limit / energy, 1.0).sqrt().unsqueeze(1)
         if self.sink_weight != 1:
-            first = torch.zeros(x.shape[:-1], dtype=torch.bool, device=rows.device)
-            first[..., 0] = True
-            rows = rows * torch.where(first.reshape(-1, 1), math.sqrt(self.sink_weight), 1.0)
+            root = torch.ones(x.shape[:-1], dtype=torch.float64, device=rows.device)
+            root[..., 0] = math.sqrt(self.sink_weight)
+            rows = rows * root.reshape(-1, 1)
         n_new = self.n + k
         self._h *= self.n / n_new
         self._h += (2.0 / n_new) * (rows.T @ rows.to(self._h.device))

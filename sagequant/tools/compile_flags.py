@@ -35,7 +35,7 @@ def config_from_args(args) -> QuantConfig:
              "calibration_samples": args.samples, "calibration_seq_len": args.seq_len,
              "fallback": args.fallback, "guard": args.guard,
              "target_bits_per_weight": args.target_bits, "target_max_delta_loss": args.target_delta_loss,
-             "rotate": args.rotate}
+             "rotate": args.rotate, "gptq_sink_weight": args.gptq_sink_weight}
     if args.asymmetric:
         flags["symmetric"] = False
     if args.ignore is not None:
@@ -64,6 +64,9 @@ def add_compile_flags(p: argparse.ArgumentParser, dataset_required: bool,
                    "(only sagequant's own files there are replaced; the others stay)")
     p.add_argument("--config", help="QuantConfig JSON file; flags below override its fields")
     p.add_argument("--method", help="calibration: minmax | percentile | smoothquant | awq | gptq")
+    p.add_argument("--gptq-sink-weight", type=positive_float, metavar="W",
+                   help="GPTQ: each calibration sequence's first position (the attention sink) weighs as W "
+                   "rows in the Hessians of the linears reading the attention input (q/k/v); 1: plain GPTQ")
     p.add_argument("--weight-dtype", help="int8 | int4 | fp8 | nf4 | w8a16 | w4a16 | w8a8")
     p.add_argument("--activation-dtype", help="a16 (fp16/bf16) | int8 | fp8")
     p.add_argument("--kv-quant", help="none | int8 | fp8")

@@ -1,0 +1,180 @@
+"""QuantConfig.gptq_sink_weight: each calibration sequence's first position (the attention sink)
+weighs as N rows in the GPTQ Hessians of the linears that read the attention input (q/k/v, found
+back from scaled_dot_product_attention), and nowhere else."""
+import math
+
+import pytest
+import torch
+
+import sagequant as sq
+from sagequant.calibration.gptq import GPTQError, HessianAccumulator, gptq_quantize
+from sagequant.config import ConfigError
+from sagequant.ir.patterns import AttentionInputError, attention_input_linears
+from sagequant.ir.quant_spec import QuantSpec, dequantize, quantize, weight_qparams
+
+LINEAR = torch.ops.aten.linear.default
+GPTQ_CFG = dict(weight_dtype="int4", group_size=32, calibration="gptq", guard="off")
+# 8 sequences of 24: more rows (192) than the widest linear input (96), as GPTQ requires
+CAL = torch.randint(0, 128, (8, 24), generator=torch.Generator().manual_seed(5))
+
+
+def _weighted_reference(x: torch.Tensor, weight: float) -> torch.Tensor:
+    """2/n Σ c_t x_t x_tᵀ in float64, c_t = weight at position 0 of dim -2, else 1; n = rows."""
+    c = torch.ones(x.shape[:-1], dtype=torch.float64)
+    c[..., 0] = weight
+    rows, c = x.reshape(-1, x.shape[-1]).double(), c.reshape(-1)
+    return 2.0 / rows.shape[0] * (rows * c[:, None]).T @ rows
+
+
+def test_sink_weight_equals_its_float64_formula():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 20, 16, generator=g) * 5
+    acc = HessianAccumulator(16, sink_weight=50.0)
+    acc.add(x[:2])                          # [batch, seq, features]
+    acc.add(x[2:].reshape(1, 1, 20, 16))    # 4-D: the sequence is still dim -2
+    assert acc.n == 60
+    torch.testing.assert_close(acc.hessian, _weighted_reference(x, 50.0), rtol=1e-12, atol=1e-9)
+    plain = HessianAccumulator(16)
+    plain.add(x)
+    assert not torch.allclose(plain.hessian, acc.hessian)
+    torch.testing.assert_close(plain.hessian, _weighted_reference(x, 1.0), rtol=1e-12, atol=1e-9)
+
+
+def test_sink_weight_needs_a_sequence_dim_and_a_valid_weight():
+    acc = HessianAccumulator(8, what="input of layers.0.q_proj", sink_weight=20.0)
+    with pytest.raises(GPTQError, match=r"layers\.0\.q_proj: sink_weight=20.0 needs .*\[batch, seq"):
+        acc.add(torch.ones(4, 8))
+    for bad in (0.5, float("nan"), float("inf")):
+        with pytest.raises(GPTQError, match="sink_weight=.* must be a finite number >= 1"):
+            HessianAccumulator(8, sink_weight=bad)
+
+
+def _sink_layer(seed: int = 0, batch: int = 8, seq: int = 128, features: int = 128, out: int = 64):
+    """Ordinary rows with most variance in half of a random basis; each sequence's first row is one
+    fixed vector of 0.3 x their norm in the other, low-variance half: an ordinary-looking row that
+    the unweighted Hessian sees as 1 row in `seq`, in directions GPTQ pushes its error into."""
+    g = torch.Generator().manual_seed(seed)
+    basis, _ = torch.linalg.qr(torch.randn(features, features, generator=g))
+    sd = torch.cat([torch.ones(features // 2), torch.full((features - features // 2,), 0.3)])
+    x = (torch.randn(batch, seq, features, generator=g) * sd) @ basis.T
+    sink = basis[:, features // 2:] @ torch.randn(features - features // 2, generator=g)
+    x[:, 0] = sink / sink.norm() * x[:, 1:].norm(dim=-1).mean() * 0.3
+    return torch.randn(out, features, generator=g) * 0.05, x
+
+
+def test_weighted_gptq_keeps_the_sink_row_that_plain_gptq_loses_to_rtn():
+    w, x = _sink_layer()
+    spec = QuantSpec("int4", "per_group", 32)
+    scale, zero = weight_qparams(w, spec)
+    rtn = dequantize(quantize(w, spec, scale, zero))
+
+    def errors(q):  # squared output error of the sink row, mean of the ordinary rows
+        d = (w - q).double()
+        rest = x[:, 1:].reshape(-1, x.shape[-1]).double()
+        return float((d @ x[0, 0].double()).pow(2).sum()), float((rest @ d.T).pow(2).sum() / rest.shape[0])
+
+    base_sink, base_rest = errors(rtn)
+    got = {}
+    for weight in (1.0, 50.0):
+        acc = HessianAccumulator(x.shape[-1], sink_weight=weight)
+        acc.add(x)
+        got[weight] = errors(gptq_quantize(w, acc.hessian, spec).dequantized)
+    assert got[1.0][0] > 1.3 * base_sink, (got, base_sink)     # plain GPTQ loses to RTN on the sink
+    assert got[50.0][0] < 0.5 * base_sink, (got, base_sink)    # weighted, it does not
+    assert got[50.0][1] < 0.7 * base_rest                       # and still beats RTN on the rest
+    assert got[50.0][1] < 1.1 * got[1.0][1]
+
+
+def _layer_names(graph, nodes):
+    return [graph.annotation(n).layer for n in nodes]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3", "gpt2"])
+def test_attention_input_linears_are_exactly_the_qkv_projections(tiny, arch):
+    model = tiny(arch)
+    cm = sq.compile(model, sq.QuantConfig(**GPTQ_CFG), calibration_data=torch.randint(0, 128, (1, 8)),
+                    stop_after="annotate")
+    names = _layer_names(cm.graph, attention_input_linears(cm.graph))
+    layers = range(model.config.num_hidden_layers)
+    if arch == "gpt2":  # one fused c_attn per block
+        assert names == [f"transformer.h.{i}.attn.c_attn" for i in layers]
+    else:
+        assert names == [f"model.layers.{i}.self_attn.{p}_proj" for i in layers for p in "qkv"]
+
+
+def test_attention_input_linears_fail_loudly_without_attention():
+    from torch.fx import Graph, GraphModule
+    from sagequant.ir.graph import QuantGraph
+    g = Graph()
+    g.output(g.placeholder("x"))
+    with pytest.raises(AttentionInputError, match="no aten.scaled_dot_product_attention"):
+        attention_input_linears(QuantGraph(GraphModule(torch.nn.Module(), g)))
+
+
+def _weights(cm) -> dict:
+    g = cm.graph
+    return {g.annotation(n).layer: g.attr(n.args[1]).detach().clone()
+            for n in g.nodes(LINEAR) if g.annotation(n) is not None and g.annotation(n).quantized}
+
+
+def test_the_weight_reaches_exactly_the_qkv_hessians(tiny):
+    model = tiny("llama")
+    plain, weighted = (sq.compile(model, sq.QuantConfig(**GPTQ_CFG, gptq_sink_weight=w), calibration_data=CAL,
+                                  stop_after="gptq") for w in (1.0, 50.0))
+    stats = {h["pass"]: h.get("stats") for h in weighted.pass_history}["gptq"]
+    assert stats["sink_weighted_layers"] == 3 * model.config.num_hidden_layers
+    a, b = _weights(plain), _weights(weighted)
+    block0 = "model.layers.0."
+    # One observation run per block: block 0's o/gate/up/down see the same float inputs either way.
+    for name in ("self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"):
+        assert torch.equal(a[block0 + name], b[block0 + name]), name
+    for p in "qkv":
+        assert not torch.equal(a[f"{block0}self_attn.{p}_proj"], b[f"{block0}self_attn.{p}_proj"]), p
+    # Block 0's q_proj is GPTQ on the float64 formula's Hessian of its float input.
+    inputs = []
+    hook = model.model.layers[0].self_attn.q_proj.register_forward_hook(lambda m, i, o: inputs.append(i[0]))
+    with torch.no_grad():
+        for row in CAL:
+            model(input_ids=row[None], use_cache=False)
+    hook.remove()
+    h = _weighted_reference(torch.cat(inputs), 50.0)
+    spec = weighted.graph.annotation(next(n for n in weighted.graph.nodes(LINEAR) if weighted.graph.annotation(n)
+                                          is not None and weighted.graph.annotation(n).quantized)).weight_spec
+    want = gptq_quantize(model.model.layers[0].self_attn.q_proj.weight.detach(), h, spec).dequantized
+    got = b[block0 + "self_attn.q_proj"]
+    assert float((got != want).float().mean()) < 0.01
+
+
+@pytest.mark.parametrize("bad", [0.5, 0, -1.0, float("nan"), float("inf"), True, "50"])
+def test_config_rejects_bad_sink_weights(bad):
+    with pytest.raises(ConfigError, match=r"QuantConfig.gptq_sink_weight=.* a finite number >= 1"):
+        sq.QuantConfig(gptq_sink_weight=bad)
+
+
+def test_config_rejects_weighting_a_sink_that_sink_tokens_removes():
+    with pytest.raises(ConfigError, match=r"gptq_sink_weight=50.0 cannot weight the sink .*sink_tokens=1"):
+        sq.QuantConfig(gptq_sink_weight=50, sink_tokens=1)
+    assert sq.QuantConfig(gptq_sink_weight=1, sink_tokens=1).sink_tokens == 1
+
+
+def test_sink_weight_survives_json_and_the_artifact(tiny, tmp_path):
+    cfg = sq.QuantConfig(**GPTQ_CFG, gptq_sink_weight=20)
+    assert cfg.gptq_sink_weight == 20.0 and isinstance(cfg.gptq_sink_weight, float)
+    assert sq.QuantConfig.from_dict(cfg.to_dict()).gptq_sink_weight == 20.0
+    assert sq.QuantConfig.from_dict({k: v for k, v in cfg.to_dict().items()
+                                     if k != "gptq_sink_weight"}).gptq_sink_weight == 1.0  # older artifacts
+    cm = sq.compile(tiny("llama"), cfg, calibration_data=CAL)
+    loaded = sq.load(cm.save(tmp_path / "art"))
+    assert loaded.config.gptq_sink_weight == 20.0
+    assert loaded.config.to_dict() == cfg.to_dict()
+
+
+def test_sink_weight_is_a_compile_flag():
+    from sagequant.tools.cli import build_parser
+    from sagequant.tools.compile_flags import config_from_args
+    p = build_parser()
+    args = p.parse_args(["compile", "--model", "m", "--dataset", "d", "--output", "o", "--method", "gptq",
+                         "--gptq-sink-weight", "50"])
+    assert config_from_args(args).gptq_sink_weight == 50.0
+    assert math.isclose(config_from_args(p.parse_args(["compile", "--model", "m", "--dataset", "d",
+                                                       "--output", "o"])).gptq_sink_weight, 1.0)

@@ -5,7 +5,8 @@ import torch
 
 from sagequant.ir.formats import NF4_CODEBOOK, QuantizationError
 from sagequant.ir.quant_spec import (
-    QuantizedTensor, QuantSpec, block_lengths, compute_qparams, dequantize, fake_quantize, quantize)
+    QuantizedTensor, QuantSpec, block_lengths, compute_qparams, dequantize, fake_quantize, fake_quantize_block,
+    quantize)
 
 QRANGE = {"int8": (-128, 127), "uint8": (0, 255), "int4": (-8, 7), "uint4": (0, 15)}
 # What a symmetric scale maps absmax onto: int4 uses the full 16 levels (absmax -> 7.5).
@@ -444,3 +445,22 @@ def test_fp32_scales_match_compressed_tensors_bit_for_bit(fmt, group, ct_type):
     # fp16 scales round every scale once: most dequantized values move
     ours16 = fake_quantize(w, QuantSpec(fmt, spec.granularity, group, True, "fp16"))
     assert (ours16 != theirs).float().mean() > 0.3
+
+
+@pytest.mark.parametrize("spec", [QuantSpec("int4", "per_group", group_size=32, scale_dtype="fp32"),
+                                  QuantSpec("uint4", "per_group", group_size=32, symmetric=False),
+                                  QuantSpec("int8", "per_channel", scale_dtype="fp32"),
+                                  QuantSpec("fp8_e4m3", "per_channel", scale_dtype="fp32"),
+                                  QuantSpec("nf4", "per_group", group_size=32)],
+                         ids=lambda s: s.describe())
+def test_fake_quantize_block_is_quantize_then_dequantize_bit_for_bit(spec):
+    # GPTQ's per-column step: one block of each row, scales computed from the whole row block,
+    # applied to columns of it (including values past the range, which must saturate alike).
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(40, 32, generator=g) * torch.rand(40, 1, generator=g) * 5
+    scale, zero = compute_qparams(x[:, :32], spec)
+    cols = torch.cat([x, 3 * x[:, :4]], dim=1)   # 4 extra columns beyond the range: clamped
+    want = torch.cat([dequantize(quantize(cols[:, j:j + 1], spec, scale[:, :1],
+                                          None if zero is None else zero[:, :1])) for j in range(36)], dim=1)
+    got = fake_quantize_block(cols, spec, scale[:, :1], None if zero is None else zero[:, :1])
+    assert got.dtype == torch.float32 and torch.equal(got, want)

@@ -22,7 +22,8 @@ from dataclasses import dataclass
 import torch
 
 from ..ir.quant_spec import (
-    SCALE_DTYPES, QuantizedTensor, QuantSpec, block_lengths, dequantize, quantize, weight_qparams)
+    SCALE_DTYPES, QuantizedTensor, QuantSpec, block_lengths, dequantize, fake_quantize_block, quantize,
+    weight_qparams)
 
 from ..errors import CompileError
 
@@ -189,13 +190,12 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, 
                     Z[:, col // spec.group_size] = z[:, 0]
             s_col, z_col = _column_params(S, Z, spec, col)
             w = W1[:, i]
-            q = dequantize(quantize(w.unsqueeze(1), spec, s_col, z_col, what=what))[:, 0]
-            d = Hinv1[i, i]
+            q = fake_quantize_block(w.unsqueeze(1), spec, s_col, z_col)[:, 0]
             Q[:, i1 + i] = q
-            losses += (w - q) ** 2 / d ** 2 / 2
-            err = (w - q) / d
+            err = (w - q) / Hinv1[i, i]
             W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
             Err1[:, i] = err
+        losses += (Err1 ** 2).sum(dim=1) / 2
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
 
     Q = Q[:, torch.argsort(perm).to(Q.device)]

@@ -237,6 +237,20 @@ def fake_quantize(x: torch.Tensor, spec: QuantSpec, clip_ratio: float = 1.0) -> 
     return dequantize(quantize(x, spec, clip_ratio=clip_ratio), x.dtype)
 
 
+def fake_quantize_block(x: torch.Tensor, spec: QuantSpec, scale: torch.Tensor,
+                        zero_point: torch.Tensor | None = None) -> torch.Tensor:
+    """dequantize(quantize(x, spec, scale, zero_point)) as float32, bit for bit, for x [rows, k]
+    whose k columns all lie in one block of each row (scale / zero point [rows, 1]); no checks,
+    no code packing, no host syncs: the per-column step of GPTQ, run tens of thousands of times
+    per block on a GPU."""
+    s = scale.float()
+    scaled = x.float() / s
+    if zero_point is None:
+        return spec.fmt.round_trip(scaled) * s
+    z = zero_point.float()
+    return (spec.fmt.round_trip(scaled + z) - z) * s
+
+
 
 @functools.lru_cache(maxsize=256)
 def _decode_spec(text: str) -> QuantSpec:

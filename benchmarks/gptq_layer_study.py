@@ -47,7 +47,14 @@ VARIANTS = {
     "gptq-sinkcap10-down": ("cap10-down", 0.01, "mean", "minmax", False),
     # the first row of each window weighs as 50 rows in the q/k/v Hessians; other linears plain
     "gptq-sink50-qkv": ("50-qkv", 0.01, "mean", "minmax", False),
+    "gptq-sink20-qkv": ("20-qkv", 0.01, "mean", "minmax", False),
+    "gptq-sink200-qkv": ("200-qkv", 0.01, "mean", "minmax", False),
+    # every row of the q/k/v (or only k/v) Hessians weighted by the attention mass its key receives
+    # (column sums of the attention probabilities, mean over heads: mean 1 per row, the sink ~S/2)
+    "gptq-mass-qkv": ("mass-qkv", 0.01, "mean", "minmax", False),
+    "gptq-mass-kv": ("mass-kv", 0.01, "mean", "minmax", False),
 }
+QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
 
 
 class SplitHessian:
@@ -100,11 +107,51 @@ def collect(model, batches: torch.Tensor) -> dict:
     return acc
 
 
+class MassHessian:
+    """Σ m_t x_t x_tᵀ / Σ m_t · 2 of one block's attention input, m_t the attention mass key t gets."""
+
+    def __init__(self):
+        self.sum, self.mass, self.n = None, 0.0, 0
+
+    def add(self, x: torch.Tensor, mass: torch.Tensor) -> None:
+        rows, m = x.detach().reshape(-1, x.shape[-1]).double(), mass.reshape(-1).double()
+        if self.sum is None:
+            self.sum = torch.zeros(rows.shape[1], rows.shape[1], dtype=torch.float64)
+        self.sum += (rows * m[:, None]).T @ rows
+        self.mass += float(m.sum())
+        self.n += rows.shape[0]
+
+    def hessian(self) -> torch.Tensor:
+        return 2.0 * self.sum / self.mass
+
+
+def collect_mass(model, batches: torch.Tensor) -> dict:
+    """{block: MassHessian} of the q/k/v input, the attention probabilities from eager attention."""
+    inputs, hooks = {}, []
+    acc = {b: MassHessian() for b in range(len(model.model.layers))}
+    for b, layer in enumerate(model.model.layers):
+        hooks.append(layer.self_attn.q_proj.register_forward_hook(
+            lambda m, a, o, b=b: inputs.__setitem__(b, a[0])))
+    before = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        with torch.inference_mode():
+            for i in range(batches.shape[0]):
+                probs = model(input_ids=batches[i:i + 1], use_cache=False, output_attentions=True).attentions
+                for b, p in enumerate(probs):   # p [1, heads, queries, keys]
+                    acc[b].add(inputs[b], p.float().sum(-2).mean(1))
+    finally:
+        model.set_attn_implementation(before)
+        for h in hooks:
+            h.remove()
+    return acc
+
+
 def err(d: torch.Tensor, h: torch.Tensor) -> float:
     return float(((d @ h) * d).sum())
 
 
-def quantize_all(model, calib_h: dict, variant: str, spec: QuantSpec) -> dict:
+def quantize_all(model, calib_h: dict, variant: str, spec: QuantSpec, mass_h: dict | None = None) -> dict:
     """{(block, linear): dequantized weight} for one variant."""
     out = {}
     for (b, name), acc in calib_h.items():
@@ -114,9 +161,14 @@ def quantize_all(model, calib_h: dict, variant: str, spec: QuantSpec) -> dict:
             out[(b, name)] = dequantize(quantize(w, spec, s, z))
             continue
         sink_w, damp, ref, observer, act_order = VARIANTS[variant]
+        if isinstance(sink_w, str) and sink_w.startswith("mass-"):
+            weighted = QKV if sink_w == "mass-qkv" else QKV[1:]
+            h = mass_h[b].hessian() if name in weighted else acc.hessian()
+            out[(b, name)] = gptq_quantize(w, h, spec, damp=damp, act_order=act_order,
+                                           observer=observer).dequantized
+            continue
         if isinstance(sink_w, str) and sink_w.endswith("-qkv"):
-            sink_w = float(sink_w.removesuffix("-qkv")) if name in ("self_attn.q_proj", "self_attn.k_proj",
-                                                                    "self_attn.v_proj") else 1.0
+            sink_w = float(sink_w.removesuffix("-qkv")) if name in QKV else 1.0
         if isinstance(sink_w, str) and sink_w.endswith("-down"):
             sink_w = sink_w.removesuffix("-down") if name == "mlp.down_proj" else 1.0
         if isinstance(sink_w, str):
@@ -184,6 +236,9 @@ def main() -> None:
         eval_h = collect(model, eval_ids[:eval_ids.numel() // 512 * 512].reshape(-1, 512))
         if cache_file is not None:
             torch.save((calib_h, eval_h), cache_file)
+    mass_h = None
+    if any(VARIANTS[v] and str(VARIANTS[v][0]).startswith("mass-") for v in args.variants + args.per_block):
+        mass_h = collect_mass(model, calib)
     print(f"hessians {time.perf_counter() - t:.0f}s", flush=True)
     cache = {}
 
@@ -201,7 +256,7 @@ def main() -> None:
     quantized = {}
     for v in dict.fromkeys(args.variants + args.per_block + (["rtn"] if args.per_block else [])):
         t = time.perf_counter()
-        quantized[v] = quantize_all(model, calib_h, v, spec)
+        quantized[v] = quantize_all(model, calib_h, v, spec, mass_h)
         with with_weights(model, quantized[v]):
             m = compare_to_float(float_fn, quant_fn, eval_ids)
         layers = per_layer_errors(model, quantized[v], calib_h, eval_h)

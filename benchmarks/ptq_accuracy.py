@@ -72,9 +72,14 @@ SCHEMES = {
                                     gptq_row_energy_cap=10.0, **G128),
     # each window's first position weighs as N rows in the q/k/v Hessians (attention sink, §2g)
     **{f"w4a16-gptq-sink{w}": dict(weight_dtype="int4", activation_dtype="a16", calibration="gptq",
-                                   gptq_sink_weight=float(w), **G128) for w in (5, 20, 50, 200)},
+                                   gptq_sink_weight=float(w), **G128) for w in (5, 10, 20, 50, 200)},
+    # every q/k/v Hessian row weighted by the attention mass its position receives as a key
+    "w4a16-gptq-sink-attention": dict(weight_dtype="int4", activation_dtype="a16", calibration="gptq",
+                                      gptq_sink_weight="attention", **G128),
+    "w4a16-gptq-sink-attention-g64": dict(weight_dtype="int4", activation_dtype="a16", calibration="gptq",
+                                          gptq_sink_weight="attention", group_size=64),
     **{f"w4a16-gptq-sink{w}-g64": dict(weight_dtype="int4", activation_dtype="a16", calibration="gptq",
-                                       gptq_sink_weight=float(w), group_size=64) for w in (20, 50, 200)},
+                                       gptq_sink_weight=float(w), group_size=64) for w in (10, 20, 50, 200)},
     "w4a16-awq-gptq": dict(weight_dtype="int4", activation_dtype="a16", calibration="awq+gptq", **G128),
     # rotate pass (QuaRot-style Hadamard residual rotation + online down_proj / per-head v/o)
     "w8a8-int8-rotate": dict(weight_dtype="int8", activation_dtype="int8", group_size=None, rotate="hadamard"),

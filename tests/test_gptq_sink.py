@@ -1,13 +1,14 @@
 """QuantConfig.gptq_sink_weight: each calibration sequence's first position (the attention sink)
 weighs as N rows in the GPTQ Hessians of the linears that read the attention input (q/k/v, found
-back from scaled_dot_product_attention), and nowhere else."""
+back from scaled_dot_product_attention), and nowhere else; "attention" weighs every row there by
+the attention mass its position receives."""
 import math
 
 import pytest
 import torch
 
 import sagequant as sq
-from sagequant.calibration.gptq import GPTQError, HessianAccumulator, gptq_quantize
+from sagequant.calibration.gptq import GPTQError, HessianAccumulator, attention_mass, gptq_quantize
 from sagequant.config import ConfigError
 from sagequant.ir.patterns import AttentionInputError, attention_input_linears
 from sagequant.ir.quant_spec import QuantSpec, dequantize, quantize, weight_qparams
@@ -47,6 +48,46 @@ def test_sink_weight_needs_a_sequence_dim_and_a_valid_weight():
     for bad in (0.5, float("nan"), float("inf")):
         with pytest.raises(GPTQError, match="sink_weight=.* must be a finite number >= 1"):
             HessianAccumulator(8, sink_weight=bad)
+
+
+def test_row_weights_equal_their_float64_formula_and_are_checked():
+    g = torch.Generator().manual_seed(4)
+    x, m = torch.randn(2, 12, 8, generator=g), torch.rand(2, 12, generator=g) * 3
+    acc = HessianAccumulator(8, what="input of q_proj", sink_weight=5.0)   # both weights multiply
+    acc.add(x, m)
+    c = m.double().clone()
+    c[:, 0] *= 5.0
+    rows = x.reshape(-1, 8).double()
+    want = 2.0 / rows.shape[0] * (rows * c.reshape(-1, 1)).T @ rows
+    torch.testing.assert_close(acc.hessian, want, rtol=1e-12, atol=1e-12)
+    for bad in (torch.ones(2, 11), -m, m * float("nan")):
+        with pytest.raises(GPTQError, match=r"q_proj: row weights of shape .* finite and >= 0"):
+            acc.add(x, bad)
+
+
+def _mass_reference(q, k, mask):
+    """Column sums of softmax(q kᵀ / sqrt(d) + mask) per head, averaged over heads, by loops."""
+    b, h, s, d = q.shape
+    out = torch.zeros(b, k.shape[2], dtype=torch.float64)
+    for i in range(b):
+        for head in range(h):
+            kh = k[i, head * k.shape[1] // h].double()
+            logits = q[i, head].double() @ kh.T / math.sqrt(d) + mask
+            out[i] += torch.softmax(logits, -1).sum(0) / h
+    return out
+
+
+def test_attention_mass_equals_its_float64_formula():
+    g = torch.Generator().manual_seed(6)
+    q, k = torch.randn(2, 4, 10, 8, generator=g), torch.randn(2, 2, 10, 8, generator=g)  # 2 kv heads
+    causal = torch.full((10, 10), float("-inf")).triu(1).double()
+    want = _mass_reference(q, k, causal)
+    torch.testing.assert_close(attention_mass(q, k, is_causal=True), want, rtol=1e-12, atol=1e-12)
+    allowed = torch.ones(10, 10, dtype=torch.bool).tril()
+    torch.testing.assert_close(attention_mass(q, k, allowed[None, None]), want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(attention_mass(q, k, causal.float()), want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(want.sum(-1), torch.full((2,), 10.0, dtype=torch.float64))  # mean 1 a key
+    assert bool((want[:, 0] > want[:, 1:].max(-1).values).all())  # causal: the first key gets the most
 
 
 def _sink_layer(seed: int = 0, batch: int = 8, seq: int = 128, features: int = 128, out: int = 64):
@@ -145,7 +186,52 @@ def test_the_weight_reaches_exactly_the_qkv_hessians(tiny):
     assert float((got != want).float().mean()) < 0.01
 
 
-@pytest.mark.parametrize("bad", [0.5, 0, -1.0, float("nan"), float("inf"), True, "50"])
+def test_attention_weighting_reaches_qkv_with_the_models_attention_mass(tiny, monkeypatch):
+    import sagequant.passes.gptq as gptq_pass
+    model, seen = tiny("llama"), {}
+    quantize_layer = gptq_pass.quantize_layer
+
+    def recording(graph, node, acc, cfg, stats):
+        seen[graph.annotation(node).layer] = acc.hessian
+        quantize_layer(graph, node, acc, cfg, stats)
+    plain = sq.compile(model, sq.QuantConfig(**GPTQ_CFG), calibration_data=CAL, stop_after="gptq")
+    monkeypatch.setattr(gptq_pass, "quantize_layer", recording)
+    weighted = sq.compile(model, sq.QuantConfig(**GPTQ_CFG, gptq_sink_weight="attention"), calibration_data=CAL,
+                          stop_after="gptq")
+    a, b = _weights(plain), _weights(weighted)
+    for name in ("self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"):
+        assert torch.equal(a["model.layers.0." + name], b["model.layers.0." + name]), name
+    # Reference: q_proj's input rows weighted by the column sums of transformers' own eager
+    # attention probabilities (mean over heads).
+    layer, inputs, masses = model.model.layers[0].self_attn, [], []
+    hook = layer.q_proj.register_forward_hook(lambda m, i, o: inputs.append(i[0]))
+    model.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            for row in CAL:
+                probs = model(input_ids=row[None], use_cache=False, output_attentions=True).attentions[0]
+                masses.append(probs.double().sum(-2).mean(1))
+    finally:
+        model.set_attn_implementation("sdpa")
+        hook.remove()
+    x, m = torch.cat(inputs).reshape(-1, layer.q_proj.in_features).double(), torch.cat(masses).reshape(-1)
+    want = 2.0 / x.shape[0] * (x * m[:, None]).T @ x
+    plain_h = 2.0 / x.shape[0] * x.T @ x
+    for p in "qkv":
+        got = seen[f"model.layers.0.self_attn.{p}_proj"]
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6 * float(want.abs().max()))
+        assert float((got - plain_h).abs().max()) > 0.05 * float(plain_h.abs().max())
+        assert not torch.equal(b[f"model.layers.0.self_attn.{p}_proj"], a[f"model.layers.0.self_attn.{p}_proj"]), p
+    assert len(seen) == 7 * model.config.num_hidden_layers
+
+
+def test_attention_weighting_is_a_config_value():
+    assert sq.QuantConfig(gptq_sink_weight=" Attention").gptq_sink_weight == "attention"
+    cfg = sq.QuantConfig(gptq_sink_weight="attention")
+    assert sq.QuantConfig.from_dict(cfg.to_dict()).gptq_sink_weight == "attention"
+
+
+@pytest.mark.parametrize("bad", [0.5, 0, -1.0, float("nan"), float("inf"), True, "50", "mass"])
 def test_config_rejects_bad_sink_weights(bad):
     with pytest.raises(ConfigError, match=r"QuantConfig.gptq_sink_weight=.* a finite number >= 1"):
         sq.QuantConfig(gptq_sink_weight=bad)
@@ -178,3 +264,7 @@ def test_sink_weight_is_a_compile_flag():
     assert config_from_args(args).gptq_sink_weight == 50.0
     assert math.isclose(config_from_args(p.parse_args(["compile", "--model", "m", "--dataset", "d",
                                                        "--output", "o"])).gptq_sink_weight, 1.0)
+    assert config_from_args(p.parse_args(["compile", "--model", "m", "--dataset", "d", "--output", "o",
+                                          "--gptq-sink-weight", "attention"])).gptq_sink_weight == "attention"
+    with pytest.raises(SystemExit):
+        p.parse_args(["compile", "--model", "m", "--dataset", "d", "--output", "o", "--gptq-sink-weight", "0.5"])

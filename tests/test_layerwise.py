@@ -78,7 +78,8 @@ def test_checkpoint_reader_is_lazy_and_resolves_tied_names(checkpoint, tmp_path,
 
 
 @pytest.mark.parametrize("method", [{"calibration": "minmax"}, {"calibration": "gptq"},
-                                    {"calibration": "gptq", "gptq_sink_weight": 50.0}])
+                                    {"calibration": "gptq", "gptq_sink_weight": 50.0},
+                                    {"calibration": "gptq", "gptq_sink_weight": "attention"}])
 def test_weight_only_layerwise_equals_whole_model_bit_for_bit(checkpoint, ids, tmp_path, method):
     model, d = checkpoint
     cfg = _cfg(**method)

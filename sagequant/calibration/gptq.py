@@ -70,11 +70,17 @@ class HessianAccumulator:
         self.n = 0
         self._h: torch.Tensor | None = None
 
-    def add(self, x: torch.Tensor) -> None:
-        """Add one batch of activations [..., in_features] (all leading dims are rows)."""
+    def add(self, x: torch.Tensor, row_weights: torch.Tensor | None = None) -> None:
+        """Add one batch of activations [..., in_features] (all leading dims are rows); row_weights
+        [...] (x's leading dims, finite, >= 0) multiply each row's c_t, e.g. the attention mass a
+        key position receives (attention_mass)."""
         if x.dim() == 0 or x.shape[-1] != self.in_features:
             raise GPTQError(f"{self.what}: activation shape {tuple(x.shape)} has last dim "
                             f"{x.shape[-1] if x.dim() else None}, expected {self.in_features}")
+        if row_weights is not None and (tuple(row_weights.shape) != tuple(x.shape[:-1]) or not bool(
+                (torch.isfinite(row_weights) & (row_weights >= 0)).all())):
+            raise GPTQError(f"{self.what}: row weights of shape {tuple(row_weights.shape)} must match the "
+                            f"activation rows {tuple(x.shape[:-1])} and be finite and >= 0")
         if self.sink_weight != 1 and x.dim() < 3:
             raise GPTQError(f"{self.what}: sink_weight={self.sink_weight} needs activations shaped "
                             f"[batch, seq, features] to find each sequence's first position, got "
@@ -99,6 +105,8 @@ class HessianAccumulator:
             root = torch.ones(x.shape[:-1], dtype=torch.float64, device=rows.device)
             root[..., 0] = math.sqrt(self.sink_weight)
             rows = rows * root.reshape(-1, 1)
+        if row_weights is not None:
+            rows = rows * row_weights.detach().reshape(-1, 1).to(device=rows.device, dtype=torch.float64).sqrt()
         n_new = self.n + k
         self._h *= self.n / n_new
         self._h += (2.0 / n_new) * (rows.T @ rows.to(self._h.device))
@@ -110,6 +118,26 @@ class HessianAccumulator:
         if self._h is None:
             raise GPTQError(f"{self.what}: Hessian requested before any activation rows were added")
         return self._h.clone()
+
+
+def attention_mass(query: torch.Tensor, key: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                   is_causal: bool = False, scale: float | None = None) -> torch.Tensor:
+    """The attention mass each key position receives, as scaled_dot_product_attention weighs it:
+    P = softmax(q kᵀ · scale + mask) [batch, heads, queries, keys], summed over queries and
+    averaged over heads -> [batch, keys]. Its mean over keys is queries / keys (1 for
+    self-attention); an attention sink gets a large share. Key heads fewer than query heads
+    (grouped-query attention) are repeated as enable_gqa does; float64 throughout."""
+    q, k = query.to(torch.float64), key.to(torch.float64)
+    if q.shape[-3] != k.shape[-3]:
+        k = k.repeat_interleave(q.shape[-3] // k.shape[-3], dim=-3)
+    logits = q @ k.transpose(-2, -1) * (q.shape[-1] ** -0.5 if scale is None else scale)
+    if is_causal:
+        allowed = torch.ones(logits.shape[-2:], dtype=torch.bool, device=logits.device).tril()
+        logits = logits.masked_fill(~allowed, float("-inf"))
+    if attn_mask is not None:
+        logits = (logits.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool
+                  else logits + attn_mask.to(torch.float64))
+    return torch.softmax(logits, dim=-1).sum(-2).mean(-2)
 
 
 @dataclass

@@ -11,6 +11,10 @@ CALIBRATIONS = {**names("minmax", "percentile", "smoothquant", "awq", "gptq", "s
                 "awq+smoothquant": "smoothquant+awq", "gptq+awq": "awq+gptq"}
 
 
+# QuantConfig.gptq_sink_weight's non-numeric value: rows weighted by the attention mass they receive
+ATTENTION_MASS = "attention"
+
+
 @dataclass(frozen=True)
 class CalibrationConfig:
     calibration: str = "minmax"
@@ -42,8 +46,9 @@ class CalibrationConfig:
     gptq_row_energy_cap: float | None = None
     # Each calibration sequence's first position (the attention sink) weighs as this many rows in
     # the GPTQ Hessians of the linears that read the attention input (q/k/v, found from the graph's
-    # attention ops); 1: plain GPTQ. BENCHMARKS §2g.
-    gptq_sink_weight: float = 1.0
+    # attention ops); 1: plain GPTQ; "attention": every row there weighs the attention mass its
+    # position receives as a key (mean 1, the sink's found by the model). BENCHMARKS §2g.
+    gptq_sink_weight: float | str = 1.0
 
     def __post_init__(self) -> None:
         alpha = self.smoothquant_alpha
@@ -59,17 +64,21 @@ class CalibrationConfig:
             raise fail("gptq_row_energy_cap", cap, "is not supported",
                        "None or a number >= 1 (a multiple of the median row energy), e.g. 10")
         sink_w = self.gptq_sink_weight
-        if isinstance(sink_w, bool) or not isinstance(sink_w, (int, float)) or not (
+        if isinstance(sink_w, str) and sink_w.strip().lower() == ATTENTION_MASS:
+            sink_w = ATTENTION_MASS
+        elif isinstance(sink_w, bool) or not isinstance(sink_w, (int, float)) or not (
                 math.isfinite(sink_w) and sink_w >= 1):
             raise fail("gptq_sink_weight", sink_w, "is not supported",
-                       "a finite number >= 1 (1: plain GPTQ), e.g. 50")
+                       f"a finite number >= 1 (1: plain GPTQ), e.g. 50, or {ATTENTION_MASS!r}")
+        else:
+            sink_w = float(sink_w)
         for name in ("awq_clip", "awq_duo_scaling", "gptq_act_order", "gptq_true_sequential"):
             boolean(name, getattr(self, name))
         normalise(self, calibration=choice("calibration", self.calibration, CALIBRATIONS),
                   calibration_samples=integer("calibration_samples", self.calibration_samples, 1),
                   calibration_seq_len=integer("calibration_seq_len", self.calibration_seq_len, 1),
                   smoothquant_alpha=alpha, gptq_damp=float(damp),
-                  gptq_row_energy_cap=None if cap is None else float(cap), gptq_sink_weight=float(sink_w),
+                  gptq_row_energy_cap=None if cap is None else float(cap), gptq_sink_weight=sink_w,
                   awq_grid=integer("awq_grid", self.awq_grid, 2),
                   awq_search_rows=integer("awq_search_rows", self.awq_search_rows, 1),
                   gptq_block_size=integer("gptq_block_size", self.gptq_block_size, 1),

@@ -109,16 +109,16 @@ class AttentionInputError(UnsupportedError):
     """No attention op, or an attention op whose q/k/v do not come from linears of one input."""
 
 
-def attention_input_linears(graph: QuantGraph) -> list[fx.Node]:
-    """The quantized linears that read the attention input: for every scaled_dot_product_attention,
+def attention_inputs(graph: QuantGraph) -> list[tuple[fx.Node, list[fx.Node]]]:
+    """(attention, the quantized linears reading its input) for every scaled_dot_product_attention:
     the linears its query / key / value come from (walking back through reshapes, rotary, q/k
     norms, repeat_kv — any op but a linear), which must all read one value (q/k/v of Llama read
-    input_layernorm's output; GPT-2's one c_attn). In graph order, each once."""
-    found: dict[fx.Node, None] = {}
+    input_layernorm's output; GPT-2's one c_attn)."""
     attentions = list(graph.nodes(SDPA))
     if not attentions:
         raise AttentionInputError("no aten.scaled_dot_product_attention in the graph, so no linears "
                                   "read an attention input; supported: graphs with SDPA attention")
+    found, order = [], {n: i for i, n in enumerate(graph.graph.nodes)}
     for sdpa in attentions:
         linears, todo, seen = [], [a for a in sdpa.args[:3] if isinstance(a, fx.Node)], set()
         while todo:
@@ -136,6 +136,10 @@ def attention_input_linears(graph: QuantGraph) -> list[fx.Node]:
             raise AttentionInputError(f"attention {sdpa.name}: its query/key/value come from linears "
                                       f"[{names or 'none'}] reading {len(inputs)} different inputs; "
                                       "supported: q/k/v projections of one shared input")
-        found.update((n, None) for n in linears if _is_quantized_linear(graph, n))
-    order = {n: i for i, n in enumerate(graph.graph.nodes)}
-    return sorted(found, key=order.__getitem__)
+        found.append((sdpa, sorted({n for n in linears if _is_quantized_linear(graph, n)}, key=order.__getitem__)))
+    return found
+
+
+def attention_input_linears(graph: QuantGraph) -> list[fx.Node]:
+    """Every quantized linear that reads an attention input (attention_inputs), in graph order."""
+    return list(dict.fromkeys(n for _, linears in attention_inputs(graph) for n in linears))

@@ -19,11 +19,13 @@ import resource
 
 import torch
 from ..calibration.datasets import CalibrationDataError
-from ..calibration.gptq import HessianAccumulator, gptq_quantize, reconstruction_error
+from ..calibration.gptq import HessianAccumulator, attention_mass, gptq_quantize, reconstruction_error
 from ..calibration.sequential import SequentialRunner
 from ..calibration.stats import past_sink
 from ..ir.graph import QuantGraph
-from ..ir.patterns import attention_input_linears
+from ..config.calibration import ATTENTION_MASS
+from ..errors import UnsupportedError
+from ..ir.patterns import attention_inputs
 from ..ir.quant_spec import dequantize, quantize, weight_qparams
 from ..progress import track
 from .manager import PassContext, PassResult, define_pass
@@ -50,9 +52,7 @@ def gptq(graph: QuantGraph, ctx: PassContext) -> PassResult:
         targets = [n for n in runner.segments[seg] if n.target == ATEN.linear.default
                    and graph.annotation(n) is not None and graph.annotation(n).quantized]
         for stage in (stages(targets) if cfg.gptq_true_sequential else [targets] if targets else []):
-            hessians = stage_hessians(graph, stage, cfg, sink_readers)
-            hooks = {n: (lambda node, args, out: hessians[node].add(past_sink(args[0], cfg.sink_tokens)))
-                     for n in stage}
+            hessians, hooks = observe_hessians(graph, stage, cfg, sink_readers)
             runner.run_segment(seg, caches, hooks, commit=False)
             for node in stage:
                 quantize_layer(graph, node, hessians[node], cfg, stats)
@@ -62,17 +62,48 @@ def gptq(graph: QuantGraph, ctx: PassContext) -> PassResult:
     return PassResult(graph, stats["layers"] > 0, stats)
 
 
-def sink_weighted_linears(graph: QuantGraph, cfg) -> set:
-    """The linears whose Hessians weight the sink position (QuantConfig.gptq_sink_weight): those
-    reading the attention input, found from the graph's attention ops; none when the weight is 1."""
-    return set(attention_input_linears(graph)) if cfg.gptq_sink_weight != 1 else set()
+def sink_weighted_linears(graph: QuantGraph, cfg) -> dict:
+    """{linear: the attention it feeds} for the linears whose Hessians weight the sink position
+    (QuantConfig.gptq_sink_weight): those reading an attention input; empty when the weight is 1."""
+    if cfg.gptq_sink_weight == 1:
+        return {}
+    return {n: sdpa for sdpa, linears in attention_inputs(graph) for n in linears}
 
 
-def stage_hessians(graph: QuantGraph, stage: list, cfg, sink_readers: set) -> dict:
-    """One HessianAccumulator per linear of the stage, weighted as the config says."""
-    return {n: HessianAccumulator(graph.attr(n.args[1]).shape[1], f"input of {graph.annotation(n).layer}",
-                                  cfg.gptq_row_energy_cap,
-                                  cfg.gptq_sink_weight if n in sink_readers else 1.0) for n in stage}
+def observe_hessians(graph: QuantGraph, stage: list, cfg, sink_readers: dict) -> tuple[dict, dict]:
+    """(a HessianAccumulator per linear of the stage, the run_segment hooks that fill them).
+    gptq_sink_weight="attention": an attention reader's input waits for its attention op, whose
+    hook weighs every row by the attention mass that position receives as a key."""
+    by_mass = cfg.gptq_sink_weight == ATTENTION_MASS
+    hessians = {n: HessianAccumulator(graph.attr(n.args[1]).shape[1], f"input of {graph.annotation(n).layer}",
+                                      cfg.gptq_row_energy_cap,
+                                      cfg.gptq_sink_weight if n in sink_readers and not by_mass else 1.0)
+                for n in stage}
+    pending: dict = {}
+    hooks = {n: (lambda node, args, out: hessians[node].add(past_sink(args[0], cfg.sink_tokens)))
+             for n in stage}
+    if by_mass:
+        readers: dict = {}
+        for n in stage:
+            if n in sink_readers:
+                readers.setdefault(sink_readers[n], []).append(n)
+                hooks[n] = lambda node, args, out: pending.__setitem__(node, args[0])
+
+        def add_by_mass(sdpa, args, out):
+            mass = attention_mass(args[0], args[1], *_mask_and_causal(sdpa, args),
+                                  scale=sdpa.kwargs.get("scale"))
+            for n in readers[sdpa]:
+                hessians[n].add(pending.pop(n), mass)
+        hooks.update((sdpa, add_by_mass) for sdpa in readers)
+    return hessians, hooks
+
+
+def _mask_and_causal(sdpa, args) -> tuple:
+    mask = args[3] if len(args) > 3 else sdpa.kwargs.get("attn_mask")
+    if isinstance(mask, torch.fx.Node):
+        raise UnsupportedError(f"gptq_sink_weight='attention': {sdpa.name} takes its attention mask as a "
+                               "keyword the runner does not evaluate; supported: a positional mask")
+    return mask, bool(args[5] if len(args) > 5 else sdpa.kwargs.get("is_causal", False))
 
 
 def stages(targets: list) -> list[list]:

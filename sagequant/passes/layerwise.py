@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 
 from ..calibration.onload import graph_weight_names, offload, onload, return_freed_memory
 from ..calibration.sequential import SequentialRunner
-from ..calibration.stats import past_sink, segment_input_stats
+from ..calibration.stats import segment_input_stats
 from ..config import QuantConfig
 from ..errors import ConfigError, UnsupportedError
 from ..ir.annotations import CalibrationRecord
@@ -43,7 +43,7 @@ from .calibrate import RANGE_ONLY_BATCHES
 from .convert import is_convertible, quantized_tensors, rewrite_linear
 from .fold_scales import fold_group_scales
 from .awq import balance_and_clip
-from .gptq import quantize_layer, sink_weighted_linears, stage_hessians, stages
+from .gptq import observe_hessians, quantize_layer, sink_weighted_linears, stages
 from .insert_observers import input_observer
 from .manager import PassContext, PassResult, define_pass
 from .smoothquant import SEARCH_ACT_SPEC, SEARCH_ROWS
@@ -85,7 +85,7 @@ class LayerwiseCompile:
         self.all_batches, self.batches = batches, shard(batches)   # data parallel: this rank's share
         self.groups = balance_groups(graph) if cfg.calibration != "gptq" and cfg.calibration not in (
             "minmax", "percentile") else []
-        self.sink_readers = sink_weighted_linears(graph, cfg) if cfg.calibration == "gptq" else set()
+        self.sink_readers = sink_weighted_linears(graph, cfg) if cfg.calibration == "gptq" else {}
         self.stats = {"segments": len(self.runner.segments), "restored": 0, "calibrated": 0,
                       "quantized_layers": 0, "onloaded_bytes": 0}
         self._check_work_dir(fingerprint or {})
@@ -223,10 +223,8 @@ class LayerwiseCompile:
         stats = {"layers": 0, "rtn_error": 0.0, "gptq_error": 0.0}
         # As the gptq pass: true-sequential stages see the earlier stages already quantized.
         for stage in stages(linears) if self.cfg.gptq_true_sequential else [linears]:
-            hessians = stage_hessians(graph, stage, self.cfg, self.sink_readers)
-            sink = self.cfg.sink_tokens
-            self.runner.run_segment(seg, caches, {n: (lambda node, args, out: hessians[node].add(
-                past_sink(args[0], sink))) for n in stage}, commit=False)
+            hessians, hooks = observe_hessians(graph, stage, self.cfg, self.sink_readers)
+            self.runner.run_segment(seg, caches, hooks, commit=False)
             for node in stage:
                 acc = hessians.pop(node)
                 quantize_layer(graph, node, merge_hessian(acc) if self.world_size > 1 else acc,

@@ -74,3 +74,13 @@ def unit_ratio(text: str) -> float:
     if not 0 < value <= 1:
         raise argparse.ArgumentTypeError(f"{value} is out of range: must be in (0, 1]")
     return value
+
+
+def sink_weight(text: str) -> float | str:
+    """--gptq-sink-weight: a number >= 1, or 'attention' (rows weighted by their attention mass)."""
+    if text.strip().lower() == "attention":
+        return "attention"
+    value = _float(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is out of range: must be >= 1 (1: plain GPTQ) or 'attention'")
+    return value

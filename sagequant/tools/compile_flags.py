@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..config import ConfigError, QuantConfig
 from ..passes.pipeline import PTQ_PASSES
-from .arg_types import group_size, non_negative_float, positive_float, positive_int, unit_ratio
+from .arg_types import group_size, non_negative_float, positive_float, positive_int, sink_weight, unit_ratio
 
 
 def _read_config_file(path: str) -> dict:
@@ -64,9 +64,10 @@ def add_compile_flags(p: argparse.ArgumentParser, dataset_required: bool,
                    "(only sagequant's own files there are replaced; the others stay)")
     p.add_argument("--config", help="QuantConfig JSON file; flags below override its fields")
     p.add_argument("--method", help="calibration: minmax | percentile | smoothquant | awq | gptq")
-    p.add_argument("--gptq-sink-weight", type=positive_float, metavar="W",
+    p.add_argument("--gptq-sink-weight", type=sink_weight, metavar="W",
                    help="GPTQ: each calibration sequence's first position (the attention sink) weighs as W "
-                   "rows in the Hessians of the linears reading the attention input (q/k/v); 1: plain GPTQ")
+                   "rows in the Hessians of the linears reading the attention input (q/k/v); 1: plain GPTQ; "
+                   "'attention': every row there weighs the attention mass its position receives")
     p.add_argument("--weight-dtype", help="int8 | int4 | fp8 | nf4 | w8a16 | w4a16 | w8a8")
     p.add_argument("--activation-dtype", help="a16 (fp16/bf16) | int8 | fp8")
     p.add_argument("--kv-quant", help="none | int8 | fp8")

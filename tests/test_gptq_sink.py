@@ -225,6 +225,29 @@ def test_attention_weighting_reaches_qkv_with_the_models_attention_mass(tiny, mo
     assert len(seen) == 7 * model.config.num_hidden_layers
 
 
+def test_flattened_attention_input_is_weighted_per_sequence(tiny, monkeypatch):
+    """GPT-2 views [batch, seq, C] as [-1, C] before c_attn: the sink is still each sequence's first row."""
+    import sagequant.passes.gptq as gptq_pass
+    model, seen = tiny("gpt2"), {}
+    quantize_layer = gptq_pass.quantize_layer
+
+    def recording(graph, node, acc, cfg, stats):
+        seen[graph.annotation(node).layer] = acc.hessian
+        quantize_layer(graph, node, acc, cfg, stats)
+    monkeypatch.setattr(gptq_pass, "quantize_layer", recording)
+    cal = torch.randint(0, 128, (8, 40), generator=torch.Generator().manual_seed(7))  # c_proj reads 256
+    cm = sq.compile(model, sq.QuantConfig(**GPTQ_CFG, gptq_sink_weight=50), calibration_data=cal, stop_after="gptq")
+    assert {h["pass"]: h.get("stats") for h in cm.pass_history}["gptq"]["sink_weighted_layers"] == 2
+    inputs = []
+    hook = model.transformer.h[0].ln_1.register_forward_hook(lambda m, i, o: inputs.append(o))
+    with torch.no_grad():
+        for row in cal:
+            model(input_ids=row[None], use_cache=False)
+    hook.remove()
+    want = _weighted_reference(torch.cat(inputs), 50.0)
+    torch.testing.assert_close(seen["transformer.h.0.attn.c_attn"], want, rtol=1e-5, atol=1e-6 * float(want.abs().max()))
+
+
 def test_attention_weighting_is_a_config_value():
     assert sq.QuantConfig(gptq_sink_weight=" Attention").gptq_sink_weight == "attention"
     cfg = sq.QuantConfig(gptq_sink_weight="attention")

@@ -143,3 +143,16 @@ def attention_inputs(graph: QuantGraph) -> list[tuple[fx.Node, list[fx.Node]]]:
 def attention_input_linears(graph: QuantGraph) -> list[fx.Node]:
     """Every quantized linear that reads an attention input (attention_inputs), in graph order."""
     return list(dict.fromkeys(n for _, linears in attention_inputs(graph) for n in linears))
+
+
+def sequence_source(node: fx.Node) -> fx.Node | None:
+    """node if its value is [..., seq, features], else the value of that form that channel-keeping
+    reshapes flattened into it (GPT-2 views [batch, seq, C] as [-1, C] before c_attn); None if
+    neither is known."""
+    while True:
+        val = node.meta.get("val") if isinstance(node, fx.Node) else None
+        if val is not None and val.dim() >= 3:
+            return node
+        if not (isinstance(node, fx.Node) and node.target in _RESHAPES and _keeps_last_dim(node.args[0], node)):
+            return None
+        node = node.args[0]

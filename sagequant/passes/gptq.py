@@ -25,7 +25,7 @@ from ..calibration.stats import past_sink
 from ..ir.graph import QuantGraph
 from ..config.calibration import ATTENTION_MASS
 from ..errors import UnsupportedError
-from ..ir.patterns import attention_inputs
+from ..ir.patterns import attention_inputs, sequence_source
 from ..ir.quant_spec import dequantize, quantize, weight_qparams
 from ..progress import track
 from .manager import PassContext, PassResult, define_pass
@@ -72,22 +72,36 @@ def sink_weighted_linears(graph: QuantGraph, cfg) -> dict:
 
 def observe_hessians(graph: QuantGraph, stage: list, cfg, sink_readers: dict) -> tuple[dict, dict]:
     """(a HessianAccumulator per linear of the stage, the run_segment hooks that fill them).
-    gptq_sink_weight="attention": an attention reader's input waits for its attention op, whose
-    hook weighs every row by the attention mass that position receives as a key."""
+    An attention reader is observed on its input's [batch, seq, features] form (GPT-2 flattens
+    it before c_attn), where the sink is each sequence's first position. gptq_sink_weight=
+    "attention": that input waits for the attention op, whose hook weighs every row by the
+    attention mass its position receives as a key."""
     by_mass = cfg.gptq_sink_weight == ATTENTION_MASS
     hessians = {n: HessianAccumulator(graph.attr(n.args[1]).shape[1], f"input of {graph.annotation(n).layer}",
                                       cfg.gptq_row_energy_cap,
                                       cfg.gptq_sink_weight if n in sink_readers and not by_mass else 1.0)
                 for n in stage}
     pending: dict = {}
-    hooks = {n: (lambda node, args, out: hessians[node].add(past_sink(args[0], cfg.sink_tokens)))
-             for n in stage}
+    observers: dict = {}   # hooked node -> [fn(value)]
+    for n in stage:
+        if n not in sink_readers:
+            observers.setdefault(n, []).append(
+                lambda x, n=n: hessians[n].add(past_sink(x, cfg.sink_tokens)))
+            continue
+        source = sequence_source(n.args[0])
+        if source is None:
+            raise UnsupportedError(f"gptq_sink_weight: the input of {graph.annotation(n).layer} has no "
+                                   "[batch, seq, features] form to find each sequence's first position in")
+        observers.setdefault(n if source is n.args[0] else source, []).append(
+            (lambda x, n=n: pending.__setitem__(n, x)) if by_mass else (lambda x, n=n: hessians[n].add(x)))
+    # a linear's hook sees its input (args[0]); any other hooked node, its own output
+    hooks = {node: (lambda node, args, out: [fn(args[0] if node in hessians else out) for fn in observers[node]])
+             for node in observers}
     if by_mass:
         readers: dict = {}
         for n in stage:
             if n in sink_readers:
                 readers.setdefault(sink_readers[n], []).append(n)
-                hooks[n] = lambda node, args, out: pending.__setitem__(node, args[0])
 
         def add_by_mass(sdpa, args, out):
             mass = attention_mass(args[0], args[1], *_mask_and_causal(sdpa, args),

@@ -34,6 +34,15 @@ SEGMENT_WRITE_BYTES_PER_S = GIB / 5.3
 # GPTQ rounds one input column at a time: a handful of small kernels each, launch-bound on a GPU
 # (estimate: ~10 launches of ~10 us), ~0.5 ms on the 2-core CI box (scale_compile --smoke).
 GPTQ_COLUMN_SECONDS = {"cuda": 1e-4, "cpu": 5e-4}
+# Host work before and around the block loop (meta-device trace, pipeline set-up), per decoder
+# block: H100 run 2 (BENCHMARKS 12e), compile minus block-loop time, 17 s at 32 blocks for RTN and AWQ.
+TRACE_SECONDS_PER_BLOCK = 0.53
+# AWQ's scale and clip searches quantize the whole block once per candidate ratio, in many small
+# elementwise kernels: bytes of device traffic per block parameter and candidate, fitted on H100
+# run 2 (block loop 133 s where the FLOP and I/O terms give 47 s); the CPU figure assumes the same
+# traffic at its bandwidth.
+AWQ_CANDIDATE_BYTES_PER_PARAM = 620
+DEVICE_BYTES_PER_S = {"cuda": 2.0e12, "cpu": 1.0e10}
 # What a process holds before any weight (interpreter, torch, the CUDA context and its libraries).
 PROCESS_BYTES = {"cuda": int(1.0 * GIB), "cpu": int(0.3 * GIB)}
 # Full block forwards over every sample, per method: statistics run(s) + the commit run.
@@ -140,7 +149,9 @@ def plan_layerwise(shape: Shape, cfg: QuantConfig, device: torch.device, dtype: 
     read = checkpoint_bytes if checkpoint_bytes is not None else (shape.layers * shape.block_params()
                                                                     + shape.embedding_params()) * 2
     columns = sum(i for _, i in shape.linears()) if cfg.calibration == "gptq" else 0
-    seconds = (shape.layers * ((forward_flops + method_flops) / rate + columns * GPTQ_COLUMN_SECONDS[device.type])
+    searched = _awq_candidates(cfg) * shape.block_params() * AWQ_CANDIDATE_BYTES_PER_PARAM / DEVICE_BYTES_PER_S[device.type]
+    seconds = (shape.layers * ((forward_flops + method_flops) / rate + columns * GPTQ_COLUMN_SECONDS[device.type]
+                               + searched + TRACE_SECONDS_PER_BLOCK)
                + read / DISK_BYTES_PER_S + (quantized + float_kept) / SEGMENT_WRITE_BYTES_PER_S)
     detail = {"samples": n, "seq_len": t, "layers": shape.layers, "block_params": shape.block_params(),
               "block_weight_bytes": block_weights, "cache_bytes": cache, "work_bytes": work,
@@ -175,9 +186,15 @@ def _method_flops(shape: Shape, cfg: QuantConfig) -> float:
     if cfg.calibration == "gptq":
         return sum(2 * o * i * i for o, i in shape.linears()) + sum(i ** 3 for _, i in shape.linears())
     if "awq" in cfg.calibration:
-        grid_searches = 2 if cfg.awq_clip else 1
-        return grid_searches * cfg.awq_grid * 2 * cfg.awq_search_rows * shape.block_params()
+        return _awq_candidates(cfg) * 2 * cfg.awq_search_rows * shape.block_params()
     return 0.0
+
+
+def _awq_candidates(cfg: QuantConfig) -> int:
+    """Quantizations of each weight AWQ's searches try: the scale grid, and the clip grid."""
+    if "awq" not in cfg.calibration:
+        return 0
+    return (2 if cfg.awq_clip else 1) * cfg.awq_grid
 
 
 def _quantized_bytes(shape: Shape, cfg: QuantConfig) -> int:

@@ -80,7 +80,22 @@ SCHEMES = {
                                           gptq_sink_weight="attention", group_size=64),
     **{f"w4a16-gptq-sink{w}-g64": dict(weight_dtype="int4", activation_dtype="a16", calibration="gptq",
                                        gptq_sink_weight=float(w), group_size=64) for w in (10, 20, 50, 200)},
+    # GPTQ sink50 with one more knob each (the llm-compressor default orders columns by
+    # decreasing diag H with static groups; damping 0.1 as GPTQModel's; MSE-searched group scales)
+    "w4a16-gptq-sink50-actorder": dict(weight_dtype="int4", activation_dtype="a16", calibration="gptq",
+                                       gptq_sink_weight=50.0, gptq_act_order=True, **G128),
+    "w4a16-gptq-sink50-damp10": dict(weight_dtype="int4", activation_dtype="a16", calibration="gptq",
+                                     gptq_sink_weight=50.0, gptq_damp=0.1, **G128),
+    "w4a16-gptq-sink50-mse": dict(weight_dtype="int4", activation_dtype="a16", calibration="gptq",
+                                  gptq_sink_weight=50.0, weight_observer="mse", **G128),
+    "w4a16-gptq-sink50-seq": dict(weight_dtype="int4", activation_dtype="a16", calibration="gptq",
+                                  gptq_sink_weight=50.0, gptq_true_sequential=True, **G128),
+    "w4a16-rtn-mse": dict(weight_dtype="int4", activation_dtype="a16", weight_observer="mse", **G128),
     "w4a16-awq-gptq": dict(weight_dtype="int4", activation_dtype="a16", calibration="awq+gptq", **G128),
+    "w4a16-awq-gptq-sink50": dict(weight_dtype="int4", activation_dtype="a16", calibration="awq+gptq",
+                                  gptq_sink_weight=50.0, **G128),
+    "w4a16-awq-gptq-sink50-g64": dict(weight_dtype="int4", activation_dtype="a16", calibration="awq+gptq",
+                                      gptq_sink_weight=50.0, group_size=64),
     # rotate pass (QuaRot-style Hadamard residual rotation + online down_proj / per-head v/o)
     "w8a8-int8-rotate": dict(weight_dtype="int8", activation_dtype="int8", group_size=None, rotate="hadamard"),
     "w8a8-fp8-rotate": dict(weight_dtype="fp8", activation_dtype="fp8", group_size=None, rotate="hadamard"),

@@ -185,6 +185,8 @@ def run_one(args) -> dict:
     digests = {f: file_sha256(Path(out) / f) for f in ("weights.safetensors", "graph.json")}
     shutil.rmtree(out)
     return {**spec, "compile_s": round(compile_s, 2), "layerwise_s": stats["seconds"],
+            "phase_s": stats.get("phase_seconds"),
+            "pass_s": {p["pass"]: p.get("seconds") for p in cm.pass_history},
             "save_s": round(save_s, 2), "restored": stats["restored"],
             "peak_gpu_gib": round(stats.get("peak_device_bytes", 0) / 2**30, 3),
             "peak_rss_anon_gib": round(rss.peak / 2**30, 3),

@@ -92,10 +92,11 @@ def test_weight_only_layerwise_equals_whole_model_bit_for_bit(checkpoint, ids, t
     assert torch.equal(lw(ids[:2]), ref(ids[:2]))
 
 
-def test_awq_layerwise_block0_equals_whole_model_and_beats_rtn(checkpoint, ids, tmp_path):
+@pytest.mark.parametrize("method", ["awq", "awq+gptq"])
+def test_awq_layerwise_block0_equals_whole_model_and_beats_rtn(checkpoint, ids, tmp_path, method):
     model, d = checkpoint
-    lw = _layerwise(d, _cfg(calibration="awq"), ids, tmp_path / "awq")
-    ref = sq.compile(model, _cfg(calibration="awq"), calibration_data=ids)
+    lw = _layerwise(d, _cfg(calibration=method), ids, tmp_path / "awq")
+    ref = sq.compile(model, _cfg(calibration=method), calibration_data=ids)
     rtn = sq.compile(model, _cfg(calibration="minmax"), calibration_data=ids)
     got, want = lw.graph.state(), ref.graph.state()
     block0 = [k for k in want if ".layers.0." in k]

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from ..config import QuantConfig
+from ..config.calibration import AWQ_METHODS, GPTQ_METHODS
 from ..errors import ConfigError
 
 GIB = 1 << 30
@@ -46,7 +47,8 @@ DEVICE_BYTES_PER_S = {"cuda": 2.0e12, "cpu": 1.0e10}
 # What a process holds before any weight (interpreter, torch, the CUDA context and its libraries).
 PROCESS_BYTES = {"cuda": int(1.0 * GIB), "cpu": int(0.3 * GIB)}
 # Full block forwards over every sample, per method: statistics run(s) + the commit run.
-FORWARDS = {"minmax": 1, "percentile": 1, "smoothquant": 3, "awq": 2, "smoothquant+awq": 3, "gptq": 2}
+FORWARDS = {"minmax": 1, "percentile": 1, "smoothquant": 3, "awq": 2, "smoothquant+awq": 3, "gptq": 2,
+            "awq+gptq": 3}
 # Observed by the caching allocator on top of the live tensors (fragmentation, workspaces).
 ALLOCATOR_SLACK = 1.1
 
@@ -148,7 +150,7 @@ def plan_layerwise(shape: Shape, cfg: QuantConfig, device: torch.device, dtype: 
     method_flops = _method_flops(shape, cfg)
     read = checkpoint_bytes if checkpoint_bytes is not None else (shape.layers * shape.block_params()
                                                                     + shape.embedding_params()) * 2
-    columns = sum(i for _, i in shape.linears()) if cfg.calibration == "gptq" else 0
+    columns = sum(i for _, i in shape.linears()) if cfg.calibration in GPTQ_METHODS else 0
     searched = _awq_candidates(cfg) * shape.block_params() * AWQ_CANDIDATE_BYTES_PER_PARAM / DEVICE_BYTES_PER_S[device.type]
     seconds = (shape.layers * ((forward_flops + method_flops) / rate + columns * GPTQ_COLUMN_SECONDS[device.type]
                                + searched + TRACE_SECONDS_PER_BLOCK)
@@ -161,38 +163,43 @@ def plan_layerwise(shape: Shape, cfg: QuantConfig, device: torch.device, dtype: 
 
 
 def _stats_bytes(shape: Shape, cfg: QuantConfig) -> int:
-    if cfg.calibration == "gptq":
-        # float64 Hessians of the linears observed together: the whole block, or with
-        # true-sequential stages the largest stage (linears sharing an input: q/k/v, o, gate/up, down)
-        stages: dict[int, list[int]] = {}
-        for k, (_, i) in enumerate(shape.linears()):
-            stages.setdefault({0: 0, 1: 0, 2: 0, 3: 1, 4: 2, 5: 2, 6: 3}[k], []).append(i * i * 8)
-        hessians = (max(sum(v) for v in stages.values()) if cfg.gptq_true_sequential
-                    else sum(sum(v) for v in stages.values()))
-        o, i = max(shape.linears(), key=lambda oi: oi[0] * oi[1] + oi[1] * oi[1])
-        # W, Q, Err, result in float32; at the Cholesky step four float64 [in, in] matrices
-        # besides the accumulator: the Hessian handed in, GPTQ's working copy, H + λI and L
-        workspace = 4 * o * i * 4 + 4 * i * i * 8
-        return hessians + workspace
-    if "awq" in cfg.calibration:
-        inputs = [shape.hidden, shape.hidden, shape.heads * shape.head_dim, shape.ffn]
-        rows = sum(cfg.awq_search_rows * i * 4 for i in inputs)
-        o, i = max(shape.linears(), key=lambda oi: oi[0] * oi[1])
-        return rows + 3 * o * i * 4 + cfg.awq_search_rows * o * 4
-    return 0
+    """The method's statistics at their peak (awq+gptq: AWQ's rows are freed before GPTQ's Hessians)."""
+    return max(_gptq_bytes(shape, cfg) if cfg.calibration in GPTQ_METHODS else 0,
+               _awq_bytes(shape, cfg) if cfg.calibration in AWQ_METHODS else 0)
+
+
+def _gptq_bytes(shape: Shape, cfg: QuantConfig) -> int:
+    # float64 Hessians of the linears observed together: the whole block, or with
+    # true-sequential stages the largest stage (linears sharing an input: q/k/v, o, gate/up, down)
+    stages: dict[int, list[int]] = {}
+    for k, (_, i) in enumerate(shape.linears()):
+        stages.setdefault({0: 0, 1: 0, 2: 0, 3: 1, 4: 2, 5: 2, 6: 3}[k], []).append(i * i * 8)
+    hessians = (max(sum(v) for v in stages.values()) if cfg.gptq_true_sequential
+                else sum(sum(v) for v in stages.values()))
+    o, i = max(shape.linears(), key=lambda oi: oi[0] * oi[1] + oi[1] * oi[1])
+    # W, Q, Err, result in float32; at the Cholesky step four float64 [in, in] matrices
+    # besides the accumulator: the Hessian handed in, GPTQ's working copy, H + λI and L
+    workspace = 4 * o * i * 4 + 4 * i * i * 8
+    return hessians + workspace
+
+
+def _awq_bytes(shape: Shape, cfg: QuantConfig) -> int:
+    inputs = [shape.hidden, shape.hidden, shape.heads * shape.head_dim, shape.ffn]
+    rows = sum(cfg.awq_search_rows * i * 4 for i in inputs)
+    o, i = max(shape.linears(), key=lambda oi: oi[0] * oi[1])
+    return rows + 3 * o * i * 4 + cfg.awq_search_rows * o * 4
 
 
 def _method_flops(shape: Shape, cfg: QuantConfig) -> float:
-    if cfg.calibration == "gptq":
-        return sum(2 * o * i * i for o, i in shape.linears()) + sum(i ** 3 for _, i in shape.linears())
-    if "awq" in cfg.calibration:
-        return _awq_candidates(cfg) * 2 * cfg.awq_search_rows * shape.block_params()
-    return 0.0
+    flops = 0.0
+    if cfg.calibration in GPTQ_METHODS:
+        flops += sum(2 * o * i * i for o, i in shape.linears()) + sum(i ** 3 for _, i in shape.linears())
+    return flops + _awq_candidates(cfg) * 2 * cfg.awq_search_rows * shape.block_params()
 
 
 def _awq_candidates(cfg: QuantConfig) -> int:
     """Quantizations of each weight AWQ's searches try: the scale grid, and the clip grid."""
-    if "awq" not in cfg.calibration:
+    if cfg.calibration not in AWQ_METHODS:
         return 0
     return (2 if cfg.awq_clip else 1) * cfg.awq_grid
 

@@ -9,6 +9,10 @@ from .checks import boolean, choice, fail, integer, names, normalise
 
 CALIBRATIONS = {**names("minmax", "percentile", "smoothquant", "awq", "gptq", "smoothquant+awq", "awq+gptq"),
                 "awq+smoothquant": "smoothquant+awq", "gptq+awq": "awq+gptq"}
+# Which algorithms each method runs (awq+gptq: AWQ balances the weights, then GPTQ rounds them).
+SMOOTHQUANT_METHODS = ("smoothquant", "smoothquant+awq")
+AWQ_METHODS = ("awq", "smoothquant+awq", "awq+gptq")
+GPTQ_METHODS = ("gptq", "awq+gptq")
 
 
 # QuantConfig.gptq_sink_weight's non-numeric value: rows weighted by the attention mass they receive

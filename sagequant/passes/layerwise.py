@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from ..calibration.onload import graph_weight_names, offload, onload, return_fre
 from ..calibration.sequential import SequentialRunner
 from ..calibration.stats import segment_input_stats
 from ..config import QuantConfig
+from ..config.calibration import AWQ_METHODS, GPTQ_METHODS, SMOOTHQUANT_METHODS
 from ..errors import ConfigError, UnsupportedError
 from ..ir.annotations import CalibrationRecord
 from ..ir.graph import QuantGraph
@@ -48,7 +50,7 @@ from .insert_observers import input_observer
 from .manager import PassContext, PassResult, define_pass
 from .smoothquant import SEARCH_ACT_SPEC, SEARCH_ROWS
 
-METHODS = ("minmax", "percentile", "smoothquant", "awq", "smoothquant+awq", "gptq")
+METHODS = ("minmax", "percentile", *dict.fromkeys(SMOOTHQUANT_METHODS + AWQ_METHODS + GPTQ_METHODS))
 # Smaller tensors (norm weights, static input scales) stay in CPU memory after their block; larger
 # ones live only in the segment files (memory-mapped once the block loop is done), so what the
 # process itself holds does not grow with depth.
@@ -177,11 +179,11 @@ class LayerwiseCompile:
         if not linears:
             return out
         groups = [g for g in self.groups if g.consumers[0] in members]
-        if cfg.calibration in ("smoothquant", "smoothquant+awq") and groups:
+        if cfg.calibration in SMOOTHQUANT_METHODS and groups:
             out.update(self._smoothquant(seg, caches, groups))
-        if cfg.calibration in ("awq", "smoothquant+awq"):
+        if cfg.calibration in AWQ_METHODS:
             out.update(self._awq(seg, caches, linears, groups))
-        if cfg.calibration == "gptq":
+        if cfg.calibration in GPTQ_METHODS:  # awq+gptq: GPTQ's Hessians see the balanced inputs
             out.update(self._gptq(seg, caches, linears))
         self._observe_inputs(seg, caches, linears)
         before = set(graph.graph.nodes)
@@ -273,20 +275,36 @@ class LayerwiseCompile:
         if self._restore_segment(seg):
             self.stats["restored"] += 1
         else:
-            self.stats["onloaded_bytes"] += onload(graph, names, self.source, self.device, self.dtype)
-            layer_stats = self._calibrate_segment(seg, caches)
+            with self._timed("onload"):
+                self.stats["onloaded_bytes"] += onload(graph, names, self.source, self.device, self.dtype)
+            with self._timed("calibrate"):
+                layer_stats = self._calibrate_segment(seg, caches)
             self.stats["calibrated"] += 1
             for k, v in layer_stats.items():
                 self.stats[k] = self.stats.get(k, 0) + v
             names = graph_weight_names(graph, runner.segments[seg])
-            self._save_segment(seg, names, layer_stats)
-        if seg + 1 < len(runner.segments):
-            runner.run_segment(seg, caches)
-        # The float weights convert replaced are read by nothing now: they leave the device too.
-        offload(graph, list(dict.fromkeys(onloaded + graph_weight_names(graph, runner.segments[seg]))),
-                KEEP_RESIDENT_BYTES)
-        return_freed_memory()
+            with self._timed("save"):
+                self._save_segment(seg, names, layer_stats)
+        with self._timed("forward"):
+            if seg + 1 < len(runner.segments):
+                runner.run_segment(seg, caches)
+        with self._timed("offload"):
+            # The float weights convert replaced are read by nothing now: they leave the device too.
+            offload(graph, list(dict.fromkeys(onloaded + graph_weight_names(graph, runner.segments[seg]))),
+                    KEEP_RESIDENT_BYTES)
+            return_freed_memory()
         self._segment_done(seg)
+
+    @contextmanager
+    def _timed(self, phase_name: str):
+        """Seconds per phase of the block loop, summed over blocks (device work finished inside)."""
+        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+        sync()
+        start = time.perf_counter()
+        yield
+        sync()
+        seconds = self.stats.setdefault("phase_seconds", {})
+        seconds[phase_name] = round(seconds.get(phase_name, 0.0) + time.perf_counter() - start, 3)
 
     def _segment_done(self, seg: int) -> None:
         """Called after each finished segment (a test injects a crash here)."""

@@ -14,13 +14,11 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from ..config import ConfigError, QuantConfig
+from ..config.calibration import AWQ_METHODS, GPTQ_METHODS, SMOOTHQUANT_METHODS
 from .manager import PASSES, Instrument, PassManager
 
 PTQ, QAT, LAYERWISE, STEP_GRAPH, ONNX = "ptq", "qat", "layerwise", "step_graph", "onnx"
 MODES = (PTQ, QAT, LAYERWISE, STEP_GRAPH, ONNX)
-SMOOTHQUANT_METHODS = ("smoothquant", "smoothquant+awq")
-AWQ_METHODS = ("awq", "smoothquant+awq", "awq+gptq")
-GPTQ_METHODS = ("gptq", "awq+gptq")  # awq+gptq: the awq pass balances the weights first
 
 
 @dataclass(frozen=True)

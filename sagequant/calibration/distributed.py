@@ -46,7 +46,7 @@ def _all_reduce(t: torch.Tensor, op) -> torch.Tensor:
 
 @dataclass
 class MergedHessian:
-    """What _quantize_layer reads of a HessianAccumulator: the Hessian and its row count."""
+    """What passes.gptq.quantize_linears reads of a HessianAccumulator: the Hessian and its row count."""
 
     hessian: torch.Tensor
     n: int

@@ -52,10 +52,11 @@ def gptq(graph: QuantGraph, ctx: PassContext) -> PassResult:
         targets = [n for n in runner.segments[seg] if n.target == ATEN.linear.default
                    and graph.annotation(n) is not None and graph.annotation(n).quantized]
         for stage in (stages(targets) if cfg.gptq_true_sequential else [targets] if targets else []):
-            hessians, hooks = observe_hessians(graph, stage, cfg, sink_readers)
+            shared, hooks = observe_hessians(graph, stage, cfg, sink_readers)
             runner.run_segment(seg, caches, hooks, commit=False)
-            for node in stage:
-                quantize_layer(graph, node, hessians[node], cfg, stats)
+            while shared:
+                nodes, acc = shared.pop(0)
+                quantize_linears(graph, nodes, acc, cfg, stats)
         runner.run_segment(seg, caches)
     stats["peak_rss_mb"] = _peak_rss_mb()
     stats["peak_rss_growth_mb"] = round(stats["peak_rss_mb"] - rss_before, 1)
@@ -70,46 +71,51 @@ def sink_weighted_linears(graph: QuantGraph, cfg) -> dict:
     return {n: sdpa for sdpa, linears in attention_inputs(graph) for n in linears}
 
 
-def observe_hessians(graph: QuantGraph, stage: list, cfg, sink_readers: dict) -> tuple[dict, dict]:
-    """(a HessianAccumulator per linear of the stage, the run_segment hooks that fill them).
-    An attention reader is observed on its input's [batch, seq, features] form (GPT-2 flattens
-    it before c_attn), where the sink is each sequence's first position. gptq_sink_weight=
-    "attention": that input waits for the attention op, whose hook weighs every row by the
-    attention mass its position receives as a key."""
+def observe_hessians(graph: QuantGraph, stage: list, cfg, sink_readers: dict) -> tuple[list, dict]:
+    """([(the linears reading one input, their HessianAccumulator)], the run_segment hooks that
+    fill them). Linears that read the same value (q/k/v, gate/up) share one Hessian: it is the
+    same matrix, observed once. An attention reader is observed on its input's [batch, seq,
+    features] form (GPT-2 flattens it before c_attn), where the sink is each sequence's first
+    position. gptq_sink_weight="attention": that input waits for the attention op, whose hook
+    weighs every row by the attention mass its position receives as a key."""
     by_mass = cfg.gptq_sink_weight == ATTENTION_MASS
-    hessians = {n: HessianAccumulator(graph.attr(n.args[1]).shape[1], f"input of {graph.annotation(n).layer}",
-                                      cfg.gptq_row_energy_cap,
-                                      cfg.gptq_sink_weight if n in sink_readers and not by_mass else 1.0)
-                for n in stage}
+    groups: dict = {}   # (input value, sink-weighted) -> linears
+    for n in stage:
+        groups.setdefault((n.args[0], n in sink_readers), []).append(n)
+    shared = [(nodes, HessianAccumulator(
+        graph.attr(nodes[0].args[1]).shape[1], f"input of {', '.join(graph.annotation(n).layer for n in nodes)}",
+        cfg.gptq_row_energy_cap, cfg.gptq_sink_weight if weighted and not by_mass else 1.0))
+        for (_, weighted), nodes in groups.items()]
+    linears = set(stage)
     pending: dict = {}
     observers: dict = {}   # hooked node -> [fn(value)]
-    for n in stage:
+    for nodes, acc in shared:
+        n = nodes[0]
         if n not in sink_readers:
-            observers.setdefault(n, []).append(
-                lambda x, n=n: hessians[n].add(past_sink(x, cfg.sink_tokens)))
+            observers.setdefault(n, []).append(lambda x, acc=acc: acc.add(past_sink(x, cfg.sink_tokens)))
             continue
         source = sequence_source(n.args[0])
         if source is None:
             raise UnsupportedError(f"gptq_sink_weight: the input of {graph.annotation(n).layer} has no "
                                    "[batch, seq, features] form to find each sequence's first position in")
         observers.setdefault(n if source is n.args[0] else source, []).append(
-            (lambda x, n=n: pending.__setitem__(n, x)) if by_mass else (lambda x, n=n: hessians[n].add(x)))
+            (lambda x, acc=acc: pending.__setitem__(acc, x)) if by_mass else (lambda x, acc=acc: acc.add(x)))
     # a linear's hook sees its input (args[0]); any other hooked node, its own output
-    hooks = {node: (lambda node, args, out: [fn(args[0] if node in hessians else out) for fn in observers[node]])
+    hooks = {node: (lambda node, args, out: [fn(args[0] if node in linears else out) for fn in observers[node]])
              for node in observers}
     if by_mass:
         readers: dict = {}
-        for n in stage:
-            if n in sink_readers:
-                readers.setdefault(sink_readers[n], []).append(n)
+        for nodes, acc in shared:
+            if nodes[0] in sink_readers:
+                readers.setdefault(sink_readers[nodes[0]], []).append(acc)
 
         def add_by_mass(sdpa, args, out):
             mass = attention_mass(args[0], args[1], *_mask_and_causal(sdpa, args),
                                   scale=sdpa.kwargs.get("scale"))
-            for n in readers[sdpa]:
-                hessians[n].add(pending.pop(n), mass)
+            for acc in readers[sdpa]:
+                acc.add(pending.pop(acc), mass)
         hooks.update((sdpa, add_by_mass) for sdpa in readers)
-    return hessians, hooks
+    return shared, hooks
 
 
 def _mask_and_causal(sdpa, args) -> tuple:
@@ -129,26 +135,56 @@ def stages(targets: list) -> list[list]:
     return list(by_input.values())
 
 
-def quantize_layer(graph: QuantGraph, node, acc: HessianAccumulator, cfg, stats: dict) -> None:
-    ann = graph.annotation(node)
+def quantize_linears(graph: QuantGraph, nodes: list, acc, cfg, stats: dict) -> None:
+    """GPTQ-round the linears that share the Hessian `acc`. GPTQ treats every output row on its
+    own given H, so linears whose weights use one per-channel or per-group format are rounded as
+    one row-stacked matrix: one Cholesky and one column loop instead of one per linear."""
+    hessian = acc.hessian
+    for part in _same_format(graph, nodes):
+        weights = [_own_weight(graph, n) for n in part]
+        ann = graph.annotation(part[0])
+        weight = torch.cat([w.float() for w in weights]) if len(part) > 1 else weights[0].float()
+        what = f"weight of {', '.join(graph.annotation(n).layer for n in part)}"
+        result = gptq_quantize(weight, hessian, ann.weight_spec, block_size=cfg.gptq_block_size,
+                               damp=cfg.gptq_damp, act_order=cfg.gptq_act_order, clip_ratio=ann.clip_ratio,
+                               min_samples=MIN_ROWS_PER_INPUT * weight.shape[1], n_samples=acc.n,
+                               observer=cfg.weight_observer, what=what)
+        scale, zero_point = weight_qparams(weight, ann.weight_spec, ann.clip_ratio, cfg.weight_observer)
+        rtn = dequantize(quantize(weight, ann.weight_spec, scale, zero_point))
+        stats["rtn_error"] += reconstruction_error(weight, rtn, hessian)
+        stats["gptq_error"] += reconstruction_error(weight, result.dequantized.float(), hessian)
+        stats["layers"] += len(part)
+        q_scale, q_zero = result.qtensor.scale, result.qtensor.zero_point
+        row = 0
+        for node, w in zip(part, weights):
+            rows = slice(row, row + w.shape[0])
+            row += w.shape[0]
+            # clones: a row slice would share the stacked tensor's storage (safetensors refuses that)
+            graph.set_attr(node.args[1].target, result.dequantized[rows].to(w.dtype).clone())
+            graph.update_annotation(node, weight_qparams=(q_scale[rows].clone(),
+                                                          None if q_zero is None else q_zero[rows].clone()))
+
+
+def _same_format(graph: QuantGraph, nodes: list) -> list[list]:
+    """The linears in runs that can be row-stacked: one weight spec, clip ratio and dtype, with
+    scales per row (a per-tensor scale would be shared across the stacked weights)."""
+    parts: dict = {}
+    for n in nodes:
+        ann, w = graph.annotation(n), graph.attr(n.args[1])
+        stackable = ann.weight_spec.granularity in ("per_channel", "per_group")
+        key = (ann.weight_spec, ann.clip_ratio, w.dtype) if stackable else n
+        parts.setdefault(key, []).append(n)
+    return list(parts.values())
+
+
+def _own_weight(graph: QuantGraph, node) -> torch.Tensor:
     w_node = node.args[1]
     readers = [n for n in graph.graph.nodes if n.op == "get_attr" and n.target == w_node.target
                for _ in n.users]
     if len(readers) > 1:
-        raise ValueError(f"GPTQ would rewrite the weight {w_node.target} of {ann.layer}, which other "
-                         "ops also read (tied embeddings?); keep that layer in QuantConfig.ignore")
-    weight = graph.attr(w_node).detach()
-    result = gptq_quantize(weight.float(), acc.hessian, ann.weight_spec, block_size=cfg.gptq_block_size,
-                           damp=cfg.gptq_damp, act_order=cfg.gptq_act_order, clip_ratio=ann.clip_ratio,
-                           min_samples=MIN_ROWS_PER_INPUT * weight.shape[1], n_samples=acc.n,
-                           observer=cfg.weight_observer, what=f"weight of {ann.layer}")
-    scale, zero_point = weight_qparams(weight.float(), ann.weight_spec, ann.clip_ratio, cfg.weight_observer)
-    rtn = dequantize(quantize(weight.float(), ann.weight_spec, scale, zero_point))
-    stats["rtn_error"] += reconstruction_error(weight.float(), rtn, acc.hessian)
-    stats["gptq_error"] += reconstruction_error(weight.float(), result.dequantized.float(), acc.hessian)
-    stats["layers"] += 1
-    graph.set_attr(w_node.target, result.dequantized.to(weight.dtype))
-    graph.update_annotation(node, weight_qparams=(result.qtensor.scale, result.qtensor.zero_point))
+        raise ValueError(f"GPTQ would rewrite the weight {w_node.target} of {graph.annotation(node).layer}, "
+                         "which other ops also read (tied embeddings?); keep that layer in QuantConfig.ignore")
+    return graph.attr(w_node).detach()
 
 
 def _peak_rss_mb() -> float:

@@ -45,7 +45,7 @@ from .calibrate import RANGE_ONLY_BATCHES
 from .convert import is_convertible, quantized_tensors, rewrite_linear
 from .fold_scales import fold_group_scales
 from .awq import balance_and_clip
-from .gptq import observe_hessians, quantize_layer, sink_weighted_linears, stages
+from .gptq import observe_hessians, quantize_linears, sink_weighted_linears, stages
 from .insert_observers import input_observer
 from .manager import PassContext, PassResult, define_pass
 from .smoothquant import SEARCH_ACT_SPEC, SEARCH_ROWS
@@ -225,12 +225,12 @@ class LayerwiseCompile:
         stats = {"layers": 0, "rtn_error": 0.0, "gptq_error": 0.0}
         # As the gptq pass: true-sequential stages see the earlier stages already quantized.
         for stage in stages(linears) if self.cfg.gptq_true_sequential else [linears]:
-            hessians, hooks = observe_hessians(graph, stage, self.cfg, self.sink_readers)
+            shared, hooks = observe_hessians(graph, stage, self.cfg, self.sink_readers)
             self.runner.run_segment(seg, caches, hooks, commit=False)
-            for node in stage:
-                acc = hessians.pop(node)
-                quantize_layer(graph, node, merge_hessian(acc) if self.world_size > 1 else acc,
-                                self.cfg, stats)
+            while shared:
+                nodes, acc = shared.pop(0)
+                quantize_linears(graph, nodes, merge_hessian(acc) if self.world_size > 1 else acc,
+                                 self.cfg, stats)
         return {"gptq_rtn_error": stats["rtn_error"], "gptq_error": stats["gptq_error"]}
 
     def _observe_inputs(self, seg, caches, linears) -> None:

@@ -87,6 +87,12 @@ class Shape:
         q = self.heads * self.head_dim
         return [(q, h), (kv, h), (kv, h), (h, q), (self.ffn, h), (self.ffn, h), (h, self.ffn)]
 
+    def shared_input_linears(self) -> list[tuple[int, int]]:
+        """(stacked out, in) per input value the block's linears read: q|k|v, o, gate|up, down
+        (GPTQ observes one Hessian per input and rounds those linears as one stacked matrix)."""
+        (q, h), (kv, _), _, o, (f, _), _, down = self.linears()
+        return [(q + 2 * kv, h), o, (2 * f, h), down]
+
     def block_params(self) -> int:
         return sum(o * i for o, i in self.linears()) + 2 * self.hidden
 
@@ -150,7 +156,7 @@ def plan_layerwise(shape: Shape, cfg: QuantConfig, device: torch.device, dtype: 
     method_flops = _method_flops(shape, cfg)
     read = checkpoint_bytes if checkpoint_bytes is not None else (shape.layers * shape.block_params()
                                                                     + shape.embedding_params()) * 2
-    columns = sum(i for _, i in shape.linears()) if cfg.calibration in GPTQ_METHODS else 0
+    columns = sum(i for _, i in shape.shared_input_linears()) if cfg.calibration in GPTQ_METHODS else 0
     searched = _awq_candidates(cfg) * shape.block_params() * AWQ_CANDIDATE_BYTES_PER_PARAM / DEVICE_BYTES_PER_S[device.type]
     seconds = (shape.layers * ((forward_flops + method_flops) / rate + columns * GPTQ_COLUMN_SECONDS[device.type]
                                + searched + TRACE_SECONDS_PER_BLOCK)
@@ -169,18 +175,15 @@ def _stats_bytes(shape: Shape, cfg: QuantConfig) -> int:
 
 
 def _gptq_bytes(shape: Shape, cfg: QuantConfig) -> int:
-    # float64 Hessians of the linears observed together: the whole block, or with
-    # true-sequential stages the largest stage (linears sharing an input: q/k/v, o, gate/up, down)
-    stages: dict[int, list[int]] = {}
-    for k, (_, i) in enumerate(shape.linears()):
-        stages.setdefault({0: 0, 1: 0, 2: 0, 3: 1, 4: 2, 5: 2, 6: 3}[k], []).append(i * i * 8)
-    hessians = (max(sum(v) for v in stages.values()) if cfg.gptq_true_sequential
-                else sum(sum(v) for v in stages.values()))
-    o, i = max(shape.linears(), key=lambda oi: oi[0] * oi[1] + oi[1] * oi[1])
+    # float64 Hessians, one per input value: the whole block's, or with true-sequential stages
+    # the largest stage's (one input each: q/k/v, o, gate/up, down)
+    hessians = [i * i * 8 for _, i in shape.shared_input_linears()]
+    held = max(hessians) if cfg.gptq_true_sequential else sum(hessians)
+    o, i = max(shape.shared_input_linears(), key=lambda oi: oi[0] * oi[1] + oi[1] * oi[1])
     # W, Q, Err, result in float32; at the Cholesky step four float64 [in, in] matrices
-    # besides the accumulator: the Hessian handed in, GPTQ's working copy, H + λI and L
+    # besides the accumulator: the Hessian taken from it, GPTQ's working copy, H + λI and L
     workspace = 4 * o * i * 4 + 4 * i * i * 8
-    return hessians + workspace
+    return held + workspace
 
 
 def _awq_bytes(shape: Shape, cfg: QuantConfig) -> int:
@@ -193,7 +196,7 @@ def _awq_bytes(shape: Shape, cfg: QuantConfig) -> int:
 def _method_flops(shape: Shape, cfg: QuantConfig) -> float:
     flops = 0.0
     if cfg.calibration in GPTQ_METHODS:
-        flops += sum(2 * o * i * i for o, i in shape.linears()) + sum(i ** 3 for _, i in shape.linears())
+        flops += sum(2 * o * i * i + i ** 3 for o, i in shape.shared_input_linears())
     return flops + _awq_candidates(cfg) * 2 * cfg.awq_search_rows * shape.block_params()
 
 

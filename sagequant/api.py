@@ -17,6 +17,7 @@ from .ir.annotations import META_KEY
 from .ir.graph import GraphVerificationError, QuantGraph
 from .ir.kv_plan import KVQuantPlan, build_kv_plan
 from .ir.serialize import GraphSerializationError, graph_from_json, graph_to_json
+from .ir.replicate import trace_reusing_blocks
 from .ir.trace import trace_model
 from .lowering.registry import REGISTRY, KernelSpec
 from .passes import DumpIR, PassContext, PrintIRAfter
@@ -175,10 +176,8 @@ def _compile_layerwise(model, cfg: QuantConfig, calibration_data, tokenizer, dev
     kv_plan = build_kv_plan(cfg)
     if isinstance(num_layers, int):
         kv_plan.validate_layers(num_layers)
-    if isinstance(model, torch.nn.Module):
-        graph = trace_model(_meta_copy(model))
-    else:
-        graph = trace_model(skeleton)
+    # Identical blocks are exported once (two, then copied): tracing time does not grow with depth.
+    graph = trace_reusing_blocks(_meta_copy(model) if isinstance(model, torch.nn.Module) else skeleton)
     work = Path(work_dir) if work_dir is not None else Path(tempfile.mkdtemp(prefix="sagequant-layerwise-"))
     plan = plan_layerwise(Shape.from_config(skeleton.config.to_dict()), cfg, dev, dtype, offload_cache,
                           source.total_bytes() if isinstance(source, CheckpointWeights) else 0)

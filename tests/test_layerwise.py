@@ -14,6 +14,7 @@ import torch
 import sagequant as sq
 from sagequant.calibration.onload import CheckpointWeights, empty_model, resolve_device, tied_aliases
 from sagequant.errors import UnsupportedError
+from sagequant.ir import replicate
 from sagequant.ir.trace import trace_model
 from sagequant.passes.layerwise import LayerwiseCompile
 
@@ -85,6 +86,7 @@ def test_weight_only_layerwise_equals_whole_model_bit_for_bit(checkpoint, ids, t
     cfg = _cfg(**method)
     lw = _layerwise(d, cfg, ids, tmp_path / "work")
     ref = sq.compile(model, cfg, calibration_data=ids)
+    assert lw.graph.model_info["trace"] == "replicated" and ref.graph.model_info["trace"] == "full"
     got, want = lw.graph.state(), ref.graph.state()
     assert set(got) == set(want)
     assert all(torch.equal(got[k], want[k]) for k in want), [k for k in want if not torch.equal(got[k], want[k])]
@@ -140,6 +142,21 @@ def test_killed_run_resumes_and_yields_the_same_artifact_bytes(checkpoint, ids, 
     resumed = resumed_cm.save(tmp_path / "resumed.sq")
     for f in ("weights.safetensors", "graph.json"):
         assert (full / f).read_bytes() == (resumed / f).read_bytes(), f
+
+
+def test_replicated_trace_gives_the_full_trace_compile_bit_for_bit(checkpoint, ids, tmp_path, monkeypatch):
+    _, d = checkpoint
+    cfg = _cfg(calibration="gptq")
+    grown = _layerwise(d, cfg, ids, tmp_path / "grown")
+
+    def refuse(model):
+        raise replicate.NotReplicable("full trace asked for")
+    monkeypatch.setattr(replicate, "identical_blocks", refuse)
+    full = _layerwise(d, cfg, ids, tmp_path / "full")
+    assert (grown.graph.model_info["trace"], full.graph.model_info["trace"]) == ("replicated", "full")
+    assert [n.target for n in grown.graph.graph.nodes] == [n.target for n in full.graph.graph.nodes]
+    a, b = grown.save(tmp_path / "grown.sq"), full.save(tmp_path / "full.sq")
+    assert (a / "weights.safetensors").read_bytes() == (b / "weights.safetensors").read_bytes()
 
 
 def test_resume_refuses_a_work_dir_of_other_settings(checkpoint, ids, tmp_path):

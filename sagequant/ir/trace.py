@@ -72,6 +72,7 @@ def trace_model(model: torch.nn.Module, example_seq_len: int = 8) -> QuantGraph:
         "hf_config": config.to_dict() if hasattr(config, "to_dict") else {},
         # The node holding positions 0..seq-1 [batch, seq]: runtime/kv_cache makes it an input.
         "position_ids_node": positions,
+        "trace": "full",   # ir/replicate.py's shortcut says "replicated"
     }
     return QuantGraph(gm, info)
 

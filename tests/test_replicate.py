@@ -7,7 +7,7 @@ import torch
 from sagequant.api import _meta_copy
 from sagequant.calibration.onload import checkpoint_name
 from sagequant.calibration.sequential import SequentialRunner
-from sagequant.ir.replicate import NotReplicable, expand_blocks, trace_reusing_blocks
+from sagequant.ir.replicate import NotReplicable, expand_blocks, identical_blocks, trace_reusing_blocks
 from sagequant.ir.trace import WRAPPER_PREFIX, trace_model
 
 
@@ -57,13 +57,12 @@ def test_mixed_layer_types_are_traced_in_full(helpers):
     assert len(SequentialRunner(graph).block_names) == 4
 
 
-def test_a_block_with_other_settings_is_traced_in_full(helpers):
+def test_a_block_with_other_settings_is_not_interchangeable(helpers):
     skeleton = _meta_copy(helpers.build_tiny("llama", num_hidden_layers=3))
+    identical_blocks(skeleton)
     skeleton.model.layers[2].self_attn.scaling = 0.5
-    graph = trace_reusing_blocks(skeleton)
-    assert graph.model_info["trace"] == "full"
-    assert "model.layers.2 differs from model.layers.0" in graph.model_info["trace_fallback"]
-    assert "scaling" in graph.model_info["trace_fallback"]
+    with pytest.raises(NotReplicable, match=r"model.layers.2 differs from model.layers.0: .*scaling"):
+        identical_blocks(skeleton)
 
 
 def test_expand_refuses_blocks_that_compute_differently_and_leaves_the_graph(helpers):
@@ -77,5 +76,5 @@ def test_expand_refuses_blocks_that_compute_differently_and_leaves_the_graph(hel
 
 
 def test_real_weights_are_not_replicated(helpers):
-    graph = trace_reusing_blocks(helpers.build_tiny("llama", num_hidden_layers=3))
-    assert graph.model_info["trace"] == "full" and "meta" in graph.model_info["trace_fallback"]
+    with pytest.raises(NotReplicable, match="meta device"):
+        identical_blocks(helpers.build_tiny("llama", num_hidden_layers=3))

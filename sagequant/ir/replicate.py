@@ -40,8 +40,8 @@ class NotReplicable(Exception):
 
 def trace_reusing_blocks(model: torch.nn.Module) -> QuantGraph:
     """trace_model(model), exporting two decoder blocks and copying the second for the rest when
-    the model's blocks are interchangeable. Parameters must be on the meta device (the copies'
-    attributes are meta tensors, as a layer-wise compile onloads them block by block)."""
+    the model's blocks are interchangeable and its parameters on the meta device (the copies'
+    attributes are meta tensors, which a layer-wise compile onloads block by block)."""
     try:
         path, blocks = identical_blocks(model)
         with _first_two_blocks(model, path, blocks):

@@ -182,7 +182,8 @@ META_FIELDS = ("config", "kv_plan", "model_info", "pass_history", "scheduler_ir"
                "tensor_aliases")
 OPTIONAL_META_FIELDS = ("pipeline",)  # absent from artifacts written before it was recorded
 _MODEL_INFO_TYPES = {"architecture": str, "model_type": str, "source": str, "vocab_size": int,
-                     "num_hidden_layers": int, "kv_layers": int, "hf_config": dict}
+                     "num_hidden_layers": int, "kv_layers": int, "hf_config": dict, "trace": str,
+                     "trace_fallback": str}
 
 
 def check_meta(meta, path: Path) -> dict:

@@ -36,8 +36,10 @@ SEGMENT_WRITE_BYTES_PER_S = GIB / 5.3
 # (estimate: ~10 launches of ~10 us), ~0.5 ms on the 2-core CI box (scale_compile --smoke).
 GPTQ_COLUMN_SECONDS = {"cuda": 1e-4, "cpu": 5e-4}
 # Host work before and around the block loop (meta-device trace, pipeline set-up), per decoder
-# block: H100 run 2 (BENCHMARKS 12e), compile minus block-loop time, 17 s at 32 blocks for RTN and AWQ.
-TRACE_SECONDS_PER_BLOCK = 0.53
+# block. H100 run 2 (BENCHMARKS 12e): 17 s at 32 blocks (compile minus block loop), when the trace
+# exported every block; the two-block trace (ir/replicate.py) cut this CPU's 32-layer trace from
+# 7.66 to 1.36 s, so the same 82% cut is assumed there until re-measured.
+TRACE_SECONDS_PER_BLOCK = 0.1
 # AWQ's scale and clip searches quantize the whole block once per candidate ratio, in many small
 # elementwise kernels: bytes of device traffic per block parameter and candidate, fitted on H100
 # run 2 (block loop 133 s where the FLOP and I/O terms give 47 s); the CPU figure assumes the same

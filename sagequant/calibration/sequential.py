@@ -131,15 +131,18 @@ class SequentialRunner:
         hooks = hooks or {}
         nodes = self._live_nodes(seg, hooks)
         with torch.inference_mode():
+            # Values that depend on no sample (a quantized weight's dequantize_weight, say) are
+            # computed once for all samples, not once per sample: the same op on the same inputs.
+            shared: dict = {}
+            for node in self._sample_independent(nodes, hooks):
+                shared[node] = self._call(node, lambda n: shared[n] if n in shared else self._value(n, {}))
             for original in caches:
                 cache = original if commit else dict(original)
                 for node in nodes:
-                    args = fx.node.map_arg(node.args, lambda n: self._value(n, cache))
-                    kwargs = fx.node.map_arg(node.kwargs, lambda n: self._value(n, cache))
-                    if node.op == "call_module":
-                        out = self.graph.gm.get_submodule(node.target)(*args, **kwargs)
-                    else:
-                        out = node.target(*args, **kwargs)
+                    if node in shared:
+                        cache[node] = shared[node]
+                        continue
+                    out, args = self._call(node, lambda n: self._value(n, cache), with_args=True)
                     if node in hooks:
                         hooks[node](node, args, out)
                     cache[node] = out
@@ -150,6 +153,26 @@ class SequentialRunner:
                         for n in cache:
                             cache[n] = tree_map(lambda v: v.cpu() if isinstance(v, torch.Tensor) else v,
                                                 cache[n])
+
+    def _call(self, node: fx.Node, value, with_args: bool = False):
+        args = fx.node.map_arg(node.args, value)
+        kwargs = fx.node.map_arg(node.kwargs, value)
+        if node.op == "call_module":
+            out = self.graph.gm.get_submodule(node.target)(*args, **kwargs)
+        else:
+            out = node.target(*args, **kwargs)
+        return (out, args) if with_args else out
+
+    @staticmethod
+    def _sample_independent(nodes: list[fx.Node], hooks: dict) -> list[fx.Node]:
+        """The call_function nodes (in order) whose inputs are all weights or such nodes; a hooked
+        node stays per sample (its hook sees every sample)."""
+        found: set = set()
+        for node in nodes:
+            if node.op == "call_function" and node not in hooks and all(
+                    a.op == "get_attr" or a in found for a in node.all_input_nodes):
+                found.add(node)
+        return [n for n in nodes if n in found]
 
     def _live_nodes(self, seg: int, hooks: dict) -> list[fx.Node]:
         """The nodes of segment `seg` whose value a hook or a later segment reads, with what they

@@ -29,22 +29,26 @@ DEVICE_FLOPS = {("cuda", torch.float32): 45e12, ("cuda", torch.bfloat16): 400e12
                 ("cpu", torch.float32): 0.5e12, ("cpu", torch.bfloat16): 0.2e12}
 DISK_BYTES_PER_S = 1.5e9
 # Per block, recording its finished tensors (device -> CPU copy, safetensors write, fsync): bytes
-# recorded per second. Measured: H100 run 1 (BENCHMARKS 12a), block-loop time minus the FLOP and
-# read terms over the bytes recorded, 5.2-5.4 s per GiB for RTN, SmoothQuant and FP8 alike.
-SEGMENT_WRITE_BYTES_PER_S = GIB / 5.3
-# GPTQ rounds one input column at a time: a handful of small kernels each, launch-bound on a GPU
-# (estimate: ~10 launches of ~10 us), ~0.5 ms on the 2-core CI box (scale_compile --smoke).
-GPTQ_COLUMN_SECONDS = {"cuda": 1e-4, "cpu": 5e-4}
-# Host work before and around the block loop (meta-device trace, pipeline set-up), per decoder
-# block. H100 run 2 (BENCHMARKS 12e): 17 s at 32 blocks (compile minus block loop), when the trace
-# exported every block; the two-block trace (ir/replicate.py) cut this CPU's 32-layer trace from
-# 7.66 to 1.36 s, so the same 82% cut is assumed there until re-measured.
-TRACE_SECONDS_PER_BLOCK = 0.1
+# recorded per second. Measured: H100 run 3 (BENCHMARKS 12f), the block loop's save phase, 0.89 s
+# per GiB for the 8B GPTQ and 0.90 for the 70B-width RTN (run 1's 5.3 s per GiB, fitted on the
+# whole block loop, had absorbed the per-sample weight dequantization fixed since).
+SEGMENT_WRITE_BYTES_PER_S = GIB / 0.9
+# GPTQ rounds one input column at a time, launch-bound on a GPU. H100 run 3: the calibrate phase
+# of the 8B GPTQ (165 s for 32 x 26,624 columns, the float64 Hessians included) less its
+# observation run; ~0.5 ms on the 2-core CI box (scale_compile --smoke).
+GPTQ_COLUMN_SECONDS = {"cuda": 1.9e-4, "cpu": 5e-4}
+# One decoder block run for one calibration sample, beyond its FLOPs: the runner dispatches the
+# block's ~100 ops from Python (estimate: ~15 us each; not yet measured on its own).
+SAMPLE_BLOCK_SECONDS = 1.5e-3
+# Host work outside the block loop (two-block trace, pipeline set-up, checkpoint index), H100 run 3:
+# compile minus block loop, 11.8-12.4 s for the 8B checkpoint directory (3.4-4.1 s at every depth
+# for the 70B-width generated weights: the trace no longer grows with depth).
+HOST_SECONDS = 12.0
 # AWQ's scale and clip searches quantize the whole block once per candidate ratio, in many small
 # elementwise kernels: bytes of device traffic per block parameter and candidate, fitted on H100
-# run 2 (block loop 133 s where the FLOP and I/O terms give 47 s); the CPU figure assumes the same
+# run 2's AWQ block loop (133 s) less its forwards and saves; the CPU figure assumes the same
 # traffic at its bandwidth.
-AWQ_CANDIDATE_BYTES_PER_PARAM = 620
+AWQ_CANDIDATE_BYTES_PER_PARAM = 660
 DEVICE_BYTES_PER_S = {"cuda": 2.0e12, "cpu": 1.0e10}
 # What a process holds before any weight (interpreter, torch, the CUDA context and its libraries).
 PROCESS_BYTES = {"cuda": int(1.0 * GIB), "cpu": int(0.3 * GIB)}
@@ -160,9 +164,10 @@ def plan_layerwise(shape: Shape, cfg: QuantConfig, device: torch.device, dtype: 
                                                                     + shape.embedding_params()) * 2
     columns = sum(i for _, i in shape.shared_input_linears()) if cfg.calibration in GPTQ_METHODS else 0
     searched = _awq_candidates(cfg) * shape.block_params() * AWQ_CANDIDATE_BYTES_PER_PARAM / DEVICE_BYTES_PER_S[device.type]
+    dispatch = n * FORWARDS[cfg.calibration] * SAMPLE_BLOCK_SECONDS
     seconds = (shape.layers * ((forward_flops + method_flops) / rate + columns * GPTQ_COLUMN_SECONDS[device.type]
-                               + searched + TRACE_SECONDS_PER_BLOCK)
-               + read / DISK_BYTES_PER_S + (quantized + float_kept) / SEGMENT_WRITE_BYTES_PER_S)
+                               + searched + dispatch)
+               + HOST_SECONDS + read / DISK_BYTES_PER_S + (quantized + float_kept) / SEGMENT_WRITE_BYTES_PER_S)
     detail = {"samples": n, "seq_len": t, "layers": shape.layers, "block_params": shape.block_params(),
               "block_weight_bytes": block_weights, "cache_bytes": cache, "work_bytes": work,
               "stats_bytes": stats, "offload_cache": offload_cache, "quantized_bytes": quantized,

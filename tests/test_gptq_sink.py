@@ -291,3 +291,35 @@ def test_sink_weight_is_a_compile_flag():
                                           "--gptq-sink-weight", "attention"])).gptq_sink_weight == "attention"
     with pytest.raises(SystemExit):
         p.parse_args(["compile", "--model", "m", "--dataset", "d", "--output", "o", "--gptq-sink-weight", "0.5"])
+
+
+def test_same_input_linears_share_one_hessian_and_one_stacked_rounding(tiny, monkeypatch):
+    """q/k/v (and gate/up) read one value: one Hessian, one GPTQ run over their stacked rows,
+    and each linear's result equals GPTQ of that linear alone within float noise."""
+    import sagequant.passes.gptq as gptq_pass
+    model, calls = tiny("llama"), []
+    original = gptq_pass.gptq_quantize
+
+    def recording(weight, hessian, spec, **kw):
+        result = original(weight, hessian, spec, **kw)
+        calls.append((kw["what"], weight.clone(), hessian.clone(), spec, result.dequantized))
+        return result
+    monkeypatch.setattr(gptq_pass, "gptq_quantize", recording)
+    cm = sq.compile(model, sq.QuantConfig(**GPTQ_CFG), calibration_data=CAL, stop_after="gptq")
+    attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
+    assert len(calls) == 4 * model.config.num_hidden_layers   # q|k|v, o, gate|up, down per block
+    whats = [c[0] for c in calls[:4]]
+    assert whats[0] == ("weight of model.layers.0.self_attn.q_proj, model.layers.0.self_attn.k_proj, "
+                        "model.layers.0.self_attn.v_proj")
+    assert whats[2] == "weight of model.layers.0.mlp.gate_proj, model.layers.0.mlp.up_proj"
+    _, stacked, hessian, spec, _ = calls[0]
+    rows = [attn.q_proj.out_features, attn.k_proj.out_features, attn.v_proj.out_features]
+    assert stacked.shape == (sum(rows), attn.q_proj.in_features)
+    weights = _weights(cm)
+    start = 0
+    for name, n in zip("qkv", rows):
+        alone = original(stacked[start:start + n], hessian, spec).dequantized
+        got = weights[f"model.layers.0.self_attn.{name}_proj"]
+        assert float((got != alone).float().mean()) < 0.01, name
+        start += n
+    assert calls[2][1].shape[0] == mlp.gate_proj.out_features + mlp.up_proj.out_features

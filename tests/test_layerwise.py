@@ -94,11 +94,12 @@ def test_weight_only_layerwise_equals_whole_model_bit_for_bit(checkpoint, ids, t
     assert torch.equal(lw(ids[:2]), ref(ids[:2]))
 
 
-@pytest.mark.parametrize("method", ["awq", "awq+gptq"])
+@pytest.mark.parametrize("method", [{"calibration": "awq"}, {"calibration": "awq+gptq"},
+                                    {"calibration": "awq+gptq", "gptq_sink_weight": 50.0}])
 def test_awq_layerwise_block0_equals_whole_model_and_beats_rtn(checkpoint, ids, tmp_path, method):
     model, d = checkpoint
-    lw = _layerwise(d, _cfg(calibration=method), ids, tmp_path / "awq")
-    ref = sq.compile(model, _cfg(calibration=method), calibration_data=ids)
+    lw = _layerwise(d, _cfg(**method), ids, tmp_path / "awq")
+    ref = sq.compile(model, _cfg(**method), calibration_data=ids)
     rtn = sq.compile(model, _cfg(calibration="minmax"), calibration_data=ids)
     got, want = lw.graph.state(), ref.graph.state()
     block0 = [k for k in want if ".layers.0." in k]

@@ -85,9 +85,8 @@ class LayerwiseCompile:
         self.runner = SequentialRunner(graph, self.device, offload_cache)
         self.rank, self.world_size = world()
         self.all_batches, self.batches = batches, shard(batches)   # data parallel: this rank's share
-        self.groups = balance_groups(graph) if cfg.calibration != "gptq" and cfg.calibration not in (
-            "minmax", "percentile") else []
-        self.sink_readers = sink_weighted_linears(graph, cfg) if cfg.calibration == "gptq" else {}
+        self.groups = balance_groups(graph) if cfg.calibration in SMOOTHQUANT_METHODS + AWQ_METHODS else []
+        self.sink_readers = sink_weighted_linears(graph, cfg) if cfg.calibration in GPTQ_METHODS else {}
         self.stats = {"segments": len(self.runner.segments), "restored": 0, "calibrated": 0,
                       "quantized_layers": 0, "onloaded_bytes": 0}
         self._check_work_dir(fingerprint or {})

@@ -158,6 +158,18 @@ def _weights(cm) -> dict:
             for n in g.nodes(LINEAR) if g.annotation(n) is not None and g.annotation(n).quantized}
 
 
+def _record_hessians(monkeypatch) -> dict:
+    """{layer: the Hessian GPTQ rounds it with}, filled by the gptq pass from now on."""
+    import sagequant.passes.gptq as gptq_pass
+    seen, quantize_linears = {}, gptq_pass.quantize_linears
+
+    def recording(graph, nodes, acc, cfg, stats):
+        seen.update((graph.annotation(n).layer, acc.hessian) for n in nodes)
+        quantize_linears(graph, nodes, acc, cfg, stats)
+    monkeypatch.setattr(gptq_pass, "quantize_linears", recording)
+    return seen
+
+
 def test_the_weight_reaches_exactly_the_qkv_hessians(tiny):
     model = tiny("llama")
     plain, weighted = (sq.compile(model, sq.QuantConfig(**GPTQ_CFG, gptq_sink_weight=w), calibration_data=CAL,
@@ -187,15 +199,9 @@ def test_the_weight_reaches_exactly_the_qkv_hessians(tiny):
 
 
 def test_attention_weighting_reaches_qkv_with_the_models_attention_mass(tiny, monkeypatch):
-    import sagequant.passes.gptq as gptq_pass
-    model, seen = tiny("llama"), {}
-    quantize_linears = gptq_pass.quantize_linears
-
-    def recording(graph, nodes, acc, cfg, stats):
-        seen.update((graph.annotation(n).layer, acc.hessian) for n in nodes)
-        quantize_linears(graph, nodes, acc, cfg, stats)
+    model = tiny("llama")
     plain = sq.compile(model, sq.QuantConfig(**GPTQ_CFG), calibration_data=CAL, stop_after="gptq")
-    monkeypatch.setattr(gptq_pass, "quantize_linears", recording)
+    seen = _record_hessians(monkeypatch)
     weighted = sq.compile(model, sq.QuantConfig(**GPTQ_CFG, gptq_sink_weight="attention"), calibration_data=CAL,
                           stop_after="gptq")
     a, b = _weights(plain), _weights(weighted)
@@ -227,14 +233,7 @@ def test_attention_weighting_reaches_qkv_with_the_models_attention_mass(tiny, mo
 
 def test_flattened_attention_input_is_weighted_per_sequence(tiny, monkeypatch):
     """GPT-2 views [batch, seq, C] as [-1, C] before c_attn: the sink is still each sequence's first row."""
-    import sagequant.passes.gptq as gptq_pass
-    model, seen = tiny("gpt2"), {}
-    quantize_linears = gptq_pass.quantize_linears
-
-    def recording(graph, nodes, acc, cfg, stats):
-        seen.update((graph.annotation(n).layer, acc.hessian) for n in nodes)
-        quantize_linears(graph, nodes, acc, cfg, stats)
-    monkeypatch.setattr(gptq_pass, "quantize_linears", recording)
+    model, seen = tiny("gpt2"), _record_hessians(monkeypatch)
     cal = torch.randint(0, 128, (8, 40), generator=torch.Generator().manual_seed(7))  # c_proj reads 256
     cm = sq.compile(model, sq.QuantConfig(**GPTQ_CFG, gptq_sink_weight=50), calibration_data=cal, stop_after="gptq")
     assert {h["pass"]: h.get("stats") for h in cm.pass_history}["gptq"]["sink_weighted_layers"] == 2

@@ -88,7 +88,8 @@ class GeneratedWeights:
             return torch.ones(shape, dtype=torch.bfloat16, device=self.device)
         seed = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "little")
         g = torch.Generator(device=self.device).manual_seed(seed)
-        return (torch.randn(shape, generator=g, device=self.device, dtype=torch.float32) * 0.02).to(torch.bfloat16)
+        # drawn in bf16 and scaled in place: no float32 transient inflates the measured peak
+        return torch.randn(shape, generator=g, device=self.device, dtype=torch.bfloat16).mul_(0.02)
 
 
 def write_checkpoint(directory: Path, config, device: str) -> dict:

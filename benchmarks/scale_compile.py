@@ -248,7 +248,8 @@ def main() -> None:
                     help="wall seconds for the whole call; a compile still running then is killed")
     ap.add_argument("--table", type=Path, nargs="*", help="print the markdown table of these results")
     ap.add_argument("--reference", type=Path, help="an earlier scale_compile.json whose uninterrupted "
-                    "run of --resume-method the resumed artifact is compared with")
+                    "run of --resume-method the resumed artifact is compared with (made by this generator: "
+                    "results from before the weights were drawn in bf16, 2026-12-07, hold other weights)")
     args = ap.parse_args()
     if args.run:
         print("RESULT " + json.dumps(run_one(args)), flush=True)

@@ -187,6 +187,7 @@ def run_one(args) -> dict:
     shutil.rmtree(out)
     return {**spec, "compile_s": round(compile_s, 2), "layerwise_s": stats["seconds"],
             "phase_s": stats.get("phase_seconds"),
+            "phase_peak_gpu_gib": {k: round(v / 2**30, 3) for k, v in stats.get("phase_peak_device_bytes", {}).items()},
             "pass_s": {p["pass"]: p.get("seconds") for p in cm.pass_history},
             "save_s": round(save_s, 2), "restored": stats["restored"],
             "peak_gpu_gib": round(stats.get("peak_device_bytes", 0) / 2**30, 3),

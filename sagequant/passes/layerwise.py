@@ -89,6 +89,7 @@ class LayerwiseCompile:
         self.sink_readers = sink_weighted_linears(graph, cfg) if cfg.calibration in GPTQ_METHODS else {}
         self.stats = {"segments": len(self.runner.segments), "restored": 0, "calibrated": 0,
                       "quantized_layers": 0, "onloaded_bytes": 0}
+        self._peak_before = 0   # device peak of the phases before the last peak-counter reset
         self._check_work_dir(fingerprint or {})
 
     # ---- resume records ---------------------------------------------------------------------
@@ -263,7 +264,7 @@ class LayerwiseCompile:
                 progress.advance(note=runner.segment_name(seg))
         self.stats["seconds"] = round(time.perf_counter() - started, 3)
         if self.device.type == "cuda":
-            self.stats["peak_device_bytes"] = torch.cuda.max_memory_allocated(self.device)
+            self.stats["peak_device_bytes"] = max(self._peak_before, torch.cuda.max_memory_allocated(self.device))
         retarget_device(graph.gm, torch.device("cpu"))
         graph.recompile()
         return self.stats
@@ -296,14 +297,22 @@ class LayerwiseCompile:
 
     @contextmanager
     def _timed(self, phase_name: str):
-        """Seconds per phase of the block loop, summed over blocks (device work finished inside)."""
-        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+        """Seconds per phase of the block loop, summed over blocks (device work finished inside),
+        and on a GPU each phase's peak allocated bytes over all blocks (what the plan must bound)."""
+        cuda = self.device.type == "cuda"
+        sync = torch.cuda.synchronize if cuda else (lambda: None)
         sync()
+        if cuda:   # the peak so far is kept apart, so the run's overall peak survives the reset
+            self._peak_before = max(self._peak_before, torch.cuda.max_memory_allocated(self.device))
+            torch.cuda.reset_peak_memory_stats(self.device)
         start = time.perf_counter()
         yield
         sync()
         seconds = self.stats.setdefault("phase_seconds", {})
         seconds[phase_name] = round(seconds.get(phase_name, 0.0) + time.perf_counter() - start, 3)
+        if cuda:
+            peaks = self.stats.setdefault("phase_peak_device_bytes", {})
+            peaks[phase_name] = max(peaks.get(phase_name, 0), torch.cuda.max_memory_allocated(self.device))
 
     def _segment_done(self, seg: int) -> None:
         """Called after each finished segment (a test injects a crash here)."""

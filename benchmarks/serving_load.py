@@ -31,12 +31,17 @@ def start_engine(args, state: str) -> dict:
     cmd = [sys.executable, "-m", "sagequant", "engine", "start", args.model, "--background",
            "--port", "0", "--state-dir", state, "--max-batch", str(args.max_batch),
            "--max-queue", str(args.max_queue), "--max-seq-len", str(args.max_seq_len)]
-    if args.quantization:
+    from sagequant.serving.launch import is_artifact
+    if args.quantization and not is_artifact(args.model):   # an artifact is served as compiled
         cmd += ["--quantization", args.quantization]
     if args.kv_quant:
         cmd += ["--kv-quant", args.kv_quant]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
+    if args.backend:
+        cmd += ["--backend", args.backend]
+    if args.tokenizer:
+        cmd += ["--tokenizer", args.tokenizer]
     t = time.perf_counter()
     subprocess.run(cmd, check=True)
     from sagequant.serving.state import list_engines
@@ -72,15 +77,21 @@ def direct_phase(args, text_words) -> dict:
 
     import sagequant as sq
     from sagequant.runtime import GenerationEngine
-    from sagequant.serving.launch import ServeOptions, quant_config
-    from sagequant.frontends.models import resolve_model
+    from sagequant.serving.launch import ServeOptions, is_artifact, quant_config
+    from sagequant.frontends.models import resolve_model, resolve_tokenizer
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, tok = resolve_model(args.model)
-    cfg = quant_config(ServeOptions(model=args.model, quantization=args.quantization,
-                                    kv_quant=args.kv_quant))
-    engine = GenerationEngine(sq.compile(model, cfg), max_batch=args.max_batch,
-                              max_seq_len=args.max_seq_len)
+    if is_artifact(args.model):   # served as compiled, as `engine start ARTIFACT` does
+        cm = sq.load(args.model)
+        tok = resolve_tokenizer(args.tokenizer or cm.graph.model_info.get("source"))
+    else:
+        model, tok = resolve_model(args.model)
+        cm = sq.compile(model, quant_config(ServeOptions(model=args.model, quantization=args.quantization,
+                                                         kv_quant=args.kv_quant, backend=args.backend)))
+        tok = resolve_tokenizer(args.tokenizer) if args.tokenizer else tok
+    # the device rule of `engine start` (serving/launch.py make_app)
+    engine = GenerationEngine(cm, max_batch=args.max_batch, max_seq_len=args.max_seq_len,
+                              device="cuda" if cm.config.backend == "cuda" else "cpu")
     for i in range(args.requests):
         prompt, max_tokens = request_mix(i, text_words, args.max_tokens)
         ids = tok(prompt)["input_ids"]
@@ -198,7 +209,9 @@ def bad_phase(client, model, context):
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="smollm2")
-    p.add_argument("--quantization", default="int8")
+    p.add_argument("--quantization", default="int8", help="weights to compile MODEL to (not passed for an artifact dir: served as compiled)")
+    p.add_argument("--backend", choices=["cpu", "cuda"], help="engine start --backend (a model, not an artifact)")
+    p.add_argument("--tokenizer", help="engine start --tokenizer (e.g. smollm2 for an artifact of random weights)")
     p.add_argument("--kv-quant")
     p.add_argument("--requests", type=int, default=200)
     p.add_argument("--concurrency", type=int, default=16)

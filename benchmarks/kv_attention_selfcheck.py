@@ -1,16 +1,23 @@
-"""Self-check of the Triton paged decode-attention kernel against the CPU reference kernel's math
-(gather + dequantize + SDPA, in float64), on pools written through PagedKVPool itself.
+"""Self-check of the Triton paged-KV decode kernels on pools written through PagedKVPool itself.
 
     python benchmarks/kv_attention_selfcheck.py              # on the GPU (bf16 and fp16)
     python benchmarks/kv_attention_selfcheck.py --interpret  # on CPU via Triton's interpreter
 
-Cases cover int8 / fp8 / 16-bit caches, one scale per head or per channel group, block size 16
-and 32, grouped-query (rep 4) and plain multi-head, a sliding window, sequences of 1 token to
-several splits, shuffled block tables. Prints one line per case; exit status 1 on any failure.
+Attention (triton_kv_attention.py) against the CPU reference kernel's math (gather + dequantize +
+SDPA, in float64): int8 / fp8 / 16-bit caches, one scale per head or per channel group, block
+size 16 and 32, grouped-query (rep 4) and plain multi-head, a sliding window, sequences of 1
+token to several splits of several tiles, shuffled block tables.
+Cache write (triton_kv_write.py) against PagedKVPool.write_decode after the reference rotary:
+rotated q, codes, scales and float tails must be bit-equal (on the interpreter, whose fp8 cast
+halves values that round up into the next binade and drops the sign of -0, fp8 codes are
+compared by value and may be that half where the reference is a power of two), and a NaN must
+set the step's flag.
+Prints one line per case; exit status 1 on any failure.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib
 import random
 import sys
@@ -20,7 +27,7 @@ import torch
 TOL = 2e-2  # relative L2 vs float64: bf16 q / p / dequantized k, v rounding is ~4e-3
 
 
-def _case(kv, group, bs, heads, kv_heads, d, lens, window, dtype, device, impl, seed=0):
+def _case(kv, group, bs, heads, kv_heads, d, lens, window, launch, dtype, device, impl, seed=0):
     from sagequant.backends.reference.kv_attention import causal_mask
     from sagequant.ir.kv_plan import KVQuantPlan
     from sagequant.runtime.kv_pool import PagedKVPool
@@ -52,18 +59,91 @@ def _case(kv, group, bs, heads, kv_heads, d, lens, window, dtype, device, impl, 
     out = impl.paged_decode_attention(q, cache.k, cache.v, cache.k_scale, cache.v_scale,
                                       pool.block_table(slots),
                                       torch.tensor(lens, dtype=torch.int32, device=device),
-                                      max(lens), None, window)
+                                      max(lens), None, window,
+                                      impl.DecodeLaunch(**launch) if launch else None)
     return float((out.double() - ref).norm() / ref.norm())
 
 
-CASES = [  # kv, group, block, heads, kv_heads, head_dim, lens, window
-    ("int8", None, 16, 8, 2, 64, [1, 17, 300], 0),
-    ("fp8", None, 16, 8, 2, 64, [5, 64, 700], 0),
-    ("int8", 32, 32, 4, 4, 128, [33, 2000], 0),
-    ("fp8", 16, 32, 16, 4, 32, [40, 129], 0),
-    ("none", None, 16, 8, 2, 64, [3, 250], 0),
-    ("int8", None, 16, 8, 1, 64, [90, 300], 50),
+DEFAULT = {}   # triton_kv_attention.LAUNCH of the cache dtype
+SPLIT_TILES = dict(tile_tokens=32, target_programs=4)   # few splits of several tiles each
+CASES = [  # kv, group, block, heads, kv_heads, head_dim, lens, window, launch
+    ("int8", None, 16, 8, 2, 64, [1, 17, 300], 0, DEFAULT),
+    ("fp8", None, 16, 8, 2, 64, [5, 64, 700], 0, DEFAULT),
+    ("int8", 32, 32, 4, 4, 128, [33, 2000], 0, DEFAULT),
+    ("fp8", 16, 32, 16, 4, 32, [40, 129], 0, DEFAULT),
+    ("none", None, 16, 8, 2, 64, [3, 250], 0, DEFAULT),
+    ("int8", None, 16, 8, 1, 64, [90, 300], 50, DEFAULT),
+    ("fp8", None, 16, 8, 2, 64, [1, 200, 261], 0, SPLIT_TILES),
+    ("none", None, 32, 4, 1, 32, [31, 250], 70, SPLIT_TILES),
+    ("int8", 16, 16, 4, 2, 32, [2, 97], 0, dict(tile_tokens=16, target_programs=2, num_stages=1)),
 ]
+WRITE_CASES = [  # kv, group, block, heads, kv_heads, head_dim, cached tokens per row, rotary
+    ("int8", None, 16, 8, 2, 64, [0, 5, 15, 16, 40], True),
+    ("fp8", None, 16, 8, 2, 64, [0, 5, 15, 16, 40], True),
+    ("int8", 32, 32, 4, 4, 128, [3, 33], False),
+    ("fp8", 16, 16, 4, 2, 32, [7, 31], True),
+]
+
+
+def _codes_equal(got: torch.Tensor, ref: torch.Tensor, interpreted: bool) -> bool:
+    if got.dtype != torch.float8_e4m3fn:
+        return torch.equal(got, ref)
+    if not interpreted:
+        return torch.equal(got.view(torch.uint8), ref.view(torch.uint8))
+    g, r = got.float(), ref.float()   # by value: the interpreter's cast also drops -0's sign
+    power_of_two = (r != 0) & (torch.frexp(r.abs()).mantissa == 0.5)
+    return bool(((g == r) | (power_of_two & (g * 2 == r))).all())
+
+
+def _write_case(kv, group, bs, heads, kv_heads, d, starts, rope, dtype, device, nan=None):
+    """Decode-step cache write of one token per row after `starts` cached tokens, through the
+    engine's entry (fused._quant_cache_decode); returns the names of what differs from the
+    reference (empty: all equal). nan "flag" / "raise": a NaN in k must set the step's device
+    flag / raise at once in an eager step (no flag)."""
+    from sagequant.backends.cuda.fused import _quant_cache_decode, rotate_half_ref
+    from sagequant.ir.formats import QuantizationError
+    from sagequant.ir.kv_plan import KVQuantPlan
+    from sagequant.runtime.kv_pool import PagedKVPool
+
+    torch.manual_seed(0)
+    rows = len(starts)
+    pool = PagedKVPool(KVQuantPlan(dtype=kv, block_size=bs, group_size=group), [kv], kv_heads, d,
+                       sum(n // bs + 1 for n in starts) + 2, rows, dtype, device)
+    random.Random(0).shuffle(pool._free)
+    for slot, n in enumerate(starts):
+        pool.open(slot, n + 1)
+        if n:
+            pool.write(0, [slot], [0], (torch.randn(1, kv_heads, n, d, device=device) * 3).to(dtype),
+                       torch.randn(1, kv_heads, n, d, device=device).to(dtype))
+    ref_pool = copy.deepcopy(pool)
+    rnd = lambda *shape: torch.randn(*shape, device=device).to(dtype)  # noqa: E731
+    q, k, v = rnd(rows, heads, 1, d), rnd(rows, kv_heads, 1, d) * 2, rnd(rows, kv_heads, 1, d)
+    if nan:
+        k[0, 0, 0, 3] = float("nan")
+    cos, sin = (rnd(rows, 1, 1, d), rnd(rows, 1, 1, d)) if rope else (None, None)
+    indexes = []
+    for p in (pool, ref_pool):
+        index = p.decode_index(list(range(rows)), starts)
+        index.nonfinite = torch.zeros(1, dtype=torch.bool, device=device)
+        indexes.append(index)
+    ref_q, ref_k = (rotate_half_ref(q, cos, sin), rotate_half_ref(k, cos, sin)) if rope else (q, k)
+    ref_pool.write_decode(0, indexes[1], ref_k, v)
+    c, r, index = pool.layers[0], ref_pool.layers[0], indexes[0]
+    if nan == "raise":
+        index.nonfinite = None
+        try:
+            _quant_cache_decode(q, k, v, cos, sin, c, index)
+        except QuantizationError:
+            return []
+        return ["no error"]
+    got_q = _quant_cache_decode(q, k, v, cos, sin, c, index)
+    if nan == "flag":
+        return [] if bool(index.nonfinite) else ["flag"]
+    wrong = [] if torch.equal(got_q, ref_q) else ["q"]
+    wrong += [n for n in ("k_scale", "v_scale", "tail") if not torch.equal(getattr(c, n), getattr(r, n))]
+    interpreted = device.type == "cpu"
+    wrong += [n for n in ("k", "v") if not _codes_equal(getattr(c, n), getattr(r, n), interpreted)]
+    return wrong + (["flag"] if bool(index.nonfinite) else [])
 
 
 def main() -> int:
@@ -82,14 +162,21 @@ def main() -> int:
     impl = importlib.import_module("sagequant.backends.cuda.triton_kv_attention")
     failed = 0
     for dtype in dtypes:
-        for kv, group, bs, heads, kvh, d, lens, window in CASES:
+        for kv, group, bs, heads, kvh, d, lens, window, launch in CASES:
             if args.interpret and max(lens) > 300:
                 lens = [min(n, 300) for n in lens]
-            err = _case(kv, group, bs, heads, kvh, d, lens, window, dtype, device, impl)
+            err = _case(kv, group, bs, heads, kvh, d, lens, window, launch, dtype, device, impl)
             ok = err < TOL
             failed += not ok
             print(f"{'ok  ' if ok else 'FAIL'} kv={kv:4s} group={group} block={bs} heads={heads}/{kvh} "
-                  f"d={d} lens={lens} window={window} {str(dtype)[6:]}: rel err {err:.2e}")
+                  f"d={d} lens={lens} window={window} {launch} {str(dtype)[6:]}: rel err {err:.2e}")
+        for case in WRITE_CASES + [WRITE_CASES[0][:-1] + (True, "flag"), WRITE_CASES[1] + ("raise",)]:
+            wrong = _write_case(*case[:8], dtype=dtype, device=device, nan=case[8] if len(case) > 8 else None)
+            failed += bool(wrong)
+            print(f"{'FAIL' if wrong else 'ok  '} write kv={case[0]:4s} group={case[1]} block={case[2]} "
+                  f"heads={case[3]}/{case[4]} d={case[5]} cached={case[6]} rotary={case[7]}"
+                  f"{' NaN: ' + case[8] if len(case) > 8 else ''} {str(dtype)[6:]}"
+                  + (f": differs in {wrong}" if wrong else ": equal"))
     print("all passed" if not failed else f"{failed} failed")
     return 1 if failed else 0
 

@@ -1,6 +1,7 @@
 """Attention kernels over the paged KV cache: registry selection, clear errors, and the Triton
 decode kernel against the reference math through Triton's interpreter (when triton is present)."""
 import importlib.util
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -30,9 +31,11 @@ def test_cuda_kernel_names_what_is_missing():
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
 def test_triton_decode_kernel_in_interpreter():
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "kv_attention_selfcheck.py"
-    run = subprocess.run([sys.executable, str(script), "--interpret"], capture_output=True, text=True,
-                         timeout=600)
+    root = Path(__file__).resolve().parents[1]
+    # PYTHONPATH: the script's own folder comes first on its path, not this checkout's package
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
+    run = subprocess.run([sys.executable, str(root / "benchmarks" / "kv_attention_selfcheck.py"), "--interpret"],
+                         capture_output=True, text=True, timeout=600, env=env)
     assert run.returncode == 0, run.stdout + run.stderr
     assert "all passed" in run.stdout
 

@@ -33,14 +33,16 @@ class AttentionStep:
                scale: float | None, window: int, cos: torch.Tensor | None = None,
                sin: torch.Tensor | None = None) -> torch.Tensor:
         """ir.paged_attention's work: store k, v in the layer's cache, then run the attention
-        kernel. With cos, sin: rotary on q and k first; a 16-bit decode step on CUDA does that
-        and the cache write in one kernel (the attention prologue)."""
+        kernel. With cos, sin: rotary on q and k first. A decode step on CUDA does the rotary and
+        the cache write in one kernel (the attention prologue; for a quantized cache that is the
+        whole block re-quantization too)."""
         decode = q.shape[2] == 1
-        if cos is not None:
+        if decode:
             fused_q = fused.rope_cache_decode(q, k, v, cos, sin, self.pool.layers[layer],
-                                              self.decode_index()) if decode else None
+                                              self.decode_index())
             if fused_q is not None:
                 return self.kernel.op(fused_q, self, layer, scale, window)
+        if cos is not None:
             q, k = fused.rotary_embedding(q, cos, sin), fused.rotary_embedding(k, cos, sin)
         if decode:
             self.pool.write_decode(layer, self.decode_index(), k, v)

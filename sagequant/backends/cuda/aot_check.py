@@ -32,7 +32,11 @@ WO_FLAGS = {  # format -> constexpr flags of the weight-only kernels
 # Integer arguments a real launch on the 7B shapes sees as multiples of 16 (the JIT specializes
 # them, and pointers, as 16-divisible: that is what lets loads vectorize and pipeline).
 ALIGNED_INTS = {"N", "K", "KB", "k_per_split", "stride_xm", "stride_wn", "stride_om", "stride_am",
-                "stride_bn", "stride_qm", "MN", "GROUP", "KW", "words_per_split"}
+                "stride_bn", "stride_qm", "MN", "GROUP", "KW", "words_per_split",
+                # paged-KV kernels: cache / q / tail strides are multiples of head_dim
+                "stride_qb", "stride_qh", "stride_kn", "stride_kh", "stride_kt", "sqb", "sqh",
+                "skb", "skh", "svb", "svh", "scb", "sc_n", "sc_h", "sc_t", "st_s", "st_i", "st_h",
+                "st_t"}
 WORD_KINDS = {"int4": 0, "uint4": 1, "nf4": 2}  # triton_words.KINDS, without importing triton
 
 
@@ -123,12 +127,42 @@ def fused_configs(dt: str):
                                                  "out_ptr": f"*{dt}"}, dict(BLOCK=1024), dict(num_warps=4)
 
 
+def kv_configs(dt: str):
+    """The paged-KV decode kernels (triton_kv_attention, triton_kv_write) at Llama-3-8B's
+    attention shape (32 / 8 heads, head_dim 128, block 16)."""
+    from . import triton_kv_attention as ka
+    from . import triton_kv_write as kw
+    for kv, code in (("none", dt), ("int8", "i8"), ("fp8", "fp8e4nv")):
+        launch = ka.LAUNCH[kv]
+        for group in (128, 32) if kv != "none" else (128,):
+            types = {"q_ptr": f"*{dt}", "k_ptr": f"*{code}", "v_ptr": f"*{code}",
+                     "ks_ptr": "*fp16", "vs_ptr": "*fp16", "table_ptr": "*i32", "lens_ptr": "*i32",
+                     "acc_ptr": "*fp32", "m_ptr": "*fp32", "l_ptr": "*fp32", "qk_scale": "fp32"}
+            const = dict(HEADS=32, REP=4, BLOCK_H=16, D=128, BS=16, BLOCK_N=launch.tile_tokens,
+                         GROUP=group, QUANT=kv != "none")
+            yield f"kv decode attention {kv} {dt} group={group} {launch.describe()}", \
+                ka._decode_partial, types, const, \
+                dict(num_warps=launch.num_warps, num_stages=launch.num_stages)
+    yield "kv decode combine", ka._combine, {"acc_ptr": "*fp32", "m_ptr": "*fp32", "l_ptr": "*fp32",
+                                             "out_ptr": f"*{dt}"}, \
+        dict(HEADS=32, D=128, SPLITS_P2=64), dict(num_warps=4)
+    for code, qmax in (("i8", 127.0), ("fp8e4nv", 448.0)):
+        for rope in (True, False):
+            types = {n: f"*{dt}" for n in ("q_ptr", "k_ptr", "v_ptr", "cos_ptr", "sin_ptr", "qo_ptr",
+                                          "tail_ptr")}
+            types.update(kc_ptr=f"*{code}", vc_ptr=f"*{code}", ks_ptr="*fp16", vs_ptr="*fp16",
+                         table_ptr="*i32", pos_ptr="*i64", slot_ptr="*i64", flag_ptr="*u8", tiny="fp32")
+            yield f"kv quant cache write {code} {dt} rope={rope}", kw._quant_cache_decode, types, \
+                dict(BS=16, D=128, GROUP=128, QMAX=qmax, INT8=code == "i8", ROPE=rope), dict(num_warps=4)
+
+
 def configs(defaults_only: bool = False):
     """(kernel name, fn, types, constexprs, options) for every configuration launched."""
     from . import triton_w8a8 as w8
     from . import triton_splitk as sk
     from . import triton_weight_only as wo
     yield from fused_configs("bf16")
+    yield from kv_configs("bf16")
     yield from word_configs("bf16")  # the dtype they were timed in (fp16 compiles the same code)
     for dt in ("bf16", "fp16"):
         for fmt, flags in WO_FLAGS.items():

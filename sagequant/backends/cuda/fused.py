@@ -13,6 +13,7 @@ import importlib
 
 import torch
 
+from ...ir.formats import QuantizationError
 from ...ir.ops import rms_norm
 from . import hardware
 
@@ -118,11 +119,30 @@ def _silu_mul_cuda(gate, up):
 
 
 def rope_cache_decode(q, k, v, cos, sin, cache, index) -> torch.Tensor | None:
-    """The decode attention prologue in one launch (rotary of q and k, k and v written into a
-    16-bit paged cache); None when this step is not one it handles (then the caller runs the
-    unfused ops)."""
-    if not (q.is_cuda and q.shape[2] == 1 and not cache.quantized and rotary_fits(q, cos, sin)
-            and rotary_fits(k, cos, sin) and v.dtype == q.dtype and not hardware.cuda_missing()):
+    """The decode attention prologue in one launch: rotary of q and k (with cos, sin), k and v
+    written into the paged cache (16-bit: the token's entries; quantized: the re-quantized open
+    block, triton_kv_write.py). Returns the q to attend with; None when this step is not one it
+    handles (then the caller runs the unfused ops; a 16-bit cache without rotary keeps its two
+    index writes)."""
+    if not (q.is_cuda and q.shape[2] == 1 and v.dtype == q.dtype and k.dtype == q.dtype
+            and _pow2(q.shape[-1]) and not hardware.cuda_missing()):
+        return None
+    if cos is not None and not (rotary_fits(q, cos, sin) and rotary_fits(k, cos, sin)):
+        return None
+    if cache.quantized:
+        return _quant_cache_decode(q, k, v, cos, sin, cache, index)
+    if cos is None:
         return None
     return _impl().rope_cache_decode(q, k, v, cos, sin, cache.k, cache.v, index.block_table,
                                      index.positions)
+
+
+def _quant_cache_decode(q, k, v, cos, sin, cache, index) -> torch.Tensor:
+    impl = importlib.import_module(f"{__package__}.triton_kv_write")
+    flag = index.nonfinite if index.nonfinite is not None else torch.zeros(1, dtype=torch.bool, device=q.device)
+    out = impl.quant_cache_decode(q, k, v, cos, sin, cache.k, cache.v, cache.k_scale, cache.v_scale,
+                                  cache.tail, index.block_table, index.positions, index.slots, flag)
+    if index.nonfinite is None and bool(flag):   # eager step: check now, as quantize_blocks does
+        raise QuantizationError("KV cache: the values hold NaN/Inf (or exceed the scale range); "
+                                "cannot compute cache scales")
+    return out

@@ -1,69 +1,102 @@
 """Triton decode attention over the paged KV cache (imports triton: load through kv_attention.py).
 
-One query token per sequence. Programs are (sequence, kv head, split): each loads its kv head's
-blocks once for all `rep` query heads of the group (grouped-query attention), dequantizes int8 /
-fp8 codes with the (block, head, group) scales in registers, and keeps an online softmax; a
-second kernel merges the splits (flash-decoding), so long contexts use the whole GPU even at
-batch 1.
+One query token per sequence. Programs are (sequence, kv head, split) (flash-decoding: a second
+kernel merges the splits, so long contexts fill the GPU even at batch 1). Each program reads its
+kv head's tokens once for all `rep` query heads of the group (grouped-query attention), a tile of
+`tile_tokens` tokens at a time gathered across pages through the block table, with an online
+softmax in base 2.
+
+Quantized blocks are read as 1-byte codes. With one scale per (block, head) the codes enter the
+tensor-core dots as they are (int8 and fp8 e4m3 codes are exact in fp16 / bf16) and the scales
+apply to the [heads, tokens] scores and probabilities, so dequantization costs one multiply per
+score instead of one per element; with channel groups each element is scaled before the dot.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-TARGET_PROGRAMS = 512  # enough (sequence, head, split) programs to fill an H100's 132 SMs
+LOG2E = 1.4426950408889634
+
+
+@dataclass(frozen=True)
+class DecodeLaunch:
+    tile_tokens: int = 64         # tokens per loop iteration: 4 pages of 16, 8-16 KiB of K and V
+    target_programs: int = 512    # (sequence, kv head, split) programs: fill an H100's 132 SMs
+    num_warps: int = 4
+    num_stages: int = 2           # software-pipelined tiles in flight per program
+
+    def describe(self) -> str:
+        return (f"tile{self.tile_tokens}/p{self.target_programs}/w{self.num_warps}"
+                f"/s{self.num_stages}")
+
+
+# Per cache dtype ("none": 16-bit); benchmarks/kv_decode_speed.py --sweep times alternatives.
+LAUNCH = {"none": DecodeLaunch(), "int8": DecodeLaunch(), "fp8": DecodeLaunch()}
 
 
 @triton.jit
 def _decode_partial(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, table_ptr, lens_ptr,
-                    acc_ptr, m_ptr, l_ptr, sm_scale, window, blocks_per_split,
+                    acc_ptr, m_ptr, l_ptr, qk_scale, window, tiles_per_split,
                     stride_qb, stride_qh, stride_kn, stride_kh, stride_kt,
                     stride_sn, stride_sh, stride_tb, n_splits,
                     HEADS: tl.constexpr, REP: tl.constexpr, BLOCK_H: tl.constexpr,
-                    D: tl.constexpr, BS: tl.constexpr, GROUP: tl.constexpr, QUANT: tl.constexpr):
+                    D: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr,
+                    GROUP: tl.constexpr, QUANT: tl.constexpr):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
     seq_len = tl.load(lens_ptr + b)
-    n_blocks = tl.cdiv(seq_len, BS)
-    first = split * blocks_per_split
-    last = tl.minimum(first + blocks_per_split, n_blocks)
+    lo = 0
+    if window > 0:
+        lo = tl.maximum(seq_len - window, 0)  # the query sits at seq_len - 1; keys > query - window
+    start = split * tiles_per_split * BLOCK_N
+    stop = tl.minimum(start + tiles_per_split * BLOCK_N, seq_len)
+    start = tl.maximum(start, (lo // BLOCK_N) * BLOCK_N)   # tiles wholly before the window
     hs = tl.arange(0, BLOCK_H)
     dd = tl.arange(0, D)
-    tt = tl.arange(0, BS)
+    tn = tl.arange(0, BLOCK_N)
     head = kvh * REP + hs
     hmask = hs < REP
     q = tl.load(q_ptr + b * stride_qb + head[:, None] * stride_qh + dd[None, :],
                 mask=hmask[:, None], other=0.0)
-    q_lp = (q.to(tl.float32) * sm_scale).to(q.dtype)
-    lo = 0
-    if window > 0:
-        lo = seq_len - window  # the query sits at seq_len - 1; keys > query - window
+    dt = q.dtype
+    q = (q.to(tl.float32) * qk_scale).to(dt)
     m = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, D], tl.float32)
-    for j in range(first, last):
-        blk = tl.load(table_ptr + b * stride_tb + j).to(tl.int64)
-        off = blk * stride_kn + kvh * stride_kh + tt[:, None] * stride_kt + dd[None, :]
-        k = tl.load(k_ptr + off).to(tl.float32)
-        v = tl.load(v_ptr + off).to(tl.float32)
-        if QUANT:
-            soff = blk * stride_sn + kvh * stride_sh + dd // GROUP
-            k = k * tl.load(ks_ptr + soff).to(tl.float32)[None, :]
-            v = v * tl.load(vs_ptr + soff).to(tl.float32)[None, :]
-        s = tl.dot(q_lp, tl.trans(k.to(q.dtype)))          # [BLOCK_H, BS], fp32 accumulate
-        pos = j * BS + tt
-        valid = (pos < seq_len) & (pos >= lo)
-        s = tl.where(valid[None, :], s, float("-inf"))
+    table = table_ptr + b * stride_tb
+    for n0 in range(start, stop, BLOCK_N):
+        pos = n0 + tn
+        live = pos < seq_len
+        blk = tl.load(table + pos // BS, mask=live, other=0).to(tl.int64)
+        row = blk * stride_kn + kvh * stride_kh + (pos % BS) * stride_kt
+        k = tl.load(k_ptr + row[:, None] + dd[None, :], mask=live[:, None], other=0.0)
+        v = tl.load(v_ptr + row[:, None] + dd[None, :], mask=live[:, None], other=0.0)
+        srow = blk * stride_sn + kvh * stride_sh
+        if QUANT and GROUP < D:   # channel groups: dequantize each element
+            soff = srow[:, None] + (dd // GROUP)[None, :]
+            k = (k.to(tl.float32) * tl.load(ks_ptr + soff, mask=live[:, None], other=0.0).to(tl.float32)).to(dt)
+            v = (v.to(tl.float32) * tl.load(vs_ptr + soff, mask=live[:, None], other=0.0).to(tl.float32)).to(dt)
+        else:
+            k = k.to(dt)
+            v = v.to(dt)
+        s = tl.dot(q, tl.trans(k))                           # [BLOCK_H, BLOCK_N], fp32
+        if QUANT and GROUP == D:
+            s = s * tl.load(ks_ptr + srow, mask=live, other=0.0).to(tl.float32)[None, :]
+        s = tl.where((live & (pos >= lo))[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp(m - m_safe)
-        p = tl.exp(s - m_safe[:, None])
+        alpha = tl.exp2(m - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
         l = l * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
+        if QUANT and GROUP == D:
+            p = p * tl.load(vs_ptr + srow, mask=live, other=0.0).to(tl.float32)[None, :]
+        acc = acc * alpha[:, None] + tl.dot(p.to(dt), v)
         m = m_new
     part = (b * HEADS + head) * n_splits + split
     tl.store(m_ptr + part, m, mask=hmask)
@@ -84,39 +117,56 @@ def _combine(acc_ptr, m_ptr, l_ptr, out_ptr, n_splits, stride_ob, stride_oh,
     l = tl.load(l_ptr + base + ss, mask=smask, other=0.0)
     acc = tl.load(acc_ptr + (base + ss)[:, None] * D + dd[None, :], mask=smask[:, None], other=0.0)
     big = tl.max(m, 0)
-    w = tl.where(m == float("-inf"), 0.0, tl.exp(m - big))
+    w = tl.where(m == float("-inf"), 0.0, tl.exp2(m - big))
     out = tl.sum(acc * w[:, None], 0) / tl.sum(l * w, 0)
     tl.store(out_ptr + b * stride_ob + h * stride_oh + dd, out.to(out_ptr.dtype.element_ty))
+
+
+def split_plan(batch: int, kv_heads: int, max_len: int, tile_tokens: int,
+               target_programs: int) -> tuple[int, int]:
+    """(splits, tiles per split) from host sizes only (max_len bounds the context), so a CUDA
+    graph captured once serves every length up to it: splits past a row's length exit at once."""
+    tiles = triton.cdiv(max_len, tile_tokens)
+    splits = max(1, min(tiles, math.ceil(target_programs / (batch * kv_heads))))
+    per_split = triton.cdiv(tiles, splits)
+    return triton.cdiv(tiles, per_split), per_split
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            k_scale: torch.Tensor | None, v_scale: torch.Tensor | None,
                            block_table: torch.Tensor, seq_lens: torch.Tensor, max_len: int,
-                           scale: float | None, window: int) -> torch.Tensor:
+                           scale: float | None, window: int,
+                           launch: DecodeLaunch | None = None) -> torch.Tensor:
     """q [batch, heads, 1, head_dim] (fp16/bf16); caches [blocks, kv_heads, block_size, head_dim]
     (int8 / float8_e4m3fn codes with scales [blocks, kv_heads, groups], or fp16/bf16 without);
-    block_table [batch, width] int32; seq_lens [batch] int32 (tokens incl. the new one)."""
+    block_table [batch, width] int32; seq_lens [batch] int32 (tokens incl. the new one).
+    launch: None takes LAUNCH of the cache's dtype."""
     batch, heads, _, d = q.shape
     kv_heads, bs = k_cache.shape[1], k_cache.shape[2]
+    if k_scale is not None and k_scale.stride() != v_scale.stride():
+        raise ValueError("paged_decode_attention: k and v scales must share one layout")
+    if k_cache.stride() != v_cache.stride():
+        raise ValueError("paged_decode_attention: k and v caches must share one layout")
     rep = heads // kv_heads
     quant = k_scale is not None
     group = d // k_scale.shape[-1] if quant else d
-    max_blocks = triton.cdiv(max_len, bs)
-    n_splits = max(1, min(max_blocks, math.ceil(TARGET_PROGRAMS / (batch * kv_heads))))
-    per_split = triton.cdiv(max_blocks, n_splits)
-    n_splits = triton.cdiv(max_blocks, per_split)
+    if launch is None:
+        launch = LAUNCH["none" if not quant else "int8" if k_cache.dtype == torch.int8 else "fp8"]
+    n_splits, per_split = split_plan(batch, kv_heads, max_len, launch.tile_tokens,
+                                     launch.target_programs)
     q2 = q[:, :, 0]
     acc = torch.empty((batch, heads, n_splits, d), dtype=torch.float32, device=q.device)
     m = torch.empty((batch, heads, n_splits), dtype=torch.float32, device=q.device)
     lse = torch.empty_like(m)
-    dummy = k_scale if quant else q2
+    ks, vs = (k_scale, v_scale) if quant else (q2, q2)   # unread without QUANT
+    sm_scale = scale if scale is not None else d ** -0.5
     _decode_partial[(batch, kv_heads, n_splits)](
-        q2, k_cache, v_cache, dummy, v_scale if quant else q2, block_table, seq_lens,
-        acc, m, lse, scale if scale is not None else d ** -0.5, window, per_split,
-        q2.stride(0), q2.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        dummy.stride(0) if quant else 0, dummy.stride(1) if quant else 0, block_table.stride(0),
-        n_splits, HEADS=heads, REP=rep, BLOCK_H=max(16, triton.next_power_of_2(rep)), D=d, BS=bs,
-        GROUP=group, QUANT=quant)
+        q2, k_cache, v_cache, ks, vs, block_table, seq_lens, acc, m, lse, sm_scale * LOG2E,
+        window, per_split, q2.stride(0), q2.stride(1), k_cache.stride(0), k_cache.stride(1),
+        k_cache.stride(2), ks.stride(0) if quant else 0, ks.stride(1) if quant else 0,
+        block_table.stride(0), n_splits, HEADS=heads, REP=rep,
+        BLOCK_H=max(16, triton.next_power_of_2(rep)), D=d, BS=bs, BLOCK_N=launch.tile_tokens,
+        GROUP=group, QUANT=quant, num_warps=launch.num_warps, num_stages=launch.num_stages)
     out = torch.empty_like(q2)
     _combine[(batch, heads)](acc, m, lse, out, n_splits, out.stride(0), out.stride(1),
                              HEADS=heads, D=d, SPLITS_P2=max(2, triton.next_power_of_2(n_splits)))

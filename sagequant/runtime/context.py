@@ -19,6 +19,7 @@ class AttentionStep:
     kernel: object            # the attention KernelSpec chosen for this engine's device
     decode: DecodeIndex | None = None  # one-token steps: device-side index, built once per step
     new_kv: tuple | None = None   # (k, v) the layer being run just wrote, while its kernel runs
+    write: tuple | None = None    # (new_tokens, the pool's write_index), shared by all layers
 
     def decode_index(self) -> DecodeIndex:
         if self.decode is None:
@@ -47,7 +48,10 @@ class AttentionStep:
         if decode:
             self.pool.write_decode(layer, self.decode_index(), k, v)
             return self.kernel.op(q, self, layer, scale, window)
-        self.pool.write(layer, self.slots, self.starts, k, v)
+        s = k.shape[2]
+        if not self.pool.layers[layer].quantized and (self.write is None or self.write[0] != s):
+            self.write = (s, self.pool.write_index(self.slots, self.starts, s))
+        self.pool.write(layer, self.slots, self.starts, k, v, self.write and self.write[1])
         self.new_kv = (k, v)   # a prefill kernel may attend over these instead of the cache
         try:
             return self.kernel.op(q, self, layer, scale, window)

@@ -135,9 +135,10 @@ class PagedKVPool:
         return total / (self.num_blocks * self.block_size)
 
     def write(self, layer: int, slots: list[int], starts: list[int], k: torch.Tensor,
-              v: torch.Tensor) -> None:
+              v: torch.Tensor, index: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         """Store new k, v [batch, kv_heads, new_tokens, head_dim] at positions starts[b].. of each
-        row's sequence; sequence lengths advance after the last layer wrote."""
+        row's sequence; sequence lengths advance after the last layer wrote. index: the
+        write_index of (slots, starts, new_tokens), which every layer of one forward shares."""
         cache = self.layers[layer]
         s = k.shape[2]
         for slot, start in zip(slots, starts):
@@ -148,14 +149,22 @@ class PagedKVPool:
             self.write_decode(layer, self.decode_index(slots, starts), k, v)
             return
         if not cache.quantized:
-            pos = torch.tensor(starts, device=k.device)[:, None] + torch.arange(s, device=k.device)
-            table = self.block_table(slots).long()
-            blk = table.gather(1, pos // self.block_size)
-            cache.k[blk, :, pos % self.block_size] = k.transpose(1, 2).to(self.dtype)
-            cache.v[blk, :, pos % self.block_size] = v.transpose(1, 2).to(self.dtype)
+            blk, off = index if index is not None else self.write_index(slots, starts, s)
+            cache.k[blk, :, off] = k.transpose(1, 2).to(self.dtype)
+            cache.v[blk, :, off] = v.transpose(1, 2).to(self.dtype)
             return
         for row, (slot, start) in enumerate(zip(slots, starts)):
             self._write_quantized(cache, slot, start, k[row], v[row])
+
+    def write_index(self, slots: list[int], starts: list[int], new_tokens: int
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(block, offset in block) [rows, new_tokens] of the new tokens' cache entries. Built
+        from host lists, so its host-to-device copies wait for the GPU: one forward builds it
+        once, not once per layer (that wait per layer left the GPU idle while the host queued
+        the rest of each layer's prefill)."""
+        pos = torch.tensor(starts, device=self.device)[:, None] + torch.arange(new_tokens, device=self.device)
+        blk = self.block_table(slots).long().gather(1, pos // self.block_size)
+        return blk, pos % self.block_size
 
     def decode_index(self, slots: list[int], starts: list[int]) -> DecodeIndex:
         """The DecodeIndex of rows appending one token at positions `starts` to `slots`."""

@@ -200,6 +200,13 @@ def plan_for(path: str, m: int, n: int, k: int, *, bits: int, group: int,
     return replace(plan, split_k=split)
 
 
+def dequant_tile(group: int, k: int) -> tuple[int, int]:
+    """(rows, K elements) of one dequantize program: 8192 weights (16 KB of 16-bit output per
+    program, 64 per thread at 4 warps), the K block a power of two inside one group."""
+    bk = max(16, min(512, group, 1 << max(k - 1, 1).bit_length()))
+    return 8192 // bk, bk
+
+
 def dequant_chunk_rows(n: int, k: int, chunk_bytes: int) -> int:
     """Rows per dequantize+GEMM chunk: equal chunks of at most ~chunk_bytes of 16-bit weight,
     a multiple of 128 rows (0: the whole weight in one chunk)."""

@@ -188,16 +188,30 @@ def _dequant_kernel(w_ptr, s_ptr, z_ptr, out_ptr, n0, N, K, KB, GROUP,
                     stride_wn, stride_sn, stride_sg, stride_zn, stride_zg,
                     BITS: tl.constexpr, SIGNED: tl.constexpr, FP8: tl.constexpr, ASYM: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Rows [n0, N) of W as 16-bit values, written to out[(n - n0), k] (row-major, ld = K)."""
+    """Rows [n0, N) of W as 16-bit values, written to out[(n - n0), k] (row-major, ld = K).
+    A block lies in one group. 4-bit codes are decoded in element order: element k reads byte
+    k // 2 (neighbouring lanes share each byte's cache line) and takes the nibble at 4 * (k % 2),
+    so no nibble interleave (join + reshape, a register shuffle) sits between the load and
+    the wide 16-bit store; this kernel is bandwidth-bound (2.5 bytes moved per int4 weight)."""
     offs_n = n0 + tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     k0 = tl.program_id(1) * BLOCK_K
     offs_k = k0 + tl.arange(0, BLOCK_K)
-    codes = _codes(w_ptr, offs_n, k0, N, K, KB, stride_wn, BITS, SIGNED, FP8, BLOCK_N,
-                   BLOCK_K)
+    mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
+    if BITS == 4:
+        b = tl.load(w_ptr + offs_n[:, None] * stride_wn + (offs_k // 2)[None, :], mask=mask,
+                    other=0).to(tl.int32)
+        shift = ((offs_k % 2) * 4)[None, :]
+        if SIGNED:  # the byte's nibble moved to the top of an int32, then shifted back signed
+            b = (b << (28 - shift)) >> 28
+        else:
+            b = (b >> shift) & 0xF
+        codes = b.to(tl.float32)
+    else:
+        codes = _codes(w_ptr, offs_n, k0, N, K, KB, stride_wn, BITS, SIGNED, FP8, BLOCK_N,
+                       BLOCK_K).to(tl.float32)
     s, z = _group_params(s_ptr, z_ptr, offs_n, k0, N, GROUP, stride_sn, stride_sg,
                          stride_zn, stride_zg, ASYM)
-    w = (codes.to(tl.float32) - z[:, None]) * s[:, None]
-    mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
+    w = (codes - z[:, None]) * s[:, None]
     tl.store(out_ptr + (offs_n - n0)[:, None] * K + offs_k[None, :],
              w.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -292,7 +306,7 @@ def dequantize_weight(qweight, scales, zeros, spec: QuantSpec, shape: list[int],
 
 def _launch_dequant(w, scales, zt, out, r0, r1, k, group, strides, flags) -> None:
     sn, sg, zn, zg = strides
-    bn, bk = 32, layout.block_k_for(group, flags["BITS"], 128)
+    bn, bk = layout.dequant_tile(group, k)
     grid = (triton.cdiv(r1 - r0, bn), triton.cdiv(k, bk))
     _dequant_kernel[grid](w, scales, zt, out, r0, r1, k, w.shape[1], group, w.stride(0), sn, sg,
                           zn, zg, **flags, BLOCK_N=bn, BLOCK_K=bk, num_warps=4)

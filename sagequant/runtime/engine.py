@@ -57,7 +57,7 @@ class GenerationEngine:
                  num_kv_blocks: int | None = None, device=None, seed: int = 0,
                  extra_tokens_per_request: int = 0, prefill_chunk: int = 2048,
                  cuda_graphs: bool | None = None, fused_step: bool = True,
-                 merge_linears: bool | None = None):
+                 merge_linears: bool | None = None, measure_kernels: bool | None = None):
         """device: run there (default: where the compiled weights are; another device gets a
         copy of the weights). extra_tokens_per_request: cache room reserved beyond prompt +
         max_new_tokens (a speculative verifier writes up to k draft tokens past what it keeps).
@@ -67,7 +67,10 @@ class GenerationEngine:
         fused_step: run the step graph with its decoder glue fused (runtime/fuse_step.py); False
         keeps the ATen ops as exported (for A/B timing). merge_linears: one GEMM for the linears
         that read one input (q/k/v, gate/up); None merges when the weights are copied to `device`,
-        True also where they already are (a second copy of the merged weights there)."""
+        True also where they already are (a second copy of the merged weights there).
+        measure_kernels: time each weight-only linear's paths at the Ms this engine runs and
+        run the fastest (runtime/measure_linears.py; default: on for a CUDA device); the
+        choices and timings are in `kernel_choices`."""
         if not (isinstance(max_batch, int) and max_batch >= 1):
             raise GenerationError(f"max_batch={max_batch!r} must be an int >= 1")
         if not (isinstance(prefill_chunk, int) and prefill_chunk >= 1):
@@ -112,6 +115,12 @@ class GenerationEngine:
         self.kernel = select_attention_kernel(plan, head_dim, self.device.type,
                                               getattr(compiled.config, "priority", "latency"))
         self.graphs = DecodeGraphs(self, capture=self.device.type == "cuda") if use_graphs else None
+        self.kernel_choices: list[dict] = []
+        if measure_kernels if measure_kernels is not None else self.device.type == "cuda":
+            from .measure_linears import m_buckets, measure_linears
+            sizes = self.graphs.sizes if self.graphs else [1]
+            self.kernel_choices = measure_linears(self.graph, m_buckets(sizes, prefill_chunk),
+                                                  emb.dtype)
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self.waiting: deque[_Request] = deque()
         self.running: dict[str, _Request] = {}

@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from ...ir.quant_spec import QuantSpec
-from . import layout
+from . import layout, measured_dispatch
 from .hardware import sm_count
 from .triton_splitk import _splitk_reduce
 
@@ -244,7 +244,9 @@ def _operands(qweight, scales, zeros, spec: QuantSpec, n: int, k: int):
 def weight_only_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                        zeros: torch.Tensor | None, bias: torch.Tensor | None, spec: QuantSpec,
                        shape: list[int], plan: layout.Plan | None = None) -> torch.Tensor:
-    """x [..., K] (fp16/bf16) times the stored weight of `shape` [N, K]; `plan` forces a path."""
+    """x [..., K] (fp16/bf16) times the stored weight of `shape` [N, K]; `plan` forces a path,
+    else the path measured fastest for this weight's key (measured_dispatch), else the M
+    thresholds of layout.choose."""
     n, k = shape
     if x.dtype not in TORCH_TO_TL:
         raise TypeError(f"CUDA weight-only kernels take fp16/bf16 activations, got {x.dtype}")
@@ -256,8 +258,12 @@ def weight_only_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
     if m == 0:
         return out.reshape(*x.shape[:-1], n)
     group = layout.kernel_group(spec, k)
-    plan = plan or layout.choose(m, n, k, bits=spec.fmt.bits, group=group,
-                                 sm_count=sm_count(x.device), fmt=spec.format)
+    if plan is None:
+        shape_args = dict(bits=spec.fmt.bits, group=group, sm_count=sm_count(x.device),
+                          fmt=spec.format)
+        plan = (measured_dispatch.plan_for(measured_dispatch.key(
+            x.device, spec, shape, zeros is not None, x.dtype), m, n, k, **shape_args)
+            or layout.choose(m, n, k, **shape_args))
     if plan.path in layout.WORD_PATHS:
         from .triton_words import word_linear
         word_linear(x2, layout.weight_rows(qweight, spec, n, k), scales, zeros, bias, out,

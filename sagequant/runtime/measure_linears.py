@@ -1,0 +1,44 @@
+"""Measure the weight-only linears of an engine's step graph on its GPU and install the fastest
+path per M bucket (backends/cuda/measured_dispatch.py), once per distinct weight key.
+
+The buckets are the Ms the engine runs: its decode batch buckets (CUDA graphs pad to those) and
+powers of two up to the prefill chunk (a prompt of M tokens runs the choice of the next bucket
+up). The returned rows are the engine's record of what runs where (`engine.kernel_choices`).
+"""
+from __future__ import annotations
+
+import torch
+
+from ..backends.cuda import kernels  # noqa: F401  (registers the CUDA linear ops)
+from ..backends.cuda import measured_dispatch
+from ..ir.graph import QuantGraph
+from ..ir.quant_spec import QuantSpec
+
+WEIGHT_ONLY = torch.ops.sagequant.cuda_weight_only_linear.default
+
+
+def m_buckets(decode_sizes, prefill_chunk: int) -> list[int]:
+    prefill = [2 ** i for i in range(max(prefill_chunk - 1, 1).bit_length() + 1)
+               if 2 ** i <= prefill_chunk]
+    return sorted({*decode_sizes, *prefill, prefill_chunk})
+
+
+def measure_linears(graph: QuantGraph, ms: list[int], dtype: torch.dtype) -> list[dict]:
+    """One row per distinct (spec, [N, K], zero points) weight-only linear: its measured rows."""
+    done: dict[tuple, dict] = {}
+    for node in graph.graph.nodes:
+        if node.op != "call_function" or node.target is not WEIGHT_ONLY:
+            continue
+        _, qw, sc, zp, _, spec_text, shape = node.args[:7]
+        qweight, scales = graph.attr(qw), graph.attr(sc)
+        zeros = graph.attr(zp) if zp is not None else None
+        spec = QuantSpec.decode(spec_text)
+        k = measured_dispatch.key(qweight.device, spec, shape, zeros is not None, dtype)
+        if k in done:
+            done[k]["layers"] += 1
+            continue
+        rows = measured_dispatch.measure(qweight, scales, zeros, spec, list(shape), dtype, ms)
+        measured_dispatch.install(k, rows)
+        done[k] = {"weight": qw.target, "spec": spec.describe(), "shape": list(shape),
+                   "layers": 1, "rows": rows}
+    return list(done.values())

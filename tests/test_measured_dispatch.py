@@ -1,0 +1,60 @@
+"""Weight-only path choice by measured cost (backends/cuda/measured_dispatch.py): which paths are
+candidates at each M, how installed measurements route an M (the next measured bucket up, tiles
+re-planned for the actual M), and the engine's M buckets. The timing itself needs a GPU (CUDA
+graphs); the kernels it times are checked in Triton's interpreter (test_cuda_kernels.py)."""
+from dataclasses import replace
+
+import pytest
+import torch
+
+from sagequant.backends.cuda import layout, measured_dispatch as md
+from sagequant.ir.quant_spec import QuantSpec
+from sagequant.runtime.measure_linears import m_buckets
+
+INT4 = QuantSpec("int4", "per_group", 128, True, "fp16")
+
+
+@pytest.fixture(autouse=True)
+def _empty_table():
+    md.clear()
+    yield
+    md.clear()
+
+
+def test_candidates_cover_the_thresholds_and_dequantize():
+    n, k = 28672, 4096
+    assert [p.path for p in md.candidates(1, n, k, "int4", 128)] == ["gemv4"]  # M=1: no choice
+    at32 = md.candidates(32, n, k, "int4", 128)
+    assert at32[0] == layout.choose(32, n, k, bits=4, group=128, fmt="int4")  # thresholds first
+    assert {p.path for p in at32} == {"mma4", "dequant_mm", "tiled"}
+    chunks = {p.chunk_n for p in at32 if p.path == "dequant_mm"}
+    assert chunks == {0, layout.dequant_chunk_rows(n, k, layout.DEQUANT_CHUNK_BYTES)}
+    big = md.candidates(2048, n, k, "int4", 128)
+    assert "mma4" not in {p.path for p in big} and len(big) == len(set(big))
+    assert {p.path for p in md.candidates(512, 4096, 4096, "nf4", 128)} == {"dequant4_mm"}
+    assert {p.path for p in md.candidates(8, 4096, 4096, "int8", layout.BIG_GROUP)} == {
+        "splitk", "dequant_mm"}
+
+
+def test_installed_rows_route_each_m_to_the_next_bucket_up():
+    n, k = 6144, 4096
+    key = md.key(torch.device("cuda", 0), INT4, [n, k], False, torch.bfloat16)
+    args = dict(bits=4, group=128, sm_count=132, fmt="int4")
+    assert md.plan_for(key, 8, n, k, **args) is None   # nothing measured: thresholds decide
+    md.install(key, [{"m": 32, "path": "mma4", "chunk_n": 0},
+                     {"m": 1, "path": "gemv4", "chunk_n": 0},
+                     {"m": 512, "path": "dequant_mm", "chunk_n": 0}])
+    assert md.plan_for(key, 1, n, k, **args).path == "gemv4"
+    got = md.plan_for(key, 20, n, k, **args)   # bucket 32, tiles planned for M = 20
+    assert got == layout.plan_for("mma4", 20, n, k, **args)
+    assert md.plan_for(key, 33, n, k, **args) == replace(
+        layout.plan_for("dequant_mm", 33, n, k, **args), chunk_n=0)
+    assert md.plan_for(key, 5000, n, k, **args).path == "dequant_mm"  # past the last bucket
+    other = md.key(torch.device("cuda", 0), INT4, [n, k], True, torch.bfloat16)
+    assert md.plan_for(other, 8, n, k, **args) is None  # zero points: another key
+
+
+def test_engine_buckets():
+    assert m_buckets([1, 2, 4, 8], 300) == [1, 2, 4, 8, 16, 32, 64, 128, 256, 300]
+    assert m_buckets([1, 2, 4, 8, 16, 32], 2048)[-3:] == [512, 1024, 2048]
+    assert m_buckets([1], 1) == [1]

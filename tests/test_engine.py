@@ -200,3 +200,24 @@ def test_step_graph_of_a_model_compiled_off_cpu_targets_its_device(fresh_tiny):
               if isinstance(a, torch.device)]
     assert consts and {d.type for d in consts} == {"meta"}
     assert {t.device.type for t in graph.gm.state_dict().values()} == {"meta"}
+
+
+@pytest.mark.parametrize("scheme", [dict(ignore=["*"]), dict(weight_dtype="int4", group_size=32)])
+def test_prefill_computes_the_last_positions_logits_only(compiled, scheme):
+    """The prefill graph applies the lm_head to each row's last new token alone: the same
+    logits as that position of the whole graph's output (to float32 rounding), and only that."""
+    cm = compiled("llama", **scheme)
+    engine = GenerationEngine(cm, max_batch=2)
+    head = [n for n in engine.last_position_gm.graph.nodes if n.op == "output"][0].args[0]
+    assert head.args[0].target == torch.ops.aten.slice.Tensor and head.args[0].args[1:3] == (1, -1)
+    ids = torch.tensor([[5, 9, 17, 3, 44], [7, 1, 90, 2, 8]])
+    outs = []
+    for last_only in (False, True):
+        for slot in (0, 1):
+            engine.pool.open(slot, 8)
+        outs.append(engine.forward([0, 1], ids, last_only=last_only))
+        for slot in (0, 1):
+            engine.pool.free(slot)
+    whole, only = outs
+    assert whole.shape == (2, 5, engine.vocab_size) and only.shape == (2, 1, engine.vocab_size)
+    torch.testing.assert_close(only, whole[:, -1:])  # float32: GEMM blocking differs by M

@@ -23,7 +23,8 @@ from ..ir.paged_attention import AttentionCall, attention_step
 from .context import AttentionStep
 from .cuda_graphs import DecodeGraphs
 from .kv_pool import PagedKVPool
-from .step_graph import attention_nodes, embedding_weight, kv_geometry, step_graph
+from .step_graph import (attention_nodes, embedding_weight, kv_geometry,
+                         last_position_module, step_graph)
 
 DEFAULT_KV_BUDGET_BYTES = 1 << 30  # default pool size cap when num_kv_blocks is not given
 
@@ -86,6 +87,7 @@ class GenerationEngine:
                 self.device = torch.device("cuda", torch.cuda.current_device())
         self.graph = step_graph(compiled, device=None if self.device == home else self.device,
                                 fused=fused_step, merge_linears=merge_linears)
+        self.last_position_gm = last_position_module(self.graph)  # prefill: last token's logits
         emb = embedding_weight(self.graph)
         info = self.graph.model_info
         self.vocab_size = int(info["vocab_size"])
@@ -193,7 +195,8 @@ class GenerationEngine:
             self.running[req.rid] = req
             prompt = torch.tensor([req.prompt], device=self.device)
             for begin in range(0, prompt.shape[1], self.prefill_chunk):
-                logits = self.forward([req.slot], prompt[:, begin:begin + self.prefill_chunk])
+                logits = self.forward([req.slot], prompt[:, begin:begin + self.prefill_chunk],
+                                      last_only=True)
             events.append(self._emit(req, logits[0, -1]))
         batch = list(self.running.values())
         if batch:
@@ -206,12 +209,14 @@ class GenerationEngine:
                           for i, r in enumerate(batch))
         return events
 
-    def forward(self, slots: list[int], tokens: torch.Tensor) -> torch.Tensor:
-        """Logits [rows, new, vocab] of `tokens` [rows, new] appended to each slot's cache."""
+    def forward(self, slots: list[int], tokens: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        """Logits [rows, new, vocab] of `tokens` [rows, new] appended to each slot's cache;
+        last_only: of each row's last new token only, [rows, 1, vocab] (where the graph allows)."""
         starts = [self.pool.lengths[s] for s in slots]
         step = AttentionStep(self.pool, slots, starts, self.kernel)
+        gm = self.last_position_gm if last_only and self.last_position_gm is not None else self.graph.gm
         with torch.inference_mode(), attention_step(step):
-            logits = self.graph.gm(tokens, step.positions(tokens.shape[1], self.device))
+            logits = gm(tokens, step.positions(tokens.shape[1], self.device))
         self.pool.advance(slots, tokens.shape[1])
         return logits
 

@@ -59,6 +59,7 @@ for _name, _none in (("cuda_weight_only_linear", ()), ("weight_only_linear_ref",
     _op = getattr(torch.ops.sagequant, _name, None)
     if _op is not None:
         _LINEARS[_op.default] = ((1, 2, 3, 4), 6, _none)
+LINEAR_OPS = frozenset(_LINEARS)   # linear ops over [..., in_features] (the lm_head among them)
 
 
 def _call(node, target) -> bool:

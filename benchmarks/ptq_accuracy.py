@@ -51,6 +51,25 @@ SCHEMES = {
                                  calibration="smoothquant"),
     "w8a8-fp8-dynamic-mse": dict(weight_dtype="fp8", activation_dtype="fp8", group_size=None,
                                  weight_observer="mse"),
+    # GPTQ on the 8-bit per-channel weights, alone and after SmoothQuant (llm-compressor's W8A8 recipe)
+    "w8a8-int8-gptq": dict(weight_dtype="int8", activation_dtype="int8", group_size=None, calibration="gptq"),
+    "w8a8-fp8-gptq": dict(weight_dtype="fp8", activation_dtype="fp8", group_size=None, calibration="gptq"),
+    "w8a8-int8-smoothquant-gptq": dict(weight_dtype="int8", activation_dtype="int8", group_size=None,
+                                       calibration="smoothquant+gptq"),
+    "w8a8-fp8-smoothquant-gptq": dict(weight_dtype="fp8", activation_dtype="fp8", group_size=None,
+                                      calibration="smoothquant+gptq"),
+    **{f"w8a8-int8-smoothquant-a{a}": dict(weight_dtype="int8", activation_dtype="int8", group_size=None,
+                                           calibration="smoothquant", smoothquant_alpha=a / 100)
+       for a in (40, 60, 70, 80)},
+    **{f"w8a8-int8-smoothquant-a{a}-gptq": dict(weight_dtype="int8", activation_dtype="int8", group_size=None,
+                                                calibration="smoothquant+gptq", smoothquant_alpha=a / 100)
+       for a in (60, 70, 80)},
+    "w8a8-int8-smoothquant-auto-gptq": dict(weight_dtype="int8", activation_dtype="int8", group_size=None,
+                                            calibration="smoothquant+gptq", smoothquant_alpha="auto"),
+    "w8a8-fp8-smoothquant-auto": dict(weight_dtype="fp8", activation_dtype="fp8", group_size=None,
+                                      calibration="smoothquant", smoothquant_alpha="auto"),
+    "w8a8-fp8-smoothquant-auto-gptq": dict(weight_dtype="fp8", activation_dtype="fp8", group_size=None,
+                                           calibration="smoothquant+gptq", smoothquant_alpha="auto"),
     "w8a8-fp8-static-minmax": dict(weight_dtype="fp8", activation_dtype="fp8", group_size=None,
                                    activation_scale="static_per_tensor"),
     "w4a16-rtn": dict(weight_dtype="int4", activation_dtype="a16", **G128),
@@ -155,6 +174,8 @@ def main() -> None:
                    help="also each row's per-unit contribution table (only that unit quantized) on the "
                    "first --contribution-tokens evaluation tokens")
     p.add_argument("--contribution-tokens", type=int, default=1024)
+    p.add_argument("--guard", choices=["report", "off"], default="report",
+                   help="QuantConfig.guard of every row (off: no per-layer SQNR table, ~35 s less a row)")
     p.add_argument("--device", help="calibrate layer-wise on this device (compile(device=...), guard "
                    "off; e.g. cuda); evaluation stays on the CPU, so a row compares with the whole-model "
                    "CPU row of the same scheme on the calibration alone")
@@ -190,7 +211,7 @@ def main() -> None:
             # runs have no guard: it needs the whole float model).
             cfg = sq.QuantConfig(**SCHEMES[name], scale_precision=args.scale_precision,
                                  calibration_samples=args.calib_samples, calibration_seq_len=args.calib_seq_len,
-                                 guard="off" if args.device else "report")
+                                 guard="off" if args.device else args.guard)
             cm = (sq.compile(model, cfg, calibration_data=calib, device=args.device) if args.device
                   else sq.compile(model, cfg, calibration_data=calib))
             compile_s = time.perf_counter() - t
@@ -229,7 +250,8 @@ def run_all(args, rows: list[str], out: Path, results: dict) -> None:
     todo = [r for r in rows if "ppl" not in results.get(r, {})]
     running: dict[str, subprocess.Popen] = {}
     common = ["--max-tokens", str(args.max_tokens), "--calib-samples", str(args.calib_samples),
-              "--calib-seq-len", str(args.calib_seq_len), "--scale-precision", args.scale_precision]
+              "--calib-seq-len", str(args.calib_seq_len), "--scale-precision", args.scale_precision,
+              "--guard", args.guard]
     if args.device:
         common += ["--device", args.device]
     if args.contributions:

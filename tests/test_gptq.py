@@ -76,6 +76,7 @@ SPECS = {
     "int4_channel": QuantSpec("int4", "per_channel"),
     "uint4_g128_asym": QuantSpec("uint4", "per_group", 128, symmetric=False),
     "int8_channel": QuantSpec("int8", "per_channel"),
+    "fp8_e4m3_channel": QuantSpec("fp8_e4m3", "per_channel", scale_dtype="fp32"),  # W8A8-FP8's weights
 }
 
 

@@ -217,6 +217,22 @@ def test_awq_then_gptq_runs_both_and_beats_rtn(llama):
     assert err["awq+gptq"] < err["rtn"], err
 
 
+def test_smoothquant_then_gptq_runs_both_and_beats_smoothquant_alone(llama):
+    ref = _float_logits(llama)
+    cfg = dict(weight_dtype="int8", activation_dtype="int8", group_size=None, guard="off")
+    smooth = sq.compile(llama, sq.QuantConfig(**cfg, calibration="smoothquant"), calibration_data=CAL)
+    both = sq.compile(llama, sq.QuantConfig(**cfg, calibration="gptq+smoothquant"), calibration_data=CAL)
+    assert both.config.calibration == "smoothquant+gptq"
+    ran = {h["pass"]: h.get("stats", {}) for h in both.pass_history}
+    assert ran["smoothquant"]["groups"] == 6 and ran["gptq"]["layers"] == 14
+    # GPTQ's Hessians are taken on the smoothed inputs: its rounding beats RTN's on that objective
+    assert ran["gptq"]["gptq_error"] < 0.8 * ran["gptq"]["rtn_error"], ran["gptq"]
+    err = {k: float((m(IDS) - ref).norm() / ref.norm()) for k, m in (("smoothquant", smooth), ("both", both))}
+    assert err["both"] < err["smoothquant"], err
+    with pytest.raises(sq.ConfigError, match="keeps 16-bit activations"):
+        sq.compile(llama, sq.QuantConfig(weight_dtype="int4", calibration="smoothquant+gptq"), calibration_data=CAL)
+
+
 def test_sink_tokens_leave_the_first_positions_out_of_the_hessians(llama):
     base = dict(weight_dtype="int4", group_size=32, calibration="gptq", guard="off")
     w = {k: _gptq_weights(sq.compile(llama, sq.QuantConfig(**base, sink_tokens=k), calibration_data=CAL,

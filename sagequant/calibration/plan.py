@@ -54,7 +54,7 @@ DEVICE_BYTES_PER_S = {"cuda": 2.0e12, "cpu": 1.0e10}
 PROCESS_BYTES = {"cuda": int(1.0 * GIB), "cpu": int(0.3 * GIB)}
 # Full block forwards over every sample, per method: statistics run(s) + the commit run.
 FORWARDS = {"minmax": 1, "percentile": 1, "smoothquant": 3, "awq": 2, "smoothquant+awq": 3, "gptq": 2,
-            "awq+gptq": 3}
+            "awq+gptq": 3, "smoothquant+gptq": 3}
 # Observed by the caching allocator on top of the live tensors (fragmentation, workspaces).
 ALLOCATOR_SLACK = 1.1
 

@@ -7,12 +7,15 @@ from dataclasses import dataclass
 
 from .checks import boolean, choice, fail, integer, names, normalise
 
-CALIBRATIONS = {**names("minmax", "percentile", "smoothquant", "awq", "gptq", "smoothquant+awq", "awq+gptq"),
-                "awq+smoothquant": "smoothquant+awq", "gptq+awq": "awq+gptq"}
-# Which algorithms each method runs (awq+gptq: AWQ balances the weights, then GPTQ rounds them).
-SMOOTHQUANT_METHODS = ("smoothquant", "smoothquant+awq")
+CALIBRATIONS = {**names("minmax", "percentile", "smoothquant", "awq", "gptq", "smoothquant+awq", "awq+gptq",
+                      "smoothquant+gptq"),
+                "awq+smoothquant": "smoothquant+awq", "gptq+awq": "awq+gptq", "gptq+smoothquant": "smoothquant+gptq"}
+# Which algorithms each method runs (awq+gptq: AWQ balances the weights, then GPTQ rounds them;
+# smoothquant+gptq: SmoothQuant migrates activation outliers into the weights, then GPTQ rounds
+# the smoothed weights on the smoothed inputs, llm-compressor's W8A8 recipe).
+SMOOTHQUANT_METHODS = ("smoothquant", "smoothquant+awq", "smoothquant+gptq")
 AWQ_METHODS = ("awq", "smoothquant+awq", "awq+gptq")
-GPTQ_METHODS = ("gptq", "awq+gptq")
+GPTQ_METHODS = ("gptq", "awq+gptq", "smoothquant+gptq")
 
 
 # QuantConfig.gptq_sink_weight's non-numeric value: rows weighted by the attention mass they receive

@@ -29,10 +29,10 @@ SEARCH_ACT_SPEC = QuantSpec("int8", "per_token", None, True, "fp32", dynamic=Tru
                requires=("annotate",))
 def smoothquant(graph: QuantGraph, ctx: PassContext) -> PassResult:
     cfg = ctx.config
-    if cfg.calibration == "smoothquant" and cfg.activation_format is None:
-        raise ConfigError(f"QuantConfig.calibration='smoothquant' smooths activations for activation "
+    if cfg.calibration in ("smoothquant", "smoothquant+gptq") and cfg.activation_format is None:
+        raise ConfigError(f"QuantConfig.calibration={cfg.calibration!r} smooths activations for activation "
                           f"quantization, but scheme {cfg.scheme} keeps 16-bit activations; use it "
-                          "with W8A8-INT8 / W8A8-FP8, or calibration='awq' / 'smoothquant+awq'")
+                          "with W8A8-INT8 / W8A8-FP8, or calibration='awq' / 'smoothquant+awq' / 'gptq'")
     if not ctx.calibration_batches:
         raise CalibrationDataError("SmoothQuant needs calibration data for its activation maxima; "
                                    "pass calibration_data=")

@@ -233,6 +233,42 @@ def test_smoothquant_then_gptq_runs_both_and_beats_smoothquant_alone(llama):
         sq.compile(llama, sq.QuantConfig(weight_dtype="int4", calibration="smoothquant+gptq"), calibration_data=CAL)
 
 
+# Held-back sequences are CAL's last two; calibrated on one repeated token per sequence, GPTQ fits
+# inputs unlike them and round-to-nearest wins there, on CAL itself GPTQ wins.
+REPEATED = torch.cat([torch.arange(4)[:, None].expand(4, CAL.shape[1]), CAL[-2:]])
+
+
+@pytest.mark.parametrize("cal, winner", [(CAL, "gptq"), (REPEATED, "rtn")], ids=["gptq-wins", "rtn-wins"])
+def test_gptq_select_blocks_keeps_the_rounding_with_the_lower_kl_at_the_logits(llama, cal, winner):
+    from sagequant.evaluation.metrics import position_metrics
+    base = dict(weight_dtype="int4", group_size=32, guard="report", guard_samples=2)
+    picked = sq.compile(llama, sq.QuantConfig(**base, calibration="gptq", gptq_select_blocks=2),
+                        calibration_data=cal)
+    rtn = sq.compile(llama, sq.QuantConfig(**base), calibration_data=cal)
+    gptq = sq.compile(llama, sq.QuantConfig(**base, calibration="gptq"), calibration_data=cal)
+    stats = next(h["stats"] for h in picked.pass_history if h["pass"] == "gptq")
+    kl = stats["chosen_kl"]
+    assert sorted(kl) == ["model.layers.0", "model.layers.1"]
+    chosen = {b: min(v, key=v.get) for b, v in kl.items()}
+    assert chosen["model.layers.1"] == winner, kl
+    assert stats["rtn_blocks"] == sorted(b for b, c in chosen.items() if c == "rtn")
+    got, want = picked.graph.state(), {"rtn": rtn.graph.state(), "gptq": gptq.graph.state()}
+    for i, block in enumerate(sorted(kl)):
+        # RTN's rounding depends on nothing else; GPTQ's on the blocks before, so compare it only
+        # while every block before kept GPTQ too
+        if chosen[block] == "rtn" or all(chosen[b] == "gptq" for b in sorted(kl)[:i]):
+            keys = [k for k in got if f".layers.{i}." in k]
+            assert keys and all(torch.equal(got[k], want[chosen[block]][k]) for k in keys), block
+    # the last block's recorded KL is the finished model's on the held-back sequences
+    held = CAL[-2:]
+    with torch.no_grad():
+        ref = llama(input_ids=held, use_cache=False).logits
+    final = float(position_metrics(ref.reshape(-1, 128), picked(held).reshape(-1, 128), held.reshape(-1))["kl"].mean())
+    assert final == pytest.approx(kl["model.layers.1"][chosen["model.layers.1"]], rel=1e-3)
+    with pytest.raises(sq.ConfigError, match="guard='off' holds none back"):
+        sq.QuantConfig(calibration="gptq", gptq_select_blocks=2, guard="off")
+
+
 def test_sink_tokens_leave_the_first_positions_out_of_the_hessians(llama):
     base = dict(weight_dtype="int4", group_size=32, calibration="gptq", guard="off")
     w = {k: _gptq_weights(sq.compile(llama, sq.QuantConfig(**base, sink_tokens=k), calibration_data=CAL,

@@ -56,6 +56,12 @@ class CalibrationConfig:
     # attention ops); 1: plain GPTQ; "attention": every row there weighs the attention mass its
     # position receives as a key (mean 1, the sink's found by the model). BENCHMARKS §2g.
     gptq_sink_weight: float | str = 1.0
+    # The last N decoder blocks each keep GPTQ's rounding or round-to-nearest, whichever gives the
+    # lower KL(float || model) at the logits on the sequences held back for the accuracy guard
+    # (later blocks still float). GPTQ minimises each linear's output error, which cannot see how
+    # the last blocks' errors meet the head (SmolLM2 block 28: 2.3x RTN's KL, BENCHMARKS §2h).
+    # 0: every block keeps GPTQ's rounding.
+    gptq_select_blocks: int = 0
 
     def __post_init__(self) -> None:
         alpha = self.smoothquant_alpha
@@ -89,7 +95,8 @@ class CalibrationConfig:
                   awq_grid=integer("awq_grid", self.awq_grid, 2),
                   awq_search_rows=integer("awq_search_rows", self.awq_search_rows, 1),
                   gptq_block_size=integer("gptq_block_size", self.gptq_block_size, 1),
-                  sink_tokens=integer("sink_tokens", self.sink_tokens, 0))
+                  sink_tokens=integer("sink_tokens", self.sink_tokens, 0),
+                  gptq_select_blocks=integer("gptq_select_blocks", self.gptq_select_blocks, 0))
         if self.gptq_sink_weight != 1 and self.sink_tokens:
             raise fail("gptq_sink_weight", self.gptq_sink_weight, f"cannot weight the sink position "
                        f"that sink_tokens={self.sink_tokens} leaves out of the Hessians",

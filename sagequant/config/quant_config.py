@@ -70,7 +70,7 @@ FIELDS = ("weight_dtype", "activation_dtype", "calibration", "group_size", "symm
           "qat_learn_scales", "guard", "guard_samples", "guard_bounds", "target_bits_per_weight",
           "target_max_delta_loss", "precision_upgrades", "sensitivity_samples", "sensitivity_method",
           "rotate", "rotate_online", "rotate_heads", "rotate_seed", "gptq_row_energy_cap",
-          "gptq_sink_weight")
+          "gptq_sink_weight", "gptq_select_blocks")
 assert sorted(FIELDS) == sorted(SECTION_OF), "every section field has its place in FIELDS"
 
 
@@ -97,6 +97,7 @@ class QuantConfig:
         self._check_observer()
         self._check_scheme()
         self._check_rotation()
+        self._check_block_choice()
         self.__dict__["layer_rules"] = dataclasses.replace(self.layer_rules,
                                                            overrides=self._checked_overrides())
 
@@ -128,6 +129,13 @@ class QuantConfig:
             raise ConfigError(
                 "QuantConfig.observer='histogram' (entropy calibration) is defined for int8 "
                 "activations, not fp8; use observer='mse' or 'percentile' with fp8")
+
+    def _check_block_choice(self) -> None:
+        if self.gptq_select_blocks and self.guard == "off":
+            raise ConfigError(
+                f"QuantConfig.gptq_select_blocks={self.gptq_select_blocks} chooses each block's rounding "
+                "on the sequences held back for the accuracy guard, but guard='off' holds none back; "
+                "set guard='report' or 'error' (or gptq_select_blocks=0)")
 
     def _check_rotation(self) -> None:
         if self.rotate != "off" and self.sensitivity_method == "fisher":

@@ -9,7 +9,9 @@ stages of one shared input each (q/k/v, o, gate/up, down), each stage observed a
 ones were quantized, so o_proj's Hessian sees the quantized q/k/v's attention output.
 QuantConfig.sink_tokens leaves the first positions of every sequence out of the Hessians (off by
 default; measured harmful on SmolLM2, see config/calibration.py); QuantConfig.gptq_sink_weight
-instead weights that position in the Hessians of the linears reading the attention input (q/k/v). Peak memory is the inter-block cache plus one block's activations and Hessians.
+instead weights that position in the Hessians of the linears reading the attention input (q/k/v).
+QuantConfig.gptq_select_blocks lets each of the last blocks keep GPTQ's rounding or round-to-nearest,
+by KL at the logits on the held-back sequences (gptq_block_choice.py). Peak memory is the inter-block cache plus one block's activations and Hessians.
 
 GPTQ's scales are left on the annotation so convert rounds onto exactly the chosen grid.
 """
@@ -28,6 +30,7 @@ from ..errors import UnsupportedError
 from ..ir.patterns import attention_inputs, sequence_source
 from ..ir.quant_spec import dequantize, quantize, weight_qparams
 from ..progress import track
+from .gptq_block_choice import BlockChoice
 from .manager import PassContext, PassResult, define_pass
 
 ATEN = torch.ops.aten
@@ -46,18 +49,25 @@ def gptq(graph: QuantGraph, ctx: PassContext) -> PassResult:
     caches = runner.start(ctx.calibration_batches, run_prologue=False)
     rss_before = _peak_rss_mb()
     sink_readers = sink_weighted_linears(graph, cfg)
+    choice = (BlockChoice(graph, ctx.held_back_batches, cfg.gptq_select_blocks, runner.num_blocks,
+                          cfg.weight_observer) if cfg.gptq_select_blocks else None)
     stats = {"layers": 0, "blocks": runner.num_blocks, "rtn_error": 0.0, "gptq_error": 0.0,
              "sink_weighted_layers": len(sink_readers)}
     for seg in track(range(len(runner.segments)), "gptq", unit="segment", note=runner.segment_name):
         targets = [n for n in runner.segments[seg] if n.target == ATEN.linear.default
                    and graph.annotation(n) is not None and graph.annotation(n).quantized]
+        float_weights = {n: graph.attr(n.args[1]) for n in targets} if choice else {}
         for stage in (stages(targets) if cfg.gptq_true_sequential else [targets] if targets else []):
             shared, hooks = observe_hessians(graph, stage, cfg, sink_readers)
             runner.run_segment(seg, caches, hooks, commit=False)
             while shared:
                 nodes, acc = shared.pop(0)
                 quantize_linears(graph, nodes, acc, cfg, stats)
+        if choice and targets and 1 <= seg <= runner.num_blocks:
+            choice.choose(seg - 1, runner.segment_name(seg), targets, float_weights)
         runner.run_segment(seg, caches)
+    if choice:
+        stats.update(choice.stats())
     stats["peak_rss_mb"] = _peak_rss_mb()
     stats["peak_rss_growth_mb"] = round(stats["peak_rss_mb"] - rss_before, 1)
     return PassResult(graph, stats["layers"] > 0, stats)

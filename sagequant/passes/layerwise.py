@@ -68,6 +68,9 @@ def check_layerwise_config(cfg: QuantConfig) -> None:
     if cfg.target_bits_per_weight is not None or cfg.target_max_delta_loss is not None:
         raise UnsupportedError("mixed precision by budget measures whole-model sensitivity; it is not "
                                "supported layer-wise (per-layer overrides are)")
+    if cfg.gptq_select_blocks:
+        raise UnsupportedError("gptq_select_blocks compares the whole model's logits with the float "
+                               "model's on held-back sequences; not layer-wise (set it to 0)")
     if cfg.enable_qat or cfg.draft_mode:
         raise UnsupportedError("enable_qat / draft_mode compile the whole model; not layer-wise")
 

@@ -96,7 +96,7 @@ _BEFORE_CONVERT = (
     Step("insert_observers", ("observer",)),
     Step("calibrate"),
     Step("gptq", ("gptq_block_size", "gptq_damp", "gptq_act_order", "gptq_true_sequential", "sink_tokens",
-                  "gptq_row_energy_cap", "gptq_sink_weight"),
+                  "gptq_row_energy_cap", "gptq_sink_weight", "gptq_select_blocks"),
          _method_not(GPTQ_METHODS)),
 )
 _FROM_CONVERT = (

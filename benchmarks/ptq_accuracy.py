@@ -109,6 +109,11 @@ SCHEMES = {
                                   gptq_sink_weight=50.0, weight_observer="mse", **G128),
     "w4a16-gptq-sink50-seq": dict(weight_dtype="int4", activation_dtype="a16", calibration="gptq",
                                   gptq_sink_weight=50.0, gptq_true_sequential=True, **G128),
+    # ... and the last N blocks each keep GPTQ's rounding or RTN, by KL at the logits on the guard's
+    # held-back windows (gptq_select_blocks)
+    **{f"w4a16-gptq-sink50-mse-select{n}": dict(weight_dtype="int4", activation_dtype="a16", calibration="gptq",
+                                                gptq_sink_weight=50.0, weight_observer="mse",
+                                                gptq_select_blocks=n, **G128) for n in (4, 30)},
     "w4a16-rtn-mse": dict(weight_dtype="int4", activation_dtype="a16", weight_observer="mse", **G128),
     "w4a16-rtn-mse-g64": dict(weight_dtype="int4", activation_dtype="a16", weight_observer="mse", group_size=64),
     "w4a16-gptq-sink50-mse-g64": dict(weight_dtype="int4", activation_dtype="a16", calibration="gptq",

@@ -97,10 +97,10 @@ def _codes_equal(got: torch.Tensor, ref: torch.Tensor, interpreted: bool) -> boo
 
 def _write_case(kv, group, bs, heads, kv_heads, d, starts, rope, dtype, device, nan=None):
     """Decode-step cache write of one token per row after `starts` cached tokens, through the
-    engine's entry (fused._quant_cache_decode); returns the names of what differs from the
+    engine's entry (fused.quantized_cache_decode); returns the names of what differs from the
     reference (empty: all equal). nan "flag" / "raise": a NaN in k must set the step's device
     flag / raise at once in an eager step (no flag)."""
-    from sagequant.backends.cuda.fused import _quant_cache_decode, rotate_half_ref
+    from sagequant.backends.cuda.fused import quantized_cache_decode, rotate_half_ref
     from sagequant.ir.formats import QuantizationError
     from sagequant.ir.kv_plan import KVQuantPlan
     from sagequant.runtime.kv_pool import PagedKVPool
@@ -132,11 +132,11 @@ def _write_case(kv, group, bs, heads, kv_heads, d, starts, rope, dtype, device, 
     if nan == "raise":
         index.nonfinite = None
         try:
-            _quant_cache_decode(q, k, v, cos, sin, c, index)
+            quantized_cache_decode(q, k, v, cos, sin, c, index)
         except QuantizationError:
             return []
         return ["no error"]
-    got_q = _quant_cache_decode(q, k, v, cos, sin, c, index)
+    got_q = quantized_cache_decode(q, k, v, cos, sin, c, index)
     if nan == "flag":
         return [] if bool(index.nonfinite) else ["flag"]
     wrong = [] if torch.equal(got_q, ref_q) else ["q"]
@@ -149,6 +149,8 @@ def _write_case(kv, group, bs, heads, kv_heads, d, starts, rope, dtype, device, 
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--interpret", action="store_true", help="CPU, Triton's interpreter, fp16")
+    ap.add_argument("--dtypes", nargs="+", choices=["bf16", "fp16"], default=["bf16", "fp16"],
+                    help="activation dtypes on the GPU")
     args = ap.parse_args()
     if args.interpret:
         from sagequant.backends.cuda.interpret import enable_triton_interpreter
@@ -158,7 +160,8 @@ def main() -> int:
         if not torch.cuda.is_available():
             print("no CUDA device; use --interpret on CPU")
             return 1
-        device, dtypes = torch.device("cuda"), [torch.bfloat16, torch.float16]
+        named = {"bf16": torch.bfloat16, "fp16": torch.float16}
+        device, dtypes = torch.device("cuda"), [named[d] for d in args.dtypes]
     impl = importlib.import_module("sagequant.backends.cuda.triton_kv_attention")
     failed = 0
     for dtype in dtypes:

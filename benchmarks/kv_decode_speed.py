@@ -1,10 +1,17 @@
 """Quantized-KV decode speed on one GPU (issue 6 item 5), bf16 KV in the same run.
 
+  sweep    (--sweep-contexts) each cache dtype's decode attention at batch 1 under the SWEEP
+           launch shapes; --pick then makes the fastest at the first sweep context that dtype's
+           launch for everything after it in this process (kernel table, --e2e-generation).
   kernel   decode attention per layer, Llama-3-8B / Qwen2-7B-like attention (32 query heads,
            8 kv heads, head_dim 128, block 16): our Triton kernel on bf16 / int8 / fp8 paged
-           blocks, and torch SDPA (flash / efficient, GQA) on a contiguous bf16 cache as the
+           blocks (and --baseline-module's, an older triton_kv_attention.py, on the same pools),
+           and torch SDPA (flash / efficient, GQA) on a contiguous bf16 cache as the
            peer; CUDA-graph timing, rotating through layer copies so the KV never sits in L2;
            the HBM floor is the KV bytes read / measured copy bandwidth.
+  write    (--write-batches) the decode step's attention prologue per layer: rotary of q, k and
+           the cache write, fused (one kernel) vs the unfused ops (rotary kernels +
+           PagedKVPool.write_decode).
   memory   KV bytes per token and the largest batch x context a fixed KV budget holds.
   e2e      GenerationEngine decode tokens/s of a 7B-shaped Llama (random bf16 weights, the first
            --e2e-layers layers, vocab 32000) with bf16 / int8 / fp8 KV at each context.
@@ -12,14 +19,19 @@
     python benchmarks/kv_decode_speed.py --out kv_speed.json          # H100, < 10 min
     python benchmarks/kv_decode_speed.py --smoke                      # CPU: tiny shapes, checks
                                                                       # the script (interpreter)
+    python benchmarks/kv_decode_speed.py --skip-e2e --sweep-contexts 8192 --pick \
+        --write-batches 1 8 --e2e-generation "--layers 32 --vocab 128256 --long-context 8192 ..."
 """
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import json
-import sys
 import math
 import random
+import shlex
+import sys
 import time
 from pathlib import Path
 
@@ -31,6 +43,14 @@ import cuda_bench_lib as lib  # noqa: E402  (CUDA-graph timing and bandwidth, sh
 HEADS, KV_HEADS, HEAD_DIM, BLOCK = 32, 8, 128, 16
 LAYERS_7B = 32
 KV = ("none", "int8", "fp8")
+# DecodeLaunch(tile_tokens, target_programs, num_warps, num_stages) shapes --sweep-contexts times
+SWEEP = [(64, 512, 4, 2), (64, 512, 4, 3), (64, 512, 4, 1), (32, 512, 4, 2), (128, 512, 8, 2),
+         (64, 1024, 4, 2), (32, 1024, 4, 3), (64, 512, 8, 2)]
+
+
+def sweep_launches() -> list:
+    from sagequant.backends.cuda.triton_kv_attention import DecodeLaunch
+    return [DecodeLaunch(*shape) for shape in SWEEP]
 
 
 def make_pool(kv: str, copies: int, batch: int, ctx: int, dtype, device, heads=KV_HEADS, d=HEAD_DIM):
@@ -69,8 +89,100 @@ def copy_bandwidth(device) -> float | None:
     return 2 * a.numel() / (us * 1e-6)
 
 
-def kernel_table(contexts, batches, dtype, device, l2_bytes, heads=HEADS, kv_heads=KV_HEADS, d=HEAD_DIM):
-    import importlib
+def load_baseline(path: str | None):
+    """An older triton_kv_attention.py (same paged_decode_attention signature, no launch arg)."""
+    if not path:
+        return None
+    spec = importlib.util.spec_from_file_location("baseline_triton_kv_attention", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _attention_fns(impl, pool, q, batch, ctx, launch=None):
+    table = pool.block_table(list(range(batch)))
+    lens = torch.full((batch,), ctx, dtype=torch.int32, device=q.device)
+    extra = () if launch is None else (launch,)
+    return [lambda c=c: impl.paged_decode_attention(q, c.k, c.v, c.k_scale, c.v_scale, table, lens,
+                                                    ctx, None, 0, *extra) for c in pool.layers]
+
+
+def sweep_table(contexts, dtype, device, l2_bytes, heads=HEADS, kv_heads=KV_HEADS, d=HEAD_DIM) -> list:
+    """Batch-1 decode attention µs per cache dtype and SWEEP launch shape."""
+    impl = importlib.import_module("sagequant.backends.cuda.triton_kv_attention")
+    q = torch.randn(1, heads, 1, d, device=device).to(dtype)
+    rows = []
+    for ctx in contexts:
+        copies = max(1, min(16, math.ceil(4 * l2_bytes / (2 * ctx * kv_heads * d * 2))))
+        for kv in KV:
+            pool = make_pool(kv, copies, 1, ctx, dtype, device, kv_heads, d)
+            row = {"context": ctx, "kv": kv}
+            for launch in sweep_launches():
+                try:
+                    row[launch.describe()] = round(lib.time_graph(_attention_fns(impl, pool, q, 1, ctx, launch), 0.02)["us"], 2)
+                except Exception as e:  # a launch shape that fails to compile or run is reported
+                    row[launch.describe()] = f"error: {lib.short_error(e)}"
+            print(row, flush=True)
+            rows.append(row)
+            del pool
+    return rows
+
+
+def pick_launches(sweep: list, context: int) -> dict:
+    """Each cache dtype's fastest SWEEP launch at `context`, made its LAUNCH in this process."""
+    impl = importlib.import_module("sagequant.backends.cuda.triton_kv_attention")
+    picked = {}
+    for row in sweep:
+        if row["context"] != context:
+            continue
+        timed = [(row[x.describe()], x) for x in sweep_launches() if isinstance(row.get(x.describe()), float)]
+        if timed:
+            impl.LAUNCH[row["kv"]] = min(timed, key=lambda t: t[0])[1]
+            picked[row["kv"]] = impl.LAUNCH[row["kv"]].describe()
+    print("picked launches:", picked, flush=True)
+    return picked
+
+
+def write_table(batches, dtype, device, heads=HEADS, kv_heads=KV_HEADS, d=HEAD_DIM, ctx=1000) -> list:
+    """µs per layer of the decode step's prologue (rotary of q, k + cache write), fused vs the
+    unfused ops, per cache dtype, a token written mid-block after `ctx` cached ones."""
+    from sagequant.backends.cuda import fused
+    sixteen = importlib.import_module("sagequant.backends.cuda.triton_fused").rope_cache_decode
+    rows = []
+    for batch in batches:
+        row = {"batch": batch}
+        q = torch.randn(batch, heads, 1, d, device=device).to(dtype)
+        k, v = (torch.randn(batch, kv_heads, 1, d, device=device).to(dtype) for _ in range(2))
+        cos, sin = (torch.randn(batch, 1, 1, d, device=device).to(dtype) for _ in range(2))
+        for kv in KV:
+            pool = make_pool(kv, 4, batch, ctx, dtype, device, kv_heads, d)
+            index = pool.decode_index(list(range(batch)), [ctx] * batch)
+            index.nonfinite = torch.zeros(1, dtype=torch.bool, device=device)
+
+            def unfused(layer):
+                qr, kr = fused.rotary_embedding(q, cos, sin), fused.rotary_embedding(k, cos, sin)
+                pool.write_decode(layer, index, kr, v)
+                return qr
+            def one_kernel(layer):   # what fused.rope_cache_decode runs on the GPU
+                c = pool.layers[layer]
+                if c.quantized:
+                    return fused.quantized_cache_decode(q, k, v, cos, sin, c, index)
+                return sixteen(q, k, v, cos, sin, c.k, c.v, index.block_table, index.positions)
+            fns = {"fused": [lambda i=i: one_kernel(i) for i in range(4)],
+                   "unfused": [lambda i=i: unfused(i) for i in range(4)]}
+            for name, f in fns.items():
+                try:
+                    row[f"{kv}_{name}_us"] = round(lib.time_graph(f, 0.02)["us"], 2)
+                except Exception as e:
+                    row[f"{kv}_{name}_us"] = f"error: {lib.short_error(e)}"
+            del pool
+        print(row, flush=True)
+        rows.append(row)
+    return rows
+
+
+def kernel_table(contexts, batches, dtype, device, l2_bytes, heads=HEADS, kv_heads=KV_HEADS, d=HEAD_DIM,
+                 baseline=None):
     impl = importlib.import_module("sagequant.backends.cuda.triton_kv_attention")
     bw = copy_bandwidth(device)
     rows = []
@@ -86,14 +198,12 @@ def kernel_table(contexts, batches, dtype, device, l2_bytes, heads=HEADS, kv_hea
                 except torch.OutOfMemoryError:
                     row[f"{kv}_us"] = "OOM"
                     continue
-                table = pool.block_table(list(range(batch)))
-                lens = torch.full((batch,), ctx, dtype=torch.int32, device=device)
-                fns = [lambda c=c: impl.paged_decode_attention(q, c.k, c.v, c.k_scale, c.v_scale, table,
-                                                               lens, ctx, None, 0) for c in pool.layers]
-                row[f"{kv}_us"] = round(lib.time_graph(fns, 0.02)["us"], 2)
+                row[f"{kv}_us"] = round(lib.time_graph(_attention_fns(impl, pool, q, batch, ctx), 0.02)["us"], 2)
+                if baseline is not None:
+                    row[f"old_{kv}_us"] = round(lib.time_graph(_attention_fns(baseline, pool, q, batch, ctx), 0.02)["us"], 2)
                 kv_bytes = pool.bytes_per_token() / copies * batch * ctx
                 row[f"{kv}_floor_us"] = round(kv_bytes / bw * 1e6, 2) if bw else None
-                del pool, fns
+                del pool
                 torch.cuda.empty_cache() if device.type == "cuda" else None
             # Peer: SDPA over a contiguous bf16 cache (what an unpaged engine would run).
             try:
@@ -105,10 +215,10 @@ def kernel_table(contexts, batches, dtype, device, l2_bytes, heads=HEADS, kv_hea
                 del ks, vs, fns
             except (RuntimeError, torch.OutOfMemoryError) as e:
                 row["sdpa_bf16_us"] = f"error: {str(e).splitlines()[0][:80]}"
-            if isinstance(row.get("none_us"), float):
-                for kv in ("int8", "fp8"):
-                    if isinstance(row.get(f"{kv}_us"), float):
-                        row[f"{kv}_speedup_vs_bf16"] = round(row["none_us"] / row[f"{kv}_us"], 2)
+            for base in ("none_us", "old_none_us"):
+                for kv in ("int8", "fp8", "none"):
+                    if isinstance(row.get(base), float) and isinstance(row.get(f"{kv}_us"), float):
+                        row[f"{kv}_speedup_vs_{base[:-3]}"] = round(row[base] / row[f"{kv}_us"], 2)
             print(row, flush=True)
             rows.append(row)
     return rows
@@ -212,6 +322,12 @@ def main():
     ap.add_argument("--skip-kernel", action="store_true")
     ap.add_argument("--budget-s", type=float, default=540)
     ap.add_argument("--kv-budget-gib", type=float, default=60.0)
+    ap.add_argument("--baseline-module", help="an older triton_kv_attention.py timed on the same pools")
+    ap.add_argument("--sweep-contexts", type=int, nargs="*", default=[])
+    ap.add_argument("--pick", action="store_true", help="use the sweep's fastest launch from here on")
+    ap.add_argument("--write-batches", type=int, nargs="*", default=[])
+    ap.add_argument("--e2e-generation", default="",
+                    help="then run benchmarks/e2e_generation.py with these arguments in this process")
     ap.add_argument("--out", default="kv_speed.json")
     args = ap.parse_args()
     start = time.perf_counter()
@@ -234,9 +350,22 @@ def main():
     result = {"env": env, "memory": memory_table(args.kv_budget_gib, contexts)}
     print(json.dumps(result["memory"], indent=1), flush=True)
     kw = dict(heads=4, kv_heads=2, d=64) if args.smoke else {}
+    if args.sweep_contexts:
+        result["sweep"] = sweep_table(args.sweep_contexts, dtype, device, l2, **kw)
+        if args.pick:
+            result["picked_launch"] = pick_launches(result["sweep"], args.sweep_contexts[0])
+        json.dump(result, open(args.out, "w"), indent=1)
+    if args.write_batches:
+        result["write"] = write_table(args.write_batches, dtype, device, **kw)
+        json.dump(result, open(args.out, "w"), indent=1)
     if not args.skip_kernel:
-        result["kernel"] = kernel_table(contexts, batches, dtype, device, l2, **kw)
+        result["kernel"] = kernel_table(contexts, batches, dtype, device, l2, **kw,
+                                        baseline=load_baseline(args.baseline_module))
     json.dump(result, open(args.out, "w"), indent=1)
+    if args.e2e_generation:
+        import e2e_generation
+        result["e2e_generation_status"] = e2e_generation.main(shlex.split(args.e2e_generation))
+        json.dump(result, open(args.out, "w"), indent=1)
     if not args.skip_e2e:
         result["e2e"] = e2e_table(contexts, e2e_batches, 2 if args.smoke else args.e2e_layers,
                                   4 if args.smoke else args.e2e_new_tokens, torch.float32 if args.smoke else dtype,

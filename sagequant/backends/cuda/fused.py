@@ -130,14 +130,16 @@ def rope_cache_decode(q, k, v, cos, sin, cache, index) -> torch.Tensor | None:
     if cos is not None and not (rotary_fits(q, cos, sin) and rotary_fits(k, cos, sin)):
         return None
     if cache.quantized:
-        return _quant_cache_decode(q, k, v, cos, sin, cache, index)
+        return quantized_cache_decode(q, k, v, cos, sin, cache, index)
     if cos is None:
         return None
     return _impl().rope_cache_decode(q, k, v, cos, sin, cache.k, cache.v, index.block_table,
                                      index.positions)
 
 
-def _quant_cache_decode(q, k, v, cos, sin, cache, index) -> torch.Tensor:
+def quantized_cache_decode(q, k, v, cos, sin, cache, index) -> torch.Tensor:
+    """rope_cache_decode's quantized-cache kernel on a pool layer (kv_pool.LayerCache) and a
+    DecodeIndex: a NaN/Inf sets index.nonfinite (CUDA graphs), or raises at once without one."""
     impl = importlib.import_module(f"{__package__}.triton_kv_write")
     flag = index.nonfinite if index.nonfinite is not None else torch.zeros(1, dtype=torch.bool, device=q.device)
     out = impl.quant_cache_decode(q, k, v, cos, sin, cache.k, cache.v, cache.k_scale, cache.v_scale,

@@ -45,7 +45,7 @@ LAYERS_7B = 32
 KV = ("none", "int8", "fp8")
 # DecodeLaunch(tile_tokens, target_programs, num_warps, num_stages) shapes --sweep-contexts times
 SWEEP = [(64, 512, 4, 2), (64, 512, 4, 3), (64, 512, 4, 1), (32, 512, 4, 2), (128, 512, 8, 2),
-         (64, 1024, 4, 2), (32, 1024, 4, 3), (64, 512, 8, 2)]
+         (64, 1024, 4, 2)]
 
 
 def sweep_launches() -> list:

@@ -26,7 +26,8 @@ def test_candidates_cover_the_thresholds_and_dequantize():
     assert [p.path for p in md.candidates(1, n, k, "int4", 128)] == ["gemv4"]  # M=1: no choice
     at32 = md.candidates(32, n, k, "int4", 128)
     assert at32[0] == layout.choose(32, n, k, bits=4, group=128, fmt="int4")  # thresholds first
-    assert {p.path for p in at32} == {"mma4", "dequant_mm", "tiled"}
+    assert {p.path for p in at32} == {"mma4", "dequant_mm", "tiled", "splitk"}
+    assert any(p.swap_ab and p.block_m == 32 for p in at32 if p.path == "splitk")
     chunks = {p.chunk_n for p in at32 if p.path == "dequant_mm"}
     assert chunks == {0, layout.dequant_chunk_rows(n, k, layout.DEQUANT_CHUNK_BYTES)}
     big = md.candidates(2048, n, k, "int4", 128)
@@ -34,6 +35,7 @@ def test_candidates_cover_the_thresholds_and_dequantize():
     assert {p.path for p in md.candidates(512, 4096, 4096, "nf4", 128)} == {"dequant4_mm"}
     assert {p.path for p in md.candidates(8, 4096, 4096, "int8", layout.BIG_GROUP)} == {
         "splitk", "dequant_mm"}
+    assert "splitk" not in {p.path for p in md.candidates(128, 4096, 4096, "int8", 128)}
 
 
 def test_installed_rows_route_each_m_to_the_next_bucket_up():

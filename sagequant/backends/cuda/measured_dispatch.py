@@ -40,6 +40,9 @@ def candidates(m: int, n: int, k: int, fmt: str, group: int, sm_count: int = 132
         out += [replace(plan(dq), chunk_n=0), plan(dq)]
         if layout.word_rejects(fmt, k, group, layout.WORD_MMA_MIN_BLOCK_K) is None and m <= 128:
             out.append(plan("mma4"))
+        if fmt != "nf4" and m <= 64:  # the byte kernel: one dot per K block, weight tile as A
+            out += [plan("splitk"), replace(plan("splitk"), block_m=max(16, 1 << (m - 1).bit_length()),
+                                            swap_ab=True)]
         if fmt != "nf4" and m > layout.SPLITK_MAX_M:
             out.append(plan("tiled"))
     unique = []

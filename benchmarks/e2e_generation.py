@@ -156,14 +156,14 @@ def weight_memory(cm, engine_graph) -> dict:
 
 
 def new_engine(cm, max_batch: int, max_seq_len: int, device, cuda_graphs: bool,
-               fused_step: bool = True):
+               fused_step: bool = True, measure_kernels: bool | None = None):
     from sagequant.runtime import GenerationEngine
     blocks = max_batch * math.ceil((max_seq_len + 1) / cm.config.kv_block_size)
     # merge_linears: q|k|v and gate|up as one GEMM each also where the weights already are (a
     # model compiled in place on the GPU), as they are when the engine copies them there.
     return GenerationEngine(cm, max_batch=max_batch, max_seq_len=max_seq_len, device=device,
                             cuda_graphs=cuda_graphs, num_kv_blocks=blocks, fused_step=fused_step,
-                            merge_linears=fused_step)
+                            merge_linears=fused_step, measure_kernels=measure_kernels)
 
 
 def prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
@@ -314,8 +314,15 @@ def run_scheme(sq, model, scheme, args, backend, device, deadline, vocab, scheme
     row["compile_s"] = time.perf_counter() - t0
     print(f"{scheme}: compiled in {row['compile_s']:.0f} s", flush=True)  # a cut run shows how far it got
     max_seq = max(*args.prefill_len, args.prompt_len + args.new_tokens) + 1
-    engine = new_engine(cm, max(args.batches), max_seq, device, cuda_graphs=device.type == "cuda",
-                        fused_step=not args.unfused)
+    t0 = time.perf_counter()
+    try:
+        engine = new_engine(cm, max(args.batches), max_seq, device, cuda_graphs=device.type == "cuda",
+                            fused_step=not args.unfused)
+    except Exception as e:  # recorded: the row then times the M thresholds' paths
+        row["measure_kernels_error"] = lib.short_error(e)
+        engine = new_engine(cm, max(args.batches), max_seq, device, cuda_graphs=device.type == "cuda",
+                            fused_step=not args.unfused, measure_kernels=False)
+    row["engine_build_s"] = time.perf_counter() - t0
     row.update(check_kernels(cm, engine.graph, scheme, backend))
     row["memory"] = weight_memory(cm, engine.graph)
     if args.check_logits:

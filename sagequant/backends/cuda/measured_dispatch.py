@@ -81,25 +81,46 @@ def measure(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | N
     """Per M: µs of each candidate path (the bf16 GEMM on the dequantized weight among them, as
     `bf16_gemm`, the cost a bf16 model pays) and the fastest path."""
     from .hardware import sm_count
-    from .triton_weight_only import dequantize_weight, weight_only_linear
-    n, k = shape
-    group = layout.kernel_group(spec, k)
+    group = layout.kernel_group(spec, shape[1])
     sms = sm_count(qweight.device)
-    w16 = dequantize_weight(qweight, scales, zeros, spec, shape, dtype)
+    with torch.no_grad():
+        return _measure(qweight, scales, zeros, spec, shape, dtype, ms, group, sms)
+
+
+def _measure(qweight, scales, zeros, spec, shape, dtype, ms, group, sms) -> list[dict]:
+    from .triton_weight_only import weight_only_linear
+    n, k = shape
+    w16 = _dense(qweight, scales, zeros, spec, shape, dtype, group)
     rows = []
     for m in ms:
         x = torch.randn(m, k, device=qweight.device, dtype=dtype)
-        us = {}
+        us, errors = {}, {}
         for plan in candidates(m, n, k, spec.format, group, sms):
-            us[plan.describe()] = (_graph_us(lambda p=plan: weight_only_linear(
-                x, qweight, scales, zeros, None, spec, shape, plan=p)), plan)
+            try:
+                us[plan.describe()] = (_graph_us(lambda p=plan: weight_only_linear(
+                    x, qweight, scales, zeros, None, spec, shape, plan=p)), plan)
+            except Exception as err:  # recorded, never chosen; the others still compete
+                errors[plan.describe()] = f"{type(err).__name__}: {err}"[:300]
+        if not us:
+            raise RuntimeError(f"no weight-only path ran {spec.describe()} {shape} at M={m}: {errors}")
         best = min(us, key=lambda d: us[d][0])
         rows.append({"m": m, "chosen": best, "path": us[best][1].path,
                      "chunk_n": us[best][1].chunk_n,
-                     "us": {d: round(t, 2) for d, (t, _) in us.items()},
+                     "us": {d: round(t, 2) for d, (t, _) in us.items()}, "errors": errors,
                      "bf16_gemm_us": round(_graph_us(lambda: torch.mm(x, w16.t())), 2)})
     del w16
     return rows
+
+
+def _dense(qweight, scales, zeros, spec: QuantSpec, shape, dtype, group) -> torch.Tensor:
+    """The 16-bit weight (the bf16 GEMM's operand), by the kernel that dequantizes its format."""
+    if spec.fmt.kind == "codebook":
+        from .triton_words import dequantize_words
+        out = torch.empty(tuple(shape), dtype=dtype, device=qweight.device)
+        return dequantize_words(layout.weight_rows(qweight, spec, *shape), scales, zeros,
+                                spec.format, group, (0, shape[0]), shape[1], out)
+    from .triton_weight_only import dequantize_weight
+    return dequantize_weight(qweight, scales, zeros, spec, shape, dtype)
 
 
 def install(k: tuple, rows: list[dict]) -> None:

@@ -2,7 +2,12 @@
 candidates at each M, how installed measurements route an M (the next measured bucket up, tiles
 re-planned for the actual M), and the engine's M buckets. The timing itself needs a GPU (CUDA
 graphs); the kernels it times are checked in Triton's interpreter (test_cuda_kernels.py)."""
+import importlib.util
+import os
+import subprocess
+import sys
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +16,7 @@ from sagequant.backends.cuda import layout, measured_dispatch as md
 from sagequant.ir.quant_spec import QuantSpec
 from sagequant.runtime.measure_linears import m_buckets
 
+ROOT = Path(__file__).resolve().parents[1]
 INT4 = QuantSpec("int4", "per_group", 128, True, "fp16")
 
 
@@ -60,3 +66,46 @@ def test_engine_buckets():
     assert m_buckets([1, 2, 4, 8], 300) == [1, 2, 4, 8, 16, 32, 64, 128, 256, 300]
     assert m_buckets([1, 2, 4, 8, 16, 32], 2048)[-3:] == [512, 1024, 2048]
     assert m_buckets([1], 1) == [1]
+
+
+_INTERPRETED = r'''
+from sagequant.backends.cuda.interpret import enable_triton_interpreter
+enable_triton_interpreter()
+import torch
+from sagequant.backends.cuda import layout, measured_dispatch as md
+from sagequant.backends.cuda.triton_weight_only import weight_only_linear
+from sagequant.ir.quant_spec import QuantSpec, dequantize, quantize
+order = []
+def timer(fn, reps=5):  # the last candidate looks fastest
+    fn()
+    order.append(1)
+    return 1.0 / len(order)
+md._graph_us = timer
+spec = QuantSpec("int4", "per_group", 128, True, "fp16")
+n, k = 64, 256
+qt = quantize(torch.randn(n, k, generator=torch.Generator().manual_seed(0)), spec)
+rows = md.measure(qt.data, qt.scale, None, spec, [n, k], torch.float16, [4])
+(row,) = rows
+last = list(row["us"])[-1]
+assert row["chosen"] == last and not row["errors"], row
+key = md.key(torch.device("cpu"), spec, [n, k], False, torch.float16)
+md.install(key, rows)
+planned = md.plan_for(key, 3, n, k, bits=4, group=128, sm_count=132, fmt="int4")
+assert planned.path == row["path"] != layout.choose(3, n, k, bits=4, group=128, fmt="int4").path
+x = torch.randn(3, k, generator=torch.Generator().manual_seed(1)).half()
+out = weight_only_linear(x, qt.data, qt.scale, None, None, spec, [n, k])
+ref = x.double() @ dequantize(qt, torch.float64).t()
+err = float((out.double() - ref).norm() / ref.norm())
+assert err < 3e-3, err
+print("chosen", row["chosen"], "err", err)
+'''
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton (interpreter)")
+def test_measure_runs_every_candidate_and_dispatch_uses_the_fastest():
+    """In Triton's interpreter, with a stand-in timer: every candidate path runs the weight, the
+    fastest by the timer is chosen, and weight_only_linear then runs it (numerics vs float64)."""
+    run = subprocess.run([sys.executable, "-c", _INTERPRETED], capture_output=True, text=True,
+                         timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "chosen" in run.stdout

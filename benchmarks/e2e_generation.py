@@ -44,6 +44,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import cuda_bench_lib as lib  # noqa: E402
+import prefill_report  # noqa: E402
 
 SHAPES = {  # hidden, MLP, heads, kv heads; full_layers is the real model's depth
     "llama3-8b": dict(arch="llama", hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
@@ -186,47 +187,6 @@ def prefill_ms(engine, length: int, vocab: int, device, reps: int) -> dict:
     return {f"prefill_ms_{length}": statistics.median(times[1:]), "prefill_reps": reps}
 
 
-def profile_prefill(engine, length: int, vocab: int) -> dict:
-    """One prefill of `length` tokens under torch.profiler: its wall time next to the GPU
-    kernels' time (by category, as engine_step_profile sums them), so host-bound time shows."""
-    from torch.profiler import ProfilerActivity, profile
-    from engine_step_profile import category
-    engine.add_request(prompts(1, length, vocab, 77)[0], 1)
-    lib.sync()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        t0 = time.perf_counter()
-        engine.step()
-        lib.sync()
-        wall = (time.perf_counter() - t0) * 1e3
-    cats: dict[str, list] = {}
-    kernels: dict[str, list] = {}
-    for avg in prof.key_averages():
-        us = getattr(avg, "self_device_time_total", None)
-        us = getattr(avg, "self_cuda_time_total", 0) if us is None else us
-        if us > 0:
-            kernels[avg.key] = [us, avg.count]
-            c = cats.setdefault(category(avg.key), [0.0, 0])
-            c[0] += us
-            c[1] += avg.count
-    top = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:12]
-    return {"wall_ms": wall, "kernel_ms": sum(v[0] for v in kernels.values()) / 1e3,
-            "kernels": sum(v[1] for v in kernels.values()),
-            "by_category_ms": {c: round(v[0] / 1e3, 3) for c, v in cats.items()},
-            "top": [{"name": n[:90], "ms": round(v[0] / 1e3, 3), "calls": v[1]} for n, v in top]}
-
-
-def choices_summary(engine) -> list[dict]:
-    """Per measured weight: per M bucket the chosen path, its µs, the thresholds' path (the
-    first candidate) and its µs, and the bf16 GEMM's µs on the same shape."""
-    out = []
-    for c in engine.kernel_choices:
-        out.append({"spec": c["spec"], "shape": c["shape"], "layers": c["layers"], "rows": [
-            {"m": r["m"], "chosen": r["chosen"], "us": r["us"][r["chosen"]],
-             "thresholds": next(iter(r["us"])), "thresholds_us": next(iter(r["us"].values())),
-             "bf16_gemm_us": r["bf16_gemm_us"]} for r in c["rows"]]})
-    return out
-
-
 def logits_vs_float(engine, model, vocab: int, device, length: int = 128) -> dict:
     """One prefill through the engine vs the float model's own forward on the same ids: the
     scheme's whole error (quantization + kernels; bf16: kernel rounding alone)."""
@@ -328,12 +288,13 @@ def run_scheme(sq, model, scheme, args, backend, device, deadline, vocab, scheme
     if args.check_logits:
         row["logits_vs_float"] = logits_vs_float(engine, model, vocab, device)
     if engine.kernel_choices:
-        row["kernel_choices"] = choices_summary(engine)
+        row["kernel_choices"] = prefill_report.choices_summary(engine)
     for length in args.prefill_len:
         if time.perf_counter() < deadline:
             row.update(prefill_ms(engine, length, vocab, device, args.prefill_reps))
             if args.profile_prefill and device.type == "cuda":
-                row[f"prefill_profile_{length}"] = profile_prefill(engine, length, vocab)
+                row[f"prefill_profile_{length}"] = prefill_report.profile_prefill(
+                    engine, prompts(1, length, vocab, 77)[0])
         else:
             row[f"prefill_ms_{length}"] = SKIPPED
     for i, b in enumerate(args.batches):
@@ -506,6 +467,7 @@ def markdown(result: dict) -> str:
             [[sch, b, f(p["kernel_us"], 4), f(p["kernels_per_step"], 4)]
              + [f"{p['by_category'].get(c, {}).get('us', 0):.0f} ({p['by_category'].get(c, {}).get('kernels', 0):.0f})"
                 for c in cats] for sch, b, p in profiled]))
+    text += prefill_report.markdown(rows, result["settings"]["prefill_len"])
     if result.get("correctness"):
         text.append(lib.markdown_table(
             ["scheme", "status", "logits rel_fro vs CPU ref", "decode step rel_fro", "tolerance",

@@ -7,6 +7,10 @@
 #   bash benchmarks/issue18_device.sh full      # the side-by-side table in one call: our four schemes
 #        at full depth (built and compiled on the GPU; logits checked against the float model; b1
 #        step profiled; 8k-context KV rows), then torchao int4 and HF bf16 on the same weights
+#   bash benchmarks/issue18_device.sh prefill   # BENCHMARKS 13d: prefill 512/2048 and b32 decode at
+#        full depth, four schemes, each prefill profiled, the engine's measured kernel choices
+#        (~4 min: each quantized scheme's engine build times its linears' paths, Triton compiles
+#        included), then the tiny-Llama GPU-vs-CPU-reference correctness rows
 # torchao is not on the GPU image: its wheel travels in .whl/ (see the device README).
 set -o pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
@@ -66,5 +70,12 @@ case "$1" in
       tail -5 "$OUT/peers_b$b.log"
     done
     ;;
-  *) echo "usage: $0 profile|e2e|peers|all|full"; exit 2 ;;
+  prefill)
+    timeout 280 python3 benchmarks/e2e_generation.py --layers 32 --vocab 128256 \
+      --schemes bf16 W4A16 W8A8-FP8 W8A16 --batches 32 --prefill-len 512 2048 --prefill-reps 2 \
+      --new-tokens 32 --profile-prefill --budget-s 230 --correctness-s 40 \
+      --out "$OUT/e2e_prefill.json" > "$OUT/e2e_prefill.log" 2>&1
+    grep -v "convert:" "$OUT/e2e_prefill.log" | tail -60
+    ;;
+  *) echo "usage: $0 profile|e2e|peers|all|full|prefill"; exit 2 ;;
 esac

@@ -73,3 +73,24 @@ def test_cuda_compiled_graph_passes_and_a_swapped_reference_op_is_caught(bench, 
     node.target = torch.ops.sagequant.weight_only_linear_ref.default
     with pytest.raises(SystemExit, match="calls reference ops .*refusing to time it"):
         bench.check_kernels(cm, engine.graph, "W4A16", "cuda")
+
+
+def test_prefill_report_tables(bench):
+    """The prefill profile and the measured kernel choices as the engine records them, as tables
+    (the GPU run writes them; here from recorded-shape rows)."""
+    import prefill_report
+
+    class Engine:
+        kernel_choices = [{"spec": "int4/g128/sym/fp16", "shape": [6144, 4096], "layers": 32, "rows": [
+            {"m": 32, "chosen": "dequant_mm(chunk_n=all)", "thresholds": "mma4(BM=32)",
+             "us": {"mma4(BM=32)": 60.0, "dequant_mm(chunk_n=all)": 50.0}, "bf16_gemm_us": 40.0}]}]
+
+    rows = [{"scheme": "W4A16", "kernel_choices": prefill_report.choices_summary(Engine()),
+             "prefill_profile_512": {"wall_ms": 30.0, "kernel_ms": 20.0, "kernels": 900,
+                                     "by_category_ms": {"gemm": 15.0, "norm": 1.0}}}]
+    assert rows[0]["kernel_choices"][0]["rows"][0] == {
+        "m": 32, "chosen": "dequant_mm(chunk_n=all)", "us": 50.0, "thresholds": "mma4(BM=32)",
+        "thresholds_us": 60.0, "bf16_gemm_us": 40.0}
+    prof, choices = prefill_report.markdown(rows, [512, 2048])
+    assert "| W4A16 | 512 | 30 | 20 | 900 | 15 | 1 |" in prof
+    assert "| W4A16 | int4/g128/sym/fp16 | 6144x4096 | 32 | 32 | dequant_mm(chunk_n=all) | 50 | mma4(BM=32) | 60 | 40 | 0.8 |" in choices

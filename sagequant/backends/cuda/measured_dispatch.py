@@ -78,8 +78,9 @@ def _graph_us(fn, reps: int = 5) -> float:
 
 def measure(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
             spec: QuantSpec, shape: list[int], dtype: torch.dtype, ms) -> list[dict]:
-    """Per M: µs of each candidate path (the bf16 GEMM on the dequantized weight among them, as
-    `bf16_gemm`, the cost a bf16 model pays) and the fastest path."""
+    """Per M: µs of each candidate path, the fastest ("chosen"), the M thresholds' own choice
+    ("thresholds") and the bf16 GEMM on the dequantized weight ("bf16_gemm_us": what a bf16
+    model pays for this linear)."""
     from .hardware import sm_count
     group = layout.kernel_group(spec, shape[1])
     sms = sm_count(qweight.device)
@@ -95,7 +96,8 @@ def _measure(qweight, scales, zeros, spec, shape, dtype, ms, group, sms) -> list
     for m in ms:
         x = torch.randn(m, k, device=qweight.device, dtype=dtype)
         us, errors = {}, {}
-        for plan in candidates(m, n, k, spec.format, group, sms):
+        plans = candidates(m, n, k, spec.format, group, sms)
+        for plan in plans:
             try:
                 us[plan.describe()] = (_graph_us(lambda p=plan: weight_only_linear(
                     x, qweight, scales, zeros, None, spec, shape, plan=p)), plan)
@@ -104,8 +106,8 @@ def _measure(qweight, scales, zeros, spec, shape, dtype, ms, group, sms) -> list
         if not us:
             raise RuntimeError(f"no weight-only path ran {spec.describe()} {shape} at M={m}: {errors}")
         best = min(us, key=lambda d: us[d][0])
-        rows.append({"m": m, "chosen": best, "path": us[best][1].path,
-                     "chunk_n": us[best][1].chunk_n,
+        rows.append({"m": m, "chosen": best, "thresholds": plans[0].describe(),
+                     "path": us[best][1].path, "chunk_n": us[best][1].chunk_n,
                      "us": {d: round(t, 2) for d, (t, _) in us.items()}, "errors": errors,
                      "bf16_gemm_us": round(_graph_us(lambda: torch.mm(x, w16.t())), 2)})
     del w16

@@ -58,6 +58,7 @@ def test_installed_rows_route_each_m_to_the_next_bucket_up():
     assert md.plan_for(key, 33, n, k, **args) == replace(
         layout.plan_for("dequant_mm", 33, n, k, **args), chunk_n=0)
     assert md.plan_for(key, 5000, n, k, **args).path == "dequant_mm"  # past the last bucket
+    assert md.measured(key, [1, 32]) is not None and md.measured(key, [1, 64]) is None
     other = md.key(torch.device("cuda", 0), INT4, [n, k], True, torch.bfloat16)
     assert md.plan_for(other, 8, n, k, **args) is None  # zero points: another key
 

@@ -24,7 +24,8 @@ def m_buckets(decode_sizes, prefill_chunk: int) -> list[int]:
 
 
 def measure_linears(graph: QuantGraph, ms: list[int], dtype: torch.dtype) -> list[dict]:
-    """One row per distinct (spec, [N, K], zero points) weight-only linear: its measured rows."""
+    """One row per distinct (spec, [N, K], zero points) weight-only linear: its measured rows
+    (measured once per process and device: a later engine reuses them)."""
     done: dict[tuple, dict] = {}
     for node in graph.graph.nodes:
         if node.op != "call_function" or node.target is not WEIGHT_ONLY:
@@ -37,8 +38,10 @@ def measure_linears(graph: QuantGraph, ms: list[int], dtype: torch.dtype) -> lis
         if k in done:
             done[k]["layers"] += 1
             continue
-        rows = measured_dispatch.measure(qweight, scales, zeros, spec, list(shape), dtype, ms)
-        measured_dispatch.install(k, rows)
+        rows = measured_dispatch.measured(k, ms)   # another engine of this process measured it
+        if rows is None:
+            rows = measured_dispatch.measure(qweight, scales, zeros, spec, list(shape), dtype, ms)
+            measured_dispatch.install(k, rows)
         done[k] = {"weight": qw.target, "spec": spec.describe(), "shape": list(shape),
                    "layers": 1, "rows": rows}
     return list(done.values())

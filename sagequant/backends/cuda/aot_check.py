@@ -188,8 +188,10 @@ def configs(defaults_only: bool = False):
                         yield f"mma {fmt} {dt} {plan.describe()} split={split}", \
                             wo._wo_mma_kernel, types, const, opts
             types = {"w_ptr": "*u8", "s_ptr": "*fp16", "z_ptr": "*i32", "out_ptr": f"*{dt}"}
-            yield f"dequant {fmt} {dt}", wo._dequant_kernel, types, \
-                dict(flags, BLOCK_N=32, BLOCK_K=128), dict(num_warps=4)
+            for group in (128, layout.BIG_GROUP):   # group-wise and per-channel tiles
+                bn, bk = layout.dequant_tile(group, 4096)
+                yield f"dequant {fmt} {dt} {bn}x{bk}", wo._dequant_kernel, types, \
+                    dict(flags, BLOCK_N=bn, BLOCK_K=bk), dict(num_warps=4)
         yield f"splitk_reduce {dt}", sk._splitk_reduce, \
             {"ws_ptr": "*fp32", "b_ptr": f"*{dt}", "out_ptr": f"*{dt}"}, \
             dict(HAS_BIAS=True, BLOCK=1024), dict(num_warps=4)

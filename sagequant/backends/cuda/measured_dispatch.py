@@ -21,6 +21,7 @@ from ...ir.quant_spec import QuantSpec
 from . import layout
 
 _TABLE: dict[tuple, list[tuple[int, str, int]]] = {}  # key -> sorted (m, path, chunk_n)
+_ROWS: dict[tuple, list[dict]] = {}                   # key -> the measurements behind it
 
 
 def key(device: torch.device, spec: QuantSpec, shape, asym: bool, dtype: torch.dtype) -> tuple:
@@ -127,6 +128,13 @@ def _dense(qweight, scales, zeros, spec: QuantSpec, shape, dtype, group) -> torc
 
 def install(k: tuple, rows: list[dict]) -> None:
     _TABLE[k] = sorted((r["m"], r["path"], r["chunk_n"]) for r in rows)
+    _ROWS[k] = rows
+
+
+def measured(k: tuple, ms) -> list[dict] | None:
+    """The installed measurements of `k` when they cover every M in `ms` (else None)."""
+    rows = _ROWS.get(k)
+    return rows if rows is not None and set(ms) <= {r["m"] for r in rows} else None
 
 
 def plan_for(k: tuple, m: int, n: int, kk: int, *, bits: int, group: int, sm_count: int,
@@ -143,3 +151,4 @@ def plan_for(k: tuple, m: int, n: int, kk: int, *, bits: int, group: int, sm_cou
 
 def clear() -> None:
     _TABLE.clear()
+    _ROWS.clear()

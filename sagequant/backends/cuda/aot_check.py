@@ -66,6 +66,10 @@ def weight_only_plans(defaults_only: bool = False) -> list:
         if p.path != "gemv":
             extra += [replace(p, swap_ab=True), replace(p, block_n=128), replace(p, block_k=64),
                       replace(p, scale_w=not p.scale_w)]
+    if not defaults_only:  # what an engine build times (measured_dispatch), byte kernels only
+        from .measured_dispatch import candidates
+        extra += [p for n, k in QWEN2_7B for m in (2, 8, 16, 32, 64, 256, 1024)
+                  for p in candidates(m, n, k, "int4", 128) if p.path in ("splitk", "tiled")]
     return sorted({replace(p, split_k=1) for p in plans | set(extra)}, key=lambda p: p.describe())
 
 

@@ -6,6 +6,7 @@ place; `choose()` is the only function that reads them.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, replace
 
@@ -157,6 +158,7 @@ def path_for(m: int, n: int = 0, k: int = 0, fmt: str = "", group: int = BIG_GRO
     return "tiled" if m < DEQUANT_MM_MIN_M else "dequant_mm"
 
 
+@functools.lru_cache(maxsize=8192)  # pure, and asked once per linear call: ~10 µs of host time
 def plan_for(path: str, m: int, n: int, k: int, *, bits: int, group: int,
              sm_count: int = 132, fmt: str = "") -> Plan:
     """Tiles and split-K of `path` for a GEMM [m, k] x [n, k]^T (any path runs any M)."""
@@ -243,6 +245,7 @@ def fp8_gemv_config(n: int, k: int, sm_count: int = 132) -> dict:
     return dict(BLOCK_N=block_n, BLOCK_K=128, split_k=split, num_warps=4, num_stages=2)
 
 
+@functools.lru_cache(maxsize=8192)
 def choose(m: int, n: int, k: int, *, bits: int, group: int, sm_count: int = 132,
            fmt: str = "") -> Plan:
     """Shape-aware path and tile choice for a weight-only GEMM [m, k] x [n, k]^T."""

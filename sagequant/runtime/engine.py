@@ -71,7 +71,9 @@ class GenerationEngine:
         True also where they already are (a second copy of the merged weights there).
         measure_kernels: time each weight-only linear's paths at the Ms this engine runs and
         run the fastest (runtime/measure_linears.py; default: on for a CUDA device); the
-        choices and timings are in `kernel_choices`."""
+        choices and timings are in `kernel_choices`. They hold process-wide for that device and
+        weight key, so an engine built with False still runs what an earlier one measured
+        (backends/cuda/measured_dispatch.clear() drops them)."""
         if not (isinstance(max_batch, int) and max_batch >= 1):
             raise GenerationError(f"max_batch={max_batch!r} must be an int >= 1")
         if not (isinstance(prefill_chunk, int) and prefill_chunk >= 1):

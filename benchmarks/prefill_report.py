@@ -41,10 +41,12 @@ def profile_prefill(engine, prompt: list[int]) -> dict:
 def choices_summary(engine) -> list[dict]:
     """Per measured weight, per M bucket: the chosen path and its µs, the thresholds' path and
     its µs, the bf16 GEMM's µs on the same shape."""
-    return [{"spec": c["spec"], "shape": c["shape"], "layers": c["layers"], "rows": [
+    return [{"spec": c["spec"], "shape": c["shape"], "layers": c["layers"],
+             "not_measured": c.get("error") or c.get("skipped"), "rows": [
         {"m": r["m"], "chosen": r["chosen"], "us": r["us"][r["chosen"]],
          "thresholds": r["thresholds"], "thresholds_us": r["us"].get(r["thresholds"]),
-         "bf16_gemm_us": r["bf16_gemm_us"]} for r in c["rows"]]} for c in engine.kernel_choices]
+         "bf16_gemm_us": r["bf16_gemm_us"]} for r in c.get("rows", [])]}
+            for c in engine.kernel_choices]
 
 
 def markdown(rows: list[dict], lengths) -> list[str]:
@@ -63,6 +65,9 @@ def markdown(rows: list[dict], lengths) -> list[str]:
               x["chosen"], f(x["us"]), x["thresholds"], f(x["thresholds_us"]), f(x["bf16_gemm_us"]),
               f(x["bf16_gemm_us"] / x["us"]) if x["us"] else ""]
              for r in rows for c in r.get("kernel_choices", []) for x in c["rows"]]
+    table += [[r["scheme"], c["spec"], "x".join(map(str, c["shape"])), c["layers"], "",
+               f"not measured: {c['not_measured']}", "", "thresholds", "", "", ""]
+              for r in rows for c in r.get("kernel_choices", []) if c.get("not_measured")]
     if table:
         text.append("Weight-only paths measured at engine build (µs per call, CUDA-graph replays):\n\n"
                     + lib.markdown_table(

@@ -110,3 +110,47 @@ def test_measure_runs_every_candidate_and_dispatch_uses_the_fastest():
                          timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert run.returncode == 0, run.stderr[-3000:]
     assert "chosen" in run.stdout
+
+
+def test_measure_linears_dedupes_skips_and_records_failures(monkeypatch):
+    """One measurement per weight key (layers counted), linears whose scales are computed in
+    the graph skipped, a failed measurement recorded (and warned) with the thresholds kept."""
+    import torch.fx as fx
+
+    from sagequant.ir.graph import QuantGraph
+    from sagequant.runtime.measure_linears import WEIGHT_ONLY, measure_linears
+    root = torch.nn.Module()
+    for name, rows in (("a", 64), ("b", 64), ("c", 32), ("d", 48)):
+        root.register_buffer(f"{name}_w", torch.zeros(rows, 128, dtype=torch.uint8))
+        root.register_buffer(f"{name}_s", torch.ones(rows, 2, dtype=torch.float16))
+    g = fx.Graph()
+    x = g.placeholder("x")
+    spec, outs = INT4.encode(), []
+    for name, rows in (("a", 64), ("b", 64), ("c", 32)):
+        w, s = g.get_attr(f"{name}_w"), g.get_attr(f"{name}_s")
+        outs.append(g.call_function(WEIGHT_ONLY, (x, w, s, None, None, spec, [rows, 256])))
+    computed = g.call_function(torch.ops.aten.mul.Tensor, (g.get_attr("d_s"), 2.0))
+    outs.append(g.call_function(WEIGHT_ONLY, (x, g.get_attr("d_w"), computed, None, None, spec,
+                                              [48, 256])))
+    g.output(tuple(outs))
+    graph = QuantGraph(fx.GraphModule(root, g), {})
+    calls = []
+
+    def fake_measure(qweight, scales, zeros, spec, shape, dtype, ms):
+        calls.append(shape)
+        if shape[0] == 32:
+            raise RuntimeError("no kernel compiled")
+        return [{"m": m, "path": "dequant_mm", "chunk_n": 0} for m in ms]
+
+    monkeypatch.setattr(md, "measure", fake_measure)
+    with pytest.warns(UserWarning, match="c_w .* failed; it runs the M thresholds"):
+        got = measure_linears(graph, [1, 64], torch.float16)
+    assert calls == [[64, 256], [32, 256]]
+    assert [(r["weight"], r["layers"]) for r in got] == [("a_w", 2), ("c_w", 1), ("d_w", 1)]
+    assert "no kernel compiled" in got[1]["error"] and "rows" not in got[1]
+    assert got[2]["skipped"] == "weight operands are computed in the graph"
+    key = md.key(torch.device("cpu"), INT4, [64, 256], False, torch.float16)
+    assert md.measured(key, [1, 64]) is not None
+    with pytest.warns(UserWarning, match="c_w"):   # measured again (it failed), a_w reused
+        again = measure_linears(graph, [1, 64], torch.float16)
+    assert again[0]["rows"] and calls[2:] == [[32, 256]]

@@ -130,6 +130,16 @@ def test_vllm_not_installed_fails_before_compiling(tmp_path):
     assert "--quantization compressed-tensors" in res.stderr  # the command it would have run
 
 
+def test_missing_server_package_is_named_before_the_model_loads(monkeypatch, tmp_path):
+    import importlib.util
+    from sagequant.serving import launch
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "fastapi" else real(name, *a))
+    # a model path that does not exist: reaching the loader would raise a different error
+    with pytest.raises(ServingError, match=r"engine start needs fastapi .*pip install fastapi"):
+        launch.build_server(ServeOptions(model=str(tmp_path / "absent"), quantization="int8"))
+
+
 def test_stale_entries_are_removed(tmp_path):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()

@@ -128,9 +128,23 @@ def context_length(cm, opts: ServeOptions) -> int:
     return min(limit or DEFAULT_CONTEXT, DEFAULT_CONTEXT)
 
 
+SERVER_PACKAGES = ("fastapi", "uvicorn")
+
+
+def require_server_packages() -> None:
+    """Before the model loads (minutes at 8B): a missing server package of the install is the
+    user's environment, not a bug, and names the fix."""
+    import importlib.util
+    missing = [m for m in SERVER_PACKAGES if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ServingError(f"engine start needs {', '.join(missing)} (dependencies of sagellm-quantization, "
+                           f"not installed here): pip install {' '.join(missing)}")
+
+
 def build_server(opts: ServeOptions):
     """-> (FastAPI app, ServedModel): compile or load, then the engine and its loop."""
     from ..frontends.models import resolve_tokenizer
+    require_server_packages()
     with phase("engine start", total=3, unit="step") as p:
         cm, tok_source = load_compiled(opts, lambda note: p.advance(note=note))
         served = make_app(cm, resolve_tokenizer(tok_source), opts)

@@ -1,8 +1,8 @@
 """Triton decode-step write into a quantized paged KV cache (imports triton: load through fused.py).
 
-One launch per layer and step does what PagedKVPool.write_decode does with ~35 ATen kernels per
-k and v: for each (row, kv head) it takes the open block's float tail, puts the new token at its
-offset (zeroing what follows it), re-quantizes the whole block with its own absmax per channel
+One launch per layer and step does what PagedKVPool.write_decode does with ~30 ATen kernels per
+k and v: for each (row, kv head, k or v) a program takes the open block's float tail, puts the
+new token at its offset (zeroing what follows it), re-quantizes the whole block with its own absmax per channel
 group (the scale rounded to the scale dtype with a floor at its smallest normal, int8 codes
 rounded half-even, fp8 codes saturated at 448: quantize_blocks' numerics), and stores codes,
 scales and the tail. With cos / sin it also applies the rotary embedding to q and k first, as
@@ -43,7 +43,9 @@ def _requantize(new, tail, codes, scales, flag_ptr, off, tiny, st_t, sc_t,
     tl.store(tail + at, buf)
     x = buf.to(tl.float32)
     NG: tl.constexpr = D // GROUP
-    absmax = tl.max(tl.reshape(tl.max(tl.abs(x), 0), [NG, GROUP]), 1)
+    # NaN counts as Inf: the scale is then infinite, and that alone flags the block
+    column = tl.max(tl.where(x == x, tl.abs(x), float("inf")), 0)
+    absmax = tl.max(tl.reshape(column, [NG, GROUP]), 1)
     scale = tl.where(absmax == 0, 1.0, tl.math.div_rn(absmax, QMAX))
     scale = tl.maximum(scale, tiny).to(scales.dtype.element_ty)
     tl.store(scales + tl.arange(0, NG), scale)
@@ -51,8 +53,8 @@ def _requantize(new, tail, codes, scales, flag_ptr, off, tiny, st_t, sc_t,
     per_channel = tl.reshape(tl.broadcast_to(scale[:, None], [NG, GROUP]), [D])
     q = _quantize_block(x, per_channel[None, :], QMAX, INT8)
     tl.store(codes + tt[:, None] * sc_t + dd[None, :], q.to(codes.dtype.element_ty))
-    bad = tl.sum(tl.where(tl.abs(x) < float("inf"), 0, 1)) + tl.sum(tl.where(scale < float("inf"), 0, 1))
-    tl.store(flag_ptr, (bad > 0).to(tl.uint8), mask=bad > 0)
+    bad = tl.max(tl.where(scale < float("inf"), 0, 1), 0)
+    tl.store(flag_ptr, bad.to(tl.uint8), mask=bad > 0)
 
 
 @triton.jit
@@ -69,28 +71,30 @@ def _quant_cache_decode(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, qo_ptr, kc_ptr, v
     if ROPE:
         c = tl.load(cos_ptr + b * scb + dd).to(tl.float32)
         s = tl.load(sin_ptr + b * scb + dd).to(tl.float32)
-    if h < kv_heads:
+    if h < 2 * kv_heads:   # k of kv head h, then v of kv head h - kv_heads: one block each
+        kh = h % kv_heads
         pos = tl.load(pos_ptr + b)
         slot = tl.load(slot_ptr + b)
         blk = tl.load(table_ptr + b * stb + pos // BS).to(tl.int64)
-        off = pos % BS
-        if ROPE:
-            k = _rotate_row(k_ptr + b * skb + h * skh, c, s, dd, HALF)
+        tail = tail_ptr + slot * st_s + kh * st_h
+        cache_at = blk * sc_n + kh * sc_h
+        scale_at = blk * ss_n + kh * ss_h
+        if h < kv_heads:
+            if ROPE:
+                k = _rotate_row(k_ptr + b * skb + kh * skh, c, s, dd, HALF)
+            else:
+                k = tl.load(k_ptr + b * skb + kh * skh + dd)
+            _requantize(k, tail, kc_ptr + cache_at, ks_ptr + scale_at, flag_ptr, pos % BS, tiny,
+                        st_t, sc_t, BS, D, GROUP, QMAX, INT8)
         else:
-            k = tl.load(k_ptr + b * skb + h * skh + dd)
-        v = tl.load(v_ptr + b * svb + h * svh + dd)
-        tail = tail_ptr + slot * st_s + h * st_h
-        cache_at = blk * sc_n + h * sc_h
-        scale_at = blk * ss_n + h * ss_h
-        _requantize(k, tail, kc_ptr + cache_at, ks_ptr + scale_at, flag_ptr, off, tiny, st_t,
-                    sc_t, BS, D, GROUP, QMAX, INT8)
-        _requantize(v, tail + st_i, vc_ptr + cache_at, vs_ptr + scale_at, flag_ptr, off, tiny,
-                    st_t, sc_t, BS, D, GROUP, QMAX, INT8)
+            v = tl.load(v_ptr + b * svb + kh * svh + dd)
+            _requantize(v, tail + st_i, vc_ptr + cache_at, vs_ptr + scale_at, flag_ptr, pos % BS,
+                        tiny, st_t, sc_t, BS, D, GROUP, QMAX, INT8)
     else:
         if ROPE:
-            qh = h - kv_heads
+            qh = h - 2 * kv_heads
             out = _rotate_row(q_ptr + b * sqb + qh * sqh, c, s, dd, HALF)
-            tl.store(qo_ptr + (b * (tl.num_programs(1) - kv_heads) + qh) * D + dd, out)
+            tl.store(qo_ptr + (b * (tl.num_programs(1) - 2 * kv_heads) + qh) * D + dd, out)
 
 
 def quant_cache_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -115,7 +119,7 @@ def quant_cache_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     out = torch.empty((rows, heads, 1, d), dtype=q.dtype, device=q.device) if rope else q
     c = _rows_of(cos, rows, 1) if rope else q
     s = _rows_of(sin, rows, 1) if rope else q
-    _quant_cache_decode[(rows, kv_heads + (heads if rope else 0))](
+    _quant_cache_decode[(rows, 2 * kv_heads + (heads if rope else 0))](
         q, k, v, c, s, out, k_codes, v_codes, k_scale, v_scale, tail, block_table, positions,
         slots, flag.view(torch.uint8), kv_heads, torch.finfo(k_scale.dtype).tiny,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),

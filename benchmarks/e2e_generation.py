@@ -157,14 +157,16 @@ def weight_memory(cm, engine_graph) -> dict:
 
 
 def new_engine(cm, max_batch: int, max_seq_len: int, device, cuda_graphs: bool,
-               fused_step: bool = True, measure_kernels: bool | None = None):
+               fused_step: bool = True, measure_kernels: bool | None = None,
+               prefill_graphs: bool = False):
     from sagequant.runtime import GenerationEngine
     blocks = max_batch * math.ceil((max_seq_len + 1) / cm.config.kv_block_size)
     # merge_linears: q|k|v and gate|up as one GEMM each also where the weights already are (a
     # model compiled in place on the GPU), as they are when the engine copies them there.
     return GenerationEngine(cm, max_batch=max_batch, max_seq_len=max_seq_len, device=device,
                             cuda_graphs=cuda_graphs, num_kv_blocks=blocks, fused_step=fused_step,
-                            merge_linears=fused_step, measure_kernels=measure_kernels)
+                            merge_linears=fused_step, measure_kernels=measure_kernels,
+                            prefill_graphs=prefill_graphs)
 
 
 def prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
@@ -276,12 +278,14 @@ def run_scheme(sq, model, scheme, args, backend, device, deadline, vocab, scheme
     max_seq = max(*args.prefill_len, args.prompt_len + args.new_tokens) + 1
     t0 = time.perf_counter()
     try:
-        engine = new_engine(cm, max(args.batches), max_seq, device, cuda_graphs=device.type == "cuda",
-                            fused_step=not args.unfused)
+        engine = new_engine(cm, max(args.batches, default=1), max_seq, device,
+                            cuda_graphs=device.type == "cuda", fused_step=not args.unfused,
+                            prefill_graphs=args.prefill_graphs)
     except Exception as e:  # recorded: the row then times the M thresholds' paths
         row["measure_kernels_error"] = lib.short_error(e)
-        engine = new_engine(cm, max(args.batches), max_seq, device, cuda_graphs=device.type == "cuda",
-                            fused_step=not args.unfused, measure_kernels=False)
+        engine = new_engine(cm, max(args.batches, default=1), max_seq, device,
+                            cuda_graphs=device.type == "cuda", fused_step=not args.unfused,
+                            measure_kernels=False, prefill_graphs=args.prefill_graphs)
     row["engine_build_s"] = time.perf_counter() - t0
     row.update(check_kernels(cm, engine.graph, scheme, backend))
     row["memory"] = weight_memory(cm, engine.graph)
@@ -546,6 +550,8 @@ def main(argv=None) -> int:
     ap.add_argument("--long-schemes", nargs="*", default=["bf16"], choices=list(SCHEMES))
     ap.add_argument("--profile-batches", type=int, nargs="*", default=[],
                     help="per-kernel breakdown of the decode step at these batches (torch.profiler)")
+    ap.add_argument("--prefill-graphs", action="store_true",
+                    help="prefill whole prompts from CUDA graphs per 128-token bucket")
     ap.add_argument("--profile-prefill", action="store_true",
                     help="per scheme and --prefill-len, one prefill under torch.profiler")
     ap.add_argument("--check-logits", action="store_true",

@@ -11,6 +11,7 @@
 #        full depth, four schemes, each prefill profiled, the engine's measured kernel choices
 #        (~4 min: each quantized scheme's engine build times its linears' paths, Triton compiles
 #        included), then the tiny-Llama GPU-vs-CPU-reference correctness rows
+#   bash benchmarks/issue18_device.sh prefill-graphs  # the prefill rows with CUDA-graph prefill
 # torchao is not on the GPU image: its wheel travels in .whl/ (see the device README).
 set -o pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
@@ -77,5 +78,12 @@ case "$1" in
       --out "$OUT/e2e_prefill.json" > "$OUT/e2e_prefill.log" 2>&1
     grep -v "convert:" "$OUT/e2e_prefill.log" | tail -60
     ;;
-  *) echo "usage: $0 profile|e2e|peers|all|full|prefill"; exit 2 ;;
+  prefill-graphs)   # the prefill rows again with each prompt replayed from a CUDA graph (~3 min)
+    timeout 240 python3 benchmarks/e2e_generation.py --layers 32 --vocab 128256 \
+      --schemes bf16 W4A16 W8A8-FP8 --batches --prefill-len 512 2048 --prefill-reps 3 \
+      --prefill-graphs --profile-prefill --budget-s 220 --skip-correctness \
+      --out "$OUT/e2e_prefill_graphs.json" > "$OUT/e2e_prefill_graphs.log" 2>&1
+    grep -v "convert:" "$OUT/e2e_prefill_graphs.log" | tail -30
+    ;;
+  *) echo "usage: $0 profile|e2e|peers|all|full|prefill|prefill-graphs"; exit 2 ;;
 esac

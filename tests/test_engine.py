@@ -221,3 +221,41 @@ def test_prefill_computes_the_last_positions_logits_only(compiled, scheme):
     whole, only = outs
     assert whole.shape == (2, 5, engine.vocab_size) and only.shape == (2, 1, engine.vocab_size)
     torch.testing.assert_close(only, whole[:, -1:])  # float32: GEMM blocking differs by M
+
+
+@pytest.mark.parametrize("kv", ["none", "int8"])
+def test_padded_static_prefill_equals_eager(compiled, kv):
+    """The prefill-graph path (run eagerly here, as on CPU): prompts padded to 128-token buckets
+    give the eager prefill's first-token logits and the same greedy continuation; a quantized
+    cache is not eligible and prefills eagerly."""
+    from dataclasses import replace
+
+    from sagequant.backends.cuda.kv_attention import CUDA_PAGED_ATTENTION, cuda_paged_attention
+    from sagequant.backends.reference.kv_attention import paged_attention_ref
+
+    def attend(q, step, layer, scale, window):   # the CUDA kernel's prefill (torch SDPA), CPU decode
+        run = cuda_paged_attention if q.shape[2] > 1 else paged_attention_ref
+        return run(q, step, layer, scale, window)
+
+    cm = compiled("llama", kv_cache_dtype=kv)
+    prompts = [[5, 9, 17, 3, 44], [(7 * i) % 128 for i in range(130)]]
+    plain = GenerationEngine(cm, max_batch=2, cuda_graphs=True)
+    padded = GenerationEngine(cm, max_batch=2, cuda_graphs=True, prefill_graphs=True)
+    padded.pool.open(0, 8)
+    assert not padded.prefill_graphs.fits(0, 5)   # the CPU kernel gathers blocks: eager prefill
+    padded.pool.free(0)
+    padded.kernel = replace(CUDA_PAGED_ATTENTION, op=attend)
+    padded.pool.open(0, 140)
+    assert [padded.prefill_graphs.fits(0, len(p)) for p in prompts] == [kv == "none"] * 2
+    padded.pool.free(0)
+    want, _ = _run(plain, prompts, 6)
+    got, _ = _run(padded, prompts, 6)
+    assert got == want
+    assert sorted(padded.prefill_graphs.buckets) == ([128, 256] if kv == "none" else [])
+    if kv == "none":
+        for eng in (plain, padded):
+            eng.pool.open(0, 140)
+        first = padded.prefill_graphs.prefill(0, torch.tensor([prompts[1]]))
+        ref = plain.forward([0], torch.tensor([prompts[1]]), last_only=True)
+        torch.testing.assert_close(first, ref)
+        assert padded.pool.lengths[0] == plain.pool.lengths[0] == 130

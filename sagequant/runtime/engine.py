@@ -23,6 +23,7 @@ from ..ir.paged_attention import AttentionCall, attention_step
 from .context import AttentionStep
 from .cuda_graphs import DecodeGraphs
 from .kv_pool import PagedKVPool
+from .prefill_graphs import PrefillGraphs
 from .step_graph import (attention_nodes, embedding_weight, kv_geometry,
                          last_position_module, step_graph)
 
@@ -58,7 +59,8 @@ class GenerationEngine:
                  num_kv_blocks: int | None = None, device=None, seed: int = 0,
                  extra_tokens_per_request: int = 0, prefill_chunk: int = 2048,
                  cuda_graphs: bool | None = None, fused_step: bool = True,
-                 merge_linears: bool | None = None, measure_kernels: bool | None = None):
+                 merge_linears: bool | None = None, measure_kernels: bool | None = None,
+                 prefill_graphs: bool = False):
         """device: run there (default: where the compiled weights are; another device gets a
         copy of the weights). extra_tokens_per_request: cache room reserved beyond prompt +
         max_new_tokens (a speculative verifier writes up to k draft tokens past what it keeps).
@@ -73,7 +75,9 @@ class GenerationEngine:
         run the fastest (runtime/measure_linears.py; default: on for a CUDA device); the
         choices and timings are in `kernel_choices`. They hold process-wide for that device and
         weight key, so an engine built with False still runs what an earlier one measured
-        (backends/cuda/measured_dispatch.clear() drops them)."""
+        (backends/cuda/measured_dispatch.clear() drops them). prefill_graphs: a whole fresh
+        prompt into a 16-bit cache prefills from a CUDA graph per padded length bucket
+        (runtime/prefill_graphs.py; needs the decode graphs' pad block)."""
         if not (isinstance(max_batch, int) and max_batch >= 1):
             raise GenerationError(f"max_batch={max_batch!r} must be an int >= 1")
         if not (isinstance(prefill_chunk, int) and prefill_chunk >= 1):
@@ -119,6 +123,8 @@ class GenerationEngine:
         self.kernel = select_attention_kernel(plan, head_dim, self.device.type,
                                               getattr(compiled.config, "priority", "latency"))
         self.graphs = DecodeGraphs(self, capture=self.device.type == "cuda") if use_graphs else None
+        self.prefill_graphs = (PrefillGraphs(self, capture=self.device.type == "cuda")
+                               if prefill_graphs and self.graphs else None)
         self.kernel_choices: list[dict] = []
         if measure_kernels if measure_kernels is not None else self.device.type == "cuda":
             from .measure_linears import m_buckets, measure_linears
@@ -196,9 +202,12 @@ class GenerationEngine:
             self.pool.open(req.slot, len(req.prompt) + req.max_new + self.extra_tokens)
             self.running[req.rid] = req
             prompt = torch.tensor([req.prompt], device=self.device)
-            for begin in range(0, prompt.shape[1], self.prefill_chunk):
-                logits = self.forward([req.slot], prompt[:, begin:begin + self.prefill_chunk],
-                                      last_only=True)
+            if self.prefill_graphs is not None and self.prefill_graphs.fits(req.slot, len(req.prompt)):
+                logits = self.prefill_graphs.prefill(req.slot, prompt)
+            else:
+                for begin in range(0, prompt.shape[1], self.prefill_chunk):
+                    logits = self.forward([req.slot], prompt[:, begin:begin + self.prefill_chunk],
+                                          last_only=True)
             events.append(self._emit(req, logits[0, -1]))
         batch = list(self.running.values())
         if batch:

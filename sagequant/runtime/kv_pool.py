@@ -138,13 +138,12 @@ class PagedKVPool:
               v: torch.Tensor, index: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         """Store new k, v [batch, kv_heads, new_tokens, head_dim] at positions starts[b].. of each
         row's sequence; sequence lengths advance after the last layer wrote. index: the
-        write_index of (slots, starts, new_tokens), which every layer of one forward shares."""
+        write_index of (slots, starts, new_tokens), which every layer of one forward shares
+        (its maker checked the room: check_room)."""
         cache = self.layers[layer]
         s = k.shape[2]
-        for slot, start in zip(slots, starts):
-            if start + s > len(self.blocks[slot]) * self.block_size:
-                raise KVCacheFull(f"slot {slot}: {start + s} tokens exceed its reserved "
-                                  f"{len(self.blocks[slot]) * self.block_size}")
+        if index is None:
+            self.check_room(slots, starts, s)
         if s == 1:
             self.write_decode(layer, self.decode_index(slots, starts), k, v)
             return
@@ -156,12 +155,19 @@ class PagedKVPool:
         for row, (slot, start) in enumerate(zip(slots, starts)):
             self._write_quantized(cache, slot, start, k[row], v[row])
 
+    def check_room(self, slots: list[int], starts: list[int], new_tokens: int) -> None:
+        for slot, start in zip(slots, starts):
+            if start + new_tokens > len(self.blocks[slot]) * self.block_size:
+                raise KVCacheFull(f"slot {slot}: {start + new_tokens} tokens exceed its reserved "
+                                  f"{len(self.blocks[slot]) * self.block_size}")
+
     def write_index(self, slots: list[int], starts: list[int], new_tokens: int
                     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(block, offset in block) [rows, new_tokens] of the new tokens' cache entries. Built
         from host lists, so its host-to-device copies wait for the GPU: one forward builds it
         once, not once per layer (that wait per layer left the GPU idle while the host queued
         the rest of each layer's prefill)."""
+        self.check_room(slots, starts, new_tokens)
         pos = torch.tensor(starts, device=self.device)[:, None] + torch.arange(new_tokens, device=self.device)
         blk = self.block_table(slots).long().gather(1, pos // self.block_size)
         return blk, pos % self.block_size

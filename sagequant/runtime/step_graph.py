@@ -62,12 +62,14 @@ def _move(graph: QuantGraph, device: torch.device) -> None:
     graph.gm.recompile()
 
 
-def last_position_module(graph: QuantGraph) -> fx.GraphModule | None:
-    """The step graph with its output linear (the lm_head) applied to each row's last new token
-    only: logits [rows, 1, vocab], the same weights. A prefill samples from that position alone,
-    so the head's GEMM over every prompt token (2 x 128256 x 4096 FLOPs a token at Llama-3-8B,
-    ~7% of the model's) and its [rows, tokens, vocab] logits are saved. None when the output is
-    not one linear (the graph is then run whole)."""
+def last_position_module(graph: QuantGraph, index: torch.Tensor | None = None
+                         ) -> fx.GraphModule | None:
+    """The step graph with its output linear (the lm_head) applied to one new token per row:
+    logits [rows, 1, vocab], the same weights. A prefill samples from that position alone, so
+    the head's GEMM over every prompt token (2 x 128256 x 4096 FLOPs a token at Llama-3-8B, ~7%
+    of the model's) and its [rows, tokens, vocab] logits are saved. The last token, or with
+    `index` (int64 [1], read at every call: the module's buffer `last_index`) that position.
+    None when the output is not one linear (the graph is then run whole)."""
     g = copy.deepcopy(graph.graph)
     out = next(n for n in g.nodes if n.op == "output")
     head = out.args[0]
@@ -78,9 +80,17 @@ def last_position_module(graph: QuantGraph) -> fx.GraphModule | None:
         return None
     hidden = head.args[0]
     with g.inserting_before(head):
-        last = g.call_function(torch.ops.aten.slice.Tensor, (hidden, 1, -1, 2 ** 62))
+        if index is None:
+            last = g.call_function(torch.ops.aten.slice.Tensor, (hidden, 1, -1, 2 ** 62))
+        else:
+            last = g.call_function(torch.ops.aten.index_select.default,
+                                   (hidden, 1, g.get_attr("last_index")))
     head.args = (last, *head.args[1:])
-    return fx.GraphModule(graph.gm, g)
+    if index is None:
+        return fx.GraphModule(graph.gm, g)
+    attrs = {n.target: graph.attr(n.target) for n in g.nodes
+             if n.op in ("get_attr", "call_module") and n.target != "last_index"}
+    return fx.GraphModule({**attrs, "last_index": index}, g)
 
 
 def attention_nodes(graph: QuantGraph) -> list[fx.Node]:

@@ -170,6 +170,20 @@ def test_half_way_codes_round_to_even():
     assert codes_of(qt).tolist() == [[2, 4, -2]]
 
 
+def test_scales_are_correctly_rounded_quotients_so_extreme_ties_match_across_devices():
+    # int4's extreme lands on the tie ±7.5: a scale one bit off (a multiply by the reciprocal of
+    # 7.5, as CUDA does for a Python-number divisor) flips -8 to -7 there. The scales must be the
+    # correctly rounded absmax / 7.5 and span / 15, so CPU and GPU compiles give the same codes.
+    x = torch.randn(4096, 128, generator=torch.Generator().manual_seed(0), dtype=torch.float64).float()
+    absmax = x.abs().amax(dim=1, keepdim=True)
+    scale, _ = compute_qparams(x, QuantSpec("int4", "per_channel", scale_dtype="fp32"))
+    assert torch.equal(scale, (absmax.double() / 7.5).float())
+    assert not torch.equal(scale, absmax * (1 / 7.5))   # the reciprocal differs on these rows
+    lo, hi = x.amin(dim=1, keepdim=True).clamp(max=0), x.amax(dim=1, keepdim=True).clamp(min=0)
+    scale, _ = compute_qparams(x, QuantSpec("uint4", "per_channel", symmetric=False, scale_dtype="fp32"))
+    assert torch.equal(scale, ((hi - lo).double() / 15).float())
+
+
 @pytest.mark.parametrize("fmt, sym", INT_CASES)
 def test_clip_ratio_saturates(fmt, sym):
     x = torch.linspace(-4, 4, 81).reshape(1, -1)

@@ -1,5 +1,6 @@
 """Self-check of the CUDA kernels against the float64 reference numerics, on small shapes chosen
-to hit every edge: each weight-only path and format, ragged last groups, odd K (a padding
+to hit every edge: weight quantization on the device bit-identical to the CPU's, each weight-only
+path and format, ragged last groups, odd K (a padding
 nibble), forced split-K and chunked dequantize, bias, 3-D inputs; the activation quantizer (codes
 and scales bit-for-bit), the fused INT8 GEMM and the FP8 torch._scaled_mm path.
 
@@ -75,6 +76,20 @@ def weight_only_cases(device, dtype):
                                              [n, k], plan=plan)
                 err = _rel(out.reshape(m, n).cpu(), ref)
                 yield f"wo {spec.describe()} N={n} K={k} {plan.describe()} {variant}", err, err <= TOL
+
+
+def quantize_parity_cases(device):
+    """quantize() on the device gives the CPU's codes, scales and zero points bit for bit (the
+    layer-wise compile rounds on the GPU; the CPU reference path must get the same artifact)."""
+    for i, (fmt, gran, g, sym, n, k) in enumerate(WEIGHT_CASES + [("int4", "per_group", 128, True, 512, 576)]):
+        for scale_dtype in ("fp16", "fp32"):
+            spec = QuantSpec(fmt, gran, g, sym, scale_dtype)
+            w = torch.randn(n, k, generator=torch.Generator().manual_seed(100 + i))
+            ref, got = quantize(w, spec), quantize(w.to(device), spec)
+            pairs = [(ref.data, got.data), (ref.scale, got.scale)] + (
+                [] if ref.zero_point is None else [(ref.zero_point, got.zero_point)])
+            differ = sum(int((a != b.cpu()).sum()) for a, b in pairs)
+            yield f"quantize on {device} == on cpu, {spec.describe()} N={n} K={k}", float(differ), differ == 0
 
 
 WORD_CASES = [  # (format, granularity, group, symmetric, N, K): K % 8 == 0, groups >= 128 blocks
@@ -234,7 +249,7 @@ def main(argv=None) -> int:
         print("selfcheck: no CUDA device; run with --interpret (needs triton)", file=sys.stderr)
         return 2
     failed = total = 0
-    for cases in (word_cases(device, dtype), fp8_gemv_cases(device, dtype, args.interpret),
+    for cases in (quantize_parity_cases(device), word_cases(device, dtype), fp8_gemv_cases(device, dtype, args.interpret),
                   weight_only_cases(device, dtype),
                   activation_cases(device, dtype, args.interpret),
                   w8a8_cases(device, dtype)):

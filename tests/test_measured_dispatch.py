@@ -73,7 +73,7 @@ _INTERPRETED = r'''
 from sagequant.backends.cuda.interpret import enable_triton_interpreter
 enable_triton_interpreter()
 import torch
-from sagequant.backends.cuda import layout, measured_dispatch as md
+from sagequant.backends.cuda import layout, measure_paths, measured_dispatch as md
 from sagequant.backends.cuda.triton_weight_only import weight_only_linear
 from sagequant.ir.quant_spec import QuantSpec, dequantize, quantize
 order = []
@@ -81,11 +81,11 @@ def timer(fn, reps=5):  # the last candidate looks fastest
     fn()
     order.append(1)
     return 1.0 / len(order)
-md._graph_us = timer
+measure_paths._graph_us = timer
 spec = QuantSpec("int4", "per_group", 128, True, "fp16")
 n, k = 64, 256
 qt = quantize(torch.randn(n, k, generator=torch.Generator().manual_seed(0)), spec)
-rows = md.measure(qt.data, qt.scale, None, spec, [n, k], torch.float16, [4])
+rows = measure_paths.measure(qt.data, qt.scale, None, spec, [n, k], torch.float16, [4])
 (row,) = rows
 last = list(row["us"])[-1]
 assert row["chosen"] == last and not row["errors"], row
@@ -118,6 +118,7 @@ def test_measure_linears_dedupes_skips_and_records_failures(monkeypatch):
     import torch.fx as fx
 
     from sagequant.ir.graph import QuantGraph
+    from sagequant.runtime import measure_linears as ml
     from sagequant.runtime.measure_linears import WEIGHT_ONLY, measure_linears
     root = torch.nn.Module()
     for name, rows in (("a", 64), ("b", 64), ("c", 32), ("d", 48)):
@@ -142,7 +143,7 @@ def test_measure_linears_dedupes_skips_and_records_failures(monkeypatch):
             raise RuntimeError("no kernel compiled")
         return [{"m": m, "path": "dequant_mm", "chunk_n": 0} for m in ms]
 
-    monkeypatch.setattr(md, "measure", fake_measure)
+    monkeypatch.setattr(ml, "measure_weight", fake_measure)
     with pytest.warns(UserWarning, match="c_w .* failed; it runs the M thresholds"):
         got = measure_linears(graph, [1, 64], torch.float16)
     assert calls == [[64, 256], [32, 256]]

@@ -1,5 +1,5 @@
 """Measure the weight-only linears of an engine's step graph on its GPU and install the fastest
-path per M bucket (backends/cuda/measured_dispatch.py), once per distinct weight key.
+path per M bucket (backends/cuda/measure_paths.py times them, measured_dispatch.py keeps the choice), once per distinct weight key.
 
 The buckets are the Ms the engine runs: its decode batch buckets (CUDA graphs pad to those) and
 powers of two up to the prefill chunk (a prompt of M tokens runs the choice of the next bucket
@@ -55,7 +55,7 @@ def measure_linears(graph: QuantGraph, ms: list[int], dtype: torch.dtype) -> lis
         rows = measured_dispatch.measured(k, ms)   # another engine of this process measured it
         try:
             if rows is None:
-                rows = measured_dispatch.measure(qweight, scales, zeros, spec, list(shape), dtype, ms)
+                rows = measure_weight(qweight, scales, zeros, spec, list(shape), dtype, ms)
                 measured_dispatch.install(k, rows)
             done[k] = {**record, "rows": rows}
         except Exception as err:  # recorded: this weight keeps the M thresholds' paths
@@ -65,3 +65,10 @@ def measure_linears(graph: QuantGraph, ms: list[int], dtype: torch.dtype) -> lis
                           f"thresholds' paths: {done[k]['error']}", stacklevel=2)
         out.append(done[k])
     return out
+
+
+def measure_weight(qweight, scales, zeros, spec, shape, dtype, ms) -> list[dict]:
+    """The kernels' timings of one weight (backends/cuda/measure_paths.py; it imports triton, so
+    only where a GPU measures)."""
+    from ..backends.cuda.measure_paths import measure
+    return measure(qweight, scales, zeros, spec, shape, dtype, ms)

@@ -70,10 +70,21 @@ SCHEMES = {
                                       calibration="smoothquant", smoothquant_alpha="auto"),
     "w8a8-fp8-smoothquant-auto-gptq": dict(weight_dtype="fp8", activation_dtype="fp8", group_size=None,
                                            calibration="smoothquant+gptq", smoothquant_alpha="auto"),
+    # ... with the attention sink weighted x50 in the q/k/v Hessians (as for W4A16, §2g)
+    "w8a8-fp8-gptq-sink50": dict(weight_dtype="fp8", activation_dtype="fp8", group_size=None, calibration="gptq",
+                                 gptq_sink_weight=50.0),
+    "w8a8-fp8-smoothquant-auto-gptq-sink50": dict(weight_dtype="fp8", activation_dtype="fp8", group_size=None,
+                                                  calibration="smoothquant+gptq", smoothquant_alpha="auto",
+                                                  gptq_sink_weight=50.0),
+    "w8a8-int8-smoothquant-auto-gptq-sink50": dict(weight_dtype="int8", activation_dtype="int8", group_size=None,
+                                                   calibration="smoothquant+gptq", smoothquant_alpha="auto",
+                                                   gptq_sink_weight=50.0),
     "w8a8-fp8-static-minmax": dict(weight_dtype="fp8", activation_dtype="fp8", group_size=None,
                                    activation_scale="static_per_tensor"),
     "w4a16-rtn": dict(weight_dtype="int4", activation_dtype="a16", **G128),
     "w4a16-awq": dict(weight_dtype="int4", activation_dtype="a16", calibration="awq", **G128),
+    # AWQ's statistics without each window's first position (the attention sink's massive activations)
+    "w4a16-awq-sink1": dict(weight_dtype="int4", activation_dtype="a16", calibration="awq", sink_tokens=1, **G128),
     "w4a16-awq-duo": dict(weight_dtype="int4", activation_dtype="a16", calibration="awq",
                           awq_duo_scaling=True, **G128),
     "w4a16-gptq": dict(weight_dtype="int4", activation_dtype="a16", calibration="gptq",
@@ -196,8 +207,9 @@ def main() -> None:
     model, tok = load_smollm2()
     eval_ids = tokenize_eval_text(tok, evaluation_text(), args.max_tokens)
     # The accuracy guard holds back the last guard_samples sequences, so calibration itself still
-    # sees exactly the first --calib-samples windows (the ones llm-compressor gets).
-    guard_samples = sq.QuantConfig().guard_samples
+    # sees exactly the first --calib-samples windows (the ones llm-compressor gets); with the guard
+    # off (--guard off, --device) nothing is held back.
+    guard_samples = 0 if args.device or args.guard == "off" else sq.QuantConfig().guard_samples
     calib = tokenize_calibration(wikipedia_prose(), tok, args.calib_samples + guard_samples,
                                  args.calib_seq_len)
     meta = {"eval_tokens": int(eval_ids.numel()),

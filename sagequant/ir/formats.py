@@ -46,11 +46,12 @@ class QuantFormat:
         """Scale mapping absmax onto the top of the range; e.g. int4: absmax 3.75 -> scale 0.5
         (codes -8..7); int8: absmax 127 -> scale 1.
 
-        Divided by a tensor on absmax's device, never by a Python number: CUDA divides by a CPU
-        scalar as a multiply by its reciprocal (one bit off the quotient), and int4's full range
-        puts each block's extreme exactly on a rounding tie (±7.5), so that bit flipped codes
-        between a CPU and a GPU compile of the same weights (SmolLM2 W4A16 RTN: +1.5% ppl)."""
-        return absmax / absmax.new_tensor(self.scale_divisor or self.qmax)
+        Divided by a tensor filled on absmax's device, never by a Python number: CUDA divides by
+        a CPU scalar as a multiply by its reciprocal (one bit off the quotient), and int4's full
+        range puts each block's extreme exactly on a rounding tie (±7.5), so that bit flipped
+        codes between a CPU and a GPU compile of the same weights (SmolLM2 W4A16 RTN: +1.5% ppl).
+        full_like fills on the device (no host-to-device copy inside GPTQ's group loop)."""
+        return absmax / torch.full_like(absmax, self.scale_divisor or self.qmax)
 
     def encode(self, scaled: torch.Tensor) -> torch.Tensor:
         """Round and saturate scaled values to codes (int: round-half-even then clamp)."""

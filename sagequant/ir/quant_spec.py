@@ -148,7 +148,7 @@ def compute_qparams(x: torch.Tensor, spec: QuantSpec, clip_ratio: float = 1.0,
     hi = (_block_reduce(rows, lengths, torch.amax) * clip_ratio).clamp(min=0)
     span = hi - lo
     # a same-device divisor, as in symmetric_scale: the correctly rounded quotient on every device
-    scale = torch.where(span > 0, span / span.new_tensor(fmt.qmax - fmt.qmin), torch.ones_like(span))
+    scale = torch.where(span > 0, span / torch.full_like(span, fmt.qmax - fmt.qmin), torch.ones_like(span))
     scale = _cast_scale(scale, spec, what, round_up=True)
     zero_point = torch.round(fmt.qmin - lo / scale.float()).clamp(fmt.qmin, fmt.qmax)
     return scale, zero_point.to(torch.int32)

@@ -46,7 +46,7 @@ def test_word_paths_by_m_on_7b_shapes(fmt):
                  for m in (1, 2, 16, 32, 64, 256, 1024, 4096)}
         assert paths[1] == "gemv4" and paths[2] == paths[16] == paths[32] == "mma4"
         assert paths[64] == ("mma4" if n <= layout.WORD_NARROW_N else "tiled")
-        assert paths[256] == "tiled" and paths[1024] == paths[4096] == "dequant_mm"
+        assert paths[256] == "tiled" and paths[1024] == paths[4096] == "dequant4_mm"  # words
 
 
 def test_byte_paths_without_a_word_layout():

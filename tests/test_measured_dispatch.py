@@ -32,10 +32,12 @@ def test_candidates_cover_the_thresholds_and_dequantize():
     assert [p.path for p in md.candidates(1, n, k, "int4", 128)] == ["gemv4"]  # M=1: no choice
     at32 = md.candidates(32, n, k, "int4", 128)
     assert at32[0] == layout.choose(32, n, k, bits=4, group=128, fmt="int4")  # thresholds first
-    assert {p.path for p in at32} == {"mma4", "dequant_mm", "tiled", "splitk"}
+    assert {p.path for p in at32} == {"mma4", "dequant4_mm", "tiled", "splitk"}  # int32 words
     assert any(p.swap_ab and p.block_m == 32 for p in at32 if p.path == "splitk")
-    chunks = {p.chunk_n for p in at32 if p.path == "dequant_mm"}
-    assert chunks == {0, layout.dequant_chunk_rows(n, k, layout.DEQUANT_CHUNK_BYTES)}
+    chunks = {(p.chunk_n, p.overlap) for p in at32 if p.path == "dequant4_mm"}
+    assert chunks == {(0, False), (layout.dequant_chunk_rows(n, k, layout.DEQUANT_CHUNK_BYTES), False),
+                      (1024, True), (2048, True)}  # 8 and 16 MB of bf16 rows of K = 4096
+    assert {p.path for p in md.candidates(2048, 4096, 4100, "int4", 128)} >= {"dequant_mm"}
     big = md.candidates(2048, n, k, "int4", 128)
     assert "mma4" not in {p.path for p in big} and len(big) == len(set(big))
     assert {p.path for p in md.candidates(512, 4096, 4096, "nf4", 128)} == {"dequant4_mm"}
@@ -51,13 +53,16 @@ def test_installed_rows_route_each_m_to_the_next_bucket_up():
     assert md.plan_for(key, 8, n, k, **args) is None   # nothing measured: thresholds decide
     md.install(key, [{"m": 32, "path": "mma4", "chunk_n": 0},
                      {"m": 1, "path": "gemv4", "chunk_n": 0},
-                     {"m": 512, "path": "dequant_mm", "chunk_n": 0}])
+                     {"m": 512, "path": "dequant_mm", "chunk_n": 0},
+                     {"m": 2048, "path": "dequant4_mm", "chunk_n": 1024, "overlap": True}])
     assert md.plan_for(key, 1, n, k, **args).path == "gemv4"
     got = md.plan_for(key, 20, n, k, **args)   # bucket 32, tiles planned for M = 20
     assert got == layout.plan_for("mma4", 20, n, k, **args)
     assert md.plan_for(key, 33, n, k, **args) == replace(
         layout.plan_for("dequant_mm", 33, n, k, **args), chunk_n=0)
-    assert md.plan_for(key, 5000, n, k, **args).path == "dequant_mm"  # past the last bucket
+    assert md.plan_for(key, 1500, n, k, **args) == replace(   # the overlap is kept
+        layout.plan_for("dequant4_mm", 1500, n, k, **args), chunk_n=1024, overlap=True)
+    assert md.plan_for(key, 5000, n, k, **args).path == "dequant4_mm"  # past the last bucket
     assert md.measured(key, [1, 32]) is not None and md.measured(key, [1, 64]) is None
     other = md.key(torch.device("cuda", 0), INT4, [n, k], True, torch.bfloat16)
     assert md.plan_for(other, 8, n, k, **args) is None  # zero points: another key

@@ -98,8 +98,11 @@ def word_configs(dt: str):
                     const["BLOCK_M"] = plan.block_m
                 yield f"word {fmt} {dt} {plan.describe()} split={split}", fn, types, const, \
                     dict(num_warps=plan.num_warps, num_stages=plan.num_stages)
-        yield f"word dequant {fmt} {dt}", tw._dequant_kernel, dict(base, out_ptr=f"*{dt}"), \
-            dict(KIND=kind, BLOCK_N=32, BLOCK_KW=16), dict(num_warps=4)
+        for group in (128, layout.BIG_GROUP):   # group-wise and per-channel tiles
+            bn, bk = layout.dequant_tile(group, 4096)
+            yield f"word dequant {fmt} {dt} {bn}x{bk}", tw._dequant_kernel, \
+                dict(base, out_ptr=f"*{dt}"), dict(KIND=kind, BLOCK_N=bn, BLOCK_KW=bk // 8), \
+                dict(num_warps=4)
     for static in (False, True):
         for split in (False, True):
             cfg = layout.fp8_gemv_config(3584, 3584)

@@ -19,6 +19,9 @@ GEMV_MAX_M = 1            # M <= this: CUDA-core GEMV (no tensor cores, split-K)
 SPLITK_MAX_M = 16         # M <= this: tensor-core kernel with BLOCK_M=16 and split-K
 DEQUANT_MM_MIN_M = 1024   # M >= this: dequantize to a 16-bit scratch, then cuBLAS
 DEQUANT_CHUNK_BYTES = 32 << 20  # dequantize this many bytes of 16-bit weight per cuBLAS call
+# Chunk sizes the measured dispatch also times with the side-stream overlap (two scratches of
+# this size must stay in the 50 MB L2 next to the activations cuBLAS streams).
+DEQUANT_OVERLAP_CHUNK_BYTES = (8 << 20, 16 << 20)
 # Programs (tiles x splits) to aim for, as waves over the multiprocessors.
 MEMORY_BOUND_WAVES = 4    # small M: many loads in flight
 COMPUTE_BOUND_WAVES = 1
@@ -55,13 +58,14 @@ class Plan:
     num_stages: int = 3
     group_m: int = 8        # tiled: launch order swizzle, for L2 reuse of x and weight tiles
     chunk_n: int = 0        # dequant_mm: output features per dequantize+GEMM chunk (0: all)
+    overlap: bool = False   # dequant_mm: dequantize chunk i+1 on a side stream during GEMM i
     swap_ab: bool = False   # tensor-core paths: compute out^T = W x^T (weight tile as MMA A)
     scale_w: bool = False   # tensor-core paths, group scales: scale the weight tile before the
     #                         MMA (one accumulator) instead of each K block's fp32 product
 
     def describe(self) -> str:
         if self.path in ("dequant_mm", "dequant4_mm"):
-            return f"{self.path}(chunk_n={self.chunk_n or 'all'})"
+            return f"{self.path}(chunk_n={self.chunk_n or 'all'}{',overlap' if self.overlap else ''})"
         return (f"{self.path}(BM={self.block_m},BN={self.block_n},BK={self.block_k},"
                 f"split={self.split_k},w={self.num_warps},s={self.num_stages}"
                 f"{',swap' if self.swap_ab else ''}{',scale_w' if self.scale_w else ''})")
@@ -137,7 +141,7 @@ def word_path_for(m: int, n: int, k: int, fmt: str, group: int) -> str | None:
     max_m = WORD_MMA_NARROW_MAX_M if n <= WORD_NARROW_N else WORD_MMA_MAX_M
     if mma_ok and (m <= max_m or fmt == "nf4"):
         return "mma4"
-    return "dequant4_mm" if fmt == "nf4" else None
+    return "dequant4_mm" if fmt == "nf4" or m >= DEQUANT_MM_MIN_M else None
 
 
 def path_for(m: int, n: int = 0, k: int = 0, fmt: str = "", group: int = BIG_GROUP) -> str:

@@ -22,7 +22,7 @@ import torch
 from ...ir.quant_spec import QuantSpec
 from . import layout
 
-_TABLE: dict[tuple, list[tuple[int, str, int]]] = {}  # key -> sorted (m, path, chunk_n)
+_TABLE: dict[tuple, list[tuple[int, str, int, bool]]] = {}  # key -> (m, path, chunk_n, overlap)
 _ROWS: dict[tuple, list[dict]] = {}                   # key -> the measurements behind it
 
 
@@ -33,14 +33,21 @@ def key(device: torch.device, spec: QuantSpec, shape, asym: bool, dtype: torch.d
 def candidates(m: int, n: int, k: int, fmt: str, group: int, sm_count: int = 132
                ) -> list[layout.Plan]:
     """The paths that can run an [n, k] weight at M rows: the thresholds' own choice, the
-    dequantize + cuBLAS path whole and chunked, and the tensor-core kernels."""
+    dequantize + cuBLAS path (the int32-word dequantizer for 4-bit weights it takes) whole,
+    chunked, and chunked in L2-sized pieces with the side-stream overlap, and the tensor-core
+    kernels."""
     bits = 8 if fmt not in layout.WORD_FORMATS else 4
     plan = lambda path: layout.plan_for(path, m, n, k, bits=bits, group=group,  # noqa: E731
                                         sm_count=sm_count, fmt=fmt)
     out = [layout.choose(m, n, k, bits=bits, group=group, sm_count=sm_count, fmt=fmt)]
     if m >= 2:
-        dq = "dequant4_mm" if fmt == "nf4" else "dequant_mm"
+        words = fmt in layout.WORD_FORMATS and layout.word_rejects(fmt, k, group, 16) is None
+        dq = "dequant4_mm" if words else "dequant_mm"
         out += [replace(plan(dq), chunk_n=0), plan(dq)]
+        for chunk_bytes in layout.DEQUANT_OVERLAP_CHUNK_BYTES:  # side-stream dequantize
+            rows = layout.dequant_chunk_rows(n, k, chunk_bytes)
+            if rows:
+                out.append(replace(plan(dq), chunk_n=rows, overlap=True))
         if layout.word_rejects(fmt, k, group, layout.WORD_MMA_MIN_BLOCK_K) is None and m <= 128:
             out.append(plan("mma4"))
         if fmt != "nf4" and m <= 64:  # the byte kernel: one dot per K block, weight tile as A
@@ -56,7 +63,7 @@ def candidates(m: int, n: int, k: int, fmt: str, group: int, sm_count: int = 132
 
 
 def install(k: tuple, rows: list[dict]) -> None:
-    _TABLE[k] = sorted((r["m"], r["path"], r["chunk_n"]) for r in rows)
+    _TABLE[k] = sorted((r["m"], r["path"], r["chunk_n"], r.get("overlap", False)) for r in rows)
     _ROWS[k] = rows
 
 
@@ -73,9 +80,11 @@ def plan_for(k: tuple, m: int, n: int, kk: int, *, bits: int, group: int, sm_cou
     rows = _TABLE.get(k) if _TABLE else None
     if not rows:
         return None
-    _, path, chunk = next((r for r in rows if r[0] >= m), rows[-1])
+    _, path, chunk, overlap = next((r for r in rows if r[0] >= m), rows[-1])
     plan = layout.plan_for(path, m, n, kk, bits=bits, group=group, sm_count=sm_count, fmt=fmt)
-    return replace(plan, chunk_n=chunk) if path in ("dequant_mm", "dequant4_mm") else plan
+    if path in ("dequant_mm", "dequant4_mm"):
+        return replace(plan, chunk_n=chunk, overlap=overlap)
+    return plan
 
 
 def clear() -> None:

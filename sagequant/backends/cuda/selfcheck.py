@@ -41,6 +41,11 @@ def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float((out.double() - ref).norm() / ref.norm().clamp_min(1e-30))
 
 
+def _differ(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """Elements of a dequantized weight that differ from the reference's, bit for bit."""
+    return float((out.cpu().view(torch.int16) != ref.view(torch.int16)).sum())
+
+
 def weight_only_cases(device, dtype):
     from . import triton_weight_only as two
     for i, (fmt, gran, g, sym, n, k) in enumerate(WEIGHT_CASES):
@@ -52,13 +57,17 @@ def weight_only_cases(device, dtype):
         zero = None if qt.zero_point is None else qt.zero_point.to(device)
         group = layout.kernel_group(spec, k)
         rows = two.dequantize_weight(data, scale, zero, spec, [n, k], dtype, rows=(8, n))
-        err = _rel(rows.cpu(), w64[8:])
-        yield f"dequantize_weight {spec.describe()} rows 8..{n}", err, err <= TOL
+        differ = _differ(rows, dequantize(qt)[8:].to(dtype))
+        yield f"dequantize_weight {spec.describe()} rows 8..{n} bit-exact", differ, differ == 0
         for path, m in (("gemv", 3), ("splitk", 5), ("tiled", 37), ("dequant_mm", 9)):
-            for variant in ("plain", "split", "bias3d", "swap", "scale_w"):
+            for variant in ("plain", "split", "bias3d", "swap", "scale_w", "overlap"):
                 plan = layout.plan_for(path, m, n, k, bits=spec.fmt.bits, group=group, sm_count=4)
                 if variant == "split":
                     plan = replace(plan, split_k=3, chunk_n=16)
+                if variant == "overlap":
+                    if path != "dequant_mm":
+                        continue
+                    plan = replace(plan, chunk_n=8, overlap=True)  # 3+ chunks: both scratches
                 if variant == "swap":
                     if path not in ("splitk", "tiled"):
                         continue
@@ -112,8 +121,14 @@ def word_cases(device, dtype):
         data, scale = qt.data.to(device), qt.scale.to(device)
         zero = None if qt.zero_point is None else qt.zero_point.to(device)
         group = layout.kernel_group(spec, k)
+        from .triton_words import dequantize_words
+        rows = dequantize_words(data, scale, zero, fmt, group, (8, n), k,
+                                torch.empty((n - 8, k), dtype=dtype, device=device))
+        differ = _differ(rows, dequantize(qt)[8:].to(dtype))
+        yield f"dequantize_words {spec.describe()} rows 8..{n} bit-exact", differ, differ == 0
         runs = [("gemv4", 1, {}), ("gemv4", 3, dict(split_k=3)), ("auto", 1, {}),
-                ("dequant4_mm", 9, dict(chunk_n=16)), ("dequant4_mm", 9, {})]
+                ("dequant4_mm", 9, dict(chunk_n=16)), ("dequant4_mm", 9, {}),
+                ("dequant4_mm", 9, dict(chunk_n=8, overlap=True))]
         if layout.word_rejects(fmt, k, group, layout.WORD_MMA_MIN_BLOCK_K) is None:
             runs += [("mma4", 5, {}), ("mma4", 5, dict(split_k=2)), ("mma4", 37, {}),
                      ("mma4", 70, dict(block_m=32, block_n=32)), ("auto", 9, {}),

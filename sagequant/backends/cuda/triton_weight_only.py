@@ -26,6 +26,7 @@ import triton.language as tl
 
 from ...ir.quant_spec import QuantSpec
 from . import layout, measured_dispatch
+from .dequant_gemm import dequant_mm
 from .hardware import sm_count
 from .triton_splitk import _splitk_reduce
 
@@ -319,17 +320,7 @@ def _launch_dequant(w, scales, zt, out, r0, r1, k, group, strides, flags) -> Non
 
 
 def _dequant_mm(x2, w, scales, zt, bias, out, n, k, group, strides, flags, plan) -> None:
-    """Dequantize `chunk_n` rows at a time into one reused scratch (small enough to stay in L2
-    while cuBLAS reads it), then GEMM into out[:, rows]: a column slice with leading dimension
-    N, which cuBLAS writes in place."""
-    step = plan.chunk_n or n
-    scratch = torch.empty((min(step, n), k), dtype=x2.dtype, device=x2.device)
-    for r0 in range(0, n, step):
-        r1 = min(n, r0 + step)
-        wc = scratch[: r1 - r0]
-        _launch_dequant(w, scales, zt, wc, r0, r1, k, group, strides, flags)
-        dst = out if (r0 == 0 and r1 == n) else out[:, r0:r1]
-        if bias is not None:
-            torch.addmm(bias[r0:r1], x2, wc.t(), out=dst)
-        else:
-            torch.mm(x2, wc.t(), out=dst)
+    """Dequantize + cuBLAS, chunk by chunk (dequant_gemm)."""
+    dequant_mm(x2, bias, out, plan.chunk_n, plan.overlap,
+               lambda r0, r1, dst: _launch_dequant(w, scales, zt, dst, r0, r1, k, group, strides,
+                                                   flags))

@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 
 from . import layout
+from .dequant_gemm import dequant_mm
 from .triton_splitk import _splitk_reduce
 
 KINDS = {"int4": 0, "uint4": 1, "nf4": 2}
@@ -170,29 +171,29 @@ def _mma_kernel(x_ptr, w_ptr, s_ptr, z_ptr, book_ptr, b_ptr, out_ptr, M, N, KW, 
 def _dequant_kernel(w_ptr, s_ptr, z_ptr, book_ptr, out_ptr, N, KW, GROUP, stride_wn, stride_sn,
                     stride_sg, stride_zn, stride_zg, KIND: tl.constexpr, BLOCK_N: tl.constexpr,
                     BLOCK_KW: tl.constexpr):
-    """16-bit W[n, k] (row-major, ld = K) from the words: the 8 planes are joined back into
-    element order (a join tree puts list position i at element bitrev3(i), hence the order)."""
+    """16-bit W[n, k] (row-major, ld = K) from the words. Each word's 8 nibbles are decoded
+    along a third axis of 8 ([BLOCK_N, BLOCK_KW, 8]) that the compiler keeps inside one thread,
+    so that axis reshaped into K is each thread's 8 consecutive outputs: one 16-byte store per
+    word and no shuffle between decode and store (the join tree this replaces put plane i at
+    element bitrev3(i), which cost a shared-memory transpose of every output). The weight is
+    read once: evict-first keeps L2 for the scratch that cuBLAS reads next."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     w0 = tl.program_id(1) * BLOCK_KW
     cols = w0 + tl.arange(0, BLOCK_KW)
     n_ok = offs_n < N
-    c_ok = cols < KW
     w = tl.load(w_ptr + offs_n[:, None] * stride_wn + cols[None, :],
-                mask=n_ok[:, None] & c_ok[None, :], other=0)
+                mask=n_ok[:, None] & (cols < KW)[None, :], other=0, eviction_policy="evict_first")
     if KIND == 0:
         w = w ^ -2004318072
     s, z = _group(s_ptr, z_ptr, offs_n, n_ok, (w0 * 8) // GROUP, stride_sn, stride_sg,
                   stride_zn, stride_zg, KIND)
-    z2 = z[:, None]
-    t = tl.join(tl.join(tl.join(_plane(w, w, 0, z2, book_ptr, KIND, False),
-                                _plane(w, w, 4, z2, book_ptr, KIND, False)),
-                        tl.join(_plane(w, w, 2, z2, book_ptr, KIND, False),
-                                _plane(w, w, 6, z2, book_ptr, KIND, False))),
-                tl.join(tl.join(_plane(w, w, 1, z2, book_ptr, KIND, False),
-                                _plane(w, w, 5, z2, book_ptr, KIND, False)),
-                        tl.join(_plane(w, w, 3, z2, book_ptr, KIND, False),
-                                _plane(w, w, 7, z2, book_ptr, KIND, False))))
-    vals = tl.reshape(t, (BLOCK_N, BLOCK_KW * 8)) * s[:, None]
+    u = (w[:, :, None] >> (4 * tl.arange(0, 8))[None, None, :]) & 0xF
+    if KIND == 2:
+        f = tl.load(book_ptr + u)
+    else:  # 2**23 + u read back as fp32, minus 2**23 + the offset: u - 8 (int4) or u - z, exact
+        off = 8.0 if KIND == 0 else z[:, None, None]
+        f = (u | 0x4B000000).to(tl.float32, bitcast=True) - (8388608.0 + off)
+    vals = tl.reshape(f, (BLOCK_N, BLOCK_KW * 8)) * s[:, None]
     offs_k = w0 * 8 + tl.arange(0, BLOCK_KW * 8)
     tl.store(out_ptr + offs_n[:, None] * (KW * 8) + offs_k[None, :],
              vals.to(out_ptr.dtype.element_ty), mask=n_ok[:, None] & (offs_k[None, :] < KW * 8))
@@ -250,8 +251,8 @@ def dequantize_words(qweight, scales, zeros, fmt: str, group: int, rows: tuple[i
                      out: torch.Tensor) -> torch.Tensor:
     """Rows [r0, r1) of the 16-bit weight into `out` [r1 - r0, K] (dtype of out)."""
     r0, r1 = rows
-    bkw = layout.block_k_for(group, 4, 128) // 8
-    why = layout.word_rejects(fmt, k, group, bkw * 8)
+    bn, bk = layout.dequant_tile(group, k)
+    why = layout.word_rejects(fmt, k, group, bk)
     if why:
         raise ValueError(why)
     w = qweight.view(torch.uint8).view(torch.int32)[r0:r1]
@@ -261,24 +262,17 @@ def dequantize_words(qweight, scales, zeros, fmt: str, group: int, rows: tuple[i
     sn, sg = layout.scale_strides(sc, r1 - r0)
     zn, zg = layout.scale_strides(zt, r1 - r0)
     book = _book(out.device) if fmt == "nf4" else sc
-    grid = (triton.cdiv(r1 - r0, 32), triton.cdiv(k // 8, bkw))
+    grid = (triton.cdiv(r1 - r0, bn), triton.cdiv(k // 8, bk // 8))
     _dequant_kernel[grid](w, sc, zt, book, out, r1 - r0, k // 8, group, w.stride(0), sn, sg, zn,
-                          zg, KIND=KINDS[fmt], BLOCK_N=32, BLOCK_KW=bkw, num_warps=4)
+                          zg, KIND=KINDS[fmt], BLOCK_N=bn, BLOCK_KW=bk // 8, num_warps=4)
     return out
 
 
 def _dequant_mm(x2, qweight, scales, zeros, bias, out, fmt, group, plan) -> None:
-    """Large M: dequantize chunk_n rows at a time into one reused 16-bit scratch (kept small, so
-    it stays in L2 for cuBLAS), then GEMM into out[:, rows] (leading dimension N, in place)."""
-    m, k = x2.shape
-    n = out.shape[1]
-    step = plan.chunk_n or n
-    scratch = torch.empty((min(step, n), k), dtype=x2.dtype, device=x2.device)
-    for r0 in range(0, n, step):
-        r1 = min(n, r0 + step)
-        wc = dequantize_words(qweight, scales, zeros, fmt, group, (r0, r1), k, scratch[: r1 - r0])
-        dst = out if (r0 == 0 and r1 == n) else out[:, r0:r1]
-        if bias is not None:
-            torch.addmm(bias[r0:r1], x2, wc.t(), out=dst)
-        else:
-            torch.mm(x2, wc.t(), out=dst)
+    """Large M: dequantize + cuBLAS, chunk by chunk (dequant_gemm)."""
+    k = x2.shape[1]
+    if fmt == "nf4":
+        _book(x2.device)  # made before any side stream or graph capture uses it
+    dequant_mm(x2, bias, out, plan.chunk_n, plan.overlap,
+               lambda r0, r1, dst: dequantize_words(qweight, scales, zeros, fmt, group, (r0, r1),
+                                                    k, dst))

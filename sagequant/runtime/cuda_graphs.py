@@ -27,6 +27,12 @@ class _Bucket:
     index: DecodeIndex
     graph: object = None       # torch.cuda.CUDAGraph once captured
     logits: torch.Tensor | None = None
+    last: tuple = ()           # (slots, their open() serials, starts) the index buffers hold
+
+
+def nonfinite_error() -> QuantizationError:
+    return QuantizationError("KV cache: a decode step produced NaN/Inf keys or values "
+                             "(or values past the scale dtype's range)")
 
 
 class DecodeGraphs:
@@ -39,6 +45,7 @@ class DecodeGraphs:
         self.width = pool.blocks_for(engine.max_seq_len + engine.extra_tokens)
         self.sizes = sorted({min(2 ** i, engine.max_batch) for i in range(engine.max_batch.bit_length() + 1)})
         self.buckets: dict[int, _Bucket] = {}
+        self.nonfinite: torch.Tensor | None = None   # the flag the last decode's writes set
 
     def _bucket(self, rows: int) -> _Bucket:
         size = next(s for s in self.sizes if s >= rows)
@@ -53,35 +60,49 @@ class DecodeGraphs:
                                          torch.zeros(size, 1, dtype=long, device=dev), index)
         return self.buckets[size]
 
-    def decode(self, slots: list[int], tokens: torch.Tensor) -> torch.Tensor:
-        """Logits [rows, 1, vocab] of one new token per slot (tokens [rows, 1])."""
+    def decode(self, slots: list[int], tokens: torch.Tensor, check: bool = True) -> torch.Tensor:
+        """Logits [rows, 1, vocab] of one new token per slot (tokens [rows, 1], on any device).
+        check=False leaves the NaN/Inf flag of the cache writes unread (no host sync): the caller
+        reads `self.nonfinite` later, before the next decode resets it."""
         pool, n = self.engine.pool, len(slots)
         b = self._bucket(n)
         pad = b.ids.shape[0] - n
-        starts = [pool.lengths[s] for s in slots]
         all_slots = slots + [self.pad_slot] * pad
-        table = [pool.blocks[s] + [self.pad_block] * (self.width - len(pool.blocks[s])) for s in all_slots]
-        host = {"slots": torch.tensor(all_slots), "positions": torch.tensor(starts + [0] * pad),
-                "block_table": torch.tensor(table, dtype=torch.int32)}
-        b.index.slots.copy_(host["slots"])
-        b.index.positions.copy_(host["positions"])
-        b.index.block_table.copy_(host["block_table"])
-        b.index.seq_lens.copy_(host["positions"] + 1)
+        starts = [pool.lengths[s] for s in slots] + [0] * pad
+        opened = [pool.opened[s] for s in all_slots]
+        if b.last == (all_slots, opened, [s - 1 for s in starts[:n]] + starts[n:]):
+            # The same rows one token on (a steady batch): advance the index on the device; the
+            # block table is unchanged because a request's blocks are all reserved at admission.
+            for t in (b.index.positions, b.index.seq_lens, b.positions):
+                t[:n] += 1
+        else:
+            self._fill(b, all_slots, starts)
+        b.last = (all_slots, opened, starts)
         b.index.nonfinite.zero_()
-        b.positions.copy_(host["positions"][:, None])
         b.ids[:n].copy_(tokens)
-        b.ids[n:].zero_()
         if not self.capture:
-            b.logits = self._forward(b, all_slots, starts + [0] * pad)
+            b.logits = self._forward(b, all_slots, starts)
         else:
             if b.graph is None:
-                self._capture(b, all_slots, starts + [0] * pad)
+                self._capture(b, all_slots, starts)
             b.graph.replay()
-        if bool(b.index.nonfinite):
-            raise QuantizationError("KV cache: a decode step produced NaN/Inf keys or values "
-                                    "(or values past the scale dtype's range)")
+        self.nonfinite = b.index.nonfinite
+        if check and bool(self.nonfinite):
+            raise nonfinite_error()
         pool.advance(slots, 1)
         return b.logits[:n]
+
+    def _fill(self, b: _Bucket, slots: list[int], starts: list[int]) -> None:
+        """The index buffers from host lists (the copies wait for the GPU to drain)."""
+        pool = self.engine.pool
+        table = [pool.blocks[s] + [self.pad_block] * (self.width - len(pool.blocks[s])) for s in slots]
+        positions = torch.tensor(starts)
+        b.index.slots.copy_(torch.tensor(slots))
+        b.index.positions.copy_(positions)
+        b.index.block_table.copy_(torch.tensor(table, dtype=torch.int32))
+        b.index.seq_lens.copy_(positions + 1)
+        b.positions.copy_(positions[:, None])
+        b.ids.zero_()
 
     def _forward(self, b: _Bucket, slots: list[int], starts: list[int]) -> torch.Tensor:
         step = AttentionStep(self.engine.pool, slots, starts, self.engine.kernel, decode=b.index)

@@ -23,6 +23,7 @@ from ..ir.paged_attention import AttentionCall, attention_step
 from .context import AttentionStep
 from .cuda_graphs import DecodeGraphs
 from .kv_pool import PagedKVPool
+from .overlap import HostBuffers, InFlight, read
 from .prefill_graphs import PrefillGraphs
 from .step_graph import (attention_nodes, embedding_weight, kv_geometry,
                          last_position_module, step_graph)
@@ -60,7 +61,7 @@ class GenerationEngine:
                  extra_tokens_per_request: int = 0, prefill_chunk: int = 2048,
                  cuda_graphs: bool | None = None, fused_step: bool = True,
                  merge_linears: bool | None = None, measure_kernels: bool | None = None,
-                 prefill_graphs: bool = False):
+                 prefill_graphs: bool = False, overlap_decode: bool | None = None):
         """device: run there (default: where the compiled weights are; another device gets a
         copy of the weights). extra_tokens_per_request: cache room reserved beyond prompt +
         max_new_tokens (a speculative verifier writes up to k draft tokens past what it keeps).
@@ -77,7 +78,10 @@ class GenerationEngine:
         weight key, so an engine built with False still runs what an earlier one measured
         (backends/cuda/measured_dispatch.clear() drops them). prefill_graphs: a whole fresh
         prompt into a 16-bit cache prefills from a CUDA graph per padded length bucket
-        (runtime/prefill_graphs.py; needs the decode graphs' pad block)."""
+        (runtime/prefill_graphs.py; needs the decode graphs' pad block). overlap_decode: while
+        every running request is greedy, enqueue each decode step before reading the previous
+        one's tokens (runtime/overlap.py: the same tokens, stop conditions checked one step
+        late, events a step() call later; default: on with CUDA graphs on a CUDA device)."""
         if not (isinstance(max_batch, int) and max_batch >= 1):
             raise GenerationError(f"max_batch={max_batch!r} must be an int >= 1")
         if not (isinstance(prefill_chunk, int) and prefill_chunk >= 1):
@@ -125,6 +129,13 @@ class GenerationEngine:
         self.graphs = DecodeGraphs(self, capture=self.device.type == "cuda") if use_graphs else None
         self.prefill_graphs = (PrefillGraphs(self, capture=self.device.type == "cuda")
                                if prefill_graphs and self.graphs else None)
+        if overlap_decode and self.graphs is None:
+            raise GenerationError("overlap_decode=True needs the static decode step "
+                                  "(cuda_graphs=None on a CUDA device, or cuda_graphs=True)")
+        self.overlap = (self.graphs is not None and self.device.type == "cuda"
+                        if overlap_decode is None else bool(overlap_decode))
+        self._host = HostBuffers(max_batch, self.device) if self.overlap else None
+        self._inflight: InFlight | None = None
         self.kernel_choices: list[dict] = []
         if measure_kernels if measure_kernels is not None else self.device.type == "cuda":
             from .measure_linears import m_buckets, measure_linears
@@ -195,8 +206,10 @@ class GenerationEngine:
     # ---- stepping ---------------------------------------------------------------------------
     def step(self) -> list[TokenEvent]:
         events = []
-        while self.waiting and self._free_slots and self.pool.free_blocks >= self.pool.blocks_for(
-                len(self.waiting[0].prompt) + self.waiting[0].max_new + self.extra_tokens):
+        if self._inflight is not None and (self._can_admit() or not self._overlappable()):
+            events += self._read(self._inflight)
+            self._inflight = None
+        while self._can_admit():
             req = self.waiting.popleft()
             req.slot = self._free_slots.pop()
             self.pool.open(req.slot, len(req.prompt) + req.max_new + self.extra_tokens)
@@ -209,6 +222,8 @@ class GenerationEngine:
                     logits = self.forward([req.slot], prompt[:, begin:begin + self.prefill_chunk],
                                           last_only=True)
             events.append(self._emit(req, logits[0, -1]))
+        if self._overlappable():
+            return events + self._decode_overlapped()
         batch = list(self.running.values())
         if batch:
             last = torch.tensor([[r.generated[-1]] for r in batch], device=self.device)
@@ -219,6 +234,43 @@ class GenerationEngine:
             events.extend(self._emit(r, logits[i, -1], greedy[i] if r.temperature == 0 else None)
                           for i, r in enumerate(batch))
         return events
+
+    def _can_admit(self) -> bool:
+        return bool(self.waiting and self._free_slots and self.pool.free_blocks >= self.pool.blocks_for(
+            len(self.waiting[0].prompt) + self.waiting[0].max_new + self.extra_tokens))
+
+    def _overlappable(self) -> bool:
+        return self.overlap and all(r.temperature == 0 for r in self.running.values())
+
+    def _decode_overlapped(self) -> list[TokenEvent]:
+        """Launch the next decode step from the in-flight step's device tokens, then emit the
+        in-flight step's tokens (runtime/overlap.py)."""
+        prev, launched = self._inflight, None
+        rows = prev.rows() if prev is not None else {}
+        # A row whose in-flight token is its max_new_tokens-th gets no further step.
+        batch = [r for r in self.running.values() if len(r.generated) + (id(r) in rows) < r.max_new]
+        if batch:
+            if prev is not None and [id(r) for r in batch] == [id(r) for r in prev.batch]:
+                ids = prev.tokens[:, None]
+            elif prev is not None:   # rows left the batch: take the others' tokens by row
+                index = torch.tensor([rows[id(r)] for r in batch], device=self.device)
+                ids = prev.tokens.index_select(0, index)[:, None]
+            else:
+                ids = torch.tensor([[r.generated[-1]] for r in batch], device=self.device)
+            logits = self.graphs.decode([r.slot for r in batch], ids, check=False)
+            launched = self._host.launch_copy(batch, logits, self.graphs.nonfinite)
+        self._inflight = launched
+        events = self._read(prev) if prev is not None else []
+        if launched is not None and not any(self.running.get(r.rid) is r for r in launched.batch):
+            self._inflight = None   # every row ended on a stop token: nothing of it is kept
+        return events
+
+    def _read(self, step: InFlight) -> list[TokenEvent]:
+        """The tokens of an in-flight step for the rows still running (aborted rows and rows
+        that ended a step earlier drop theirs)."""
+        tokens = read(step)
+        return [self._emit(r, None, t) for r, t in zip(step.batch, tokens)
+                if self.running.get(r.rid) is r]
 
     def forward(self, slots: list[int], tokens: torch.Tensor, last_only: bool = False) -> torch.Tensor:
         """Logits [rows, new, vocab] of `tokens` [rows, new] appended to each slot's cache;
@@ -231,7 +283,7 @@ class GenerationEngine:
         self.pool.advance(slots, tokens.shape[1])
         return logits
 
-    def _emit(self, req: _Request, logits: torch.Tensor, token: int | None = None) -> TokenEvent:
+    def _emit(self, req: _Request, logits: torch.Tensor | None, token: int | None = None) -> TokenEvent:
         if token is None:
             token = self.sample(logits, req.temperature, req.top_p)
         req.generated.append(token)

@@ -67,6 +67,8 @@ class PagedKVPool:
         self._free = list(range(num_blocks - 1, -1, -1))
         self.blocks: dict[int, list[int]] = {}   # slot -> its blocks, in order
         self.lengths: dict[int, int] = {}        # slot -> tokens cached
+        self.opened: dict[int, int] = {}         # slot -> serial number of its open() (tells
+        self._opens = 0                          # a reused slot from the sequence it held)
 
     def _layer(self, dtype: str, max_seqs: int) -> LayerCache:
         shape = (self.num_blocks, self.kv_heads, self.block_size, self.head_dim)
@@ -99,10 +101,13 @@ class PagedKVPool:
                               f"{len(self._free)} of {self.num_blocks} free")
         self.blocks[slot] = [self._free.pop() for _ in range(need)]
         self.lengths[slot] = 0
+        self._opens += 1
+        self.opened[slot] = self._opens
 
     def free(self, slot: int) -> None:
         self._free.extend(reversed(self.blocks.pop(slot, [])))
         self.lengths.pop(slot, None)
+        self.opened.pop(slot, None)
 
     def truncate(self, slot: int, length: int) -> None:
         """Forget tokens from `length` on (rejected speculative tokens). When the cut falls inside

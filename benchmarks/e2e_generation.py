@@ -158,7 +158,7 @@ def weight_memory(cm, engine_graph) -> dict:
 
 def new_engine(cm, max_batch: int, max_seq_len: int, device, cuda_graphs: bool,
                fused_step: bool = True, measure_kernels: bool | None = None,
-               prefill_graphs: bool = False):
+               prefill_graphs: bool = False, overlap_decode: bool | None = None):
     from sagequant.runtime import GenerationEngine
     blocks = max_batch * math.ceil((max_seq_len + 1) / cm.config.kv_block_size)
     # merge_linears: q|k|v and gate|up as one GEMM each also where the weights already are (a
@@ -166,7 +166,7 @@ def new_engine(cm, max_batch: int, max_seq_len: int, device, cuda_graphs: bool,
     return GenerationEngine(cm, max_batch=max_batch, max_seq_len=max_seq_len, device=device,
                             cuda_graphs=cuda_graphs, num_kv_blocks=blocks, fused_step=fused_step,
                             merge_linears=fused_step, measure_kernels=measure_kernels,
-                            prefill_graphs=prefill_graphs)
+                            prefill_graphs=prefill_graphs, overlap_decode=overlap_decode)
 
 
 def prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
@@ -213,12 +213,15 @@ def decode_rate(engine, batch: int, prompt_len: int, new_tokens: int, vocab: int
     engine.step()
     engine.step()
     lib.sync()
-    t0, steps = time.perf_counter(), 0
+    # Decode steps run, not step() calls: an overlapped engine's last call only reads tokens.
+    calls, launched = 0, engine.graphs.launches if engine.graphs else 0
+    t0 = time.perf_counter()
     while engine.has_work() and time.perf_counter() < stop_at:
         engine.step()
-        steps += 1
+        calls += 1
     lib.sync()
     dt = time.perf_counter() - t0
+    steps = engine.graphs.launches - launched if engine.graphs else calls
     row_tokens = engine.tokens_generated
     for rid in rids:
         engine.abort(rid)
@@ -280,12 +283,14 @@ def run_scheme(sq, model, scheme, args, backend, device, deadline, vocab, scheme
     try:
         engine = new_engine(cm, max(args.batches, default=1), max_seq, device,
                             cuda_graphs=device.type == "cuda", fused_step=not args.unfused,
-                            prefill_graphs=args.prefill_graphs)
+                            prefill_graphs=args.prefill_graphs,
+                            overlap_decode=False if args.sync_decode else None)
     except Exception as e:  # recorded: the row then times the M thresholds' paths
         row["measure_kernels_error"] = lib.short_error(e)
         engine = new_engine(cm, max(args.batches, default=1), max_seq, device,
                             cuda_graphs=device.type == "cuda", fused_step=not args.unfused,
-                            measure_kernels=False, prefill_graphs=args.prefill_graphs)
+                            measure_kernels=False, prefill_graphs=args.prefill_graphs,
+                            overlap_decode=False if args.sync_decode else None)
     row["engine_build_s"] = time.perf_counter() - t0
     row.update(check_kernels(cm, engine.graph, scheme, backend))
     row["memory"] = weight_memory(cm, engine.graph)
@@ -552,6 +557,9 @@ def main(argv=None) -> int:
                     help="per-kernel breakdown of the decode step at these batches (torch.profiler)")
     ap.add_argument("--prefill-graphs", action="store_true",
                     help="prefill whole prompts from CUDA graphs per 128-token bucket")
+    ap.add_argument("--sync-decode", action="store_true",
+                    help="read each decode step's tokens before the next launch "
+                         "(GenerationEngine overlap_decode=False), for A/B timing")
     ap.add_argument("--profile-prefill", action="store_true",
                     help="per scheme and --prefill-len, one prefill under torch.profiler")
     ap.add_argument("--check-logits", action="store_true",

@@ -46,6 +46,7 @@ class DecodeGraphs:
         self.sizes = sorted({min(2 ** i, engine.max_batch) for i in range(engine.max_batch.bit_length() + 1)})
         self.buckets: dict[int, _Bucket] = {}
         self.nonfinite: torch.Tensor | None = None   # the flag the last decode's writes set
+        self.launches = 0                            # decode steps run (benchmarks count them)
 
     def _bucket(self, rows: int) -> _Bucket:
         size = next(s for s in self.sizes if s >= rows)
@@ -87,6 +88,7 @@ class DecodeGraphs:
                 self._capture(b, all_slots, starts)
             b.graph.replay()
         self.nonfinite = b.index.nonfinite
+        self.launches += 1
         if check and bool(self.nonfinite):
             raise nonfinite_error()
         pool.advance(slots, 1)

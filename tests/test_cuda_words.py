@@ -43,10 +43,11 @@ def test_magic_number_decode_is_exact():
 def test_word_paths_by_m_on_7b_shapes(fmt):
     for n, k in QWEN2_7B.values():
         paths = {m: layout.choose(m, n, k, bits=4, group=128, fmt=fmt).path
-                 for m in (1, 2, 16, 32, 64, 256, 1024, 4096)}
+                 for m in (1, 2, 16, 32, 64, 128, 255, 256, 1024, 4096)}
         assert paths[1] == "gemv4" and paths[2] == paths[16] == paths[32] == "mma4"
         assert paths[64] == ("mma4" if n <= layout.WORD_NARROW_N else "tiled")
-        assert paths[256] == "tiled" and paths[1024] == paths[4096] == "dequant4_mm"  # words
+        assert paths[128] == paths[255] == "tiled"
+        assert paths[256] == paths[1024] == paths[4096] == "dequant4_mm"  # the word dequantizer
 
 
 def test_byte_paths_without_a_word_layout():

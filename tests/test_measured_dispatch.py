@@ -36,7 +36,7 @@ def test_candidates_cover_the_thresholds_and_dequantize():
     assert any(p.swap_ab and p.block_m == 32 for p in at32 if p.path == "splitk")
     chunks = {(p.chunk_n, p.overlap) for p in at32 if p.path == "dequant4_mm"}
     assert chunks == {(0, False), (layout.dequant_chunk_rows(n, k, layout.DEQUANT_CHUNK_BYTES), False),
-                      (1024, True), (2048, True)}  # 8 and 16 MB of bf16 rows of K = 4096
+                      (2048, True)}  # 16 MB of bf16 rows of K = 4096
     assert {p.path for p in md.candidates(2048, 4096, 4100, "int4", 128)} >= {"dequant_mm"}
     big = md.candidates(2048, n, k, "int4", 128)
     assert "mma4" not in {p.path for p in big} and len(big) == len(set(big))
@@ -64,6 +64,9 @@ def test_installed_rows_route_each_m_to_the_next_bucket_up():
         layout.plan_for("dequant4_mm", 1500, n, k, **args), chunk_n=1024, overlap=True)
     assert md.plan_for(key, 5000, n, k, **args).path == "dequant4_mm"  # past the last bucket
     assert md.measured(key, [1, 32]) is not None and md.measured(key, [1, 64]) is None
+    md.install(key, [{"m": 64, "path": "splitk", "chunk_n": 0, "swap_ab": True, "block_m": 64}])
+    swapped = md.plan_for(key, 40, n, k, **args)   # the swap-AB variant measured, not the plain
+    assert swapped == replace(layout.plan_for("splitk", 40, n, k, **args), swap_ab=True, block_m=64)
     other = md.key(torch.device("cuda", 0), INT4, [n, k], True, torch.bfloat16)
     assert md.plan_for(other, 8, n, k, **args) is None  # zero points: another key
 

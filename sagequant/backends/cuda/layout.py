@@ -17,11 +17,12 @@ from ...ir.quant_spec import QuantSpec
 # --- weight-only path thresholds, by M = tokens in the batch (tuned on an H100 run) -----------
 GEMV_MAX_M = 1            # M <= this: CUDA-core GEMV (no tensor cores, split-K)
 SPLITK_MAX_M = 16         # M <= this: tensor-core kernel with BLOCK_M=16 and split-K
-DEQUANT_MM_MIN_M = 1024   # M >= this: dequantize to a 16-bit scratch, then cuBLAS
+DEQUANT_MM_MIN_M = 512    # M >= this: dequantize to a 16-bit scratch, then cuBLAS (8-bit:
+#                           ahead of `tiled` on all four 8B linears at 512, not at 256; §13g)
 DEQUANT_CHUNK_BYTES = 32 << 20  # dequantize this many bytes of 16-bit weight per cuBLAS call
-# Chunk sizes the measured dispatch also times with the side-stream overlap (two scratches of
-# this size must stay in the 50 MB L2 next to the activations cuBLAS streams).
-DEQUANT_OVERLAP_CHUNK_BYTES = (8 << 20, 16 << 20)
+# Chunk sizes the measured dispatch also times with the side-stream overlap (H100, §13g: 16 MB
+# won only int8 at M = 2048, by <= 3%; 8 MB chunks never won and are not timed).
+DEQUANT_OVERLAP_CHUNK_BYTES = (16 << 20,)
 # Programs (tiles x splits) to aim for, as waves over the multiprocessors.
 MEMORY_BOUND_WAVES = 4    # small M: many loads in flight
 COMPUTE_BOUND_WAVES = 1
@@ -41,6 +42,8 @@ WORD_NARROW_N = 4096
 NF4_DEQUANT_MIN_M = 64    # NF4 from this M: dequantize (code book) to 16 bits, then cuBLAS
 NF4_GEMV_BLOCK_N = 32     # NF4 GEMV rows per program (compile report; not yet timed on a GPU)
 WORD_MMA_MIN_BLOCK_K = 128  # the MMA kernel's 8 per-plane dots need >= 16 words per K block
+WORD_DEQUANT_MIN_M = 256  # int4/uint4 from this M: the word dequantizer + cuBLAS (ahead of
+#                           `tiled` on all four 8B linears at 256, not on gate_up/down at 128)
 BIG_LAYER = 32 << 20      # N*K from which small-M word kernels aim for 8 waves of programs
 FP8_GEMV_MAX_M = 1        # W8A8-FP8: M <= this runs the fused quantize+GEMV kernel
 
@@ -141,7 +144,7 @@ def word_path_for(m: int, n: int, k: int, fmt: str, group: int) -> str | None:
     max_m = WORD_MMA_NARROW_MAX_M if n <= WORD_NARROW_N else WORD_MMA_MAX_M
     if mma_ok and (m <= max_m or fmt == "nf4"):
         return "mma4"
-    return "dequant4_mm" if fmt == "nf4" or m >= DEQUANT_MM_MIN_M else None
+    return "dequant4_mm" if fmt == "nf4" or m >= WORD_DEQUANT_MIN_M else None
 
 
 def path_for(m: int, n: int = 0, k: int = 0, fmt: str = "", group: int = BIG_GROUP) -> str:

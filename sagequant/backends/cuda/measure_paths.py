@@ -66,7 +66,8 @@ def _measure(qweight, scales, zeros, spec, shape, dtype, ms, group, sms) -> list
         best = min(us, key=lambda d: us[d][0])
         rows.append({"m": m, "chosen": best, "thresholds": plans[0].describe(),
                      "path": us[best][1].path, "chunk_n": us[best][1].chunk_n,
-                     "overlap": us[best][1].overlap,
+                     "overlap": us[best][1].overlap, "swap_ab": us[best][1].swap_ab,
+                     "block_m": us[best][1].block_m,
                      "us": {d: round(t, 2) for d, (t, _) in us.items()}, "errors": errors,
                      "bf16_gemm_us": round(_graph_us(lambda: torch.mm(x, w16.t())), 2)})
     del w16

@@ -22,7 +22,7 @@ import torch
 from ...ir.quant_spec import QuantSpec
 from . import layout
 
-_TABLE: dict[tuple, list[tuple[int, str, int, bool]]] = {}  # key -> (m, path, chunk_n, overlap)
+_TABLE: dict[tuple, list[tuple]] = {}  # key -> sorted (m, path, chunk_n, overlap, swap_ab, block_m)
 _ROWS: dict[tuple, list[dict]] = {}                   # key -> the measurements behind it
 
 
@@ -63,7 +63,8 @@ def candidates(m: int, n: int, k: int, fmt: str, group: int, sm_count: int = 132
 
 
 def install(k: tuple, rows: list[dict]) -> None:
-    _TABLE[k] = sorted((r["m"], r["path"], r["chunk_n"], r.get("overlap", False)) for r in rows)
+    _TABLE[k] = sorted((r["m"], r["path"], r["chunk_n"], r.get("overlap", False),
+                        r.get("swap_ab", False), r.get("block_m", 0)) for r in rows)
     _ROWS[k] = rows
 
 
@@ -76,14 +77,17 @@ def measured(k: tuple, ms) -> list[dict] | None:
 def plan_for(k: tuple, m: int, n: int, kk: int, *, bits: int, group: int, sm_count: int,
              fmt: str) -> layout.Plan | None:
     """The measured path for M rows (the smallest measured M >= m, else the largest), with
-    tiles for this M; None where this key was not measured."""
+    tiles for this M (the measured variant's swap-AB and its tile rows kept); None where this
+    key was not measured."""
     rows = _TABLE.get(k) if _TABLE else None
     if not rows:
         return None
-    _, path, chunk, overlap = next((r for r in rows if r[0] >= m), rows[-1])
+    _, path, chunk, overlap, swap, block_m = next((r for r in rows if r[0] >= m), rows[-1])
     plan = layout.plan_for(path, m, n, kk, bits=bits, group=group, sm_count=sm_count, fmt=fmt)
     if path in ("dequant_mm", "dequant4_mm"):
         return replace(plan, chunk_n=chunk, overlap=overlap)
+    if swap and not plan.swap_ab:
+        return replace(plan, swap_ab=True, block_m=block_m or plan.block_m)
     return plan
 
 

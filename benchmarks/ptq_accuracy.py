@@ -142,6 +142,11 @@ SCHEMES = {
     "w8a8-int8-rotate": dict(weight_dtype="int8", activation_dtype="int8", group_size=None, rotate="hadamard"),
     "w8a8-fp8-rotate": dict(weight_dtype="fp8", activation_dtype="fp8", group_size=None, rotate="hadamard"),
     "w4a16-rtn-rotate": dict(weight_dtype="int4", activation_dtype="a16", rotate="hadamard", **G128),
+    # QuaRot's weight method: GPTQ in the rotated basis (§2j: RTN there loses to the folded norm scales)
+    "w4a16-gptq-sink50-mse-rotate": dict(weight_dtype="int4", activation_dtype="a16", calibration="gptq",
+                                         gptq_sink_weight=50.0, weight_observer="mse", rotate="hadamard", **G128),
+    "w4a16-gptq-sink50-rotate": dict(weight_dtype="int4", activation_dtype="a16", calibration="gptq",
+                                     gptq_sink_weight=50.0, rotate="hadamard", **G128),
     "nf4-g64": dict(weight_dtype="nf4", activation_dtype="a16", group_size=64),
     # group 64 divides every SmolLM2 layer: the setting llm-compressor can run (it refuses the
     # ragged 576 = 4 x 128 + 64 groups of g128), for a like-for-like comparison
@@ -159,6 +164,11 @@ SCHEMES = {
     "w4a8-int8-rtn": dict(weight_dtype="int4", activation_dtype="int8", **G128),
     "w4a8-int8-rtn-rotate": dict(weight_dtype="int4", activation_dtype="int8", rotate="hadamard", **G128),
     "w4a8-fp8-rtn-rotate": dict(weight_dtype="int4", activation_dtype="fp8", rotate="hadamard", **G128),
+    "w4a8-int8-gptq-sink50-mse-rotate": dict(weight_dtype="int4", activation_dtype="int8", calibration="gptq",
+                                             gptq_sink_weight=50.0, weight_observer="mse", rotate="hadamard",
+                                             **G128),
+    "w4a8-int8-gptq-sink50-mse": dict(weight_dtype="int4", activation_dtype="int8", calibration="gptq",
+                                      gptq_sink_weight=50.0, weight_observer="mse", **G128),
 }
 # RTN row whose loss a method's row is measured against, by group size.
 RTN_OF = {128: "w4a16-rtn", 64: "w4a16-rtn-g64"}

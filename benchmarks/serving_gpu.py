@@ -37,25 +37,36 @@ def main() -> int:
     ap.add_argument("--requests", type=int, default=32)
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--max-seq-len", type=int, default=1024)
+    ap.add_argument("--cpu", action="store_true",
+                    help="the same comparison on CPU: --shape (default tiny) compiled for backend "
+                         "cpu, float32, the engine on --threads threads")
+    ap.add_argument("--shape", default=None, choices=list(e2e.SHAPES))
+    ap.add_argument("--threads", type=int, default=1, help="engine torch threads (--cpu)")
     ap.add_argument("--out", default="serving_gpu.json")
     args = ap.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("needs a CUDA GPU")
+    if not args.cpu and not torch.cuda.is_available():
+        raise SystemExit("needs a CUDA GPU (or --cpu)")
     sq = e2e.import_sagequant()
+    if args.cpu:
+        e2e.lib.DEVICE = "cpu"
     work = Path(tempfile.mkdtemp(prefix="sagequant-serve-"))
     t0 = time.perf_counter()
-    model = e2e.build_model("llama3-8b", args.layers, args.vocab, args.max_seq_len + 64, torch.bfloat16, "cuda")
-    cm = e2e.compile_scheme(sq, model, args.scheme, "cuda")
+    device, dtype = ("cpu", torch.float32) if args.cpu else ("cuda", torch.bfloat16)
+    shape = args.shape or ("tiny" if args.cpu else "llama3-8b")
+    model = e2e.build_model(shape, args.layers, args.vocab, args.max_seq_len + 64, dtype, device)
+    cm = e2e.compile_scheme(sq, model, args.scheme, device)
     artifact = str(work / "artifact")
     cm.save(artifact)
     del model, cm
-    torch.cuda.empty_cache()
-    result = {"scheme": args.scheme, "layers": args.layers, "vocab": args.vocab, "env": e2e.lib.environment(),
+    if not args.cpu:
+        torch.cuda.empty_cache()
+    result = {"scheme": args.scheme, "shape": shape, "device": device, "layers": args.layers, "vocab": args.vocab, "env": e2e.lib.environment(),
               "build_compile_save_s": round(time.perf_counter() - t0, 1)}
     common = [sys.executable, str(HERE / "serving_load.py"), "--model", artifact, "--tokenizer", args.tokenizer,
               "--requests", str(args.requests), "--concurrency", str(args.concurrency),
               "--max-batch", str(args.concurrency), "--max-queue", str(args.concurrency),
               "--max-seq-len", str(args.max_seq_len), "--max-tokens", str(args.max_tokens)]
+    common += ["--threads", str(args.threads)] if args.cpu else []
     for name, extra in (("server", []), ("direct", ["--direct"])):
         out = work / f"{name}.json"
         run = subprocess.run(common + extra + ["--out", str(out)], capture_output=True, text=True)

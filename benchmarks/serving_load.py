@@ -26,6 +26,8 @@ from pathlib import Path
 
 import httpx
 
+CHAT_TEMPERATURE = 0.7   # the streaming chat quarter of the load samples; the rest is greedy
+
 
 def start_engine(args, state: str) -> dict:
     cmd = [sys.executable, "-m", "sagequant", "engine", "start", args.model, "--background",
@@ -95,11 +97,13 @@ def direct_phase(args, text_words) -> dict:
     for i in range(args.requests):
         prompt, max_tokens = request_mix(i, text_words, args.max_tokens)
         ids = tok(prompt)["input_ids"]
-        if i % 4 == 3:  # the chat requests of the load phase
+        temperature = 0.0
+        if i % 4 == 3:  # the chat requests of the load phase, sampled as they are there
             text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                            add_generation_prompt=True)
             ids = tok(text, add_special_tokens=False)["input_ids"]
-        engine.add_request(ids, max_tokens, temperature=0.0, stop_token_ids=(tok.eos_token_id,))
+            temperature = CHAT_TEMPERATURE
+        engine.add_request(ids, max_tokens, temperature=temperature, stop_token_ids=(tok.eos_token_id,))
     t0, steps, tokens = time.perf_counter(), 0, 0
     while engine.has_work():
         tokens += len(engine.step())
@@ -117,7 +121,7 @@ def load_phase(client, model, n, concurrency, text_words, max_tokens_cycle):
             first = None
             with client.stream("POST", "/v1/chat/completions", json={
                     "model": model, "messages": [{"role": "user", "content": prompt}],
-                    "max_tokens": max_tokens, "temperature": 0.7, "stream": True}) as r:
+                    "max_tokens": max_tokens, "temperature": CHAT_TEMPERATURE, "stream": True}) as r:
                 status = r.status_code
                 for line in r.iter_lines():
                     if line.startswith("data: {"):

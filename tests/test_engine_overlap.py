@@ -73,20 +73,27 @@ def test_overlapped_decode_launches_ahead_and_reuses_the_index(compiled, monkeyp
     assert sum(per_call, []) == want and len(fills) == 1
 
 
-def test_overlap_falls_back_for_sampled_rows_and_handles_aborts(compiled):
+def test_overlapped_sampling_gives_the_synchronous_tokens(compiled):
+    """Sampled rows overlap too: each request draws from its own generator on the device, so the
+    draw discarded behind a row that stopped moves no other row's tokens."""
     cm = compiled("llama")
-    sync, lapped = _engines(cm, seed=3)
-    for engine in (sync, lapped):
-        engine.add_request([1, 2, 3], 6, request_id="g")
-        engine.add_request([4, 5], 6, temperature=0.8, request_id="s")
-    outs = []
-    for engine in (sync, lapped):
-        got = {"g": [], "s": []}
-        while engine.has_work():
-            for e in engine.step():
-                got[e.request_id].append(e.token_id)
-        outs.append(got)
-    assert outs[0] == outs[1]
+    prompts, max_new = [[1, 2, 3], [4, 5], [6, 7, 8], [9], [3, 3]], [10, 8, 12, 6, 9]
+    kw = dict(temperature=0.8, top_p=0.9)
+    free, _, _ = _run_each(_engines(cm, seed=3)[0], prompts, max_new, **kw)
+    stops = {i: [t[2]] for i, t in enumerate(free) if t[2] not in t[:2]}
+    assert stops
+    want, want_reasons, _ = _run_each(_engines(cm, seed=3)[0], prompts, max_new, stops, **kw)
+    got, reasons, _ = _run_each(_engines(cm, seed=3)[1], prompts, max_new, stops, **kw)
+    assert got == want and reasons == want_reasons
+    assert [reasons[i] for i in stops] == ["stop"] * len(stops)
+    # Stopping early changes who shares the batch when: no request's draws move.
+    assert all(w == f[:len(w)] for w, f in zip(want, free))
+    greedy, _, _ = _run_each(_engines(cm)[0], prompts, max_new)
+    assert sum(g != f for g, f in zip(greedy, free)) >= 3     # the rows really sample
+
+
+def test_overlap_handles_aborts(compiled):
+    lapped = _engines(compiled("llama"))[1]
     # Abort with a step in flight: no event for it afterwards, its blocks are freed at once.
     rid = lapped.add_request([9, 9, 9], 30)
     other = lapped.add_request([8], 5)

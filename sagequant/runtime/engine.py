@@ -51,6 +51,7 @@ class _Request:
     temperature: float
     top_p: float
     stop: frozenset[int]
+    generator: torch.Generator | None = None   # sampled requests: their own random stream
     slot: int = -1
     generated: list[int] = field(default_factory=list)
 
@@ -78,9 +79,8 @@ class GenerationEngine:
         weight key, so an engine built with False still runs what an earlier one measured
         (backends/cuda/measured_dispatch.clear() drops them). prefill_graphs: a whole fresh
         prompt into a 16-bit cache prefills from a CUDA graph per padded length bucket
-        (runtime/prefill_graphs.py; needs the decode graphs' pad block). overlap_decode: while
-        every running request is greedy, enqueue each decode step before reading the previous
-        one's tokens (runtime/overlap.py: the same tokens, stop conditions checked one step
+        (runtime/prefill_graphs.py; needs the decode graphs' pad block). overlap_decode:
+        enqueue each decode step before reading the previous one's tokens (runtime/overlap.py: the same tokens, stop conditions checked one step
         late, events a step() call later; default: on with CUDA graphs on a CUDA device)."""
         if not (isinstance(max_batch, int) and max_batch >= 1):
             raise GenerationError(f"max_batch={max_batch!r} must be an int >= 1")
@@ -142,7 +142,9 @@ class GenerationEngine:
             sizes = self.graphs.sizes if self.graphs else [1]
             self.kernel_choices = measure_linears(self.graph, m_buckets(sizes, prefill_chunk),
                                                   emb.dtype)
-        self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        # Each sampled request draws from its own generator, seeded from this sequence in
+        # add_request order: its tokens do not depend on what else shares the batch.
+        self._seeds = torch.Generator().manual_seed(seed)
         self.waiting: deque[_Request] = deque()
         self.running: dict[str, _Request] = {}
         self._ids = set()
@@ -176,7 +178,11 @@ class GenerationEngine:
         if rid in self._ids:
             raise GenerationError(f"request_id {rid!r} is already in use")
         self._ids.add(rid)
-        self.waiting.append(_Request(rid, prompt, max_new_tokens, float(temperature), float(top_p), stop))
+        req = _Request(rid, prompt, max_new_tokens, float(temperature), float(top_p), stop)
+        if temperature > 0:
+            seed = int(torch.randint(2 ** 62, (), generator=self._seeds))
+            req.generator = torch.Generator(device=self.device).manual_seed(seed)
+        self.waiting.append(req)
         return rid
 
     def abort(self, request_id: str) -> bool:
@@ -206,7 +212,7 @@ class GenerationEngine:
     # ---- stepping ---------------------------------------------------------------------------
     def step(self) -> list[TokenEvent]:
         events = []
-        if self._inflight is not None and (self._can_admit() or not self._overlappable()):
+        if self._inflight is not None and self._can_admit():
             events += self._read(self._inflight)
             self._inflight = None
         while self._can_admit():
@@ -221,26 +227,21 @@ class GenerationEngine:
                 for begin in range(0, prompt.shape[1], self.prefill_chunk):
                     logits = self.forward([req.slot], prompt[:, begin:begin + self.prefill_chunk],
                                           last_only=True)
-            events.append(self._emit(req, logits[0, -1]))
-        if self._overlappable():
+            events.append(self._emit(req, int(self._draw(req, logits[0, -1]))))
+        if self.overlap:
             return events + self._decode_overlapped()
         batch = list(self.running.values())
         if batch:
             last = torch.tensor([[r.generated[-1]] for r in batch], device=self.device)
             slots = [r.slot for r in batch]
             logits = self.graphs.decode(slots, last) if self.graphs else self.forward(slots, last)
-            # Greedy rows: one argmax and one device->host copy for the batch, not one per row.
-            greedy = logits[:, -1].argmax(-1).tolist() if any(r.temperature == 0 for r in batch) else None
-            events.extend(self._emit(r, logits[i, -1], greedy[i] if r.temperature == 0 else None)
-                          for i, r in enumerate(batch))
+            tokens = self._tokens(batch, logits).tolist()   # one device->host copy for the batch
+            events.extend(self._emit(r, t) for r, t in zip(batch, tokens))
         return events
 
     def _can_admit(self) -> bool:
         return bool(self.waiting and self._free_slots and self.pool.free_blocks >= self.pool.blocks_for(
             len(self.waiting[0].prompt) + self.waiting[0].max_new + self.extra_tokens))
-
-    def _overlappable(self) -> bool:
-        return self.overlap and all(r.temperature == 0 for r in self.running.values())
 
     def _decode_overlapped(self) -> list[TokenEvent]:
         """Launch the next decode step from the in-flight step's device tokens, then emit the
@@ -258,7 +259,7 @@ class GenerationEngine:
             else:
                 ids = torch.tensor([[r.generated[-1]] for r in batch], device=self.device)
             logits = self.graphs.decode([r.slot for r in batch], ids, check=False)
-            launched = self._host.launch_copy(batch, logits, self.graphs.nonfinite)
+            launched = self._host.launch_copy(batch, self._tokens(batch, logits), self.graphs.nonfinite)
         self._inflight = launched
         events = self._read(prev) if prev is not None else []
         if launched is not None and not any(self.running.get(r.rid) is r for r in launched.batch):
@@ -269,7 +270,7 @@ class GenerationEngine:
         """The tokens of an in-flight step for the rows still running (aborted rows and rows
         that ended a step earlier drop theirs)."""
         tokens = read(step)
-        return [self._emit(r, None, t) for r, t in zip(step.batch, tokens)
+        return [self._emit(r, t) for r, t in zip(step.batch, tokens)
                 if self.running.get(r.rid) is r]
 
     def forward(self, slots: list[int], tokens: torch.Tensor, last_only: bool = False) -> torch.Tensor:
@@ -283,9 +284,7 @@ class GenerationEngine:
         self.pool.advance(slots, tokens.shape[1])
         return logits
 
-    def _emit(self, req: _Request, logits: torch.Tensor | None, token: int | None = None) -> TokenEvent:
-        if token is None:
-            token = self.sample(logits, req.temperature, req.top_p)
+    def _emit(self, req: _Request, token: int) -> TokenEvent:
         req.generated.append(token)
         self.tokens_generated += 1
         reason = "stop" if token in req.stop else "length" if len(req.generated) >= req.max_new else None
@@ -299,15 +298,28 @@ class GenerationEngine:
         self._free_slots.append(req.slot)
         self._ids.discard(req.rid)
 
-    def sample(self, logits: torch.Tensor, temperature: float, top_p: float) -> int:
-        if temperature == 0:
-            return int(torch.argmax(logits))
-        probs = torch.softmax(logits.double() / temperature, dim=-1)
-        if top_p < 1:
+    def _tokens(self, batch: list[_Request], logits: torch.Tensor) -> torch.Tensor:
+        """[rows] int64 on the device: each row's next token from its logits [rows, 1, vocab]
+        (one argmax for the greedy rows, a draw for each sampled one; nothing read back)."""
+        tokens = logits[:, -1].argmax(-1)
+        for i, r in enumerate(batch):
+            if r.temperature > 0:
+                tokens[i] = self._draw(r, logits[i, -1])
+        return tokens
+
+    def _draw(self, req: _Request, logits: torch.Tensor) -> torch.Tensor:
+        """The next token of `req` from its logits [vocab], as a 0-dim device tensor. Sampling
+        races exponential clocks (argmax of p / q, q ~ Exp(1): token i wins with probability
+        p_i), which is how torch.multinomial draws one sample, without its host-side checks."""
+        if req.temperature == 0:
+            return logits.argmax()
+        probs = torch.softmax(logits.double() / req.temperature, dim=-1)
+        if req.top_p < 1:
             sorted_p, order = torch.sort(probs, descending=True)
-            keep = (torch.cumsum(sorted_p, 0) - sorted_p) < top_p   # always keeps the top token
-            probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
-        return int(torch.multinomial(probs, 1, generator=self.generator))
+            keep = (torch.cumsum(sorted_p, 0) - sorted_p) < req.top_p   # always keeps the top token
+            probs = torch.zeros_like(probs).scatter(0, order, sorted_p * keep)
+        clocks = torch.empty_like(probs).exponential_(generator=req.generator)
+        return (probs / clocks).argmax()
 
 
 def _token_list(ids, vocab: int, what: str) -> list[int]:

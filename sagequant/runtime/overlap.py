@@ -2,14 +2,15 @@
 
 A synchronous decode step leaves the GPU idle while the host copies the sampled tokens back,
 checks stop conditions and builds the next step's inputs (~0.5 ms a step at batch 1 on an H100,
-BENCHMARKS §13c). With every row greedy, the next step's input ids are the argmax of this step's
-logits, which stays on the device: the engine launches step N+1 from it, then reads step N's
+BENCHMARKS §13c). The next step's input ids are this step's tokens (argmax, or a draw from the
+request's own generator), which stay on the device: the engine launches step N+1 from them, then reads step N's
 tokens (copied to pinned host memory behind the launch) and emits them. Stop conditions are thus
 checked one step late. A row that ends on a stop token at step N has one extra token computed at
 N+1, which is discarded (its cache write stays inside the blocks reserved for it, and any later
 owner of those blocks is written after it on the same stream); a row that reaches max_new_tokens
 at step N is left out of N+1, since its length is known on the host. The tokens are the
-synchronous path's: the same graph replays on the same ids, and the same argmax picks them.
+synchronous path's: the same graph replays on the same ids, and the same argmax or draw picks
+them (a sampled request's generator is its own, so a discarded draw of one row moves no other's).
 """
 from __future__ import annotations
 
@@ -44,9 +45,8 @@ class HostBuffers:
         self.turn = 0
         self.device = device
 
-    def launch_copy(self, batch: list, logits: torch.Tensor, flag: torch.Tensor) -> InFlight:
-        """The greedy tokens of `logits` [rows, 1, vocab], copied to the host behind the step."""
-        tokens = logits[:, -1].argmax(-1)
+    def launch_copy(self, batch: list, tokens: torch.Tensor, flag: torch.Tensor) -> InFlight:
+        """The step's tokens [rows] (on the device), copied to the host behind the step."""
         host, host_flag = self.bufs[self.turn]
         self.turn ^= 1
         n = tokens.shape[0]

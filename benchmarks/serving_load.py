@@ -94,6 +94,8 @@ def direct_phase(args, text_words) -> dict:
     # the device rule of `engine start` (serving/launch.py make_app)
     engine = GenerationEngine(cm, max_batch=args.max_batch, max_seq_len=args.max_seq_len,
                               device="cuda" if cm.config.backend == "cuda" else "cpu")
+    if engine.graphs is not None:   # as make_app does before serving
+        engine.graphs.capture_all()
     for i in range(args.requests):
         prompt, max_tokens = request_mix(i, text_words, args.max_tokens)
         ids = tok(prompt)["input_ids"]

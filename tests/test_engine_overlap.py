@@ -111,3 +111,22 @@ def test_overlap_needs_the_static_step(compiled):
     with pytest.raises(ValueError, match="overlap_decode=True needs the static decode step"):
         GenerationEngine(compiled("llama"), cuda_graphs=False, overlap_decode=True)
     assert not GenerationEngine(compiled("llama")).overlap   # CPU default: off
+
+
+def test_capture_all_captures_every_bucket_on_padding_rows(compiled, monkeypatch):
+    """What `engine start` runs before serving: one capture per batch bucket, its rows all the
+    pad slot at position 0; the first real step then refills the index from its own rows."""
+    engine = GenerationEngine(compiled("llama"), max_batch=4, cuda_graphs=True)
+    graphs, seen = engine.graphs, []
+
+    def capture(b, slots, starts):
+        seen.append((b.ids.shape[0], slots, starts, b.index.slots.tolist(), b.index.positions.tolist()))
+        b.graph = "captured"
+
+    monkeypatch.setattr(graphs, "_capture", capture)
+    graphs.capture = True
+    graphs.capture_all()
+    pad = graphs.pad_slot
+    assert seen == [(n, [pad] * n, [0] * n, [pad] * n, [0] * n) for n in (1, 2, 4)]
+    graphs.capture_all()   # already captured: nothing again
+    assert len(seen) == 3 and all(b.last == () for b in graphs.buckets.values())

@@ -10,6 +10,7 @@ With capture=False (CPU, tests) the same padded static step runs eagerly.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -93,6 +94,23 @@ class DecodeGraphs:
             raise nonfinite_error()
         pool.advance(slots, 1)
         return b.logits[:n]
+
+    def capture_all(self) -> float:
+        """Capture every bucket's graph now (a server does this before taking requests: a
+        request arriving at a new batch size otherwise waits for that capture, and its warm-up
+        forwards). The capture rows are all padding: they write only the pad block. Seconds."""
+        start = time.perf_counter()
+        if self.capture:
+            for size in self.sizes:
+                b = self._bucket(size)
+                if b.graph is None:
+                    rows, starts = [self.pad_slot] * size, [0] * size
+                    self._fill(b, rows, starts)
+                    b.last = ()   # the first real step refills the index
+                    self._capture(b, rows, starts)
+        if self.engine.device.type == "cuda":
+            torch.cuda.synchronize(self.engine.device)
+        return time.perf_counter() - start
 
     def _fill(self, b: _Bucket, slots: list[int], starts: list[int]) -> None:
         """The index buffers from host lists (the copies wait for the GPU to drain)."""

@@ -161,6 +161,8 @@ def make_app(cm, tokenizer, opts: ServeOptions):
     engine = GenerationEngine(cm, max_batch=opts.max_batch, max_seq_len=ctx,
                               num_kv_blocks=opts.num_kv_blocks,
                               device="cuda" if cm.config.backend == "cuda" else "cpu")
+    if engine.graphs is not None:
+        engine.graphs.capture_all()   # before the first request, not during it
     name = opts.served_model_name or Path(str(opts.model).rstrip("/")).name
     served = ServedModel(name, tokenizer, ctx, int(cm.graph.model_info["vocab_size"]),
                          opts.default_max_tokens, max_body_bytes=opts.max_body_bytes,

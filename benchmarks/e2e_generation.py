@@ -306,6 +306,8 @@ def run_scheme(sq, model, scheme, args, backend, device, deadline, vocab, scheme
                     engine, prompts(1, length, vocab, 77)[0])
         else:
             row[f"prefill_ms_{length}"] = SKIPPED
+    if engine.prefill_graphs is not None:   # per 128-token bucket: capture time, pool growth
+        row["prefill_graph_captures"] = dict(engine.prefill_graphs.captures)
     for i, b in enumerate(args.batches):
         left = deadline - time.perf_counter()
         if left <= 0:

@@ -13,6 +13,7 @@ eagerly.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 
 import torch
@@ -41,6 +42,11 @@ class PrefillGraphs:
         self.gm = last_position_module(engine.graph, index=self.last)
         self.windowed = any(AttentionCall.of(n).window for n in attention_nodes(engine.graph))
         self.buckets: dict[int, _Bucket] = {}
+        # All buckets share one memory pool: a replay may reuse what another bucket's output
+        # occupied, which is safe because prefill() returns logits that are read (sampled)
+        # before any other replay; per-bucket pools would hold every bucket's peak at once.
+        self.pool = None
+        self.captures: dict[int, dict] = {}   # bucket -> capture seconds, memory reserved by it
 
     def fits(self, slot: int, tokens: int) -> bool:
         e = self.engine
@@ -93,6 +99,9 @@ class PrefillGraphs:
             return self.gm(b.ids, b.positions)
 
     def _capture(self, b: _Bucket) -> None:
+        start = time.perf_counter()
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
         side = torch.cuda.Stream()   # warm-up as DecodeGraphs does (its writes repeat in replay)
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
@@ -100,5 +109,10 @@ class PrefillGraphs:
                 self._forward(b)
         torch.cuda.current_stream().wait_stream(side)
         b.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(b.graph):
+        reserved = torch.cuda.memory_reserved(self.engine.device)   # the graph pool's growth
+        with torch.cuda.graph(b.graph, pool=self.pool):
             b.logits = self._forward(b)
+        torch.cuda.synchronize(self.engine.device)
+        self.captures[b.ids.shape[1]] = {
+            "capture_s": round(time.perf_counter() - start, 4),
+            "reserved_bytes": torch.cuda.memory_reserved(self.engine.device) - reserved}

@@ -89,8 +89,9 @@ def word_configs(dt: str):
                 "z_ptr": "*i32" if kind == 1 else "*fp16", "book_ptr": "*fp32" if kind == 2
                 else "*fp16", "b_ptr": f"*{dt}"}
         for plan in word_plans(fmt):
-            for split in (False, True) if plan.path == "gemv4" else (False,):
-                types = dict(base, out_ptr="*fp32" if split else f"*{dt}")
+            for split in (0, 1, 2):  # none, workspace + _splitk_reduce, summed in the GEMM
+                types = dict(base, out_ptr=f"*{dt}", ws_ptr="*fp32" if split else f"*{dt}",
+                             cnt_ptr="*i32" if split == 2 else "*fp32" if split else f"*{dt}")
                 const = dict(KIND=kind, HAS_BIAS=True, SPLIT=split, BLOCK_N=plan.block_n,
                              BLOCK_KW=plan.block_k // 8)
                 fn = tw._gemv_kernel if plan.path == "gemv4" else tw._mma_kernel

@@ -44,6 +44,7 @@ NF4_GEMV_BLOCK_N = 32     # NF4 GEMV rows per program (compile report; not yet t
 WORD_MMA_MIN_BLOCK_K = 128  # the MMA kernel's 8 per-plane dots need >= 16 words per K block
 WORD_DEQUANT_MIN_M = 256  # int4/uint4 from this M: the word dequantizer + cuBLAS (ahead of
 #                           `tiled` on all four 8B linears at 256, not on gate_up/down at 128)
+WORD_SPLIT_IN_KERNEL = True  # word kernels sum their split-K partials in the GEMM (no 2nd launch)
 BIG_LAYER = 32 << 20      # N*K from which small-M word kernels aim for 8 waves of programs
 FP8_GEMV_MAX_M = 1        # W8A8-FP8: M <= this runs the fused quantize+GEMV kernel
 

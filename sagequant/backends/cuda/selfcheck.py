@@ -151,6 +151,33 @@ def word_cases(device, dtype):
                        f"{' bias3d' if with_bias else ''}"), err, err <= TOL
 
 
+def split_sum_cases(device, dtype):
+    """Split-K partials summed inside the word GEMMs (last-arriving program) are bit-identical to
+    the separate reduce kernel's sums, and the tile counters are left zeroed for the next call."""
+    from . import triton_splitk as sk
+    from . import triton_words as tw
+    gen = torch.Generator().manual_seed(120)
+    n, k = 40, 512
+    spec = QuantSpec("int4", "per_group", 128, True, "fp16")
+    qt = quantize(torch.randn(n, k, generator=gen), spec)
+    data, scale = qt.data.to(device), qt.scale.to(device)
+    bias = torch.randn(n, generator=gen).to(dtype).to(device)
+    for path, m, over in (("gemv4", 3, dict(split_k=4, block_n=16)),
+                          ("mma4", 18, dict(split_k=3, block_n=32))):
+        plan = replace(layout.plan_for(path, m, n, k, bits=4, group=128, sm_count=4), **over)
+        x = torch.randn(m, k, generator=gen).to(dtype).to(device)
+        outs = []
+        for in_kernel in (False, True):
+            out = torch.empty(m, n, dtype=dtype, device=device)
+            tw.word_linear(x, data, scale, None, bias, out, "int4", 128, plan, in_kernel)
+            outs.append(out.cpu())
+        differ = int((outs[0] != outs[1]).sum())
+        counters = int(sk.tile_counters(torch.device(device), 1).abs().sum())
+        yield (f"split-K summed in the GEMM == reduce kernel, {plan.describe()} M={m}: "
+               f"{differ} elements differ, counters left {counters}"), float(differ + counters), \
+            differ == 0 and counters == 0
+
+
 def activation_cases(device, dtype, interpret):
     from . import triton_w8a8 as w8
     gen = torch.Generator().manual_seed(7)
@@ -264,7 +291,8 @@ def main(argv=None) -> int:
         print("selfcheck: no CUDA device; run with --interpret (needs triton)", file=sys.stderr)
         return 2
     failed = total = 0
-    for cases in (quantize_parity_cases(device), word_cases(device, dtype), fp8_gemv_cases(device, dtype, args.interpret),
+    for cases in (quantize_parity_cases(device), word_cases(device, dtype), split_sum_cases(device, dtype),
+                  fp8_gemv_cases(device, dtype, args.interpret),
                   weight_only_cases(device, dtype),
                   activation_cases(device, dtype, args.interpret),
                   w8a8_cases(device, dtype)):

@@ -1,9 +1,34 @@
-"""The split-K epilogue every Triton GEMM here shares: sum fp32 partials [S, M, N] in a fixed
-order (deterministic), add the bias, cast to the output dtype. Imports triton at the top."""
+"""The split-K epilogues the Triton GEMMs here share. Both sum the fp32 partials [S, M, N] in the
+fixed order s = 0..S-1 (deterministic, bit-identical to each other), add the bias and cast:
+
+  _splitk_reduce   a second kernel over the workspace.
+  _last_split_sums inside the GEMM (no second launch): each program stores its partial, then
+                   bumps its output tile's arrival counter; the program that arrives last sums
+                   the S partials and resets the counter to 0 for the next call (CUDA graphs
+                   replay it as is). Only which program sums is racy, never the summation order.
+
+Imports triton at the top. `tile_counters` hands out the zeroed per-device counter buffer.
+"""
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
+
+_COUNTERS: dict = {}
+
+
+def tile_counters(device: torch.device, tiles: int) -> torch.Tensor:
+    """A zeroed int32 counter per output tile, kept per device: every kernel that uses it leaves
+    it zeroed, so one buffer serves every launch on the device's stream order."""
+    have = _COUNTERS.get(device)
+    if have is None or have.numel() < tiles:
+        if have is not None and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(f"split-K tile counters: {tiles} needed, {have.numel()} allocated; "
+                               "run the GEMM once outside CUDA-graph capture first")
+        have = torch.zeros(max(tiles, 1 << 14), dtype=torch.int32, device=device)
+        _COUNTERS[device] = have
+    return have
 
 
 @triton.jit(do_not_specialize=["MN"])  # one compile for every M
@@ -16,3 +41,21 @@ def _splitk_reduce(ws_ptr, b_ptr, out_ptr, MN, N, S, HAS_BIAS: tl.constexpr, BLO
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs % N, mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _last_split_sums(part, ws_ptr, cnt_ptr, b_ptr, out_ptr, flat, out_offs, offs_n, mask, MN, S,
+                     pid_k, tile, HAS_BIAS: tl.constexpr):
+    """part: this program's fp32 partial (any shape); flat: m * N + n of each element, out_offs
+    its offset in out, offs_n its n (for the bias)."""
+    tl.store(ws_ptr + pid_k * MN + flat, part, mask=mask)
+    tl.debug_barrier()  # every thread's partial is stored before the release below
+    arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")
+    if arrived == S - 1:
+        acc = tl.zeros_like(part)
+        for s in range(S):  # .cg: read at L2, where the other programs' stores are
+            acc += tl.load(ws_ptr + s * MN + flat, mask=mask, other=0.0, cache_modifier=".cg")
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + offs_n, mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+        tl.atomic_xchg(cnt_ptr + tile, 0)

@@ -18,8 +18,10 @@ exact.
   _mma_kernel   small M: the 8 nibble planes of a word tile feed tensor-core dots against
                 the matching x columns (x[8j + p] for plane p), swap-AB (M is the MMA's N
                 side), split-K; the same kernel tiles any M.
-Split-K writes fp32 partials [S, M, N] that triton_splitk._splitk_reduce sums in a fixed
-order (deterministic). This module imports triton at the top; kernels.py imports it lazily.
+Split-K writes fp32 partials [S, M, N] summed in a fixed order (deterministic) either by the
+GEMM's own last-arriving program (SPLIT=2, triton_splitk._last_split_sums: no second launch) or
+by triton_splitk._splitk_reduce (SPLIT=1). This module imports triton at the top; kernels.py
+imports it lazily.
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ import triton.language as tl
 
 from . import layout
 from .dequant_gemm import dequant_mm
-from .triton_splitk import _splitk_reduce
+from .triton_splitk import _last_split_sums, _splitk_reduce, tile_counters
 
 KINDS = {"int4": 0, "uint4": 1, "nf4": 2}
 
@@ -85,8 +87,8 @@ def _group(s_ptr, z_ptr, offs_n, n_ok, g, stride_sn, stride_sg, stride_zn, strid
 
 
 @triton.jit(do_not_specialize=["M"])
-def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, book_ptr, b_ptr, out_ptr, M, N, KW, GROUP,
-                 words_per_split, stride_xm, stride_wn, stride_sn, stride_sg, stride_zn,
+def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, book_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, KW,
+                 GROUP, words_per_split, S, stride_xm, stride_wn, stride_sn, stride_sg, stride_zn,
                  stride_zg, stride_om, KIND: tl.constexpr, HAS_BIAS: tl.constexpr,
                  SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr):
     pid_n = tl.program_id(0)
@@ -115,8 +117,12 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, book_ptr, b_ptr, out_ptr, M, N, KW,
             blk += wp * _x_plane(xp, p, KIND)[None, :]
         acc += blk * s[:, None]
     out = tl.sum(acc, axis=1)
-    if SPLIT:
-        tl.store(out_ptr + pid_k * M * N + m * N + offs_n, out, mask=n_ok)
+    if SPLIT == 2:
+        _last_split_sums(out, ws_ptr, cnt_ptr, b_ptr, out_ptr, m * N + offs_n,
+                         m * stride_om + offs_n, offs_n, n_ok, M * N, S, pid_k,
+                         m * tl.num_programs(0) + pid_n, HAS_BIAS)
+    elif SPLIT == 1:
+        tl.store(ws_ptr + pid_k * M * N + m * N + offs_n, out, mask=n_ok)
     else:
         if HAS_BIAS:
             out += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
@@ -124,8 +130,8 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, book_ptr, b_ptr, out_ptr, M, N, KW,
 
 
 @triton.jit(do_not_specialize=["M"])
-def _mma_kernel(x_ptr, w_ptr, s_ptr, z_ptr, book_ptr, b_ptr, out_ptr, M, N, KW, GROUP,
-                words_per_split, stride_xm, stride_wn, stride_sn, stride_sg, stride_zn, stride_zg,
+def _mma_kernel(x_ptr, w_ptr, s_ptr, z_ptr, book_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, KW,
+                GROUP, words_per_split, S, stride_xm, stride_wn, stride_sn, stride_sg, stride_zn, stride_zg,
                 stride_om, KIND: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr):
     pid_n = tl.program_id(0)
@@ -158,8 +164,14 @@ def _mma_kernel(x_ptr, w_ptr, s_ptr, z_ptr, book_ptr, b_ptr, out_ptr, M, N, KW, 
         acc += part * s[:, None]
     acc = tl.trans(acc)  # [BLOCK_M, BLOCK_N]
     mask = m_ok[:, None] & n_ok[None, :]
-    if SPLIT:
-        tl.store(out_ptr + pid_k * M * N + offs_m[:, None] * N + offs_n[None, :], acc, mask=mask)
+    flat = offs_m[:, None] * N + offs_n[None, :]
+    if SPLIT == 2:
+        _last_split_sums(acc, ws_ptr, cnt_ptr, b_ptr, out_ptr, flat,
+                         offs_m[:, None] * stride_om + offs_n[None, :],
+                         offs_m[:, None] * 0 + offs_n[None, :], mask, M * N, S, pid_k,
+                         pid_m * tl.num_programs(0) + pid_n, HAS_BIAS)
+    elif SPLIT == 1:
+        tl.store(ws_ptr + pid_k * M * N + flat, acc, mask=mask)
     else:
         if HAS_BIAS:
             acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
@@ -212,9 +224,12 @@ def _book(device: torch.device) -> torch.Tensor:
 
 def word_linear(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                 zeros: torch.Tensor | None, bias: torch.Tensor | None, out: torch.Tensor,
-                fmt: str, group: int, plan: layout.Plan) -> None:
+                fmt: str, group: int, plan: layout.Plan, split_in_kernel: bool | None = None
+                ) -> None:
     """out[M, N] = x2[M, K] @ dequant(W)^T (+ bias) for a 4-bit weight stored [N, K/2] uint8;
-    plan.path is "gemv4", "mma4" or "dequant4_mm"; plan.block_k counts elements (8 per word)."""
+    plan.path is "gemv4", "mma4" or "dequant4_mm"; plan.block_k counts elements (8 per word).
+    split_in_kernel: split-K partials summed by the GEMM's last program (None: the layout's
+    default, layout.WORD_SPLIT_IN_KERNEL) instead of a second kernel; the sums are identical."""
     m, k = x2.shape
     n = out.shape[1]
     if plan.path == "dequant4_mm":
@@ -226,24 +241,27 @@ def word_linear(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     w = qweight.view(torch.uint8).view(torch.int32)  # [N, K/8]; the view checks alignment
     kw, bkw = k // 8, plan.block_k // 8
     per, splits = layout.k_blocks_per_split(kw, bkw, plan.split_k)
-    split = splits > 1
-    dst = torch.empty((splits, m, n), dtype=torch.float32, device=x2.device) if split else out
+    grid = (triton.cdiv(n, plan.block_n), splits,
+            m if plan.path == "gemv4" else triton.cdiv(m, plan.block_m))
+    in_kernel = layout.WORD_SPLIT_IN_KERNEL if split_in_kernel is None else split_in_kernel
+    mode = 0 if splits == 1 else 2 if in_kernel else 1
+    ws = torch.empty((splits, m, n), dtype=torch.float32, device=x2.device) if mode else out
+    counters = tile_counters(x2.device, grid[0] * grid[2]) if mode == 2 else ws
     sn, sg = layout.scale_strides(scales, n)
     zt = zeros if zeros is not None else scales
     zn, zg = layout.scale_strides(zt, n)
     book = _book(x2.device) if fmt == "nf4" else scales
     b = bias if bias is not None else out
-    args = (x2, w, scales, zt, book, b, dst, m, n, kw, group, per * bkw, x2.stride(0), w.stride(0),
-            sn, sg, zn, zg, out.stride(0))
-    flags = dict(KIND=KINDS[fmt], HAS_BIAS=bias is not None, SPLIT=split, BLOCK_N=plan.block_n,
+    args = (x2, w, scales, zt, book, b, out, ws, counters, m, n, kw, group, per * bkw, splits,
+            x2.stride(0), w.stride(0), sn, sg, zn, zg, out.stride(0))
+    flags = dict(KIND=KINDS[fmt], HAS_BIAS=bias is not None, SPLIT=mode, BLOCK_N=plan.block_n,
                  BLOCK_KW=bkw, num_warps=plan.num_warps, num_stages=plan.num_stages)
     if plan.path == "gemv4":
-        _gemv_kernel[(triton.cdiv(n, plan.block_n), splits, m)](*args, **flags)
+        _gemv_kernel[grid](*args, **flags)
     else:
-        grid = (triton.cdiv(n, plan.block_n), splits, triton.cdiv(m, plan.block_m))
         _mma_kernel[grid](*args, **flags, BLOCK_M=plan.block_m)
-    if split:
-        _splitk_reduce[(triton.cdiv(m * n, 1024),)](dst, b, out, m * n, n, splits,
+    if mode == 1:
+        _splitk_reduce[(triton.cdiv(m * n, 1024),)](ws, b, out, m * n, n, splits,
                                                      HAS_BIAS=bias is not None, BLOCK=1024)
 
 

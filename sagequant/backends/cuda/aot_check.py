@@ -96,7 +96,9 @@ def word_configs(dt: str):
                              BLOCK_KW=plan.block_k // 8)
                 fn = tw._gemv_kernel if plan.path == "gemv4" else tw._mma_kernel
                 if plan.path == "mma4":
-                    const["BLOCK_M"] = plan.block_m
+                    const.update(BLOCK_M=plan.block_m, IN_PLACE=plan.in_place)
+                else:
+                    const.update(PREFETCH=plan.prefetch)
                 yield f"word {fmt} {dt} {plan.describe()} split={split}", fn, types, const, \
                     dict(num_warps=plan.num_warps, num_stages=plan.num_stages)
         for group in (128, layout.BIG_GROUP):   # group-wise and per-channel tiles

@@ -66,13 +66,16 @@ class Plan:
     swap_ab: bool = False   # tensor-core paths: compute out^T = W x^T (weight tile as MMA A)
     scale_w: bool = False   # tensor-core paths, group scales: scale the weight tile before the
     #                         MMA (one accumulator) instead of each K block's fp32 product
+    in_place: bool = False  # mma4 with bf16 x: nibbles masked in place, x divided by 16**q
+    prefetch: bool = False  # gemv4: load the next K block's words before this block's math
 
     def describe(self) -> str:
         if self.path in ("dequant_mm", "dequant4_mm"):
             return f"{self.path}(chunk_n={self.chunk_n or 'all'}{',overlap' if self.overlap else ''})"
         return (f"{self.path}(BM={self.block_m},BN={self.block_n},BK={self.block_k},"
                 f"split={self.split_k},w={self.num_warps},s={self.num_stages}"
-                f"{',swap' if self.swap_ab else ''}{',scale_w' if self.scale_w else ''})")
+                f"{',swap' if self.swap_ab else ''}{',scale_w' if self.scale_w else ''}"
+                f"{',in_place' if self.in_place else ''}{',prefetch' if self.prefetch else ''})")
 
 
 def kernel_group(spec: QuantSpec, in_features: int) -> int:

@@ -127,6 +127,7 @@ def word_cases(device, dtype):
         differ = _differ(rows, dequantize(qt)[8:].to(dtype))
         yield f"dequantize_words {spec.describe()} rows 8..{n} bit-exact", differ, differ == 0
         runs = [("gemv4", 1, {}), ("gemv4", 3, dict(split_k=3)), ("auto", 1, {}),
+                ("gemv4", 2, dict(split_k=2, prefetch=True, block_n=32, num_warps=1)),
                 ("dequant4_mm", 9, dict(chunk_n=16)), ("dequant4_mm", 9, {}),
                 ("dequant4_mm", 9, dict(chunk_n=8, overlap=True))]
         if layout.word_rejects(fmt, k, group, layout.WORD_MMA_MIN_BLOCK_K) is None:

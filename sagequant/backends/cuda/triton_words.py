@@ -34,6 +34,7 @@ from .dequant_gemm import dequant_mm
 from .triton_splitk import _last_split_sums, _splitk_reduce, tile_counters
 
 KINDS = {"int4": 0, "uint4": 1, "nf4": 2}
+MAGIC = 0x4B000000  # OR-ed into a nibble, the fp32 2**23 + nibble (a kernel argument: see _plane)
 
 
 @triton.jit
@@ -49,21 +50,23 @@ def _pow16(Q: tl.constexpr):
 
 
 @triton.jit
-def _plane(w, w_hi, P: tl.constexpr, z, book_ptr, KIND: tl.constexpr, SCALED: tl.constexpr):
-    """Nibble P of every word as fp32. SCALED (the GEMV): times 16**(P % 4) for int4/uint4, the
-    caller dividing fp32 x by it (exact); masking in place saves the shift per nibble (44 against
-    47 µs on gate_up, H100). Unscaled (the 16-bit tensor-core operand, whose x must keep fp16's
-    range): shifted down first, which the same sweep measured faster in the MMA kernel. w is
-    pre-flipped for int4, w_hi = w >> 16 (read only when SCALED), z the zero points."""
+def _plane(w, w_hi, P: tl.constexpr, z, book_ptr, magic, KIND: tl.constexpr,
+           SCALED: tl.constexpr):
+    """Nibble P of every word as fp32. SCALED: times 16**(P % 4) for int4/uint4, the caller
+    dividing x by it (exact in fp32 and bf16, not fp16's range); masking in place saves the shift
+    per nibble (44 against 47 µs on gate_up, H100). Unscaled: shifted down first. w is
+    pre-flipped for int4, w_hi = w >> 16 (read only when SCALED), z the zero points. magic is
+    0x4B000000 passed at run time: as a register, mask and OR fuse into one LOP3 (ptxas takes
+    one immediate per LOP3, so two constants cost two)."""
     if KIND == 2:
         return tl.load(book_ptr + ((w >> (4 * P)) & 0xF))
     off = 8.0 if KIND == 0 else z
     if SCALED:
         Q: tl.constexpr = P % 4
         src = w if P < 4 else w_hi
-        f = ((src & (0xF << (4 * Q))) | 0x4B000000).to(tl.float32, bitcast=True)
+        f = ((src & (0xF << (4 * Q))) | magic).to(tl.float32, bitcast=True)
         return f - (8388608.0 + off * _pow16(Q))
-    f = (((w >> (4 * P)) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True)
+    f = (((w >> (4 * P)) & 0xF) | magic).to(tl.float32, bitcast=True)
     return f - (8388608.0 + off)
 
 
@@ -86,41 +89,57 @@ def _group(s_ptr, z_ptr, offs_n, n_ok, g, stride_sn, stride_sg, stride_zn, strid
     return s, z
 
 
+@triton.jit
+def _words(w_ptr, offs_n, n_ok, cols, hi, stride_wn, KIND: tl.constexpr):
+    """The [rows, cols] word tile (zero past `hi`), int4 pre-flipped."""
+    w = tl.load(w_ptr + offs_n[:, None] * stride_wn + cols[None, :],
+                mask=n_ok[:, None] & (cols < hi)[None, :], other=0)
+    if KIND == 0:
+        w = w ^ -2004318072  # 0x88888888: flip the sign bit of all 8 nibbles
+    return w
+
+
 @triton.jit(do_not_specialize=["M"])
 def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, book_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, KW,
-                 GROUP, words_per_split, S, stride_xm, stride_wn, stride_sn, stride_sg, stride_zn,
-                 stride_zg, stride_om, KIND: tl.constexpr, HAS_BIAS: tl.constexpr,
-                 SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr):
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    m = tl.program_id(2)
+                 GROUP, words_per_split, S, magic, stride_xm, stride_wn, stride_sn, stride_sg,
+                 stride_zn, stride_zg, stride_om, KIND: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr,
+                 PREFETCH: tl.constexpr):
+    """One row of x per program. PREFETCH loads the next K block's words before this block's
+    arithmetic (num_stages leaves this loop's loads unpipelined)."""
+    m = tl.program_id(0)  # fastest: the M programs of one weight tile run together (L2 reuse)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
     offs_j = tl.arange(0, BLOCK_KW)
     acc = tl.zeros((BLOCK_N, BLOCK_KW), dtype=tl.float32)
     lo = pid_k * words_per_split
     hi = min(lo + words_per_split, KW)
+    if PREFETCH:
+        w_next = _words(w_ptr, offs_n, n_ok, lo + offs_j, hi, stride_wn, KIND)
     for w0 in range(lo, hi, BLOCK_KW):
         cols = w0 + offs_j
         c_ok = cols < hi
-        w = tl.load(w_ptr + offs_n[:, None] * stride_wn + cols[None, :],
-                    mask=n_ok[:, None] & c_ok[None, :], other=0)
-        if KIND == 0:
-            w = w ^ -2004318072  # 0x88888888: flip the sign bit of all 8 nibbles
+        if PREFETCH:
+            w = w_next
+            w_next = _words(w_ptr, offs_n, n_ok, cols + BLOCK_KW, hi, stride_wn, KIND)
+        else:
+            w = _words(w_ptr, offs_n, n_ok, cols, hi, stride_wn, KIND)
         w_hi = w >> 16
         s, z = _group(s_ptr, z_ptr, offs_n, n_ok, (w0 * 8) // GROUP, stride_sn, stride_sg,
                       stride_zn, stride_zg, KIND)
         blk = tl.zeros((BLOCK_N, BLOCK_KW), dtype=tl.float32)
         for p in tl.static_range(8):
             xp = tl.load(x_ptr + m * stride_xm + cols * 8 + p, mask=c_ok, other=0.0)
-            wp = _plane(w, w_hi, p, z[:, None], book_ptr, KIND, True)
+            wp = _plane(w, w_hi, p, z[:, None], book_ptr, magic, KIND, True)
             blk += wp * _x_plane(xp, p, KIND)[None, :]
         acc += blk * s[:, None]
     out = tl.sum(acc, axis=1)
     if SPLIT == 2:
         _last_split_sums(out, ws_ptr, cnt_ptr, b_ptr, out_ptr, m * N + offs_n,
                          m * stride_om + offs_n, offs_n, n_ok, M * N, S, pid_k,
-                         m * tl.num_programs(0) + pid_n, HAS_BIAS)
+                         pid_n * M + m, HAS_BIAS)
     elif SPLIT == 1:
         tl.store(ws_ptr + pid_k * M * N + m * N + offs_n, out, mask=n_ok)
     else:
@@ -131,9 +150,11 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, book_ptr, b_ptr, out_ptr, ws_ptr, c
 
 @triton.jit(do_not_specialize=["M"])
 def _mma_kernel(x_ptr, w_ptr, s_ptr, z_ptr, book_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, KW,
-                GROUP, words_per_split, S, stride_xm, stride_wn, stride_sn, stride_sg, stride_zn, stride_zg,
+                GROUP, words_per_split, S, magic, stride_xm, stride_wn, stride_sn, stride_sg, stride_zn, stride_zg,
                 stride_om, KIND: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr):
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr,
+                IN_PLACE: tl.constexpr):
+    """IN_PLACE (bf16 x only): planes masked in place, x divided by 16**(P % 4) (exact)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -155,11 +176,14 @@ def _mma_kernel(x_ptr, w_ptr, s_ptr, z_ptr, book_ptr, b_ptr, out_ptr, ws_ptr, cn
             w = w ^ -2004318072  # 0x88888888: flip the sign bit of all 8 nibbles
         s, z = _group(s_ptr, z_ptr, offs_n, n_ok, (w0 * 8) // GROUP, stride_sn, stride_sg,
                       stride_zn, stride_zg, KIND)
+        w_hi = w >> 16
         part = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-        for p in tl.static_range(8):  # unscaled planes: x stays as given (fp16 has no range)
+        for p in tl.static_range(8):
             xp = tl.load(x_ptr + offs_m[None, :] * stride_xm + cols[:, None] * 8 + p,
                          mask=m_ok[None, :] & c_ok[:, None], other=0.0)
-            wp = _plane(w, w, p, z[:, None], book_ptr, KIND, False).to(dot_dtype)
+            if IN_PLACE:
+                xp = _x_plane(xp, p, KIND).to(dot_dtype)
+            wp = _plane(w, w_hi, p, z[:, None], book_ptr, magic, KIND, IN_PLACE).to(dot_dtype)
             part = tl.dot(wp, xp, part)
         acc += part * s[:, None]
     acc = tl.trans(acc)  # [BLOCK_M, BLOCK_N]
@@ -241,25 +265,27 @@ def word_linear(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     w = qweight.view(torch.uint8).view(torch.int32)  # [N, K/8]; the view checks alignment
     kw, bkw = k // 8, plan.block_k // 8
     per, splits = layout.k_blocks_per_split(kw, bkw, plan.split_k)
-    grid = (triton.cdiv(n, plan.block_n), splits,
-            m if plan.path == "gemv4" else triton.cdiv(m, plan.block_m))
+    tiles = triton.cdiv(n, plan.block_n)
+    m_tiles = m if plan.path == "gemv4" else triton.cdiv(m, plan.block_m)
+    grid = (m, tiles, splits) if plan.path == "gemv4" else (tiles, splits, m_tiles)
     in_kernel = layout.WORD_SPLIT_IN_KERNEL if split_in_kernel is None else split_in_kernel
     mode = 0 if splits == 1 else 2 if in_kernel else 1
     ws = torch.empty((splits, m, n), dtype=torch.float32, device=x2.device) if mode else out
-    counters = tile_counters(x2.device, grid[0] * grid[2]) if mode == 2 else ws
+    counters = tile_counters(x2.device, tiles * m_tiles) if mode == 2 else ws
     sn, sg = layout.scale_strides(scales, n)
     zt = zeros if zeros is not None else scales
     zn, zg = layout.scale_strides(zt, n)
     book = _book(x2.device) if fmt == "nf4" else scales
     b = bias if bias is not None else out
     args = (x2, w, scales, zt, book, b, out, ws, counters, m, n, kw, group, per * bkw, splits,
-            x2.stride(0), w.stride(0), sn, sg, zn, zg, out.stride(0))
+            MAGIC, x2.stride(0), w.stride(0), sn, sg, zn, zg, out.stride(0))
     flags = dict(KIND=KINDS[fmt], HAS_BIAS=bias is not None, SPLIT=mode, BLOCK_N=plan.block_n,
                  BLOCK_KW=bkw, num_warps=plan.num_warps, num_stages=plan.num_stages)
     if plan.path == "gemv4":
-        _gemv_kernel[grid](*args, **flags)
+        _gemv_kernel[grid](*args, **flags, PREFETCH=plan.prefetch)
     else:
-        _mma_kernel[grid](*args, **flags, BLOCK_M=plan.block_m)
+        _mma_kernel[grid](*args, **flags, BLOCK_M=plan.block_m,
+                          IN_PLACE=plan.in_place and x2.dtype == torch.bfloat16)
     if mode == 1:
         _splitk_reduce[(triton.cdiv(m * n, 1024),)](ws, b, out, m * n, n, splits,
                                                      HAS_BIAS=bias is not None, BLOCK=1024)

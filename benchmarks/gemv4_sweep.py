@@ -1,0 +1,267 @@
+"""Issue 18's W4A16 decode sweep (one H100 run): the int32-word kernels as they launched before
+(split-K partials summed by a second kernel) against the in-kernel sum (triton_splitk.
+_last_split_sums) and tile / warp / stage / split-K alternatives, at M = 1, 2, 4, 8, 16 on
+Llama-3-8B's four linear shapes, with bf16 cuBLAS in the same run.
+
+    python3 benchmarks/gemv4_sweep.py --out "$OUT" [--budget 220] [--jobs 8]
+    python3 benchmarks/gemv4_sweep.py --smoke      # CPU, Triton interpreter, tiny shapes
+
+int4 g128 symmetric weights with fp32 group scales (the engine's W4A16), random codes built on
+the GPU, bf16 activations. Every variant is checked once per (shape, M) against a float64
+reference (rel_fro <= 3e-3, the selfcheck tolerance) and against the old launch bit for bit
+(equal whenever the split is the same: the summation order is), then timed with CUDA graphs over
+rotated weight copies (each replay streams >= 4x the L2, as a 32-layer step does: "cold"). The
+old launch, the fastest correct variant and bf16 are timed again on one copy ("hot": what the
+engine build's measured dispatch sees). --jobs compiles the variants in parallel processes first
+(Triton's disk cache), so the timed process finds them compiled.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing as mp
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import cuda_bench_lib as lib  # noqa: E402
+
+SHAPES = {"gate_up": (28672, 4096), "qkv": (6144, 4096), "o": (4096, 4096), "down": (4096, 14336)}
+SMOKE_SHAPES = {"gate_up": (96, 256), "o": (40, 512)}
+MS = (1, 2, 4, 8, 16)
+GROUP = 128
+TOL = 3e-3
+# The order work is done in (the budget may stop it): M=1 everywhere, then the shape bf16 beats.
+ORDER = [(s, 1) for s in SHAPES] + [("o", m) for m in (16, 8, 4, 2)] + \
+    [(s, m) for s in ("qkv", "gate_up", "down") for m in (2, 4, 8, 16)]
+
+
+class Weight:
+    """Random int4 codes [N, K/2] uint8 (element 2i in the low nibble), fp32 group scales, the
+    float64 dequantized weight and its bf16 copy."""
+
+    def __init__(self, n: int, k: int, seed: int):
+        gen = torch.Generator(device=lib.DEVICE).manual_seed(seed)
+        self.n, self.k = n, k
+        self.data = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device=lib.DEVICE,
+                                  generator=gen)
+        self.scales = torch.rand(n, k // GROUP, device=lib.DEVICE, generator=gen) * 0.02 + 1e-3
+        lo = (self.data & 0xF).to(torch.int16)
+        hi = (self.data >> 4).to(torch.int16)
+        codes = (torch.stack((lo, hi), -1).reshape(n, k) ^ 8) - 8   # signed nibbles
+        self.w64 = codes.double() * self.scales.double().repeat_interleave(GROUP, dim=1)
+        self.w16 = self.w64.to(torch.bfloat16 if lib.DEVICE == "cuda" else torch.float16)
+
+    def copies(self, count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [(self.data, self.scales)] + [(self.data.clone(), self.scales.clone())
+                                             for _ in range(count - 1)]
+
+
+def variants(m: int, n: int, k: int, sms: int, smoke: bool) -> list[tuple[str, object, bool]]:
+    """(label, plan, in-kernel sum) per candidate; "old" is the plan and launch before. The
+    GEMV's num_stages is left at 1: Triton does not pipeline its loads (same SASS at 1 and 3)."""
+    from sagequant.backends.cuda import layout
+    base = layout.choose(m, n, k, bits=4, group=GROUP, sm_count=sms, fmt="int4")
+    out = [("old", base, False), ("old+sum", base, True)]
+    if MAIN_WORDS is not None:
+        out.insert(0, ("main", base, None))
+    blocks = math.ceil(k / 128)
+    gemv = [(bn, w, 1, pf) for bn, w in ((32, 1), (64, 2), (64, 4), (128, 2), (128, 4), (128, 8),
+                                         (256, 4), (256, 8)) for pf in (False, True)]
+    mma = [(bn, 4, s, ip) for bn in (32, 64, 128) for s in (2, 4) for ip in (False, True)]
+    grids = [("gemv4", gemv)] if m == 1 else \
+        [("mma4", mma)] + ([("gemv4", [g for g in gemv if g[0] >= 128 and g[1] == 4])] if m <= 2 else [])
+    waves = (1, 2, 4, 8)
+    if smoke:
+        grids, waves = [(path, grid[:2] + grid[-1:]) for path, grid in grids], waves[:2]
+    for path, grid in grids:
+        for bn, w, s, flag in grid:
+            tiles = (m if path == "gemv4" else 1) * math.ceil(n / bn)
+            for split in sorted({layout.split_k_for(tiles, blocks, sms, wv) for wv in waves}):
+                plan = layout.Plan(path, block_m=1 if path == "gemv4" else 16, block_n=bn,
+                                   block_k=128, split_k=split, num_warps=w, num_stages=s,
+                                   prefetch=flag and path == "gemv4",
+                                   in_place=flag and path == "mma4")
+                if plan != base:
+                    out.append((plan.describe(), plan, True))
+    return out
+
+
+MAIN_WORDS = None  # --main-words: the kernels module as main has it, timed as "main"
+
+
+def load_main_words(path: Path):
+    """Load another copy of triton_words.py inside sagequant.backends.cuda (its relative imports
+    resolve to this checkout's layout and split-K modules)."""
+    global MAIN_WORDS
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("sagequant.backends.cuda._main_words", path)
+    MAIN_WORDS = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = MAIN_WORDS
+    spec.loader.exec_module(MAIN_WORDS)
+
+
+def run_variant(x, wt, data, scales, out, plan, in_kernel):
+    if in_kernel is None:  # main's module, main's launch
+        MAIN_WORDS.word_linear(x, data, scales, None, None, out, "int4", GROUP, plan)
+        return
+    from sagequant.backends.cuda.triton_words import word_linear
+    word_linear(x, data, scales, None, None, out, "int4", GROUP, plan, in_kernel)
+
+
+def _warm(task) -> int:
+    """Compile a list of variants (one launch each) into Triton's disk cache; errors are left
+    for the timed process to record."""
+    (n, k), m, labels, smoke, main_words = task
+    lib.import_sagequant()
+    if main_words:
+        load_main_words(main_words)
+    torch.cuda.init()
+    wt = Weight(n, k, 0)
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    out = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
+    done = 0
+    for label, plan, in_kernel in variants(m, n, k, 132, smoke):
+        if label in labels:
+            try:
+                run_variant(x, wt, wt.data, wt.scales, out, plan, in_kernel)
+                done += 1
+            except Exception:
+                pass
+    torch.cuda.synchronize()
+    return done
+
+
+def precompile(jobs: int, smoke: bool, main_words) -> None:
+    tasks = []
+    seen: set = set()
+    for name, m in ORDER:
+        n, k = SHAPES[name]
+        for label, plan, in_kernel in variants(m, n, k, 132, smoke):
+            key = (replace(plan, split_k=1), in_kernel, plan.split_k > 1)
+            if key not in seen:
+                seen.add(key)
+                tasks.append(((n, k), m, label))
+    by_job: list[list] = [[] for _ in range(jobs)]
+    for i, t in enumerate(tasks):
+        by_job[i % jobs].append(t)
+    work = []
+    for chunk in by_job:
+        groups: dict = {}
+        for shape, m, label in chunk:
+            groups.setdefault((shape, m), set()).add(label)
+        work += [(shape, m, labels, smoke, main_words) for (shape, m), labels in groups.items()]
+    with mp.get_context("spawn").Pool(jobs) as pool:
+        print(f"precompiled {sum(pool.map(_warm, work))} launches in {jobs} processes", flush=True)
+
+
+def sweep(args, budget: lib.Budget) -> dict:
+    l2 = lib.environment()["l2_bytes"] or (50 << 20)
+    shapes = SMOKE_SHAPES if args.smoke else SHAPES
+    sms = torch.cuda.get_device_properties(0).multi_processor_count if not args.smoke else 4
+    dtype = torch.float16 if args.smoke else torch.bfloat16
+    order = [(s, m) for s, m in ORDER if s in shapes] if not args.smoke else \
+        [(s, m) for s in shapes for m in (1, 2)]
+    rows, best, skipped = [], [], []
+    weights: dict = {}
+    for name, m in order:
+        if budget.left() < 8:
+            skipped.append(f"{name} M={m}")
+            continue
+        n, k = shapes[name]
+        if name not in weights:
+            weights.clear()
+            weights[name] = Weight(n, k, list(shapes).index(name))
+        wt = weights[name]
+        gen = torch.Generator(device=lib.DEVICE).manual_seed(m)
+        x = torch.randn(m, k, device=lib.DEVICE, generator=gen).to(dtype)
+        ref = x.double() @ wt.w64.t()
+        copies = wt.copies(1 if args.smoke else lib.copies_for(lib.tensor_bytes(wt.data, wt.scales), l2))
+        bcopies = [wt.w16] + [wt.w16.clone() for _ in range(
+            (1 if args.smoke else lib.copies_for(lib.tensor_bytes(wt.w16), l2)) - 1)]
+        out = torch.empty(m, n, device=lib.DEVICE, dtype=dtype)
+        bf16 = lib.time_graph([lambda w=w: torch.mm(x, w.t()) for w in bcopies])["us"]
+        old_out, results = None, []
+        for label, plan, in_kernel in variants(m, n, k, sms, args.smoke):
+            if budget.left() < 5:
+                skipped.append(f"{name} M={m} {label}")
+                continue
+            row = {"shape": name, "n": n, "k": k, "m": m, "variant": label,
+                   "plan": plan.describe(), "in_kernel_sum": in_kernel}
+            try:
+                lib.poison(m * n, dtype)
+                run_variant(x, wt, wt.data, wt.scales, out, plan, in_kernel)
+                lib.sync()
+                got = out.clone()
+                err = lib.rel_errors(got, ref)
+                if label in ("main", "old") and old_out is None:
+                    old_out = got  # the bits every variant is compared with
+                row.update(err, ok=err["finite"] and err["rel_fro"] <= TOL,
+                           same_bits_as_old=old_out is not None and torch.equal(got, old_out))
+                t = lib.time_graph([lambda d=d, s=s: run_variant(x, wt, d, s, out, plan, in_kernel)
+                                    for d, s in copies])
+                row.update(us_cold=round(t["us"], 2), spread=round(t["spread"], 3),
+                           copies=t["copies"])
+            except Exception as e:  # recorded; the others still run
+                row.update(ok=False, error=lib.short_error(e))
+            rows.append(row)
+            results.append((row, plan, in_kernel))
+        good = [r for r in results if r[0].get("ok") and "us_cold" in r[0]]
+        if not good:
+            continue
+        top, plan, in_kernel = min(good, key=lambda r: r[0]["us_cold"])
+        old = next((r for r in results if r[0]["variant"] in ("main", "old")), None)
+        hot = {"bf16": lib.time_graph([lambda: torch.mm(x, wt.w16.t())])["us"],
+               "best": lib.time_graph([lambda: run_variant(x, wt, wt.data, wt.scales, out, plan,
+                                                           in_kernel)])["us"]}
+        if old is not None:
+            hot[old[0]["variant"]] = lib.time_graph([lambda: run_variant(x, wt, wt.data, wt.scales, out,
+                                                             old[1], old[2])])["us"]
+        entry = {"shape": name, "n": n, "k": k, "m": m, "best": top["variant"],
+                 "best_plan": top["plan"], "best_us_cold": top["us_cold"],
+                 "baseline": old[0]["variant"] if old else None,
+                 "baseline_us_cold": old[0].get("us_cold") if old else None,
+                 "bf16_us_cold": round(bf16, 2),
+                 "hot_us": {key: round(v, 2) for key, v in hot.items()},
+                 "floor_us_3TBs": round(lib.tensor_bytes(wt.data, wt.scales) / 3.0e6, 2)}
+        best.append(entry)
+        print(json.dumps(entry), flush=True)
+        del copies, bcopies
+    return {"rows": rows, "best": best, "skipped": skipped}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", type=Path, default=Path("."))
+    ap.add_argument("--budget", type=float, default=220.0, help="seconds for the whole run")
+    ap.add_argument("--jobs", type=int, default=0, help="processes that precompile first")
+    ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--main-words", type=Path, help="main's triton_words.py, timed as 'main'")
+    args = ap.parse_args()
+    budget = lib.Budget(args.budget)
+    if args.smoke:
+        from sagequant.backends.cuda.interpret import enable_triton_interpreter
+        enable_triton_interpreter()
+        lib.DEVICE = "cpu"
+    lib.import_sagequant()
+    if args.main_words:
+        load_main_words(args.main_words)
+    if args.jobs and not args.smoke:
+        precompile(args.jobs, args.smoke, args.main_words)
+        print(f"precompile done at {budget.elapsed():.0f} s", flush=True)
+    res = {"env": lib.environment(), "bandwidth_GBps": lib.measure_bandwidth(1 << 28),
+           **sweep(args, budget), "seconds": None}
+    res["seconds"] = round(budget.elapsed(), 1)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "gemv4_sweep.json").write_text(json.dumps(res, indent=1))
+    bad = [r for r in res["rows"] if not r.get("ok")]
+    print(f"{len(res['rows'])} variants, {len(bad)} failed or wrong, {len(res['skipped'])} "
+          f"skipped, {res['seconds']} s")
+
+
+if __name__ == "__main__":
+    main()

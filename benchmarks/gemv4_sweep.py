@@ -62,13 +62,15 @@ class Weight:
 
 
 def variants(m: int, n: int, k: int, sms: int, smoke: bool) -> list[tuple[str, object, bool]]:
-    """(label, plan, in-kernel sum) per candidate; "old" is the plan and launch before. The
-    GEMV's num_stages is left at 1: Triton does not pipeline its loads (same SASS at 1 and 3)."""
+    """(label, plan, run by main's module) per candidate: "main" (main's kernels and launch, with
+    --main-words), "old" (the thresholds' plan, split-K summed by a second kernel), "sum" (the
+    same plan summed in the GEMM), then the alternatives. The GEMV's num_stages stays 1: Triton
+    does not pipeline its loads (the same SASS at 1 and 3)."""
     from sagequant.backends.cuda import layout
     base = layout.choose(m, n, k, bits=4, group=GROUP, sm_count=sms, fmt="int4")
-    out = [("old", base, False), ("old+sum", base, True)]
+    out = [("old", replace(base, launch_reduce=True), False), ("sum", base, False)]
     if MAIN_WORDS is not None:
-        out.insert(0, ("main", base, None))
+        out.insert(0, ("main", base, True))
     blocks = math.ceil(k / 128)
     gemv = [(bn, w, 1, pf) for bn, w in ((32, 1), (64, 2), (64, 4), (128, 2), (128, 4), (128, 8),
                                          (256, 4), (256, 8)) for pf in (False, True)]
@@ -87,7 +89,7 @@ def variants(m: int, n: int, k: int, sms: int, smoke: bool) -> list[tuple[str, o
                                    prefetch=flag and path == "gemv4",
                                    in_place=flag and path == "mma4")
                 if plan != base:
-                    out.append((plan.describe(), plan, True))
+                    out.append((plan.describe(), plan, False))
     return out
 
 
@@ -105,12 +107,9 @@ def load_main_words(path: Path):
     spec.loader.exec_module(MAIN_WORDS)
 
 
-def run_variant(x, wt, data, scales, out, plan, in_kernel):
-    if in_kernel is None:  # main's module, main's launch
-        MAIN_WORDS.word_linear(x, data, scales, None, None, out, "int4", GROUP, plan)
-        return
-    from sagequant.backends.cuda.triton_words import word_linear
-    word_linear(x, data, scales, None, None, out, "int4", GROUP, plan, in_kernel)
+def run_variant(x, wt, data, scales, out, plan, main):
+    from sagequant.backends.cuda import triton_words
+    (MAIN_WORDS if main else triton_words).word_linear(x, data, scales, None, None, out, "int4", GROUP, plan)
 
 
 def _warm(task) -> int:
@@ -125,10 +124,10 @@ def _warm(task) -> int:
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     out = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
     done = 0
-    for label, plan, in_kernel in variants(m, n, k, 132, smoke):
+    for label, plan, main in variants(m, n, k, 132, smoke):
         if label in labels:
             try:
-                run_variant(x, wt, wt.data, wt.scales, out, plan, in_kernel)
+                run_variant(x, wt, wt.data, wt.scales, out, plan, main)
                 done += 1
             except Exception:
                 pass
@@ -141,8 +140,8 @@ def precompile(jobs: int, smoke: bool, main_words) -> None:
     seen: set = set()
     for name, m in ORDER:
         n, k = SHAPES[name]
-        for label, plan, in_kernel in variants(m, n, k, 132, smoke):
-            key = (replace(plan, split_k=1), in_kernel, plan.split_k > 1)
+        for label, plan, main in variants(m, n, k, 132, smoke):
+            key = (replace(plan, split_k=1), main, plan.split_k > 1)
             if key not in seen:
                 seen.add(key)
                 tasks.append(((n, k), m, label))
@@ -186,15 +185,15 @@ def sweep(args, budget: lib.Budget) -> dict:
         out = torch.empty(m, n, device=lib.DEVICE, dtype=dtype)
         bf16 = lib.time_graph([lambda w=w: torch.mm(x, w.t()) for w in bcopies])["us"]
         old_out, results = None, []
-        for label, plan, in_kernel in variants(m, n, k, sms, args.smoke):
+        for label, plan, main in variants(m, n, k, sms, args.smoke):
             if budget.left() < 5:
                 skipped.append(f"{name} M={m} {label}")
                 continue
             row = {"shape": name, "n": n, "k": k, "m": m, "variant": label,
-                   "plan": plan.describe(), "in_kernel_sum": in_kernel}
+                   "plan": plan.describe(), "main_module": main}
             try:
                 lib.poison(m * n, dtype)
-                run_variant(x, wt, wt.data, wt.scales, out, plan, in_kernel)
+                run_variant(x, wt, wt.data, wt.scales, out, plan, main)
                 lib.sync()
                 got = out.clone()
                 err = lib.rel_errors(got, ref)
@@ -202,22 +201,22 @@ def sweep(args, budget: lib.Budget) -> dict:
                     old_out = got  # the bits every variant is compared with
                 row.update(err, ok=err["finite"] and err["rel_fro"] <= TOL,
                            same_bits_as_old=old_out is not None and torch.equal(got, old_out))
-                t = lib.time_graph([lambda d=d, s=s: run_variant(x, wt, d, s, out, plan, in_kernel)
+                t = lib.time_graph([lambda d=d, s=s: run_variant(x, wt, d, s, out, plan, main)
                                     for d, s in copies])
                 row.update(us_cold=round(t["us"], 2), spread=round(t["spread"], 3),
                            copies=t["copies"])
             except Exception as e:  # recorded; the others still run
                 row.update(ok=False, error=lib.short_error(e))
             rows.append(row)
-            results.append((row, plan, in_kernel))
+            results.append((row, plan, main))
         good = [r for r in results if r[0].get("ok") and "us_cold" in r[0]]
         if not good:
             continue
-        top, plan, in_kernel = min(good, key=lambda r: r[0]["us_cold"])
+        top, plan, main = min(good, key=lambda r: r[0]["us_cold"])
         old = next((r for r in results if r[0]["variant"] in ("main", "old")), None)
         hot = {"bf16": lib.time_graph([lambda: torch.mm(x, wt.w16.t())])["us"],
                "best": lib.time_graph([lambda: run_variant(x, wt, wt.data, wt.scales, out, plan,
-                                                           in_kernel)])["us"]}
+                                                           main)])["us"]}
         if old is not None:
             hot[old[0]["variant"]] = lib.time_graph([lambda: run_variant(x, wt, wt.data, wt.scales, out,
                                                              old[1], old[2])])["us"]
@@ -251,7 +250,10 @@ def main() -> None:
     if args.main_words:
         load_main_words(args.main_words)
     if args.jobs and not args.smoke:
-        precompile(args.jobs, args.smoke, args.main_words)
+        try:
+            precompile(args.jobs, args.smoke, args.main_words)
+        except Exception as err:  # the timed process compiles what is missing
+            print(f"precompile failed: {lib.short_error(err)}", flush=True)
         print(f"precompile done at {budget.elapsed():.0f} s", flush=True)
     res = {"env": lib.environment(), "bandwidth_GBps": lib.measure_bandwidth(1 << 28),
            **sweep(args, budget), "seconds": None}

@@ -29,10 +29,19 @@ def _empty_table():
 
 def test_candidates_cover_the_thresholds_and_dequantize():
     n, k = 28672, 4096
-    assert [p.path for p in md.candidates(1, n, k, "int4", 128)] == ["gemv4"]  # M=1: no choice
+    at1 = md.candidates(1, n, k, "int4", 128)  # M=1: the GEMV and its word-kernel variants
+    assert at1[0] == layout.choose(1, n, k, bits=4, group=128, fmt="int4") and at1[0].split_k > 1
+    assert at1[1:] == [replace(at1[0], prefetch=True), replace(at1[0], launch_reduce=True)]
+    assert md.candidates(1, 4096, 128, "nf4", 128)[1:] == [replace(
+        layout.choose(1, 4096, 128, bits=4, group=128, fmt="nf4"), prefetch=True)]  # no split
     at32 = md.candidates(32, n, k, "int4", 128)
     assert at32[0] == layout.choose(32, n, k, bits=4, group=128, fmt="int4")  # thresholds first
     assert {p.path for p in at32} == {"mma4", "dequant4_mm", "tiled", "splitk"}  # int32 words
+    mma = [p for p in at32 if p.path == "mma4"]   # BLOCK_M 32: no in-place planes
+    assert mma == [mma[0], replace(mma[0], launch_reduce=True)]
+    at8 = [p for p in md.candidates(8, n, k, "int4", 128) if p.path == "mma4"]
+    assert at8 == [at8[0], replace(at8[0], in_place=True), replace(at8[0], launch_reduce=True)]
+    assert not any(p.in_place for p in md.candidates(8, n, k, "nf4", 128))  # code book planes
     assert any(p.swap_ab and p.block_m == 32 for p in at32 if p.path == "splitk")
     chunks = {(p.chunk_n, p.overlap) for p in at32 if p.path == "dequant4_mm"}
     assert chunks == {(0, False), (layout.dequant_chunk_rows(n, k, layout.DEQUANT_CHUNK_BYTES), False),
@@ -52,10 +61,11 @@ def test_installed_rows_route_each_m_to_the_next_bucket_up():
     args = dict(bits=4, group=128, sm_count=132, fmt="int4")
     assert md.plan_for(key, 8, n, k, **args) is None   # nothing measured: thresholds decide
     md.install(key, [{"m": 32, "path": "mma4", "chunk_n": 0},
-                     {"m": 1, "path": "gemv4", "chunk_n": 0},
+                     {"m": 1, "path": "gemv4", "chunk_n": 0, "word_flags": {"prefetch": True}},
                      {"m": 512, "path": "dequant_mm", "chunk_n": 0},
                      {"m": 2048, "path": "dequant4_mm", "chunk_n": 1024, "overlap": True}])
-    assert md.plan_for(key, 1, n, k, **args).path == "gemv4"
+    assert md.plan_for(key, 1, n, k, **args) == replace(layout.plan_for("gemv4", 1, n, k, **args),
+                                                        prefetch=True)  # the variant is kept
     got = md.plan_for(key, 20, n, k, **args)   # bucket 32, tiles planned for M = 20
     assert got == layout.plan_for("mma4", 20, n, k, **args)
     assert md.plan_for(key, 33, n, k, **args) == replace(

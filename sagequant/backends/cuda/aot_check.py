@@ -73,14 +73,18 @@ def weight_only_plans(defaults_only: bool = False) -> list:
     return sorted({replace(p, split_k=1) for p in plans | set(extra)}, key=lambda p: p.describe())
 
 
-def word_plans(fmt: str) -> list:
-    """The int32-word kernel plans choose() makes on the 7B shapes, split-K folded to 1."""
-    plans = {replace(layout.choose(m, n, k, bits=4, group=128, fmt=fmt), split_k=1)
-             for n, k in QWEN2_7B for m in (1, 8, 16, 32, 64)}
+def word_plans(fmt: str, defaults_only: bool = False) -> list:
+    """The int32-word kernel plans choose() makes on the 7B shapes (plus, unless defaults_only,
+    the variants an engine build times against them), split-K folded to 1."""
+    from .measured_dispatch import word_variants
+    chosen = [layout.choose(m, n, k, bits=4, group=128, fmt=fmt)
+              for n, k in QWEN2_7B for m in (1, 8, 16, 32, 64)]
+    extra = [] if defaults_only else [v for p in chosen for v in word_variants(p, fmt)]
+    plans = {replace(p, split_k=1, launch_reduce=False) for p in chosen + extra}
     return sorted((p for p in plans if p.path in ("gemv4", "mma4")), key=lambda p: p.describe())
 
 
-def word_configs(dt: str):
+def word_configs(dt: str, defaults_only: bool = False):
     """The int32-word kernels (triton_words) and the fused FP8 decode GEMV, as launched."""
     from . import triton_fp8_gemv as fg
     from . import triton_words as tw
@@ -88,8 +92,9 @@ def word_configs(dt: str):
         base = {"x_ptr": f"*{dt}", "w_ptr": "*i32", "s_ptr": "*fp16",
                 "z_ptr": "*i32" if kind == 1 else "*fp16", "book_ptr": "*fp32" if kind == 2
                 else "*fp16", "b_ptr": f"*{dt}"}
-        for plan in word_plans(fmt):
-            for split in (0, 1, 2):  # none, workspace + _splitk_reduce, summed in the GEMM
+        for plan in word_plans(fmt, defaults_only):
+            # no split, summed in the GEMM, partials for _splitk_reduce (plan.launch_reduce)
+            for split in (0, 2) if defaults_only else (0, 2, 1):
                 types = dict(base, out_ptr=f"*{dt}", ws_ptr="*fp32" if split else f"*{dt}",
                              cnt_ptr="*i32" if split == 2 else "*fp32" if split else f"*{dt}")
                 const = dict(KIND=kind, HAS_BIAS=True, SPLIT=split, BLOCK_N=plan.block_n,
@@ -173,7 +178,7 @@ def configs(defaults_only: bool = False):
     from . import triton_weight_only as wo
     yield from fused_configs("bf16")
     yield from kv_configs("bf16")
-    yield from word_configs("bf16")  # the dtype they were timed in (fp16 compiles the same code)
+    yield from word_configs("bf16", defaults_only)  # the dtype they were timed in (fp16 compiles the same code)
     for dt in ("bf16", "fp16"):
         for fmt, flags in WO_FLAGS.items():
             for plan in weight_only_plans(defaults_only):

@@ -35,6 +35,7 @@ PATHS = ("gemv", "splitk", "tiled", "dequant_mm", "gemv4", "mma4", "dequant4_mm"
 # and tiles from the H100 sweep of benchmarks/cuda_round2.py (BENCHMARKS.md §CUDA round 2).
 WORD_FORMATS = ("int4", "uint4", "nf4")
 WORD_PATHS = ("gemv4", "mma4", "dequant4_mm")
+WORD_FLAGS = ("in_place", "prefetch", "launch_reduce")  # Plan fields of gemv4 / mma4 variants
 WORD_GEMV_MAX_M = 1       # M <= this: the word GEMV (CUDA cores)
 WORD_MMA_MAX_M = 32       # M <= this: the word tensor-core kernel
 WORD_MMA_NARROW_MAX_M = 64  # ... up to this M when N <= WORD_NARROW_N (few output tiles)
@@ -44,7 +45,6 @@ NF4_GEMV_BLOCK_N = 32     # NF4 GEMV rows per program (compile report; not yet t
 WORD_MMA_MIN_BLOCK_K = 128  # the MMA kernel's 8 per-plane dots need >= 16 words per K block
 WORD_DEQUANT_MIN_M = 256  # int4/uint4 from this M: the word dequantizer + cuBLAS (ahead of
 #                           `tiled` on all four 8B linears at 256, not on gate_up/down at 128)
-WORD_SPLIT_IN_KERNEL = True  # word kernels sum their split-K partials in the GEMM (no 2nd launch)
 BIG_LAYER = 32 << 20      # N*K from which small-M word kernels aim for 8 waves of programs
 FP8_GEMV_MAX_M = 1        # W8A8-FP8: M <= this runs the fused quantize+GEMV kernel
 
@@ -66,8 +66,10 @@ class Plan:
     swap_ab: bool = False   # tensor-core paths: compute out^T = W x^T (weight tile as MMA A)
     scale_w: bool = False   # tensor-core paths, group scales: scale the weight tile before the
     #                         MMA (one accumulator) instead of each K block's fp32 product
-    in_place: bool = False  # mma4 with bf16 x: nibbles masked in place, x divided by 16**q
+    # int32-word kernels (WORD_FLAGS, measured against each other at engine build):
+    in_place: bool = False  # mma4, bf16/fp32 x: nibbles masked in place, x divided by 16**q
     prefetch: bool = False  # gemv4: load the next K block's words before this block's math
+    launch_reduce: bool = False  # split-K summed by a second kernel, not the GEMM's last program
 
     def describe(self) -> str:
         if self.path in ("dequant_mm", "dequant4_mm"):
@@ -75,7 +77,7 @@ class Plan:
         return (f"{self.path}(BM={self.block_m},BN={self.block_n},BK={self.block_k},"
                 f"split={self.split_k},w={self.num_warps},s={self.num_stages}"
                 f"{',swap' if self.swap_ab else ''}{',scale_w' if self.scale_w else ''}"
-                f"{',in_place' if self.in_place else ''}{',prefetch' if self.prefetch else ''})")
+                + "".join(f",{f}" for f in WORD_FLAGS if getattr(self, f)) + ")")
 
 
 def kernel_group(spec: QuantSpec, in_features: int) -> int:

@@ -55,10 +55,13 @@ def _measure(qweight, scales, zeros, spec, shape, dtype, ms, group, sms) -> list
         x = torch.randn(m, k, device=qweight.device, dtype=dtype)
         us, errors = {}, {}
         plans = candidates(m, n, k, spec.format, group, sms)
+        ref = torch.mm(x, w16.t()).float()
         for plan in plans:
+            run = lambda p=plan: weight_only_linear(  # noqa: E731
+                x, qweight, scales, zeros, None, spec, shape, plan=p)
             try:
-                us[plan.describe()] = (_graph_us(lambda p=plan: weight_only_linear(
-                    x, qweight, scales, zeros, None, spec, shape, plan=p)), plan)
+                _check(run(), ref)
+                us[plan.describe()] = (_graph_us(run), plan)
             except Exception as err:  # recorded, never chosen; the others still compete
                 errors[plan.describe()] = f"{type(err).__name__}: {err}"[:300]
         if not us:
@@ -68,10 +71,19 @@ def _measure(qweight, scales, zeros, spec, shape, dtype, ms, group, sms) -> list
                      "path": us[best][1].path, "chunk_n": us[best][1].chunk_n,
                      "overlap": us[best][1].overlap, "swap_ab": us[best][1].swap_ab,
                      "block_m": us[best][1].block_m,
+                     "word_flags": {f: True for f in layout.WORD_FLAGS if getattr(us[best][1], f)},
                      "us": {d: round(t, 2) for d, (t, _) in us.items()}, "errors": errors,
                      "bf16_gemm_us": round(_graph_us(lambda: torch.mm(x, w16.t())), 2)})
     del w16
     return rows
+
+
+def _check(out: torch.Tensor, ref: torch.Tensor, tol: float = 2e-2) -> None:
+    """A candidate is timed only when its output matches the bf16 GEMM on the same dequantized
+    weight (both round to 16 bits: ~4e-3 apart); a wrong one is recorded, never chosen."""
+    err = float((out.float() - ref).norm() / ref.norm().clamp_min(1e-30))
+    if not err <= tol:
+        raise ValueError(f"output differs from the 16-bit GEMM: relative error {err:.3g} > {tol}")
 
 
 def _dense(qweight, scales, zeros, spec: QuantSpec, shape, dtype, group) -> torch.Tensor:

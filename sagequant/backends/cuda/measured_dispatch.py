@@ -22,7 +22,8 @@ import torch
 from ...ir.quant_spec import QuantSpec
 from . import layout
 
-_TABLE: dict[tuple, list[tuple]] = {}  # key -> sorted (m, path, chunk_n, overlap, swap_ab, block_m)
+_TABLE: dict[tuple, list[tuple]] = {}  # key -> sorted (m, path, chunk_n, overlap, swap_ab, block_m,
+#                                         word flags)
 _ROWS: dict[tuple, list[dict]] = {}                   # key -> the measurements behind it
 
 
@@ -40,6 +41,7 @@ def candidates(m: int, n: int, k: int, fmt: str, group: int, sm_count: int = 132
     plan = lambda path: layout.plan_for(path, m, n, k, bits=bits, group=group,  # noqa: E731
                                         sm_count=sm_count, fmt=fmt)
     out = [layout.choose(m, n, k, bits=bits, group=group, sm_count=sm_count, fmt=fmt)]
+    out += word_variants(out[0], fmt)
     if m >= 2:
         words = fmt in layout.WORD_FORMATS and layout.word_rejects(fmt, k, group, 16) is None
         dq = "dequant4_mm" if words else "dequant_mm"
@@ -49,7 +51,7 @@ def candidates(m: int, n: int, k: int, fmt: str, group: int, sm_count: int = 132
             if rows:
                 out.append(replace(plan(dq), chunk_n=rows, overlap=True))
         if layout.word_rejects(fmt, k, group, layout.WORD_MMA_MIN_BLOCK_K) is None and m <= 128:
-            out.append(plan("mma4"))
+            out += [plan("mma4"), *word_variants(plan("mma4"), fmt)]
         if fmt != "nf4" and m <= 64:  # the byte kernel: one dot per K block, weight tile as A
             out += [plan("splitk"), replace(plan("splitk"), block_m=max(16, 1 << (m - 1).bit_length()),
                                             swap_ab=True)]
@@ -62,9 +64,24 @@ def candidates(m: int, n: int, k: int, fmt: str, group: int, sm_count: int = 132
     return unique
 
 
+def word_variants(plan: layout.Plan, fmt: str) -> list[layout.Plan]:
+    """The int32-word kernel's alternatives to `plan` (one flag of layout.WORD_FLAGS each): the
+    split-K sum as a second kernel, the GEMV's prefetch, the MMA's in-place planes (M <= 16).
+    Not for NF4, whose code book planes have no in-place form."""
+    if plan.path == "gemv4":
+        flags = ["prefetch"]
+    elif plan.path == "mma4":
+        flags = ["in_place"] if plan.block_m <= 16 and fmt != "nf4" else []
+    else:
+        return []
+    flags += ["launch_reduce"] if plan.split_k > 1 else []
+    return [replace(plan, **{f: True}) for f in flags]
+
+
 def install(k: tuple, rows: list[dict]) -> None:
     _TABLE[k] = sorted((r["m"], r["path"], r["chunk_n"], r.get("overlap", False),
-                        r.get("swap_ab", False), r.get("block_m", 0)) for r in rows)
+                        r.get("swap_ab", False), r.get("block_m", 0),
+                        tuple(sorted(r.get("word_flags", {}).items()))) for r in rows)
     _ROWS[k] = rows
 
 
@@ -82,13 +99,13 @@ def plan_for(k: tuple, m: int, n: int, kk: int, *, bits: int, group: int, sm_cou
     rows = _TABLE.get(k) if _TABLE else None
     if not rows:
         return None
-    _, path, chunk, overlap, swap, block_m = next((r for r in rows if r[0] >= m), rows[-1])
+    _, path, chunk, overlap, swap, block_m, flags = next((r for r in rows if r[0] >= m), rows[-1])
     plan = layout.plan_for(path, m, n, kk, bits=bits, group=group, sm_count=sm_count, fmt=fmt)
     if path in ("dequant_mm", "dequant4_mm"):
         return replace(plan, chunk_n=chunk, overlap=overlap)
     if swap and not plan.swap_ab:
         return replace(plan, swap_ab=True, block_m=block_m or plan.block_m)
-    return plan
+    return replace(plan, **dict(flags))
 
 
 def clear() -> None:

@@ -152,9 +152,11 @@ def word_cases(device, dtype):
                        f"{' bias3d' if with_bias else ''}"), err, err <= TOL
 
 
-def split_sum_cases(device, dtype):
-    """Split-K partials summed inside the word GEMMs (last-arriving program) are bit-identical to
-    the separate reduce kernel's sums, and the tile counters are left zeroed for the next call."""
+def word_variant_cases(device, dtype):
+    """The int32-word kernels' variants (layout.WORD_FLAGS) give the same bits as the plain plan:
+    split-K summed by the GEMM's last program or by a second kernel (the same order), the GEMV's
+    prefetch, the MMA's in-place planes (fp32 x under the interpreter, which has no bf16; fp16
+    has not the range, so it keeps shifted planes); the tile counters are left zeroed."""
     from . import triton_splitk as sk
     from . import triton_words as tw
     gen = torch.Generator().manual_seed(120)
@@ -162,21 +164,26 @@ def split_sum_cases(device, dtype):
     spec = QuantSpec("int4", "per_group", 128, True, "fp16")
     qt = quantize(torch.randn(n, k, generator=gen), spec)
     data, scale = qt.data.to(device), qt.scale.to(device)
-    bias = torch.randn(n, generator=gen).to(dtype).to(device)
-    for path, m, over in (("gemv4", 3, dict(split_k=4, block_n=16)),
-                          ("mma4", 18, dict(split_k=3, block_n=32))):
+    in_place_dtype = torch.float32 if device == "cpu" else dtype
+    for path, m, over, flag, dt in (
+            ("gemv4", 3, dict(split_k=4, block_n=16), "launch_reduce", dtype),
+            ("gemv4", 2, dict(split_k=3, block_n=32, num_warps=1), "prefetch", dtype),
+            ("mma4", 18, dict(split_k=3, block_n=32), "launch_reduce", dtype),
+            ("mma4", 5, dict(split_k=2), "in_place", in_place_dtype)):
         plan = replace(layout.plan_for(path, m, n, k, bits=4, group=128, sm_count=4), **over)
-        x = torch.randn(m, k, generator=gen).to(dtype).to(device)
+        x = torch.randn(m, k, generator=gen).to(dt).to(device)
+        bias = torch.randn(n, generator=gen).to(dt).to(device)
         outs = []
-        for in_kernel in (False, True):
-            out = torch.empty(m, n, dtype=dtype, device=device)
-            tw.word_linear(x, data, scale, None, bias, out, "int4", 128, plan, in_kernel)
+        for variant in (plan, replace(plan, **{flag: True})):
+            out = torch.empty(m, n, dtype=dt, device=device)
+            tw.word_linear(x, data, scale, None, bias, out, "int4", 128, variant)
             outs.append(out.cpu())
         differ = int((outs[0] != outs[1]).sum())
+        err = _rel(outs[1], x.cpu().double() @ dequantize(qt, torch.float64).t() + bias.cpu().double())
         counters = int(sk.tile_counters(torch.device(device), 1).abs().sum())
-        yield (f"split-K summed in the GEMM == reduce kernel, {plan.describe()} M={m}: "
-               f"{differ} elements differ, counters left {counters}"), float(differ + counters), \
-            differ == 0 and counters == 0
+        yield (f"word {plan.describe()} M={m} {str(dt)[6:]}: {flag} changes {differ} elements, "
+               f"rel {err:.1e}, counters left {counters}"), float(differ + counters), \
+            differ == 0 and counters == 0 and err <= TOL
 
 
 def activation_cases(device, dtype, interpret):
@@ -292,7 +299,7 @@ def main(argv=None) -> int:
         print("selfcheck: no CUDA device; run with --interpret (needs triton)", file=sys.stderr)
         return 2
     failed = total = 0
-    for cases in (quantize_parity_cases(device), word_cases(device, dtype), split_sum_cases(device, dtype),
+    for cases in (quantize_parity_cases(device), word_cases(device, dtype), word_variant_cases(device, dtype),
                   fp8_gemv_cases(device, dtype, args.interpret),
                   weight_only_cases(device, dtype),
                   activation_cases(device, dtype, args.interpret),

@@ -19,15 +19,17 @@ _COUNTERS: dict = {}
 
 
 def tile_counters(device: torch.device, tiles: int) -> torch.Tensor:
-    """A zeroed int32 counter per output tile, kept per device: every kernel that uses it leaves
-    it zeroed, so one buffer serves every launch on the device's stream order."""
-    have = _COUNTERS.get(device)
+    """A zeroed int32 counter per output tile, one buffer per device and stream: every kernel
+    that uses it leaves it zeroed, and kernels of one stream run in order (a CUDA graph keeps the
+    buffer of the stream it was captured on: replay such graphs one at a time)."""
+    stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
+    have = _COUNTERS.get((device, stream))
     if have is None or have.numel() < tiles:
-        if have is not None and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError(f"split-K tile counters: {tiles} needed, {have.numel()} allocated; "
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(f"split-K tile counters: {tiles} needed on a stream without them; "
                                "run the GEMM once outside CUDA-graph capture first")
         have = torch.zeros(max(tiles, 1 << 14), dtype=torch.int32, device=device)
-        _COUNTERS[device] = have
+        _COUNTERS[(device, stream)] = have
     return have
 
 

@@ -150,11 +150,11 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, book_ptr, b_ptr, out_ptr, ws_ptr, c
 
 @triton.jit(do_not_specialize=["M"])
 def _mma_kernel(x_ptr, w_ptr, s_ptr, z_ptr, book_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, KW,
-                GROUP, words_per_split, S, magic, stride_xm, stride_wn, stride_sn, stride_sg, stride_zn, stride_zg,
-                stride_om, KIND: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr,
-                IN_PLACE: tl.constexpr):
-    """IN_PLACE (bf16 x only): planes masked in place, x divided by 16**(P % 4) (exact)."""
+                GROUP, words_per_split, S, magic, stride_xm, stride_wn, stride_sn, stride_sg,
+                stride_zn, stride_zg, stride_om, KIND: tl.constexpr, HAS_BIAS: tl.constexpr,
+                SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_KW: tl.constexpr, IN_PLACE: tl.constexpr):
+    """IN_PLACE (bf16 / fp32 x): planes masked in place, x divided by 16**(P % 4) (exact)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -248,12 +248,11 @@ def _book(device: torch.device) -> torch.Tensor:
 
 def word_linear(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                 zeros: torch.Tensor | None, bias: torch.Tensor | None, out: torch.Tensor,
-                fmt: str, group: int, plan: layout.Plan, split_in_kernel: bool | None = None
-                ) -> None:
+                fmt: str, group: int, plan: layout.Plan) -> None:
     """out[M, N] = x2[M, K] @ dequant(W)^T (+ bias) for a 4-bit weight stored [N, K/2] uint8;
     plan.path is "gemv4", "mma4" or "dequant4_mm"; plan.block_k counts elements (8 per word).
-    split_in_kernel: split-K partials summed by the GEMM's last program (None: the layout's
-    default, layout.WORD_SPLIT_IN_KERNEL) instead of a second kernel; the sums are identical."""
+    Split-K partials are summed by the GEMM's last program, or by _splitk_reduce where
+    plan.launch_reduce: the same sums, bit for bit."""
     m, k = x2.shape
     n = out.shape[1]
     if plan.path == "dequant4_mm":
@@ -268,8 +267,7 @@ def word_linear(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     tiles = triton.cdiv(n, plan.block_n)
     m_tiles = m if plan.path == "gemv4" else triton.cdiv(m, plan.block_m)
     grid = (m, tiles, splits) if plan.path == "gemv4" else (tiles, splits, m_tiles)
-    in_kernel = layout.WORD_SPLIT_IN_KERNEL if split_in_kernel is None else split_in_kernel
-    mode = 0 if splits == 1 else 2 if in_kernel else 1
+    mode = 0 if splits == 1 else 1 if plan.launch_reduce else 2
     ws = torch.empty((splits, m, n), dtype=torch.float32, device=x2.device) if mode else out
     counters = tile_counters(x2.device, tiles * m_tiles) if mode == 2 else ws
     sn, sg = layout.scale_strides(scales, n)
@@ -285,7 +283,7 @@ def word_linear(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
         _gemv_kernel[grid](*args, **flags, PREFETCH=plan.prefetch)
     else:
         _mma_kernel[grid](*args, **flags, BLOCK_M=plan.block_m,
-                          IN_PLACE=plan.in_place and x2.dtype == torch.bfloat16)
+                          IN_PLACE=plan.in_place and x2.dtype != torch.float16)  # fp16: range
     if mode == 1:
         _splitk_reduce[(triton.cdiv(m * n, 1024),)](ws, b, out, m * n, n, splits,
                                                      HAS_BIAS=bias is not None, BLOCK=1024)

@@ -2,7 +2,7 @@
 any machine with triton (no GPU): catches compile errors before a GPU run and reports what the
 compiler made of each (shared memory, registers and spills from ptxas, which MMA instructions).
 
-    python -m sagequant.backends.cuda.aot_check [--defaults] [--filter TEXT] [--arch 90]
+    python -m sagequant.backends.cuda.aot_check [--defaults] [--filter TEXT] [--arch 90] [--sass]
 
 Exit status 1 when a configuration fails to compile (spills are reported as WARN). Compiled
 without launch-time knowledge, so pointers and the shape arguments in ALIGNED_INTS are declared
@@ -249,11 +249,38 @@ def _ptxas_report(ptx: str, arch: int) -> tuple[int, int, int]:
             int(spill.group(1)) if spill else 0, int(spill.group(2)) if spill else 0)
 
 
+def _loop_histogram(cubin: bytes) -> str:
+    """The SASS of the kernel's longest loop (the body of its longest backward branch), counted
+    by opcode: what the K loop issues per step, to compare variants without a GPU."""
+    import triton.backends.nvidia as nv
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "k.cubin"
+        path.write_bytes(cubin)
+        sass = subprocess.run([str(Path(nv.__file__).parent / "bin" / "cuobjdump"), "-sass",
+                               str(path)], capture_output=True, text=True).stdout
+    code = [m.groups() for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)"
+                                            r"([^;]*);", sass)]
+    at = {int(a, 16): i for i, (a, _, _, _) in enumerate(code)}
+    loop: list = []
+    for i, (_, _, op, rest) in enumerate(code):
+        target = re.search(r"0x([0-9a-f]+)", rest) if op == "BRA" else None
+        start = at.get(int(target.group(1), 16)) if target else None
+        if start is not None and start < i and i + 1 - start > len(loop):
+            loop = code[start:i + 1]
+    counts: dict[str, int] = {}
+    for _, _, op, _ in loop:
+        counts[op] = counts.get(op, 0) + 1
+    top = sorted(counts.items(), key=lambda kv: -kv[1])[:10]
+    return f"loop={len(loop)} " + " ".join(f"{op}={n}" for op, n in top)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--arch", type=int, default=90)
     ap.add_argument("--filter", default="", help="only configurations whose name contains this")
     ap.add_argument("--defaults", action="store_true", help="only the plans choose() makes")
+    ap.add_argument("--sass", action="store_true",
+                    help="also count the SASS instructions of each kernel's main loop")
     args = ap.parse_args(argv)
     import triton
     from triton.backends.compiler import GPUTarget
@@ -275,6 +302,8 @@ def main(argv=None) -> int:
             warned += st > 0 or ld > 0
             line = (f"regs={regs:3d} spill={st}/{ld} smem={kernel.metadata.shared:6d} "
                     f"mma={mma:8s} {name}")
+            if args.sass:
+                line += "\n       " + _loop_histogram(kernel.asm["cubin"])
         except Exception as err:  # report and go on: one broken config must not hide the rest
             ok, line = False, f"COMPILE ERROR {name}: {type(err).__name__}: {str(err)[:400]}"
         bad += not ok

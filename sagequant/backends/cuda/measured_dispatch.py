@@ -35,8 +35,8 @@ def candidates(m: int, n: int, k: int, fmt: str, group: int, sm_count: int = 132
                ) -> list[layout.Plan]:
     """The paths that can run an [n, k] weight at M rows: the thresholds' own choice, the
     dequantize + cuBLAS path (the int32-word dequantizer for 4-bit weights it takes) whole,
-    chunked, and chunked in L2-sized pieces with the side-stream overlap, and the tensor-core
-    kernels."""
+    chunked, and chunked in L2-sized pieces with the side-stream overlap, the tensor-core
+    kernels, and each int32-word kernel's variants (word_variants)."""
     bits = 8 if fmt not in layout.WORD_FORMATS else 4
     plan = lambda path: layout.plan_for(path, m, n, k, bits=bits, group=group,  # noqa: E731
                                         sm_count=sm_count, fmt=fmt)

@@ -9,7 +9,8 @@ A nibble u becomes a float without an integer-to-float conversion: OR-ed into th
 are XOR-ed with 0x88888888 first: q + 8 == q ^ 8 on a nibble) or u - zero point (uint4). The
 GEMV masks the nibble in place instead of shifting it down (bits 4q..4q+3 of the word or of the
 word shifted by 16, q = p % 4), which reads as 2**23 + u * 16**q, and divides x by 16**q
-(exact). NF4 looks u up in its 16-entry code book (L1-resident). Group scales multiply the fp32
+(exact); the MMA kernel does the same where Plan.in_place (bf16 x: fp16 has not the range). The
+magic 2**23 is a kernel argument so that mask and OR are one LOP3. NF4 looks u up in its 16-entry code book (L1-resident). Group scales multiply the fp32
 partial sum of each K block (a block never straddles a group), so the arithmetic before them is
 exact.
 
@@ -20,7 +21,7 @@ exact.
                 side), split-K; the same kernel tiles any M.
 Split-K writes fp32 partials [S, M, N] summed in a fixed order (deterministic) either by the
 GEMM's own last-arriving program (SPLIT=2, triton_splitk._last_split_sums: no second launch) or
-by triton_splitk._splitk_reduce (SPLIT=1). This module imports triton at the top; kernels.py
+by triton_splitk._splitk_reduce (SPLIT=1, Plan.launch_reduce). This module imports triton at the top; kernels.py
 imports it lazily.
 """
 from __future__ import annotations
@@ -56,8 +57,9 @@ def _plane(w, w_hi, P: tl.constexpr, z, book_ptr, magic, KIND: tl.constexpr,
     dividing x by it (exact in fp32 and bf16, not fp16's range); masking in place saves the shift
     per nibble (44 against 47 µs on gate_up, H100). Unscaled: shifted down first. w is
     pre-flipped for int4, w_hi = w >> 16 (read only when SCALED), z the zero points. magic is
-    0x4B000000 passed at run time: as a register, mask and OR fuse into one LOP3 (ptxas takes
-    one immediate per LOP3, so two constants cost two)."""
+    0x4B000000 passed at run time: as a register, the in-place mask and OR fuse into one LOP3
+    (ptxas takes one immediate per LOP3; sm_90a SASS of the GEMV's K loop, BN=128: 157 LOP3
+    against 261). The shifted form keeps the immediate (no fewer instructions either way)."""
     if KIND == 2:
         return tl.load(book_ptr + ((w >> (4 * P)) & 0xF))
     off = 8.0 if KIND == 0 else z
@@ -66,7 +68,7 @@ def _plane(w, w_hi, P: tl.constexpr, z, book_ptr, magic, KIND: tl.constexpr,
         src = w if P < 4 else w_hi
         f = ((src & (0xF << (4 * Q))) | magic).to(tl.float32, bitcast=True)
         return f - (8388608.0 + off * _pow16(Q))
-    f = (((w >> (4 * P)) & 0xF) | magic).to(tl.float32, bitcast=True)
+    f = (((w >> (4 * P)) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True)
     return f - (8388608.0 + off)
 
 
@@ -176,7 +178,7 @@ def _mma_kernel(x_ptr, w_ptr, s_ptr, z_ptr, book_ptr, b_ptr, out_ptr, ws_ptr, cn
             w = w ^ -2004318072  # 0x88888888: flip the sign bit of all 8 nibbles
         s, z = _group(s_ptr, z_ptr, offs_n, n_ok, (w0 * 8) // GROUP, stride_sn, stride_sg,
                       stride_zn, stride_zg, KIND)
-        w_hi = w >> 16
+        w_hi = w >> 16 if IN_PLACE else w
         part = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
         for p in tl.static_range(8):
             xp = tl.load(x_ptr + offs_m[None, :] * stride_xm + cols[:, None] * 8 + p,

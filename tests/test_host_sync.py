@@ -82,3 +82,17 @@ def test_steady_overlapped_decode_step_reads_only_its_host_copy(compiled):
         # No host-built index or ids (the device advances them); the one value read on the host
         # is the NaN/Inf flag of the pinned copy (its tokens come back through tolist()).
         assert mode.seen == Counter(_local_scalar_dense=1)
+
+
+def test_step_graph_reads_its_weights_from_the_root(compiled):
+    """The generated forward reads each weight with one attribute lookup (no module walk), and
+    the weights are the compiled model's own tensors (nothing copied on the same device)."""
+    from sagequant.runtime.step_graph import step_graph
+    cm = compiled("llama")
+    graph = step_graph(cm)
+    targets = [n.target for n in graph.graph.nodes if n.op == "get_attr"]
+    assert targets and not any("." in t for t in targets)
+    assert not list(graph.gm.children())
+    assert "getattr(" not in graph.gm.code and "self.model." not in graph.gm.code
+    own = {t.untyped_storage().data_ptr() for t in cm.graph.state().values()}
+    assert {t.untyped_storage().data_ptr() for t in graph.state().values()} <= own

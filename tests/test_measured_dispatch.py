@@ -31,9 +31,11 @@ def test_candidates_cover_the_thresholds_and_dequantize():
     n, k = 28672, 4096
     at1 = md.candidates(1, n, k, "int4", 128)  # M=1: the GEMV and its word-kernel variants
     assert at1[0] == layout.choose(1, n, k, bits=4, group=128, fmt="int4") and at1[0].split_k > 1
-    assert at1[1:] == [replace(at1[0], prefetch=True), replace(at1[0], launch_reduce=True)]
-    assert md.candidates(1, 4096, 128, "nf4", 128)[1:] == [replace(
-        layout.choose(1, 4096, 128, bits=4, group=128, fmt="nf4"), prefetch=True)]  # no split
+    assert at1[1:] == [replace(at1[0], prefetch=True), replace(at1[0], launch_reduce=True),
+                       replace(at1[0], num_warps=at1[0].num_warps // 2)]
+    nf4 = layout.choose(1, 4096, 128, bits=4, group=128, fmt="nf4")   # no split
+    assert md.candidates(1, 4096, 128, "nf4", 128)[1:] == [
+        replace(nf4, prefetch=True), replace(nf4, num_warps=nf4.num_warps // 2)]
     at32 = md.candidates(32, n, k, "int4", 128)
     assert at32[0] == layout.choose(32, n, k, bits=4, group=128, fmt="int4")  # thresholds first
     assert {p.path for p in at32} == {"mma4", "dequant4_mm", "tiled", "splitk"}  # int32 words
@@ -61,11 +63,12 @@ def test_installed_rows_route_each_m_to_the_next_bucket_up():
     args = dict(bits=4, group=128, sm_count=132, fmt="int4")
     assert md.plan_for(key, 8, n, k, **args) is None   # nothing measured: thresholds decide
     md.install(key, [{"m": 32, "path": "mma4", "chunk_n": 0},
-                     {"m": 1, "path": "gemv4", "chunk_n": 0, "word_flags": {"prefetch": True}},
+                     {"m": 1, "path": "gemv4", "chunk_n": 0,
+                      "word_fields": {"prefetch": True, "num_warps": 2}},
                      {"m": 512, "path": "dequant_mm", "chunk_n": 0},
                      {"m": 2048, "path": "dequant4_mm", "chunk_n": 1024, "overlap": True}])
-    assert md.plan_for(key, 1, n, k, **args) == replace(layout.plan_for("gemv4", 1, n, k, **args),
-                                                        prefetch=True)  # the variant is kept
+    assert md.plan_for(key, 1, n, k, **args) == replace(  # the variant is kept
+        layout.plan_for("gemv4", 1, n, k, **args), prefetch=True, num_warps=2)
     got = md.plan_for(key, 20, n, k, **args)   # bucket 32, tiles planned for M = 20
     assert got == layout.plan_for("mma4", 20, n, k, **args)
     assert md.plan_for(key, 33, n, k, **args) == replace(

@@ -36,6 +36,7 @@ PATHS = ("gemv", "splitk", "tiled", "dequant_mm", "gemv4", "mma4", "dequant4_mm"
 WORD_FORMATS = ("int4", "uint4", "nf4")
 WORD_PATHS = ("gemv4", "mma4", "dequant4_mm")
 WORD_FLAGS = ("in_place", "prefetch", "launch_reduce")  # Plan fields of gemv4 / mma4 variants
+WORD_FIELDS = WORD_FLAGS + ("num_warps",)  # what measured dispatch keeps of a chosen word plan
 WORD_GEMV_MAX_M = 1       # M <= this: the word GEMV (CUDA cores)
 WORD_MMA_MAX_M = 32       # M <= this: the word tensor-core kernel
 WORD_MMA_NARROW_MAX_M = 64  # ... up to this M when N <= WORD_NARROW_N (few output tiles)

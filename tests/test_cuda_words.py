@@ -124,3 +124,18 @@ def test_fp8_decode_config_matches_the_h100_sweep(shape, split):
     cfg = layout.fp8_gemv_config(*shape)
     assert (cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["split_k"]) == (32, 128, split)
 
+
+
+def test_split_k_tile_counters_grow_without_freeing_what_graphs_hold():
+    """One zeroed counter buffer per device; a larger request replaces it but keeps the old one
+    alive (a CUDA graph captured with it still reads it)."""
+    sk = pytest.importorskip("sagequant.backends.cuda.triton_splitk")
+    dev = torch.device("cpu")
+    sk._COUNTERS.pop(dev, None)
+    first = sk.tile_counters(dev, 10)
+    assert first.dtype == torch.int32 and first.numel() >= 10 and not first.any()
+    assert sk.tile_counters(dev, first.numel()) is first
+    bigger = sk.tile_counters(dev, first.numel() + 1)
+    assert bigger.numel() > first.numel() and not bigger.any()
+    assert any(t is first for t in sk._OUTGROWN)
+    sk._COUNTERS.pop(dev, None)

@@ -15,21 +15,25 @@ import torch
 import triton
 import triton.language as tl
 
-_COUNTERS: dict = {}
+_COUNTERS: dict = {}   # device -> the counters in use
+_OUTGROWN: list = []   # buffers replaced by a larger one: graphs captured with them still read them
 
 
 def tile_counters(device: torch.device, tiles: int) -> torch.Tensor:
-    """A zeroed int32 counter per output tile, one buffer per device and stream: every kernel
-    that uses it leaves it zeroed, and kernels of one stream run in order (a CUDA graph keeps the
-    buffer of the stream it was captured on: replay such graphs one at a time)."""
-    stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
-    have = _COUNTERS.get((device, stream))
+    """A zeroed int32 counter per output tile, one buffer per device: every kernel that uses it
+    leaves it zeroed. Kernels that share it must run one after another (one stream, or graphs
+    replayed one at a time), as a decode step's GEMMs do; it is allocated on the first eager call
+    (a warm-up), since CUDA-graph capture cannot allocate it."""
+    have = _COUNTERS.get(device)
     if have is None or have.numel() < tiles:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError(f"split-K tile counters: {tiles} needed on a stream without them; "
-                               "run the GEMM once outside CUDA-graph capture first")
-        have = torch.zeros(max(tiles, 1 << 14), dtype=torch.int32, device=device)
-        _COUNTERS[(device, stream)] = have
+            raise RuntimeError(f"split-K tile counters: {tiles} needed, "
+                               f"{0 if have is None else have.numel()} allocated; run the GEMM "
+                               "once outside CUDA-graph capture first")
+        if have is not None:
+            _OUTGROWN.append(have)
+        have = torch.zeros(max(tiles, 1 << 16), dtype=torch.int32, device=device)
+        _COUNTERS[device] = have
     return have
 
 

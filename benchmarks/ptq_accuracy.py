@@ -167,6 +167,12 @@ SCHEMES = {
     "w4a8-int8-gptq-sink50-mse-rotate": dict(weight_dtype="int4", activation_dtype="int8", calibration="gptq",
                                              gptq_sink_weight=50.0, weight_observer="mse", rotate="hadamard",
                                              **G128),
+    "w4a8-fp8-gptq-sink50-mse-rotate": dict(weight_dtype="int4", activation_dtype="fp8", calibration="gptq",
+                                            gptq_sink_weight=50.0, weight_observer="mse", rotate="hadamard",
+                                            **G128),
+    # FP8 activations after rotation (their outliers spread), weights by GPTQ sink50 as in §2i
+    "w8a8-fp8-gptq-sink50-rotate": dict(weight_dtype="fp8", activation_dtype="fp8", group_size=None,
+                                        calibration="gptq", gptq_sink_weight=50.0, rotate="hadamard"),
     "w4a8-int8-gptq-sink50-mse": dict(weight_dtype="int4", activation_dtype="int8", calibration="gptq",
                                       gptq_sink_weight=50.0, weight_observer="mse", **G128),
 }

@@ -78,7 +78,7 @@ def word_variants(plan: layout.Plan, fmt: str) -> list[layout.Plan]:
         return []
     flags += ["launch_reduce"] if plan.split_k > 1 else []
     out = [replace(plan, **{f: True}) for f in flags]
-    if plan.path == "gemv4" and plan.num_warps > 1:
+    if plan.path == "gemv4" and plan.num_warps > 1 and fmt != "nf4":  # NF4 at w=2 spills
         out.append(replace(plan, num_warps=plan.num_warps // 2))
     return out
 

@@ -76,7 +76,8 @@ def variants(m: int, n: int, k: int, sms: int, smoke: bool) -> list[tuple[str, o
                                          (256, 4), (256, 8)) for pf in (False, True)]
     mma = [(bn, 4, s, ip) for bn in (32, 64, 128) for s in (2, 4) for ip in (False, True)]
     grids = [("gemv4", gemv)] if m == 1 else \
-        [("mma4", mma)] + ([("gemv4", [g for g in gemv if g[0] >= 128 and g[1] == 4])] if m <= 2 else [])
+        [("mma4", mma)] + ([("gemv4", [g for g in gemv if g[0] >= 128 and g[1] == 4])]
+                           if m <= 2 else [])
     waves = (1, 2, 4, 8)
     if smoke:
         grids, waves = [(path, grid[:2] + grid[-1:]) for path, grid in grids], waves[:2]
@@ -109,7 +110,8 @@ def load_main_words(path: Path):
 
 def run_variant(x, wt, data, scales, out, plan, main):
     from sagequant.backends.cuda import triton_words
-    (MAIN_WORDS if main else triton_words).word_linear(x, data, scales, None, None, out, "int4", GROUP, plan)
+    words = MAIN_WORDS if main else triton_words
+    words.word_linear(x, data, scales, None, None, out, "int4", GROUP, plan)
 
 
 def _warm(task) -> int:
@@ -179,7 +181,8 @@ def sweep(args, budget: lib.Budget) -> dict:
         gen = torch.Generator(device=lib.DEVICE).manual_seed(m)
         x = torch.randn(m, k, device=lib.DEVICE, generator=gen).to(dtype)
         ref = x.double() @ wt.w64.t()
-        copies = wt.copies(1 if args.smoke else lib.copies_for(lib.tensor_bytes(wt.data, wt.scales), l2))
+        nbytes = lib.tensor_bytes(wt.data, wt.scales)
+        copies = wt.copies(1 if args.smoke else lib.copies_for(nbytes, l2))
         bcopies = [wt.w16] + [wt.w16.clone() for _ in range(
             (1 if args.smoke else lib.copies_for(lib.tensor_bytes(wt.w16), l2)) - 1)]
         out = torch.empty(m, n, device=lib.DEVICE, dtype=dtype)
@@ -218,8 +221,8 @@ def sweep(args, budget: lib.Budget) -> dict:
                "best": lib.time_graph([lambda: run_variant(x, wt, wt.data, wt.scales, out, plan,
                                                            main)])["us"]}
         if old is not None:
-            hot[old[0]["variant"]] = lib.time_graph([lambda: run_variant(x, wt, wt.data, wt.scales, out,
-                                                             old[1], old[2])])["us"]
+            hot[old[0]["variant"]] = lib.time_graph([lambda: run_variant(
+                x, wt, wt.data, wt.scales, out, old[1], old[2])])["us"]
         entry = {"shape": name, "n": n, "k": k, "m": m, "best": top["variant"],
                  "best_plan": top["plan"], "best_us_cold": top["us_cold"],
                  "baseline": old[0]["variant"] if old else None,

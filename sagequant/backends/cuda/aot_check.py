@@ -258,8 +258,8 @@ def _loop_histogram(cubin: bytes) -> str:
         path.write_bytes(cubin)
         sass = subprocess.run([str(Path(nv.__file__).parent / "bin" / "cuobjdump"), "-sass",
                                str(path)], capture_output=True, text=True).stdout
-    code = [m.groups() for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)"
-                                            r"([^;]*);", sass)]
+    op = r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)([^;]*);"  # addr, guard, op, rest
+    code = [m.groups() for m in re.finditer(op, sass)]
     at = {int(a, 16): i for i, (a, _, _, _) in enumerate(code)}
     loop: list = []
     for i, (_, _, op, rest) in enumerate(code):

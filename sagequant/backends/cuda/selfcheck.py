@@ -179,7 +179,8 @@ def word_variant_cases(device, dtype):
             tw.word_linear(x, data, scale, None, bias, out, "int4", 128, variant)
             outs.append(out.cpu())
         differ = int((outs[0] != outs[1]).sum())
-        err = _rel(outs[1], x.cpu().double() @ dequantize(qt, torch.float64).t() + bias.cpu().double())
+        ref = x.cpu().double() @ dequantize(qt, torch.float64).t() + bias.cpu().double()
+        err = _rel(outs[1], ref)
         counters = int(sk.tile_counters(torch.device(device), 1).abs().sum())
         yield (f"word {plan.describe()} M={m} {str(dt)[6:]}: {flag} changes {differ} elements, "
                f"rel {err:.1e}, counters left {counters}"), float(differ + counters), \
@@ -299,7 +300,8 @@ def main(argv=None) -> int:
         print("selfcheck: no CUDA device; run with --interpret (needs triton)", file=sys.stderr)
         return 2
     failed = total = 0
-    for cases in (quantize_parity_cases(device), word_cases(device, dtype), word_variant_cases(device, dtype),
+    for cases in (quantize_parity_cases(device), word_cases(device, dtype),
+                  word_variant_cases(device, dtype),
                   fp8_gemv_cases(device, dtype, args.interpret),
                   weight_only_cases(device, dtype),
                   activation_cases(device, dtype, args.interpret),

@@ -10,9 +10,9 @@ are XOR-ed with 0x88888888 first: q + 8 == q ^ 8 on a nibble) or u - zero point 
 GEMV masks the nibble in place instead of shifting it down (bits 4q..4q+3 of the word or of the
 word shifted by 16, q = p % 4), which reads as 2**23 + u * 16**q, and divides x by 16**q
 (exact); the MMA kernel does the same where Plan.in_place (bf16 x: fp16 has not the range). The
-magic 2**23 is a kernel argument so that mask and OR are one LOP3. NF4 looks u up in its 16-entry code book (L1-resident). Group scales multiply the fp32
-partial sum of each K block (a block never straddles a group), so the arithmetic before them is
-exact.
+magic 2**23 is a kernel argument so that mask and OR are one LOP3. NF4 looks u up in its
+16-entry code book (L1-resident). Group scales multiply the fp32 partial sum of each K block (a
+block never straddles a group), so the arithmetic before them is exact.
 
   _gemv_kernel  M = 1: CUDA-core dot products, [BLOCK_N, BLOCK_KW] words per step, split-K.
   _dequant_kernel  large M: the 16-bit weight, chunk by chunk, for cuBLAS ("dequant4_mm").
@@ -21,8 +21,8 @@ exact.
                 side), split-K; the same kernel tiles any M.
 Split-K writes fp32 partials [S, M, N] summed in a fixed order (deterministic) either by the
 GEMM's own last-arriving program (SPLIT=2, triton_splitk._last_split_sums: no second launch) or
-by triton_splitk._splitk_reduce (SPLIT=1, Plan.launch_reduce). This module imports triton at the top; kernels.py
-imports it lazily.
+by triton_splitk._splitk_reduce (SPLIT=1, Plan.launch_reduce). This module imports triton at the
+top; kernels.py imports it lazily.
 """
 from __future__ import annotations
 

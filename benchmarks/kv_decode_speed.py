@@ -296,12 +296,14 @@ def _decode_rate(engine, batch, ctx, new_tokens, vocab, device, name) -> dict:
     engine.step()
     sync(device)
     t0 = time.perf_counter()
-    steps = 0
+    calls, launched = 0, engine.graphs.launches if engine.graphs else 0
     while engine.has_work():
         engine.step()
-        steps += 1
+        calls += 1
     sync(device)
     dt = time.perf_counter() - t0
+    # Decode steps run, not step() calls: an overlapped engine's last call only reads tokens.
+    steps = engine.graphs.launches - launched if engine.graphs else calls
     return {f"{name}_tok_s": round(batch * steps / dt, 1), f"{name}_ms_per_step": round(1e3 * dt / max(steps, 1), 2)}
 
 

@@ -15,7 +15,7 @@
 #   TOK=DIR WHL=DIR bash benchmarks/issue18_device.sh final  # our four schemes at full depth (b1 / 8
 #        / 32, prefill 512 / 2048 profiled, 8k-context KV rows, b1 step profile), then `engine start`
 #        at 8 concurrent requests vs the direct engine (TOK: a tokenizer dir; WHL: the server wheels
-#        when the image lacks fastapi / uvicorn), then the KV launch sweep at 2k and 32k (~8 min)
+#        when the image lacks fastapi / uvicorn), then the W4A16 GEMV sweep in the time left (~9 min)
 # torchao is not on the GPU image: its wheel travels in .whl/ (see the device README).
 set -o pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
@@ -95,17 +95,17 @@ case "$1" in
     timeout ${E2E_S:-330} python3 benchmarks/e2e_generation.py --layers 32 --vocab 128256 \
       --schemes bf16 W4A16 W8A8-FP8 W8A16 --batches 1 8 32 --prefill-len 512 2048 --prefill-reps 2 \
       --new-tokens 64 --long-context 8192 --long-schemes bf16 --profile-batches 1 --profile-prefill \
-      --budget-s $(( ${E2E_S:-330} - 25 )) --skip-correctness --out "$OUT/e2e_final.json" > "$OUT/e2e_final.log" 2>&1
+      --budget-s $(( ${E2E_S:-330} - 60 )) --correctness-s 35 --out "$OUT/e2e_final.json" > "$OUT/e2e_final.log" 2>&1
     grep -v "convert:" "$OUT/e2e_final.log" | tail -30
     python3 -c "import fastapi, uvicorn" 2>/dev/null || {
       python3 -m pip install -q --no-index --no-deps --target /tmp/serve-site "$WHL"/*.whl &&
       export PYTHONPATH=$PYTHONPATH:/tmp/serve-site; }
-    timeout $(left ${SERVE_AT:-520}) python3 benchmarks/serving_gpu.py --tokenizer "$TOK" \
+    timeout $(left ${SERVE_AT:-450}) python3 benchmarks/serving_gpu.py --tokenizer "$TOK" \
       --out "$OUT/serving_gpu.json" > "$OUT/serving_gpu.log" 2>&1
     grep -v "convert:" "$OUT/serving_gpu.log" | tail -3
-    timeout $(left ${FINAL_S:-580}) python3 benchmarks/kv_decode_speed.py --skip-e2e --contexts 2048 32768 \
-      --batches 1 8 --sweep-contexts 2048 32768 --out "$OUT/kv_sweep.json" > "$OUT/kv_sweep.log" 2>&1
-    tail -8 "$OUT/kv_sweep.log"
+    timeout $(left ${FINAL_S:-560}) python3 benchmarks/gemv4_sweep.py --out "$OUT" --budget $(left $(( ${FINAL_S:-560} - 10 ))) \
+      --jobs 8 ${MAIN_WORDS:+--main-words "$MAIN_WORDS"} > "$OUT/gemv4_sweep.log" 2>&1
+    tail -12 "$OUT/gemv4_sweep.log"
     ;;
   *) echo "usage: $0 profile|e2e|peers|all|full|prefill|prefill-graphs|final"; exit 2 ;;
 esac

@@ -181,7 +181,8 @@ SCHEMES = {
 # RTN row whose loss a method's row is measured against, by group size.
 RTN_OF = {128: "w4a16-rtn", 64: "w4a16-rtn-g64"}
 # The issue-19 table (--all): every scheme's rows; the slowest (GPTQ) first so --jobs overlaps them.
-TABLE = ["w4a16-gptq-sink50-mse-select30", "w8a8-fp8-smoothquant-auto-gptq-sink50",
+TABLE = ["w4a8-int8-gptq-sink50-mse-rotate", "w4a16-gptq-sink50-mse-rotate", "w4a16-gptq-sink50-mse-select30",
+         "w8a8-fp8-smoothquant-auto-gptq-sink50",
          "w8a8-int8-smoothquant-auto-gptq-sink50", "w8a8-fp8-gptq-sink50", "w4a16-gptq-one-pass",
          "w4a16-gptq-one-pass-g64", "w4a16-awq-gptq", "w4a16-awq-gptq-g64",
          "w4a16-awq", "w4a16-awq-g64", "float", "w8a16-rtn", "w8a8-int8-minmax",

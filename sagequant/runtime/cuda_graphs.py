@@ -115,7 +115,8 @@ class DecodeGraphs:
     def _fill(self, b: _Bucket, slots: list[int], starts: list[int]) -> None:
         """The index buffers from host lists (the copies wait for the GPU to drain)."""
         pool = self.engine.pool
-        table = [pool.blocks[s] + [self.pad_block] * (self.width - len(pool.blocks[s])) for s in slots]
+        table = [pool.blocks[s] + [self.pad_block] * (self.width - len(pool.blocks[s]))
+                 for s in slots]
         positions = torch.tensor(starts)
         b.index.slots.copy_(torch.tensor(slots))
         b.index.positions.copy_(positions)

@@ -80,8 +80,9 @@ class GenerationEngine:
         (backends/cuda/measured_dispatch.clear() drops them). prefill_graphs: a whole fresh
         prompt into a 16-bit cache prefills from a CUDA graph per padded length bucket
         (runtime/prefill_graphs.py; needs the decode graphs' pad block). overlap_decode:
-        enqueue each decode step before reading the previous one's tokens (runtime/overlap.py: the same tokens, stop conditions checked one step
-        late, events a step() call later; default: on with CUDA graphs on a CUDA device)."""
+        enqueue each decode step before reading the previous one's tokens (runtime/overlap.py:
+        the same tokens, stop conditions checked one step late, events a step() call later;
+        default: on with CUDA graphs on a CUDA device)."""
         if not (isinstance(max_batch, int) and max_batch >= 1):
             raise GenerationError(f"max_batch={max_batch!r} must be an int >= 1")
         if not (isinstance(prefill_chunk, int) and prefill_chunk >= 1):
@@ -319,7 +320,8 @@ class GenerationEngine:
             keep = (torch.cumsum(sorted_p, 0) - sorted_p) < req.top_p   # always keeps the top token
             probs = torch.zeros_like(probs).scatter(0, order, sorted_p * keep)
         clocks = torch.empty_like(probs).exponential_(generator=req.generator)
-        return (probs / clocks).argmax()
+        # A clock of exactly 0 must not make 0 / 0 (NaN, which argmax would pick).
+        return (probs / clocks.clamp_min_(torch.finfo(clocks.dtype).tiny)).argmax()
 
 
 def _token_list(ids, vocab: int, what: str) -> list[int]:

@@ -3,9 +3,9 @@
 A synchronous decode step leaves the GPU idle while the host copies the sampled tokens back,
 checks stop conditions and builds the next step's inputs (~0.5 ms a step at batch 1 on an H100,
 BENCHMARKS §13c). The next step's input ids are this step's tokens (argmax, or a draw from the
-request's own generator), which stay on the device: the engine launches step N+1 from them, then reads step N's
-tokens (copied to pinned host memory behind the launch) and emits them. Stop conditions are thus
-checked one step late. A row that ends on a stop token at step N has one extra token computed at
+request's own generator), which stay on the device: the engine launches step N+1 from them,
+then reads step N's tokens (copied to pinned host memory behind the launch) and emits them.
+Stop conditions are thus checked one step late. A row that ends on a stop token at step N has one extra token computed at
 N+1, which is discarded (its cache write stays inside the blocks reserved for it, and any later
 owner of those blocks is written after it on the same stream); a row that reaches max_new_tokens
 at step N is left out of N+1, since its length is known on the host. The tokens are the

@@ -96,3 +96,26 @@ def test_step_graph_reads_its_weights_from_the_root(compiled):
     assert "getattr(" not in graph.gm.code and "self.model." not in graph.gm.code
     own = {t.untyped_storage().data_ptr() for t in cm.graph.state().values()}
     assert {t.untyped_storage().data_ptr() for t in graph.state().values()} <= own
+
+
+def test_a_graph_calling_submodules_keeps_its_module_tree():
+    """_flatten_attrs only rewrites graphs whose get_attrs are all tensors and that call no
+    submodule; anything else runs as traced."""
+    import torch.fx as fx
+
+    from sagequant.ir.graph import QuantGraph
+    from sagequant.runtime.step_graph import _flatten_attrs
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 4)
+            self.scale = torch.nn.Parameter(torch.ones(4))
+
+        def forward(self, x):
+            return self.lin(x) * self.scale
+
+    graph = QuantGraph(fx.symbolic_trace(Net()))
+    before = graph.gm
+    _flatten_attrs(graph)
+    assert graph.gm is before and [n.target for n in graph.graph.nodes if n.op == "get_attr"] == ["scale"]

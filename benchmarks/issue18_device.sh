@@ -12,6 +12,7 @@
 #        (~4 min: each quantized scheme's engine build times its linears' paths, Triton compiles
 #        included), then the tiny-Llama GPU-vs-CPU-reference correctness rows
 #   bash benchmarks/issue18_device.sh prefill-graphs  # the prefill rows with CUDA-graph prefill
+#   bash benchmarks/issue18_device.sh host    # decode sync vs overlapped, CUDA-graph prefill rows
 #   TOK=DIR WHL=DIR bash benchmarks/issue18_device.sh final  # our four schemes at full depth (b1 / 8
 #        / 32, prefill 512 / 2048 profiled, 8k-context KV rows, b1 step profile), then `engine start`
 #        at 8 concurrent requests vs the direct engine (TOK: a tokenizer dir; WHL: the server wheels
@@ -88,6 +89,19 @@ case "$1" in
       --prefill-graphs --profile-prefill --budget-s 220 --skip-correctness \
       --out "$OUT/e2e_prefill_graphs.json" > "$OUT/e2e_prefill_graphs.log" 2>&1
     grep -v "convert:" "$OUT/e2e_prefill_graphs.log" | tail -30
+    ;;
+  host)   # BENCHMARKS 13d/13e addenda: decode synchronous (--sync-decode) vs overlapped, bf16 and
+          # W4A16 at b1 / b8, the second run also with CUDA-graph prefill (its capture seconds and
+          # graph-pool growth per bucket in the JSON) and the prefill profile (~7 min)
+    timeout 230 python3 benchmarks/e2e_generation.py --layers 32 --vocab 128256 --schemes bf16 W4A16 \
+      --batches 1 8 --prefill-len 512 --prefill-reps 1 --new-tokens 64 --budget-s 210 \
+      --skip-correctness --sync-decode --out "$OUT/e2e_sync_decode.json" > "$OUT/e2e_sync_decode.log" 2>&1
+    grep -v "convert:" "$OUT/e2e_sync_decode.log" | tail -8
+    timeout 300 python3 benchmarks/e2e_generation.py --layers 32 --vocab 128256 --schemes bf16 W4A16 \
+      --batches 1 8 --prefill-len 512 2048 --prefill-reps 3 --new-tokens 64 --budget-s 280 \
+      --prefill-graphs --profile-prefill --skip-correctness \
+      --out "$OUT/e2e_overlap_prefill_graphs.json" > "$OUT/e2e_overlap_prefill_graphs.log" 2>&1
+    grep -v "convert:" "$OUT/e2e_overlap_prefill_graphs.log" | tail -12
     ;;
   final)
     START=$(date +%s)

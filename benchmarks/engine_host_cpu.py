@@ -50,16 +50,45 @@ def decode_ms(engine, steps: int) -> float:
     return statistics.median(times[:-1])
 
 
+def compare_nested(flat, args) -> int:
+    import sagequant.runtime.step_graph as sg
+    keep = sg._flatten_attrs
+    sg._flatten_attrs = lambda graph: None
+    try:
+        nested = build_engine(args.layers, args.hidden)
+    finally:
+        sg._flatten_attrs = keep
+    times = {"root_attributes": [], "module_tree": []}
+    for name, e in (("root_attributes", flat), ("module_tree", nested)):
+        for _ in range(3):
+            prefill_ms(e, args.prompt)
+    for _ in range(args.reps):
+        for name, e in (("root_attributes", flat), ("module_tree", nested)):
+            times[name].append(prefill_ms(e, args.prompt))
+    row = {k: {"median_ms": statistics.median(v), "min_ms": min(v)} for k, v in times.items()}
+    row.update(layers=args.layers, prompt=args.prompt, reps=args.reps)
+    print(json.dumps(row))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(row, f, indent=1)
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--hidden", type=int, default=64)
     ap.add_argument("--prompt", type=int, default=8)
     ap.add_argument("--reps", type=int, default=40)
+    ap.add_argument("--compare-nested", action="store_true",
+                    help="also an engine whose step graph keeps its weights in the module tree "
+                         "(step_graph._flatten_attrs off), prefills interleaved with the default's")
     ap.add_argument("--out")
     args = ap.parse_args()
     torch.set_num_threads(1)
     engine = build_engine(args.layers, args.hidden)
+    if args.compare_nested:
+        return compare_nested(engine, args)
     for _ in range(3):
         prefill_ms(engine, args.prompt)
     pre = [prefill_ms(engine, args.prompt) for _ in range(args.reps)]

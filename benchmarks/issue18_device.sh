@@ -16,7 +16,7 @@
 #   TOK=DIR WHL=DIR bash benchmarks/issue18_device.sh final  # our four schemes at full depth (b1 / 8
 #        / 32, prefill 512 / 2048 profiled, 8k-context KV rows, b1 step profile), then `engine start`
 #        at 8 concurrent requests vs the direct engine (TOK: a tokenizer dir; WHL: the server wheels
-#        when the image lacks fastapi / uvicorn), then the W4A16 GEMV sweep in the time left (~9 min)
+#        when the image lacks fastapi / uvicorn), then the prefill rows from CUDA graphs in the time left (~9 min)
 # torchao is not on the GPU image: its wheel travels in .whl/ (see the device README).
 set -o pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
@@ -117,9 +117,11 @@ case "$1" in
     timeout $(left ${SERVE_AT:-450}) python3 benchmarks/serving_gpu.py --tokenizer "$TOK" \
       --out "$OUT/serving_gpu.json" > "$OUT/serving_gpu.log" 2>&1
     grep -v "convert:" "$OUT/serving_gpu.log" | tail -3
-    timeout $(left ${FINAL_S:-560}) python3 benchmarks/gemv4_sweep.py --out "$OUT" --budget $(left $(( ${FINAL_S:-560} - 10 ))) \
-      --jobs 8 ${MAIN_WORDS:+--main-words "$MAIN_WORDS"} > "$OUT/gemv4_sweep.log" 2>&1
-    tail -12 "$OUT/gemv4_sweep.log"
+    timeout $(left ${FINAL_S:-560}) python3 benchmarks/e2e_generation.py --layers 32 --vocab 128256 \
+      --schemes bf16 W4A16 W8A8-FP8 --batches --prefill-len 512 2048 --prefill-reps 3 --prefill-graphs \
+      --budget-s $(left $(( ${FINAL_S:-560} - 15 ))) --skip-correctness --out "$OUT/e2e_prefill_graphs.json" \
+      > "$OUT/e2e_prefill_graphs.log" 2>&1
+    grep -v "convert:" "$OUT/e2e_prefill_graphs.log" | tail -12
     ;;
   *) echo "usage: $0 profile|e2e|peers|all|full|prefill|prefill-graphs|final"; exit 2 ;;
 esac

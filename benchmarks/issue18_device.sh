@@ -11,12 +11,12 @@
 #        full depth, four schemes, each prefill profiled, the engine's measured kernel choices
 #        (~4 min: each quantized scheme's engine build times its linears' paths, Triton compiles
 #        included), then the tiny-Llama GPU-vs-CPU-reference correctness rows
-#   bash benchmarks/issue18_device.sh prefill-graphs  # the prefill rows with CUDA-graph prefill
+#   bash benchmarks/issue18_device.sh prefill-eager  # the prefill rows with eager prefill (A/B)
 #   bash benchmarks/issue18_device.sh host    # decode sync vs overlapped, CUDA-graph prefill rows
 #   TOK=DIR WHL=DIR bash benchmarks/issue18_device.sh final  # our four schemes at full depth (b1 / 8
 #        / 32, prefill 512 / 2048 profiled, 8k-context KV rows, b1 step profile), then `engine start`
 #        at 8 concurrent requests vs the direct engine (TOK: a tokenizer dir; WHL: the server wheels
-#        when the image lacks fastapi / uvicorn), then the prefill rows from CUDA graphs in the time left (~9 min)
+#        when the image lacks fastapi / uvicorn), then the eager-prefill rows (A/B) in the time left (~9 min)
 # torchao is not on the GPU image: its wheel travels in .whl/ (see the device README).
 set -o pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
@@ -83,12 +83,12 @@ case "$1" in
       --out "$OUT/e2e_prefill.json" > "$OUT/e2e_prefill.log" 2>&1
     grep -v "convert:" "$OUT/e2e_prefill.log" | tail -60
     ;;
-  prefill-graphs)   # the prefill rows again with each prompt replayed from a CUDA graph (~3 min)
+  prefill-eager)   # the prefill rows again with eager prefill, the default before CUDA-graph prefill (~3 min)
     timeout 240 python3 benchmarks/e2e_generation.py --layers 32 --vocab 128256 \
       --schemes bf16 W4A16 W8A8-FP8 --batches --prefill-len 512 2048 --prefill-reps 3 \
-      --prefill-graphs --profile-prefill --budget-s 220 --skip-correctness \
-      --out "$OUT/e2e_prefill_graphs.json" > "$OUT/e2e_prefill_graphs.log" 2>&1
-    grep -v "convert:" "$OUT/e2e_prefill_graphs.log" | tail -30
+      --eager-prefill --profile-prefill --budget-s 220 --skip-correctness \
+      --out "$OUT/e2e_prefill_eager.json" > "$OUT/e2e_prefill_eager.log" 2>&1
+    grep -v "convert:" "$OUT/e2e_prefill_eager.log" | tail -30
     ;;
   host)   # BENCHMARKS 13d/13e addenda: decode synchronous (--sync-decode) vs overlapped, bf16 and
           # W4A16 at b1 / b8, the second run also with CUDA-graph prefill (its capture seconds and
@@ -99,7 +99,7 @@ case "$1" in
     grep -v "convert:" "$OUT/e2e_sync_decode.log" | tail -8
     timeout 300 python3 benchmarks/e2e_generation.py --layers 32 --vocab 128256 --schemes bf16 W4A16 \
       --batches 1 8 --prefill-len 512 2048 --prefill-reps 3 --new-tokens 64 --budget-s 280 \
-      --prefill-graphs --profile-prefill --skip-correctness \
+      --profile-prefill --skip-correctness \
       --out "$OUT/e2e_overlap_prefill_graphs.json" > "$OUT/e2e_overlap_prefill_graphs.log" 2>&1
     grep -v "convert:" "$OUT/e2e_overlap_prefill_graphs.log" | tail -12
     ;;
@@ -118,10 +118,10 @@ case "$1" in
       --out "$OUT/serving_gpu.json" > "$OUT/serving_gpu.log" 2>&1
     grep -v "convert:" "$OUT/serving_gpu.log" | tail -3
     timeout $(left ${FINAL_S:-560}) python3 benchmarks/e2e_generation.py --layers 32 --vocab 128256 \
-      --schemes bf16 W4A16 W8A8-FP8 --batches --prefill-len 512 2048 --prefill-reps 3 --prefill-graphs \
-      --budget-s $(left $(( ${FINAL_S:-560} - 15 ))) --skip-correctness --out "$OUT/e2e_prefill_graphs.json" \
-      > "$OUT/e2e_prefill_graphs.log" 2>&1
-    grep -v "convert:" "$OUT/e2e_prefill_graphs.log" | tail -12
+      --schemes bf16 W4A16 W8A8-FP8 --batches --prefill-len 512 2048 --prefill-reps 3 --eager-prefill \
+      --budget-s $(left $(( ${FINAL_S:-560} - 15 ))) --skip-correctness --out "$OUT/e2e_prefill_eager.json" \
+      > "$OUT/e2e_prefill_eager.log" 2>&1
+    grep -v "convert:" "$OUT/e2e_prefill_eager.log" | tail -12
     ;;
-  *) echo "usage: $0 profile|e2e|peers|all|full|prefill|prefill-graphs|final"; exit 2 ;;
+  *) echo "usage: $0 profile|e2e|peers|all|full|prefill|prefill-eager|final"; exit 2 ;;
 esac

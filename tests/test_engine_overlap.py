@@ -113,6 +113,13 @@ def test_overlap_needs_the_static_step(compiled):
     assert not GenerationEngine(compiled("llama")).overlap   # CPU default: off
 
 
+def test_prefill_graphs_need_the_static_step(compiled):
+    with pytest.raises(ValueError, match="prefill_graphs=True needs the static decode step"):
+        GenerationEngine(compiled("llama"), cuda_graphs=False, prefill_graphs=True)
+    assert GenerationEngine(compiled("llama")).prefill_graphs is None   # CPU default: eager
+    assert GenerationEngine(compiled("llama"), cuda_graphs=True).prefill_graphs is None
+
+
 def test_capture_all_captures_every_bucket_on_padding_rows(compiled, monkeypatch):
     """What `engine start` runs before serving: one capture per batch bucket, its rows all the
     pad slot at position 0; the first real step then refills the index from its own rows."""

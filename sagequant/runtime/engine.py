@@ -62,7 +62,7 @@ class GenerationEngine:
                  extra_tokens_per_request: int = 0, prefill_chunk: int = 2048,
                  cuda_graphs: bool | None = None, fused_step: bool = True,
                  merge_linears: bool | None = None, measure_kernels: bool | None = None,
-                 prefill_graphs: bool = False, overlap_decode: bool | None = None):
+                 prefill_graphs: bool | None = None, overlap_decode: bool | None = None):
         """device: run there (default: where the compiled weights are; another device gets a
         copy of the weights). extra_tokens_per_request: cache room reserved beyond prompt +
         max_new_tokens (a speculative verifier writes up to k draft tokens past what it keeps).
@@ -79,7 +79,8 @@ class GenerationEngine:
         weight key, so an engine built with False still runs what an earlier one measured
         (backends/cuda/measured_dispatch.clear() drops them). prefill_graphs: a whole fresh
         prompt into a 16-bit cache prefills from a CUDA graph per padded length bucket
-        (runtime/prefill_graphs.py; needs the decode graphs' pad block). overlap_decode:
+        (runtime/prefill_graphs.py; needs the decode graphs' pad block; default: on with CUDA
+        graphs on a CUDA device, each bucket captured at its first prompt). overlap_decode:
         enqueue each decode step before reading the previous one's tokens (runtime/overlap.py:
         the same tokens, stop conditions checked one step late, events a step() call later;
         default: on with CUDA graphs on a CUDA device)."""
@@ -128,13 +129,17 @@ class GenerationEngine:
         self.kernel = select_attention_kernel(plan, head_dim, self.device.type,
                                               getattr(compiled.config, "priority", "latency"))
         self.graphs = DecodeGraphs(self, capture=self.device.type == "cuda") if use_graphs else None
+        if prefill_graphs and self.graphs is None:
+            raise GenerationError("prefill_graphs=True needs the static decode step "
+                                  "(cuda_graphs=None on a CUDA device, or cuda_graphs=True)")
+        on_gpu_graphs = self.graphs is not None and self.device.type == "cuda"
         self.prefill_graphs = (PrefillGraphs(self, capture=self.device.type == "cuda")
-                               if prefill_graphs and self.graphs else None)
+                               if (on_gpu_graphs if prefill_graphs is None else prefill_graphs)
+                               else None)
         if overlap_decode and self.graphs is None:
             raise GenerationError("overlap_decode=True needs the static decode step "
                                   "(cuda_graphs=None on a CUDA device, or cuda_graphs=True)")
-        self.overlap = (self.graphs is not None and self.device.type == "cuda"
-                        if overlap_decode is None else bool(overlap_decode))
+        self.overlap = on_gpu_graphs if overlap_decode is None else bool(overlap_decode)
         self._host = HostBuffers(max_batch, self.device) if self.overlap else None
         self._inflight: InFlight | None = None
         self.kernel_choices: list[dict] = []

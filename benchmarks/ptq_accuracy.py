@@ -182,6 +182,7 @@ SCHEMES = {
 RTN_OF = {128: "w4a16-rtn", 64: "w4a16-rtn-g64"}
 # The issue-19 table (--all): every scheme's rows; the slowest (GPTQ) first so --jobs overlaps them.
 TABLE = ["w4a8-int8-gptq-sink50-mse-rotate", "w4a16-gptq-sink50-mse-rotate", "w4a16-gptq-sink50-mse-select30",
+         "w4a8-fp8-gptq-sink50-mse-rotate", "w8a8-fp8-gptq-sink50-rotate", "w4a16-awq-rotate",
          "w8a8-fp8-smoothquant-auto-gptq-sink50",
          "w8a8-int8-smoothquant-auto-gptq-sink50", "w8a8-fp8-gptq-sink50", "w4a16-gptq-one-pass",
          "w4a16-gptq-one-pass-g64", "w4a16-awq-gptq", "w4a16-awq-gptq-g64",

@@ -137,3 +137,26 @@ def test_capture_all_captures_every_bucket_on_padding_rows(compiled, monkeypatch
     assert seen == [(n, [pad] * n, [0] * n, [pad] * n, [0] * n) for n in (1, 2, 4)]
     graphs.capture_all()   # already captured: nothing again
     assert len(seen) == 3 and all(b.last == () for b in graphs.buckets.values())
+
+
+def test_prefill_capture_all_captures_every_bucket_on_padding(compiled, monkeypatch):
+    """`engine start` also captures every prefill bucket up front; each capture prompt writes only
+    the pad block, and a model the padded path cannot serve captures nothing."""
+    from dataclasses import replace
+    from sagequant.backends.cuda.kv_attention import CUDA_PAGED_ATTENTION
+    engine = GenerationEngine(compiled("llama"), max_batch=2, max_seq_len=200, cuda_graphs=True,
+                              prefill_graphs=True)
+    pg, seen = engine.prefill_graphs, []
+    monkeypatch.setattr(pg, "_capture", lambda b: (seen.append(
+        (b.ids.shape[1], b.ids.abs().sum().item(), set(b.blk.flatten().tolist()),
+         b.off[0, :20].tolist())), setattr(b, "graph", "captured")))
+    pg.capture = True
+    pg.capture_all()
+    assert seen == []                        # the CPU reference kernel: no prompt takes this path
+    engine.kernel = replace(CUDA_PAGED_ATTENTION, op=engine.kernel.op)
+    pg.capture_all()
+    bs = engine.pool.block_size
+    assert seen == [(n, 0, {engine.graphs.pad_block}, [i % bs for i in range(20)])
+                    for n in (128, 256)]   # up to the 200-token context, rounded up
+    pg.capture_all()
+    assert len(seen) == 2

@@ -48,14 +48,40 @@ class PrefillGraphs:
         self.pool = None
         self.captures: dict[int, dict] = {}   # bucket -> capture seconds, memory reserved by it
 
-    def fits(self, slot: int, tokens: int) -> bool:
+    def usable(self) -> bool:
+        """Whether any prompt can take this path (the checks that do not depend on the prompt)."""
         e = self.engine
         # The CUDA attention kernel attends a fresh prompt over the k, v it was handed (flash
         # SDPA); the reference gathers the slot's blocks, which the padded step does not fill.
         return (self.gm is not None and not self.windowed and e.graphs is not None
-                and e.kernel.backend == "cuda"
-                and e.pool.lengths[slot] == 0 and 1 < tokens <= e.prefill_chunk
-                and not any(c.quantized for c in e.pool.layers))
+                and e.kernel.backend == "cuda" and not any(c.quantized for c in e.pool.layers))
+
+    def fits(self, slot: int, tokens: int) -> bool:
+        e = self.engine
+        return self.usable() and e.pool.lengths[slot] == 0 and 1 < tokens <= e.prefill_chunk
+
+    def bucket_sizes(self) -> list[int]:
+        """Every padded length a prompt can take: up to the prefill chunk and the context."""
+        longest = min(self.engine.prefill_chunk, self.engine.max_seq_len)
+        return list(range(PAD_MULTIPLE, math.ceil(longest / PAD_MULTIPLE) * PAD_MULTIPLE + 1,
+                          PAD_MULTIPLE))
+
+    def capture_all(self) -> float:
+        """Capture every bucket now, as DecodeGraphs.capture_all does for decode (a server runs
+        this before taking requests, so no prompt waits for a capture). The capture prompts are
+        all padding: every position writes the pad block. Seconds."""
+        start = time.perf_counter()
+        if self.capture and self.usable():
+            bs = self.engine.pool.block_size
+            for size in self.bucket_sizes():
+                b = self._bucket(size)
+                if b.graph is None:
+                    b.ids.zero_()
+                    b.blk.fill_(self.engine.graphs.pad_block)
+                    b.off.copy_(b.positions % bs)
+                    self.last.zero_()
+                    self._capture(b)
+        return time.perf_counter() - start
 
     def prefill(self, slot: int, tokens: torch.Tensor) -> torch.Tensor:
         """Logits [1, 1, vocab] of the last of `tokens` [1, L], written to the empty `slot`."""

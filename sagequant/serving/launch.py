@@ -165,6 +165,8 @@ def make_app(cm, tokenizer, opts: ServeOptions):
                               device="cuda" if cm.config.backend == "cuda" else "cpu")
     if engine.graphs is not None:
         engine.graphs.capture_all()   # before the first request, not during it
+    if engine.prefill_graphs is not None:
+        engine.prefill_graphs.capture_all()
     name = opts.served_model_name or Path(str(opts.model).rstrip("/")).name
     served = ServedModel(name, tokenizer, ctx, int(cm.graph.model_info["vocab_size"]),
                          opts.default_max_tokens, max_body_bytes=opts.max_body_bytes,

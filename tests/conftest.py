@@ -147,6 +147,23 @@ def helpers():
 
 
 @pytest.fixture(scope="session")
+def benchmark_module():
+    """benchmarks/NAME.py loaded as a module (benchmarks/ is not a package; its scripts import
+    their neighbours, so that folder goes on sys.path)."""
+    import importlib.util
+    import sys
+    folder = Path(__file__).resolve().parents[1] / "benchmarks"
+
+    def load(name: str):
+        sys.path.insert(0, str(folder))
+        spec = importlib.util.spec_from_file_location(name, folder / f"{name}.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+    return load
+
+
+@pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
     """A tiny Llama checkpoint directory with the real SmolLM2 tokenizer (vocab sized to match),
     for tests that go through model names, tokenizers and chat templates (CLI, server)."""

@@ -1,21 +1,11 @@
 """benchmarks/e2e_generation.py: the guard against timing a CPU reference path, and the ratio and
 full-depth arithmetic of its table (its --smoke run is the end-to-end check of the script)."""
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "e2e_generation.py"
 
 
 @pytest.fixture(scope="module")
-def bench():
-    sys.path.insert(0, str(SCRIPT.parent))
-    spec = importlib.util.spec_from_file_location("e2e_generation", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def bench(benchmark_module):
+    return benchmark_module("e2e_generation")
 
 
 def test_reference_kernels_are_refused_for_a_cuda_timing(bench, compiled):

@@ -1,21 +1,11 @@
 """benchmarks/weight_only_prefill.py: the layer sums and the candidate list of its H100 table
 (its --smoke run, ~1 min in Triton's interpreter, is the end-to-end check of the script)."""
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "weight_only_prefill.py"
 
 
 @pytest.fixture(scope="module")
-def bench():
-    sys.path.insert(0, str(SCRIPT.parent))
-    spec = importlib.util.spec_from_file_location("weight_only_prefill", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def bench(benchmark_module):
+    return benchmark_module("weight_only_prefill")
 
 
 def _row(shape, m, quant, bf16):

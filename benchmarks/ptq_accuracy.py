@@ -147,6 +147,8 @@ SCHEMES = {
                                          gptq_sink_weight=50.0, weight_observer="mse", rotate="hadamard", **G128),
     "w4a16-awq-rotate": dict(weight_dtype="int4", activation_dtype="a16", calibration="awq", rotate="hadamard",
                              **G128),
+    "w4a16-gptq-mse-rotate": dict(weight_dtype="int4", activation_dtype="a16", calibration="gptq",
+                                  weight_observer="mse", rotate="hadamard", **G128),
     "w4a16-gptq-sink50-rotate": dict(weight_dtype="int4", activation_dtype="a16", calibration="gptq",
                                      gptq_sink_weight=50.0, rotate="hadamard", **G128),
     "nf4-g64": dict(weight_dtype="nf4", activation_dtype="a16", group_size=64),

@@ -129,16 +129,14 @@ class GenerationEngine:
         self.kernel = select_attention_kernel(plan, head_dim, self.device.type,
                                               getattr(compiled.config, "priority", "latency"))
         self.graphs = DecodeGraphs(self, capture=self.device.type == "cuda") if use_graphs else None
-        if prefill_graphs and self.graphs is None:
-            raise GenerationError("prefill_graphs=True needs the static decode step "
-                                  "(cuda_graphs=None on a CUDA device, or cuda_graphs=True)")
+        for option, asked in (("prefill_graphs", prefill_graphs), ("overlap_decode", overlap_decode)):
+            if asked and self.graphs is None:
+                raise GenerationError(f"{option}=True needs the static decode step "
+                                      "(cuda_graphs=None on a CUDA device, or cuda_graphs=True)")
         on_gpu_graphs = self.graphs is not None and self.device.type == "cuda"
         self.prefill_graphs = (PrefillGraphs(self, capture=self.device.type == "cuda")
                                if (on_gpu_graphs if prefill_graphs is None else prefill_graphs)
                                else None)
-        if overlap_decode and self.graphs is None:
-            raise GenerationError("overlap_decode=True needs the static decode step "
-                                  "(cuda_graphs=None on a CUDA device, or cuda_graphs=True)")
         self.overlap = on_gpu_graphs if overlap_decode is None else bool(overlap_decode)
         self._host = HostBuffers(max_batch, self.device) if self.overlap else None
         self._inflight: InFlight | None = None

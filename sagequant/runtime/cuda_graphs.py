@@ -17,6 +17,7 @@ import torch
 
 from ..ir.formats import QuantizationError
 from ..ir.paged_attention import attention_step
+from ..progress import track
 from .context import AttentionStep
 from .kv_pool import DecodeIndex
 
@@ -101,13 +102,13 @@ class DecodeGraphs:
         forwards). The capture rows are all padding: they write only the pad block. Seconds."""
         start = time.perf_counter()
         if self.capture:
-            for size in self.sizes:
+            sizes = [s for s in self.sizes if self._bucket(s).graph is None]
+            for size in track(sizes, "capture decode graphs", unit="graph"):
                 b = self._bucket(size)
-                if b.graph is None:
-                    rows, starts = [self.pad_slot] * size, [0] * size
-                    self._fill(b, rows, starts)
-                    b.last = ()   # the first real step refills the index
-                    self._capture(b, rows, starts)
+                rows, starts = [self.pad_slot] * size, [0] * size
+                self._fill(b, rows, starts)
+                b.last = ()   # the first real step refills the index
+                self._capture(b, rows, starts)
         if self.engine.device.type == "cuda":
             torch.cuda.synchronize(self.engine.device)
         return time.perf_counter() - start

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from ..ir.paged_attention import AttentionCall, attention_step
+from ..progress import track
 from .context import AttentionStep
 from .step_graph import attention_nodes, last_position_module
 
@@ -73,14 +74,14 @@ class PrefillGraphs:
         start = time.perf_counter()
         if self.capture and self.usable():
             bs = self.engine.pool.block_size
-            for size in self.bucket_sizes():
+            sizes = [s for s in self.bucket_sizes() if self._bucket(s).graph is None]
+            for size in track(sizes, "capture prefill graphs", unit="graph"):
                 b = self._bucket(size)
-                if b.graph is None:
-                    b.ids.zero_()
-                    b.blk.fill_(self.engine.graphs.pad_block)
-                    b.off.copy_(b.positions % bs)
-                    self.last.zero_()
-                    self._capture(b)
+                b.ids.zero_()
+                b.blk.fill_(self.engine.graphs.pad_block)
+                b.off.copy_(b.positions % bs)
+                self.last.zero_()
+                self._capture(b)
         return time.perf_counter() - start
 
     def prefill(self, slot: int, tokens: torch.Tensor) -> torch.Tensor:

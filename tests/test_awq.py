@@ -45,9 +45,26 @@ def test_candidate_scales_worked_example():
     torch.testing.assert_close(awq_candidate_scales(torch.tensor([4.0, 1.0]), 0.5),
                                torch.tensor([math.sqrt(2), 1 / math.sqrt(2)]))
     assert torch.equal(awq_candidate_scales(torch.tensor([4.0, 0.0, 7.0]), 0.0), torch.ones(3))
-    # mean 0 is clamped to 1e-4 before the power: finite, positive
+    # mean 0 is clamped to 1e-4 before the power: finite, positive; (14.14, 0.0707) snapped to the
+    # nearest 2^(k/32): log2 = (3.82, -3.82) -> k = (122, -122)
     s = awq_candidate_scales(torch.tensor([4.0, 0.0]), 0.5)
-    torch.testing.assert_close(s, torch.tensor([2.0, 1e-2]) / math.sqrt(2.0 * 1e-2), rtol=1e-6, atol=0)
+    assert torch.equal(s, torch.tensor([2.0 ** (122 / 32), 2.0 ** (-122 / 32)]))
+
+
+def test_candidate_scales_do_not_carry_float_noise():
+    """Statistics 1e-6 apart (another device or thread count) give bit-identical scales, so the
+    roundings of W·s and every later choice stay the same; unsnapped they differ."""
+    gen = torch.Generator().manual_seed(3)
+    mean = torch.rand(4096, generator=gen) * 10
+    noisy = mean * (1 + 1e-6 * torch.randn(4096, generator=gen))
+    for ratio in (0.25, 0.5, 0.95):
+        assert torch.equal(awq_candidate_scales(mean, ratio), awq_candidate_scales(noisy, ratio))
+        raw = mean.double().pow(ratio)
+        raw_noisy = noisy.double().pow(ratio)
+        assert not torch.equal((raw / (raw.max() * raw.min()).sqrt()).float(),
+                               (raw_noisy / (raw_noisy.max() * raw_noisy.min()).sqrt()).float())
+    steps = torch.log2(awq_candidate_scales(mean, 0.5).double()) * 32
+    assert float((steps - steps.round()).abs().max()) < 1e-5  # on the grid, up to float32's rounding
 
 
 @pytest.mark.parametrize("spec", [G32, G128, G128_ASYM], ids=lambda s: s.describe())
@@ -195,7 +212,8 @@ def test_duo_scaling_searches_both_families_and_is_never_worse():
     # the duo family at ratio r, worked by hand in float64
     r = 0.35
     s = x.abs().mean(0).double().clamp(min=1e-4).pow(r) / (w_mean.double().pow(1 - r) + 1e-4)
-    torch.testing.assert_close(awq_candidate_scales(x.abs().mean(0), r, w_mean),
-                               (s / (s.max() * s.min()).sqrt()).float())
+    s = s / (s.max() * s.min()).sqrt()
+    assert torch.equal(awq_candidate_scales(x.abs().mean(0), r, w_mean),
+                       torch.exp2(torch.round(torch.log2(s) * 32) / 32).float())
     if both.duo:
         assert both.loss == pytest.approx(direct_loss(x, ws, both.scales, G128), rel=1e-4)

@@ -6,7 +6,7 @@ import torch
 
 import sagequant as sq
 from sagequant.backends.onnxruntime.capture import capture
-from sagequant.calibration.real_data import evaluation_text, load_smollm2
+from sagequant.calibration.real_data import evaluation_text
 from sagequant.evaluation.perplexity import perplexity, tokenize_eval_text
 from sagequant.backends.export import onnxruntime_session, run_logits, to_onnx
 
@@ -19,8 +19,8 @@ PPL_RTOL = 1e-4     # relative perplexity difference; measured ~1e-6
 
 
 @pytest.fixture(scope="module")
-def w4():
-    model, tok = load_smollm2()
+def w4(smollm2):
+    model, tok = smollm2
     cm = sq.compile(model, sq.QuantConfig(weight_dtype="int4", activation_dtype="a16", group_size=128))
     ids = tokenize_eval_text(tok, evaluation_text(), EVAL_TOKENS)
     with torch.inference_mode():

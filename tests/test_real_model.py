@@ -5,18 +5,12 @@ import torch
 
 import sagequant as sq
 from sagequant.calibration.datasets import tokenize_calibration
-from sagequant.calibration.real_data import evaluation_text, load_smollm2, wikipedia_prose
+from sagequant.calibration.real_data import evaluation_text, wikipedia_prose
 from sagequant.evaluation.perplexity import delta_pct, perplexity, tokenize_eval_text
 
 pytestmark = pytest.mark.real_model
 
 EVAL_TOKENS = 2048  # 4 windows of 512: enough to separate the schemes, cheap on 2 cores
-
-
-@pytest.fixture(scope="module")
-def smollm2():
-    model, tok = load_smollm2()
-    return model, tok
 
 
 @pytest.fixture(scope="module")

@@ -4,10 +4,10 @@ Scale search. Input channels that carry large activations ("salient") matter mos
 scaling their weight columns up by s before quantizing gives them finer steps relative to their
 size, and the producer of x divides by s, so y = (x / s) Q(W · s)ᵀ. For each ratio r in
 {0, 1/grid, ..., (grid-1)/grid}:
-    s = mean|x|^r  (clamped >= 1e-4), normalised s / sqrt(max(s) · min(s))
+    s = mean|x|^r  (clamped >= 1e-4), normalised s / sqrt(max(s) · min(s)), snapped to 2^(k/32)
     loss(r) = Σ_i ||x W_iᵀ - (x / s) Q(W_i · s)ᵀ||² / (n · Σ_i out_i)
 r = 0 is s = 1, plain round-to-nearest, so the chosen loss is never worse than RTN. Worked
-number: mean|x| = (4, 1), r = 0.5 -> s = (2, 1) / sqrt(2) = (1.414, 0.707).
+number: mean|x| = (4, 1), r = 0.5 -> s = (2, 1) / sqrt(2) = (1.414, 0.707) = (2^(16/32), 2^(-16/32)).
 Duo scaling (as AutoAWQ / llm-compressor) adds the family s = mean|x|^r / mean|ŵ|^(1-r), where ŵ
 is |W| normalised by its quantization group's max and averaged over output rows and consumers:
 channels whose weights are already small relative to their group get scaled up more. With
@@ -40,6 +40,8 @@ __all__ = ["AWQError", "AWQScales", "AWQClip", "awq_search_scales", "awq_search_
 # Matmul outputs are evaluated in blocks of at most this many float32 elements (64 MiB).
 _CHUNK_ELEMENTS = 1 << 24
 _MIN_MEAN = 1e-4
+# AWQ's scales lie on a grid of 2^(k / 32), steps of 2.2% (awq_candidate_scales says why).
+SCALE_STEPS_PER_OCTAVE = 32
 
 
 class AWQError(CompileError, ValueError):
@@ -76,11 +78,19 @@ def _as_rows(x: torch.Tensor, what: str) -> torch.Tensor:
 
 def awq_candidate_scales(x_mean_abs: torch.Tensor, ratio: float,
                          w_mean: torch.Tensor | None = None) -> torch.Tensor:
-    """s = max(mean|x|, 1e-4)^ratio [/ (w_mean^(1-ratio) + 1e-4)] / sqrt(max · min), float32 [in]."""
+    """s = max(mean|x|, 1e-4)^ratio [/ (w_mean^(1-ratio) + 1e-4)] / sqrt(max · min), snapped to
+    the nearest power of 2^(1/SCALE_STEPS_PER_OCTAVE), float32 [in].
+
+    Why snapped: Q(W · s) is discontinuous in s, so unsnapped scales carry float-level noise in the
+    statistics (another device, thread count or torch version: ~1e-7 relative) into different
+    roundings, different losses and different choices — 44% of the clip decisions and a third of
+    the scale ratios differed between a GPU and a CPU run, and perplexity moved by ±1% (BENCHMARKS
+    §12i). On the grid, that noise changes a scale only when it straddles a grid midpoint."""
     s = x_mean_abs.double().clamp(min=_MIN_MEAN).pow(ratio)
     if w_mean is not None:
         s = s / (w_mean.double().pow(1.0 - ratio) + _MIN_MEAN)
-    return (s / (s.max() * s.min()).sqrt()).float()
+    s = s / (s.max() * s.min()).sqrt()
+    return torch.exp2(torch.round(torch.log2(s) * SCALE_STEPS_PER_OCTAVE) / SCALE_STEPS_PER_OCTAVE).float()
 
 
 def group_normalised_weight_mean(weights: list[torch.Tensor], weight_spec: QuantSpec) -> torch.Tensor:

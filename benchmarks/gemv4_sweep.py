@@ -5,6 +5,8 @@ Llama-3-8B's four linear shapes, with bf16 cuBLAS in the same run.
 
     python3 benchmarks/gemv4_sweep.py --out "$OUT" [--budget 220] [--jobs 8]
     python3 benchmarks/gemv4_sweep.py --smoke      # CPU, Triton interpreter, tiny shapes
+    python3 benchmarks/gemv4_sweep.py --out "$OUT" --h2 --ms 1,8,32 --jobs 8   # the packed-fp16
+        GEMV (gemv4h) against the kernels choose() and measured dispatch pick, and bf16
 
 int4 g128 symmetric weights with fp32 group scales (the engine's W4A16), random codes built on
 the GPU, bf16 activations. Every variant is checked once per (shape, M) against a float64
@@ -61,11 +63,42 @@ class Weight:
                                              for _ in range(count - 1)]
 
 
+H2 = False  # --h2: only choose()'s plan, its measured-dispatch variants and the gemv4h grid
+
+
+def h2_variants(m: int, n: int, k: int, sms: int, smoke: bool) -> list[tuple[str, object, bool]]:
+    """--h2: "sum" (choose()'s plan, the kernel the engine runs by the thresholds), its variants
+    measured dispatch also times, and gemv4h tiles / warps / prefetch / split-K (M <= 8; at
+    larger M its default plan only)."""
+    from sagequant.backends.cuda import layout, measured_dispatch
+    base = layout.choose(m, n, k, bits=4, group=GROUP, sm_count=sms, fmt="int4")
+    out = [("sum", base, False)] + [(p.describe(), p, False)
+                                    for p in measured_dispatch.word_variants(base, "int4")]
+    h2 = layout.plan_for("gemv4h", m, n, k, bits=4, group=GROUP, sm_count=sms, fmt="int4")
+    tiles = ((128, 4), (256, 4), (128, 2), (256, 8), (64, 2)) if m == 1 else ((128, 4), (256, 4))
+    grid = [(bn, w, pf) for bn, w in tiles for pf in (False, True)] \
+        if m <= layout.H2_MAX_M and not smoke else [(h2.block_n, h2.num_warps, False)]
+    blocks = math.ceil(k / 128)
+    plans = [h2]
+    for bn, w, pf in grid:
+        tiles = m * math.ceil(n / bn)
+        for split in sorted({layout.split_k_for(tiles, blocks, sms, wv) for wv in (4, 8)}):
+            plans.append(replace(h2, block_n=bn, num_warps=w, prefetch=pf, split_k=split))
+    seen = set()
+    for p in plans:
+        if p not in seen:
+            seen.add(p)
+            out.append((p.describe(), p, False))
+    return out
+
+
 def variants(m: int, n: int, k: int, sms: int, smoke: bool) -> list[tuple[str, object, bool]]:
     """(label, plan, run by main's module) per candidate: "main" (main's kernels and launch, with
     --main-words), "old" (the thresholds' plan, split-K summed by a second kernel), "sum" (the
     same plan summed in the GEMM), then the alternatives. The GEMV's num_stages stays 1: Triton
     does not pipeline its loads (the same SASS at 1 and 3)."""
+    if H2:
+        return h2_variants(m, n, k, sms, smoke)
     from sagequant.backends.cuda import layout
     base = layout.choose(m, n, k, bits=4, group=GROUP, sm_count=sms, fmt="int4")
     out = [("old", replace(base, launch_reduce=True), False), ("sum", base, False)]
@@ -117,7 +150,8 @@ def run_variant(x, wt, data, scales, out, plan, main):
 def _warm(task) -> int:
     """Compile a list of variants (one launch each) into Triton's disk cache; errors are left
     for the timed process to record."""
-    (n, k), m, labels, smoke, main_words = task
+    global H2
+    (n, k), m, labels, smoke, main_words, H2 = task
     lib.import_sagequant()
     if main_words:
         load_main_words(main_words)
@@ -155,7 +189,8 @@ def precompile(jobs: int, smoke: bool, main_words) -> None:
         groups: dict = {}
         for shape, m, label in chunk:
             groups.setdefault((shape, m), set()).add(label)
-        work += [(shape, m, labels, smoke, main_words) for (shape, m), labels in groups.items()]
+        work += [(shape, m, labels, smoke, main_words, H2)
+                 for (shape, m), labels in groups.items()]
     with mp.get_context("spawn").Pool(jobs) as pool:
         print(f"precompiled {sum(pool.map(_warm, work))} launches in {jobs} processes", flush=True)
 
@@ -216,7 +251,7 @@ def sweep(args, budget: lib.Budget) -> dict:
         if not good:
             continue
         top, plan, main = min(good, key=lambda r: r[0]["us_cold"])
-        old = next((r for r in results if r[0]["variant"] in ("main", "old")), None)
+        old = next((r for r in results if r[0]["variant"] in ("main", "old", "sum")), None)
         hot = {"bf16": lib.time_graph([lambda: torch.mm(x, wt.w16.t())])["us"],
                "best": lib.time_graph([lambda: run_variant(x, wt, wt.data, wt.scales, out, plan,
                                                            main)])["us"]}
@@ -243,7 +278,16 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=0, help="processes that precompile first")
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--main-words", type=Path, help="main's triton_words.py, timed as 'main'")
+    ap.add_argument("--h2", action="store_true", help="the packed-fp16 GEMV against the current "
+                    "kernels (h2_variants)")
+    ap.add_argument("--ms", help="comma-separated M values, in this order after M=1 (default: "
+                    "the §13f order over M = 1, 2, 4, 8, 16)")
     args = ap.parse_args()
+    global H2, ORDER
+    H2 = args.h2
+    if args.ms:
+        ms = [int(v) for v in args.ms.split(",")]
+        ORDER = [(s, m) for m in ms for s in SHAPES]
     budget = lib.Budget(args.budget)
     if args.smoke:
         from sagequant.backends.cuda.interpret import enable_triton_interpreter

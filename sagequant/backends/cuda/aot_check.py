@@ -80,13 +80,18 @@ def word_plans(fmt: str, defaults_only: bool = False) -> list:
     chosen = [layout.choose(m, n, k, bits=4, group=128, fmt=fmt)
               for n, k in QWEN2_7B for m in (1, 8, 16, 32, 64)]
     extra = [] if defaults_only else [v for p in chosen for v in word_variants(p, fmt)]
+    if fmt in layout.H2_FORMATS:  # the packed-fp16 GEMV measured dispatch also times
+        h2 = [layout.plan_for("gemv4h", 1, n, k, bits=4, group=128, fmt=fmt) for n, k in QWEN2_7B]
+        extra += h2 + [v for p in h2 for v in word_variants(p, fmt)]
     plans = {replace(p, split_k=1, launch_reduce=False) for p in chosen + extra}
-    return sorted((p for p in plans if p.path in ("gemv4", "mma4")), key=lambda p: p.describe())
+    return sorted((p for p in plans if p.path in ("gemv4", "gemv4h", "mma4")),
+                  key=lambda p: p.describe())
 
 
 def word_configs(dt: str, defaults_only: bool = False):
     """The int32-word kernels (triton_words) and the fused FP8 decode GEMV, as launched."""
     from . import triton_fp8_gemv as fg
+    from . import triton_gemv_h2 as th
     from . import triton_words as tw
     for fmt, kind in WORD_KINDS.items():
         base = {"x_ptr": f"*{dt}", "w_ptr": "*i32", "s_ptr": "*fp16",
@@ -99,8 +104,12 @@ def word_configs(dt: str, defaults_only: bool = False):
                              cnt_ptr="*i32" if split == 2 else "*fp32" if split else f"*{dt}")
                 const = dict(KIND=kind, HAS_BIAS=True, SPLIT=split, BLOCK_N=plan.block_n,
                              BLOCK_KW=plan.block_k // 8)
-                fn = tw._gemv_kernel if plan.path == "gemv4" else tw._mma_kernel
-                if plan.path == "mma4":
+                fn = {"gemv4": tw._gemv_kernel, "gemv4h": th._gemv_h2_kernel}.get(
+                    plan.path, tw._mma_kernel)
+                if plan.path == "gemv4h":  # bf16 x read as int32 words, K blocks even
+                    const.update(PREFETCH=plan.prefetch, X16=2, EVEN=True)
+                    types.pop("book_ptr")
+                elif plan.path == "mma4":
                     const.update(BLOCK_M=plan.block_m, IN_PLACE=plan.in_place)
                 else:
                     const.update(PREFETCH=plan.prefetch)

@@ -30,11 +30,15 @@ MIN_K_BLOCKS_PER_SPLIT = 2
 BIG_GROUP = 1 << 30       # the kernels' GROUP for per-channel / per-tensor scales: one "group"
 # Group sizes the Triton kernels take: a K block (power of two >= 16) must lie in one group.
 GROUP_SIZES = (16, 32, 64, 128, 256, 512, 1024)
-PATHS = ("gemv", "splitk", "tiled", "dequant_mm", "gemv4", "mma4", "dequant4_mm")
+PATHS = ("gemv", "splitk", "tiled", "dequant_mm", "gemv4", "gemv4h", "mma4", "dequant4_mm")
 # 4-bit weights read as int32 words (triton_words): int4/uint4/NF4 with K % 8 == 0. Thresholds
 # and tiles from the H100 sweep of benchmarks/cuda_round2.py (BENCHMARKS.md §CUDA round 2).
 WORD_FORMATS = ("int4", "uint4", "nf4")
-WORD_PATHS = ("gemv4", "mma4", "dequant4_mm")
+WORD_PATHS = ("gemv4", "gemv4h", "mma4", "dequant4_mm")
+# gemv4h (triton_gemv_h2): the GEMV in packed fp16 math, int4/uint4 only, ~1e-3 relative error
+# (fp16 sums of 4 products); never a threshold's choice: measured dispatch times it up to this M.
+H2_FORMATS = ("int4", "uint4")
+H2_MAX_M = 8
 WORD_FLAGS = ("in_place", "prefetch", "launch_reduce")  # Plan fields of gemv4 / mma4 variants
 WORD_FIELDS = WORD_FLAGS + ("num_warps",)  # what measured dispatch keeps of a chosen word plan
 WORD_GEMV_MAX_M = 1       # M <= this: the word GEMV (CUDA cores)
@@ -181,7 +185,13 @@ def plan_for(path: str, m: int, n: int, k: int, *, bits: int, group: int,
     big = n * k >= BIG_LAYER
     if path == "dequant4_mm":
         return Plan("dequant4_mm", chunk_n=dequant_chunk_rows(n, k, DEQUANT_CHUNK_BYTES))
-    if path == "gemv4":
+    if path == "gemv4h":  # sm_90a, bf16 x: BN=256 w=4 issues 684 instructions a K step for
+        #                   256 weights a thread (2.7 a weight; gemv4: 5.3)
+        bn = 256 if n >= 8192 else 128 if n >= 2048 else 32
+        plan = Plan("gemv4h", block_m=1, block_n=bn, block_k=min(128, group),
+                    num_warps=4 if bn >= 128 else 1, num_stages=1)
+        tiles, waves = m * math.ceil(n / bn), 2 * MEMORY_BOUND_WAVES if big else MEMORY_BOUND_WAVES
+    elif path == "gemv4":
         bn = 128 if n >= 16384 else 64 if n >= 2048 else 16
         if fmt == "nf4":  # code book gathers: 128 rows spill (ptxas: 255 regs), 64 use 178
             bn = min(bn, NF4_GEMV_BLOCK_N)

@@ -72,7 +72,7 @@ def _measure(qweight, scales, zeros, spec, shape, dtype, ms, group, sms) -> list
                      "overlap": us[best][1].overlap, "swap_ab": us[best][1].swap_ab,
                      "block_m": us[best][1].block_m,
                      "word_fields": {f: getattr(us[best][1], f) for f in layout.WORD_FIELDS}
-                     if us[best][1].path in ("gemv4", "mma4") else {},
+                     if us[best][1].path in ("gemv4", "gemv4h", "mma4") else {},
                      "us": {d: round(t, 2) for d, (t, _) in us.items()}, "errors": errors,
                      "bf16_gemm_us": round(_graph_us(lambda: torch.mm(x, w16.t())), 2)})
     del w16

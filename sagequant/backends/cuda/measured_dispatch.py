@@ -36,12 +36,16 @@ def candidates(m: int, n: int, k: int, fmt: str, group: int, sm_count: int = 132
     """The paths that can run an [n, k] weight at M rows: the thresholds' own choice, the
     dequantize + cuBLAS path (the int32-word dequantizer for 4-bit weights it takes) whole,
     chunked, and chunked in L2-sized pieces with the side-stream overlap, the tensor-core
-    kernels, and each int32-word kernel's variants (word_variants)."""
+    kernels, each int32-word kernel's variants (word_variants), and up to layout.H2_MAX_M the
+    packed-fp16 GEMV (gemv4h, ~1e-3 relative error: measure_paths' check holds it to 2e-2)."""
     bits = 8 if fmt not in layout.WORD_FORMATS else 4
     plan = lambda path: layout.plan_for(path, m, n, k, bits=bits, group=group,  # noqa: E731
                                         sm_count=sm_count, fmt=fmt)
     out = [layout.choose(m, n, k, bits=bits, group=group, sm_count=sm_count, fmt=fmt)]
     out += word_variants(out[0], fmt)
+    if (m <= layout.H2_MAX_M and fmt in layout.H2_FORMATS
+            and layout.word_rejects(fmt, k, group, 16) is None):  # the packed-fp16 GEMV
+        out += [plan("gemv4h"), *word_variants(plan("gemv4h"), fmt)]
     if m >= 2:
         words = fmt in layout.WORD_FORMATS and layout.word_rejects(fmt, k, group, 16) is None
         dq = "dequant4_mm" if words else "dequant_mm"
@@ -70,7 +74,7 @@ def word_variants(plan: layout.Plan, fmt: str) -> list[layout.Plan]:
     NF4's code book planes have no in-place form) and the GEMV on half the warps: twice the rows
     per thread share each x load (sm_90a, BN=64: 672 SASS instructions a K step for 128 weights a
     thread against 423 for 64; 96 registers against 72)."""
-    if plan.path == "gemv4":
+    if plan.path in ("gemv4", "gemv4h"):
         flags = ["prefetch"]
     elif plan.path == "mma4":
         flags = ["in_place"] if plan.block_m <= 16 and fmt != "nf4" else []

@@ -32,6 +32,7 @@ import triton.language as tl
 
 from . import layout
 from .dequant_gemm import dequant_mm
+from .triton_gemv_h2 import gemv_h2
 from .triton_splitk import _last_split_sums, _splitk_reduce, tile_counters
 
 KINDS = {"int4": 0, "uint4": 1, "nf4": 2}
@@ -252,7 +253,8 @@ def word_linear(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                 zeros: torch.Tensor | None, bias: torch.Tensor | None, out: torch.Tensor,
                 fmt: str, group: int, plan: layout.Plan) -> None:
     """out[M, N] = x2[M, K] @ dequant(W)^T (+ bias) for a 4-bit weight stored [N, K/2] uint8;
-    plan.path is "gemv4", "mma4" or "dequant4_mm"; plan.block_k counts elements (8 per word).
+    plan.path is "gemv4", "gemv4h" (int4/uint4), "mma4" or "dequant4_mm"; plan.block_k counts
+    elements (8 per word).
     Split-K partials are summed by the GEMM's last program, or by _splitk_reduce where
     plan.launch_reduce: the same sums, bit for bit."""
     m, k = x2.shape
@@ -267,8 +269,9 @@ def word_linear(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     kw, bkw = k // 8, plan.block_k // 8
     per, splits = layout.k_blocks_per_split(kw, bkw, plan.split_k)
     tiles = triton.cdiv(n, plan.block_n)
-    m_tiles = m if plan.path == "gemv4" else triton.cdiv(m, plan.block_m)
-    grid = (m, tiles, splits) if plan.path == "gemv4" else (tiles, splits, m_tiles)
+    gemv = plan.path in ("gemv4", "gemv4h")
+    m_tiles = m if gemv else triton.cdiv(m, plan.block_m)
+    grid = (m, tiles, splits) if gemv else (tiles, splits, m_tiles)
     mode = 0 if splits == 1 else 1 if plan.launch_reduce else 2
     ws = torch.empty((splits, m, n), dtype=torch.float32, device=x2.device) if mode else out
     counters = tile_counters(x2.device, tiles * m_tiles) if mode == 2 else ws
@@ -281,7 +284,9 @@ def word_linear(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
             MAGIC, x2.stride(0), w.stride(0), sn, sg, zn, zg, out.stride(0))
     flags = dict(KIND=KINDS[fmt], HAS_BIAS=bias is not None, SPLIT=mode, BLOCK_N=plan.block_n,
                  BLOCK_KW=bkw, num_warps=plan.num_warps, num_stages=plan.num_stages)
-    if plan.path == "gemv4":
+    if plan.path == "gemv4h":
+        gemv_h2(x2, w, args, flags, grid, fmt, group, bkw, plan)
+    elif plan.path == "gemv4":
         _gemv_kernel[grid](*args, **flags, PREFETCH=plan.prefetch)
     else:
         _mma_kernel[grid](*args, **flags, BLOCK_M=plan.block_m,

@@ -6,6 +6,7 @@ and scales bit-for-bit), the fused INT8 GEMM and the FP8 torch._scaled_mm path.
 
     python -m sagequant.backends.cuda.selfcheck              # on the GPU
     python -m sagequant.backends.cuda.selfcheck --interpret  # on CPU, Triton's interpreter
+    python -m sagequant.backends.cuda.selfcheck --only words # the 4-bit word kernels only
 
 Prints one line per case; exit status 1 when any case fails. Under the interpreter, activations
 are fp16 (it has no bf16) and FP8 activation codes are not compared (its fp8 cast rounds
@@ -134,12 +135,20 @@ def word_cases(device, dtype):
             runs += [("mma4", 5, {}), ("mma4", 5, dict(split_k=2)), ("mma4", 37, {}),
                      ("mma4", 70, dict(block_m=32, block_n=32)), ("auto", 9, {}),
                      ("auto", 70, {})]
+        if fmt in layout.H2_FORMATS and device != "cpu":  # inline PTX: not in the interpreter
+            runs += [("gemv4h", 1, {}), ("gemv4h", 3, dict(split_k=3)),
+                     ("gemv4h", 2, dict(split_k=2, prefetch=True, block_n=32, num_warps=1)),
+                     ("gemv4h", 1, dict(split_k=2, block_n=256, num_warps=4, launch_reduce=True)),
+                     ("gemv4h", 2, dict(x_dtype=torch.float16, split_k=2)),
+                     ("gemv4h", 1, dict(x_dtype=torch.float32, prefetch=True))]
         for path, m, over in runs:
+            over = dict(over)
+            x_dtype = over.pop("x_dtype", dtype)
             for with_bias in (False, True):
                 plan = None if path == "auto" else replace(layout.plan_for(
                     path, m, n, k, bits=4, group=group, sm_count=4), **over)
-                x = torch.randn(m, k, generator=gen).to(dtype)
-                bias = torch.randn(n, generator=gen).to(dtype) if with_bias else None
+                x = torch.randn(m, k, generator=gen).to(x_dtype)
+                bias = torch.randn(n, generator=gen).to(x_dtype) if with_bias else None
                 xin = x.reshape(1, m, k) if with_bias else x
                 ref = x.double() @ w64.t() + (0 if bias is None else bias.double())
                 out = two.weight_only_linear(xin.to(device), data, scale, zero,
@@ -149,7 +158,8 @@ def word_cases(device, dtype):
                 name = plan.describe() if plan else "auto " + layout.choose(
                     m, n, k, bits=4, group=group, fmt=fmt).describe()
                 yield (f"word {spec.describe()} N={n} K={k} M={m} {name}"
-                       f"{' bias3d' if with_bias else ''}"), err, err <= TOL
+                       f"{' bias3d' if with_bias else ''}"
+                       f"{'' if x_dtype == dtype else ' x ' + str(x_dtype)[6:]}"), err, err <= TOL
 
 
 def word_variant_cases(device, dtype):
@@ -289,6 +299,7 @@ def fp8_gemv_cases(device, dtype, interpret):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="CUDA kernel self-check")
     ap.add_argument("--interpret", action="store_true", help="CPU tensors, Triton interpreter")
+    ap.add_argument("--only", choices=("words",), help="only the 4-bit int32-word kernels' cases")
     args = ap.parse_args(argv)
     if args.interpret:
         from .interpret import enable_triton_interpreter
@@ -300,12 +311,12 @@ def main(argv=None) -> int:
         print("selfcheck: no CUDA device; run with --interpret (needs triton)", file=sys.stderr)
         return 2
     failed = total = 0
-    for cases in (quantize_parity_cases(device), word_cases(device, dtype),
-                  word_variant_cases(device, dtype),
-                  fp8_gemv_cases(device, dtype, args.interpret),
-                  weight_only_cases(device, dtype),
-                  activation_cases(device, dtype, args.interpret),
-                  w8a8_cases(device, dtype)):
+    groups = [word_cases(device, dtype), word_variant_cases(device, dtype)]
+    if args.only is None:
+        groups = [quantize_parity_cases(device), *groups,
+                  fp8_gemv_cases(device, dtype, args.interpret), weight_only_cases(device, dtype),
+                  activation_cases(device, dtype, args.interpret), w8a8_cases(device, dtype)]
+    for cases in groups:
         for name, err, ok in cases:
             total += 1
             failed += not ok

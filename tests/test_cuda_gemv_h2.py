@@ -1,0 +1,83 @@
+"""The packed-fp16 GEMV (gemv4h, triton_gemv_h2) on CPU: its inline PTX does not run under
+Triton's interpreter, so h2_reference models the same bit trick and roundings in torch and is
+held to the float64 reference here; the kernel itself is checked on the GPU by selfcheck's word
+cases and benchmarks/gemv4_sweep.py --h2."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sagequant.backends.cuda import h2_reference as h2
+from sagequant.backends.cuda import layout, measured_dispatch
+from sagequant.ir.formats import pack_nibbles
+
+
+def _words(fmt: str, n: int, k: int, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    lo, hi = (-8, 8) if fmt == "int4" else (0, 16)
+    codes = torch.randint(lo, hi, (n, k), generator=gen, dtype=torch.int16)
+    return codes, pack_nibbles(codes).view(torch.int32), gen
+
+
+@pytest.mark.parametrize("fmt", ["int4", "uint4"])
+def test_pairs_decode_every_nibble_exactly(fmt):
+    """Pair i of word j holds elements 8j + e and 8j + e + 4 (e = i) as (u - zero) / 16 in
+    fp16, exactly: all 16 codes, every position, zero points 0..15 for uint4."""
+    codes, words, gen = _words(fmt, 16, 64, 1)
+    zeros = torch.randint(0, 16, (16, 1), generator=gen).float() if fmt == "uint4" else None
+    pairs = h2.pair_weights(words, fmt, zeros)
+    got = torch.zeros(16, 64, dtype=torch.float64)
+    for e, (low, high) in enumerate(pairs):
+        got[:, e::8] = low.double() * 16
+        got[:, e + 4::8] = high.double() * 16
+    want = codes.double() - (zeros.double() if zeros is not None else 0.0)
+    assert torch.equal(got, want)
+
+
+def test_wrong_xor_constant_is_caught():
+    """The int4 sign flip lives in the XOR constants: uint4's constants on int4 codes decode
+    every negative code wrongly (the test above would fail)."""
+    codes, words, _ = _words("int4", 4, 32, 2)
+    pairs = h2.pair_weights(words, "uint4", torch.full((4, 1), 8.0))
+    assert not torch.equal(pairs[0][0].double() * 16, codes[:, 0::8].double())
+
+
+@pytest.mark.parametrize("fmt", ["int4", "uint4"])
+def test_fp16_sums_stay_within_the_kernel_tolerance(fmt):
+    """x to fp16 and 4-product fp16 sums: ~1e-3 relative error against float64, under the
+    selfcheck / sweep tolerance 3e-3 (and far from exact: the fp16 rounding is there)."""
+    n, k, group = 32, 512, 128
+    codes, words, gen = _words(fmt, n, k, 3)
+    scales = torch.rand(n, k // group, generator=gen) * 0.02 + 1e-3
+    zeros = torch.randint(0, 16, (n, k // group), generator=gen).float() \
+        if fmt == "uint4" else None
+    x = torch.randn(k, generator=gen).to(torch.bfloat16)
+    z = zeros.repeat_interleave(group, 1).double() if zeros is not None else 0.0
+    w64 = (codes.double() - z) * scales.double().repeat_interleave(group, 1)
+    ref = w64 @ x.double()
+    got = h2.gemv_h2(x.float(), words, scales, fmt, group, zeros).double()
+    rel = float((got - ref).norm() / ref.norm())
+    assert 1e-5 < rel < 3e-3
+
+
+def test_fp16_range_holds_large_activations():
+    """A 4-product partial is at most 2 |x|: |x| = 16000 stays finite (fp16 max 65504)."""
+    codes, words, _ = _words("int4", 8, 64, 4)
+    x = torch.full((64,), 16000.0)
+    out = h2.gemv_h2(x, words, torch.ones(8, 1), "int4", 64)
+    ref = codes.double().sum(1) * 16000.0
+    assert torch.isfinite(out).all()
+    assert float((out.double() - ref).norm() / ref.norm().clamp_min(1)) < 3e-3
+
+
+def test_gemv4h_is_a_measured_candidate_only():
+    """Never a threshold's choice; measured dispatch times it for int4/uint4 up to H2_MAX_M (not
+    NF4, whose code book it has no form for)."""
+    for m in (1, 2, 8, 64):
+        assert layout.choose(m, 4096, 4096, bits=4, group=128, fmt="int4").path != "gemv4h"
+    for fmt in ("int4", "uint4", "nf4"):
+        for m in (1, layout.H2_MAX_M, layout.H2_MAX_M + 1):
+            paths = {p.path for p in measured_dispatch.candidates(m, 4096, 4096, fmt, 128)}
+            assert ("gemv4h" in paths) == (fmt != "nf4" and m <= layout.H2_MAX_M)
+    plan = layout.plan_for("gemv4h", 1, 28672, 4096, bits=4, group=128, fmt="int4")
+    assert (plan.block_n, plan.num_warps, plan.block_k) == (256, 4, 128) and plan.split_k > 1

@@ -5,8 +5,12 @@ Llama-3-8B's four linear shapes, with bf16 cuBLAS in the same run.
 
     python3 benchmarks/gemv4_sweep.py --out "$OUT" [--budget 220] [--jobs 8]
     python3 benchmarks/gemv4_sweep.py --smoke      # CPU, Triton interpreter, tiny shapes
-    python3 benchmarks/gemv4_sweep.py --out "$OUT" --h2 --ms 1,8,32 --jobs 8   # the packed-fp16
-        GEMV (gemv4h) against the kernels choose() and measured dispatch pick, and bf16
+    python3 benchmarks/gemv4_sweep.py --out "$OUT" --h2 --ms 1,8,32 --jobs 8 --isolate  # the
+        packed-fp16 GEMV (gemv4h) against the kernels choose() and measured dispatch pick, and bf16
+
+--isolate runs each shape in its own process: a variant that faults (an illegal address leaves
+the CUDA context unusable, so every later call fails) is recorded as failed ("fatal"), and a
+fresh process goes on from the next variant, so one bad kernel cannot poison the rest.
 
 int4 g128 symmetric weights with fp32 group scales (the engine's W4A16), random codes built on
 the GPU, bf16 activations. Every variant is checked once per (shape, M) against a float64
@@ -23,6 +27,7 @@ import argparse
 import json
 import math
 import multiprocessing as mp
+import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -75,15 +80,22 @@ def h2_variants(m: int, n: int, k: int, sms: int, smoke: bool) -> list[tuple[str
     out = [("sum", base, False)] + [(p.describe(), p, False)
                                     for p in measured_dispatch.word_variants(base, "int4")]
     h2 = layout.plan_for("gemv4h", m, n, k, bits=4, group=GROUP, sm_count=sms, fmt="int4")
-    tiles = ((128, 4), (256, 4), (128, 2), (256, 8), (64, 2)) if m == 1 else ((128, 4), (256, 4))
-    grid = [(bn, w, pf) for bn, w in tiles for pf in (False, True)] \
-        if m <= layout.H2_MAX_M and not smoke else [(h2.block_n, h2.num_warps, False)]
+    tiles = ((64, 2), (128, 4), (32, 1), (128, 2), (256, 4)) if m == 1 else ((64, 2), (128, 4))
+    grid = [(bn, w, pf, pr) for bn, w in tiles for pf in (False, True) for pr in (False, True)] \
+        if m <= layout.H2_MAX_M and not smoke else [(h2.block_n, h2.num_warps, False, False)]
     blocks = math.ceil(k / 128)
     plans = [h2]
-    for bn, w, pf in grid:
+    for bn, w, pf, pr in grid:
         tiles = m * math.ceil(n / bn)
-        for split in sorted({layout.split_k_for(tiles, blocks, sms, wv) for wv in (4, 8)}):
-            plans.append(replace(h2, block_n=bn, num_warps=w, prefetch=pf, split_k=split))
+        for split in sorted({layout.split_k_for(tiles, blocks, sms, wv) for wv in (2, 4)}):
+            plans.append(replace(h2, block_n=bn, num_warps=w, prefetch=pf, pair_runs=pr,
+                                 split_k=split))
+    if base.path == "mma4" and not smoke:  # its tiles where o, q|k|v trail bf16 (BENCHMARKS §13f)
+        for bn, w in ((32, 4), (64, 4), (128, 4), (64, 2)):
+            mt = math.ceil(m / base.block_m) * math.ceil(n / bn)
+            for split in sorted({layout.split_k_for(mt, blocks, sms, wv) for wv in (4, 8)}):
+                plans.append(replace(base, block_n=bn, num_warps=w, split_k=split,
+                                     in_place=base.block_m <= 16))
     seen = set()
     for p in plans:
         if p not in seen:
@@ -195,13 +207,34 @@ def precompile(jobs: int, smoke: bool, main_words) -> None:
         print(f"precompiled {sum(pool.map(_warm, work))} launches in {jobs} processes", flush=True)
 
 
-def sweep(args, budget: lib.Budget) -> dict:
+def cuda_alive() -> bool:
+    """False once the CUDA context is unusable (a kernel faulted: every later call fails)."""
+    if lib.DEVICE != "cuda":
+        return True
+    try:
+        torch.ones(1, device="cuda").add_(1).item()
+        return True
+    except Exception:
+        return False
+
+
+class Fatal(Exception):
+    """A variant left the CUDA context unusable; its row is recorded, the process must end."""
+
+
+def sweep(args, budget: lib.Budget, prior: list | None = None, sink=None) -> dict:
+    """Every (shape, M) of the order (args.shape: that shape's only). `prior`: rows an earlier
+    process of this shape recorded (their variants are not run again, and count for the best);
+    `sink`: a file each row is written to as it is measured (one JSON line)."""
     l2 = lib.environment()["l2_bytes"] or (50 << 20)
     shapes = SMOKE_SHAPES if args.smoke else SHAPES
     sms = torch.cuda.get_device_properties(0).multi_processor_count if not args.smoke else 4
     dtype = torch.float16 if args.smoke else torch.bfloat16
     order = [(s, m) for s, m in ORDER if s in shapes] if not args.smoke else \
         [(s, m) for s in shapes for m in (1, 2)]
+    if args.shape:
+        order = [(s, m) for s, m in order if s == args.shape]
+    done = {(r["shape"], r["m"], r["variant"]): r for r in prior or []}
     rows, best, skipped = [], [], []
     weights: dict = {}
     for name, m in order:
@@ -224,6 +257,9 @@ def sweep(args, budget: lib.Budget) -> dict:
         bf16 = lib.time_graph([lambda w=w: torch.mm(x, w.t()) for w in bcopies])["us"]
         old_out, results = None, []
         for label, plan, main in variants(m, n, k, sms, args.smoke):
+            if (name, m, label) in done:
+                results.append((done[(name, m, label)], plan, main))
+                continue
             if budget.left() < 5:
                 skipped.append(f"{name} M={m} {label}")
                 continue
@@ -245,8 +281,15 @@ def sweep(args, budget: lib.Budget) -> dict:
                            copies=t["copies"])
             except Exception as e:  # recorded; the others still run
                 row.update(ok=False, error=lib.short_error(e))
+                if not cuda_alive():
+                    row["fatal"] = True
             rows.append(row)
             results.append((row, plan, main))
+            if sink is not None:
+                sink.write(json.dumps(row) + "\n")
+                sink.flush()
+            if row.get("fatal"):
+                raise Fatal(f"{name} M={m} {label}: {row['error']}")
         good = [r for r in results if r[0].get("ok") and "us_cold" in r[0]]
         if not good:
             continue
@@ -271,6 +314,62 @@ def sweep(args, budget: lib.Budget) -> dict:
     return {"rows": rows, "best": best, "skipped": skipped}
 
 
+def run_isolated(args, budget: lib.Budget) -> dict:
+    """Each shape in a child process (this script with --shape); a child that ends on a fatal
+    variant (exit 3) is started again from the next variant, while it makes progress. Rows
+    stream into OUT/gemv4_sweep_parts/SHAPE.jsonl, each child's best / skipped into SHAPE.json."""
+    parts = args.out / "gemv4_sweep_parts"
+    parts.mkdir(parents=True, exist_ok=True)
+    names = [s for s in (SMOKE_SHAPES if args.smoke else SHAPES)
+             if any(o == s for o, _ in ORDER) or args.smoke]
+    rows, best, skipped, procs = [], [], [], []
+    for i, name in enumerate(names):
+        deadline = budget.elapsed() + budget.left() / (len(names) - i)
+        part, res = parts / f"{name}.jsonl", parts / f"{name}.json"
+        part.write_text("")
+        res.unlink(missing_ok=True)
+        seen, starts = -1, []
+        while True:
+            have = len(part.read_text().splitlines())
+            if have == seen or len(starts) >= 8:  # no progress since the last start: give up
+                break
+            seen = have
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--out", str(args.out),
+                   "--shape", name, "--budget", f"{max(deadline - budget.elapsed(), 1):.0f}"]
+            cmd += ["--h2"] * args.h2 + ["--smoke"] * args.smoke
+            cmd += ["--ms", args.ms] if args.ms else []
+            cmd += ["--main-words", str(args.main_words)] if args.main_words else []
+            rc = subprocess.run(cmd).returncode
+            starts.append({"rows_before": have, "rc": rc})
+            if rc != 3:  # 0: done; else a crash outside a variant (not retried)
+                break
+        rows += [json.loads(line) for line in part.read_text().splitlines()]
+        if res.exists():
+            got = json.loads(res.read_text())
+            best += got["best"]
+            skipped += got["skipped"]
+        else:
+            skipped.append(f"{name}: no process finished ({starts})")
+        procs.append({"shape": name, "starts": starts})
+    return {"rows": rows, "best": best, "skipped": skipped, "processes": procs}
+
+
+def run_shape(args, budget: lib.Budget) -> int:
+    """--shape: this shape's (shape, M) cases, after the rows an earlier process recorded in its
+    part file; exit 3 on a fatal variant (recorded) so that the parent starts a fresh process."""
+    parts = args.out / "gemv4_sweep_parts"
+    part = parts / f"{args.shape}.jsonl"
+    prior = [json.loads(line) for line in part.read_text().splitlines()] if part.exists() else []
+    with part.open("a") as sink:
+        try:
+            res = sweep(args, budget, prior, sink)
+        except Fatal as err:
+            print(f"fatal variant, a fresh process goes on: {err}", flush=True)
+            return 3
+    (parts / f"{args.shape}.json").write_text(json.dumps({k: res[k] for k in ("best", "skipped")}))
+    return 0
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=Path("."))
@@ -282,6 +381,10 @@ def main() -> None:
                     "kernels (h2_variants)")
     ap.add_argument("--ms", help="comma-separated M values, in this order after M=1 (default: "
                     "the §13f order over M = 1, 2, 4, 8, 16)")
+    ap.add_argument("--isolate", action="store_true", help="each shape in its own process, "
+                    "restarted past a variant that faults")
+    ap.add_argument("--shape", choices=sorted({*SHAPES, *SMOKE_SHAPES}),
+                    help="(what --isolate starts) this shape only, rows appended to its part file")
     args = ap.parse_args()
     global H2, ORDER
     H2 = args.h2
@@ -296,20 +399,25 @@ def main() -> None:
     lib.import_sagequant()
     if args.main_words:
         load_main_words(args.main_words)
+    if args.shape:
+        sys.exit(run_shape(args, budget))
     if args.jobs and not args.smoke:
         try:
             precompile(args.jobs, args.smoke, args.main_words)
         except Exception as err:  # the timed process compiles what is missing
             print(f"precompile failed: {lib.short_error(err)}", flush=True)
         print(f"precompile done at {budget.elapsed():.0f} s", flush=True)
-    res = {"env": lib.environment(), "bandwidth_GBps": lib.measure_bandwidth(1 << 28),
-           **sweep(args, budget), "seconds": None}
+    res = {"env": lib.environment(), "bandwidth_GBps": lib.measure_bandwidth(1 << 28)}
+    if lib.DEVICE == "cuda":
+        torch.cuda.empty_cache()  # the children's memory
+    res.update(run_isolated(args, budget) if args.isolate else sweep(args, budget))
     res["seconds"] = round(budget.elapsed(), 1)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "gemv4_sweep.json").write_text(json.dumps(res, indent=1))
     bad = [r for r in res["rows"] if not r.get("ok")]
+    fatal = [f"{r['shape']} M={r['m']} {r['variant']}" for r in res["rows"] if r.get("fatal")]
     print(f"{len(res['rows'])} variants, {len(bad)} failed or wrong, {len(res['skipped'])} "
-          f"skipped, {res['seconds']} s")
+          f"skipped, {res['seconds']} s" + (f"; fatal: {fatal}" if fatal else ""))
 
 
 if __name__ == "__main__":

@@ -42,10 +42,12 @@ def test_wrong_xor_constant_is_caught():
     assert not torch.equal(pairs[0][0].double() * 16, codes[:, 0::8].double())
 
 
+@pytest.mark.parametrize("pair_runs", [False, True])
 @pytest.mark.parametrize("fmt", ["int4", "uint4"])
-def test_fp16_sums_stay_within_the_kernel_tolerance(fmt):
-    """x to fp16 and 4-product fp16 sums: ~1e-3 relative error against float64, under the
-    selfcheck / sweep tolerance 3e-3 (and far from exact: the fp16 rounding is there)."""
+def test_fp16_sums_stay_within_the_kernel_tolerance(fmt, pair_runs):
+    """x to fp16 and 4-product (pair_runs: 8-product) fp16 sums: ~1e-3 relative error against
+    float64, under the selfcheck / sweep tolerance 3e-3 (and far from exact: the fp16 rounding
+    is there)."""
     n, k, group = 32, 512, 128
     codes, words, gen = _words(fmt, n, k, 3)
     scales = torch.rand(n, k // group, generator=gen) * 0.02 + 1e-3
@@ -55,16 +57,18 @@ def test_fp16_sums_stay_within_the_kernel_tolerance(fmt):
     z = zeros.repeat_interleave(group, 1).double() if zeros is not None else 0.0
     w64 = (codes.double() - z) * scales.double().repeat_interleave(group, 1)
     ref = w64 @ x.double()
-    got = h2.gemv_h2(x.float(), words, scales, fmt, group, zeros).double()
+    got = h2.gemv_h2(x.float(), words, scales, fmt, group, zeros, pair_runs).double()
     rel = float((got - ref).norm() / ref.norm())
     assert 1e-5 < rel < 3e-3
 
 
-def test_fp16_range_holds_large_activations():
-    """A 4-product partial is at most 2 |x|: |x| = 16000 stays finite (fp16 max 65504)."""
+@pytest.mark.parametrize("pair_runs", [False, True])
+def test_fp16_range_holds_large_activations(pair_runs):
+    """A 4-product partial is at most 2 |x| (8 products: 4 |x|): |x| = 16000 stays finite (fp16
+    max 65504)."""
     codes, words, _ = _words("int4", 8, 64, 4)
     x = torch.full((64,), 16000.0)
-    out = h2.gemv_h2(x, words, torch.ones(8, 1), "int4", 64)
+    out = h2.gemv_h2(x, words, torch.ones(8, 1), "int4", 64, pair_runs=pair_runs)
     ref = codes.double().sum(1) * 16000.0
     assert torch.isfinite(out).all()
     assert float((out.double() - ref).norm() / ref.norm().clamp_min(1)) < 3e-3
@@ -80,4 +84,18 @@ def test_gemv4h_is_a_measured_candidate_only():
             paths = {p.path for p in measured_dispatch.candidates(m, 4096, 4096, fmt, 128)}
             assert ("gemv4h" in paths) == (fmt != "nf4" and m <= layout.H2_MAX_M)
     plan = layout.plan_for("gemv4h", 1, 28672, 4096, bits=4, group=128, fmt="int4")
-    assert (plan.block_n, plan.num_warps, plan.block_k) == (256, 4, 128) and plan.split_k > 1
+    assert (plan.block_n, plan.num_warps, plan.block_k, plan.split_k) == (64, 2, 128, 2)
+    assert layout.plan_for("gemv4h", 1, 4096, 14336, bits=4, group=128, fmt="int4").split_k == 16
+    flags = [tuple(f for f in layout.WORD_FLAGS if getattr(p, f))
+             for p in measured_dispatch.word_variants(plan, "int4")]
+    assert flags == [("prefetch",), ("pair_runs",), ("launch_reduce",), ("prefetch", "pair_runs")]
+
+
+def test_pair_runs_round_differently():
+    """pair_runs changes the summation (chains of 8, not 4): not bit-equal to the 4-product
+    model, so the tolerance test above really covers a second rounding."""
+    codes, words, gen = _words("int4", 16, 256, 5)
+    x = torch.randn(256, generator=gen)
+    one = h2.gemv_h2(x, words, torch.ones(16, 2), "int4", 128)
+    two = h2.gemv_h2(x, words, torch.ones(16, 2), "int4", 128, pair_runs=True)
+    assert not torch.equal(one, two)

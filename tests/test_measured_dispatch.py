@@ -34,7 +34,8 @@ def test_candidates_cover_the_thresholds_and_dequantize():
     h2 = layout.plan_for("gemv4h", 1, n, k, bits=4, group=128, fmt="int4")  # packed fp16
     assert at1[1:] == [replace(at1[0], prefetch=True), replace(at1[0], launch_reduce=True),
                        replace(at1[0], num_warps=at1[0].num_warps // 2),
-                       h2, replace(h2, prefetch=True), replace(h2, launch_reduce=True)]
+                       h2, replace(h2, prefetch=True), replace(h2, pair_runs=True),
+                       replace(h2, launch_reduce=True), replace(h2, prefetch=True, pair_runs=True)]
     nf4 = layout.choose(1, 4096, 128, bits=4, group=128, fmt="nf4")   # no split
     assert md.candidates(1, 4096, 128, "nf4", 128)[1:] == [replace(nf4, prefetch=True)]
     at32 = md.candidates(32, n, k, "int4", 128)

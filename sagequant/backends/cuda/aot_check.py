@@ -107,7 +107,8 @@ def word_configs(dt: str, defaults_only: bool = False):
                 fn = {"gemv4": tw._gemv_kernel, "gemv4h": th._gemv_h2_kernel}.get(
                     plan.path, tw._mma_kernel)
                 if plan.path == "gemv4h":  # bf16 x read as int32 words, K blocks even
-                    const.update(PREFETCH=plan.prefetch, X16=2, EVEN=True)
+                    const.update(PREFETCH=plan.prefetch, PAIR_RUNS=plan.pair_runs, BF16=True,
+                                 EVEN=True)
                     types.pop("book_ptr")
                 elif plan.path == "mma4":
                     const.update(BLOCK_M=plan.block_m, IN_PLACE=plan.in_place)

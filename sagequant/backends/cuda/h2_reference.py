@@ -42,24 +42,27 @@ def pair_weights(words: torch.Tensor, fmt: str, zeros: torch.Tensor | None = Non
 
 
 def gemv_h2(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, fmt: str, group: int,
-            zeros: torch.Tensor | None = None) -> torch.Tensor:
+            zeros: torch.Tensor | None = None, pair_runs: bool = False) -> torch.Tensor:
     """out[N] = dequant(W) @ x for one row x [K] and words [N, K/8] (int32), group-wise scales
     [N, K/group] (and uint4 zero points), with the kernel's roundings: x to fp16, each word's
-    8 products summed in fp16 as two chains of 4 (fused multiply-adds), fp32 from there on."""
+    8 products summed in fp16 as two chains of 4 (fused multiply-adds; pair_runs: words 2j and
+    2j + 1 in two chains of 8), fp32 from there on."""
     n, kw = words.shape
+    run = 2 if pair_runs else 1
     x16 = x.to(torch.float16).double().reshape(kw, 8)
     acc = torch.zeros(n, dtype=torch.float32)
-    for j in range(kw):
-        g = j * 8 // group
+    for j0 in range(0, kw, run):
+        g = j0 * 8 // group
         z = None if zeros is None else zeros[:, g]
-        pairs = pair_weights(words[:, j], fmt, z)
         sums = []
         for half in (0, 1):
             p = None
-            for q in range(4):
-                wq = pairs[q][half].double()
-                xq = x16[j, q + 4 * half]
-                p = _round16(wq * xq if p is None else wq * xq + p.double())
+            for j in range(j0, j0 + run):
+                pairs = pair_weights(words[:, j], fmt, z)
+                for q in range(4):
+                    wq = pairs[q][half].double()
+                    xq = x16[j, q + 4 * half]
+                    p = _round16(wq * xq if p is None else wq * xq + p.double())
             sums.append(p.float())
         acc = acc + (sums[0] + sums[1]) * (scales[:, g].float() * 16)
     return acc

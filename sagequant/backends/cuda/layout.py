@@ -39,7 +39,7 @@ WORD_PATHS = ("gemv4", "gemv4h", "mma4", "dequant4_mm")
 # (fp16 sums of 4 products); never a threshold's choice: measured dispatch times it up to this M.
 H2_FORMATS = ("int4", "uint4")
 H2_MAX_M = 8
-WORD_FLAGS = ("in_place", "prefetch", "launch_reduce")  # Plan fields of gemv4 / mma4 variants
+WORD_FLAGS = ("in_place", "prefetch", "launch_reduce", "pair_runs")  # Plan fields of variants
 WORD_FIELDS = WORD_FLAGS + ("num_warps",)  # what measured dispatch keeps of a chosen word plan
 WORD_GEMV_MAX_M = 1       # M <= this: the word GEMV (CUDA cores)
 WORD_MMA_MAX_M = 32       # M <= this: the word tensor-core kernel
@@ -75,6 +75,7 @@ class Plan:
     in_place: bool = False  # mma4, bf16/fp32 x: nibbles masked in place, x divided by 16**q
     prefetch: bool = False  # gemv4: load the next K block's words before this block's math
     launch_reduce: bool = False  # split-K summed by a second kernel, not the GEMM's last program
+    pair_runs: bool = False  # gemv4h: two words (8 products a half) per fp16 run, not one
 
     def describe(self) -> str:
         if self.path in ("dequant_mm", "dequant4_mm"):
@@ -185,12 +186,13 @@ def plan_for(path: str, m: int, n: int, k: int, *, bits: int, group: int,
     big = n * k >= BIG_LAYER
     if path == "dequant4_mm":
         return Plan("dequant4_mm", chunk_n=dequant_chunk_rows(n, k, DEQUANT_CHUNK_BYTES))
-    if path == "gemv4h":  # sm_90a, bf16 x: BN=256 w=4 issues 684 instructions a K step for
-        #                   256 weights a thread (2.7 a weight; gemv4: 5.3)
-        bn = 256 if n >= 8192 else 128 if n >= 2048 else 32
+    if path == "gemv4h":  # tiles and waves from the H100 sweep (gemv4_sweep --h2, M = 1): 16
+        #                   words a thread; BN=64 w=2 split 2 on 28672x4096 (34.4 µs against
+        #                   BN=256 w=4 split 8), BN=128 w=4 at 4 waves on q|k|v, o and down
+        bn = 64 if n >= 16384 else 128 if n >= 2048 else 32
         plan = Plan("gemv4h", block_m=1, block_n=bn, block_k=min(128, group),
-                    num_warps=4 if bn >= 128 else 1, num_stages=1)
-        tiles, waves = m * math.ceil(n / bn), 2 * MEMORY_BOUND_WAVES if big else MEMORY_BOUND_WAVES
+                    num_warps=max(1, bn // 32), num_stages=1)
+        tiles, waves = m * math.ceil(n / bn), MEMORY_BOUND_WAVES
     elif path == "gemv4":
         bn = 128 if n >= 16384 else 64 if n >= 2048 else 16
         if fmt == "nf4":  # code book gathers: 128 rows spill (ptxas: 255 regs), 64 use 178

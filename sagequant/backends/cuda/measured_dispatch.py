@@ -70,12 +70,14 @@ def candidates(m: int, n: int, k: int, fmt: str, group: int, sm_count: int = 132
 
 def word_variants(plan: layout.Plan, fmt: str) -> list[layout.Plan]:
     """The int32-word kernel's alternatives to `plan`: one flag of layout.WORD_FLAGS each (the
-    split-K sum as a second kernel, the GEMV's prefetch, the MMA's in-place planes at M <= 16;
+    split-K sum as a second kernel, the GEMVs' prefetch, gemv4h's two-word fp16 runs, the MMA's in-place planes at M <= 16;
     NF4's code book planes have no in-place form) and the GEMV on half the warps: twice the rows
     per thread share each x load (sm_90a, BN=64: 672 SASS instructions a K step for 128 weights a
     thread against 423 for 64; 96 registers against 72)."""
-    if plan.path in ("gemv4", "gemv4h"):
+    if plan.path == "gemv4":
         flags = ["prefetch"]
+    elif plan.path == "gemv4h":  # and its fp16 runs of two words
+        flags = ["prefetch", "pair_runs"]
     elif plan.path == "mma4":
         flags = ["in_place"] if plan.block_m <= 16 and fmt != "nf4" else []
     else:
@@ -84,6 +86,8 @@ def word_variants(plan: layout.Plan, fmt: str) -> list[layout.Plan]:
     out = [replace(plan, **{f: True}) for f in flags]
     if plan.path == "gemv4" and plan.num_warps > 1 and fmt != "nf4":  # NF4 at w=2 spills
         out.append(replace(plan, num_warps=plan.num_warps // 2))
+    if plan.path == "gemv4h":  # the two that cut instructions and latency, together
+        out.append(replace(plan, prefetch=True, pair_runs=True))
     return out
 
 

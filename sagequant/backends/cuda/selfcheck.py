@@ -140,7 +140,12 @@ def word_cases(device, dtype):
                      ("gemv4h", 2, dict(split_k=2, prefetch=True, block_n=32, num_warps=1)),
                      ("gemv4h", 1, dict(split_k=2, block_n=256, num_warps=4, launch_reduce=True)),
                      ("gemv4h", 2, dict(x_dtype=torch.float16, split_k=2)),
-                     ("gemv4h", 1, dict(x_dtype=torch.float32, prefetch=True))]
+                     ("gemv4h", 8, dict(split_k=2, prefetch=True)),  # EVEN K: clamped prefetch
+                     ("gemv4h", 1, dict(pair_runs=True)),
+                     ("gemv4h", 3, dict(split_k=3, pair_runs=True)),
+                     ("gemv4h", 2, dict(split_k=2, prefetch=True, pair_runs=True)),
+                     ("gemv4h", 8, dict(x_dtype=torch.float16, pair_runs=True, launch_reduce=True,
+                                        split_k=2))]
         for path, m, over in runs:
             over = dict(over)
             x_dtype = over.pop("x_dtype", dtype)
@@ -164,9 +169,10 @@ def word_cases(device, dtype):
 
 def word_variant_cases(device, dtype):
     """The int32-word kernels' variants (layout.WORD_FLAGS) give the same bits as the plain plan:
-    split-K summed by the GEMM's last program or by a second kernel (the same order), the GEMV's
-    prefetch, the MMA's in-place planes (fp32 x under the interpreter, which has no bf16; fp16
-    has not the range, so it keeps shifted planes); the tile counters are left zeroed."""
+    split-K summed by the GEMM's last program or by a second kernel (the same order), the GEMVs'
+    prefetch (gemv4h on the GPU only), the MMA's in-place planes (fp32 x under the interpreter,
+    which has no bf16; fp16 has not the range, so it keeps shifted planes); the tile counters are
+    left zeroed."""
     from . import triton_splitk as sk
     from . import triton_words as tw
     gen = torch.Generator().manual_seed(120)
@@ -179,7 +185,10 @@ def word_variant_cases(device, dtype):
             ("gemv4", 3, dict(split_k=4, block_n=16), "launch_reduce", dtype),
             ("gemv4", 2, dict(split_k=3, block_n=32, num_warps=1), "prefetch", dtype),
             ("mma4", 18, dict(split_k=3, block_n=32), "launch_reduce", dtype),
-            ("mma4", 5, dict(split_k=2), "in_place", in_place_dtype)):
+            ("mma4", 5, dict(split_k=2), "in_place", in_place_dtype),
+            *([] if device == "cpu" else [  # gemv4h: inline PTX, not in the interpreter
+                ("gemv4h", 8, dict(split_k=4, block_n=32, num_warps=1), "prefetch", dtype),
+                ("gemv4h", 3, dict(split_k=4), "launch_reduce", dtype)])):
         plan = replace(layout.plan_for(path, m, n, k, bits=4, group=128, sm_count=4), **over)
         x = torch.randn(m, k, generator=gen).to(dt).to(device)
         bias = torch.randn(n, generator=gen).to(dt).to(device)

@@ -10,15 +10,22 @@ XOR constant carries it: 0x64086408, 0x64806480), so u = q + 8. One HADD2 / HFMA
 and sum the word's 8 products in fp16: two sums of four; those are widened to fp32 and added to
 the fp32 accumulator times the group scale, so fp16 rounding touches only 4 products at a time.
 
-Accuracy: x enters as x / 16 in fp16 (exact for 2**-10 <= |x| <= 2**20 in bf16, whose 8-bit
-significand fits fp16's 11; smaller |x| lose bits below 2**-24, an absolute 2**-20 in x), and the
-4-product sums round to fp16's 11 bits (relative 2**-11 of a partial): h2_reference's model
-of it is 3-4e-4 relative (rel_fro, K = 4096, random codes and x) before the bf16 output's own
-rounding (~2e-3), where the fp32 kernel's is ~1e-7. Range: a 4-product partial is at most 4 * 8 * |x| / 16 =
-2 |x|, so |x| up to 32752 stays finite (bf16 activations at the inputs of linears stay far below).
-Per word: 1 SHF + 4 LOP3 + 4 HADD2/HFMA2 + 4 HFMA2 + 2 HADD2.F32 + FADD + FFMA = 17 instructions
-for 8 weights, plus the x pairs (8 loads, 4 FMUL pairs, 4 F2FP a word column, shared by the rows
-a thread holds).
+Accuracy: x enters fp16 (exact for 2**-17 <= |x| < 65504 in bf16, whose 8-bit significand fits
+fp16's 11; below, bits under 2**-24 are lost), the weights as (u - 8) / 16 (exact), and the
+4-product sums round to fp16's 11 bits (relative 2**-11 of a partial): h2_reference's model of it
+is 3-4e-4 relative (rel_fro, K = 4096, random codes and x) before the bf16 output's own rounding
+(~2e-3), where the fp32 kernel's is ~1e-7. Range: a 4-product partial is at most 4 * 8 * |x| / 16
+= 2 |x|, so |x| up to 32752 stays finite (bf16 activations at the inputs of linears stay far
+below). Per word: 1 SHF + 4 LOP3 + 4 HFMA2 + 4 HFMA2 + 2 HADD2.F32 + FADD + FFMA = 17
+instructions for 8 weights, plus the x pairs (4 loads, 4 shifts / masks, 2 F2FP a word column,
+shared by the rows a thread holds).
+
+PAIR_RUNS (Plan.pair_runs): words 2j and 2j + 1 (adjacent in a thread's registers: the tile
+split in place, no shuffle) share one fp16 run of 8 products a half: 30 instructions for 16
+weights (the widening, FADD and FFMA once per two words; sm_90a, BN=64 w=2: 359 SASS
+instructions a K step against 410), partials up to 4 |x| (finite to |x| = 16376), ~1.4x the fp16
+rounding error.
+Activations are fp16 or bf16 (weight_only_linear takes no other), read as int32 words.
 """
 from __future__ import annotations
 
@@ -70,52 +77,74 @@ cvt.rn.f16x2.f32 $0, bl, al;
 cvt.rn.f16x2.f32 $1, bh, ah;
 }""")
 _F16_PAIRS = tl.constexpr("prmt.b32 $0, $2, $3, 0x5410; prmt.b32 $1, $2, $3, 0x7632;")
+_PAIR_ASM = tl.constexpr("""{
+.reg .b32 t, a0, a1, a2, a3, p, k, k2;
+.reg .b16 l, h;
+.reg .f32 fl, fh;
+mov.b32 k, 0x2C002C00;
+mov.b32 k2, 0x1C001C00;
+lop3.b32 a0, $1, 0x000F000F, $11, 0x6A;
+lop3.b32 a1, $1, 0x00F000F0, $12, 0x6A;
+shr.u32 t, $1, 8;
+lop3.b32 a2, t, 0x000F000F, $11, 0x6A;
+lop3.b32 a3, t, 0x00F000F0, $12, 0x6A;
+fma.rn.f16x2 a0, a0, k, $13;
+fma.rn.f16x2 a1, a1, k2, $14;
+fma.rn.f16x2 a2, a2, k, $13;
+fma.rn.f16x2 a3, a3, k2, $14;
+mul.rn.f16x2 p, a0, $3;
+fma.rn.f16x2 p, a1, $4, p;
+fma.rn.f16x2 p, a2, $5, p;
+fma.rn.f16x2 p, a3, $6, p;
+lop3.b32 a0, $2, 0x000F000F, $11, 0x6A;
+lop3.b32 a1, $2, 0x00F000F0, $12, 0x6A;
+shr.u32 t, $2, 8;
+lop3.b32 a2, t, 0x000F000F, $11, 0x6A;
+lop3.b32 a3, t, 0x00F000F0, $12, 0x6A;
+fma.rn.f16x2 a0, a0, k, $13;
+fma.rn.f16x2 a1, a1, k2, $14;
+fma.rn.f16x2 a2, a2, k, $13;
+fma.rn.f16x2 a3, a3, k2, $14;
+fma.rn.f16x2 p, a0, $7, p;
+fma.rn.f16x2 p, a1, $8, p;
+fma.rn.f16x2 p, a2, $9, p;
+fma.rn.f16x2 p, a3, $10, p;
+mov.b32 {l, h}, p;
+cvt.f32.f16 fl, l;
+cvt.f32.f16 fh, h;
+add.f32 fl, fl, fh;
+fma.rn.f32 $0, fl, $15, $16;
+}""")
+# _PAIR_ASM: $1, $2 the two words, $3..$6 and $7..$10 their x pairs, then as _WORD_ASM's $6..$11.
 # $0 out fp32; $1 word; $2..$5 x pairs (q, q+4) / 16 as f16x2; $6, $7 the XOR constants;
 # $8 -(1024 + off) and $9 -(64 + off) as f16x2; $10 the group scale * 16; $11 the accumulator.
 # lop3 0x6A: (a & b) ^ c.  0x2C00: fp16 1/16 (1024 + 16u -> 64 + u).
 
 
 @triton.jit
-def _x_pairs(x_ptr, cols, ok, X16: tl.constexpr, EVEN: tl.constexpr):
+def _x_pairs(x_ptr, cols, ok, BF16: tl.constexpr, EVEN: tl.constexpr):
     """x of word columns `cols` as the four f16x2 pairs (x[8j + q], x[8j + q + 4]), low half
-    x[8j + q]. 16-bit x is read as int32 words (elements 2i, 2i + 1): words 4j + i and 4j + 2 + i
+    x[8j + q]. x is read as int32 words (elements 2i, 2i + 1): words 4j + i and 4j + 2 + i
     hold pairs 2i and 2i + 1 (bf16: widened by a shift or a mask, then F2FP; fp16: one PRMT)."""
-    if X16:
-        xw = x_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + cols * 4
-        if EVEN:
-            a0, a1, b0, b1 = tl.load(xw), tl.load(xw + 1), tl.load(xw + 2), tl.load(xw + 3)
-        else:
-            a0 = tl.load(xw, mask=ok, other=0)
-            a1 = tl.load(xw + 1, mask=ok, other=0)
-            b0 = tl.load(xw + 2, mask=ok, other=0)
-            b1 = tl.load(xw + 3, mask=ok, other=0)
-        if X16 == 2:  # bf16 -> fp32 (exact) -> fp16
-            x0, x1 = tl.inline_asm_elementwise(_BF16_PAIRS, "=r,=r,r,r", [a0, b0],
-                                               dtype=(tl.int32, tl.int32), is_pure=True, pack=1)
-            x2, x3 = tl.inline_asm_elementwise(_BF16_PAIRS, "=r,=r,r,r", [a1, b1],
-                                               dtype=(tl.int32, tl.int32), is_pure=True, pack=1)
-        else:
-            x0, x1 = tl.inline_asm_elementwise(_F16_PAIRS, "=r,=r,r,r", [a0, b0],
-                                               dtype=(tl.int32, tl.int32), is_pure=True, pack=1)
-            x2, x3 = tl.inline_asm_elementwise(_F16_PAIRS, "=r,=r,r,r", [a1, b1],
-                                               dtype=(tl.int32, tl.int32), is_pure=True, pack=1)
-        return x0, x1, x2, x3
-    x = x_ptr + cols * 8
-    return (_x_pair32(x, ok, 0, EVEN), _x_pair32(x, ok, 1, EVEN), _x_pair32(x, ok, 2, EVEN),
-            _x_pair32(x, ok, 3, EVEN))
-
-
-@triton.jit
-def _x_pair32(x, ok, Q: tl.constexpr, EVEN: tl.constexpr):
-    """fp32 x: (x[8j + Q], x[8j + Q + 4]) as f16x2."""
+    xw = x_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + cols * 4
     if EVEN:
-        lo, hi = tl.load(x + Q), tl.load(x + Q + 4)
+        a0, a1, b0, b1 = tl.load(xw), tl.load(xw + 1), tl.load(xw + 2), tl.load(xw + 3)
     else:
-        lo = tl.load(x + Q, mask=ok, other=0.0)
-        hi = tl.load(x + Q + 4, mask=ok, other=0.0)
-    return tl.inline_asm_elementwise("cvt.rn.f16x2.f32 $0, $1, $2;", "=r,f,f",
-                                     [hi.to(tl.float32), lo.to(tl.float32)],
-                                     dtype=tl.int32, is_pure=True, pack=1)
+        a0 = tl.load(xw, mask=ok, other=0)
+        a1 = tl.load(xw + 1, mask=ok, other=0)
+        b0 = tl.load(xw + 2, mask=ok, other=0)
+        b1 = tl.load(xw + 3, mask=ok, other=0)
+    if BF16:  # bf16 -> fp32 (exact) -> fp16
+        x0, x1 = tl.inline_asm_elementwise(_BF16_PAIRS, "=r,=r,r,r", [a0, b0],
+                                           dtype=(tl.int32, tl.int32), is_pure=True, pack=1)
+        x2, x3 = tl.inline_asm_elementwise(_BF16_PAIRS, "=r,=r,r,r", [a1, b1],
+                                           dtype=(tl.int32, tl.int32), is_pure=True, pack=1)
+    else:
+        x0, x1 = tl.inline_asm_elementwise(_F16_PAIRS, "=r,=r,r,r", [a0, b0],
+                                           dtype=(tl.int32, tl.int32), is_pure=True, pack=1)
+        x2, x3 = tl.inline_asm_elementwise(_F16_PAIRS, "=r,=r,r,r", [a1, b1],
+                                           dtype=(tl.int32, tl.int32), is_pure=True, pack=1)
+    return x0, x1, x2, x3
 
 
 @triton.jit
@@ -138,37 +167,42 @@ def _gemv_h2_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr,
                     group_shift, words_per_split, S, xor_a, xor_b, stride_xm, stride_wn, stride_sn,
                     stride_sg, stride_zn, stride_zg, stride_om, KIND: tl.constexpr,
                     HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BLOCK_KW: tl.constexpr, PREFETCH: tl.constexpr, X16: tl.constexpr,
-                    EVEN: tl.constexpr):
+                    BLOCK_KW: tl.constexpr, PREFETCH: tl.constexpr, PAIR_RUNS: tl.constexpr,
+                    BF16: tl.constexpr, EVEN: tl.constexpr):
     """One row of x per program, [BLOCK_N, BLOCK_KW] words per step, split-K as _gemv_kernel.
     xor_a / xor_b (MAGIC[KIND]) come as arguments so that each LOP3 keeps one immediate; the
     group of word w0 is w0 >> group_shift (groups are powers of two); EVEN: KW % BLOCK_KW == 0,
-    so no K mask; X16: x is fp16 (1) or bf16 (2), read as int32 words (0: fp32)."""
+    so no K mask (every split then holds whole blocks). PAIR_RUNS: words 2j, 2j + 1 of the block
+    in one fp16 run. PREFETCH: the next block's
+    words are loaded before this block's math; on the split's last block that is this block
+    again (an L1 hit), never past `hi`."""
     m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
+    HALF: tl.constexpr = BLOCK_KW // 2 if PAIR_RUNS else BLOCK_KW
     offs_j = tl.arange(0, BLOCK_KW)
-    acc = tl.zeros((BLOCK_N, BLOCK_KW), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_N, HALF), dtype=tl.float32)
     lo = pid_k * words_per_split
     hi = min(lo + words_per_split, KW)
-    xa = tl.full((BLOCK_N, BLOCK_KW), xor_a, tl.int32)
-    xb = tl.full((BLOCK_N, BLOCK_KW), xor_b, tl.int32)
+    xa = tl.full((BLOCK_N, HALF), xor_a, tl.int32)
+    xb = tl.full((BLOCK_N, HALF), xor_b, tl.int32)
     if KIND == 0:
         off_a = _f16x2(tl.full((BLOCK_N,), -1032.0 / 16, tl.float32))
         off_b = _f16x2(tl.full((BLOCK_N,), -72.0 / 16, tl.float32))
     w_rows = w_ptr + offs_n[:, None] * stride_wn
+    x_row = x_ptr + m * stride_xm
     if PREFETCH:
         w_next = _words(w_rows, lo + offs_j, n_ok, hi, EVEN)
     for w0 in range(lo, hi, BLOCK_KW):
-        cols = w0 + offs_j
-        c_ok = cols < hi
         if PREFETCH:
+            # EVEN loads carry no K mask: the last block prefetches itself, not the next split
+            nxt = min(w0 + BLOCK_KW, hi - BLOCK_KW) if EVEN else w0 + BLOCK_KW
             w = w_next
-            w_next = _words(w_rows, cols + BLOCK_KW, n_ok, hi, EVEN)
+            w_next = _words(w_rows, nxt + offs_j, n_ok, hi, EVEN)
         else:
-            w = _words(w_rows, cols, n_ok, hi, EVEN)
+            w = _words(w_rows, w0 + offs_j, n_ok, hi, EVEN)
         g = w0 >> group_shift
         s = tl.load(s_ptr + offs_n * stride_sn + g * stride_sg, mask=n_ok, other=0).to(tl.float32)
         if KIND != 0:
@@ -176,12 +210,25 @@ def _gemv_h2_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr,
             z = z.to(tl.float32)
             off_a = _f16x2((-1024.0 - z) / 16)
             off_b = _f16x2((-64.0 - z) / 16)
-        x0, x1, x2, x3 = _x_pairs(x_ptr + m * stride_xm, cols, c_ok, X16, EVEN)
-        acc = tl.inline_asm_elementwise(
-            _WORD_ASM, "=f,r,r,r,r,r,r,r,r,r,f,f",
-            [w, x0[None, :], x1[None, :], x2[None, :], x3[None, :], xa, xb, off_a[:, None],
-             off_b[:, None], (s * 16.0)[:, None], acc],
-            dtype=tl.float32, is_pure=True, pack=1)
+        if PAIR_RUNS:
+            wa, wb = tl.split(tl.reshape(w, (BLOCK_N, HALF, 2)))
+            ca = w0 + 2 * tl.arange(0, HALF)
+            x0, x1, x2, x3 = _x_pairs(x_row, ca, ca < hi, BF16, EVEN)
+            y0, y1, y2, y3 = _x_pairs(x_row, ca + 1, ca + 1 < hi, BF16, EVEN)
+            acc = tl.inline_asm_elementwise(
+                _PAIR_ASM, "=f,r,r,r,r,r,r,r,r,r,r,r,r,r,r,f,f",
+                [wa, wb, x0[None, :], x1[None, :], x2[None, :], x3[None, :], y0[None, :],
+                 y1[None, :], y2[None, :], y3[None, :], xa, xb, off_a[:, None], off_b[:, None],
+                 (s * 16.0)[:, None], acc],
+                dtype=tl.float32, is_pure=True, pack=1)
+        else:
+            cols = w0 + offs_j
+            x0, x1, x2, x3 = _x_pairs(x_row, cols, cols < hi, BF16, EVEN)
+            acc = tl.inline_asm_elementwise(
+                _WORD_ASM, "=f,r,r,r,r,r,r,r,r,r,f,f",
+                [w, x0[None, :], x1[None, :], x2[None, :], x3[None, :], xa, xb, off_a[:, None],
+                 off_b[:, None], (s * 16.0)[:, None], acc],
+                dtype=tl.float32, is_pure=True, pack=1)
     out = tl.sum(acc, axis=1)
     if SPLIT == 2:
         _last_split_sums(out, ws_ptr, cnt_ptr, b_ptr, out_ptr, m * N + offs_n,
@@ -195,19 +242,17 @@ def _gemv_h2_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr,
         tl.store(out_ptr + m * stride_om + offs_n, out.to(out_ptr.dtype.element_ty), mask=n_ok)
 
 
-_X16 = {torch.float16: 1, torch.bfloat16: 2, torch.float32: 0}
-
-
 def gemv_h2(x2: torch.Tensor, w: torch.Tensor, args: tuple, flags: dict, grid: tuple, fmt: str,
             group: int, bkw: int, plan: layout.Plan) -> None:
     """Launch _gemv_h2_kernel with triton_words.word_linear's arguments (`args`, `flags`, the
     [N, K/8] int32 words `w`): the group becomes a shift, the 2**23 magic the XOR constants."""
     if fmt not in layout.H2_FORMATS:
         raise ValueError(f"gemv4h runs {'/'.join(layout.H2_FORMATS)} weights, not {fmt}")
-    if x2.dtype not in _X16:
-        raise ValueError(f"gemv4h: x dtype {x2.dtype} is not one of {list(_X16)}")
-    x16 = _X16[x2.dtype]
-    if x16 and (x2.stride(0) % 2 or x2.data_ptr() % 4):  # read as int32 words
+    if x2.dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"gemv4h: x dtype {x2.dtype} is not float16 / bfloat16")
+    if plan.pair_runs and bkw % 2:
+        raise ValueError(f"gemv4h pair_runs: block_k {plan.block_k} is not a multiple of 16")
+    if x2.stride(0) % 2 or x2.data_ptr() % 4:  # read as int32 words
         x2 = x2.clone()
     kind = 0 if fmt == "int4" else 1
     (_, _, s, z, _, b, out, ws, cnt, m, n, kw, _, per_words, splits, _, _, swn, sn, sg, zn, zg,
@@ -215,4 +260,5 @@ def gemv_h2(x2: torch.Tensor, w: torch.Tensor, args: tuple, flags: dict, grid: t
     shift = (group // 8).bit_length() - 1
     _gemv_h2_kernel[grid](x2, w, s, z, b, out, ws, cnt, m, n, kw, shift, per_words, splits,
                           *MAGIC[kind], x2.stride(0), swn, sn, sg, zn, zg, so, **flags,
-                          PREFETCH=plan.prefetch, X16=x16, EVEN=kw % bkw == 0)
+                          PREFETCH=plan.prefetch, PAIR_RUNS=plan.pair_runs,
+                          BF16=x2.dtype == torch.bfloat16, EVEN=kw % bkw == 0)

@@ -106,9 +106,9 @@ def word_configs(dt: str, defaults_only: bool = False):
                              BLOCK_KW=plan.block_k // 8)
                 fn = {"gemv4": tw._gemv_kernel, "gemv4h": th._gemv_h2_kernel}.get(
                     plan.path, tw._mma_kernel)
-                if plan.path == "gemv4h":  # bf16 x read as int32 words, K blocks even
-                    const.update(PREFETCH=plan.prefetch, PAIR_RUNS=plan.pair_runs, BF16=True,
-                                 EVEN=True)
+                if plan.path == "gemv4h":  # x read as int32 words, K blocks even
+                    const.update(PREFETCH=plan.prefetch, PAIR_RUNS=plan.pair_runs,
+                                 BF16=dt == "bf16", EVEN=True)
                     types.pop("book_ptr")
                 elif plan.path == "mma4":
                     const.update(BLOCK_M=plan.block_m, IN_PLACE=plan.in_place)
@@ -116,6 +116,9 @@ def word_configs(dt: str, defaults_only: bool = False):
                     const.update(PREFETCH=plan.prefetch)
                 yield f"word {fmt} {dt} {plan.describe()} split={split}", fn, types, const, \
                     dict(num_warps=plan.num_warps, num_stages=plan.num_stages)
+                if plan.path == "gemv4h" and split == 0 and not defaults_only:  # ragged K
+                    yield f"word {fmt} {dt} {plan.describe()} split={split} ragged", fn, types, \
+                        dict(const, EVEN=False), dict(num_warps=plan.num_warps, num_stages=1)
         for group in (128, layout.BIG_GROUP):   # group-wise and per-channel tiles
             bn, bk = layout.dequant_tile(group, 4096)
             yield f"word dequant {fmt} {dt} {bn}x{bk}", tw._dequant_kernel, \

@@ -70,8 +70,9 @@ def candidates(m: int, n: int, k: int, fmt: str, group: int, sm_count: int = 132
 
 def word_variants(plan: layout.Plan, fmt: str) -> list[layout.Plan]:
     """The int32-word kernel's alternatives to `plan`: one flag of layout.WORD_FLAGS each (the
-    split-K sum as a second kernel, the GEMVs' prefetch, gemv4h's two-word fp16 runs, the MMA's in-place planes at M <= 16;
-    NF4's code book planes have no in-place form) and the GEMV on half the warps: twice the rows
+    split-K sum as a second kernel, the GEMVs' prefetch, gemv4h's two-word fp16 runs (and both
+    together), the MMA's in-place planes at M <= 16; NF4's code book planes have no in-place
+    form) and the GEMV on half the warps: twice the rows
     per thread share each x load (sm_90a, BN=64: 672 SASS instructions a K step for 128 weights a
     thread against 423 for 64; 96 registers against 72)."""
     if plan.path == "gemv4":

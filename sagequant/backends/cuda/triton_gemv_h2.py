@@ -22,8 +22,8 @@ shared by the rows a thread holds).
 
 PAIR_RUNS (Plan.pair_runs): words 2j and 2j + 1 (adjacent in a thread's registers: the tile
 split in place, no shuffle) share one fp16 run of 8 products a half: 30 instructions for 16
-weights (the widening, FADD and FFMA once per two words; sm_90a, BN=64 w=2: 359 SASS
-instructions a K step against 410), partials up to 4 |x| (finite to |x| = 16376), ~1.4x the fp16
+weights (the widening, FADD and FFMA once per two words; sm_90a, int4, BN=64 w=2: 359 SASS
+instructions a K step against 393), partials up to 4 |x| (finite to |x| = 16376), ~1.4x the fp16
 rounding error.
 Activations are fp16 or bf16 (weight_only_linear takes no other), read as int32 words.
 """

@@ -17,6 +17,8 @@
 #        / 32, prefill 512 / 2048 profiled, 8k-context KV rows, b1 step profile), then `engine start`
 #        at 8 concurrent requests vs the direct engine (TOK: a tokenizer dir; WHL: the server wheels
 #        when the image lacks fastapi / uvicorn), then the eager-prefill rows (A/B) in the time left (~9 min)
+#   bash benchmarks/issue18_device.sh gemv    # the W4A16 decode GEMV: word-kernel selfcheck, memcheck
+#        of the packed-fp16 GEMV, gemv4_sweep --h2 at M = 1, 8, 32 (< 5 min)
 # torchao is not on the GPU image: its wheel travels in .whl/ (see the device README).
 set -o pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
@@ -123,5 +125,22 @@ case "$1" in
       > "$OUT/e2e_prefill_eager.log" 2>&1
     grep -v "convert:" "$OUT/e2e_prefill_eager.log" | tail -12
     ;;
-  *) echo "usage: $0 profile|e2e|peers|all|full|prefill|prefill-eager|final"; exit 2 ;;
+  gemv)   # the W4A16 decode GEMV (gemv4h, brief gemv): the word kernels' selfcheck; the packed-fp16
+    # GEMV's cases under compute-sanitizer memcheck where the image has it (every tensor its own
+    # allocation, padded: a read past a weight's end is reported); the sweep at M = 1, 8, 32, each
+    # shape in its own process (< 5 min in all)
+    timeout 90 python3 benchmarks/cuda_selfcheck.py --only words > "$OUT/selfcheck_words.txt" 2>&1
+    echo "selfcheck rc=$?"; grep -c "^ok" "$OUT/selfcheck_words.txt"; grep -v "^ok" "$OUT/selfcheck_words.txt" | tail -8
+    SAN=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
+    if [ -n "$SAN" ]; then
+      PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 60 "$SAN" --tool memcheck --padding 4096 --print-limit 10 \
+        python3 benchmarks/cuda_selfcheck.py --only h2 > "$OUT/memcheck_h2.txt" 2>&1
+      echo "memcheck rc=$?"; grep -E "ERROR SUMMARY|Invalid|selfcheck:" "$OUT/memcheck_h2.txt" | head -6
+    else echo "memcheck: no compute-sanitizer on this image"; fi
+    timeout 150 python3 benchmarks/gemv4_sweep.py --out "$OUT" --h2 --ms 1,8,32 --jobs 8 --isolate \
+      --budget 120 > "$OUT/gemv4_sweep.log" 2>&1; echo "sweep rc=$?"
+    grep -v "^{\"shape\"" "$OUT/gemv4_sweep.log" | tail -8
+    grep "^{\"shape\"" "$OUT/gemv4_sweep.log" | cut -c1-400
+    ;;
+  *) echo "usage: $0 profile|e2e|peers|all|full|prefill|prefill-eager|final|gemv"; exit 2 ;;
 esac

@@ -7,6 +7,7 @@ and scales bit-for-bit), the fused INT8 GEMM and the FP8 torch._scaled_mm path.
     python -m sagequant.backends.cuda.selfcheck              # on the GPU
     python -m sagequant.backends.cuda.selfcheck --interpret  # on CPU, Triton's interpreter
     python -m sagequant.backends.cuda.selfcheck --only words # the 4-bit word kernels only
+    python -m sagequant.backends.cuda.selfcheck --only h2    # the packed-fp16 GEMV only
 
 Prints one line per case; exit status 1 when any case fails. Under the interpreter, activations
 are fp16 (it has no bf16) and FP8 activation codes are not compared (its fp8 cast rounds
@@ -111,8 +112,9 @@ WORD_CASES = [  # (format, granularity, group, symmetric, N, K): K % 8 == 0, gro
 ]
 
 
-def word_cases(device, dtype):
-    """The int32-word kernels (gemv4, mma4) on every 4-bit format, forced and by choose()."""
+def word_cases(device, dtype, only_h2=False):
+    """The int32-word kernels (gemv4, mma4) on every 4-bit format, forced and by choose();
+    only_h2: gemv4h's cases only."""
     from . import triton_weight_only as two
     for i, (fmt, gran, g, sym, n, k) in enumerate(WORD_CASES):
         gen = torch.Generator().manual_seed(100 + i)
@@ -123,10 +125,11 @@ def word_cases(device, dtype):
         zero = None if qt.zero_point is None else qt.zero_point.to(device)
         group = layout.kernel_group(spec, k)
         from .triton_words import dequantize_words
-        rows = dequantize_words(data, scale, zero, fmt, group, (8, n), k,
-                                torch.empty((n - 8, k), dtype=dtype, device=device))
-        differ = _differ(rows, dequantize(qt)[8:].to(dtype))
-        yield f"dequantize_words {spec.describe()} rows 8..{n} bit-exact", differ, differ == 0
+        if not only_h2:
+            rows = dequantize_words(data, scale, zero, fmt, group, (8, n), k,
+                                    torch.empty((n - 8, k), dtype=dtype, device=device))
+            differ = _differ(rows, dequantize(qt)[8:].to(dtype))
+            yield f"dequantize_words {spec.describe()} rows 8..{n} bit-exact", differ, differ == 0
         runs = [("gemv4", 1, {}), ("gemv4", 3, dict(split_k=3)), ("auto", 1, {}),
                 ("gemv4", 2, dict(split_k=2, prefetch=True, block_n=32, num_warps=1)),
                 ("dequant4_mm", 9, dict(chunk_n=16)), ("dequant4_mm", 9, {}),
@@ -146,7 +149,7 @@ def word_cases(device, dtype):
                      ("gemv4h", 2, dict(split_k=2, prefetch=True, pair_runs=True)),
                      ("gemv4h", 8, dict(x_dtype=torch.float16, pair_runs=True, launch_reduce=True,
                                         split_k=2))]
-        for path, m, over in runs:
+        for path, m, over in [r for r in runs if r[0] == "gemv4h" or not only_h2]:
             over = dict(over)
             x_dtype = over.pop("x_dtype", dtype)
             for with_bias in (False, True):
@@ -167,7 +170,7 @@ def word_cases(device, dtype):
                        f"{'' if x_dtype == dtype else ' x ' + str(x_dtype)[6:]}"), err, err <= TOL
 
 
-def word_variant_cases(device, dtype):
+def word_variant_cases(device, dtype, only_h2=False):
     """The int32-word kernels' variants (layout.WORD_FLAGS) give the same bits as the plain plan:
     split-K summed by the GEMM's last program or by a second kernel (the same order), the GEMVs'
     prefetch (gemv4h on the GPU only), the MMA's in-place planes (fp32 x under the interpreter,
@@ -189,6 +192,8 @@ def word_variant_cases(device, dtype):
             *([] if device == "cpu" else [  # gemv4h: inline PTX, not in the interpreter
                 ("gemv4h", 8, dict(split_k=4, block_n=32, num_warps=1), "prefetch", dtype),
                 ("gemv4h", 3, dict(split_k=4), "launch_reduce", dtype)])):
+        if only_h2 and path != "gemv4h":
+            continue
         plan = replace(layout.plan_for(path, m, n, k, bits=4, group=128, sm_count=4), **over)
         x = torch.randn(m, k, generator=gen).to(dt).to(device)
         bias = torch.randn(n, generator=gen).to(dt).to(device)
@@ -308,7 +313,8 @@ def fp8_gemv_cases(device, dtype, interpret):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="CUDA kernel self-check")
     ap.add_argument("--interpret", action="store_true", help="CPU tensors, Triton interpreter")
-    ap.add_argument("--only", choices=("words",), help="only the 4-bit int32-word kernels' cases")
+    ap.add_argument("--only", choices=("words", "h2"), help="only the 4-bit int32-word kernels' "
+                    "cases (h2: only the packed-fp16 GEMV's)")
     args = ap.parse_args(argv)
     if args.interpret:
         from .interpret import enable_triton_interpreter
@@ -320,7 +326,8 @@ def main(argv=None) -> int:
         print("selfcheck: no CUDA device; run with --interpret (needs triton)", file=sys.stderr)
         return 2
     failed = total = 0
-    groups = [word_cases(device, dtype), word_variant_cases(device, dtype)]
+    h2 = args.only == "h2"
+    groups = [word_cases(device, dtype, h2), word_variant_cases(device, dtype, h2)]
     if args.only is None:
         groups = [quantize_parity_cases(device), *groups,
                   fp8_gemv_cases(device, dtype, args.interpret), weight_only_cases(device, dtype),

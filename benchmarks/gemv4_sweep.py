@@ -96,7 +96,7 @@ def h2_variants(m: int, n: int, k: int, sms: int, smoke: bool) -> list[tuple[str
             for split in sorted({layout.split_k_for(mt, blocks, sms, wv) for wv in (4, 8)}):
                 plans.append(replace(base, block_n=bn, num_warps=w, split_k=split,
                                      in_place=base.block_m <= 16))
-    seen = set()
+    seen = {p for _, p, _ in out}
     for p in plans:
         if p not in seen:
             seen.add(p)

@@ -73,15 +73,17 @@ H2 = False  # --h2: only choose()'s plan, its measured-dispatch variants and the
 
 def h2_variants(m: int, n: int, k: int, sms: int, smoke: bool) -> list[tuple[str, object, bool]]:
     """--h2: "sum" (choose()'s plan, the kernel the engine runs by the thresholds), its variants
-    measured dispatch also times, and gemv4h tiles / warps / prefetch / split-K (M <= 8; at
-    larger M its default plan only)."""
+    measured dispatch also times, gemv4h tiles / warps / prefetch / pair_runs / split-K (M <= 8;
+    at larger M its default plan only), and at M > 1 the MMA's tiles and split-K."""
     from sagequant.backends.cuda import layout, measured_dispatch
     base = layout.choose(m, n, k, bits=4, group=GROUP, sm_count=sms, fmt="int4")
     out = [("sum", base, False)] + [(p.describe(), p, False)
                                     for p in measured_dispatch.word_variants(base, "int4")]
     h2 = layout.plan_for("gemv4h", m, n, k, bits=4, group=GROUP, sm_count=sms, fmt="int4")
-    tiles = ((64, 2), (128, 4), (32, 1), (128, 2), (256, 4)) if m == 1 else ((64, 2), (128, 4))
-    grid = [(bn, w, pf, pr) for bn, w in tiles for pf in (False, True) for pr in (False, True)] \
+    tiles = ((64, 2), (128, 4), (128, 2)) if m == 1 else ((64, 2), (128, 4))
+    flags = [(pf, pr) for pf in (False, True) for pr in (False, True)] if m == 1 else \
+        [(False, False), (True, True)]
+    grid = [(bn, w, pf, pr) for bn, w in tiles for pf, pr in flags] \
         if m <= layout.H2_MAX_M and not smoke else [(h2.block_n, h2.num_warps, False, False)]
     blocks = math.ceil(k / 128)
     plans = [h2]

@@ -360,6 +360,7 @@ def run_shape(args, budget: lib.Budget) -> int:
     """--shape: this shape's (shape, M) cases, after the rows an earlier process recorded in its
     part file; exit 3 on a fatal variant (recorded) so that the parent starts a fresh process."""
     parts = args.out / "gemv4_sweep_parts"
+    parts.mkdir(parents=True, exist_ok=True)
     part = parts / f"{args.shape}.jsonl"
     prior = [json.loads(line) for line in part.read_text().splitlines()] if part.exists() else []
     with part.open("a") as sink:

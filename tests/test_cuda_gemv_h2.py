@@ -99,3 +99,39 @@ def test_pair_runs_round_differently():
     one = h2.gemv_h2(x, words, torch.ones(16, 2), "int4", 128)
     two = h2.gemv_h2(x, words, torch.ones(16, 2), "int4", 128, pair_runs=True)
     assert not torch.equal(one, two)
+
+
+def test_gemv4_sweep_goes_on_past_a_fatal_variant(monkeypatch):
+    """gemv4_sweep --isolate's child: a variant that leaves the CUDA context unusable is recorded
+    ("fatal") and ends the process; the next process skips the rows recorded and finishes the
+    shape, its best taken over both processes' rows (kernels and CUDA stood in for by torch)."""
+    import argparse
+    import importlib
+    import io
+    import json
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    sweep = importlib.import_module("gemv4_sweep")
+    monkeypatch.setattr(sweep.lib, "DEVICE", "cpu")
+    monkeypatch.setattr(sweep, "H2", True)
+    n, k = sweep.SMOKE_SHAPES["o"]
+    bad = sweep.variants(1, n, k, 4, True)[1][0]
+
+    def run(x, wt, data, scales, out, plan, main):
+        if plan.describe() == bad:
+            raise RuntimeError("an illegal memory access was encountered")
+        out.copy_((x.double() @ wt.w64.t()).to(out.dtype))
+    monkeypatch.setattr(sweep, "run_variant", run)
+    monkeypatch.setattr(sweep, "cuda_alive", lambda: False)
+    args = argparse.Namespace(smoke=True, shape="o")
+    first = io.StringIO()
+    with pytest.raises(sweep.Fatal):
+        sweep.sweep(args, sweep.lib.Budget(600), [], first)
+    rows = [json.loads(line) for line in first.getvalue().splitlines()]
+    assert [r["variant"] for r in rows][-1] == bad and rows[-1]["fatal"] and len(rows) == 2
+    monkeypatch.setattr(sweep, "cuda_alive", lambda: True)
+    res = sweep.sweep(args, sweep.lib.Budget(600), rows, io.StringIO())
+    again = {r["variant"] for r in res["rows"] if r["m"] == 1}
+    assert again and not again & {r["variant"] for r in rows}
+    assert [(b["m"], b["best"] != bad) for b in res["best"]] == [(1, True), (2, True)]

@@ -129,16 +129,16 @@ case "$1" in
     # GEMV's cases under compute-sanitizer memcheck where the image has it (every tensor its own
     # allocation, padded: a read past a weight's end is reported); the sweep at M = 1, 8, 32, each
     # shape in its own process (< 5 min in all)
-    timeout 90 python3 benchmarks/cuda_selfcheck.py --only words > "$OUT/selfcheck_words.txt" 2>&1
+    timeout 110 python3 benchmarks/cuda_selfcheck.py --only words > "$OUT/selfcheck_words.txt" 2>&1
     echo "selfcheck rc=$?"; grep -c "^ok" "$OUT/selfcheck_words.txt"; grep -v "^ok" "$OUT/selfcheck_words.txt" | tail -8
     SAN=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
     if [ -n "$SAN" ]; then
-      PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 45 "$SAN" --tool memcheck --padding 4096 --print-limit 10 \
+      PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 40 "$SAN" --tool memcheck --padding 4096 --print-limit 10 \
         python3 benchmarks/cuda_selfcheck.py --only h2 > "$OUT/memcheck_h2.txt" 2>&1
       echo "memcheck rc=$?"; grep -E "ERROR SUMMARY|Invalid|selfcheck:" "$OUT/memcheck_h2.txt" | head -6
     else echo "memcheck: no compute-sanitizer on this image"; fi
-    timeout 160 python3 benchmarks/gemv4_sweep.py --out "$OUT" --h2 --ms 1,8,32 --jobs 8 --isolate \
-      --budget 130 > "$OUT/gemv4_sweep.log" 2>&1; echo "sweep rc=$?"
+    timeout 145 python3 benchmarks/gemv4_sweep.py --out "$OUT" --h2 --ms 1,8,32 --jobs 8 --isolate \
+      --budget 125 > "$OUT/gemv4_sweep.log" 2>&1; echo "sweep rc=$?"
     grep -v "^{\"shape\"" "$OUT/gemv4_sweep.log" | tail -8
     grep "^{\"shape\"" "$OUT/gemv4_sweep.log" | cut -c1-400
     ;;

@@ -85,6 +85,9 @@ SCHEMES = {
     "w4a16-awq": dict(weight_dtype="int4", activation_dtype="a16", calibration="awq", **G128),
     # AWQ's statistics without each window's first position (the attention sink's massive activations)
     "w4a16-awq-sink1": dict(weight_dtype="int4", activation_dtype="a16", calibration="awq", sink_tokens=1, **G128),
+    # the attention sink (each window's first position) weighted in AWQ's scale and clip losses
+    **{f"w4a16-awq-sinkw{w}": dict(weight_dtype="int4", activation_dtype="a16", calibration="awq",
+                                  awq_sink_weight=float(w), **G128) for w in (2, 8, 20, 50, 200, 1000)},
     "w4a16-awq-duo": dict(weight_dtype="int4", activation_dtype="a16", calibration="awq",
                           awq_duo_scaling=True, **G128),
     "w4a16-gptq": dict(weight_dtype="int4", activation_dtype="a16", calibration="gptq",

@@ -55,7 +55,8 @@ def test_flat_attributes_read_their_section():
     # Defaults come from the sections (the fixture predates these fields, and its scale_precision
     # default was fp16).
     newer = ("gptq_true_sequential", "sink_tokens", "rotate", "rotate_online", "rotate_heads", "rotate_seed",
-             "gptq_row_energy_cap", "gptq_sink_weight", "gptq_select_blocks", "kv_scale_precision", "scale_precision")
+             "gptq_row_energy_cap", "gptq_sink_weight", "gptq_select_blocks", "kv_scale_precision", "scale_precision",
+             "awq_sink_weight")
     assert {k: v for k, v in QuantConfig().to_dict().items() if k not in newer} == \
         {k: v for k, v in FIXTURE["default"]["json"].items() if k != "scale_precision"}
 

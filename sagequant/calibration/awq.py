@@ -18,6 +18,10 @@ shrink from 1 down to 1 - max_shrink, and keep the shrink with the least output 
 Σ_tokens (x_g · (w_g - Q(clamp(w_g)))²; groups are quantized independently, so each (row, group)
 is chosen on its own.
 
+Sink rows. Both losses may count each calibration sequence's first position (the attention sink,
+whose output every later token reads) apart from the sampled rows x, at a weight of its own:
+sink rows are appended to x multiplied by sqrt(weight), so their squared errors count weight times.
+
 The scales are folded exactly like SmoothQuant's (producer output / s, consumer columns · s):
 use `fold_into_norm`, `fold_into_linear_rows`, `scale_consumer_columns` re-exported here.
 """
@@ -114,14 +118,30 @@ def _sq_error_sum(x: torch.Tensor, delta_w: torch.Tensor) -> float:
     return total
 
 
+def _with_sink(x: torch.Tensor, sink_rows: torch.Tensor | None, sink_weight: float,
+               what: str) -> tuple[torch.Tensor, float]:
+    """x with the sink rows appended, each multiplied by sqrt(sink_weight) (a squared error over
+    them then counts sink_weight times), and the number of rows that weighs as."""
+    if sink_rows is None:
+        return x, float(x.shape[0])
+    if not (math.isfinite(sink_weight) and sink_weight > 0):
+        raise AWQError(f"{what}: sink_weight={sink_weight!r} must be a finite number > 0")
+    sink = _as_rows(sink_rows, f"{what} sink rows")
+    if sink.shape[1] != x.shape[1]:
+        raise AWQError(f"{what}: sink rows have {sink.shape[1]} channels, x has {x.shape[1]}")
+    return torch.cat([x, sink * math.sqrt(sink_weight)]), x.shape[0] + sink_weight * sink.shape[0]
+
+
 def awq_search_scales(x: torch.Tensor, weights: list[torch.Tensor], weight_spec: QuantSpec,
                       grid: int = 20, x_mean_abs: torch.Tensor | None = None,
-                      duo: bool = False) -> AWQScales:
+                      duo: bool = False, sink_rows: torch.Tensor | None = None,
+                      sink_weight: float = 1.0) -> AWQScales:
     """Grid-search the AWQ scale exponent for linears sharing the input x [n, in].
 
     The error x Wᵀ - (x / s) Q(W · s)ᵀ is evaluated as x (W - Q(W · s) / s)ᵀ (the same value,
     one matmul, no cancellation between two large outputs). x_mean_abs defaults to mean|x| over
-    x's rows; pass the full calibration statistic when x is a subsample.
+    x's rows; pass the full calibration statistic when x is a subsample. sink_rows [m, in] (the
+    attention sink's rows, kept apart from x's sample) each count as sink_weight rows of x.
     """
     if not (isinstance(grid, int) and grid >= 1):
         raise AWQError(f"awq grid={grid!r} must be an integer >= 1")
@@ -134,8 +154,8 @@ def awq_search_scales(x: torch.Tensor, weights: list[torch.Tensor], weight_spec:
     check_finite_stat(x_mean_abs, "x_mean_abs", AWQError)
     if bool((x_mean_abs < 0).any()):
         raise AWQError(f"x_mean_abs must be >= 0 (min {float(x_mean_abs.min()):.4g})")
-    w_all = torch.cat(weights, dim=0)
-    numel = x.shape[0] * w_all.shape[0]
+    x, n_rows = _with_sink(x, sink_rows, sink_weight, "awq_search_scales")
+    numel = n_rows * sum(w.shape[0] for w in weights)
     losses: list[float] = []
     best = (math.inf, 0.0, torch.ones(x.shape[1], device=x.device), False)
     families = [None, group_normalised_weight_mean(weights, weight_spec)] if duo else [None]
@@ -172,11 +192,14 @@ def _group_sq_error(x_groups: torch.Tensor, delta: torch.Tensor, n_groups: int, 
 
 
 def awq_search_clip(x: torch.Tensor, weight: torch.Tensor, weight_spec: QuantSpec, grid: int = 20,
-                    max_shrink: float = 0.5, n_sample_tokens: int = 512) -> AWQClip:
+                    max_shrink: float = 0.5, n_sample_tokens: int = 512,
+                    sink_rows: torch.Tensor | None = None, sink_weight: float = 1.0) -> AWQClip:
     """Per (row, group) clip search; shrink candidates are linspace(1, 1 - max_shrink, grid).
 
     per_group specs choose one shrink per group (ragged last group included); per_channel one per
     output row. Rows are processed in chunks; the returned weight keeps weight's dtype.
+    sink_rows [m, in] are all kept (x is sampled down to n_sample_tokens), each counting as
+    sink_weight rows of the x given.
     """
     if weight_spec.granularity not in ("per_group", "per_channel"):
         raise AWQError(f"awq clip search needs a per_group or per_channel weight spec, got "
@@ -187,7 +210,10 @@ def awq_search_clip(x: torch.Tensor, weight: torch.Tensor, weight_spec: QuantSpe
         raise AWQError(f"awq max_shrink={max_shrink!r} must be in [0, 1)")
     if n_sample_tokens < 1:
         raise AWQError(f"awq n_sample_tokens={n_sample_tokens!r} must be >= 1")
-    x = _sample_tokens(_as_rows(x, "awq_search_clip"), n_sample_tokens)
+    x = _as_rows(x, "awq_search_clip")
+    n_given = x.shape[0]
+    x = _sample_tokens(x, n_sample_tokens)
+    x, n_rows = _with_sink(x, sink_rows, sink_weight * x.shape[0] / n_given, "awq_search_clip")
     (w,) = check_consumers([weight], x.shape[1], AWQError)
     w = w.detach().float()
     n_out, n_in = w.shape
@@ -219,6 +245,6 @@ def awq_search_clip(x: torch.Tensor, weight: torch.Tensor, weight_spec: QuantSpe
     absmax = torch.stack([p.abs().amax(dim=1) for p in torch.split(w, lengths, dim=1)], dim=1)
     bound = (absmax * best_shrink).repeat_interleave(lens, dim=1)
     clipped = torch.minimum(torch.maximum(w, -bound), bound).to(weight.dtype)
-    denom = x.shape[0] * n_out
+    denom = n_rows * n_out
     return AWQClip(weight=clipped, shrink=best_shrink, loss=float(best_err.sum()) / denom,
                    rtn_loss=float(rtn_err.sum()) / denom)

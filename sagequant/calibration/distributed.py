@@ -62,16 +62,26 @@ def merge_hessian(acc) -> MergedHessian:
 
 def merge_accumulator(acc) -> None:
     """Combine a calibration.stats accumulator in place: absmax max, |x| sums and counts summed,
-    sampled rows gathered in rank order (identical on every rank)."""
+    sampled (and sink) rows gathered in rank order (identical on every rank)."""
     import torch.distributed as dist
     acc.absmax = _all_reduce(acc.absmax.clone(), dist.ReduceOp.MAX)
     acc.abs_sum = _all_reduce(acc.abs_sum.clone(), dist.ReduceOp.SUM)
     acc.count = int(_all_reduce(torch.tensor([float(acc.count)], dtype=torch.float64,
                                              device=acc.absmax.device), dist.ReduceOp.SUM).item())
     if acc.per_batch:
-        gathered: list = [None] * world()[1]
-        dist.all_gather_object(gathered, [r.cpu() for r in acc.rows])
-        acc.rows = [r.to(acc.absmax.device) for rows in gathered for r in rows]
+        acc.rows = _gather_rows(acc.rows, acc.absmax.device)
+    if acc.keep_sink:
+        acc.positions = int(_all_reduce(torch.tensor([float(acc.positions)], dtype=torch.float64,
+                                                     device=acc.absmax.device), dist.ReduceOp.SUM).item())
+        acc.sink_rows = _gather_rows(acc.sink_rows, acc.absmax.device)
+
+
+def _gather_rows(rows: list, device) -> list:
+    """Every rank's list of row tensors, concatenated in rank order."""
+    import torch.distributed as dist
+    gathered: list = [None] * world()[1]
+    dist.all_gather_object(gathered, [r.cpu() for r in rows])
+    return [r.to(device) for part in gathered for r in part]
 
 
 def merge_observer(observer) -> None:

@@ -34,6 +34,12 @@ class CalibrationConfig:
     # per-linear objective on 34 of 90 groups yet gave ppl 41.35 vs 40.53 without (BENCHMARKS §2a).
     awq_duo_scaling: bool = False
     awq_search_rows: int = 2048            # calibration token rows the scale search runs on
+    # Each calibration sequence's first position (the attention sink) counts as this many token
+    # positions in AWQ's scale and clip search losses, all of them kept next to the rows sampled
+    # past it (the gptq_sink_weight idea, on every balance group and linear). 1: the rows are
+    # sampled evenly over all positions, the sink's among them (with 32 x 512 windows and 2048
+    # rows each sink is one of its window's 64 rows: ~8 positions' worth). BENCHMARKS §2k.
+    awq_sink_weight: float = 1.0
     gptq_block_size: int = 128
     gptq_damp: float = 0.01                # dampening, as a fraction of mean(diag(H))
     gptq_act_order: bool = False
@@ -85,6 +91,11 @@ class CalibrationConfig:
                        f"a finite number >= 1 (1: plain GPTQ), e.g. 50, or {ATTENTION_MASS!r}")
         else:
             sink_w = float(sink_w)
+        awq_sink = self.awq_sink_weight
+        if isinstance(awq_sink, bool) or not isinstance(awq_sink, (int, float)) or not (
+                math.isfinite(awq_sink) and awq_sink >= 1):
+            raise fail("awq_sink_weight", awq_sink, "is not supported",
+                       "a finite number >= 1 (1: the sink sampled like any position), e.g. 50")
         for name in ("awq_clip", "awq_duo_scaling", "gptq_act_order", "gptq_true_sequential"):
             boolean(name, getattr(self, name))
         normalise(self, calibration=choice("calibration", self.calibration, CALIBRATIONS),
@@ -92,6 +103,7 @@ class CalibrationConfig:
                   calibration_seq_len=integer("calibration_seq_len", self.calibration_seq_len, 1),
                   smoothquant_alpha=alpha, gptq_damp=float(damp),
                   gptq_row_energy_cap=None if cap is None else float(cap), gptq_sink_weight=sink_w,
+                  awq_sink_weight=float(awq_sink),
                   awq_grid=integer("awq_grid", self.awq_grid, 2),
                   awq_search_rows=integer("awq_search_rows", self.awq_search_rows, 1),
                   gptq_block_size=integer("gptq_block_size", self.gptq_block_size, 1),
@@ -102,3 +114,8 @@ class CalibrationConfig:
                        f"that sink_tokens={self.sink_tokens} leaves out of the Hessians",
                        "gptq_sink_weight=1 with sink_tokens > 0, or sink_tokens=0 with any "
                        "gptq_sink_weight >= 1")
+        if self.awq_sink_weight != 1 and self.sink_tokens:
+            raise fail("awq_sink_weight", self.awq_sink_weight, f"cannot weight the sink position "
+                       f"that sink_tokens={self.sink_tokens} leaves out of AWQ's statistics",
+                       "awq_sink_weight=1 with sink_tokens > 0, or sink_tokens=0 with any "
+                       "awq_sink_weight >= 1")

@@ -7,6 +7,8 @@ group that minimises the layer output error and clamps the weights to it; conver
 round-to-nearest then lands on AWQ's grid. Statistics come from one sequential run over the
 calibration data, on a fixed sample of QuantConfig.awq_search_rows input rows per distinct linear input,
 past each sequence's first QuantConfig.sink_tokens (attention-sink) positions (0 by default).
+QuantConfig.awq_sink_weight != 1 instead keeps every sequence's first position apart, weighted in
+both searches as that many positions, with the sample drawn past it.
 With calibration='awq+gptq' the gptq pass then rounds the balanced (and clipped) weights.
 """
 from __future__ import annotations
@@ -43,7 +45,8 @@ def awq(graph: QuantGraph, ctx: PassContext) -> PassResult:
     for n in linears:
         first_reader.setdefault(n.args[0], n)
     raw = collect_input_stats(graph, ctx.calibration_batches, list(first_reader.values()),
-                              cfg.awq_search_rows, desc="awq: statistics", sink_tokens=cfg.sink_tokens)
+                              cfg.awq_search_rows, desc="awq: statistics", sink_tokens=cfg.sink_tokens,
+                              keep_sink=cfg.awq_sink_weight != 1)
     stats = {inp: raw[node] for inp, node in first_reader.items()}
     result = balance_and_clip(graph, balance_groups(graph), linears, stats, cfg, show_progress=True)
     graph.gm.recompile()
@@ -64,7 +67,7 @@ def balance_and_clip(graph: QuantGraph, groups: list, linears: list, stats: dict
         spec = graph.annotation(group.consumers[0]).weight_spec
         found = awq_search_scales(st.rows, [graph.attr(c.args[1]) for c in group.consumers], spec,
                                   grid=cfg.awq_grid, x_mean_abs=st.channel_mean_abs,
-                                  duo=cfg.awq_duo_scaling)
+                                  duo=cfg.awq_duo_scaling, **_sink(st, cfg))
         duo_chosen += found.duo
         fold_group_scales(graph, group, found.scales)
         stats[group.input_node] = st.scaled(found.scales)
@@ -74,8 +77,9 @@ def balance_and_clip(graph: QuantGraph, groups: list, linears: list, stats: dict
     if cfg.awq_clip:
         for node in steps(linears, "awq: clip search", "layer", lambda n: graph.annotation(n).layer):
             target = node.args[1].target
-            clip = awq_search_clip(stats[node.args[0]].rows, graph.attr(target),
-                                   graph.annotation(node).weight_spec, grid=cfg.awq_grid)
+            st = stats[node.args[0]]
+            clip = awq_search_clip(st.rows, graph.attr(target), graph.annotation(node).weight_spec,
+                                   grid=cfg.awq_grid, **_sink(st, cfg))
             graph.set_attr(target, clip.weight)
             clipped += 1
             clip_rtn += clip.rtn_loss
@@ -83,3 +87,11 @@ def balance_and_clip(graph: QuantGraph, groups: list, linears: list, stats: dict
     return {"groups": len(groups), "duo_scales_chosen": duo_chosen, "scale_loss_rtn": rtn_loss,
             "scale_loss_awq": awq_loss, "clipped_layers": clipped, "clip_loss_rtn": clip_rtn,
             "clip_loss_awq": clip_loss}
+
+
+def _sink(st, cfg) -> dict:
+    """The search functions' sink arguments: each sink row weighs awq_sink_weight positions, and
+    each sampled row stands for positions / len(rows) of them."""
+    if st.sink_rows is None:
+        return {}
+    return {"sink_rows": st.sink_rows, "sink_weight": cfg.awq_sink_weight * st.rows.shape[0] / st.positions}

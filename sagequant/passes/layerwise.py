@@ -218,7 +218,8 @@ class LayerwiseCompile:
         for n in linears:
             first_reader.setdefault(n.args[0], n)
         raw = segment_input_stats(self.runner, seg, caches, list(first_reader.values()), cfg.awq_search_rows,
-                                  len(self.all_batches), sink_tokens=cfg.sink_tokens)
+                                  len(self.all_batches), sink_tokens=cfg.sink_tokens,
+                                  keep_sink=cfg.awq_sink_weight != 1)
         stats = {inp: raw[node] for inp, node in first_reader.items()}
         result = balance_and_clip(graph, groups, linears, stats, cfg)
         return {"awq_" + k if k == "groups" else k: v for k, v in result.items()}

@@ -1,15 +1,17 @@
 """QuantConfig.awq_sink_weight: each calibration sequence's first position (the attention sink) is
 kept apart from AWQ's sampled rows, all of them, and counts as N positions in the scale and clip
-search losses (whole-model pass and layer-wise; test_layerwise checks block 0 of both agree)."""
+search losses (whole-model pass and layer-wise; test_layerwise checks block 0 of both agree).
+QuantConfig.awq_scale_loss="module": the gate/up scale search measures the MLP's output."""
 import importlib
 
 import pytest
 import torch
 
 import sagequant as sq
-from sagequant.calibration.awq import AWQError, awq_search_clip, awq_search_scales
+from sagequant.calibration.awq import (
+    AWQError, OutputModule, awq_candidate_scales, awq_search_clip, awq_search_scales)
 from sagequant.config import ConfigError
-from sagequant.ir.quant_spec import QuantSpec
+from sagequant.ir.quant_spec import QuantSpec, fake_quantize
 
 LINEAR = torch.ops.aten.linear.default
 AWQ_CFG = dict(weight_dtype="int4", group_size=32, calibration="awq", guard="off")
@@ -122,3 +124,65 @@ def test_config_rejects_weighting_a_sink_that_sink_tokens_removes():
         sq.QuantConfig(calibration="awq", awq_sink_weight=50, sink_tokens=1)
     cfg = sq.QuantConfig(calibration="awq", awq_sink_weight=20)
     assert sq.QuantConfig.from_dict(cfg.to_dict()).awq_sink_weight == 20.0
+
+
+# ----------------------------------------------------------------- awq_scale_loss="module"
+def test_module_loss_is_the_modules_output_error():
+    x, sink, ws = _data(2)
+    g = torch.Generator().manual_seed(9)
+    down = torch.randn(8, 48, generator=g)
+    module = OutputModule(lambda outs: torch.nn.functional.silu(outs[0]) @ down.T + outs[1][:, :8], [None, None])
+    got = awq_search_scales(x, ws, G32, module=module)
+    s = awq_candidate_scales(x.abs().mean(0), got.ratio)
+
+    def out(w0, w1):
+        x64 = x.double()
+        return torch.nn.functional.silu(x64 @ w0.double().T) @ down.double().T + (x64 @ w1.double().T)[:, :8]
+    want = out(*ws) - out(*(fake_quantize(w * s, G32) / s for w in ws))
+    assert got.loss == pytest.approx(float(want.pow(2).sum()) / (x.shape[0] * 8), rel=1e-4)
+    # a module that is the linears' outputs side by side gives the per-linear loss
+    concat = awq_search_scales(x, ws, G32, module=OutputModule(lambda outs: torch.cat(outs, 1), [None, None]))
+    torch.testing.assert_close(torch.tensor(concat.losses), torch.tensor(awq_search_scales(x, ws, G32).losses),
+                               rtol=1e-4, atol=0)
+    # sink rows: their module error counts sink_weight times
+    weighted = awq_search_scales(x, ws, G32, module=module, sink_rows=sink, sink_weight=3.0)
+    repeated = awq_search_scales(torch.cat([x, sink, sink, sink]), ws, G32, module=module,
+                                 x_mean_abs=x.abs().mean(0))
+    torch.testing.assert_close(torch.tensor(weighted.losses), torch.tensor(repeated.losses), rtol=1e-5, atol=0)
+    with pytest.raises(AWQError, match="1 biases for 2 linears"):
+        awq_search_scales(x, ws, G32, module=OutputModule(module.fn, [None]))
+
+
+def test_token_wise_module_is_found_for_swiglu_only(tiny):
+    from sagequant.ir.patterns import balance_groups, token_wise_module
+    cm = sq.compile(tiny("llama"), sq.QuantConfig(**AWQ_CFG), calibration_data=CAL, stop_after="annotate")
+    g = cm.graph
+    found = {grp.describe(g): token_wise_module(grp) for grp in balance_groups(g)}
+    mlp = [m for m in found.values() if m is not None]
+    assert len(mlp) == 2                                  # one gate/up group per block; q/k/v, up->down: none
+    assert [g.annotation(c).layer for c in mlp[0].consumers] == ["model.layers.0.mlp.gate_proj",
+                                                                 "model.layers.0.mlp.up_proj"]
+    assert [str(op.target) for op in mlp[0].ops] == ["aten.silu.default", "aten.mul.Tensor"]
+    assert g.annotation(mlp[0].output).layer == "model.layers.0.mlp.down_proj"
+    gpt2 = sq.compile(tiny("gpt2"), sq.QuantConfig(**AWQ_CFG), calibration_data=CAL, stop_after="annotate").graph
+    assert all(token_wise_module(grp) is None for grp in balance_groups(gpt2))   # its MLP reshapes
+
+
+def test_the_pass_measures_gate_up_at_the_mlp_output(tiny, monkeypatch):
+    model = tiny("llama")
+    seen, search = [], awq_pass.awq_search_scales
+
+    def recording(x, weights, spec, **kw):   # the module's output as the search sees it (weights float)
+        module = kw["module"]
+        seen.append(None if module is None else (x, module.fn([x @ w.T for w in weights])))
+        return search(x, weights, spec, **kw)
+    monkeypatch.setattr(awq_pass, "awq_search_scales", recording)
+    cm = sq.compile(model, sq.QuantConfig(**AWQ_CFG, awq_scale_loss="module"), calibration_data=CAL, stop_after="awq")
+    assert {h["pass"]: h.get("stats") for h in cm.pass_history}["awq"]["module_loss_groups"] == 2
+    assert seen[0] is None                                # block 0's q/k/v: per linear
+    rows, got = seen[1]                                   # block 0's gate/up group
+    with torch.no_grad():
+        want = model.model.layers[0].mlp(rows[None])[0]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ConfigError, match=r"QuantConfig.awq_scale_loss='block' is not supported"):
+        sq.QuantConfig(awq_scale_loss="block")

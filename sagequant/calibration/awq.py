@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -38,7 +39,7 @@ from .smoothquant import (
 
 from ..errors import CompileError
 
-__all__ = ["AWQError", "AWQScales", "AWQClip", "awq_search_scales", "awq_search_clip",
+__all__ = ["AWQError", "AWQScales", "AWQClip", "OutputModule", "awq_search_scales", "awq_search_clip",
            "awq_candidate_scales", "fold_into_norm", "fold_into_linear_rows", "scale_consumer_columns"]
 
 # Matmul outputs are evaluated in blocks of at most this many float32 elements (64 MiB).
@@ -132,16 +133,49 @@ def _with_sink(x: torch.Tensor, sink_rows: torch.Tensor | None, sink_weight: flo
     return torch.cat([x, sink * math.sqrt(sink_weight)]), x.shape[0] + sink_weight * sink.shape[0]
 
 
+@dataclass
+class OutputModule:
+    """What follows a group's linears up to the output the scale search measures instead of
+    theirs (AutoAWQ's module2inspect; SwiGLU: silu(gate) * up -> down_proj): fn maps the linears'
+    outputs [rows, out_i], in consumer order, to [rows, d]; biases are the linears' own."""
+
+    fn: Callable[[list[torch.Tensor]], torch.Tensor]
+    biases: list[torch.Tensor | None]
+
+
+class _ModuleError:
+    """Σ ||fn(x Wq_iᵀ + b_i) - fn(x W_iᵀ + b_i)||² over rows of x, the float outputs computed once."""
+
+    @torch.no_grad()
+    def __init__(self, x: torch.Tensor, weights: list[torch.Tensor], module: OutputModule):
+        if len(module.biases) != len(weights):
+            raise AWQError(f"OutputModule has {len(module.biases)} biases for {len(weights)} linears")
+        self.module = module
+        self.chunks = torch.split(x, max(1, _CHUNK_ELEMENTS // sum(w.shape[0] for w in weights)), dim=0)
+        self.ref = [self._outputs(xc, weights) for xc in self.chunks]
+        self.width = self.ref[0].shape[-1]
+
+    def _outputs(self, xc: torch.Tensor, weights: list[torch.Tensor]) -> torch.Tensor:
+        fn = torch.nn.functional.linear
+        return self.module.fn([fn(xc, w, None if b is None else b.float()) for w, b in zip(weights, self.module.biases)])
+
+    @torch.no_grad()
+    def __call__(self, quantized: list[torch.Tensor]) -> float:
+        return sum(float((self._outputs(xc, quantized) - ref).double().pow(2).sum())
+                   for xc, ref in zip(self.chunks, self.ref))
+
+
 def awq_search_scales(x: torch.Tensor, weights: list[torch.Tensor], weight_spec: QuantSpec,
                       grid: int = 20, x_mean_abs: torch.Tensor | None = None,
                       duo: bool = False, sink_rows: torch.Tensor | None = None,
-                      sink_weight: float = 1.0) -> AWQScales:
+                      sink_weight: float = 1.0, module: OutputModule | None = None) -> AWQScales:
     """Grid-search the AWQ scale exponent for linears sharing the input x [n, in].
 
     The error x Wᵀ - (x / s) Q(W · s)ᵀ is evaluated as x (W - Q(W · s) / s)ᵀ (the same value,
     one matmul, no cancellation between two large outputs). x_mean_abs defaults to mean|x| over
     x's rows; pass the full calibration statistic when x is a subsample. sink_rows [m, in] (the
     attention sink's rows, kept apart from x's sample) each count as sink_weight rows of x.
+    module: the loss is instead ||module(x Q(W · s)ᵀ / s) - module(x Wᵀ)||² / (n · its width).
     """
     if not (isinstance(grid, int) and grid >= 1):
         raise AWQError(f"awq grid={grid!r} must be an integer >= 1")
@@ -154,8 +188,16 @@ def awq_search_scales(x: torch.Tensor, weights: list[torch.Tensor], weight_spec:
     check_finite_stat(x_mean_abs, "x_mean_abs", AWQError)
     if bool((x_mean_abs < 0).any()):
         raise AWQError(f"x_mean_abs must be >= 0 (min {float(x_mean_abs.min()):.4g})")
-    x, n_rows = _with_sink(x, sink_rows, sink_weight, "awq_search_scales")
-    numel = n_rows * sum(w.shape[0] for w in weights)
+    if module is None:
+        x, n_rows = _with_sink(x, sink_rows, sink_weight, "awq_search_scales")
+        numel = n_rows * sum(w.shape[0] for w in weights)
+    else:   # the module is not linear in its input rows: the sink's error is weighted, not its rows
+        parts = [(_ModuleError(x, weights, module), 1.0)]
+        n_rows = float(x.shape[0])
+        if sink_rows is not None:
+            _, n_rows = _with_sink(x, sink_rows, sink_weight, "awq_search_scales")   # checks them
+            parts.append((_ModuleError(_as_rows(sink_rows, "sink rows"), weights, module), sink_weight))
+        numel = n_rows * parts[0][0].width
     losses: list[float] = []
     best = (math.inf, 0.0, torch.ones(x.shape[1], device=x.device), False)
     families = [None, group_normalised_weight_mean(weights, weight_spec)] if duo else [None]
@@ -163,8 +205,12 @@ def awq_search_scales(x: torch.Tensor, weights: list[torch.Tensor], weight_spec:
         for i in range(grid):
             ratio = i / grid
             s = awq_candidate_scales(x_mean_abs, ratio, w_mean)
-            delta = torch.cat([w - fake_quantize(w * s, weight_spec) / s for w in weights], dim=0)
-            loss = _sq_error_sum(x, delta) / numel
+            if module is None:
+                delta = torch.cat([w - fake_quantize(w * s, weight_spec) / s for w in weights], dim=0)
+                loss = _sq_error_sum(x, delta) / numel
+            else:
+                quantized = [fake_quantize(w * s, weight_spec) / s for w in weights]
+                loss = sum(w * err(quantized) for err, w in parts) / numel
             losses.append(loss)
             if loss < best[0]:  # strict: ties keep the earlier candidate, RTN first
                 best = (loss, ratio, s, w_mean is not None)

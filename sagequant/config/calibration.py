@@ -18,6 +18,7 @@ AWQ_METHODS = ("awq", "smoothquant+awq", "awq+gptq")
 GPTQ_METHODS = ("gptq", "awq+gptq", "smoothquant+gptq")
 
 
+AWQ_SCALE_LOSSES = names("linear", "module")
 # QuantConfig.gptq_sink_weight's non-numeric value: rows weighted by the attention mass they receive
 ATTENTION_MASS = "attention"
 
@@ -40,6 +41,10 @@ class CalibrationConfig:
     # sampled evenly over all positions, the sink's among them (with 32 x 512 windows and 2048
     # rows each sink is one of its window's 64 rows: ~8 positions' worth). BENCHMARKS §2k.
     awq_sink_weight: float = 1.0
+    # Where AWQ's scale search measures a group's error: "linear", each consumer linear's output;
+    # "module", the output of the token-wise module the consumers feed (SwiGLU gate/up: the MLP's
+    # down_proj output, as AutoAWQ / llm-compressor); groups with no such module stay "linear".
+    awq_scale_loss: str = "linear"
     gptq_block_size: int = 128
     gptq_damp: float = 0.01                # dampening, as a fraction of mean(diag(H))
     gptq_act_order: bool = False
@@ -104,6 +109,7 @@ class CalibrationConfig:
                   smoothquant_alpha=alpha, gptq_damp=float(damp),
                   gptq_row_energy_cap=None if cap is None else float(cap), gptq_sink_weight=sink_w,
                   awq_sink_weight=float(awq_sink),
+                  awq_scale_loss=choice("awq_scale_loss", self.awq_scale_loss, AWQ_SCALE_LOSSES),
                   awq_grid=integer("awq_grid", self.awq_grid, 2),
                   awq_search_rows=integer("awq_search_rows", self.awq_search_rows, 1),
                   gptq_block_size=integer("gptq_block_size", self.gptq_block_size, 1),

@@ -65,7 +65,7 @@ FIELDS = ("weight_dtype", "activation_dtype", "calibration", "group_size", "symm
           "fp8_format", "calibration_samples", "calibration_seq_len", "fallback", "kv_block_size",
           "kv_group_size", "kv_high_precision_layers", "activation_scale", "observer",
           "weight_observer", "smoothquant_alpha", "awq_grid", "awq_clip", "awq_duo_scaling",
-          "awq_search_rows", "awq_sink_weight", "gptq_block_size", "gptq_damp", "gptq_act_order", "gptq_true_sequential",
+          "awq_search_rows", "awq_sink_weight", "awq_scale_loss", "gptq_block_size", "gptq_damp", "gptq_act_order", "gptq_true_sequential",
           "sink_tokens", "nf4_double_quant", "kv_scale_precision",
           "qat_learn_scales", "guard", "guard_samples", "guard_bounds", "target_bits_per_weight",
           "target_max_delta_loss", "precision_upgrades", "sensitivity_samples", "sensitivity_method",

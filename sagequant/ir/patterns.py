@@ -102,6 +102,40 @@ def balance_groups(graph: QuantGraph) -> list[BalanceGroup]:
     return groups
 
 
+# Ops that act on each token's row alone (a module of them over rows needs no sequence).
+_TOKEN_WISE = {ATEN.silu.default, ATEN.gelu.default, ATEN.relu.default, ATEN.sigmoid.default, ATEN.tanh.default,
+               ATEN.mul.Tensor, ATEN.add.Tensor, ATEN.pow.Tensor_Scalar}
+
+
+@dataclass
+class TokenWiseModule:
+    """The ops from a balance group's consumers to the one linear they all end in, each acting on
+    a token's row alone (SwiGLU: silu(gate) * up -> down_proj)."""
+
+    consumers: list[fx.Node]
+    ops: list[fx.Node]             # in graph order
+    output: fx.Node                # the linear whose output is the module's
+
+
+def token_wise_module(group: BalanceGroup) -> TokenWiseModule | None:
+    """The TokenWiseModule from `group`'s consumers, or None when their outputs reach anything
+    but token-wise ops feeding one linear (q/k/v reach attention; GPT-2's MLP reshapes first)."""
+    inside, ops, outputs = set(group.consumers), [], []
+    for node in group.consumers[0].graph.nodes:   # graph order: an op's inputs come before it
+        reads = [a for a in (*node.args, *node.kwargs.values()) if isinstance(a, fx.Node)]
+        if node in inside or not any(a in inside for a in reads):
+            continue
+        if node.target == ATEN.linear.default and node.args[0] in inside and all(
+                a.op == "get_attr" for a in reads[1:]):
+            outputs.append(node)
+        elif node.target in _TOKEN_WISE and all(a in inside for a in reads):
+            inside.add(node)
+            ops.append(node)
+        else:
+            return None
+    return TokenWiseModule(list(group.consumers), ops, outputs[0]) if len(outputs) == 1 else None
+
+
 SDPA = ATEN.scaled_dot_product_attention.default
 
 

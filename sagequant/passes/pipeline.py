@@ -91,7 +91,8 @@ _BEFORE_CONVERT = (
     Step("mixed_precision", ("target_bits_per_weight", "target_max_delta_loss", "precision_upgrades",
                              "sensitivity_samples", "sensitivity_method"), _no_budget),
     Step("smoothquant", ("smoothquant_alpha",), _method_not(SMOOTHQUANT_METHODS)),
-    Step("awq", ("awq_grid", "awq_clip", "awq_duo_scaling", "awq_search_rows", "awq_sink_weight", "sink_tokens"),
+    Step("awq", ("awq_grid", "awq_clip", "awq_duo_scaling", "awq_search_rows", "awq_sink_weight", "awq_scale_loss",
+                "sink_tokens"),
          _method_not(AWQ_METHODS)),
     Step("insert_observers", ("observer",)),
     Step("calibrate"),
@@ -116,7 +117,7 @@ TABLES: dict[str, tuple[Step, ...]] = {
     # compile(device=...): the calibration and convert passes run block by block inside layerwise.
     LAYERWISE: (_CANONICALIZE, _ANNOTATE) + (
         Step("layerwise", ("calibration", "smoothquant_alpha", "awq_grid", "awq_clip", "awq_sink_weight",
-                           "gptq_block_size",
+                           "awq_scale_loss", "gptq_block_size",
                            "gptq_damp", "gptq_act_order", "gptq_true_sequential", "gptq_row_energy_cap",
                            "gptq_sink_weight", "observer",
                            "weight_observer")),) + _FROM_CONVERT[1:] + (_FUSE,),

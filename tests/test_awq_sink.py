@@ -1,7 +1,8 @@
 """QuantConfig.awq_sink_weight: each calibration sequence's first position (the attention sink) is
 kept apart from AWQ's sampled rows, all of them, and counts as N positions in the scale and clip
 search losses (whole-model pass and layer-wise; test_layerwise checks block 0 of both agree).
-QuantConfig.awq_scale_loss="module": the gate/up scale search measures the MLP's output."""
+QuantConfig.awq_scale_loss="module": the gate/up scale search measures the MLP's output, q/k/v's
+o_proj's (the attention run on whole sequences)."""
 import importlib
 
 import pytest
@@ -186,3 +187,31 @@ def test_the_pass_measures_gate_up_at_the_mlp_output(tiny, monkeypatch):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     with pytest.raises(ConfigError, match=r"QuantConfig.awq_scale_loss='block' is not supported"):
         sq.QuantConfig(awq_scale_loss="block")
+
+
+def test_the_pass_measures_qkv_at_o_proj_by_running_the_attention(tiny, monkeypatch):
+    model = tiny("llama")
+    seen, search = [], awq_pass.awq_search_scales
+
+    def recording(x, weights, spec, **kw):   # block 0's q/k/v error, called with perturbed weights
+        if kw["output_error"] is not None and not seen:
+            q, k, v = weights
+            seen.append((kw["output_error"]([q, k, v]), kw["output_error"]([q + DELTA, k, v])))
+        return search(x, weights, spec, **kw)
+    monkeypatch.setattr(awq_pass, "awq_search_scales", recording)
+    attn = model.model.layers[0].self_attn
+    DELTA = 0.05 * torch.randn(attn.q_proj.weight.shape, generator=torch.Generator().manual_seed(1))
+    cm = sq.compile(model, sq.QuantConfig(**AWQ_CFG, awq_scale_loss="module"), calibration_data=CAL, stop_after="awq")
+    assert {h["pass"]: h.get("stats") for h in cm.pass_history}["awq"]["segment_run_loss_groups"] == 2
+    unchanged, perturbed = seen[0]
+    outs = []
+    hook = attn.o_proj.register_forward_hook(lambda m, i, o: outs.append(o))
+    with torch.no_grad():
+        for rows in (CAL, CAL):
+            model(input_ids=rows, use_cache=False)
+            attn.q_proj.weight += DELTA
+        attn.q_proj.weight -= 2 * DELTA
+    hook.remove()
+    assert unchanged == 0.0
+    want = float((outs[1] - outs[0]).double().pow(2).mean())
+    assert perturbed == pytest.approx(want, rel=1e-4)

@@ -168,7 +168,8 @@ class _ModuleError:
 def awq_search_scales(x: torch.Tensor, weights: list[torch.Tensor], weight_spec: QuantSpec,
                       grid: int = 20, x_mean_abs: torch.Tensor | None = None,
                       duo: bool = False, sink_rows: torch.Tensor | None = None,
-                      sink_weight: float = 1.0, module: OutputModule | None = None) -> AWQScales:
+                      sink_weight: float = 1.0, module: OutputModule | None = None,
+                      output_error: Callable[[list[torch.Tensor]], float] | None = None) -> AWQScales:
     """Grid-search the AWQ scale exponent for linears sharing the input x [n, in].
 
     The error x Wᵀ - (x / s) Q(W · s)ᵀ is evaluated as x (W - Q(W · s) / s)ᵀ (the same value,
@@ -176,7 +177,11 @@ def awq_search_scales(x: torch.Tensor, weights: list[torch.Tensor], weight_spec:
     x's rows; pass the full calibration statistic when x is a subsample. sink_rows [m, in] (the
     attention sink's rows, kept apart from x's sample) each count as sink_weight rows of x.
     module: the loss is instead ||module(x Q(W · s)ᵀ / s) - module(x Wᵀ)||² / (n · its width).
+    output_error: the loss is instead output_error([Q(W_i · s) / s]), measured by the caller (the
+    attention's output over whole sequences, say); x then only gives mean|x|.
     """
+    if module is not None and output_error is not None:
+        raise AWQError("awq_search_scales: pass module or output_error, not both")
     if not (isinstance(grid, int) and grid >= 1):
         raise AWQError(f"awq grid={grid!r} must be an integer >= 1")
     x = _as_rows(x, "awq_search_scales")
@@ -188,10 +193,10 @@ def awq_search_scales(x: torch.Tensor, weights: list[torch.Tensor], weight_spec:
     check_finite_stat(x_mean_abs, "x_mean_abs", AWQError)
     if bool((x_mean_abs < 0).any()):
         raise AWQError(f"x_mean_abs must be >= 0 (min {float(x_mean_abs.min()):.4g})")
-    if module is None:
+    if module is None and output_error is None:
         x, n_rows = _with_sink(x, sink_rows, sink_weight, "awq_search_scales")
         numel = n_rows * sum(w.shape[0] for w in weights)
-    else:   # the module is not linear in its input rows: the sink's error is weighted, not its rows
+    elif module is not None:   # not linear in its input rows: the sink's error is weighted, not its rows
         parts = [(_ModuleError(x, weights, module), 1.0)]
         n_rows = float(x.shape[0])
         if sink_rows is not None:
@@ -205,7 +210,9 @@ def awq_search_scales(x: torch.Tensor, weights: list[torch.Tensor], weight_spec:
         for i in range(grid):
             ratio = i / grid
             s = awq_candidate_scales(x_mean_abs, ratio, w_mean)
-            if module is None:
+            if output_error is not None:
+                loss = float(output_error([fake_quantize(w * s, weight_spec) / s for w in weights]))
+            elif module is None:
                 delta = torch.cat([w - fake_quantize(w * s, weight_spec) / s for w in weights], dim=0)
                 loss = _sq_error_sum(x, delta) / numel
             else:

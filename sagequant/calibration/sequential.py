@@ -125,11 +125,15 @@ class SequentialRunner:
         self.run_segment(block + 1, caches, hooks or {})
 
     def run_segment(self, seg: int, caches: list[dict], hooks: dict | None = None,
-                    commit: bool = True) -> None:
+                    commit: bool = True, only_hooked: bool = False) -> None:
         """Run segment `seg` over every sample's cache. commit=False only observes (hooks fire,
-        the caches stay as they were), so the segment can run again after its weights change."""
+        the caches stay as they were), so the segment can run again after its weights change;
+        only_hooked (with commit=False) computes just what the hooked nodes need."""
         hooks = hooks or {}
-        nodes = self._live_nodes(seg, hooks)
+        if only_hooked and commit:
+            raise SequentialError("run_segment(only_hooked=True) leaves the segment's outputs "
+                                  "uncomputed: it needs commit=False")
+        nodes = self._live_nodes(seg, hooks, only_hooked)
         with torch.inference_mode():
             # Values that depend on no sample (a quantized weight's dequantize_weight, say) are
             # computed once for all samples, not once per sample: the same op on the same inputs.
@@ -174,11 +178,12 @@ class SequentialRunner:
                 found.add(node)
         return [n for n in nodes if n in found]
 
-    def _live_nodes(self, seg: int, hooks: dict) -> list[fx.Node]:
-        """The nodes of segment `seg` whose value a hook or a later segment reads, with what they
-        need: the rest (the epilogue's logits unless the head is hooked) is never computed."""
+    def _live_nodes(self, seg: int, hooks: dict, only_hooked: bool = False) -> list[fx.Node]:
+        """The nodes of segment `seg` whose value a hook or (unless only_hooked) a later segment
+        reads, with what they need: the rest (the epilogue's logits unless the head is hooked) is
+        never computed."""
         nodes = self.segments[seg]
-        live = {n for n in nodes if n in hooks or self.last_use[n] > seg}
+        live = {n for n in nodes if n in hooks or (not only_hooked and self.last_use[n] > seg)}
         for node in reversed(nodes):
             if node in live:
                 live.update(a for a in node.all_input_nodes if a.op not in ("get_attr", "placeholder"))

@@ -86,15 +86,18 @@ class _Accumulator:
 
 def collect_input_stats(graph: QuantGraph, batches: list[torch.Tensor], consumers: list[fx.Node],
                         keep_rows: int = 0, desc: str = "statistics", sink_tokens: int = 0,
-                        keep_sink: bool = False) -> dict[fx.Node, ActivationStats]:
+                        keep_sink: bool = False, before_segment=None) -> dict[fx.Node, ActivationStats]:
     """Statistics of args[0] of each consumer node over all batches, past each sequence's first
     `sink_tokens` positions, in one sequential run (progress phase `desc`, one step per segment).
-    keep_sink: also every sequence's first position, apart (ActivationStats.sink_rows)."""
+    keep_sink: also every sequence's first position, apart (ActivationStats.sink_rows).
+    before_segment(runner, seg, caches) is called before each segment runs."""
     runner = SequentialRunner(graph)
     caches = runner.start(batches, run_prologue=False)
     accs = _accumulators(graph, consumers, keep_rows, len(batches), keep_sink)
     hooks = _hooks(graph, accs, sink_tokens)
     for seg in track(range(len(runner.segments)), desc, unit="segment", note=runner.segment_name):
+        if before_segment is not None:
+            before_segment(runner, seg, caches)
         runner.run_segment(seg, caches, hooks)
     return {n: a.result() for n, a in accs.items() if a.count}
 

@@ -67,7 +67,7 @@ class QuantGraph:
             if not hasattr(mod, part):
                 mod.add_module(part, torch.nn.Module())
             mod = getattr(mod, part)
-        if isinstance(getattr(mod, leaf, None), torch.nn.Parameter) or leaf in mod._parameters:
+        if leaf in mod._parameters:   # (a Parameter set back earlier sits in _buffers)
             del mod._parameters[leaf]
         if leaf in mod._buffers:
             del mod._buffers[leaf]

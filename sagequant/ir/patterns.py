@@ -136,6 +136,22 @@ def token_wise_module(group: BalanceGroup) -> TokenWiseModule | None:
     return TokenWiseModule(list(group.consumers), ops, outputs[0]) if len(outputs) == 1 else None
 
 
+def linear_reached(group: BalanceGroup, nodes: list[fx.Node]) -> fx.Node | None:
+    """The one linear that `group`'s consumers' outputs reach through other ops among `nodes` (a
+    segment: q/k/v -> attention -> o_proj), or None when they reach none or several."""
+    members, seen, found, todo = set(nodes), set(group.consumers), set(), list(group.consumers)
+    while todo:
+        for u in todo.pop().users:
+            if u in seen or u not in members:
+                continue
+            seen.add(u)
+            if u.target == ATEN.linear.default:
+                found.add(u)
+            else:
+                todo.append(u)
+    return found.pop() if len(found) == 1 else None
+
+
 SDPA = ATEN.scaled_dot_product_attention.default
 
 

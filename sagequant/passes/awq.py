@@ -14,15 +14,15 @@ With calibration='awq+gptq' the gptq pass then rounds the balanced (and clipped)
 from __future__ import annotations
 
 import torch
-import torch.fx as fx
 
-from ..calibration.awq import OutputModule, awq_search_clip, awq_search_scales
+from ..calibration.awq import awq_search_clip, awq_search_scales
 from ..calibration.datasets import CalibrationDataError
 from ..calibration.stats import collect_input_stats
 from ..config import ConfigError
 from ..ir.graph import QuantGraph
-from ..ir.patterns import balance_groups, token_wise_module
+from ..ir.patterns import balance_groups
 from ..progress import track
+from .awq_output import ATTENTION_SEQUENCES, SegmentRuns, output_module
 from .fold_scales import fold_group_scales
 from .manager import PassContext, PassResult, define_pass
 
@@ -45,33 +45,40 @@ def awq(graph: QuantGraph, ctx: PassContext) -> PassResult:
     first_reader = {}
     for n in linears:
         first_reader.setdefault(n.args[0], n)
+    runs = SegmentRuns() if cfg.awq_scale_loss == "module" else None
+
+    def keep_inputs(runner, seg, caches):   # each segment's input, float model, first sequences
+        runs.runner = runner
+        runs.caches[seg] = [dict(c) for c in caches[:ATTENTION_SEQUENCES]]
     raw = collect_input_stats(graph, ctx.calibration_batches, list(first_reader.values()),
                               cfg.awq_search_rows, desc="awq: statistics", sink_tokens=cfg.sink_tokens,
-                              keep_sink=cfg.awq_sink_weight != 1)
+                              keep_sink=cfg.awq_sink_weight != 1, before_segment=keep_inputs if runs else None)
     stats = {inp: raw[node] for inp, node in first_reader.items()}
-    result = balance_and_clip(graph, balance_groups(graph), linears, stats, cfg, show_progress=True)
+    result = balance_and_clip(graph, balance_groups(graph), linears, stats, cfg, show_progress=True, runs=runs)
     graph.gm.recompile()
     return PassResult(graph, True, result)
 
 
 def balance_and_clip(graph: QuantGraph, groups: list, linears: list, stats: dict, cfg, *,
-                     show_progress: bool = False) -> dict:
+                     show_progress: bool = False, runs: SegmentRuns | None = None) -> dict:
     """AWQ on `groups` / `linears` given `stats` (linear input node -> InputStats): search each
     group's scales, fold them (the stats are rescaled to match), then search every linear's clip
     and clamp its weight. Used by this pass over the whole graph and by layerwise per block."""
     def steps(items, desc, unit, note):
         return track(items, desc, unit=unit, note=note) if show_progress else items
     rtn_loss = awq_loss = 0.0
-    duo_chosen = module_groups = 0
+    duo_chosen = module_groups = segment_run_groups = 0
     for group in steps(groups, "awq: scale search", "group", lambda g: g.describe(graph)):
         st = stats[group.input_node]
         spec = graph.annotation(group.consumers[0]).weight_spec
-        module = output_module(graph, group) if cfg.awq_scale_loss == "module" else None
+        module = output_module(graph, group) if runs is not None else None
+        run = runs.output_error(graph, group, cfg.awq_sink_weight) if runs is not None and module is None else None
         found = awq_search_scales(st.rows, [graph.attr(c.args[1]) for c in group.consumers], spec,
                                   grid=cfg.awq_grid, x_mean_abs=st.channel_mean_abs,
-                                  duo=cfg.awq_duo_scaling, module=module, **_sink(st, cfg))
+                                  duo=cfg.awq_duo_scaling, module=module, output_error=run, **_sink(st, cfg))
         duo_chosen += found.duo
         module_groups += module is not None
+        segment_run_groups += run is not None
         fold_group_scales(graph, group, found.scales)
         stats[group.input_node] = st.scaled(found.scales)
         rtn_loss += found.rtn_loss
@@ -87,7 +94,8 @@ def balance_and_clip(graph: QuantGraph, groups: list, linears: list, stats: dict
             clipped += 1
             clip_rtn += clip.rtn_loss
             clip_loss += clip.loss
-    return {"groups": len(groups), "duo_scales_chosen": duo_chosen, "module_loss_groups": module_groups, "scale_loss_rtn": rtn_loss,
+    return {"groups": len(groups), "duo_scales_chosen": duo_chosen, "module_loss_groups": module_groups,
+            "segment_run_loss_groups": segment_run_groups, "scale_loss_rtn": rtn_loss,
             "scale_loss_awq": awq_loss, "clipped_layers": clipped, "clip_loss_rtn": clip_rtn,
             "clip_loss_awq": clip_loss}
 
@@ -99,23 +107,3 @@ def _sink(st, cfg) -> dict:
         return {}
     return {"sink_rows": st.sink_rows, "sink_weight": cfg.awq_sink_weight * st.rows.shape[0] / st.positions}
 
-
-def output_module(graph: QuantGraph, group) -> OutputModule | None:
-    """QuantConfig.awq_scale_loss='module': the group's token-wise module (SwiGLU's silu(gate) * up
-    -> down_proj, ir/patterns.py), run on rows with the graph's current weights; None for the
-    groups whose consumers reach no such module (q/k/v reach attention), searched per linear."""
-    found = token_wise_module(group)
-    if found is None:
-        return None
-
-    def value(env, a):
-        return graph.attr(a.target) if a.op == "get_attr" else env[a]
-
-    def fn(outputs):
-        env = dict(zip(found.consumers, outputs))
-        for op in found.ops:
-            env[op] = op.target(*fx.map_arg(op.args, lambda a: value(env, a)),
-                                **fx.map_arg(op.kwargs, lambda a: value(env, a)))
-        return ATEN.linear.default(*fx.map_arg(found.output.args, lambda a: value(env, a)))
-    return OutputModule(fn, [graph.attr(c.args[2].target) if len(c.args) > 2 and c.args[2] is not None else None
-                             for c in group.consumers])

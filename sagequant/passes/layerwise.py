@@ -45,6 +45,7 @@ from .calibrate import RANGE_ONLY_BATCHES
 from .convert import is_convertible, quantized_tensors, rewrite_linear
 from .fold_scales import fold_group_scales
 from .awq import balance_and_clip
+from .awq_output import ATTENTION_SEQUENCES, SegmentRuns
 from .gptq import observe_hessians, quantize_linears, sink_weighted_linears, stages
 from .insert_observers import input_observer
 from .manager import PassContext, PassResult, define_pass
@@ -90,6 +91,9 @@ class LayerwiseCompile:
         self.all_batches, self.batches = batches, shard(batches)   # data parallel: this rank's share
         self.groups = balance_groups(graph) if cfg.calibration in SMOOTHQUANT_METHODS + AWQ_METHODS else []
         self.sink_readers = sink_weighted_linears(graph, cfg) if cfg.calibration in GPTQ_METHODS else {}
+        if cfg.calibration in AWQ_METHODS and cfg.awq_scale_loss == "module" and self.world_size > 1:
+            raise UnsupportedError("awq_scale_loss='module' runs the attention on one rank's sequences; "
+                                   "not data parallel (use awq_scale_loss='linear' or one process)")
         self.stats = {"segments": len(self.runner.segments), "restored": 0, "calibrated": 0,
                       "quantized_layers": 0, "onloaded_bytes": 0}
         self._peak_before = 0   # device peak of the phases before the last peak-counter reset
@@ -221,7 +225,9 @@ class LayerwiseCompile:
                                   len(self.all_batches), sink_tokens=cfg.sink_tokens,
                                   keep_sink=cfg.awq_sink_weight != 1)
         stats = {inp: raw[node] for inp, node in first_reader.items()}
-        result = balance_and_clip(graph, groups, linears, stats, cfg)
+        runs = (SegmentRuns(self.runner, {seg: caches[:ATTENTION_SEQUENCES]}) if cfg.awq_scale_loss == "module"
+                else None)
+        result = balance_and_clip(graph, groups, linears, stats, cfg, runs=runs)
         return {"awq_" + k if k == "groups" else k: v for k, v in result.items()}
 
     def _gptq(self, seg, caches, linears) -> dict:

@@ -95,6 +95,7 @@ def test_weight_only_layerwise_equals_whole_model_bit_for_bit(checkpoint, ids, t
 
 
 @pytest.mark.parametrize("method", [{"calibration": "awq"}, {"calibration": "awq", "awq_sink_weight": 50.0},
+                                    {"calibration": "awq", "awq_scale_loss": "module"},
                                     {"calibration": "awq+gptq"},
                                     {"calibration": "awq+gptq", "gptq_sink_weight": 50.0}])
 def test_awq_layerwise_block0_equals_whole_model_and_beats_rtn(checkpoint, ids, tmp_path, method):

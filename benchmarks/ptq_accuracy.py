@@ -88,9 +88,14 @@ SCHEMES = {
     # the attention sink (each window's first position) weighted in AWQ's scale and clip losses
     **{f"w4a16-awq-sinkw{w}": dict(weight_dtype="int4", activation_dtype="a16", calibration="awq",
                                   awq_sink_weight=float(w), **G128) for w in (2, 8, 20, 50, 200, 1000)},
-    # the gate/up scale search measured at the MLP output (down_proj's), as AutoAWQ
+    # the scale search measured at the module's output, as AutoAWQ: gate/up at down_proj's, q/k/v
+    # at o_proj's (the attention run on 8 calibration sequences)
     "w4a16-awq-module": dict(weight_dtype="int4", activation_dtype="a16", calibration="awq",
                              awq_scale_loss="module", **G128),
+    "w4a16-awq-module-sinkw50": dict(weight_dtype="int4", activation_dtype="a16", calibration="awq",
+                                     awq_scale_loss="module", awq_sink_weight=50.0, **G128),
+    "w4a16-awq-module-duo": dict(weight_dtype="int4", activation_dtype="a16", calibration="awq",
+                                 awq_scale_loss="module", awq_duo_scaling=True, **G128),
     "w4a16-awq-duo": dict(weight_dtype="int4", activation_dtype="a16", calibration="awq",
                           awq_duo_scaling=True, **G128),
     "w4a16-gptq": dict(weight_dtype="int4", activation_dtype="a16", calibration="gptq",

@@ -54,11 +54,12 @@ def checkpoint(tmp_path_factory, helpers):
     return d, torch.randint(0, helpers.VOCAB, (6, 16), generator=g)
 
 
-@pytest.mark.parametrize("method", ["gptq", "awq"])
+@pytest.mark.parametrize("method", [{"calibration": "gptq"}, {"calibration": "awq"},
+                                    {"calibration": "awq", "awq_sink_weight": 50.0}], ids=str)
 def test_two_gloo_ranks_equal_one_process(checkpoint, tmp_path, method):
     d, ids = checkpoint
-    cfg_kw = dict(weight_dtype="int4", group_size=32, calibration=method, guard="off",
-                  calibration_samples=6, calibration_seq_len=16)
+    cfg_kw = dict(weight_dtype="int4", group_size=32, guard="off",
+                  calibration_samples=6, calibration_seq_len=16, **method)
     ranks = _run_two_ranks(tmp_path, d, ids, cfg_kw)
     one = sq.compile(d, sq.QuantConfig(**cfg_kw), calibration_data=ids, device="cpu", work_dir=tmp_path / "one")
     want = one.graph.state()

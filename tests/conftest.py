@@ -86,6 +86,22 @@ def tiny():
     return get
 
 
+def _fingerprint() -> dict:
+    return {key: [p.detach().clone() for p in m.state_dict().values()] for key, m in _MODELS.items()}
+
+
+@pytest.fixture(autouse=True)
+def _shared_models_stay_unchanged():
+    """The session's tiny models are shared by every test: one that mutates them makes later
+    tests' results depend on test order (which xdist changes), so name the mutating test."""
+    before = _fingerprint()
+    yield
+    for key, tensors in before.items():
+        after = list(_MODELS[key].state_dict().values())
+        changed = [i for i, (a, b) in enumerate(zip(tensors, after)) if not torch.equal(a, b)]
+        assert not changed, f"this test mutated the shared tiny model {key} (tensors {changed})"
+
+
 @pytest.fixture(scope="session")
 def fresh_tiny():
     """fresh_tiny(arch, **config_overrides) -> a new model the test may modify."""
@@ -143,6 +159,19 @@ def helpers():
         RAGGED = RAGGED
         VOCAB = VOCAB
         build_tiny = staticmethod(build_tiny)
+
+        @staticmethod
+        def float_inputs(model, module, rows) -> torch.Tensor:
+            """What `module` of the float `model` reads, one forward per row of `rows`, concatenated."""
+            inputs = []
+            hook = module.register_forward_hook(lambda m, i, o: inputs.append(i[0]))
+            try:
+                with torch.no_grad():
+                    for row in rows:
+                        model(input_ids=row[None], use_cache=False)
+            finally:
+                hook.remove()
+            return torch.cat(inputs)
     return H
 
 

@@ -78,7 +78,7 @@ def _weights(cm) -> dict:
             for n in g.nodes(LINEAR) if g.annotation(n) is not None and g.annotation(n).quantized}
 
 
-def test_the_pass_keeps_each_first_position_apart_weighted(tiny, monkeypatch):
+def test_the_pass_keeps_each_first_position_apart_weighted(tiny, helpers, monkeypatch):
     model = tiny("llama")
     plain = sq.compile(model, sq.QuantConfig(**AWQ_CFG), calibration_data=CAL, stop_after="awq")
     seen = _record_searches(monkeypatch)
@@ -86,13 +86,7 @@ def test_the_pass_keeps_each_first_position_apart_weighted(tiny, monkeypatch):
                           calibration_data=CAL, stop_after="awq")
     a, b = _weights(plain), _weights(weighted)
     assert any(not torch.equal(a[k], b[k]) for k in a)
-    inputs = []
-    hook = model.model.layers[0].self_attn.q_proj.register_forward_hook(lambda m, i, o: inputs.append(i[0]))
-    with torch.no_grad():
-        for row in CAL:
-            model(input_ids=row[None], use_cache=False)
-    hook.remove()
-    x = torch.cat(inputs)                                # [8, 24, hidden]
+    x = helpers.float_inputs(model, model.model.layers[0].self_attn.q_proj, CAL)   # [8, 24, hidden]
     rows, kw = seen[0]                                   # block 0's q/k/v group, first in graph order
     torch.testing.assert_close(kw["sink_rows"], x[:, 0], rtol=1e-5, atol=1e-6)
     past = x[:, 1:].reshape(-1, x.shape[-1])
@@ -189,8 +183,8 @@ def test_the_pass_measures_gate_up_at_the_mlp_output(tiny, monkeypatch):
         sq.QuantConfig(awq_scale_loss="block")
 
 
-def test_the_pass_measures_qkv_at_o_proj_by_running_the_attention(tiny, monkeypatch):
-    model = tiny("llama")
+def test_the_pass_measures_qkv_at_o_proj_by_running_the_attention(fresh_tiny, monkeypatch):
+    model = fresh_tiny("llama")   # perturbed in place below
     seen, search = [], awq_pass.awq_search_scales
 
     def recording(x, weights, spec, **kw):   # block 0's q/k/v error, called with perturbed weights

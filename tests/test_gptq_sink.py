@@ -170,7 +170,7 @@ def _record_hessians(monkeypatch) -> dict:
     return seen
 
 
-def test_the_weight_reaches_exactly_the_qkv_hessians(tiny):
+def test_the_weight_reaches_exactly_the_qkv_hessians(tiny, helpers):
     model = tiny("llama")
     plain, weighted = (sq.compile(model, sq.QuantConfig(**GPTQ_CFG, gptq_sink_weight=w), calibration_data=CAL,
                                   stop_after="gptq") for w in (1.0, 50.0))
@@ -184,13 +184,7 @@ def test_the_weight_reaches_exactly_the_qkv_hessians(tiny):
     for p in "qkv":
         assert not torch.equal(a[f"{block0}self_attn.{p}_proj"], b[f"{block0}self_attn.{p}_proj"]), p
     # Block 0's q_proj is GPTQ on the float64 formula's Hessian of its float input.
-    inputs = []
-    hook = model.model.layers[0].self_attn.q_proj.register_forward_hook(lambda m, i, o: inputs.append(i[0]))
-    with torch.no_grad():
-        for row in CAL:
-            model(input_ids=row[None], use_cache=False)
-    hook.remove()
-    h = _weighted_reference(torch.cat(inputs), 50.0)
+    h = _weighted_reference(helpers.float_inputs(model, model.model.layers[0].self_attn.q_proj, CAL), 50.0)
     spec = weighted.graph.annotation(next(n for n in weighted.graph.nodes(LINEAR) if weighted.graph.annotation(n)
                                           is not None and weighted.graph.annotation(n).quantized)).weight_spec
     want = gptq_quantize(model.model.layers[0].self_attn.q_proj.weight.detach(), h, spec).dequantized

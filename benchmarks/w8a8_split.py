@@ -2,9 +2,10 @@
 
 Formula level, no compile: forward pre-hooks round-trip every nn.Linear's input per token, and its
 weight is replaced by the per-output-channel round trip (absmax scales, fp32), lm_head excepted.
-Each variant is `WEIGHT:ACT[:OBSERVER]` with `-` for "keep float", e.g.
+Each variant is `WEIGHT:ACT[:OBSERVER]` with `-` for "keep float" (after `--`, since a variant
+may start with `-`), e.g.
 
-    OMP_NUM_THREADS=1 PYTHONPATH=. .venv/bin/python benchmarks/w8a8_split.py --max-tokens 2048 \
+    OMP_NUM_THREADS=1 PYTHONPATH=. .venv/bin/python benchmarks/w8a8_split.py --max-tokens 2048 -- \
         fp8_e4m3:- -:fp8_e4m3 fp8_e4m3:fp8_e4m3 int8:- -:int8 int8:int8
 
 --keep-first 1 leaves each window's first position (the attention sink) unquantized in every input.

@@ -209,3 +209,17 @@ def test_the_pass_measures_qkv_at_o_proj_by_running_the_attention(fresh_tiny, mo
     assert unchanged == 0.0
     want = float((outs[1] - outs[0]).double().pow(2).mean())
     assert perturbed == pytest.approx(want, rel=1e-4)
+
+
+def test_awq_options_are_compile_flags():
+    from sagequant.tools.cli import build_parser
+    from sagequant.tools.compile_flags import config_from_args
+    p = build_parser()
+    base = ["compile", "--model", "m", "--dataset", "d", "--output", "o", "--method", "awq"]
+    cfg = config_from_args(p.parse_args(base + ["--awq-sink-weight", "50", "--awq-scale-loss", "module"]))
+    assert (cfg.awq_sink_weight, cfg.awq_scale_loss) == (50.0, "module")
+    cfg = config_from_args(p.parse_args(base))
+    assert (cfg.awq_sink_weight, cfg.awq_scale_loss) == (1.0, "linear")
+    for bad in (["--awq-sink-weight", "0.5"], ["--awq-sink-weight", "nan"], ["--awq-scale-loss", "block"]):
+        with pytest.raises(SystemExit):
+            p.parse_args(base + bad)

@@ -84,3 +84,12 @@ def sink_weight(text: str) -> float | str:
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value} is out of range: must be >= 1 (1: plain GPTQ) or 'attention'")
     return value
+
+
+def awq_sink_weight(text: str) -> float:
+    """--awq-sink-weight: a number >= 1."""
+    value = _float(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is out of range: must be >= 1 (1: the sink sampled like "
+                                         "any position)")
+    return value

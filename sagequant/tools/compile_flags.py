@@ -8,7 +8,9 @@ from pathlib import Path
 
 from ..config import ConfigError, QuantConfig
 from ..passes.pipeline import PTQ_PASSES
-from .arg_types import group_size, non_negative_float, positive_float, positive_int, sink_weight, unit_ratio
+from ..config.calibration import AWQ_SCALE_LOSSES
+from .arg_types import (awq_sink_weight, group_size, non_negative_float, positive_float, positive_int, sink_weight,
+                        unit_ratio)
 
 
 def _read_config_file(path: str) -> dict:
@@ -35,7 +37,8 @@ def config_from_args(args) -> QuantConfig:
              "calibration_samples": args.samples, "calibration_seq_len": args.seq_len,
              "fallback": args.fallback, "guard": args.guard,
              "target_bits_per_weight": args.target_bits, "target_max_delta_loss": args.target_delta_loss,
-             "rotate": args.rotate, "gptq_sink_weight": args.gptq_sink_weight}
+             "rotate": args.rotate, "gptq_sink_weight": args.gptq_sink_weight,
+             "awq_sink_weight": args.awq_sink_weight, "awq_scale_loss": args.awq_scale_loss}
     if args.asymmetric:
         flags["symmetric"] = False
     if args.ignore is not None:
@@ -68,6 +71,12 @@ def add_compile_flags(p: argparse.ArgumentParser, dataset_required: bool,
                    help="GPTQ: each calibration sequence's first position (the attention sink) weighs as W "
                    "rows in the Hessians of the linears reading the attention input (q/k/v); 1: plain GPTQ; "
                    "'attention': every row there weighs the attention mass its position receives")
+    p.add_argument("--awq-sink-weight", type=awq_sink_weight, metavar="W",
+                   help="AWQ: each calibration sequence's first position (the attention sink) counts as W "
+                   "positions in the scale and clip search losses; 1 (default): sampled like any position")
+    p.add_argument("--awq-scale-loss", choices=AWQ_SCALE_LOSSES,
+                   help="AWQ: where the scale search measures a group's error: linear (default: each "
+                   "consumer linear's output) | module (the output of the module they feed, e.g. the MLP's)")
     p.add_argument("--weight-dtype", help="int8 | int4 | fp8 | nf4 | w8a16 | w4a16 | w8a8")
     p.add_argument("--activation-dtype", help="a16 (fp16/bf16) | int8 | fp8")
     p.add_argument("--kv-quant", help="none | int8 | fp8")

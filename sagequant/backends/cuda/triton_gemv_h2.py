@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 
 from . import layout
-from .triton_splitk import _last_split_sums
+from .triton_splitk import _store_split
 
 # XOR constants of the two pair masks: the fp16 magic 1024 (0x6400) in each half, and for int4 the
 # sign bit of the masked nibble (bit 3 of the low pair, bit 7 of the in-place one).
@@ -229,17 +229,8 @@ def _gemv_h2_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr,
                 [w, x0[None, :], x1[None, :], x2[None, :], x3[None, :], xa, xb, off_a[:, None],
                  off_b[:, None], (s * 16.0)[:, None], acc],
                 dtype=tl.float32, is_pure=True, pack=1)
-    out = tl.sum(acc, axis=1)
-    if SPLIT == 2:
-        _last_split_sums(out, ws_ptr, cnt_ptr, b_ptr, out_ptr, m * N + offs_n,
-                         m * stride_om + offs_n, offs_n, n_ok, M * N, S, pid_k,
-                         pid_n * M + m, HAS_BIAS)
-    elif SPLIT == 1:
-        tl.store(ws_ptr + pid_k * M * N + m * N + offs_n, out, mask=n_ok)
-    else:
-        if HAS_BIAS:
-            out += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
-        tl.store(out_ptr + m * stride_om + offs_n, out.to(out_ptr.dtype.element_ty), mask=n_ok)
+    _store_split(tl.sum(acc, axis=1), ws_ptr, cnt_ptr, b_ptr, out_ptr, m * N + offs_n,
+                 m * stride_om + offs_n, offs_n, n_ok, M * N, S, pid_k, pid_n * M + m, SPLIT, HAS_BIAS)
 
 
 def gemv_h2(x2: torch.Tensor, w: torch.Tensor, args: tuple, flags: dict, grid: tuple, fmt: str,

@@ -6,6 +6,8 @@ fixed order s = 0..S-1 (deterministic, bit-identical to each other), add the bia
                    bumps its output tile's arrival counter; the program that arrives last sums
                    the S partials and resets the counter to 0 for the next call (CUDA graphs
                    replay it as is). Only which program sums is racy, never the summation order.
+  _store_split     a GEMM's epilogue for its SPLIT mode: 0 no split (bias, cast, store),
+                   1 partial to the workspace (for _splitk_reduce), 2 _last_split_sums.
 
 Imports triton at the top. `tile_counters` hands out the zeroed per-device counter buffer.
 """
@@ -65,3 +67,18 @@ def _last_split_sums(part, ws_ptr, cnt_ptr, b_ptr, out_ptr, flat, out_offs, offs
             acc += tl.load(b_ptr + offs_n, mask=mask, other=0.0).to(tl.float32)
         tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
         tl.atomic_xchg(cnt_ptr + tile, 0)
+
+
+@triton.jit
+def _store_split(part, ws_ptr, cnt_ptr, b_ptr, out_ptr, flat, out_offs, offs_n, mask, MN, S, pid_k,
+                 tile, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """part, flat, out_offs, offs_n, mask: as _last_split_sums's (offs_n broadcast to part's shape)."""
+    if SPLIT == 2:
+        _last_split_sums(part, ws_ptr, cnt_ptr, b_ptr, out_ptr, flat, out_offs, offs_n, mask, MN, S,
+                         pid_k, tile, HAS_BIAS)
+    elif SPLIT == 1:
+        tl.store(ws_ptr + pid_k * MN + flat, part, mask=mask)
+    else:
+        if HAS_BIAS:
+            part += tl.load(b_ptr + offs_n, mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + out_offs, part.to(out_ptr.dtype.element_ty), mask=mask)

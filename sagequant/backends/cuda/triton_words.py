@@ -33,7 +33,7 @@ import triton.language as tl
 from . import layout
 from .dequant_gemm import dequant_mm
 from .triton_gemv_h2 import gemv_h2
-from .triton_splitk import _last_split_sums, _splitk_reduce, tile_counters
+from .triton_splitk import _splitk_reduce, _store_split, tile_counters
 
 KINDS = {"int4": 0, "uint4": 1, "nf4": 2}
 MAGIC = 0x4B000000  # OR-ed into a nibble, the fp32 2**23 + nibble (a kernel argument: see _plane)
@@ -138,17 +138,8 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, book_ptr, b_ptr, out_ptr, ws_ptr, c
             wp = _plane(w, w_hi, p, z[:, None], book_ptr, magic, KIND, True)
             blk += wp * _x_plane(xp, p, KIND)[None, :]
         acc += blk * s[:, None]
-    out = tl.sum(acc, axis=1)
-    if SPLIT == 2:
-        _last_split_sums(out, ws_ptr, cnt_ptr, b_ptr, out_ptr, m * N + offs_n,
-                         m * stride_om + offs_n, offs_n, n_ok, M * N, S, pid_k,
-                         pid_n * M + m, HAS_BIAS)
-    elif SPLIT == 1:
-        tl.store(ws_ptr + pid_k * M * N + m * N + offs_n, out, mask=n_ok)
-    else:
-        if HAS_BIAS:
-            out += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
-        tl.store(out_ptr + m * stride_om + offs_n, out.to(out_ptr.dtype.element_ty), mask=n_ok)
+    _store_split(tl.sum(acc, axis=1), ws_ptr, cnt_ptr, b_ptr, out_ptr, m * N + offs_n,
+                 m * stride_om + offs_n, offs_n, n_ok, M * N, S, pid_k, pid_n * M + m, SPLIT, HAS_BIAS)
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -191,19 +182,9 @@ def _mma_kernel(x_ptr, w_ptr, s_ptr, z_ptr, book_ptr, b_ptr, out_ptr, ws_ptr, cn
         acc += part * s[:, None]
     acc = tl.trans(acc)  # [BLOCK_M, BLOCK_N]
     mask = m_ok[:, None] & n_ok[None, :]
-    flat = offs_m[:, None] * N + offs_n[None, :]
-    if SPLIT == 2:
-        _last_split_sums(acc, ws_ptr, cnt_ptr, b_ptr, out_ptr, flat,
-                         offs_m[:, None] * stride_om + offs_n[None, :],
-                         offs_m[:, None] * 0 + offs_n[None, :], mask, M * N, S, pid_k,
-                         pid_m * tl.num_programs(0) + pid_n, HAS_BIAS)
-    elif SPLIT == 1:
-        tl.store(ws_ptr + pid_k * M * N + flat, acc, mask=mask)
-    else:
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-        tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :],
-                 acc.to(out_ptr.dtype.element_ty), mask=mask)
+    _store_split(acc, ws_ptr, cnt_ptr, b_ptr, out_ptr, offs_m[:, None] * N + offs_n[None, :],
+                 offs_m[:, None] * stride_om + offs_n[None, :], offs_m[:, None] * 0 + offs_n[None, :],
+                 mask, M * N, S, pid_k, pid_m * tl.num_programs(0) + pid_n, SPLIT, HAS_BIAS)
 
 
 @triton.jit

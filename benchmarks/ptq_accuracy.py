@@ -169,6 +169,9 @@ SCHEMES = {
     "w4a16-awq-g64": dict(weight_dtype="int4", activation_dtype="a16", calibration="awq", group_size=64),
     "w4a16-gptq-g64": dict(weight_dtype="int4", activation_dtype="a16", calibration="gptq",
                            gptq_true_sequential=True, group_size=64),
+    # llm-compressor's GPTQModifier defaults (act-order "static", dampening 0.01), for the g64 peer row
+    "w4a16-gptq-actorder-g64": dict(weight_dtype="int4", activation_dtype="a16", calibration="gptq",
+                                    gptq_act_order=True, group_size=64),
     "w4a16-gptq-one-pass-g64": dict(weight_dtype="int4", activation_dtype="a16", calibration="gptq",
                                     gptq_true_sequential=False, group_size=64),
     "w4a16-gptq-rowcap10-g64": dict(weight_dtype="int4", activation_dtype="a16", calibration="gptq",

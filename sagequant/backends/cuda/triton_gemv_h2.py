@@ -40,31 +40,49 @@ from .triton_splitk import _store_split
 # sign bit of the masked nibble (bit 3 of the low pair, bit 7 of the in-place one).
 MAGIC = {0: (0x64086408, 0x64806480), 1: (0x64006400, 0x64006400)}
 
-_WORD_ASM = tl.constexpr("""{
-.reg .b32 t, a0, a1, a2, a3, p, k, k2;
-.reg .b16 l, h;
-.reg .f32 fl, fh;
-lop3.b32 a0, $1, 0x000F000F, $6, 0x6A;
-lop3.b32 a1, $1, 0x00F000F0, $7, 0x6A;
-shr.u32 t, $1, 8;
-lop3.b32 a2, t, 0x000F000F, $6, 0x6A;
-lop3.b32 a3, t, 0x00F000F0, $7, 0x6A;
-mov.b32 k, 0x2C002C00;
-mov.b32 k2, 0x1C001C00;
-fma.rn.f16x2 a0, a0, k, $8;
-fma.rn.f16x2 a1, a1, k2, $9;
-fma.rn.f16x2 a2, a2, k, $8;
-fma.rn.f16x2 a3, a3, k2, $9;
-mul.rn.f16x2 p, a0, $2;
-fma.rn.f16x2 p, a1, $3, p;
-fma.rn.f16x2 p, a2, $4, p;
-fma.rn.f16x2 p, a3, $5, p;
-mov.b32 {l, h}, p;
-cvt.f32.f16 fl, l;
-cvt.f32.f16 fh, h;
-add.f32 fl, fl, fh;
-fma.rn.f32 $0, fl, $10, $11;
-}""")
+
+def _nibble_pairs(word: str, xor_lo: str, xor_hi: str, off_lo: str, off_hi: str) -> str:
+    """PTX: the 8 nibbles of `word` as four f16x2 pairs a0..a3, each by one LOP3 (mask, XOR into
+    the fp16 magic 1024 + u, low nibble or 16 * u high) and one HFMA2 (k = 1/16 or k2 = 1/256, then
+    the offset)."""
+    return (f"lop3.b32 a0, {word}, 0x000F000F, {xor_lo}, 0x6A;\n"
+            f"lop3.b32 a1, {word}, 0x00F000F0, {xor_hi}, 0x6A;\n"
+            f"shr.u32 t, {word}, 8;\n"
+            f"lop3.b32 a2, t, 0x000F000F, {xor_lo}, 0x6A;\n"
+            f"lop3.b32 a3, t, 0x00F000F0, {xor_hi}, 0x6A;\n"
+            f"fma.rn.f16x2 a0, a0, k, {off_lo};\n"
+            f"fma.rn.f16x2 a1, a1, k2, {off_hi};\n"
+            f"fma.rn.f16x2 a2, a2, k, {off_lo};\n"
+            f"fma.rn.f16x2 a3, a3, k2, {off_hi};\n")
+
+
+def _pair_products(xs: tuple, first: bool) -> str:
+    """PTX: p (+)= a0..a3 * the four x pairs `xs`, in f16x2."""
+    head = f"mul.rn.f16x2 p, a0, {xs[0]};\n" if first else f"fma.rn.f16x2 p, a0, {xs[0]}, p;\n"
+    return head + "".join(f"fma.rn.f16x2 p, a{i}, {x}, p;\n" for i, x in enumerate(xs[1:], 1))
+
+
+def _word_dot(n_words: int) -> str:
+    """One asm block: n_words words ($1..), each with its four x pairs (the next 4 * n_words
+    operands), decoded and multiplied in one fp16 run, its two halves widened to fp32 and added,
+    then $0 = acc + run * scale; after the pairs: XOR lo / hi, offset lo / hi, scale, acc."""
+    c = 1 + 5 * n_words
+    words, xs = tuple(f"${i}" for i in range(1, 1 + n_words)), tuple(f"${i}" for i in range(1 + n_words, c))
+    xor_lo, xor_hi, off_lo, off_hi, scale, acc = (f"${c + i}" for i in range(6))
+    body = "".join(_nibble_pairs(w, xor_lo, xor_hi, off_lo, off_hi) + _pair_products(xs[4 * j:4 * j + 4], j == 0)
+                   for j, w in enumerate(words))
+    return ("{\n.reg .b32 t, a0, a1, a2, a3, p, k, k2;\n.reg .b16 l, h;\n.reg .f32 fl, fh;\n"
+            "mov.b32 k, 0x2C002C00;\nmov.b32 k2, 0x1C001C00;\n" + body +
+            "mov.b32 {l, h}, p;\ncvt.f32.f16 fl, l;\ncvt.f32.f16 fh, h;\nadd.f32 fl, fl, fh;\n"
+            f"fma.rn.f32 $0, fl, {scale}, {acc};\n}}")
+
+
+# _WORD_ASM: $0 out fp32; $1 word; $2..$5 x pairs (q, q+4) / 16 as f16x2; $6, $7 the XOR constants;
+# $8 -(1024 + off) and $9 -(64 + off) as f16x2; $10 the group scale * 16; $11 the accumulator.
+# _PAIR_ASM: $1, $2 the two words, $3..$6 and $7..$10 their x pairs, then as _WORD_ASM's $6..$11.
+# lop3 0x6A: (a & b) ^ c.  0x2C00: fp16 1/16 (1024 + 16u -> 64 + u).
+_WORD_ASM = tl.constexpr(_word_dot(1))
+_PAIR_ASM = tl.constexpr(_word_dot(2))
 # Two int32 words a = (x[2i], x[2i+1]), b = (x[2i+4], x[2i+5]) of 16-bit x -> the pairs
 # (x[2i], x[2i+4]) and (x[2i+1], x[2i+5]) as f16x2. bf16 widens exactly to fp32 by a shift.
 _BF16_PAIRS = tl.constexpr("""{
@@ -77,48 +95,6 @@ cvt.rn.f16x2.f32 $0, bl, al;
 cvt.rn.f16x2.f32 $1, bh, ah;
 }""")
 _F16_PAIRS = tl.constexpr("prmt.b32 $0, $2, $3, 0x5410; prmt.b32 $1, $2, $3, 0x7632;")
-_PAIR_ASM = tl.constexpr("""{
-.reg .b32 t, a0, a1, a2, a3, p, k, k2;
-.reg .b16 l, h;
-.reg .f32 fl, fh;
-mov.b32 k, 0x2C002C00;
-mov.b32 k2, 0x1C001C00;
-lop3.b32 a0, $1, 0x000F000F, $11, 0x6A;
-lop3.b32 a1, $1, 0x00F000F0, $12, 0x6A;
-shr.u32 t, $1, 8;
-lop3.b32 a2, t, 0x000F000F, $11, 0x6A;
-lop3.b32 a3, t, 0x00F000F0, $12, 0x6A;
-fma.rn.f16x2 a0, a0, k, $13;
-fma.rn.f16x2 a1, a1, k2, $14;
-fma.rn.f16x2 a2, a2, k, $13;
-fma.rn.f16x2 a3, a3, k2, $14;
-mul.rn.f16x2 p, a0, $3;
-fma.rn.f16x2 p, a1, $4, p;
-fma.rn.f16x2 p, a2, $5, p;
-fma.rn.f16x2 p, a3, $6, p;
-lop3.b32 a0, $2, 0x000F000F, $11, 0x6A;
-lop3.b32 a1, $2, 0x00F000F0, $12, 0x6A;
-shr.u32 t, $2, 8;
-lop3.b32 a2, t, 0x000F000F, $11, 0x6A;
-lop3.b32 a3, t, 0x00F000F0, $12, 0x6A;
-fma.rn.f16x2 a0, a0, k, $13;
-fma.rn.f16x2 a1, a1, k2, $14;
-fma.rn.f16x2 a2, a2, k, $13;
-fma.rn.f16x2 a3, a3, k2, $14;
-fma.rn.f16x2 p, a0, $7, p;
-fma.rn.f16x2 p, a1, $8, p;
-fma.rn.f16x2 p, a2, $9, p;
-fma.rn.f16x2 p, a3, $10, p;
-mov.b32 {l, h}, p;
-cvt.f32.f16 fl, l;
-cvt.f32.f16 fh, h;
-add.f32 fl, fl, fh;
-fma.rn.f32 $0, fl, $15, $16;
-}""")
-# _PAIR_ASM: $1, $2 the two words, $3..$6 and $7..$10 their x pairs, then as _WORD_ASM's $6..$11.
-# $0 out fp32; $1 word; $2..$5 x pairs (q, q+4) / 16 as f16x2; $6, $7 the XOR constants;
-# $8 -(1024 + off) and $9 -(64 + off) as f16x2; $10 the group scale * 16; $11 the accumulator.
-# lop3 0x6A: (a & b) ^ c.  0x2C00: fp16 1/16 (1024 + 16u -> 64 + u).
 
 
 @triton.jit

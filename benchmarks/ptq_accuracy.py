@@ -172,6 +172,10 @@ SCHEMES = {
     # llm-compressor's GPTQModifier defaults (act-order "static", dampening 0.01), for the g64 peer row
     "w4a16-gptq-actorder-g64": dict(weight_dtype="int4", activation_dtype="a16", calibration="gptq",
                                     gptq_act_order=True, group_size=64),
+    "w4a16-gptq-static": dict(weight_dtype="int4", activation_dtype="a16", calibration="gptq",
+                              gptq_static_groups=True, **G128),
+    "w4a16-gptq-static-g64": dict(weight_dtype="int4", activation_dtype="a16", calibration="gptq",
+                                  gptq_static_groups=True, group_size=64),
     "w4a16-gptq-one-pass-g64": dict(weight_dtype="int4", activation_dtype="a16", calibration="gptq",
                                     gptq_true_sequential=False, group_size=64),
     "w4a16-gptq-rowcap10-g64": dict(weight_dtype="int4", activation_dtype="a16", calibration="gptq",

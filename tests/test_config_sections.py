@@ -56,7 +56,7 @@ def test_flat_attributes_read_their_section():
     # default was fp16).
     newer = ("gptq_true_sequential", "sink_tokens", "rotate", "rotate_online", "rotate_heads", "rotate_seed",
              "gptq_row_energy_cap", "gptq_sink_weight", "gptq_select_blocks", "kv_scale_precision", "scale_precision",
-             "awq_sink_weight", "awq_scale_loss")
+             "awq_sink_weight", "awq_scale_loss", "gptq_static_groups")
     assert {k: v for k, v in QuantConfig().to_dict().items() if k not in newer} == \
         {k: v for k, v in FIXTURE["default"]["json"].items() if k != "scale_precision"}
 

@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 
+import sagequant as sq
 from sagequant.calibration.gptq import (
     GPTQError, HessianAccumulator, gptq_quantize, reconstruction_error)
 from sagequant.ir.quant_spec import QuantSpec, compute_qparams, dequantize, fake_quantize, quantize
@@ -126,6 +127,34 @@ def test_group_scales_static_with_act_order_and_updated_without(layer):
     # Group 0 is reached before any error update; later groups see the propagated errors.
     assert torch.equal(seq.qtensor.scale[:, 0], rtn_scale[:, 0])
     assert not torch.equal(seq.qtensor.scale[:, 1:], rtn_scale[:, 1:])
+
+
+def test_static_groups_without_act_order_fix_the_scales_up_front(layer):
+    w, _, h = layer
+    spec = QuantSpec("int4", "per_group", 32)
+    rtn_scale, _ = compute_qparams(w, spec)
+    res = gptq_quantize(w, h, spec, static_groups=True)
+    assert torch.equal(res.qtensor.scale, rtn_scale)
+    # In column order with the scales fixed, it is act-order's algorithm under the identity permutation.
+    order = torch.argsort(torch.diagonal(h), descending=True, stable=True)
+    w_sorted, h_sorted = w[:, order].contiguous(), h[order][:, order].contiguous()
+    sorted_static = gptq_quantize(w_sorted, h_sorted, spec, static_groups=True)
+    sorted_act = gptq_quantize(w_sorted, h_sorted, spec, act_order=True)
+    assert torch.equal(sorted_static.dequantized, sorted_act.dequantized)
+    assert reconstruction_error(w, res.dequantized, h) < 0.7 * reconstruction_error(w, fake_quantize(w, spec), h)
+
+
+def test_static_groups_is_a_config_value_the_pass_uses(tiny, helpers):
+    cfg = dict(weight_dtype="int4", activation_dtype="a16", group_size=32, calibration="gptq", guard="off")
+    ids = torch.randint(0, helpers.VOCAB, (8, 24), generator=torch.Generator().manual_seed(3))
+    plain, static = (sq.compile(tiny("llama"), sq.QuantConfig(**cfg, gptq_static_groups=v), calibration_data=ids)
+                     for v in (False, True))
+    assert static.config.gptq_static_groups is True
+    assert sq.QuantConfig.from_dict(static.config.to_dict()).gptq_static_groups is True
+    a, b = plain.graph.state(), static.graph.state()
+    assert any(not torch.equal(a[k], b[k]) for k in a if a[k].is_floating_point())
+    with pytest.raises(sq.ConfigError, match="gptq_static_groups"):
+        sq.QuantConfig(gptq_static_groups="yes")
 
 
 def test_block_size_does_not_change_the_algorithm(layer):

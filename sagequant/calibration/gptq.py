@@ -158,14 +158,15 @@ def reconstruction_error(weight: torch.Tensor, dequantized: torch.Tensor,
 
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, *,
                   block_size: int = 128, damp: float = 0.01, act_order: bool = False,
-                  clip_ratio: float = 1.0, min_samples: int | None = None,
+                  static_groups: bool = False, clip_ratio: float = 1.0, min_samples: int | None = None,
                   n_samples: int | None = None, observer: str = "minmax",
                   what: str = "weight") -> GPTQResult:
     """Quantize weight [out, in] with the GPTQ error compensation driven by hessian [in, in].
 
     per_group without act_order: a group's scale is taken from its current (error-updated)
-    columns when its first column is reached. With act_order, columns go in order of decreasing
-    diag(H) and group scales are fixed up front from the weight ("static groups"), so groups stay
+    columns when its first column is reached, unless static_groups fixes every group's scale up
+    front from the weight (AutoGPTQ's static_groups; llm-compressor's only way). With act_order,
+    columns go in order of decreasing diag(H) and group scales are always static, so groups stay
     contiguous in the original column order. per_channel / per_tensor: scales up front. Input
     columns that never see activation (H[i,i] == 0) are zeroed and excluded from the scales.
     `observer` picks how scales come from columns: 'minmax' or 'mse' (ir.quant_spec.weight_qparams).
@@ -178,7 +179,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, 
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
 
-    lazy_groups = spec.granularity == "per_group" and not act_order
+    lazy_groups = spec.granularity == "per_group" and not (act_order or static_groups)
     if lazy_groups:
         n_groups = len(block_lengths(n_cols, spec))
         S = torch.empty(W.shape[0], n_groups, dtype=SCALE_DTYPES[spec.scale_dtype], device=W.device)

@@ -48,6 +48,10 @@ class CalibrationConfig:
     gptq_block_size: int = 128
     gptq_damp: float = 0.01                # dampening, as a fraction of mean(diag(H))
     gptq_act_order: bool = False
+    # Every group's scale fixed from the weight before GPTQ's column loop (act-order always does
+    # so); False: each group's scale from its error-updated columns when GPTQ reaches it, as the
+    # GPTQ paper does. BENCHMARKS §2l.
+    gptq_static_groups: bool = False
     # Quantize a block's linears stage by stage (q/k/v, o, gate/up, down), each stage's Hessians
     # observed after the earlier stages were quantized; False: one observation run per block.
     # Off by default: on SmolLM2 W4A16 it measured worse (g128 47.58 vs 46.72 one pass; g64 57.10,
@@ -101,7 +105,7 @@ class CalibrationConfig:
                 math.isfinite(awq_sink) and awq_sink >= 1):
             raise fail("awq_sink_weight", awq_sink, "is not supported",
                        "a finite number >= 1 (1: the sink sampled like any position), e.g. 50")
-        for name in ("awq_clip", "awq_duo_scaling", "gptq_act_order", "gptq_true_sequential"):
+        for name in ("awq_clip", "awq_duo_scaling", "gptq_act_order", "gptq_static_groups", "gptq_true_sequential"):
             boolean(name, getattr(self, name))
         normalise(self, calibration=choice("calibration", self.calibration, CALIBRATIONS),
                   calibration_samples=integer("calibration_samples", self.calibration_samples, 1),

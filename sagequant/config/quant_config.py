@@ -70,7 +70,7 @@ FIELDS = ("weight_dtype", "activation_dtype", "calibration", "group_size", "symm
           "qat_learn_scales", "guard", "guard_samples", "guard_bounds", "target_bits_per_weight",
           "target_max_delta_loss", "precision_upgrades", "sensitivity_samples", "sensitivity_method",
           "rotate", "rotate_online", "rotate_heads", "rotate_seed", "gptq_row_energy_cap",
-          "gptq_sink_weight", "gptq_select_blocks")
+          "gptq_sink_weight", "gptq_select_blocks", "gptq_static_groups")
 assert sorted(FIELDS) == sorted(SECTION_OF), "every section field has its place in FIELDS"
 
 

@@ -156,7 +156,8 @@ def quantize_linears(graph: QuantGraph, nodes: list, acc, cfg, stats: dict) -> N
         weight = torch.cat([w.float() for w in weights]) if len(part) > 1 else weights[0].float()
         what = f"weight of {', '.join(graph.annotation(n).layer for n in part)}"
         result = gptq_quantize(weight, hessian, ann.weight_spec, block_size=cfg.gptq_block_size,
-                               damp=cfg.gptq_damp, act_order=cfg.gptq_act_order, clip_ratio=ann.clip_ratio,
+                               damp=cfg.gptq_damp, act_order=cfg.gptq_act_order,
+                               static_groups=cfg.gptq_static_groups, clip_ratio=ann.clip_ratio,
                                min_samples=MIN_ROWS_PER_INPUT * weight.shape[1], n_samples=acc.n,
                                observer=cfg.weight_observer, what=what)
         scale, zero_point = weight_qparams(weight, ann.weight_spec, ann.clip_ratio, cfg.weight_observer)

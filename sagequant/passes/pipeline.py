@@ -96,7 +96,8 @@ _BEFORE_CONVERT = (
          _method_not(AWQ_METHODS)),
     Step("insert_observers", ("observer",)),
     Step("calibrate"),
-    Step("gptq", ("gptq_block_size", "gptq_damp", "gptq_act_order", "gptq_true_sequential", "sink_tokens",
+    Step("gptq", ("gptq_block_size", "gptq_damp", "gptq_act_order", "gptq_static_groups", "gptq_true_sequential",
+                  "sink_tokens",
                   "gptq_row_energy_cap", "gptq_sink_weight", "gptq_select_blocks"),
          _method_not(GPTQ_METHODS)),
 )
@@ -118,7 +119,8 @@ TABLES: dict[str, tuple[Step, ...]] = {
     LAYERWISE: (_CANONICALIZE, _ANNOTATE) + (
         Step("layerwise", ("calibration", "smoothquant_alpha", "awq_grid", "awq_clip", "awq_sink_weight",
                            "awq_scale_loss", "gptq_block_size",
-                           "gptq_damp", "gptq_act_order", "gptq_true_sequential", "gptq_row_energy_cap",
+                           "gptq_damp", "gptq_act_order", "gptq_static_groups", "gptq_true_sequential",
+                           "gptq_row_energy_cap",
                            "gptq_sink_weight", "observer",
                            "weight_observer")),) + _FROM_CONVERT[1:] + (_FUSE,),
     STEP_GRAPH: (Step("kv_cache"),

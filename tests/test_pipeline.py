@@ -26,7 +26,7 @@ def test_ptq_pipeline_lists_what_the_config_selects_and_why_not_the_rest():
         "guard": "QuantConfig.guard='off'", "fuse_norm_qdq": "QuantConfig.fuse_qdq=False"}
     gptq = p.passes[p.names.index("gptq")]
     assert gptq.options == {"gptq_block_size": 128, "gptq_damp": 0.01, "gptq_act_order": False,
-                            "gptq_true_sequential": False, "sink_tokens": 0, "gptq_row_energy_cap": None,
+                            "gptq_static_groups": False, "gptq_true_sequential": False, "sink_tokens": 0, "gptq_row_energy_cap": None,
                             "gptq_sink_weight": 1.0, "gptq_select_blocks": 0}
     text = p.describe()
     assert "5. gptq" in text and "gptq_damp=0.01" in text and "guard             QuantConfig.guard='off'" in text

@@ -23,14 +23,24 @@ def _float(text: str) -> float:
     return value
 
 
-def int_at_least(low: int):
-    def parse(text: str) -> int:
-        value = _int(text)
+def _at_least(convert, kind: str, low, note: str = ""):
+    """A parser of `convert`(text) >= low; `note` follows the range in the error (what the bound means)."""
+    def parse(text: str):
+        value = convert(text)
         if value < low:
-            raise argparse.ArgumentTypeError(f"{value} is out of range: must be >= {low}")
+            raise argparse.ArgumentTypeError(f"{value} is out of range: must be >= {low}{note}")
         return value
-    parse.__name__ = f"integer >= {low}"
+    parse.__name__ = f"{kind} >= {low}"
     return parse
+
+
+def int_at_least(low: int):
+    return _at_least(_int, "integer", low)
+
+
+def float_at_least(low: float, note: str = ""):
+    """A finite number >= low."""
+    return _at_least(_float, "number", low, note)
 
 
 positive_int = int_at_least(1)
@@ -61,11 +71,7 @@ def positive_float(text: str) -> float:
     return value
 
 
-def non_negative_float(text: str) -> float:
-    value = _float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} is out of range: must be >= 0")
-    return value
+non_negative_float = float_at_least(0)
 
 
 def unit_ratio(text: str) -> float:
@@ -80,16 +86,8 @@ def sink_weight(text: str) -> float | str:
     """--gptq-sink-weight: a number >= 1, or 'attention' (rows weighted by their attention mass)."""
     if text.strip().lower() == "attention":
         return "attention"
-    value = _float(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is out of range: must be >= 1 (1: plain GPTQ) or 'attention'")
-    return value
+    return _gptq_sink_number(text)
 
 
-def awq_sink_weight(text: str) -> float:
-    """--awq-sink-weight: a number >= 1."""
-    value = _float(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is out of range: must be >= 1 (1: the sink sampled like "
-                                         "any position)")
-    return value
+_gptq_sink_number = float_at_least(1, " (1: plain GPTQ) or 'attention'")
+awq_sink_weight = float_at_least(1, " (1: the sink sampled like any position)")   # --awq-sink-weight

@@ -92,6 +92,18 @@ def h2_variants(m: int, n: int, k: int, sms: int, smoke: bool) -> list[tuple[str
         for split in sorted({layout.split_k_for(tiles, blocks, sms, wv) for wv in (2, 4)}):
             plans.append(replace(h2, block_n=bn, num_warps=w, prefetch=pf, pair_runs=pr,
                                  split_k=split))
+    if 1 < m <= layout.H2_MAX_M:  # several rows of x a program: tiles by the compile report
+        rows = layout.plan_for("gemv4h", m, n, k, bits=4, group=GROUP, sm_count=sms, fmt="int4",
+                               rows=layout.h2_rows(m))
+        shapes = ((64, 128, 4), (64, 64, 4), (32, 128, 2), (64, 128, 2)) if not smoke else \
+            ((64, 128, 4),)
+        for bn, bk, w in shapes:
+            for pr in (False, True):
+                mt = math.ceil(m / rows.block_m) * math.ceil(n / bn)
+                for split in sorted({layout.split_k_for(mt, math.ceil(k / bk), sms, wv)
+                                     for wv in (2, 4)}):
+                    plans.append(replace(rows, block_n=bn, block_k=bk, num_warps=w,
+                                         pair_runs=pr, split_k=split))
     if base.path == "mma4" and not smoke:  # its tiles where o, q|k|v trail bf16 (BENCHMARKS §13f)
         for bn, w in ((32, 4), (64, 4), (128, 4), (64, 2)):
             mt = math.ceil(m / base.block_m) * math.ceil(n / bn)

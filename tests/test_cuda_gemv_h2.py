@@ -4,12 +4,17 @@ held to the float64 reference here; the kernel itself is checked on the GPU by s
 cases and benchmarks/gemv4_sweep.py --h2."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
 from sagequant.backends.cuda import h2_reference as h2
 from sagequant.backends.cuda import layout, measured_dispatch
 from sagequant.ir.formats import pack_nibbles
+from sagequant.ir.quant_spec import QuantSpec
+
+INT4 = QuantSpec("int4", "per_group", 128, True, "fp16")
 
 
 def _words(fmt: str, n: int, k: int, seed: int):
@@ -89,6 +94,32 @@ def test_gemv4h_is_a_measured_candidate_only():
     flags = [tuple(f for f in layout.WORD_FLAGS if getattr(p, f))
              for p in measured_dispatch.word_variants(plan, "int4")]
     assert flags == [("prefetch",), ("pair_runs",), ("launch_reduce",), ("prefetch", "pair_runs")]
+
+
+def test_rows_variant_is_a_candidate_from_m2_and_keeps_its_rows_when_installed():
+    """From M = 2 measured dispatch also times gemv4h with layout.h2_rows(M) rows of x a program
+    (one decode of each weight tile for all rows), with and without two-word runs; once chosen,
+    the installed row rebuilds that plan at every M of its bucket (rows past M are masked)."""
+    assert [layout.h2_rows(m) for m in (1, 2, 3, 5, 8)] == [1, 2, 4, 8, 8]
+    n, k = 6144, 4096
+    for m in (1, 3, 8):
+        rows = [p for p in measured_dispatch.candidates(m, n, k, "int4", 128)
+                if p.path == "gemv4h" and p.block_m > 1]
+        assert [(p.block_m, p.pair_runs) for p in rows] == (
+            [] if m == 1 else [(layout.h2_rows(m), False), (layout.h2_rows(m), True)])
+    plan = layout.plan_for("gemv4h", 8, n, k, bits=4, group=128, fmt="int4", rows=8)
+    assert (plan.block_m, plan.block_n, plan.block_k, plan.num_warps) == (8, 64, 128, 4)
+    assert plan.split_k == layout.split_k_for(n // 64, k // 128, 132, layout.MEMORY_BOUND_WAVES)
+    key = measured_dispatch.key(torch.device("cuda", 0), INT4, [n, k], False, torch.bfloat16)
+    measured_dispatch.install(key, [{"m": 8, "path": "gemv4h", "chunk_n": 0, "block_m": 8,
+                                     "word_fields": {"pair_runs": True, "num_warps": 4}}])
+    try:
+        args = dict(bits=4, group=128, sm_count=132, fmt="int4")
+        for m in (5, 8):
+            assert measured_dispatch.plan_for(key, m, n, k, **args) == replace(
+                layout.plan_for("gemv4h", m, n, k, **args, rows=8), pair_runs=True)
+    finally:
+        measured_dispatch.clear()
 
 
 def test_pair_runs_round_differently():

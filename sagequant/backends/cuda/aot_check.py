@@ -83,6 +83,9 @@ def word_plans(fmt: str, defaults_only: bool = False) -> list:
     if fmt in layout.H2_FORMATS:  # the packed-fp16 GEMV measured dispatch also times
         h2 = [layout.plan_for("gemv4h", 1, n, k, bits=4, group=128, fmt=fmt) for n, k in QWEN2_7B]
         extra += h2 + [v for p in h2 for v in word_variants(p, fmt)]
+        rows = [layout.plan_for("gemv4h", m, n, k, bits=4, group=128, fmt=fmt, rows=m)
+                for n, k in QWEN2_7B for m in (2, 4, 8)]
+        extra += rows + [replace(p, pair_runs=True) for p in rows]
     plans = {replace(p, split_k=1, launch_reduce=False) for p in chosen + extra}
     return sorted((p for p in plans if p.path in ("gemv4", "gemv4h", "mma4")),
                   key=lambda p: p.describe())
@@ -107,8 +110,10 @@ def word_configs(dt: str, defaults_only: bool = False):
                 fn = {"gemv4": tw._gemv_kernel, "gemv4h": th._gemv_h2_kernel}.get(
                     plan.path, tw._mma_kernel)
                 if plan.path == "gemv4h":  # x read as int32 words, K blocks even
-                    const.update(PREFETCH=plan.prefetch, PAIR_RUNS=plan.pair_runs,
-                                 BF16=dt == "bf16", EVEN=True)
+                    const.update(PAIR_RUNS=plan.pair_runs, BF16=dt == "bf16", EVEN=True)
+                    const.update(ROWS=plan.block_m) if plan.block_m > 1 else \
+                        const.update(PREFETCH=plan.prefetch)
+                    fn = th._gemv_h2_rows_kernel if plan.block_m > 1 else fn
                     types.pop("book_ptr")
                 elif plan.path == "mma4":
                     const.update(BLOCK_M=plan.block_m, IN_PLACE=plan.in_place)

@@ -39,6 +39,13 @@ WORD_PATHS = ("gemv4", "gemv4h", "mma4", "dequant4_mm")
 # (fp16 sums of 4 products); never a threshold's choice: measured dispatch times it up to this M.
 H2_FORMATS = ("int4", "uint4")
 H2_MAX_M = 8
+
+
+def h2_rows(m: int) -> int:
+    """gemv4h's rows of x a program for M rows: the next power of two, at most H2_MAX_M."""
+    return min(H2_MAX_M, 1 << max(m - 1, 0).bit_length())
+
+
 WORD_FLAGS = ("in_place", "prefetch", "launch_reduce", "pair_runs")  # Plan fields of variants
 WORD_FIELDS = WORD_FLAGS + ("num_warps",)  # what measured dispatch keeps of a chosen word plan
 WORD_GEMV_MAX_M = 1       # M <= this: the word GEMV (CUDA cores)
@@ -179,14 +186,21 @@ def path_for(m: int, n: int = 0, k: int = 0, fmt: str = "", group: int = BIG_GRO
 
 @functools.lru_cache(maxsize=8192)  # pure, and asked once per linear call: ~10 µs of host time
 def plan_for(path: str, m: int, n: int, k: int, *, bits: int, group: int,
-             sm_count: int = 132, fmt: str = "") -> Plan:
-    """Tiles and split-K of `path` for a GEMM [m, k] x [n, k]^T (any path runs any M)."""
+             sm_count: int = 132, fmt: str = "", rows: int = 1) -> Plan:
+    """Tiles and split-K of `path` for a GEMM [m, k] x [n, k]^T (any path runs any M); rows:
+    gemv4h's rows of x a program (h2_rows)."""
     if path == "dequant_mm":
         return Plan("dequant_mm", chunk_n=dequant_chunk_rows(n, k, DEQUANT_CHUNK_BYTES))
     big = n * k >= BIG_LAYER
     if path == "dequant4_mm":
         return Plan("dequant4_mm", chunk_n=dequant_chunk_rows(n, k, DEQUANT_CHUNK_BYTES))
-    if path == "gemv4h":  # tiles and waves from the H100 sweep (gemv4_sweep --h2, M = 1): 16
+    if path == "gemv4h" and rows > 1:  # one decode of a weight tile for `rows` rows of x: 64 x
+        #   128 at 4 warps keeps 64 weights a thread (sm_90a, rows 8: 216 registers, no spill;
+        #   713 SASS instructions a K step, 11 a weight for 8 rows, against 15 at BN=64 x 64)
+        plan = Plan("gemv4h", block_m=rows, block_n=64, block_k=min(128, group), num_warps=4,
+                    num_stages=1)
+        tiles, waves = math.ceil(m / rows) * math.ceil(n / 64), MEMORY_BOUND_WAVES
+    elif path == "gemv4h":  # tiles and waves from the H100 sweep (gemv4_sweep --h2, M = 1): 16
         #                   words a thread; BN=64 w=2 split 2 on 28672x4096 (34.4 µs against
         #                   BN=256 w=4 split 8), BN=128 w=4 at 4 waves on q|k|v, o and down
         bn = 64 if n >= 16384 else 128 if n >= 2048 else 32

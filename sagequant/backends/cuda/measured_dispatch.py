@@ -37,7 +37,8 @@ def candidates(m: int, n: int, k: int, fmt: str, group: int, sm_count: int = 132
     dequantize + cuBLAS path (the int32-word dequantizer for 4-bit weights it takes) whole,
     chunked, and chunked in L2-sized pieces with the side-stream overlap, the tensor-core
     kernels, each int32-word kernel's variants (word_variants), and up to layout.H2_MAX_M the
-    packed-fp16 GEMV (gemv4h, ~1e-3 relative error: measure_paths' check holds it to 2e-2)."""
+    packed-fp16 GEMV (gemv4h, ~1e-3 relative error: measure_paths' check holds it to 2e-2), one
+    row of x a program and, from M = 2, layout.h2_rows(M) rows."""
     bits = 8 if fmt not in layout.WORD_FORMATS else 4
     plan = lambda path: layout.plan_for(path, m, n, k, bits=bits, group=group,  # noqa: E731
                                         sm_count=sm_count, fmt=fmt)
@@ -46,6 +47,10 @@ def candidates(m: int, n: int, k: int, fmt: str, group: int, sm_count: int = 132
     if (m <= layout.H2_MAX_M and fmt in layout.H2_FORMATS
             and layout.word_rejects(fmt, k, group, 16) is None):  # the packed-fp16 GEMV
         out += [plan("gemv4h"), *word_variants(plan("gemv4h"), fmt)]
+        if m > 1:  # each weight tile decoded once for all rows of x, one- and two-word fp16 runs
+            rows = layout.plan_for("gemv4h", m, n, k, bits=bits, group=group, sm_count=sm_count,
+                                   fmt=fmt, rows=layout.h2_rows(m))
+            out += [rows, replace(rows, pair_runs=True)]
     if m >= 2:
         words = fmt in layout.WORD_FORMATS and layout.word_rejects(fmt, k, group, 16) is None
         dq = "dequant4_mm" if words else "dequant_mm"
@@ -108,13 +113,15 @@ def measured(k: tuple, ms) -> list[dict] | None:
 def plan_for(k: tuple, m: int, n: int, kk: int, *, bits: int, group: int, sm_count: int,
              fmt: str) -> layout.Plan | None:
     """The measured path for M rows (the smallest measured M >= m, else the largest), with
-    tiles for this M (the measured variant's swap-AB and its tile rows kept); None where this
-    key was not measured."""
+    tiles for this M (the measured variant's swap-AB and its tile rows kept, and gemv4h's rows of
+    x a program); None where this key was not measured."""
     rows = _TABLE.get(k) if _TABLE else None
     if not rows:
         return None
     _, path, chunk, overlap, swap, block_m, fields = next((r for r in rows if r[0] >= m), rows[-1])
-    plan = layout.plan_for(path, m, n, kk, bits=bits, group=group, sm_count=sm_count, fmt=fmt)
+    rows = block_m if path == "gemv4h" and block_m > 1 else 1
+    plan = layout.plan_for(path, m, n, kk, bits=bits, group=group, sm_count=sm_count, fmt=fmt,
+                           rows=rows)
     if path in ("dequant_mm", "dequant4_mm"):
         return replace(plan, chunk_n=chunk, overlap=overlap)
     if swap and not plan.swap_ab:

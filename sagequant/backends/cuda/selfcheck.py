@@ -148,7 +148,12 @@ def word_cases(device, dtype, only_h2=False):
                      ("gemv4h", 3, dict(split_k=3, pair_runs=True)),
                      ("gemv4h", 2, dict(split_k=2, prefetch=True, pair_runs=True)),
                      ("gemv4h", 8, dict(x_dtype=torch.float16, pair_runs=True, launch_reduce=True,
-                                        split_k=2))]
+                                        split_k=2)),
+                     ("gemv4h", 8, dict(block_m=8)),   # rows of x a program: one decode
+                     ("gemv4h", 5, dict(block_m=8, pair_runs=True, split_k=2)),  # rows past M
+                     ("gemv4h", 3, dict(block_m=2, split_k=3)),
+                     ("gemv4h", 6, dict(block_m=4, x_dtype=torch.float16, pair_runs=True,
+                                        launch_reduce=True, split_k=2))]
         for path, m, over in [r for r in runs if r[0] == "gemv4h" or not only_h2]:
             over = dict(over)
             x_dtype = over.pop("x_dtype", dtype)

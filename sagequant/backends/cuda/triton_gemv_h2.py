@@ -39,6 +39,9 @@ from .triton_splitk import _store_split
 # XOR constants of the two pair masks: the fp16 magic 1024 (0x6400) in each half, and for int4 the
 # sign bit of the masked nibble (bit 3 of the low pair, bit 7 of the in-place one).
 MAGIC = {0: (0x64086408, 0x64806480), 1: (0x64006400, 0x64006400)}
+PAIRS = ("a0", "a1", "a2", "a3")  # the four decoded f16x2 pairs of a word, as PTX registers
+# k = fp16 1/16 and k2 = 1/256 in both halves (1024 + u -> 64 + u / 16; 1024 + 16u -> 4 + u / 16)
+_SIXTEENTHS = "mov.b32 k, 0x2C002C00;\nmov.b32 k2, 0x1C001C00;\n"
 
 
 def _nibble_pairs(word: str, xor_lo: str, xor_hi: str, off_lo: str, off_hi: str) -> str:
@@ -56,10 +59,16 @@ def _nibble_pairs(word: str, xor_lo: str, xor_hi: str, off_lo: str, off_hi: str)
             f"fma.rn.f16x2 a3, a3, k2, {off_hi};\n")
 
 
-def _pair_products(xs: tuple, first: bool) -> str:
-    """PTX: p (+)= a0..a3 * the four x pairs `xs`, in f16x2."""
-    head = f"mul.rn.f16x2 p, a0, {xs[0]};\n" if first else f"fma.rn.f16x2 p, a0, {xs[0]}, p;\n"
-    return head + "".join(f"fma.rn.f16x2 p, a{i}, {x}, p;\n" for i, x in enumerate(xs[1:], 1))
+def _pair_products(a: tuple, xs: tuple, first: bool) -> str:
+    """PTX: p (+)= the four weight pairs `a` * the four x pairs `xs`, in f16x2."""
+    head = f"mul.rn.f16x2 p, {a[0]}, {xs[0]};\n" if first else f"fma.rn.f16x2 p, {a[0]}, {xs[0]}, p;\n"
+    return head + "".join(f"fma.rn.f16x2 p, {w}, {x}, p;\n" for w, x in zip(a[1:], xs[1:]))
+
+
+def _widen_into(scale: str, acc: str) -> str:
+    """PTX: $0 = acc + (p's two fp16 halves widened to fp32 and added) * scale."""
+    return ("mov.b32 {l, h}, p;\ncvt.f32.f16 fl, l;\ncvt.f32.f16 fh, h;\nadd.f32 fl, fl, fh;\n"
+            f"fma.rn.f32 $0, fl, {scale}, {acc};\n")
 
 
 def _word_dot(n_words: int) -> str:
@@ -69,18 +78,37 @@ def _word_dot(n_words: int) -> str:
     c = 1 + 5 * n_words
     words, xs = tuple(f"${i}" for i in range(1, 1 + n_words)), tuple(f"${i}" for i in range(1 + n_words, c))
     xor_lo, xor_hi, off_lo, off_hi, scale, acc = (f"${c + i}" for i in range(6))
-    body = "".join(_nibble_pairs(w, xor_lo, xor_hi, off_lo, off_hi) + _pair_products(xs[4 * j:4 * j + 4], j == 0)
-                   for j, w in enumerate(words))
+    body = "".join(_nibble_pairs(w, xor_lo, xor_hi, off_lo, off_hi)
+                   + _pair_products(PAIRS, xs[4 * j:4 * j + 4], j == 0) for j, w in enumerate(words))
     return ("{\n.reg .b32 t, a0, a1, a2, a3, p, k, k2;\n.reg .b16 l, h;\n.reg .f32 fl, fh;\n"
-            "mov.b32 k, 0x2C002C00;\nmov.b32 k2, 0x1C001C00;\n" + body +
-            "mov.b32 {l, h}, p;\ncvt.f32.f16 fl, l;\ncvt.f32.f16 fh, h;\nadd.f32 fl, fl, fh;\n"
-            f"fma.rn.f32 $0, fl, {scale}, {acc};\n}}")
+            + _SIXTEENTHS + body + _widen_into(scale, acc) + "}")
 
 
+def _decode() -> str:
+    """One asm block: $0..$3 = the four f16x2 pairs of word $4 (XOR lo / hi $5, $6, offsets $7,
+    $8), for kernels that multiply one decoded word by several rows of x."""
+    return ("{\n.reg .b32 t, a0, a1, a2, a3, k, k2;\n" + _SIXTEENTHS
+            + _nibble_pairs("$4", "$5", "$6", "$7", "$8")
+            + "".join(f"mov.b32 ${i}, a{i};\n" for i in range(4)) + "}")
+
+
+def _row_dot(n_words: int) -> str:
+    """One asm block: $0 = acc + scale * (the decoded pairs of n_words words, $1.. four a word,
+    times the matching x pairs, the next 4 * n_words operands, in one fp16 run); then scale, acc."""
+    c = 1 + 8 * n_words
+    a, xs = tuple(f"${i}" for i in range(1, 1 + 4 * n_words)), tuple(f"${i}" for i in range(1 + 4 * n_words, c))
+    body = "".join(_pair_products(a[4 * j:4 * j + 4], xs[4 * j:4 * j + 4], j == 0) for j in range(n_words))
+    return "{\n.reg .b32 p;\n.reg .b16 l, h;\n.reg .f32 fl, fh;\n" + body + _widen_into(f"${c}", f"${c + 1}") + "}"
+
+
+# _DECODE_ASM / _ROW_ASM / _ROW_PAIR_ASM: the same arithmetic split in two, for ROWS > 1.
+_DECODE_ASM = tl.constexpr(_decode())
+_ROW_ASM = tl.constexpr(_row_dot(1))
+_ROW_PAIR_ASM = tl.constexpr(_row_dot(2))
 # _WORD_ASM: $0 out fp32; $1 word; $2..$5 x pairs (q, q+4) / 16 as f16x2; $6, $7 the XOR constants;
 # $8 -(1024 + off) and $9 -(64 + off) as f16x2; $10 the group scale * 16; $11 the accumulator.
 # _PAIR_ASM: $1, $2 the two words, $3..$6 and $7..$10 their x pairs, then as _WORD_ASM's $6..$11.
-# lop3 0x6A: (a & b) ^ c.  0x2C00: fp16 1/16 (1024 + 16u -> 64 + u).
+# lop3 0x6A: (a & b) ^ c.
 _WORD_ASM = tl.constexpr(_word_dot(1))
 _PAIR_ASM = tl.constexpr(_word_dot(2))
 # Two int32 words a = (x[2i], x[2i+1]), b = (x[2i+4], x[2i+5]) of 16-bit x -> the pairs
@@ -128,6 +156,14 @@ def _f16x2(v):
     """fp32 v as the f16x2 pair (v, v)."""
     return tl.inline_asm_elementwise("cvt.rn.f16x2.f32 $0, $1, $1;", "=r,f", [v],
                                      dtype=tl.int32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _decoded(w, xor_a, xor_b, off_a, off_b):
+    """The four f16x2 pairs of every word of the [rows, cols] tile w (offsets per row)."""
+    return tl.inline_asm_elementwise(_DECODE_ASM, "=r,=r,=r,=r,r,r,r,r,r",
+                                     [w, xor_a, xor_b, off_a[:, None], off_b[:, None]],
+                                     dtype=(tl.int32,) * 4, is_pure=True, pack=1)
 
 
 @triton.jit
@@ -209,23 +245,98 @@ def _gemv_h2_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr,
                  m * stride_om + offs_n, offs_n, n_ok, M * N, S, pid_k, pid_n * M + m, SPLIT, HAS_BIAS)
 
 
+@triton.jit(do_not_specialize=["M"])
+def _gemv_h2_rows_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, KW,
+                         group_shift, words_per_split, S, xor_a, xor_b, stride_xm, stride_wn,
+                         stride_sn, stride_sg, stride_zn, stride_zg, stride_om, KIND: tl.constexpr,
+                         HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, ROWS: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr, PAIR_RUNS: tl.constexpr,
+                         BF16: tl.constexpr, EVEN: tl.constexpr):
+    """_gemv_h2_kernel for ROWS rows of x a program (Plan.block_m): each weight tile is loaded and
+    decoded once (_DECODE_ASM) and multiplied with every row's x pairs (_ROW_ASM), so at M = 8 a
+    word costs 9 decode instructions + 8 x 8 for the products, where one row a program spends 17
+    on each row and reads the weight 8 times. Same per-element arithmetic as _gemv_h2_kernel;
+    rows past M read row M - 1 and store nothing."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    rows = pid_m * ROWS + tl.arange(0, ROWS)
+    x_rows = (x_ptr + tl.minimum(rows, M - 1) * stride_xm)[:, None]
+    HALF: tl.constexpr = BLOCK_KW // 2 if PAIR_RUNS else BLOCK_KW
+    offs_j = tl.arange(0, BLOCK_KW)
+    acc = tl.zeros((ROWS, BLOCK_N, HALF), dtype=tl.float32)
+    lo = pid_k * words_per_split
+    hi = min(lo + words_per_split, KW)
+    xa = tl.full((BLOCK_N, HALF), xor_a, tl.int32)
+    xb = tl.full((BLOCK_N, HALF), xor_b, tl.int32)
+    if KIND == 0:
+        off_a = _f16x2(tl.full((BLOCK_N,), -1032.0 / 16, tl.float32))
+        off_b = _f16x2(tl.full((BLOCK_N,), -72.0 / 16, tl.float32))
+    w_rows = w_ptr + offs_n[:, None] * stride_wn
+    for w0 in range(lo, hi, BLOCK_KW):
+        w = _words(w_rows, w0 + offs_j, n_ok, hi, EVEN)
+        g = w0 >> group_shift
+        s = tl.load(s_ptr + offs_n * stride_sn + g * stride_sg, mask=n_ok, other=0).to(tl.float32)
+        if KIND != 0:
+            z = tl.load(z_ptr + offs_n * stride_zn + g * stride_zg, mask=n_ok, other=0)
+            z = z.to(tl.float32)
+            off_a = _f16x2((-1024.0 - z) / 16)
+            off_b = _f16x2((-64.0 - z) / 16)
+        scale = (s * 16.0)[None, :, None]
+        if PAIR_RUNS:
+            wa, wb = tl.split(tl.reshape(w, (BLOCK_N, HALF, 2)))
+            a0, a1, a2, a3 = _decoded(wa, xa, xb, off_a, off_b)
+            b0, b1, b2, b3 = _decoded(wb, xa, xb, off_a, off_b)
+            ca = (w0 + 2 * tl.arange(0, HALF))[None, :]
+            x0, x1, x2, x3 = _x_pairs(x_rows, ca, ca < hi, BF16, EVEN)
+            y0, y1, y2, y3 = _x_pairs(x_rows, ca + 1, ca + 1 < hi, BF16, EVEN)
+            acc = tl.inline_asm_elementwise(
+                _ROW_PAIR_ASM, "=f" + ",r" * 16 + ",f,f",
+                [a0[None], a1[None], a2[None], a3[None], b0[None], b1[None], b2[None], b3[None],
+                 x0[:, None], x1[:, None], x2[:, None], x3[:, None], y0[:, None], y1[:, None],
+                 y2[:, None], y3[:, None], scale, acc],
+                dtype=tl.float32, is_pure=True, pack=1)
+        else:
+            a0, a1, a2, a3 = _decoded(w, xa, xb, off_a, off_b)
+            cols = (w0 + offs_j)[None, :]
+            x0, x1, x2, x3 = _x_pairs(x_rows, cols, cols < hi, BF16, EVEN)
+            acc = tl.inline_asm_elementwise(
+                _ROW_ASM, "=f" + ",r" * 8 + ",f,f",
+                [a0[None], a1[None], a2[None], a3[None], x0[:, None], x1[:, None], x2[:, None],
+                 x3[:, None], scale, acc], dtype=tl.float32, is_pure=True, pack=1)
+    _store_split(tl.sum(acc, axis=2), ws_ptr, cnt_ptr, b_ptr, out_ptr,
+                 rows[:, None] * N + offs_n[None, :], rows[:, None] * stride_om + offs_n[None, :],
+                 rows[:, None] * 0 + offs_n[None, :], (rows < M)[:, None] & n_ok[None, :], M * N,
+                 S, pid_k, pid_n * tl.num_programs(0) + pid_m, SPLIT, HAS_BIAS)
+
+
 def gemv_h2(x2: torch.Tensor, w: torch.Tensor, args: tuple, flags: dict, grid: tuple, fmt: str,
             group: int, bkw: int, plan: layout.Plan) -> None:
-    """Launch _gemv_h2_kernel with triton_words.word_linear's arguments (`args`, `flags`, the
-    [N, K/8] int32 words `w`): the group becomes a shift, the 2**23 magic the XOR constants."""
+    """Launch _gemv_h2_kernel (plan.block_m == 1) or _gemv_h2_rows_kernel (block_m rows of x a
+    program) with triton_words.word_linear's arguments (`args`, `flags`, the [N, K/8] int32
+    words `w`): the group becomes a shift, the 2**23 magic the XOR constants."""
     if fmt not in layout.H2_FORMATS:
         raise ValueError(f"gemv4h runs {'/'.join(layout.H2_FORMATS)} weights, not {fmt}")
     if x2.dtype not in (torch.float16, torch.bfloat16):
         raise ValueError(f"gemv4h: x dtype {x2.dtype} is not float16 / bfloat16")
     if plan.pair_runs and bkw % 2:
         raise ValueError(f"gemv4h pair_runs: block_k {plan.block_k} is not a multiple of 16")
+    rows = plan.block_m
+    if rows < 1 or rows & (rows - 1) or (rows > 1 and plan.prefetch):
+        raise ValueError(f"gemv4h: block_m {rows} must be a power of two, and 1 with prefetch")
     if x2.stride(0) % 2 or x2.data_ptr() % 4:  # read as int32 words
         x2 = x2.clone()
     kind = 0 if fmt == "int4" else 1
     (_, _, s, z, _, b, out, ws, cnt, m, n, kw, _, per_words, splits, _, _, swn, sn, sg, zn, zg,
      so) = args
     shift = (group // 8).bit_length() - 1
-    _gemv_h2_kernel[grid](x2, w, s, z, b, out, ws, cnt, m, n, kw, shift, per_words, splits,
-                          *MAGIC[kind], x2.stride(0), swn, sn, sg, zn, zg, so, **flags,
-                          PREFETCH=plan.prefetch, PAIR_RUNS=plan.pair_runs,
-                          BF16=x2.dtype == torch.bfloat16, EVEN=kw % bkw == 0)
+    common = (x2, w, s, z, b, out, ws, cnt, m, n, kw, shift, per_words, splits, *MAGIC[kind],
+              x2.stride(0), swn, sn, sg, zn, zg, so)
+    tail = dict(flags, PAIR_RUNS=plan.pair_runs, BF16=x2.dtype == torch.bfloat16,
+                EVEN=kw % bkw == 0)
+    if rows == 1:
+        _gemv_h2_kernel[grid](*common, **tail, PREFETCH=plan.prefetch)
+    else:
+        _gemv_h2_rows_kernel[grid](*common, **tail, ROWS=rows)

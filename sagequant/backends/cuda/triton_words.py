@@ -251,7 +251,7 @@ def word_linear(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     per, splits = layout.k_blocks_per_split(kw, bkw, plan.split_k)
     tiles = triton.cdiv(n, plan.block_n)
     gemv = plan.path in ("gemv4", "gemv4h")
-    m_tiles = m if gemv else triton.cdiv(m, plan.block_m)
+    m_tiles = m if plan.path == "gemv4" else triton.cdiv(m, plan.block_m)  # gemv4h: block_m rows
     grid = (m, tiles, splits) if gemv else (tiles, splits, m_tiles)
     mode = 0 if splits == 1 else 1 if plan.launch_reduce else 2
     ws = torch.empty((splits, m, n), dtype=torch.float32, device=x2.device) if mode else out

@@ -19,13 +19,21 @@
 #        when the image lacks fastapi / uvicorn), then the eager-prefill rows (A/B) in the time left (~9 min)
 #   bash benchmarks/issue18_device.sh gemv    # the W4A16 decode GEMV: word-kernel selfcheck, memcheck
 #        of the packed-fp16 GEMV, gemv4_sweep --h2 at M = 1, 8, 32 (< 5 min)
+#   bash benchmarks/issue18_device.sh table     # first of two back-to-back calls (one warm machine, one
+#        run): the word selfcheck (gemv4h rows cases; a failing rows case takes the rows variant out
+#        of measured dispatch for this run, and says so), our five schemes at full depth (b1 / 8 /
+#        32, prefill 512 / 2048, 8k-context KV rows, b1 step profile), HF bf16 generate at b1 (~10 min;
+#        PEER_WHL: a folder of the peer wheels, torchao; default .whl)
+#   TOK=DIR PEER_WHL=DIR SERVE_WHL=DIR bash benchmarks/issue18_device.sh peers-serve [LIMIT_S]  # second
+#        call: torchao int4 + torch.compile(max-autotune) at b1 / b8, HF bf16 at b8 when time is
+#        left, then `engine start` at 8 concurrent requests vs the direct engine (~10 min)
 # torchao is not on the GPU image: its wheel travels in .whl/ (see the device README).
 set -o pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 OUT=${OUT:-/tmp/out}
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,memory.used --format=csv
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
+if ls ${PEER_WHL:-.whl}/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site ${PEER_WHL:-.whl}/*.whl
   PEERS=/tmp/site
 fi
 case "$1" in
@@ -142,5 +150,45 @@ case "$1" in
     grep -v "^{\"shape\"" "$OUT/gemv4_sweep.log" | tail -8
     grep "^{\"shape\"" "$OUT/gemv4_sweep.log" | cut -c1-400
     ;;
-  *) echo "usage: $0 profile|e2e|peers|all|full|prefill|prefill-eager|final|gemv"; exit 2 ;;
+  table)
+    START=$(date +%s)
+    left() { echo $(( ${1} - ($(date +%s) - START) )); }
+    timeout 100 python3 benchmarks/cuda_selfcheck.py --only words > "$OUT/selfcheck_words.txt" 2>&1; rc=$?
+    echo "selfcheck rc=$rc ok=$(grep -c '^ok' "$OUT/selfcheck_words.txt")"; grep -v '^ok' "$OUT/selfcheck_words.txt" | tail -8 | cut -c1-300
+    if [ $rc -ne 0 ] || grep -v '^ok' "$OUT/selfcheck_words.txt" | grep -q 'BM=[248],'; then
+      echo "gemv4h rows variant taken out of measured dispatch for this run"
+      sed -i 's/^        if m > 1:  # each weight tile/        if False:  # each weight tile/' \
+        sagequant/backends/cuda/measured_dispatch.py
+    fi
+    timeout 335 python3 benchmarks/e2e_generation.py --layers 32 --vocab 128256 \
+      --schemes bf16 W4A16 W4A16-LM8 W8A8-FP8 W8A16 --batches 1 8 32 --prefill-len 512 2048 \
+      --prefill-reps 2 --new-tokens 64 --long-context 8192 --long-schemes bf16 --profile-batches 1 \
+      --budget-s 315 --skip-correctness --out "$OUT/e2e.json" > "$OUT/e2e.log" 2>&1
+    echo "e2e rc=$?"; grep -v convert: "$OUT/e2e.log" | tail -26 | cut -c1-300
+    PYTHONPATH=$PYTHONPATH:$PEERS timeout $(left 585) python3 benchmarks/peer_generate.py --layers 32 \
+      --vocab 128256 --batches 1 --new-tokens 64 --peers hf-bf16 --out "$OUT/peers_hf_b1.json" \
+      > "$OUT/peers_hf_b1.log" 2>&1
+    echo "hf b1 rc=$?"; grep '^{' "$OUT/peers_hf_b1.log" | tail -2 | cut -c1-300
+    ;;
+  peers-serve)
+    START=$(date +%s); LIMIT=${2:-588}
+    left() { echo $(( ${1} - ($(date +%s) - START) )); }
+    PYTHONPATH=$PYTHONPATH:$PEERS timeout $(left 250) python3 benchmarks/peer_generate.py --layers 32 \
+      --vocab 128256 --batches 1 8 --new-tokens 64 --peers torchao-int4-compiled \
+      --out "$OUT/peers_torchao.json" > "$OUT/peers_torchao.log" 2>&1
+    echo "torchao rc=$?"; grep '^{' "$OUT/peers_torchao.log" | tail -2 | cut -c1-300
+    if [ $(left $LIMIT) -gt 330 ]; then
+      PYTHONPATH=$PYTHONPATH:$PEERS timeout $(( $(left $LIMIT) - 240 )) python3 benchmarks/peer_generate.py \
+        --layers 32 --vocab 128256 --batches 8 --new-tokens 64 --peers hf-bf16 \
+        --out "$OUT/peers_hf_b8.json" > "$OUT/peers_hf_b8.log" 2>&1
+      echo "hf b8 rc=$?"; grep '^{' "$OUT/peers_hf_b8.log" | tail -1 | cut -c1-300
+    fi
+    python3 -c "import fastapi, uvicorn" 2>/dev/null || {
+      python3 -m pip install -q --no-index --no-deps --target /tmp/serve-site "$SERVE_WHL"/*none-any.whl \
+        "$SERVE_WHL"/*cp312*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/serve-site; }
+    timeout $(left $LIMIT) python3 benchmarks/serving_gpu.py --tokenizer "$TOK" \
+      --out "$OUT/serving_gpu.json" > "$OUT/serving_gpu.log" 2>&1
+    echo "serving rc=$?"; grep -v "convert:" "$OUT/serving_gpu.log" | tail -4 | cut -c1-400
+    ;;
+  *) echo "usage: $0 profile|e2e|peers|all|full|prefill|prefill-eager|final|gemv|table|peers-serve"; exit 2 ;;
 esac

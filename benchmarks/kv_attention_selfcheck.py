@@ -7,12 +7,14 @@ Attention (triton_kv_attention.py) against the CPU reference kernel's math (gath
 SDPA, in float64): int8 / fp8 / 16-bit caches, one scale per head or per channel group, block
 size 16 and 32, grouped-query (rep 4) and plain multi-head, a sliding window, sequences of 1
 token to several splits of several tiles, shuffled block tables.
+The reference reads each open block from the pool's 16-bit tail, as the kernel must.
 Cache write (triton_kv_write.py): rotated q and k against the ATen rotary (bit-equal in the
 interpreter, within fused_check's tolerance on the GPU, where the two round a few outputs an ulp
-apart), then codes, scales and float tails against PagedKVPool.write_decode of the kernel's own
-rotated k: bit-equal (fp8 codes by value: the reference leaves -0 in the rows after the token;
-in the interpreter, whose fp8 cast halves values rounding into the next binade, they may be that
-half where the reference is a power of two); a NaN must set the step's flag or raise.
+apart), then codes, scales and 16-bit tails against PagedKVPool.write_decode of the kernel's own
+rotated k, with writes that fill their block (cached 15, 31) and writes that do not: bit-equal
+(fp8 codes by value; in the interpreter, whose fp8 cast halves values rounding into the next
+binade, they may be that half where the reference is a power of two); a NaN must set the step's
+flag or raise.
 Prints one line per case; exit status 1 on any failure.
 """
 from __future__ import annotations
@@ -61,7 +63,8 @@ def _case(kv, group, bs, heads, kv_heads, d, lens, window, launch, dtype, device
                                       pool.block_table(slots),
                                       torch.tensor(lens, dtype=torch.int32, device=device),
                                       max(lens), None, window,
-                                      impl.DecodeLaunch(**launch) if launch else None)
+                                      impl.DecodeLaunch(**launch) if launch else None,
+                                      tail=cache.tail, slots=torch.tensor(slots, device=device))
     return float((out.double() - ref).norm() / ref.norm())
 
 
@@ -81,14 +84,13 @@ CASES = [  # kv, group, block, heads, kv_heads, head_dim, lens, window, launch
 WRITE_CASES = [  # kv, group, block, heads, kv_heads, head_dim, cached tokens per row, rotary
     ("int8", None, 16, 8, 2, 64, [0, 5, 15, 16, 40], True),
     ("fp8", None, 16, 8, 2, 64, [0, 5, 15, 16, 40], True),
-    ("int8", 32, 32, 4, 4, 128, [3, 33], False),
+    ("int8", 32, 32, 4, 4, 128, [3, 31, 33], False),   # 31: the write fills a 32-token block
     ("fp8", 16, 16, 4, 2, 32, [7, 31], True),
 ]
 
 
 def _codes_equal(got: torch.Tensor, ref: torch.Tensor, interpreted: bool) -> bool:
-    """int8 codes bit for bit; fp8 codes by value (the reference zeroes the rows after the token
-    by multiplying, which leaves -0 where the kernel stores +0)."""
+    """int8 codes bit for bit; fp8 codes by value (-0 and +0 alike)."""
     if got.dtype != torch.float8_e4m3fn:
         return torch.equal(got, ref)
     g, r = got.float(), ref.float()

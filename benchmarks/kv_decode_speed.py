@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import inspect
 import json
 import math
 import random
@@ -103,8 +104,12 @@ def _attention_fns(impl, pool, q, batch, ctx, launch=None):
     table = pool.block_table(list(range(batch)))
     lens = torch.full((batch,), ctx, dtype=torch.int32, device=q.device)
     extra = () if launch is None else (launch,)
-    return [lambda c=c: impl.paged_decode_attention(q, c.k, c.v, c.k_scale, c.v_scale, table, lens,
-                                                    ctx, None, 0, *extra) for c in pool.layers]
+    # the open block from the tail: this module's kernel; a --baseline-module one may predate it
+    tails = "tail" in inspect.signature(impl.paged_decode_attention).parameters
+    slots = torch.arange(batch, device=q.device)
+    return [lambda c=c: impl.paged_decode_attention(
+        q, c.k, c.v, c.k_scale, c.v_scale, table, lens, ctx, None, 0, *extra,
+        **(dict(tail=c.tail, slots=slots) if tails and c.quantized else {})) for c in pool.layers]
 
 
 def sweep_table(contexts, dtype, device, l2_bytes, heads=HEADS, kv_heads=KV_HEADS, d=HEAD_DIM) -> list:

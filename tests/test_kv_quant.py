@@ -75,7 +75,9 @@ def test_plan_json_has_block_and_scale_layout():
 @pytest.mark.parametrize("dtype", ["int8", "fp8"])
 def test_pool_blocks_do_not_depend_on_how_tokens_arrived(dtype):
     """A block's codes are quantize(its tokens) with its own absmax whether its tokens came in
-    one prefill, one at a time, or in a batched decode step next to another sequence."""
+    one prefill, one at a time, or in a batched decode step next to another sequence; the open
+    block (40 = 2 x 16 + 8 tokens) is the tail's 16-bit tokens, which gather returns as they
+    are."""
     from sagequant.runtime.kv_pool import PagedKVPool
 
     g = torch.Generator().manual_seed(3)
@@ -100,14 +102,58 @@ def test_pool_blocks_do_not_depend_on_how_tokens_arrived(dtype):
     for other in (single, batched):
         for name in ("k", "v", "k_scale", "v_scale"):
             assert torch.equal(getattr(whole.layers[0], name).float(), getattr(other.layers[0], name).float())
-    # Every block (the last one partly filled) holds quantize_blocks of exactly its tokens.
+        for row in (0, 1):
+            assert torch.equal(whole.layers[0].tail[row, :, :, :8], other.layers[0].tail[row, :, :, :8])
+    # Every full block holds quantize_blocks of exactly its tokens; the open one is the tail's.
     spec = kv_spec(dtype, "fp16")
     for row in (0, 1):
-        for b, block in enumerate(whole.blocks[row]):
-            tokens = k[row, :, 16 * b:16 * b + 16]
-            tokens = torch.nn.functional.pad(tokens, (0, 0, 0, 16 - tokens.shape[1]))
-            codes, scales = quantize_blocks(tokens, spec, 4)
+        for b, block in enumerate(whole.blocks[row][:2]):
+            codes, scales = quantize_blocks(k[row, :, 16 * b:16 * b + 16], spec, 4)
             assert torch.equal(whole.layers[0].k[block].float(), codes.float())
             assert torch.equal(whole.layers[0].k_scale[block], scales)
-        got_k, _ = whole.gather(0, row, 40)
+        got_k, got_v = whole.gather(0, row, 40)
         assert got_k.shape == (2, 40, 8)
+        assert torch.equal(got_k[:, 32:], k[row, :, 32:]) and torch.equal(got_v[:, 32:], v[row, :, 32:])
+        full = dequantize_blocks(whole.layers[0].k[whole.blocks[row][1]], whole.layers[0].k_scale[whole.blocks[row][1]], torch.float32)
+        assert torch.equal(got_k[:, 16:32], full)
+
+
+@pytest.mark.parametrize("dtype", ["int8", "fp8"])
+def test_a_nan_token_is_refused_when_written_not_when_its_block_fills(dtype):
+    """Each token is checked as it enters the open block: a prefill that leaves a NaN in the
+    tail and a decode write of one both raise at once (eager) or set the step's flag (CUDA
+    graphs), though no block has been quantized yet."""
+    from sagequant.runtime.kv_pool import PagedKVPool
+
+    plan = KVQuantPlan(dtype=dtype, block_size=16)
+    pool = PagedKVPool(plan, [dtype], 1, 8, 4, 1, torch.float32, torch.device("cpu"))
+    pool.open(0, 32)
+    k = torch.randn(1, 1, 5, 8)
+    k[0, 0, 3, 2] = float("nan")
+    with pytest.raises(QuantizationError, match="NaN"):
+        pool.write(0, [0], [0], k, torch.randn(1, 1, 5, 8))
+    pool.write(0, [0], [0], torch.randn(1, 1, 5, 8), torch.randn(1, 1, 5, 8))
+    index = pool.decode_index([0], [5])
+    index.nonfinite = torch.zeros(1, dtype=torch.bool)
+    bad = torch.randn(1, 1, 1, 8)
+    bad[..., 0] = float("inf")
+    pool.write_decode(0, index, torch.randn(1, 1, 1, 8), bad)
+    assert bool(index.nonfinite)
+
+
+def test_truncate_into_a_full_block_reopens_it_from_its_codes():
+    """A prefill that fills its last block leaves no tail; truncating back into that block (a
+    rejected speculative token) must reopen it from its dequantized codes, not a stale tail."""
+    from sagequant.runtime.kv_pool import PagedKVPool
+
+    plan = KVQuantPlan(dtype="int8", block_size=16)
+    pool = PagedKVPool(plan, ["int8"], 1, 8, 4, 1, torch.float32, torch.device("cpu"))
+    pool.open(0, 48)
+    k, v = torch.randn(1, 1, 32, 8), torch.randn(1, 1, 32, 8)
+    pool.write(0, [0], [0], k, v)
+    pool.advance([0], 32)
+    want_k, want_v = pool.gather(0, 0, 32)
+    pool.truncate(0, 20)
+    got_k, got_v = pool.gather(0, 0, 20)
+    assert torch.equal(got_k, want_k[:, :20]) and torch.equal(got_v, want_v[:, :20])
+    assert (got_k[:, 16:] - k[0, :, 16:20]).abs().max() < 0.05   # the codes' values, not zeros

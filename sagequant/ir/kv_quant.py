@@ -41,6 +41,14 @@ def quantize_blocks(x: torch.Tensor, spec: QuantSpec, group_size: int | None,
     *lead, heads, bs, d = x.shape
     n_groups, g = _groups(d, group_size)
     rows = x.reshape(*lead, heads, bs, n_groups, g).movedim(-2, -3).reshape(-1, bs * g).float()
+    fmt = spec.fmt
+    scale = _row_scales(rows, spec, what, check)
+    codes = fmt.to_storage(fmt.encode(rows / scale.float()))
+    codes = codes.reshape(*lead, heads, n_groups, bs, g).movedim(-3, -2).reshape(x.shape)
+    return codes, scale.reshape(*lead, heads, n_groups)
+
+
+def _row_scales(rows: torch.Tensor, spec: QuantSpec, what: str, check: bool) -> torch.Tensor:
     fmt, dtype = spec.fmt, SCALE_DTYPES[spec.scale_dtype]
     absmax = rows.abs().amax(-1, keepdim=True)
     # All-zero rows get scale 1 (codes 0); NaN / Inf rows keep a non-finite scale.
@@ -49,9 +57,17 @@ def quantize_blocks(x: torch.Tensor, spec: QuantSpec, group_size: int | None,
     if check and not bool(torch.isfinite(scale).all()):
         raise QuantizationError(f"{what}: the values hold NaN/Inf (or exceed the {spec.scale_dtype} "
                                 "scale range); cannot compute cache scales")
-    codes = fmt.to_storage(fmt.encode(rows / scale.float()))
-    codes = codes.reshape(*lead, heads, n_groups, bs, g).movedim(-3, -2).reshape(x.shape)
-    return codes, scale.reshape(*lead, heads, n_groups)
+    return scale
+
+
+def scales_finite(x: torch.Tensor, spec: QuantSpec, group_size: int | None, what: str = "KV block",
+                  check: bool = True) -> torch.Tensor:
+    """x [..., head_dim] float (tokens of an open block): a bool tensor, whether every channel
+    group of every token has a finite scale, i.e. whether any block holding these tokens can be
+    quantized (a block's absmax is its tokens' largest). check: raise where not, as
+    quantize_blocks does; check=False only reports (for CUDA graphs)."""
+    n_groups, g = _groups(x.shape[-1], group_size)
+    return torch.isfinite(_row_scales(x.reshape(-1, g).float(), spec, what, check)).all()
 
 
 def dequantize_blocks(codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -2,10 +2,13 @@
 stored as the KVQuantPlan says (1-byte codes + per (block, head, group) scales, or 16-bit/float
 for high-precision layers), and a block table per sequence slot.
 
-Quantized blocks are written whole: the open (last, partly filled) block of each sequence is
-kept in a small float tail and re-quantized from it on every write, so a block's codes always
-equal quantize(its tokens) with the block's own absmax, whether the tokens came in one prefill
-or one decode step at a time. Full blocks never change again (a prefix cache can share them).
+Quantized blocks are written whole: the open (last, partly filled) block of each sequence lives
+in a small 16-bit tail, which attention reads as it is, and is quantized from it once, by the
+write that fills it; so a block's codes always equal quantize(its tokens) with the block's own
+absmax, whether the tokens came in one prefill or one decode step at a time, and a decode step
+writes one token row where it used to re-quantize the whole block. Every token is checked for
+NaN/Inf (and scale overflow) as it is written. Full blocks never change again (a prefix cache
+can share them).
 """
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from ..ir.kv_plan import KVQuantPlan
-from ..ir.kv_quant import dequantize_blocks, kv_spec, quantize_blocks
+from ..ir.kv_quant import dequantize_blocks, kv_spec, quantize_blocks, scales_finite
 from ..ir.quant_spec import SCALE_DTYPES, QuantSpec
 from ..errors import ServingError
 
@@ -111,12 +114,12 @@ class PagedKVPool:
 
     def truncate(self, slot: int, length: int) -> None:
         """Forget tokens from `length` on (rejected speculative tokens). When the cut falls inside
-        an already full quantized block, that block's dequantized values become the open tail."""
+        an already full (quantized) block, that block's dequantized values become the open tail."""
         old = self.lengths[slot]
         if not 0 <= length <= old:
             raise ValueError(f"truncate to {length} tokens; slot {slot} holds {old}")
         off = length % self.block_size
-        if off and length // self.block_size < (old - 1) // self.block_size:
+        if off and length // self.block_size < old // self.block_size:
             block = self.blocks[slot][length // self.block_size]
             for cache in self.layers:
                 if cache.quantized:
@@ -185,7 +188,8 @@ class PagedKVPool:
 
     def write_decode(self, layer: int, index: DecodeIndex, k: torch.Tensor, v: torch.Tensor) -> None:
         """k, v [rows, kv_heads, 1, head_dim] at index.positions, all rows at once and without
-        host synchronisation when index.nonfinite is set: the blocks _write_quantized makes."""
+        host synchronisation when index.nonfinite is set: each token into its row of the tail,
+        and the blocks it fills quantized (the blocks _write_quantized makes)."""
         cache, bs = self.layers[layer], self.block_size
         rows = torch.arange(index.slots.shape[0], device=k.device)
         off = index.positions % bs
@@ -194,23 +198,27 @@ class PagedKVPool:
             cache.k[blk, :, off] = k[:, :, 0].to(self.dtype)
             cache.v[blk, :, off] = v[:, :, 0].to(self.dtype)
             return
-        before = torch.arange(bs, device=k.device)[None, :] < off[:, None]   # [rows, bs]
+        fills = (off == bs - 1)[:, None, None, None]   # no host read: every row computed, kept where it fills
         for i, (new, codes, scales) in enumerate(((k, cache.k, cache.k_scale), (v, cache.v, cache.v_scale))):
-            buf = cache.tail[index.slots, i] * before[:, None, :, None]   # drop what follows the token
-            buf[rows, :, off] = new[:, :, 0].to(self.dtype)
-            c, sc = quantize_blocks(buf, cache.spec, self.plan.group_size, what="KV cache",
-                                    check=index.nonfinite is None)
+            token = new[:, :, 0].to(self.dtype)
+            ok = scales_finite(token, cache.spec, self.plan.group_size, what="KV cache",
+                               check=index.nonfinite is None)
             if index.nonfinite is not None:
-                index.nonfinite.logical_or_(~torch.isfinite(sc).all())
-            codes[blk] = c
-            scales[blk] = sc
-            cache.tail[index.slots, i] = buf
+                index.nonfinite.logical_or_(~ok)
+            cache.tail[index.slots, i, :, off] = token
+            c, sc = quantize_blocks(cache.tail[index.slots, i], cache.spec, self.plan.group_size,
+                                    check=False)
+            codes[blk] = torch.where(fills, c, codes[blk])
+            scales[blk] = torch.where(fills[..., 0], sc, scales[blk])
 
     def _write_quantized(self, cache: LayerCache, slot: int, start: int, k: torch.Tensor,
                          v: torch.Tensor) -> None:
+        """Tokens start.. of one sequence: the blocks they fill quantized, a block they leave
+        open into the tail (checked for NaN/Inf as a quantized block would be)."""
         bs, s = self.block_size, k.shape[1]
         first, last = start // bs, (start + s - 1) // bs
-        n = last - first + 1
+        n, full = last - first + 1, (start + s) // bs - first
+        what = f"KV cache of slot {slot}"
         for i, (new, codes, scales) in enumerate(((k, cache.k, cache.k_scale), (v, cache.v, cache.v_scale))):
             buf = torch.zeros(self.kv_heads, n * bs, self.head_dim, dtype=self.dtype, device=new.device)
             off = start % bs
@@ -218,12 +226,14 @@ class PagedKVPool:
                 buf[:, :off] = cache.tail[slot, i, :, :off]
             buf[:, off:off + s] = new.to(self.dtype)
             blocks = buf.reshape(self.kv_heads, n, bs, self.head_dim).transpose(0, 1)
-            c, sc = quantize_blocks(blocks, cache.spec, self.plan.group_size,
-                                    what=f"KV cache of slot {slot}")
-            ids = torch.tensor(self.blocks[slot][first:last + 1], device=codes.device)
-            codes[ids] = c
-            scales[ids] = sc
-            cache.tail[slot, i] = blocks[-1]
+            if full:
+                c, sc = quantize_blocks(blocks[:full], cache.spec, self.plan.group_size, what=what)
+                ids = torch.tensor(self.blocks[slot][first:first + full], device=codes.device)
+                codes[ids] = c
+                scales[ids] = sc
+            if full < n:
+                scales_finite(blocks[-1], cache.spec, self.plan.group_size, what=what)
+                cache.tail[slot, i] = blocks[-1]
 
     def advance(self, slots: list[int], n_tokens: int) -> None:
         for slot in slots:
@@ -231,13 +241,16 @@ class PagedKVPool:
 
     def gather(self, layer: int, slot: int, length: int,
                dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The first `length` cached tokens of a sequence, dequantized to `dtype` (default: the
-        pool's activation dtype): k, v [kv_heads, length, D]."""
+        """The `length` tokens written to this layer for a sequence, dequantized to `dtype`
+        (default: the pool's activation dtype), an open last block from the tail: k, v
+        [kv_heads, length, D]."""
         cache, dtype = self.layers[layer], dtype or self.dtype
         ids = torch.tensor(self.blocks[slot][:self.blocks_for(length)], device=cache.k.device)
         out = []
-        for codes, scales in ((cache.k, cache.k_scale), (cache.v, cache.v_scale)):
+        for i, (codes, scales) in enumerate(((cache.k, cache.k_scale), (cache.v, cache.v_scale))):
             blocks = codes[ids].to(dtype) if scales is None else dequantize_blocks(codes[ids], scales[ids], dtype)
+            if scales is not None and length % self.block_size:
+                blocks[-1] = cache.tail[slot, i].to(dtype)
             out.append(blocks.transpose(0, 1).reshape(self.kv_heads, -1, self.head_dim)[:, :length])
         return out[0], out[1]
 

@@ -170,7 +170,8 @@ def kv_configs(dt: str):
         for group in (128, 32) if kv != "none" else (128,):
             types = {"q_ptr": f"*{dt}", "k_ptr": f"*{code}", "v_ptr": f"*{code}",
                      "ks_ptr": "*fp16", "vs_ptr": "*fp16", "table_ptr": "*i32", "lens_ptr": "*i32",
-                     "acc_ptr": "*fp32", "m_ptr": "*fp32", "l_ptr": "*fp32", "qk_scale": "fp32"}
+                     "acc_ptr": "*fp32", "m_ptr": "*fp32", "l_ptr": "*fp32", "qk_scale": "fp32",
+                     "tail_ptr": f"*{dt}", "slot_ptr": "*i64"}
             const = dict(HEADS=32, REP=4, BLOCK_H=16, D=128, BS=16, BLOCK_N=launch.tile_tokens,
                          GROUP=group, QUANT=kv != "none")
             yield f"kv decode attention {kv} {dt} group={group} {launch.describe()}", \

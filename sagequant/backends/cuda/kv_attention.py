@@ -42,7 +42,8 @@ def cuda_paged_attention(q: torch.Tensor, step, layer: int, scale: float | None,
     cache = step.pool.layers[layer]
     impl = importlib.import_module(f"{__package__}.triton_kv_attention")
     return impl.paged_decode_attention(q, cache.k, cache.v, cache.k_scale, cache.v_scale,
-                                       index.block_table, index.seq_lens, index.max_len, scale, window)
+                                       index.block_table, index.seq_lens, index.max_len, scale, window,
+                                       tail=cache.tail, slots=index.slots)
 
 
 CUDA_PAGED_ATTENTION = AttentionKernelSpec(

@@ -1,13 +1,14 @@
 """Triton decode-step write into a quantized paged KV cache (imports triton: load through fused.py).
 
 One launch per layer and step does what PagedKVPool.write_decode does with ~30 ATen kernels per
-k and v: for each (row, kv head, k or v) a program takes the open block's float tail, puts the
-new token at its offset (zeroing what follows it), re-quantizes the whole block with its own absmax per channel
-group (the scale rounded to the scale dtype with a floor at its smallest normal, int8 codes
-rounded half-even, fp8 codes saturated at 448: quantize_blocks' numerics), and stores codes,
-scales and the tail. With cos / sin it also applies the rotary embedding to q and k first, as
-the 16-bit cache's rope_cache_decode does. A NaN/Inf value or scale sets a device flag instead
-of a host check, so the step stays one CUDA graph.
+k and v: for each (row, kv head, k or v) a program stores the new token into its row of the
+open block's 16-bit tail and checks the token's scales; the write that fills the block (offset
+block_size - 1) also quantizes it with its own absmax per channel group (the scale rounded to
+the scale dtype with a floor at its smallest normal, int8 codes rounded half-even, fp8 codes
+saturated at 448: quantize_blocks' numerics) and stores codes and scales. With cos / sin it also
+applies the rotary embedding to q and k first, as the 16-bit cache's rope_cache_decode does. A
+NaN/Inf value or scale sets a device flag instead of a host check, so the step stays one CUDA
+graph.
 """
 from __future__ import annotations
 
@@ -32,29 +33,40 @@ def _rotate_row(x_ptr, c, s, dd, HALF: tl.constexpr):
 
 
 @triton.jit
-def _requantize(new, tail, codes, scales, flag_ptr, off, tiny, st_t, sc_t,
-                BS: tl.constexpr, D: tl.constexpr, GROUP: tl.constexpr, QMAX: tl.constexpr,
-                INT8: tl.constexpr):
-    tt = tl.arange(0, BS)
+def _write_token(new, tail, codes, scales, flag_ptr, off, tiny, st_t, sc_t,
+                 BS: tl.constexpr, D: tl.constexpr, GROUP: tl.constexpr, QMAX: tl.constexpr,
+                 INT8: tl.constexpr):
+    """The token into row `off` of the open block's 16-bit tail, its own scales checked (a
+    block's absmax is its tokens' largest, so a bad token is a bad block, found now); and when
+    it fills the block (off == BS - 1) the block quantized: codes and scales."""
     dd = tl.arange(0, D)
-    at = tt[:, None] * st_t + dd[None, :]
-    buf = tl.where(tt[:, None] < off, tl.load(tail + at), 0.0)
-    buf = tl.where(tt[:, None] == off, new.to(tail.dtype.element_ty)[None, :], buf)
-    tl.store(tail + at, buf)
-    x = buf.to(tl.float32)
     NG: tl.constexpr = D // GROUP
-    # NaN counts as Inf: the scale is then infinite, and that alone flags the block
-    column = tl.max(tl.where(x == x, tl.abs(x), float("inf")), 0)
-    absmax = tl.max(tl.reshape(column, [NG, GROUP]), 1)
-    scale = tl.where(absmax == 0, 1.0, tl.math.div_rn(absmax, QMAX))
-    scale = tl.maximum(scale, tiny).to(scales.dtype.element_ty)
-    tl.store(scales + tl.arange(0, NG), scale)
-    scale = scale.to(tl.float32)
-    per_channel = tl.reshape(tl.broadcast_to(scale[:, None], [NG, GROUP]), [D])
-    q = _quantize_block(x, per_channel[None, :], QMAX, INT8)
-    tl.store(codes + tt[:, None] * sc_t + dd[None, :], q.to(codes.dtype.element_ty))
+    token = new.to(tail.dtype.element_ty)
+    tl.store(tail + off * st_t + dd, token)
+    x = token.to(tl.float32)
+    # NaN counts as Inf: the scale is then infinite, and that alone flags the token
+    absmax = tl.max(tl.reshape(tl.where(x == x, tl.abs(x), float("inf")), [NG, GROUP]), 1)
+    scale = _scale(absmax, tiny, scales, QMAX)
     bad = tl.max(tl.where(scale < float("inf"), 0, 1), 0)
     tl.store(flag_ptr, bad.to(tl.uint8), mask=bad > 0)
+    if off == BS - 1:
+        tt = tl.arange(0, BS)
+        rows = tl.load(tail + tt[:, None] * st_t + dd[None, :], mask=(tt < off)[:, None], other=0.0)
+        buf = tl.where((tt < off)[:, None], rows, token[None, :]).to(tl.float32)
+        column = tl.max(tl.where(buf == buf, tl.abs(buf), float("inf")), 0)
+        scale = _scale(tl.max(tl.reshape(column, [NG, GROUP]), 1), tiny, scales, QMAX)
+        tl.store(scales + tl.arange(0, NG), scale.to(scales.dtype.element_ty))
+        per_channel = tl.reshape(tl.broadcast_to(scale[:, None], [NG, GROUP]), [D])
+        q = _quantize_block(buf, per_channel[None, :], QMAX, INT8)
+        tl.store(codes + tt[:, None] * sc_t + dd[None, :], q.to(codes.dtype.element_ty))
+
+
+@triton.jit
+def _scale(absmax, tiny, scales, QMAX: tl.constexpr):
+    """quantize_blocks' scale: absmax / qmax (1 for all-zero groups), floored at the scale
+    dtype's smallest normal and rounded to it; returned in fp32."""
+    scale = tl.where(absmax == 0, 1.0, tl.math.div_rn(absmax, QMAX))
+    return tl.maximum(scale, tiny).to(scales.dtype.element_ty).to(tl.float32)
 
 
 @triton.jit
@@ -84,12 +96,12 @@ def _quant_cache_decode(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, qo_ptr, kc_ptr, v
                 k = _rotate_row(k_ptr + b * skb + kh * skh, c, s, dd, HALF)
             else:
                 k = tl.load(k_ptr + b * skb + kh * skh + dd)
-            _requantize(k, tail, kc_ptr + cache_at, ks_ptr + scale_at, flag_ptr, pos % BS, tiny,
-                        st_t, sc_t, BS, D, GROUP, QMAX, INT8)
+            _write_token(k, tail, kc_ptr + cache_at, ks_ptr + scale_at, flag_ptr, pos % BS, tiny,
+                         st_t, sc_t, BS, D, GROUP, QMAX, INT8)
         else:
             v = tl.load(v_ptr + b * svb + kh * svh + dd)
-            _requantize(v, tail + st_i, vc_ptr + cache_at, vs_ptr + scale_at, flag_ptr, pos % BS,
-                        tiny, st_t, sc_t, BS, D, GROUP, QMAX, INT8)
+            _write_token(v, tail + st_i, vc_ptr + cache_at, vs_ptr + scale_at, flag_ptr, pos % BS,
+                         tiny, st_t, sc_t, BS, D, GROUP, QMAX, INT8)
     else:
         if ROPE:
             qh = h - 2 * kv_heads

@@ -35,8 +35,8 @@ class AttentionStep:
                sin: torch.Tensor | None = None) -> torch.Tensor:
         """ir.paged_attention's work: store k, v in the layer's cache, then run the attention
         kernel. With cos, sin: rotary on q and k first. A decode step on CUDA does the rotary and
-        the cache write in one kernel (the attention prologue; for a quantized cache that is the
-        whole block re-quantization too)."""
+        the cache write in one kernel (the attention prologue; for a quantized cache that is also
+        the quantization of a block the token fills)."""
         decode = q.shape[2] == 1
         if decode:
             fused_q = fused.rope_cache_decode(q, k, v, cos, sin, self.pool.layers[layer],

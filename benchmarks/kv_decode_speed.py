@@ -150,7 +150,9 @@ def pick_launches(sweep: list, context: int) -> dict:
 
 def write_table(batches, dtype, device, heads=HEADS, kv_heads=KV_HEADS, d=HEAD_DIM, ctx=1000) -> list:
     """µs per layer of the decode step's prologue (rotary of q, k + cache write), fused vs the
-    unfused ops, per cache dtype, a token written mid-block after `ctx` cached ones."""
+    unfused ops, per cache dtype, a token written mid-block after `ctx` cached ones; quantized
+    caches also "fused_fill": the write that fills its block and so quantizes it (1 in
+    block_size decode writes)."""
     from sagequant.backends.cuda import fused
     sixteen = importlib.import_module("sagequant.backends.cuda.triton_fused").rope_cache_decode
     rows = []
@@ -168,13 +170,18 @@ def write_table(batches, dtype, device, heads=HEADS, kv_heads=KV_HEADS, d=HEAD_D
                 qr, kr = fused.rotary_embedding(q, cos, sin), fused.rotary_embedding(k, cos, sin)
                 pool.write_decode(layer, index, kr, v)
                 return qr
-            def one_kernel(layer):   # what fused.rope_cache_decode runs on the GPU
+            fill = pool.decode_index(list(range(batch)), [ctx | (BLOCK - 1)] * batch)
+            fill.nonfinite = index.nonfinite
+
+            def one_kernel(layer, at=index):   # what fused.rope_cache_decode runs on the GPU
                 c = pool.layers[layer]
                 if c.quantized:
-                    return fused.quantized_cache_decode(q, k, v, cos, sin, c, index)
-                return sixteen(q, k, v, cos, sin, c.k, c.v, index.block_table, index.positions)
+                    return fused.quantized_cache_decode(q, k, v, cos, sin, c, at)
+                return sixteen(q, k, v, cos, sin, c.k, c.v, at.block_table, at.positions)
             fns = {"fused": [lambda i=i: one_kernel(i) for i in range(4)],
                    "unfused": [lambda i=i: unfused(i) for i in range(4)]}
+            if kv != "none":
+                fns["fused_fill"] = [lambda i=i: one_kernel(i, fill) for i in range(4)]
             for name, f in fns.items():
                 try:
                     row[f"{kv}_{name}_us"] = round(lib.time_graph(f, 0.02)["us"], 2)

@@ -103,7 +103,8 @@ def test_pool_blocks_do_not_depend_on_how_tokens_arrived(dtype):
         for name in ("k", "v", "k_scale", "v_scale"):
             assert torch.equal(getattr(whole.layers[0], name).float(), getattr(other.layers[0], name).float())
         for row in (0, 1):
-            assert torch.equal(whole.layers[0].tail[row, :, :, :8], other.layers[0].tail[row, :, :, :8])
+            assert torch.equal(whole.layers[0].tail[row, :, :, :8],
+                               other.layers[0].tail[row, :, :, :8])
     # Every full block holds quantize_blocks of exactly its tokens; the open one is the tail's.
     spec = kv_spec(dtype, "fp16")
     for row in (0, 1):
@@ -113,8 +114,11 @@ def test_pool_blocks_do_not_depend_on_how_tokens_arrived(dtype):
             assert torch.equal(whole.layers[0].k_scale[block], scales)
         got_k, got_v = whole.gather(0, row, 40)
         assert got_k.shape == (2, 40, 8)
-        assert torch.equal(got_k[:, 32:], k[row, :, 32:]) and torch.equal(got_v[:, 32:], v[row, :, 32:])
-        full = dequantize_blocks(whole.layers[0].k[whole.blocks[row][1]], whole.layers[0].k_scale[whole.blocks[row][1]], torch.float32)
+        assert torch.equal(got_k[:, 32:], k[row, :, 32:])
+        assert torch.equal(got_v[:, 32:], v[row, :, 32:])
+        second = whole.blocks[row][1]
+        full = dequantize_blocks(whole.layers[0].k[second], whole.layers[0].k_scale[second],
+                                 torch.float32)
         assert torch.equal(got_k[:, 16:32], full)
 
 

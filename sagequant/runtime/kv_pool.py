@@ -198,7 +198,8 @@ class PagedKVPool:
             cache.k[blk, :, off] = k[:, :, 0].to(self.dtype)
             cache.v[blk, :, off] = v[:, :, 0].to(self.dtype)
             return
-        fills = (off == bs - 1)[:, None, None, None]   # no host read: every row computed, kept where it fills
+        # no host read: every row's block is quantized, kept only where the token fills it
+        fills = (off == bs - 1)[:, None, None, None]
         for i, (new, codes, scales) in enumerate(((k, cache.k, cache.k_scale), (v, cache.v, cache.v_scale))):
             token = new[:, :, 0].to(self.dtype)
             ok = scales_finite(token, cache.spec, self.plan.group_size, what="KV cache",

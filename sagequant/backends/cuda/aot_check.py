@@ -111,9 +111,11 @@ def word_configs(dt: str, defaults_only: bool = False):
                     plan.path, tw._mma_kernel)
                 if plan.path == "gemv4h":  # x read as int32 words, K blocks even
                     const.update(PAIR_RUNS=plan.pair_runs, BF16=dt == "bf16", EVEN=True)
-                    const.update(ROWS=plan.block_m) if plan.block_m > 1 else \
+                    if plan.block_m > 1:   # rows of x a program
+                        fn = th._gemv_h2_rows_kernel
+                        const.update(ROWS=plan.block_m)
+                    else:
                         const.update(PREFETCH=plan.prefetch)
-                    fn = th._gemv_h2_rows_kernel if plan.block_m > 1 else fn
                     types.pop("book_ptr")
                 elif plan.path == "mma4":
                     const.update(BLOCK_M=plan.block_m, IN_PLACE=plan.in_place)

@@ -121,9 +121,9 @@ def _silu_mul_cuda(gate, up):
 def rope_cache_decode(q, k, v, cos, sin, cache, index) -> torch.Tensor | None:
     """The decode attention prologue in one launch: rotary of q and k (with cos, sin), k and v
     written into the paged cache (16-bit: the token's entries; quantized: the token's row of the
-    open block, quantized when it fills, triton_kv_write.py). Returns the q to attend with; None when this step is not one it
-    handles (then the caller runs the unfused ops; a 16-bit cache without rotary keeps its two
-    index writes)."""
+    open block, quantized when it fills, triton_kv_write.py). Returns the q to attend with; None
+    when this step is not one it handles (then the caller runs the unfused ops; a 16-bit cache
+    without rotary keeps its two index writes)."""
     if not (q.is_cuda and q.shape[2] == 1 and v.dtype == q.dtype and k.dtype == q.dtype
             and _pow2(q.shape[-1]) and not hardware.cuda_missing()):
         return None

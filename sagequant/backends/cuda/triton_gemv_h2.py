@@ -61,7 +61,8 @@ def _nibble_pairs(word: str, xor_lo: str, xor_hi: str, off_lo: str, off_hi: str)
 
 def _pair_products(a: tuple, xs: tuple, first: bool) -> str:
     """PTX: p (+)= the four weight pairs `a` * the four x pairs `xs`, in f16x2."""
-    head = f"mul.rn.f16x2 p, {a[0]}, {xs[0]};\n" if first else f"fma.rn.f16x2 p, {a[0]}, {xs[0]}, p;\n"
+    head = (f"mul.rn.f16x2 p, {a[0]}, {xs[0]};\n" if first
+            else f"fma.rn.f16x2 p, {a[0]}, {xs[0]}, p;\n")
     return head + "".join(f"fma.rn.f16x2 p, {w}, {x}, p;\n" for w, x in zip(a[1:], xs[1:]))
 
 
@@ -96,9 +97,12 @@ def _row_dot(n_words: int) -> str:
     """One asm block: $0 = acc + scale * (the decoded pairs of n_words words, $1.. four a word,
     times the matching x pairs, the next 4 * n_words operands, in one fp16 run); then scale, acc."""
     c = 1 + 8 * n_words
-    a, xs = tuple(f"${i}" for i in range(1, 1 + 4 * n_words)), tuple(f"${i}" for i in range(1 + 4 * n_words, c))
-    body = "".join(_pair_products(a[4 * j:4 * j + 4], xs[4 * j:4 * j + 4], j == 0) for j in range(n_words))
-    return "{\n.reg .b32 p;\n.reg .b16 l, h;\n.reg .f32 fl, fh;\n" + body + _widen_into(f"${c}", f"${c + 1}") + "}"
+    a = tuple(f"${i}" for i in range(1, 1 + 4 * n_words))
+    xs = tuple(f"${i}" for i in range(1 + 4 * n_words, c))
+    body = "".join(_pair_products(a[4 * j:4 * j + 4], xs[4 * j:4 * j + 4], j == 0)
+                   for j in range(n_words))
+    return ("{\n.reg .b32 p;\n.reg .b16 l, h;\n.reg .f32 fl, fh;\n" + body
+            + _widen_into(f"${c}", f"${c + 1}") + "}")
 
 
 # _DECODE_ASM / _ROW_ASM / _ROW_PAIR_ASM: the same arithmetic split in two, for ROWS > 1.
@@ -159,6 +163,27 @@ def _f16x2(v):
 
 
 @triton.jit
+def _offsets(BLOCK_N: tl.constexpr):
+    """int4's two decode offsets, -(1024 + 8) / 16 and -(64 + 8) / 16, as f16x2 per row."""
+    return (_f16x2(tl.full((BLOCK_N,), -1032.0 / 16, tl.float32)),
+            _f16x2(tl.full((BLOCK_N,), -72.0 / 16, tl.float32)))
+
+
+@triton.jit
+def _group(s_ptr, z_ptr, offs_n, n_ok, g, stride_sn, stride_sg, stride_zn, stride_zg, off_a, off_b,
+           KIND: tl.constexpr):
+    """Group g's scale per row in fp32 and the decode offsets: int4's as given, uint4's from the
+    group's zero points."""
+    s = tl.load(s_ptr + offs_n * stride_sn + g * stride_sg, mask=n_ok, other=0).to(tl.float32)
+    if KIND != 0:
+        z = tl.load(z_ptr + offs_n * stride_zn + g * stride_zg, mask=n_ok, other=0)
+        z = z.to(tl.float32)
+        off_a = _f16x2((-1024.0 - z) / 16)
+        off_b = _f16x2((-64.0 - z) / 16)
+    return s, off_a, off_b
+
+
+@triton.jit
 def _decoded(w, xor_a, xor_b, off_a, off_b):
     """The four f16x2 pairs of every word of the [rows, cols] tile w (offsets per row)."""
     return tl.inline_asm_elementwise(_DECODE_ASM, "=r,=r,=r,=r,r,r,r,r,r",
@@ -200,9 +225,7 @@ def _gemv_h2_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr,
     hi = min(lo + words_per_split, KW)
     xa = tl.full((BLOCK_N, HALF), xor_a, tl.int32)
     xb = tl.full((BLOCK_N, HALF), xor_b, tl.int32)
-    if KIND == 0:
-        off_a = _f16x2(tl.full((BLOCK_N,), -1032.0 / 16, tl.float32))
-        off_b = _f16x2(tl.full((BLOCK_N,), -72.0 / 16, tl.float32))
+    off_a, off_b = _offsets(BLOCK_N)   # int4's; uint4's come per group from its zero points
     w_rows = w_ptr + offs_n[:, None] * stride_wn
     x_row = x_ptr + m * stride_xm
     if PREFETCH:
@@ -215,13 +238,8 @@ def _gemv_h2_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr,
             w_next = _words(w_rows, nxt + offs_j, n_ok, hi, EVEN)
         else:
             w = _words(w_rows, w0 + offs_j, n_ok, hi, EVEN)
-        g = w0 >> group_shift
-        s = tl.load(s_ptr + offs_n * stride_sn + g * stride_sg, mask=n_ok, other=0).to(tl.float32)
-        if KIND != 0:
-            z = tl.load(z_ptr + offs_n * stride_zn + g * stride_zg, mask=n_ok, other=0)
-            z = z.to(tl.float32)
-            off_a = _f16x2((-1024.0 - z) / 16)
-            off_b = _f16x2((-64.0 - z) / 16)
+        s, off_a, off_b = _group(s_ptr, z_ptr, offs_n, n_ok, w0 >> group_shift, stride_sn,
+                                 stride_sg, stride_zn, stride_zg, off_a, off_b, KIND)
         if PAIR_RUNS:
             wa, wb = tl.split(tl.reshape(w, (BLOCK_N, HALF, 2)))
             ca = w0 + 2 * tl.arange(0, HALF)
@@ -271,19 +289,12 @@ def _gemv_h2_rows_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt
     hi = min(lo + words_per_split, KW)
     xa = tl.full((BLOCK_N, HALF), xor_a, tl.int32)
     xb = tl.full((BLOCK_N, HALF), xor_b, tl.int32)
-    if KIND == 0:
-        off_a = _f16x2(tl.full((BLOCK_N,), -1032.0 / 16, tl.float32))
-        off_b = _f16x2(tl.full((BLOCK_N,), -72.0 / 16, tl.float32))
+    off_a, off_b = _offsets(BLOCK_N)   # int4's; uint4's come per group from its zero points
     w_rows = w_ptr + offs_n[:, None] * stride_wn
     for w0 in range(lo, hi, BLOCK_KW):
         w = _words(w_rows, w0 + offs_j, n_ok, hi, EVEN)
-        g = w0 >> group_shift
-        s = tl.load(s_ptr + offs_n * stride_sn + g * stride_sg, mask=n_ok, other=0).to(tl.float32)
-        if KIND != 0:
-            z = tl.load(z_ptr + offs_n * stride_zn + g * stride_zg, mask=n_ok, other=0)
-            z = z.to(tl.float32)
-            off_a = _f16x2((-1024.0 - z) / 16)
-            off_b = _f16x2((-64.0 - z) / 16)
+        s, off_a, off_b = _group(s_ptr, z_ptr, offs_n, n_ok, w0 >> group_shift, stride_sn,
+                                 stride_sg, stride_zn, stride_zg, off_a, off_b, KIND)
         scale = (s * 16.0)[None, :, None]
         if PAIR_RUNS:
             wa, wb = tl.split(tl.reshape(w, (BLOCK_N, HALF, 2)))

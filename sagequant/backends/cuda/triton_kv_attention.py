@@ -7,10 +7,11 @@ kv head's tokens once for all `rep` query heads of the group (grouped-query atte
 softmax in base 2.
 
 Quantized blocks are read as 1-byte codes, and a sequence's open (partly filled) block from the
-pool's 16-bit tail, as it is (kv_pool: it is quantized once, when full). With one scale per (block, head) the codes enter the
-tensor-core dots as they are (int8 and fp8 e4m3 codes are exact in fp16 / bf16) and the scales
-apply to the [heads, tokens] scores and probabilities, so dequantization costs one multiply per
-score instead of one per element; with channel groups each element is scaled before the dot.
+pool's 16-bit tail, as it is (kv_pool: it is quantized once, when full). With one scale per
+(block, head) the codes enter the tensor-core dots as they are (int8 and fp8 e4m3 codes are exact
+in fp16 / bf16) and the scales apply to the [heads, tokens] scores and probabilities, so
+dequantization costs one multiply per score instead of one per element; with channel groups each
+element is scaled before the dot.
 """
 from __future__ import annotations
 
@@ -180,8 +181,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     rep = heads // kv_heads
     quant = k_scale is not None
     if quant and (tail is None or slots is None):
-        raise ValueError("paged_decode_attention: a quantized cache needs its tail and the rows' slots "
-                         "(the open blocks are read from the tail)")
+        raise ValueError("paged_decode_attention: a quantized cache needs its tail and the rows' "
+                         "slots (the open blocks are read from the tail)")
     group = d // k_scale.shape[-1] if quant else d
     if launch is None:
         launch = LAUNCH["none" if not quant else "int8" if k_cache.dtype == torch.int8 else "fp8"]
